@@ -1,0 +1,91 @@
+//! `IoBuf`: a heap buffer aligned for O_DIRECT, owned by whoever has the I/O in hand.
+//!
+//! The store takes the buffer for the duration of an I/O and hands it back in the
+//! completion, so the kernel never writes into memory that has been freed or moved.
+
+use std::alloc::{self, Layout};
+use std::ptr::NonNull;
+
+/// Alignment of every `IoBuf`: enough for O_DIRECT on any device with 4 KiB sectors.
+pub const IO_ALIGN: usize = 4096;
+
+/// A zero-initialised, 4 KiB-aligned byte buffer.
+pub struct IoBuf {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: IoBuf owns its allocation exclusively, like a Box<[u8]>.
+unsafe impl Send for IoBuf {}
+// SAFETY: shared references only read the bytes, like &[u8].
+unsafe impl Sync for IoBuf {}
+
+impl IoBuf {
+    /// A buffer of `len` zero bytes.
+    pub fn zeroed(len: usize) -> Self {
+        if len == 0 {
+            return IoBuf {
+                ptr: NonNull::<[u8; IO_ALIGN]>::dangling().cast(),
+                len: 0,
+            };
+        }
+        let layout = Self::layout(len);
+        // SAFETY: the layout has a non-zero size.
+        let raw = unsafe { alloc::alloc_zeroed(layout) };
+        let ptr = NonNull::new(raw).unwrap_or_else(|| alloc::handle_alloc_error(layout));
+        IoBuf { ptr, len }
+    }
+
+    /// A buffer holding a copy of `data`.
+    pub fn from_slice(data: &[u8]) -> Self {
+        let mut b = Self::zeroed(data.len());
+        b.as_mut_slice().copy_from_slice(data);
+        b
+    }
+
+    fn layout(len: usize) -> Layout {
+        Layout::from_size_align(len, IO_ALIGN).expect("I/O buffer size overflows")
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Is the buffer empty?
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The bytes.
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: ptr is valid for len initialised bytes (or dangling with len 0).
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+
+    /// The bytes, mutable.
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: as in as_slice, and &mut self gives exclusive access.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+
+    /// Raw pointer for the kernel; valid while the buffer lives and is not moved out of.
+    pub(crate) fn as_mut_ptr(&mut self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+}
+
+impl Drop for IoBuf {
+    fn drop(&mut self) {
+        if self.len != 0 {
+            // SAFETY: allocated in `zeroed` with this same layout.
+            unsafe { alloc::dealloc(self.ptr.as_ptr(), Self::layout(self.len)) }
+        }
+    }
+}
+
+impl std::fmt::Debug for IoBuf {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "IoBuf({} bytes)", self.len)
+    }
+}

@@ -1,0 +1,47 @@
+//! # horn-replica: one full copy of a Horn volume on local disk
+//!
+//! A replica is a directory holding the volume as sparse files: a writable **head**
+//! and a chain of read-only **snapshot layers** (differencing disks: each layer holds
+//! only the blocks written while it was the head), plus `volume.json`, the metadata
+//! that says how the layers stack. `docs/replica-format.md` specifies the format.
+//!
+//! What this crate owns:
+//! - the on-disk format and its crash safety ([`meta`], [`zeros`], the chain operations);
+//! - the in-memory [`index::BlockIndex`], rebuilt from the files at open, that maps each
+//!   4 KiB block to the newest layer holding it, in memory proportional to fragmentation;
+//! - the data path: reads, writes, flush, discard and write-zeroes through the replica's
+//!   own io_uring ([`Replica::submit_read`] and friends, or the blocking `*_at` methods).
+//!
+//! What it must never do: talk to the network, know about other replicas, or let a
+//! read return bytes that no sequence of acknowledged operations wrote. Serving a
+//! replica over the wire is `hornd replica`'s job; replication is the engine's.
+//!
+//! ```no_run
+//! use horn_replica::Replica;
+//! let mut r = Replica::create("/var/lib/horn/replicas/vol1", 1 << 30, 512)?;
+//! r.write_at(0, &[7u8; 4096])?;
+//! r.snapshot("before-upgrade", &Default::default())?;
+//! r.write_at(0, &[8u8; 4096])?;
+//! r.revert("before-upgrade")?;
+//! let mut buf = [0u8; 4096];
+//! r.read_at(0, &mut buf)?;
+//! assert_eq!(buf, [7u8; 4096]);
+//! # Ok::<(), horn_replica::ReplicaError>(())
+//! ```
+
+pub mod buf;
+pub mod chain;
+pub mod crash;
+pub mod error;
+pub mod extent;
+pub mod index;
+pub mod layer;
+pub mod meta;
+pub mod replica;
+pub mod zeros;
+
+pub use buf::IoBuf;
+pub use chain::{LayerExtents, LayerInfo, PurgeReport, ReplicaInfo};
+pub use error::{ReplicaError, Result};
+pub use extent::Extent;
+pub use replica::{Completion, Replica};
