@@ -189,6 +189,11 @@ impl Replica {
     /// Opens an existing replica, finishing or discarding whatever a crash interrupted.
     pub fn open(dir: impl AsRef<Path>) -> Result<Replica> {
         let dir = dir.as_ref().to_path_buf();
+        let meta_path = dir.join(meta::META_FILE);
+        if !meta_path.exists() {
+            // Checked before locking so that a wrong path leaves no lock file behind.
+            return Err(ReplicaError::MissingMetadata { path: meta_path });
+        }
         let lock = lock_dir(&dir)?;
         check_filesystem(&dir)?;
         let mut m = VolumeMeta::load(&dir)?;

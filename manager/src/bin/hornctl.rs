@@ -1,1 +1,286 @@
-fn main() {}
+//! `hornctl`: the operator's command-line tool.
+//!
+//! `hornctl replica ...` manages replica directories on this machine directly (the
+//! replica must not be served by a running process meanwhile; the store's lock refuses
+//! it if it is). Tables for people, `--json` for scripts.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use horn_manager::format::{human_bytes, parse_size, table, utc_time};
+use horn_replica::{Extent, Replica};
+
+#[derive(Parser)]
+#[command(
+    name = "hornctl",
+    version,
+    about = "Manage Horn volumes, replicas and snapshots"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Work on a replica directory on this machine (offline).
+    #[command(subcommand)]
+    Replica(ReplicaCmd),
+}
+
+#[derive(Args)]
+struct Dir {
+    /// The replica directory.
+    dir: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum ReplicaCmd {
+    /// Create an empty replica (the directory must be empty or absent).
+    Create {
+        #[command(flatten)]
+        dir: Dir,
+        /// Volume size, e.g. 10G (a multiple of 4 KiB).
+        #[arg(long, value_parser = parse_size)]
+        size: u64,
+        /// Sector size: 512 or 4096.
+        #[arg(long, default_value_t = 512)]
+        sector_size: u32,
+    },
+    /// Show size, space used and every layer.
+    Info {
+        #[command(flatten)]
+        dir: Dir,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Snapshot the head under NAME.
+    Snapshot {
+        #[command(flatten)]
+        dir: Dir,
+        /// Snapshot name: 1-63 of A-Z a-z 0-9 . _ -
+        name: String,
+        /// A label KEY=VALUE; repeat for more.
+        #[arg(long = "label", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
+    },
+    /// Mark snapshot NAME deleted; `purge` reclaims its space.
+    Delete {
+        #[command(flatten)]
+        dir: Dir,
+        /// Snapshot name.
+        name: String,
+    },
+    /// Fold deleted snapshots away and reclaim their space.
+    Purge {
+        #[command(flatten)]
+        dir: Dir,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Discard the head and start a new one on top of snapshot NAME.
+    Revert {
+        #[command(flatten)]
+        dir: Dir,
+        /// Snapshot name.
+        name: String,
+    },
+    /// Grow the volume.
+    Expand {
+        #[command(flatten)]
+        dir: Dir,
+        /// New size, e.g. 20G.
+        #[arg(long, value_parser = parse_size)]
+        size: u64,
+    },
+    /// List allocated extents: of the whole chain, of one layer, or changed between two.
+    Extents {
+        #[command(flatten)]
+        dir: Dir,
+        /// Only what changed after this snapshot.
+        #[arg(long)]
+        from: Option<String>,
+        /// Up to this snapshot instead of the head.
+        #[arg(long)]
+        to: Option<String>,
+        /// Only this layer's own extents (a snapshot name, or "head").
+        #[arg(long, conflicts_with_all = ["from", "to"])]
+        layer: Option<String>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("label {s:?} is not KEY=VALUE"))
+}
+
+fn open(dir: &Dir) -> Result<Replica> {
+    Replica::open(&dir.dir).with_context(|| format!("cannot open replica {}", dir.dir.display()))
+}
+
+fn print_extents(extents: &[Extent], json: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string(extents)?);
+        return Ok(());
+    }
+    let rows: Vec<Vec<String>> = extents
+        .iter()
+        .map(|e| vec![e.offset.to_string(), e.len.to_string(), human_bytes(e.len)])
+        .collect();
+    print!("{}", table(&["OFFSET", "LENGTH", "SIZE"], &rows));
+    let total: u64 = extents.iter().map(|e| e.len).sum();
+    println!("{} extents, {}", extents.len(), human_bytes(total));
+    Ok(())
+}
+
+fn run(cmd: ReplicaCmd) -> Result<()> {
+    match cmd {
+        ReplicaCmd::Create {
+            dir,
+            size,
+            sector_size,
+        } => {
+            Replica::create(&dir.dir, size, sector_size)
+                .with_context(|| format!("cannot create replica {}", dir.dir.display()))?
+                .close()?;
+            println!("created replica {} ({})", dir.dir.display(), human_bytes(size));
+        }
+        ReplicaCmd::Info { dir, json } => {
+            let info = open(&dir)?.info()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&info)?);
+                return Ok(());
+            }
+            println!(
+                "size {} ({} bytes), sector size {}, {} layers in the chain, {} on disk, index {}",
+                human_bytes(info.size),
+                info.size,
+                info.sector_size,
+                info.chain_length,
+                human_bytes(info.used_bytes),
+                human_bytes(info.index_bytes as u64)
+            );
+            let rows: Vec<Vec<String>> = info
+                .layers
+                .iter()
+                .map(|l| {
+                    vec![
+                        l.id.to_string(),
+                        l.name.clone().unwrap_or_else(|| "(head)".into()),
+                        l.parent.clone().unwrap_or_else(|| "-".into()),
+                        l.created.map(utc_time).unwrap_or_else(|| "-".into()),
+                        match (l.removed, l.in_chain) {
+                            (true, _) => "deleted".into(),
+                            (false, true) => "active".into(),
+                            (false, false) => "branch".into(),
+                        },
+                        human_bytes(l.used_bytes),
+                        l.labels
+                            .iter()
+                            .map(|(k, v)| format!("{k}={v}"))
+                            .collect::<Vec<_>>()
+                            .join(","),
+                    ]
+                })
+                .collect();
+            print!(
+                "{}",
+                table(
+                    &["ID", "NAME", "PARENT", "CREATED", "STATE", "USED", "LABELS"],
+                    &rows
+                )
+            );
+        }
+        ReplicaCmd::Snapshot { dir, name, labels } => {
+            let mut r = open(&dir)?;
+            let labels: BTreeMap<String, String> = labels.into_iter().collect();
+            r.snapshot(&name, &labels)?;
+            r.close()?;
+            println!("snapshot {name} taken");
+        }
+        ReplicaCmd::Delete { dir, name } => {
+            open(&dir)?.delete_snapshot(&name)?;
+            println!("snapshot {name} deleted; run `hornctl replica purge` to reclaim its space");
+        }
+        ReplicaCmd::Purge { dir, json } => {
+            let report = open(&dir)?.purge()?;
+            if json {
+                println!("{}", serde_json::to_string(&report)?);
+                return Ok(());
+            }
+            if report.purged.is_empty() {
+                println!("nothing to purge");
+            } else {
+                println!("purged {}", report.purged.join(", "));
+            }
+            for (name, why) in &report.kept {
+                println!("kept deleted snapshot {name}: {why}");
+            }
+        }
+        ReplicaCmd::Revert { dir, name } => {
+            let mut r = open(&dir)?;
+            r.revert(&name)?;
+            r.close()?;
+            println!("reverted to snapshot {name}");
+        }
+        ReplicaCmd::Expand { dir, size } => {
+            let mut r = open(&dir)?;
+            r.expand(size)?;
+            r.close()?;
+            println!("expanded to {} ({size} bytes)", human_bytes(size));
+        }
+        ReplicaCmd::Extents {
+            dir,
+            from,
+            to,
+            layer,
+            json,
+        } => {
+            let mut r = open(&dir)?;
+            if let Some(layer) = layer {
+                let which = (layer != "head").then_some(layer.as_str());
+                let ext = r.layer_extents(which)?;
+                if json {
+                    println!("{}", serde_json::to_string(&ext)?);
+                } else {
+                    println!("data:");
+                    print_extents(&ext.data, false)?;
+                    println!("zeroed over older layers:");
+                    print_extents(&ext.zeros, false)?;
+                }
+            } else {
+                print_extents(&r.changed_extents(from.as_deref(), to.as_deref())?, json)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("HORN_LOG").unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Replica(cmd) => run(cmd),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("hornctl: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
