@@ -239,18 +239,19 @@ impl Replica {
         let mut report = PurgeReport::default();
         let mut chain_changed = false;
         loop {
+            let children = self.meta.children_by_parent();
             let candidate = self
                 .meta
                 .layers
                 .iter()
-                .filter(|l| l.removed && self.meta.children(l.id).len() <= 1)
-                .map(|l| l.id)
+                .filter(|l| l.removed && children.get(&l.id).map_or(0, Vec::len) <= 1)
+                .map(|l| (l.id, children.get(&l.id).and_then(|c| c.first().copied())))
                 .next();
-            let Some(id) = candidate else { break };
+            let Some((id, child)) = candidate else { break };
             let name = meta::display_name(self.meta.layer(id).expect("candidate exists"));
             let in_chain = self.chain.iter().any(|l| l.id == id);
-            match self.meta.children(id).first() {
-                Some(&child) => self.fold_into_child(id, child)?,
+            match child {
+                Some(child) => self.fold_into_child(id, child)?,
                 None => self.drop_leaf(id)?,
             }
             chain_changed |= in_chain;
@@ -419,13 +420,14 @@ impl Replica {
     /// Size, chain and space used.
     pub fn info(&self) -> Result<ReplicaInfo> {
         let chain = self.meta.chain();
+        let in_chain: HashSet<u64> = chain.iter().copied().collect();
         let mut order: Vec<u64> = chain.clone();
         let mut rest: Vec<u64> = self
             .meta
             .layers
             .iter()
             .map(|l| l.id)
-            .filter(|id| !chain.contains(id))
+            .filter(|id| !in_chain.contains(id))
             .collect();
         rest.sort_unstable();
         order.extend(rest);
@@ -445,7 +447,7 @@ impl Replica {
                 created: l.created,
                 labels: l.labels.clone(),
                 removed: l.removed,
-                in_chain: chain.contains(&id),
+                in_chain: in_chain.contains(&id),
                 size: l.size,
                 used_bytes: used,
             });

@@ -99,8 +99,13 @@ pub struct Replica {
     free_sqes: Vec<u32>,
     ready: VecDeque<Completion>,
     in_flight: usize,
+    /// Reused by `submit_read` so the hot path does not allocate.
+    pieces: Vec<Piece>,
     _lock: File,
 }
+
+/// One piece of a read: buffer offset, volume offset, length, chain position.
+type Piece = (usize, u64, usize, Option<usize>);
 
 impl std::fmt::Debug for Replica {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -206,14 +211,14 @@ impl Replica {
             chain: Vec::new(),
             zero_log,
             dio_align: BLOCK_SIZE,
-            ring: IoUring::new(RING_ENTRIES)
-                .map_err(|e| ReplicaError::io("io_uring setup", &head_path, e))?,
+            ring: new_ring().map_err(|e| ReplicaError::io("io_uring setup", &head_path, e))?,
             ops: Vec::new(),
             free_ops: Vec::new(),
             sqes: Vec::new(),
             free_sqes: Vec::new(),
             ready: VecDeque::new(),
             in_flight: 0,
+            pieces: Vec::new(),
             dir,
             meta: m,
             _lock: lock,
@@ -229,6 +234,7 @@ impl Replica {
         if ids.len() > crate::index::MAX_VALUE as usize - 1 {
             return Err(ReplicaError::ChainFull(ids.len()));
         }
+        raise_fd_limit(ids.len() as u64 * 2 + 256);
         self.chain = ids
             .iter()
             .map(|&id| {
@@ -428,9 +434,10 @@ impl Replica {
         }
         let len = buf.len() as u64;
         let op = self.new_op(tag, OpKind::Read, Some(buf), (0, 0));
-        let mut pieces = Vec::new();
+        let mut pieces = std::mem::take(&mut self.pieces);
+        pieces.clear();
         self.segments(offset, len, |bo, vo, n, pos| pieces.push((bo, vo, n, pos)));
-        for (bo, vo, n, pos) in pieces {
+        for &(bo, vo, n, pos) in &pieces {
             let base = self
                 .op_mut(op)
                 .buf
@@ -463,9 +470,11 @@ impl Replica {
                 break;
             }
         }
+        self.pieces = pieces;
         if self.op_mut(op).pending == 0 {
             self.finish_op(op);
         }
+        self.submit_eagerly(op);
     }
 
     /// Does block `b`, partly covered by an I/O, need its old contents read first?
@@ -522,10 +531,7 @@ impl Replica {
             layer: pos as u32,
             expected: len as u32,
         };
-        if let Err(e) = self.push_sqe(entry, rec) {
-            self.op_mut(op).error = Some(e);
-            self.finish_op(op);
-        }
+        self.push_single(op, entry, rec);
     }
 
     /// Submits a flush: every write completed before it is durable when it completes.
@@ -546,9 +552,30 @@ impl Replica {
             layer: (self.chain.len() - 1) as u32,
             expected: 0,
         };
-        if let Err(e) = self.push_sqe(entry, rec) {
-            self.op_mut(op).error = Some(e);
-            self.finish_op(op);
+        self.push_single(op, entry, rec);
+    }
+
+    /// Queues the one entry of a single-entry op and submits it; if it cannot be
+    /// queued, the op completes with that error.
+    fn push_single(&mut self, op: u32, entry: io_uring::squeue::Entry, rec: Sqe) {
+        match self.push_sqe(entry, rec) {
+            Ok(()) => self.submit_eagerly(op),
+            Err(e) => {
+                self.op_mut(op).error = Some(e);
+                self.finish_op(op);
+            }
+        }
+    }
+
+    /// Hands an op's entries to the kernel right away. Measured on the virtual disk
+    /// here, getting each I/O to the device at once beat batching submissions until
+    /// the next reap by about 25% at QD32 (docs/benchmarks.md), as fio's default does.
+    /// A failure to submit fails the op.
+    fn submit_eagerly(&mut self, op: u32) {
+        if let Err(e) = self.submit_queued() {
+            if let Some(o) = self.ops.get_mut(op as usize).and_then(Option::as_mut) {
+                o.error.get_or_insert(e);
+            }
         }
     }
 
@@ -560,11 +587,7 @@ impl Replica {
             out.extend(self.ready.drain(..));
             if out.len() - start >= min || self.in_flight == 0 {
                 // Hand over anything queued so the kernel works while the caller does.
-                if self.in_flight > 0 {
-                    self.ring
-                        .submit()
-                        .map_err(|e| ReplicaError::io("io_uring submit", &self.dir, e))?;
-                }
+                self.submit_queued()?;
                 return Ok(out.len() - start);
             }
             match self.ring.submit_and_wait(1) {
@@ -574,6 +597,17 @@ impl Replica {
             }
             self.drain_cq();
         }
+    }
+
+    /// Passes queued submission entries to the kernel, if there are any (an empty
+    /// `submit` would still cost a system call).
+    pub fn submit_queued(&mut self) -> Result<()> {
+        if !self.ring.submission().is_empty() {
+            self.ring
+                .submit()
+                .map_err(|e| ReplicaError::io("io_uring submit", &self.dir, e))?;
+        }
+        Ok(())
     }
 
     fn drain_cq(&mut self) {
@@ -839,6 +873,30 @@ fn check_layer_files(dir: &Path, m: &VolumeMeta) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The replica's ring. One thread submits and reaps, so the kernel may run completion
+/// work when that thread asks for completions instead of interrupting it (needs 6.1;
+/// older kernels get a plain ring).
+fn new_ring() -> std::io::Result<IoUring> {
+    IoUring::builder()
+        .setup_single_issuer()
+        .setup_coop_taskrun()
+        .setup_defer_taskrun()
+        .build(RING_ENTRIES)
+        .or_else(|_| IoUring::new(RING_ENTRIES))
+}
+
+/// Every layer read from keeps a descriptor or two open: raise the soft limit toward
+/// the hard one when a long chain needs it. Best effort: failure shows up later, as
+/// an error naming the layer file that could not be opened.
+fn raise_fd_limit(wanted: u64) {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < wanted {
+            let _ = setrlimit(Resource::RLIMIT_NOFILE, wanted.min(hard), hard);
+        }
+    }
 }
 
 /// The smallest alignment O_DIRECT accepts on the head's filesystem: 512 or 4096.
