@@ -172,6 +172,9 @@ impl VolumeMeta {
                 return Err(format!("expanding_to {to} is not larger than size {}", self.size));
             }
         }
+        if self.next_id > 1 << 62 {
+            return Err(format!("next_id {} is implausibly large", self.next_id));
+        }
         if self.layers.len() > MAX_CHAIN_LAYERS {
             return Err(format!(
                 "{} layers, more than {MAX_CHAIN_LAYERS}",
@@ -243,11 +246,16 @@ impl VolumeMeta {
             }
             Err(e) => return Err(ReplicaError::io("read", path, e)),
         };
+        Self::parse(&text, &path)
+    }
+
+    /// Parses and validates metadata bytes; `path` names the file in errors.
+    pub fn parse(text: &[u8], path: &Path) -> Result<Self> {
         let corrupt = |reason: String| ReplicaError::CorruptMetadata {
-            path: path.clone(),
+            path: path.to_path_buf(),
             reason,
         };
-        let body = verify_checksum(&text).map_err(corrupt)?;
+        let body = verify_checksum(text).map_err(corrupt)?;
         let meta: VolumeMeta =
             serde_json::from_slice(body).map_err(|e| corrupt(format!("not valid metadata JSON: {e}")))?;
         meta.validate().map_err(corrupt)?;

@@ -63,6 +63,12 @@ fn read_records(path: &Path, limit: u64) -> Result<(Vec<Extent>, u64)> {
         Err(e) if e.kind() == ErrorKind::NotFound => return Ok((Vec::new(), 0)),
         Err(e) => return Err(ReplicaError::io("read", path, e)),
     };
+    parse(&bytes, path, limit)
+}
+
+/// Parses a zero log's bytes: its merged extents and how many whole records it holds.
+/// `path` names the file in errors; `limit` is the layer's size.
+pub fn parse(bytes: &[u8], path: &Path, limit: u64) -> Result<(Vec<Extent>, u64)> {
     if bytes.is_empty() {
         // Created, but the header never made it to disk: no records were written.
         return Ok((Vec::new(), 0));
