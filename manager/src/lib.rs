@@ -9,4 +9,6 @@
 //! It must never hold data-path logic: it calls `horn-replica` (and later the engine)
 //! and turns their typed errors into messages at the edge.
 
+#![warn(missing_docs)]
+
 pub mod format;

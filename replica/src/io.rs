@@ -111,9 +111,10 @@ impl Replica {
             if pushed.is_ok() {
                 break;
             }
-            self.ring
-                .submit()
-                .map_err(|e| ReplicaError::io("io_uring submit", &self.dir, e))?;
+            if let Err(e) = self.ring.submit() {
+                self.free_sqes.push(idx);
+                return Err(ReplicaError::io("io_uring submit", &self.dir, e));
+            }
         }
         self.op_mut(rec.op).pending += 1;
         Ok(())
@@ -313,12 +314,7 @@ impl Replica {
                 self.submit_queued()?;
                 return Ok(out.len() - start);
             }
-            match self.ring.submit_and_wait(1) {
-                Ok(_) => {}
-                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
-                Err(e) => return Err(ReplicaError::io("io_uring wait", &self.dir, e)),
-            }
-            self.drain_cq();
+            self.wait_some()?;
         }
     }
 
@@ -333,13 +329,24 @@ impl Replica {
         Ok(())
     }
 
+    /// Submits what is queued, waits for at least one completion, and processes all
+    /// that have arrived.
+    fn wait_some(&mut self) -> Result<()> {
+        match self.ring.submit_and_wait(1) {
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+            Err(e) => return Err(ReplicaError::io("io_uring wait", &self.dir, e)),
+        }
+        self.drain_cq();
+        Ok(())
+    }
+
     fn drain_cq(&mut self) {
-        let done: Vec<(u64, i32)> = self
-            .ring
-            .completion()
-            .map(|c| (c.user_data(), c.result()))
-            .collect();
-        for (ud, res) in done {
+        // Copied out first: finishing an op needs `&mut self`. The vector is reused.
+        let mut done = std::mem::take(&mut self.reaped);
+        done.clear();
+        done.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
+        for &(ud, res) in &done {
             let rec = self.sqes[ud as usize];
             self.free_sqes.push(ud as u32);
             let err = if res < 0 {
@@ -364,17 +371,13 @@ impl Replica {
                 self.finish_op(rec.op);
             }
         }
+        self.reaped = done;
     }
 
     /// Waits for every I/O in flight; their completions stay queued for `reap`.
     pub(crate) fn drain(&mut self) -> Result<()> {
         while self.in_flight > 0 {
-            match self.ring.submit_and_wait(1) {
-                Ok(_) => {}
-                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
-                Err(e) => return Err(ReplicaError::io("io_uring wait", &self.dir, e)),
-            }
-            self.drain_cq();
+            self.wait_some()?;
         }
         Ok(())
     }

@@ -29,6 +29,8 @@
 //! # Ok::<(), horn_replica::ReplicaError>(())
 //! ```
 
+#![warn(missing_docs)]
+
 pub mod buf;
 pub mod chain;
 pub mod crash;

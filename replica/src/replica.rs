@@ -55,6 +55,8 @@ pub struct Replica {
     pub(crate) in_flight: usize,
     /// Reused by `submit_read` so the hot path does not allocate.
     pub(crate) pieces: Vec<Piece>,
+    /// Reused by the completion loop: (entry index, result) pairs.
+    pub(crate) reaped: Vec<(u64, i32)>,
     pub(crate) _lock: File,
 }
 
@@ -173,6 +175,7 @@ impl Replica {
             ready: VecDeque::new(),
             in_flight: 0,
             pieces: Vec::new(),
+            reaped: Vec::new(),
             dir,
             meta: m,
             _lock: lock,
