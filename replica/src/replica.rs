@@ -34,6 +34,8 @@ use crate::zeros::{self, ZeroLog};
 pub const MAX_IO_BYTES: u64 = 64 << 20;
 /// Submission queue depth of the replica's ring.
 const RING_ENTRIES: u32 = 256;
+/// How long `open` waits for a replica's lock before calling it in use.
+const LOCK_PATIENCE: std::time::Duration = std::time::Duration::from_millis(500);
 /// Name of the lock file that keeps two processes from opening one replica.
 pub(crate) const LOCK_FILE: &str = "volume.lock";
 
@@ -82,15 +84,26 @@ fn lock_dir(dir: &Path) -> Result<File> {
         .truncate(false)
         .open(&path)
         .map_err(|e| ReplicaError::io("open", &path, e))?;
-    // SAFETY: flock on a descriptor we own; no memory is passed.
-    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+    // A lock is refused briefly while another thread of this process is spawning a
+    // child: between fork and exec the child holds a copy of every descriptor, and
+    // with it the flock of a replica closed meanwhile. Such a copy goes away within
+    // milliseconds; a replica really held by another opener stays locked.
+    let deadline = std::time::Instant::now() + LOCK_PATIENCE;
+    loop {
+        // SAFETY: flock on a descriptor we own; no memory is passed.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            break;
+        }
         let err = std::io::Error::last_os_error();
-        if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        if err.raw_os_error() != Some(libc::EWOULDBLOCK) {
+            return Err(ReplicaError::io("lock", &path, err));
+        }
+        if std::time::Instant::now() >= deadline {
             return Err(ReplicaError::Locked {
                 path: dir.to_path_buf(),
             });
         }
-        return Err(ReplicaError::io("lock", &path, err));
+        std::thread::sleep(std::time::Duration::from_millis(5));
     }
     Ok(f)
 }
