@@ -143,6 +143,17 @@ pub enum ReplicaError {
     #[error("{0}")]
     InvalidOperation(String),
 
+    /// A generation older than the replica's was offered.
+    #[error(
+        "generation {given} is older than the replica's generation {current}: a newer engine has claimed it"
+    )]
+    StaleGeneration {
+        /// The replica's generation.
+        current: u64,
+        /// The generation offered.
+        given: u64,
+    },
+
     /// The chain has as many layers as the index can address.
     #[error("the snapshot chain has reached its limit of {0} layers: delete and purge snapshots first")]
     ChainFull(usize),

@@ -21,6 +21,8 @@ pub(crate) enum OpKind {
     Read,
     Write,
     Flush,
+    /// An entry built by the caller (socket I/O of a server sharing the ring).
+    Raw,
 }
 
 impl OpKind {
@@ -29,6 +31,7 @@ impl OpKind {
             OpKind::Read => "read",
             OpKind::Write => "write",
             OpKind::Flush => "fdatasync",
+            OpKind::Raw => "raw",
         }
     }
 }
@@ -40,9 +43,16 @@ pub struct Completion {
     pub tag: u64,
     /// Success, or what went wrong.
     pub result: Result<()>,
-    /// The buffer given at submission (reads: now holding the data); `None` for flushes.
+    /// The buffer given at submission (reads: now holding the data); `None` for flushes
+    /// and raw entries.
     pub buf: Option<IoBuf>,
+    /// For entries given to [`Replica::submit_raw`]: the kernel's result (bytes, a
+    /// descriptor, or a negated errno). Zero for the store's own I/O.
+    pub raw: i32,
 }
+
+/// Tag of the blocking helpers' own I/O; callers of the `submit_*` methods must not use it.
+pub const INTERNAL_TAG: u64 = u64::MAX;
 
 #[derive(Debug)]
 pub(crate) struct Op {
@@ -51,6 +61,8 @@ pub(crate) struct Op {
     buf: Option<IoBuf>,
     /// Submission entries not yet completed.
     pending: u32,
+    /// The kernel's result, for raw entries.
+    raw: i32,
     error: Option<ReplicaError>,
     /// For writes: the blocks that become the head's once the write lands.
     paint: (u64, u64),
@@ -71,10 +83,15 @@ impl Replica {
             kind,
             buf,
             pending: 0,
+            raw: 0,
             error: None,
             paint,
         };
-        self.in_flight += 1;
+        if kind == OpKind::Raw {
+            self.raw_in_flight += 1;
+        } else {
+            self.in_flight += 1;
+        }
         match self.free_ops.pop() {
             Some(i) => {
                 self.ops[i as usize] = Some(op);
@@ -92,6 +109,13 @@ impl Replica {
     }
 
     fn push_sqe(&mut self, entry: io_uring::squeue::Entry, rec: Sqe) -> Result<()> {
+        if !self.ring_enabled {
+            self.ring
+                .submitter()
+                .register_enable_rings()
+                .map_err(|e| ReplicaError::io("io_uring enable", &self.dir, e))?;
+            self.ring_enabled = true;
+        }
         let idx = match self.free_sqes.pop() {
             Some(i) => {
                 self.sqes[i as usize] = rec;
@@ -113,7 +137,7 @@ impl Replica {
             }
             if let Err(e) = self.ring.submit() {
                 self.free_sqes.push(idx);
-                return Err(ReplicaError::io("io_uring submit", &self.dir, e));
+                return Err(self.ring_error("io_uring submit", e));
             }
         }
         self.op_mut(rec.op).pending += 1;
@@ -125,7 +149,11 @@ impl Replica {
     fn finish_op(&mut self, i: u32) {
         let op = self.ops[i as usize].take().expect("op in flight");
         self.free_ops.push(i);
-        self.in_flight -= 1;
+        if op.kind == OpKind::Raw {
+            self.raw_in_flight -= 1;
+        } else {
+            self.in_flight -= 1;
+        }
         let result = match op.error {
             Some(e) => Err(e),
             None => {
@@ -140,6 +168,7 @@ impl Replica {
             tag: op.tag,
             result,
             buf: op.buf,
+            raw: op.raw,
         });
     }
 
@@ -148,7 +177,32 @@ impl Replica {
             tag,
             result: Err(e),
             buf,
+            raw: 0,
         });
+    }
+
+    /// Queues an entry the caller built (a socket accept, receive or send of a server
+    /// that shares this ring, so socket and disk I/O need no thread hop) and submits it.
+    /// Its completion comes back from [`Replica::reap`] with `tag` and the kernel's
+    /// result in [`Completion::raw`]; the store interprets nothing.
+    ///
+    /// # Safety
+    /// Every buffer and descriptor the entry names must stay valid, and not be moved
+    /// or freed, until its completion has been reaped. Its user data is overwritten.
+    pub unsafe fn submit_raw(&mut self, entry: io_uring::squeue::Entry, tag: u64) -> Result<()> {
+        let op = self.new_op(tag, OpKind::Raw, None, (0, 0));
+        let rec = Sqe {
+            op,
+            layer: 0,
+            expected: 0,
+        };
+        if let Err(e) = self.push_sqe(entry, rec) {
+            self.ops[op as usize] = None;
+            self.free_ops.push(op);
+            self.raw_in_flight -= 1;
+            return Err(e);
+        }
+        self.submit_queued()
     }
 
     /// Submits a read of `buf.len()` bytes at `offset`; the completion hands `buf` back.
@@ -218,6 +272,7 @@ impl Replica {
                 tag,
                 result: Ok(()),
                 buf: Some(buf),
+                raw: 0,
             });
         }
         let first = offset / BLOCK_SIZE;
@@ -230,6 +285,7 @@ impl Replica {
                 tag,
                 result,
                 buf: Some(buf),
+                raw: 0,
             });
         }
         let op = self.new_op(tag, OpKind::Write, Some(buf), (first, last - first));
@@ -309,7 +365,7 @@ impl Replica {
         let start = out.len();
         loop {
             out.extend(self.ready.drain(..));
-            if out.len() - start >= min || self.in_flight == 0 {
+            if out.len() - start >= min || self.in_flight + self.raw_in_flight == 0 {
                 // Hand over anything queued so the kernel works while the caller does.
                 self.submit_queued()?;
                 return Ok(out.len() - start);
@@ -324,9 +380,21 @@ impl Replica {
         if !self.ring.submission().is_empty() {
             self.ring
                 .submit()
-                .map_err(|e| ReplicaError::io("io_uring submit", &self.dir, e))?;
+                .map_err(|e| self.ring_error("io_uring submit", e))?;
         }
         Ok(())
+    }
+
+    /// A ring error, with the one cause a person cannot guess spelled out.
+    fn ring_error(&self, op: &'static str, e: std::io::Error) -> ReplicaError {
+        if e.raw_os_error() == Some(libc::EEXIST) {
+            return ReplicaError::InvalidOperation(format!(
+                "replica {}: I/O submitted from a thread other than the one that started its I/O \
+                 (a replica's I/O must stay on one thread)",
+                self.dir.display()
+            ));
+        }
+        ReplicaError::io(op, &self.dir, e)
     }
 
     /// Submits what is queued, waits for at least one completion, and processes all
@@ -335,7 +403,7 @@ impl Replica {
         match self.ring.submit_and_wait(1) {
             Ok(_) => {}
             Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
-            Err(e) => return Err(ReplicaError::io("io_uring wait", &self.dir, e)),
+            Err(e) => return Err(self.ring_error("io_uring wait", e)),
         }
         self.drain_cq();
         Ok(())
@@ -360,7 +428,9 @@ impl Replica {
                 None
             };
             let kind = self.ops[rec.op as usize].as_ref().expect("op in flight").kind;
-            if let Some(err) = err {
+            if kind == OpKind::Raw {
+                self.op_mut(rec.op).raw = res;
+            } else if let Some(err) = err {
                 let path = self.chain[rec.layer as usize].path.clone();
                 let op = self.op_mut(rec.op);
                 op.error.get_or_insert(ReplicaError::io(kind.verb(), path, err));
@@ -374,7 +444,8 @@ impl Replica {
         self.reaped = done;
     }
 
-    /// Waits for every I/O in flight; their completions stay queued for `reap`.
+    /// Waits for every store I/O in flight (not raw entries: an idle socket receive may
+    /// never complete); their completions stay queued for `reap`.
     pub(crate) fn drain(&mut self) -> Result<()> {
         while self.in_flight > 0 {
             self.wait_some()?;
@@ -382,18 +453,23 @@ impl Replica {
         Ok(())
     }
 
-    /// Runs one submitted op to completion and returns it (the blocking API).
-    fn wait_last(&mut self) -> Result<Completion> {
+    /// Runs the blocking API's op (tagged [`INTERNAL_TAG`]) to completion and returns it.
+    fn wait_internal(&mut self) -> Result<Completion> {
         self.drain()?;
-        Ok(self.ready.pop_back().expect("the op just submitted completed"))
+        let at = self
+            .ready
+            .iter()
+            .rposition(|c| c.tag == INTERNAL_TAG)
+            .expect("the op just submitted completed");
+        Ok(self.ready.remove(at).expect("position is in range"))
     }
 
     /// Reads `out.len()` bytes at `offset` (blocking).
     pub fn read_at(&mut self, offset: u64, out: &mut [u8]) -> Result<()> {
         self.drain()?;
         let buf = IoBuf::zeroed(out.len());
-        self.submit_read(offset, buf, u64::MAX);
-        let c = self.wait_last()?;
+        self.submit_read(offset, buf, INTERNAL_TAG);
+        let c = self.wait_internal()?;
         c.result?;
         out.copy_from_slice(c.buf.expect("reads return their buffer").as_slice());
         Ok(())
@@ -402,14 +478,14 @@ impl Replica {
     /// Writes `data` at `offset` (blocking; durable only after [`Replica::flush`]).
     pub fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<()> {
         self.drain()?;
-        self.submit_write(offset, IoBuf::from_slice(data), u64::MAX);
-        self.wait_last()?.result
+        self.submit_write(offset, IoBuf::from_slice(data), INTERNAL_TAG);
+        self.wait_internal()?.result
     }
 
     /// Makes every completed write durable (blocking).
     pub fn flush(&mut self) -> Result<()> {
         self.drain()?;
-        self.submit_flush(u64::MAX);
-        self.wait_last()?.result
+        self.submit_flush(INTERNAL_TAG);
+        self.wait_internal()?.result
     }
 }

@@ -42,11 +42,13 @@ mod io;
 pub mod layer;
 pub mod meta;
 pub mod replica;
+pub mod server;
+pub mod state;
 pub mod zeros;
 
 pub use buf::IoBuf;
 pub use chain::{LayerExtents, LayerInfo, PurgeReport, ReplicaInfo};
 pub use error::{ReplicaError, Result};
 pub use extent::Extent;
-pub use io::Completion;
+pub use io::{Completion, INTERNAL_TAG};
 pub use replica::Replica;

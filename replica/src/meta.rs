@@ -265,16 +265,21 @@ impl VolumeMeta {
     /// Replaces the metadata file atomically and durably.
     pub fn store(&self, dir: &Path) -> Result<()> {
         debug_assert_eq!(self.validate(), Ok(()));
-        let mut body = serde_json::to_vec(self).expect("metadata always serialises");
-        body.push(b'\n');
-        let trailer = format!("crc32c {:08x}\n", crc32c::crc32c(&body));
-        body.extend_from_slice(trailer.as_bytes());
-        write_atomically(dir, META_FILE, &body)
+        write_atomically(dir, META_FILE, &with_checksum(self))
     }
 }
 
+/// A value as one line of JSON followed by its `crc32c XXXXXXXX` line.
+pub(crate) fn with_checksum(value: &impl Serialize) -> Vec<u8> {
+    let mut body = serde_json::to_vec(value).expect("replica files always serialise");
+    body.push(b'\n');
+    let trailer = format!("crc32c {:08x}\n", crc32c::crc32c(&body));
+    body.extend_from_slice(trailer.as_bytes());
+    body
+}
+
 /// Checks the `crc32c XXXXXXXX` trailer line and returns the JSON body before it.
-fn verify_checksum(text: &[u8]) -> std::result::Result<&[u8], String> {
+pub(crate) fn verify_checksum(text: &[u8]) -> std::result::Result<&[u8], String> {
     let trimmed = text
         .strip_suffix(b"\n")
         .ok_or("file does not end in a newline (truncated?)")?;

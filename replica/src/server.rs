@@ -1,0 +1,605 @@
+//! The replica server's data loop: one replica served over the data wire
+//! (`docs/wire-protocol.md`) to any number of connections.
+//!
+//! One thread owns the replica and every connection. Socket accepts, receives and
+//! sends are entries on the replica's own io_uring, next to its file I/O, so a request
+//! goes from socket to disk with no thread hop and no lock: a write's payload is
+//! received straight into the buffer the store writes from, and a read's data is sent
+//! from the buffer the store read into. Requests on a connection are pipelined;
+//! replies go out as the store completes them, in any order.
+//!
+//! Control operations (generation, snapshots, info) come from other threads through a
+//! [`ServerHandle`]: each is a closure run on the loop thread between I/Os, with the
+//! replica in hand.
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io::Write;
+use std::net::{TcpListener, TcpStream};
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::Arc;
+
+use horn_proto::wire::{Header, Op, Status, FLAG_FUA, HEADER_LEN};
+use io_uring::{opcode, types};
+
+use crate::buf::IoBuf;
+use crate::error::{ReplicaError, Result};
+use crate::io::Completion;
+use crate::replica::Replica;
+
+const KIND_SHIFT: u32 = 56;
+const TAG_ACCEPT: u64 = 1 << KIND_SHIFT;
+const TAG_RECV: u64 = 2 << KIND_SHIFT;
+const TAG_SEND: u64 = 3 << KIND_SHIFT;
+const TAG_STORE: u64 = 4 << KIND_SHIFT;
+const TAG_WAKE: u64 = 5 << KIND_SHIFT;
+const INDEX_MASK: u64 = (1 << KIND_SHIFT) - 1;
+
+/// A control operation: run on the loop thread with the replica.
+type Command = Box<dyn FnOnce(&mut Replica) + Send>;
+
+/// Wakes the loop: an eventfd the loop keeps a read posted on.
+struct Waker {
+    fd: File,
+}
+
+impl Waker {
+    fn wake(&self) {
+        // An eventfd write of 1 only fails when the counter would overflow, which means
+        // the loop is already due to wake.
+        let _ = (&self.fd).write(&1u64.to_ne_bytes());
+    }
+}
+
+/// A handle other threads use to run control operations on the server's loop.
+#[derive(Clone)]
+pub struct ServerHandle {
+    tx: Sender<Option<Command>>,
+    waker: Arc<Waker>,
+}
+
+impl ServerHandle {
+    /// Runs `f` with the replica on the loop thread and returns its result. Fails only
+    /// if the loop has stopped.
+    pub fn call<T: Send + 'static>(&self, f: impl FnOnce(&mut Replica) -> T + Send + 'static) -> Result<T> {
+        let (reply_tx, reply_rx) = mpsc::sync_channel(1);
+        let cmd: Command = Box::new(move |r| {
+            let _ = reply_tx.send(f(r));
+        });
+        let stopped = || ReplicaError::InvalidOperation("the replica server has stopped".into());
+        self.tx.send(Some(cmd)).map_err(|_| stopped())?;
+        self.waker.wake();
+        reply_rx.recv().map_err(|_| stopped())
+    }
+
+    /// Asks the loop to stop after the I/O in flight; `run` then returns.
+    pub fn stop(&self) {
+        let _ = self.tx.send(None);
+        self.waker.wake();
+    }
+}
+
+/// A reply waiting to be sent, with its iovecs (kept in place while the send is in
+/// the kernel's hands).
+struct Outgoing {
+    header: [u8; HEADER_LEN],
+    payload: Payload,
+    sent: usize,
+    iov: [libc::iovec; 2],
+}
+
+// SAFETY: the iovecs point only into the Outgoing's own header array (boxed with it)
+// and its payload's heap buffer, which move with it; nothing else aliases them.
+unsafe impl Send for Outgoing {}
+
+enum Payload {
+    None,
+    Data(IoBuf),
+    Message(Vec<u8>),
+}
+
+impl Outgoing {
+    fn new(header: Header, payload: Payload) -> Box<Outgoing> {
+        Box::new(Outgoing {
+            header: header.encode(),
+            payload,
+            sent: 0,
+            iov: [libc::iovec {
+                iov_base: std::ptr::null_mut(),
+                iov_len: 0,
+            }; 2],
+        })
+    }
+
+    fn payload(&self) -> &[u8] {
+        match &self.payload {
+            Payload::None => &[],
+            Payload::Data(b) => b.as_slice(),
+            Payload::Message(m) => m,
+        }
+    }
+
+    fn total(&self) -> usize {
+        HEADER_LEN + self.payload().len()
+    }
+
+    /// Points the iovecs at what is left to send; returns how many are in use.
+    fn prepare(&mut self) -> u32 {
+        let mut n = 0;
+        if self.sent < HEADER_LEN {
+            self.iov[0] = libc::iovec {
+                iov_base: self.header[self.sent..].as_ptr() as *mut libc::c_void,
+                iov_len: HEADER_LEN - self.sent,
+            };
+            n = 1;
+        }
+        let p_off = self.sent.saturating_sub(HEADER_LEN);
+        let p = self.payload();
+        if p_off < p.len() {
+            self.iov[n] = libc::iovec {
+                iov_base: p[p_off..].as_ptr() as *mut libc::c_void,
+                iov_len: p.len() - p_off,
+            };
+            n += 1;
+        }
+        n as u32
+    }
+}
+
+/// The payload of a write being received.
+struct Incoming {
+    header: Header,
+    buf: IoBuf,
+    filled: usize,
+}
+
+struct Conn {
+    stream: TcpStream,
+    header: Box<[u8; HEADER_LEN]>,
+    filled: usize,
+    incoming: Option<Incoming>,
+    queue: VecDeque<Box<Outgoing>>,
+    sending: Option<Box<Outgoing>>,
+    /// Socket entries (one receive, one send at most) in the ring.
+    raw_in_flight: usize,
+    /// Store operations in flight for this connection.
+    ops: usize,
+    /// No more requests are read; the connection closes once its work is done.
+    closing: bool,
+}
+
+struct Pending {
+    conn: u32,
+    header: Header,
+    /// A FUA write whose data is written and whose flush is still to come.
+    flush_after: bool,
+}
+
+/// Serves one replica over the data wire.
+pub struct DataServer {
+    replica: Replica,
+    listener: TcpListener,
+    conns: Vec<Option<Conn>>,
+    free_conns: Vec<u32>,
+    pending: Vec<Option<Pending>>,
+    free_pending: Vec<u32>,
+    inbox: Receiver<Option<Command>>,
+    handle: ServerHandle,
+    wake_buf: Box<[u8; 8]>,
+    stopping: bool,
+}
+
+impl DataServer {
+    /// A server for `replica` on `listener` (already bound).
+    pub fn new(replica: Replica, listener: TcpListener) -> Result<DataServer> {
+        // SAFETY: eventfd takes no pointers; the result is checked below.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(ReplicaError::io(
+                "eventfd",
+                replica.dir(),
+                std::io::Error::last_os_error(),
+            ));
+        }
+        // SAFETY: fd is a new descriptor that nothing else owns.
+        let waker = Arc::new(Waker {
+            fd: unsafe { File::from_raw_fd(fd) },
+        });
+        let (tx, inbox) = mpsc::channel();
+        Ok(DataServer {
+            replica,
+            listener,
+            conns: Vec::new(),
+            free_conns: Vec::new(),
+            pending: Vec::new(),
+            free_pending: Vec::new(),
+            inbox,
+            handle: ServerHandle { tx, waker },
+            wake_buf: Box::new([0; 8]),
+            stopping: false,
+        })
+    }
+
+    /// A handle for control operations from other threads.
+    pub fn handle(&self) -> ServerHandle {
+        self.handle.clone()
+    }
+
+    /// Serves until [`ServerHandle::stop`]; then finishes the I/O in flight, closes the
+    /// connections, and closes the replica (flushed). The replica's I/O stays on the
+    /// thread that runs this.
+    pub fn run(mut self) -> Result<()> {
+        self.post_accept()?;
+        self.post_wake()?;
+        let mut out: Vec<Completion> = Vec::new();
+        while !self.stopping {
+            out.clear();
+            self.replica.reap(1, &mut out)?;
+            for c in out.drain(..) {
+                self.on_completion(c)?;
+            }
+        }
+        // Shutting the sockets down completes every accept and receive still in the ring;
+        // reap until nothing is left, so no buffer is freed under the kernel.
+        // SAFETY: shutdown takes no pointers; the listener is ours.
+        unsafe { libc::shutdown(self.listener.as_raw_fd(), libc::SHUT_RDWR) };
+        for conn in self.conns.iter_mut().flatten() {
+            conn.closing = true;
+            let _ = conn.stream.shutdown(std::net::Shutdown::Both);
+        }
+        while self.replica.in_flight() > 0 {
+            out.clear();
+            self.replica.reap(1, &mut out)?;
+            for c in out.drain(..) {
+                self.on_completion(c)?;
+            }
+        }
+        self.replica.flush()
+    }
+
+    fn post_accept(&mut self) -> Result<()> {
+        let entry = opcode::Accept::new(
+            types::Fd(self.listener.as_raw_fd()),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+        )
+        .flags(libc::SOCK_CLOEXEC)
+        .build();
+        // SAFETY: the listener lives as long as the server; no buffers are named.
+        unsafe { self.replica.submit_raw(entry, TAG_ACCEPT) }
+    }
+
+    fn post_wake(&mut self) -> Result<()> {
+        let fd = self.handle.waker.fd.as_raw_fd();
+        let entry = opcode::Read::new(types::Fd(fd), self.wake_buf.as_mut_ptr(), 8).build();
+        // SAFETY: wake_buf is boxed and owned by the server (leaked, not freed, at stop);
+        // the eventfd lives in the handle's Arc, which the server holds.
+        unsafe { self.replica.submit_raw(entry, TAG_WAKE) }
+    }
+
+    fn on_completion(&mut self, c: Completion) -> Result<()> {
+        let index = (c.tag & INDEX_MASK) as u32;
+        match c.tag & !INDEX_MASK {
+            TAG_ACCEPT => self.on_accept(c.raw)?,
+            TAG_RECV => self.on_recv(index, c.raw)?,
+            TAG_SEND => self.on_send(index, c.raw)?,
+            TAG_STORE => self.on_store(index, c)?,
+            TAG_WAKE => self.on_wake()?,
+            _ => unreachable!("tag {:#x} was not issued by the server", c.tag),
+        }
+        Ok(())
+    }
+
+    fn on_wake(&mut self) -> Result<()> {
+        while let Ok(cmd) = self.inbox.try_recv() {
+            match cmd {
+                Some(cmd) => cmd(&mut self.replica),
+                None => self.stopping = true,
+            }
+        }
+        if !self.stopping {
+            self.post_wake()?;
+        }
+        Ok(())
+    }
+
+    fn on_accept(&mut self, res: i32) -> Result<()> {
+        if self.stopping {
+            if res >= 0 {
+                // SAFETY: the kernel just created this descriptor; closing it is ours to do.
+                drop(unsafe { TcpStream::from_raw_fd(res) });
+            }
+            return Ok(());
+        }
+        if res < 0 {
+            tracing::warn!(error = %std::io::Error::from_raw_os_error(-res), "accept failed");
+        } else {
+            // SAFETY: the kernel just created this descriptor for us.
+            let stream = unsafe { TcpStream::from_raw_fd(res) };
+            let _ = stream.set_nodelay(true);
+            tracing::debug!(peer = ?stream.peer_addr().ok(), "connection accepted");
+            let conn = Conn {
+                stream,
+                header: Box::new([0; HEADER_LEN]),
+                filled: 0,
+                incoming: None,
+                queue: VecDeque::new(),
+                sending: None,
+                raw_in_flight: 0,
+                ops: 0,
+                closing: false,
+            };
+            let id = match self.free_conns.pop() {
+                Some(i) => {
+                    self.conns[i as usize] = Some(conn);
+                    i
+                }
+                None => {
+                    self.conns.push(Some(conn));
+                    (self.conns.len() - 1) as u32
+                }
+            };
+            self.post_recv(id)?;
+        }
+        self.post_accept()
+    }
+
+    fn conn(&mut self, id: u32) -> &mut Conn {
+        self.conns[id as usize]
+            .as_mut()
+            .expect("completion for a live connection")
+    }
+
+    fn post_recv(&mut self, id: u32) -> Result<()> {
+        let conn = self.conn(id);
+        if conn.closing {
+            return Ok(());
+        }
+        let (ptr, len) = match &mut conn.incoming {
+            Some(inc) => {
+                // SAFETY (pointer arithmetic): filled < len of the buffer.
+                let p = unsafe { inc.buf.as_mut_ptr().add(inc.filled) };
+                (p, inc.buf.len() - inc.filled)
+            }
+            None => (conn.header[conn.filled..].as_mut_ptr(), HEADER_LEN - conn.filled),
+        };
+        let entry = opcode::Recv::new(types::Fd(conn.stream.as_raw_fd()), ptr, len as u32).build();
+        conn.raw_in_flight += 1;
+        // SAFETY: the buffer (boxed header, or the incoming IoBuf) and the socket belong
+        // to the connection, which is freed only when no entry of it is in flight.
+        unsafe { self.replica.submit_raw(entry, TAG_RECV | id as u64) }
+    }
+
+    fn on_recv(&mut self, id: u32, res: i32) -> Result<()> {
+        let conn = self.conn(id);
+        conn.raw_in_flight -= 1;
+        if res <= 0 {
+            if res < 0 {
+                tracing::debug!(error = %std::io::Error::from_raw_os_error(-res), "receive failed; closing");
+            }
+            conn.closing = true;
+            return self.maybe_close(id);
+        }
+        let n = res as usize;
+        if let Some(inc) = &mut conn.incoming {
+            inc.filled += n;
+            if inc.filled < inc.buf.len() {
+                return self.post_recv(id);
+            }
+            let inc = conn.incoming.take().expect("checked above");
+            self.dispatch(id, inc.header, Some(inc.buf))?;
+            return self.post_recv(id);
+        }
+        conn.filled += n;
+        if conn.filled < HEADER_LEN {
+            return self.post_recv(id);
+        }
+        conn.filled = 0;
+        let raw = *conn.header;
+        match Header::decode(&raw) {
+            Ok(h) if !h.reply => {
+                let len = h.payload_len();
+                if len > 0 {
+                    conn.incoming = Some(Incoming {
+                        header: h,
+                        buf: IoBuf::zeroed(len),
+                        filled: 0,
+                    });
+                } else {
+                    self.dispatch(id, h, None)?;
+                }
+                self.post_recv(id)
+            }
+            Ok(_) => self.refuse(id, &raw, "a replica takes requests, not replies".into()),
+            Err(e) => self.refuse(id, &raw, e.to_string()),
+        }
+    }
+
+    /// Answers a malformed request with "bad request" (echoing its id) and stops
+    /// reading from the connection, which closes once the answer is sent.
+    fn refuse(&mut self, id: u32, raw: &[u8; HEADER_LEN], why: String) -> Result<()> {
+        tracing::warn!(reason = %why, "malformed request; closing the connection");
+        let req_id = u64::from_le_bytes(raw[8..16].try_into().expect("8 bytes"));
+        let req = Header::request(Op::Ping, req_id, 0, 0, 0);
+        self.conn(id).closing = true;
+        self.reply_error(id, &req, Status::BadRequest, why)
+    }
+
+    fn reply_error(&mut self, id: u32, req: &Header, status: Status, message: String) -> Result<()> {
+        let mut msg = message.into_bytes();
+        msg.truncate(horn_proto::wire::MAX_MESSAGE_LEN as usize);
+        let h = Header::reply_to(req, status, msg.len() as u32, self.replica.generation());
+        self.queue_send(id, Outgoing::new(h, Payload::Message(msg)))
+    }
+
+    fn dispatch(&mut self, id: u32, h: Header, payload: Option<IoBuf>) -> Result<()> {
+        let current = self.replica.generation();
+        if h.generation < current {
+            return self.reply_error(
+                id,
+                &h,
+                Status::StaleGeneration,
+                format!(
+                    "generation {} is older than the replica's {current}: a newer engine owns this replica",
+                    h.generation
+                ),
+            );
+        }
+        if h.generation > current && h.op != Op::Ping {
+            return self.reply_error(
+                id,
+                &h,
+                Status::Unavailable,
+                format!(
+                    "generation {} has not been set on this replica (it is at {current}): claim it first",
+                    h.generation
+                ),
+            );
+        }
+        let (off, len) = (h.offset, h.length as u64);
+        match h.op {
+            Op::Ping => {
+                let reply = Header::reply_to(&h, Status::Ok, 0, current);
+                return self.queue_send(id, Outgoing::new(reply, Payload::None));
+            }
+            Op::Discard | Op::WriteZeroes => {
+                let result = if h.op == Op::Discard {
+                    self.replica.discard(off, len)
+                } else {
+                    self.replica.write_zeroes(off, len)
+                };
+                return self.reply(id, &h, result, None);
+            }
+            Op::Read | Op::Write | Op::Flush => {}
+        }
+        let slot = Pending {
+            conn: id,
+            header: h,
+            flush_after: h.op == Op::Write && h.flags & FLAG_FUA != 0,
+        };
+        let p = match self.free_pending.pop() {
+            Some(i) => {
+                self.pending[i as usize] = Some(slot);
+                i
+            }
+            None => {
+                self.pending.push(Some(slot));
+                (self.pending.len() - 1) as u32
+            }
+        };
+        self.conn(id).ops += 1;
+        let tag = TAG_STORE | p as u64;
+        match h.op {
+            Op::Read => self.replica.submit_read(off, IoBuf::zeroed(len as usize), tag),
+            Op::Write => self
+                .replica
+                .submit_write(off, payload.expect("writes carry a payload"), tag),
+            _ => self.replica.submit_flush(tag),
+        }
+        Ok(())
+    }
+
+    fn on_store(&mut self, p: u32, c: Completion) -> Result<()> {
+        let pending = self.pending[p as usize]
+            .as_mut()
+            .expect("store completion for a live request");
+        if pending.flush_after && c.result.is_ok() {
+            pending.flush_after = false;
+            self.replica.submit_flush(TAG_STORE | p as u64);
+            return Ok(());
+        }
+        let pending = self.pending[p as usize].take().expect("checked above");
+        self.free_pending.push(p);
+        let id = pending.conn;
+        self.conn(id).ops -= 1;
+        let data = if pending.header.op == Op::Read {
+            c.buf
+        } else {
+            None
+        };
+        self.reply(id, &pending.header, c.result, data)?;
+        self.maybe_close(id)
+    }
+
+    fn reply(&mut self, id: u32, req: &Header, result: Result<()>, data: Option<IoBuf>) -> Result<()> {
+        match result {
+            Ok(()) => {
+                let len = data.as_ref().map_or(0, IoBuf::len) as u32;
+                let h = Header::reply_to(req, Status::Ok, len, self.replica.generation());
+                let payload = data.map_or(Payload::None, Payload::Data);
+                self.queue_send(id, Outgoing::new(h, payload))
+            }
+            Err(e) => {
+                let status = match e {
+                    ReplicaError::OutOfRange { .. } => Status::OutOfRange,
+                    ReplicaError::Misaligned { .. } => Status::Misaligned,
+                    ReplicaError::InvalidOperation(_) => Status::BadRequest,
+                    _ => Status::IoError,
+                };
+                self.reply_error(id, req, status, e.to_string())
+            }
+        }
+    }
+
+    fn queue_send(&mut self, id: u32, out: Box<Outgoing>) -> Result<()> {
+        let conn = self.conn(id);
+        conn.queue.push_back(out);
+        if conn.sending.is_none() {
+            self.start_send(id)?;
+        }
+        Ok(())
+    }
+
+    fn start_send(&mut self, id: u32) -> Result<()> {
+        let conn = self.conn(id);
+        let Some(mut out) = conn.sending.take().or_else(|| conn.queue.pop_front()) else {
+            return Ok(());
+        };
+        let n = out.prepare();
+        let entry = opcode::Writev::new(types::Fd(conn.stream.as_raw_fd()), out.iov.as_ptr(), n).build();
+        conn.sending = Some(out);
+        conn.raw_in_flight += 1;
+        // SAFETY: the iovecs and what they point at live in the boxed Outgoing held in
+        // `conn.sending` until this entry completes; the socket lives with the conn.
+        unsafe { self.replica.submit_raw(entry, TAG_SEND | id as u64) }
+    }
+
+    fn on_send(&mut self, id: u32, res: i32) -> Result<()> {
+        let conn = self.conn(id);
+        conn.raw_in_flight -= 1;
+        if res < 0 {
+            tracing::debug!(error = %std::io::Error::from_raw_os_error(-res), "send failed; closing");
+            conn.closing = true;
+            conn.sending = None;
+            conn.queue.clear();
+            return self.maybe_close(id);
+        }
+        let out = conn.sending.as_mut().expect("a send was in flight");
+        out.sent += res as usize;
+        if out.sent < out.total() {
+            return self.start_send(id); // the rest of the same reply
+        }
+        conn.sending = None;
+        if !conn.queue.is_empty() {
+            return self.start_send(id);
+        }
+        self.maybe_close(id)
+    }
+
+    /// Frees a closing connection once nothing of it is in flight or queued.
+    fn maybe_close(&mut self, id: u32) -> Result<()> {
+        let conn = self.conn(id);
+        if conn.closing
+            && conn.raw_in_flight == 0
+            && conn.ops == 0
+            && conn.sending.is_none()
+            && conn.queue.is_empty()
+        {
+            let _ = conn.stream.shutdown(std::net::Shutdown::Both);
+            self.conns[id as usize] = None;
+            self.free_conns.push(id);
+        }
+        Ok(())
+    }
+}
