@@ -1,12 +1,13 @@
 //! The replica server over real TCP sockets: pipelined I/O, generations, malformed
 //! input, control calls and stopping.
 
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::io::Write;
+use std::net::TcpListener;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use horn_proto::wire::{Header, Op, Status, FLAG_FUA, HEADER_LEN};
+use horn_proto::client::BlockingClient;
+use horn_proto::wire::{Header, Op, Status, FLAG_FUA};
 use horn_replica::server::{DataServer, ServerHandle};
 use horn_replica::Replica;
 
@@ -38,9 +39,7 @@ impl Served {
     }
 
     fn client(&self) -> Client {
-        let s = TcpStream::connect(self.addr).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        Client { s }
+        Client(BlockingClient::connect(self.addr, Duration::from_secs(10)).unwrap())
     }
 
     /// Stops the server and reopens its replica, as a restarted process would.
@@ -62,40 +61,26 @@ impl Drop for Served {
     }
 }
 
-struct Client {
-    s: TcpStream,
-}
+/// The blocking client with test-friendly panics on socket errors.
+struct Client(BlockingClient);
 
 impl Client {
     fn send(&mut self, h: Header, payload: &[u8]) {
-        self.s.write_all(&h.encode()).unwrap();
-        self.s.write_all(payload).unwrap();
+        self.0.send(&h, payload).unwrap();
     }
-
     fn recv(&mut self) -> (Header, Vec<u8>) {
-        let mut b = [0u8; HEADER_LEN];
-        self.s.read_exact(&mut b).unwrap();
-        let h = Header::decode(&b).unwrap();
+        let (h, p) = self.0.recv().unwrap();
         assert!(h.reply);
-        let mut p = vec![0u8; h.payload_len()];
-        self.s.read_exact(&mut p).unwrap();
         (h, p)
     }
-
-    /// True once the server has closed the connection.
-    fn closed(&mut self) -> bool {
-        let mut b = [0u8; 1];
-        matches!(self.s.read(&mut b), Ok(0) | Err(_))
-    }
-
     fn write(&mut self, id: u64, off: u64, data: &[u8], gen: u64) -> (Header, Vec<u8>) {
-        self.send(Header::request(Op::Write, id, off, data.len() as u32, gen), data);
-        self.recv()
+        self.0.write(id, off, data, gen).unwrap()
     }
-
     fn read(&mut self, id: u64, off: u64, len: u32, gen: u64) -> (Header, Vec<u8>) {
-        self.send(Header::request(Op::Read, id, off, len, gen), &[]);
-        self.recv()
+        self.0.read(id, off, len, gen).unwrap()
+    }
+    fn closed(&mut self) -> bool {
+        self.0.closed()
     }
 }
 
@@ -211,8 +196,8 @@ fn malformed_headers_close_the_connection_and_execute_nothing() {
     cases.push(("a reply sent as a request", reply.to_vec()));
     for (what, bytes) in cases {
         let mut c = srv.client();
-        c.s.write_all(&bytes).unwrap();
-        c.s.write_all(&[5u8; 4096]).unwrap_or(()); // a payload, in case it were taken
+        c.0.stream().write_all(&bytes).unwrap();
+        c.0.stream().write_all(&[5u8; 4096]).unwrap_or(()); // a payload, in case it were taken
         let (h, msg) = c.recv();
         assert_eq!(h.status, Status::BadRequest, "{what}");
         assert_eq!(h.id, 77, "{what}");
@@ -221,7 +206,7 @@ fn malformed_headers_close_the_connection_and_execute_nothing() {
     }
     // A truncated header, then the client goes away.
     let mut c = srv.client();
-    c.s.write_all(&good[..20]).unwrap();
+    c.0.stream().write_all(&good[..20]).unwrap();
     drop(c);
     let mut c = srv.client();
     let (h, p) = c.read(1, 0, 4096, 1);

@@ -1,0 +1,138 @@
+//! `hornd replica` as a real process: serves the data wire, stops cleanly on SIGTERM,
+//! survives kill -9, refuses a second server on the same directory.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use horn_proto::client::BlockingClient;
+use horn_proto::wire::{Header, Op, Status};
+use horn_replica::Replica;
+
+struct Daemon {
+    child: Child,
+    addr: String,
+}
+
+impl Daemon {
+    fn start(dir: &Path, extra: &[&str]) -> Result<Daemon, String> {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_hornd"));
+        cmd.args(["replica", "--dir"]).arg(dir).args(extra);
+        if !extra.contains(&"--listen") {
+            cmd.args(["--listen", "127.0.0.1:0"]);
+        }
+        let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.as_mut().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        match line.rsplit_once(" on ") {
+            Some((_, addr)) => Ok(Daemon {
+                child,
+                addr: addr.trim().to_string(),
+            }),
+            None => {
+                let out = child.wait_with_output().unwrap();
+                Err(String::from_utf8_lossy(&out.stderr).into_owned())
+            }
+        }
+    }
+
+    fn client(&self) -> BlockingClient {
+        BlockingClient::connect(&self.addr, Duration::from_secs(10)).unwrap()
+    }
+
+    fn signal(&self, sig: i32) {
+        // SAFETY: kill takes no pointers; the pid is our child's.
+        assert_eq!(unsafe { libc::kill(self.child.id() as i32, sig) }, 0);
+    }
+}
+
+#[test]
+fn serves_the_data_wire_and_stops_cleanly_on_sigterm() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("r");
+    let d = Daemon::start(&dir, &["--size", "8M"]).unwrap();
+    let mut c = d.client();
+    let (h, _) = c.write(1, 4096, &[7u8; 8192], 0).unwrap();
+    assert_eq!(h.status, Status::Ok);
+    let (h, p) = c.read(2, 4096, 8192, 0).unwrap();
+    assert_eq!(h.status, Status::Ok);
+    assert!(p.iter().all(|&b| b == 7));
+    assert_eq!(
+        c.call(&Header::request(Op::Ping, 3, 0, 0, 0), &[]).unwrap().0.id,
+        3
+    );
+
+    d.signal(libc::SIGTERM);
+    let out = d.child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("closed cleanly"));
+    assert!(c.closed());
+    let mut r = Replica::open(&dir).unwrap();
+    let mut b = vec![0u8; 8192];
+    r.read_at(4096, &mut b).unwrap();
+    assert!(b.iter().all(|&x| x == 7));
+}
+
+#[test]
+fn a_replica_killed_mid_stream_reopens_with_its_flushed_writes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("r");
+    let mut d = Daemon::start(&dir, &["--size", "8M"]).unwrap();
+    let mut c = d.client();
+    for i in 0..64u64 {
+        c.write(i, i * 4096, &[i as u8 + 1; 4096], 0).unwrap();
+    }
+    assert_eq!(
+        c.call(&Header::request(Op::Flush, 99, 0, 0, 0), &[])
+            .unwrap()
+            .0
+            .status,
+        Status::Ok
+    );
+    // More writes in flight when it dies.
+    for i in 0..64u64 {
+        c.send(
+            &Header::request(Op::Write, 100 + i, (64 + i) * 4096, 4096, 0),
+            &[0xee; 4096],
+        )
+        .unwrap();
+    }
+    d.signal(libc::SIGKILL);
+    d.child.wait().unwrap();
+
+    let d2 = Daemon::start(&dir, &[]).unwrap();
+    let mut c = d2.client();
+    for i in 0..64u64 {
+        let (h, p) = c.read(i, i * 4096, 4096, 0).unwrap();
+        assert_eq!(h.status, Status::Ok);
+        assert!(p.iter().all(|&b| b == i as u8 + 1), "flushed block {i} lost");
+    }
+    d2.signal(libc::SIGTERM);
+}
+
+#[test]
+fn a_second_server_on_the_same_replica_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("r");
+    let d = Daemon::start(&dir, &["--size", "8M"]).unwrap();
+    let err = Daemon::start(&dir, &[]).err().expect("a second server started");
+    assert!(err.contains("in use by another process"), "{err}");
+    d.signal(libc::SIGTERM);
+}
+
+#[test]
+fn a_missing_replica_or_a_bad_address_is_a_clear_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let err = Daemon::start(&tmp.path().join("none"), &[]).err().unwrap();
+    assert!(err.contains("not a Horn replica"), "{err}");
+    let err = Daemon::start(
+        &tmp.path().join("r"),
+        &["--size", "8M", "--listen", "256.0.0.1:1"],
+    )
+    .err()
+    .unwrap();
+    assert!(err.contains("cannot listen on 256.0.0.1:1"), "{err}");
+}
