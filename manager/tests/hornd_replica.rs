@@ -7,12 +7,17 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use horn_proto::client::BlockingClient;
+use horn_proto::control::replica_control_client::ReplicaControlClient;
+use horn_proto::control::{
+    ClaimRequest, InfoRequest, Mode, ReleaseRequest, RevertRequest, SetModeRequest, SnapshotRequest,
+};
 use horn_proto::wire::{Header, Op, Status};
 use horn_replica::Replica;
 
 struct Daemon {
     child: Child,
     addr: String,
+    control: String,
 }
 
 impl Daemon {
@@ -22,15 +27,23 @@ impl Daemon {
         if !extra.contains(&"--listen") {
             cmd.args(["--listen", "127.0.0.1:0"]);
         }
+        if !extra.contains(&"--control") {
+            cmd.args(["--control", "127.0.0.1:0"]);
+        }
         let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
         let mut line = String::new();
         BufReader::new(child.stdout.as_mut().unwrap())
             .read_line(&mut line)
             .unwrap();
-        match line.rsplit_once(" on ") {
-            Some((_, addr)) => Ok(Daemon {
+        // "hornd replica: serving DIR on DATA, control on CONTROL"
+        let addrs = line
+            .split_once(" on ")
+            .and_then(|(_, rest)| rest.trim().split_once(", control on "));
+        match addrs {
+            Some((addr, control)) => Ok(Daemon {
                 child,
-                addr: addr.trim().to_string(),
+                addr: addr.to_string(),
+                control: format!("http://{control}"),
             }),
             None => {
                 let out = child.wait_with_output().unwrap();
@@ -135,4 +148,110 @@ fn a_missing_replica_or_a_bad_address_is_a_clear_error() {
     .err()
     .unwrap();
     assert!(err.contains("cannot listen on 256.0.0.1:1"), "{err}");
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn the_control_service_claims_fences_snapshots_and_switches_modes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = Daemon::start(&tmp.path().join("r"), &["--size", "8M"]).unwrap();
+    let mut ctl = ReplicaControlClient::connect(d.control.clone()).await.unwrap();
+
+    let info = ctl
+        .claim(ClaimRequest { generation: 3 })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((info.generation, info.dirty, info.size), (3, true, 8 << 20));
+    assert_eq!(info.mode, Mode::Rw as i32);
+
+    let addr = d.addr.clone();
+    let data = tokio::task::spawn_blocking(move || {
+        let mut c = BlockingClient::connect(&addr, Duration::from_secs(10)).unwrap();
+        let stale = c.write(1, 0, &[1u8; 4096], 2).unwrap().0.status;
+        let ok = c.write(2, 0, &[1u8; 4096], 3).unwrap().0.status;
+        (stale, ok, c)
+    })
+    .await
+    .unwrap();
+    assert_eq!((data.0, data.1), (Status::StaleGeneration, Status::Ok));
+    let mut c = data.2;
+
+    let snap = SnapshotRequest {
+        generation: 3,
+        name: "s1".into(),
+        labels: [("why".to_string(), "test".to_string())].into(),
+    };
+    let info = ctl.snapshot(snap).await.unwrap().into_inner();
+    assert_eq!(info.layers.len(), 2);
+    assert_eq!(info.layers[0].name, "s1");
+    assert_eq!(info.layers[0].labels["why"], "test");
+
+    // Write-only: writes go on, reads are refused.
+    ctl.set_mode(SetModeRequest {
+        generation: 3,
+        mode: Mode::Wo as i32,
+    })
+    .await
+    .unwrap();
+    let (w, r) = tokio::task::spawn_blocking(move || {
+        let w = c.write(3, 0, &[2u8; 4096], 3).unwrap().0.status;
+        let r = c.read(4, 0, 4096, 3).unwrap();
+        (w, r)
+    })
+    .await
+    .unwrap();
+    assert_eq!(w, Status::Ok);
+    assert_eq!(r.0.status, Status::Unavailable);
+    assert!(String::from_utf8_lossy(&r.1).contains("write-only"));
+    ctl.set_mode(SetModeRequest {
+        generation: 3,
+        mode: Mode::Rw as i32,
+    })
+    .await
+    .unwrap();
+
+    // Errors come back with the right codes and the store's words.
+    let bad = ctl
+        .snapshot(SnapshotRequest {
+            generation: 3,
+            name: "no/slash".into(),
+            labels: Default::default(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), tonic::Code::InvalidArgument);
+    assert!(
+        bad.message().contains("invalid snapshot name"),
+        "{}",
+        bad.message()
+    );
+    let missing = ctl
+        .revert(RevertRequest {
+            generation: 3,
+            name: "nope".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), tonic::Code::NotFound);
+    let stale = ctl.claim(ClaimRequest { generation: 2 }).await.unwrap_err();
+    assert_eq!(stale.code(), tonic::Code::FailedPrecondition);
+    assert!(stale.message().contains("older"), "{}", stale.message());
+    let bad_mode = ctl
+        .set_mode(SetModeRequest {
+            generation: 3,
+            mode: 9,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad_mode.code(), tonic::Code::InvalidArgument);
+
+    let info = ctl
+        .release(ReleaseRequest { generation: 3 })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!info.dirty);
+    let info = ctl.info(InfoRequest {}).await.unwrap().into_inner();
+    assert_eq!((info.generation, info.dirty), (3, false));
+    d.signal(libc::SIGTERM);
 }

@@ -12,9 +12,14 @@
 //! - the data path: reads, writes, flush, discard and write-zeroes through the replica's
 //!   own io_uring ([`Replica::submit_read`] and friends, or the blocking `*_at` methods).
 //!
-//! What it must never do: talk to the network, know about other replicas, or let a
-//! read return bytes that no sequence of acknowledged operations wrote. Serving a
-//! replica over the wire is `hornd replica`'s job; replication is the engine's.
+//! - serving one replica: the data wire ([`server`], on the replica's own ring) and
+//!   the gRPC control service ([`control`], run on the data loop's thread).
+//!
+//! What it must never do: know about other replicas, or let a read return bytes that
+//! no sequence of acknowledged operations wrote. Replication is the engine's job.
+//!
+//! Crates beyond the brief's list: `crc32c` (checksums of metadata records), `tokio`
+//! (the runtime tonic's control service needs).
 //!
 //! ```no_run
 //! use horn_replica::Replica;
@@ -33,6 +38,7 @@
 
 pub mod buf;
 pub mod chain;
+pub mod control;
 pub mod crash;
 pub mod error;
 pub mod extent;

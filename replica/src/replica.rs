@@ -28,7 +28,7 @@ use crate::index::BlockIndex;
 use crate::io::{Completion, Op, Sqe};
 use crate::layer::LayerFile;
 use crate::meta::{self, layer_path, zeros_path, VolumeMeta, BLOCK_SIZE};
-use crate::state::EngineState;
+use crate::state::{EngineState, Mode};
 use crate::zeros::{self, ZeroLog};
 
 /// Largest single read or write.
@@ -281,6 +281,21 @@ impl Replica {
                 generation,
                 ..self.engine
             };
+            next.store(&self.dir)?;
+            self.engine = next;
+        }
+        Ok(())
+    }
+
+    /// Read-write, or write-only while being rebuilt.
+    pub fn mode(&self) -> Mode {
+        self.engine.mode
+    }
+
+    /// Sets the mode, durably.
+    pub fn set_mode(&mut self, mode: Mode) -> Result<()> {
+        if mode != self.engine.mode {
+            let next = EngineState { mode, ..self.engine };
             next.store(&self.dir)?;
             self.engine = next;
         }

@@ -457,6 +457,14 @@ impl DataServer {
                 ),
             );
         }
+        if h.op == Op::Read && self.replica.mode() == crate::state::Mode::Wo {
+            return self.reply_error(
+                id,
+                &h,
+                Status::Unavailable,
+                "the replica is write-only while it is rebuilt: read from another replica".into(),
+            );
+        }
         let (off, len) = (h.offset, h.length as u64);
         match h.op {
             Op::Ping => {

@@ -6,7 +6,9 @@
 //! generation is refused (the data wire answers its requests with "stale generation").
 //! The **dirty** flag is set while an engine holds the replica open and cleared on an
 //! orderly close: a dirty replica after a crash may differ from its peers where writes
-//! were in flight. Same encoding as `volume.json` (JSON line, CRC-32C line), replaced
+//! were in flight. The **mode** is `rw`, or `wo` while the replica is being rebuilt:
+//! it takes writes but refuses reads, because it may lack data its peers have; it is
+//! durable so a rebuilding replica that restarts still refuses reads. Same encoding as `volume.json` (JSON line, CRC-32C line), replaced
 //! atomically. A missing file means generation 0, clean.
 
 use std::path::Path;
@@ -19,6 +21,17 @@ use crate::meta::{verify_checksum, with_checksum, write_atomically};
 /// File name inside the replica directory.
 pub const STATE_FILE: &str = "engine.json";
 
+/// Whether the replica serves reads.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Reads and writes.
+    #[default]
+    Rw,
+    /// Writes only: being rebuilt, may lack data.
+    Wo,
+}
+
 /// The replica's engine-facing state.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EngineState {
@@ -26,6 +39,9 @@ pub struct EngineState {
     pub generation: u64,
     /// An engine holds the replica open (or crashed while it did).
     pub dirty: bool,
+    /// Read-write, or write-only while being rebuilt.
+    #[serde(default)]
+    pub mode: Mode,
 }
 
 impl EngineState {

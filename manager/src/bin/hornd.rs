@@ -1,6 +1,7 @@
 //! `hornd`: Horn's daemons, one per subcommand.
 //!
-//! `hornd replica` serves one replica directory on the data wire. (The engine, the
+//! `hornd replica` serves one replica directory: the data wire, and the gRPC control
+//! service (`proto/replica.proto`) on a separate address. (The engine, the
 //! manager and the CSI driver arrive as subcommands with their issues.)
 
 use std::net::TcpListener;
@@ -10,6 +11,8 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use horn_manager::format::{human_bytes, parse_size};
+use horn_proto::control::replica_control_server::ReplicaControlServer;
+use horn_replica::control::ControlService;
 use horn_replica::server::DataServer;
 use horn_replica::Replica;
 use nix::sys::signal::{SigSet, Signal};
@@ -31,6 +34,9 @@ enum Command {
         /// Address for the data wire.
         #[arg(long, default_value = "127.0.0.1:9500")]
         listen: String,
+        /// Address for the gRPC control service.
+        #[arg(long, default_value = "127.0.0.1:9501")]
+        control: String,
         /// Create the replica with this size if the directory holds none yet.
         #[arg(long, value_parser = parse_size)]
         size: Option<u64>,
@@ -40,7 +46,13 @@ enum Command {
     },
 }
 
-fn serve_replica(dir: PathBuf, listen: String, size: Option<u64>, sector_size: u32) -> Result<()> {
+fn serve_replica(
+    dir: PathBuf,
+    listen: String,
+    control: String,
+    size: Option<u64>,
+    sector_size: u32,
+) -> Result<()> {
     // Block the stop signals before any thread starts, so that only the waiter below
     // receives them.
     let mut stop_signals = SigSet::empty();
@@ -60,21 +72,73 @@ fn serve_replica(dir: PathBuf, listen: String, size: Option<u64>, sector_size: u
     .with_context(|| format!("cannot open replica {}", dir.display()))?;
     let listener = TcpListener::bind(&listen).with_context(|| format!("cannot listen on {listen}"))?;
     let addr = listener.local_addr()?;
+    let control_listener =
+        TcpListener::bind(&control).with_context(|| format!("cannot listen on {control} for control"))?;
+    let control_addr = control_listener.local_addr()?;
     let server = DataServer::new(replica, listener)?;
     let handle = server.handle();
+    let (shutdown_tx, shutdown_rx) = tokio::sync::oneshot::channel::<()>();
+    let grpc = spawn_control_service(control_listener, handle.clone(), shutdown_rx)?;
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
             if let Ok(sig) = stop_signals.wait() {
                 tracing::info!(signal = ?sig, "stopping");
             }
+            let _ = shutdown_tx.send(());
             handle.stop();
         })?;
     // Scripts wait for this line to know the replica is being served.
-    println!("hornd replica: serving {} on {addr}", dir.display());
+    println!(
+        "hornd replica: serving {} on {addr}, control on {control_addr}",
+        dir.display()
+    );
     server.run().context("the replica server failed")?;
+    if grpc.join().is_err() {
+        tracing::warn!("the control service thread panicked");
+    }
     println!("hornd replica: stopped; {} closed cleanly", dir.display());
     Ok(())
+}
+
+/// Runs the gRPC control service on its own tokio runtime thread until `shutdown`.
+fn spawn_control_service(
+    listener: TcpListener,
+    handle: horn_replica::server::ServerHandle,
+    shutdown: tokio::sync::oneshot::Receiver<()>,
+) -> Result<std::thread::JoinHandle<()>> {
+    listener.set_nonblocking(true)?;
+    let thread = std::thread::Builder::new()
+        .name("control".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot start the control service runtime");
+                    return;
+                }
+            };
+            rt.block_on(async move {
+                let incoming = match tokio::net::TcpListener::from_std(listener) {
+                    Ok(l) => tonic::transport::server::TcpIncoming::from(l),
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot use the control listener");
+                        return;
+                    }
+                };
+                let service = ReplicaControlServer::new(ControlService::new(handle));
+                let served = tonic::transport::Server::builder()
+                    .add_service(service)
+                    .serve_with_incoming_shutdown(incoming, async {
+                        let _ = shutdown.await;
+                    })
+                    .await;
+                if let Err(e) = served {
+                    tracing::error!(error = %e, "the control service failed");
+                }
+            });
+        })?;
+    Ok(thread)
 }
 
 fn main() -> ExitCode {
@@ -88,9 +152,10 @@ fn main() -> ExitCode {
         Command::Replica {
             dir,
             listen,
+            control,
             size,
             sector_size,
-        } => serve_replica(dir, listen, size, sector_size),
+        } => serve_replica(dir, listen, control, size, sector_size),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
