@@ -12,3 +12,4 @@
 #![warn(missing_docs)]
 
 pub mod replica_set;
+pub mod volume;

@@ -1,10 +1,11 @@
 //! `hornd replica` as a real process: serves the data wire, stops cleanly on SIGTERM,
 //! survives kill -9, refuses a second server on the same directory.
 
-use std::io::{BufRead, BufReader};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+mod common;
+
 use std::time::Duration;
+
+use common::Daemon;
 
 use horn_proto::client::BlockingClient;
 use horn_proto::control::replica_control_client::ReplicaControlClient;
@@ -14,59 +15,11 @@ use horn_proto::control::{
 use horn_proto::wire::{Header, Op, Status};
 use horn_replica::Replica;
 
-struct Daemon {
-    child: Child,
-    addr: String,
-    control: String,
-}
-
-impl Daemon {
-    fn start(dir: &Path, extra: &[&str]) -> Result<Daemon, String> {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_hornd"));
-        cmd.args(["replica", "--dir"]).arg(dir).args(extra);
-        if !extra.contains(&"--listen") {
-            cmd.args(["--listen", "127.0.0.1:0"]);
-        }
-        if !extra.contains(&"--control") {
-            cmd.args(["--control", "127.0.0.1:0"]);
-        }
-        let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.as_mut().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        // "hornd replica: serving DIR on DATA, control on CONTROL"
-        let addrs = line
-            .split_once(" on ")
-            .and_then(|(_, rest)| rest.trim().split_once(", control on "));
-        match addrs {
-            Some((addr, control)) => Ok(Daemon {
-                child,
-                addr: addr.to_string(),
-                control: format!("http://{control}"),
-            }),
-            None => {
-                let out = child.wait_with_output().unwrap();
-                Err(String::from_utf8_lossy(&out.stderr).into_owned())
-            }
-        }
-    }
-
-    fn client(&self) -> BlockingClient {
-        BlockingClient::connect(&self.addr, Duration::from_secs(10)).unwrap()
-    }
-
-    fn signal(&self, sig: i32) {
-        // SAFETY: kill takes no pointers; the pid is our child's.
-        assert_eq!(unsafe { libc::kill(self.child.id() as i32, sig) }, 0);
-    }
-}
-
 #[test]
 fn serves_the_data_wire_and_stops_cleanly_on_sigterm() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("r");
-    let d = Daemon::start(&dir, &["--size", "8M"]).unwrap();
+    let mut d = Daemon::start(&dir, &["--size", "8M"]).unwrap();
     let mut c = d.client();
     let (h, _) = c.write(1, 4096, &[7u8; 8192], 0).unwrap();
     assert_eq!(h.status, Status::Ok);
@@ -79,7 +32,7 @@ fn serves_the_data_wire_and_stops_cleanly_on_sigterm() {
     );
 
     d.signal(libc::SIGTERM);
-    let out = d.child.wait_with_output().unwrap();
+    let out = d.wait_output();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stdout).contains("closed cleanly"));
     assert!(c.closed());

@@ -1,0 +1,229 @@
+//! The engine against real replica processes (`hornd replica`) over real sockets:
+//! a verified write stream while a replica is killed, a hung replica, all replicas
+//! gone, an older engine fenced, a snapshot under writes.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::Daemon;
+use horn_engine::replica_set::{IoError, IoKind, Mode};
+use horn_engine::volume::{ReplicaAddr, Volume, VolumeCompletion, VolumeError};
+use horn_replica::{IoBuf, Replica};
+use rand::{rngs::SmallRng, Rng, SeedableRng};
+
+const SIZE: u64 = 32 << 20;
+const BLOCK: u64 = 4096;
+
+struct Cluster {
+    daemons: Vec<Daemon>,
+    dirs: Vec<PathBuf>,
+    _tmp: tempfile::TempDir,
+}
+
+impl Cluster {
+    fn start(n: usize) -> Cluster {
+        let tmp = tempfile::tempdir().unwrap();
+        let dirs: Vec<PathBuf> = (0..n).map(|i| tmp.path().join(format!("r{i}"))).collect();
+        let daemons = dirs
+            .iter()
+            .map(|d| Daemon::start(d, &["--size", "32M"]).unwrap())
+            .collect();
+        Cluster {
+            daemons,
+            dirs,
+            _tmp: tmp,
+        }
+    }
+
+    fn addrs(&self) -> Vec<ReplicaAddr> {
+        self.daemons
+            .iter()
+            .map(|d| ReplicaAddr {
+                data: d.addr.clone(),
+                control: d.control.trim_start_matches("http://").to_string(),
+                local: false,
+            })
+            .collect()
+    }
+
+    fn volume(&self, timeout: Duration) -> Volume {
+        let (v, report) = Volume::start(&self.addrs(), timeout).unwrap();
+        assert_eq!(report.used.len(), self.daemons.len(), "{report:?}");
+        v
+    }
+}
+
+/// Reads a stopped replica's directory and checks it against the model.
+fn verify_dir(dir: &Path, model: &BTreeMap<u64, u8>) {
+    let mut r = Replica::open(dir).unwrap();
+    let mut b = vec![0u8; BLOCK as usize];
+    for (&blk, &v) in model {
+        r.read_at(blk * BLOCK, &mut b).unwrap();
+        assert!(
+            b.iter().all(|&x| x == v),
+            "{}: block {blk} is {} not {v}",
+            dir.display(),
+            b[0]
+        );
+    }
+}
+
+/// Random 4 KiB writes at QD16, each block's bytes its version; returns the model.
+/// `during(i)` runs after the i-th completion.
+fn write_stream(v: &mut Volume, ios: usize, seed: u64, mut during: impl FnMut(usize)) -> BTreeMap<u64, u8> {
+    let mut rng = SmallRng::seed_from_u64(seed);
+    let mut model = BTreeMap::new();
+    let mut pending: BTreeMap<u64, (u64, u8)> = BTreeMap::new();
+    let mut out: Vec<VolumeCompletion> = Vec::new();
+    let (mut issued, mut done, mut tag) = (0, 0, 0u64);
+    while done < ios {
+        while issued < ios && pending.len() < 16 {
+            let blk = rng.gen_range(0..SIZE / BLOCK);
+            if pending.values().any(|&(b, _)| b == blk) {
+                continue;
+            }
+            let val = rng.gen_range(1..=255u8);
+            tag += 1;
+            pending.insert(tag, (blk, val));
+            v.submit(
+                IoKind::Write,
+                blk * BLOCK,
+                0,
+                Some(IoBuf::from_slice(&[val; BLOCK as usize])),
+                tag,
+            );
+            issued += 1;
+        }
+        out.clear();
+        v.reap(1, &mut out).unwrap();
+        for c in out.drain(..) {
+            let (blk, val) = pending.remove(&c.tag).unwrap();
+            if let Err(e) = c.result {
+                panic!("write to block {blk} failed: {e}");
+            }
+            model.insert(blk, val);
+            done += 1;
+            during(done);
+        }
+    }
+    model
+}
+
+#[test]
+fn a_replica_killed_during_a_verified_write_stream_costs_no_io_error() {
+    let mut cluster = Cluster::start(3);
+    let mut v = cluster.volume(Duration::from_secs(8));
+    let mut victim = Some(cluster.daemons.remove(1));
+    let victim_dir = cluster.dirs.remove(1);
+    let model = write_stream(&mut v, 3000, 1, |i| {
+        if i == 1000 {
+            let d = victim.take().unwrap();
+            d.signal(libc::SIGKILL);
+            drop(d);
+        }
+    });
+    v.flush().unwrap();
+    let modes: Vec<Mode> = v.replicas().into_iter().map(|(_, m)| m).collect();
+    assert_eq!(modes.iter().filter(|m| **m == Mode::Err).count(), 1, "{modes:?}");
+    // Every block reads back through the engine.
+    let mut b = vec![0u8; BLOCK as usize];
+    for (&blk, &val) in &model {
+        v.read_at(blk * BLOCK, &mut b).unwrap();
+        assert!(b.iter().all(|&x| x == val), "block {blk}");
+    }
+    v.close().unwrap();
+    // And from each surviving replica's files.
+    for (d, dir) in cluster.daemons.iter_mut().zip(&cluster.dirs) {
+        d.signal(libc::SIGTERM);
+        assert!(d.wait_output().status.success());
+        verify_dir(dir, &model);
+    }
+    drop(victim_dir);
+}
+
+#[test]
+fn a_hung_replica_is_dropped_after_the_timeout_and_io_goes_on() {
+    let cluster = Cluster::start(2);
+    let mut v = cluster.volume(Duration::from_millis(500));
+    v.write_at(0, &[1u8; 4096]).unwrap();
+    cluster.daemons[0].signal(libc::SIGSTOP);
+    let t = Instant::now();
+    v.write_at(4096, &[2u8; 4096]).unwrap();
+    let took = t.elapsed();
+    assert!(
+        took >= Duration::from_millis(400),
+        "the write waited for the timeout ({took:?})"
+    );
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    assert_eq!(v.replicas()[0].1, Mode::Err);
+    let mut b = vec![0u8; 4096];
+    v.read_at(4096, &mut b).unwrap();
+    assert_eq!(b, vec![2u8; 4096]);
+    cluster.daemons[0].signal(libc::SIGCONT);
+}
+
+#[test]
+fn with_every_replica_gone_io_fails_promptly_with_a_clear_error() {
+    let mut cluster = Cluster::start(2);
+    let mut v = cluster.volume(Duration::from_secs(8));
+    v.write_at(0, &[1u8; 4096]).unwrap();
+    for d in cluster.daemons.drain(..) {
+        d.signal(libc::SIGKILL);
+        drop(d);
+    }
+    let t = Instant::now();
+    let err = v.write_at(0, &[2u8; 4096]).unwrap_err();
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "failing took {:?}",
+        t.elapsed()
+    );
+    assert!(matches!(err, VolumeError::Io(IoError::NoHealthyReplica)), "{err}");
+    assert!(err.to_string().contains("no healthy replica"), "{err}");
+    let mut b = vec![0u8; 4096];
+    assert!(v.read_at(0, &mut b).is_err());
+}
+
+#[test]
+fn an_engine_with_an_older_generation_is_fenced() {
+    let cluster = Cluster::start(2);
+    let mut old = cluster.volume(Duration::from_secs(8));
+    old.write_at(0, &[1u8; 4096]).unwrap();
+    let mut new = cluster.volume(Duration::from_secs(8));
+    assert!(new.generation() > old.generation());
+    let err = old.write_at(0, &[9u8; 4096]).unwrap_err();
+    assert!(matches!(err, VolumeError::Io(IoError::Fenced)), "{err}");
+    let mut b = vec![0u8; 4096];
+    new.read_at(0, &mut b).unwrap();
+    assert_eq!(b, vec![1u8; 4096], "the fenced engine's write reached no replica");
+}
+
+#[test]
+fn a_snapshot_under_writes_holds_exactly_what_was_acknowledged_before_it() {
+    let mut cluster = Cluster::start(3);
+    let mut v = cluster.volume(Duration::from_secs(8));
+    let before = write_stream(&mut v, 500, 7, |_| {});
+    v.snapshot("snap-1").unwrap();
+    let after = write_stream(&mut v, 500, 8, |_| {});
+    v.close().unwrap();
+    for (d, dir) in cluster.daemons.iter_mut().zip(&cluster.dirs) {
+        d.signal(libc::SIGTERM);
+        d.wait_output();
+        let mut r = Replica::open(dir).unwrap();
+        let names: Vec<Option<String>> = r.info().unwrap().layers.into_iter().map(|l| l.name).collect();
+        assert_eq!(names, vec![Some("snap-1".to_string()), None], "{}", dir.display());
+        r.revert("snap-1").unwrap();
+        drop(r);
+        verify_dir(dir, &before);
+        // Blocks first written after the snapshot are zero in it.
+        let mut r = Replica::open(dir).unwrap();
+        let mut b = vec![0u8; BLOCK as usize];
+        for blk in after.keys().filter(|b| !before.contains_key(b)) {
+            r.read_at(blk * BLOCK, &mut b).unwrap();
+            assert!(b.iter().all(|&x| x == 0));
+        }
+    }
+}
