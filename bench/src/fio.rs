@@ -17,22 +17,43 @@ pub struct FioResult {
 /// One fio job on `file`: `rw` (randread, randwrite, read, write), block size in
 /// bytes, queue depth, runtime in seconds, over the first `size` bytes of the file.
 pub fn run(file: &Path, rw: &str, bs: u64, iodepth: u32, runtime: u64, size: u64) -> Result<FioResult> {
-    let out = Command::new("fio")
-        .args([
-            "--name=peer",
-            &format!("--filename={}", file.display()),
-            "--ioengine=io_uring",
-            "--direct=1",
-            &format!("--rw={rw}"),
-            &format!("--bs={bs}"),
-            &format!("--iodepth={iodepth}"),
-            &format!("--size={size}"),
-            &format!("--runtime={runtime}"),
-            "--time_based",
-            "--norandommap",
-            "--randrepeat=0",
-            "--output-format=json",
-        ])
+    run_many(&[file], rw, bs, iodepth, runtime, size)
+}
+
+/// One fio job per file, in parallel, sharing `total_depth` between them, reported
+/// together (IOPS summed, latency averaged): the peer of a write to N replicas.
+pub fn run_many(
+    files: &[&Path],
+    rw: &str,
+    bs: u64,
+    total_depth: u32,
+    runtime: u64,
+    size: u64,
+) -> Result<FioResult> {
+    let depth = total_depth.div_ceil(files.len() as u32).max(1);
+    let mut cmd = Command::new("fio");
+    cmd.args(["--group_reporting", "--output-format=json"]);
+    for (i, f) in files.iter().enumerate() {
+        cmd.arg(format!("--name=peer{i}"))
+            .arg(format!("--filename={}", f.display()))
+            .args([
+                "--ioengine=io_uring",
+                "--direct=1",
+                &format!("--rw={rw}"),
+                &format!("--bs={bs}"),
+                &format!("--iodepth={depth}"),
+                &format!("--size={size}"),
+                &format!("--runtime={runtime}"),
+                "--time_based",
+                "--norandommap",
+                "--randrepeat=0",
+            ]);
+    }
+    parse(cmd, rw)
+}
+
+fn parse(mut cmd: Command, rw: &str) -> Result<FioResult> {
+    let out = cmd
         .output()
         .context("cannot run fio (install it with scripts/install-deps)")?;
     if !out.status.success() {

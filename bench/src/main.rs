@@ -7,13 +7,18 @@
 //! - `horn-bench store`: the replica store driven in-process (4 KiB random read and
 //!   write at QD32 and QD1, 1 MiB sequential) against fio on a plain file; the extent
 //!   index's memory for two write patterns; opening and using long snapshot chains.
+//! - `horn-bench volume`: a volume through its engine with 1 and 3 replicas as
+//!   separate processes on loopback, against fio on plain files.
 //!
 //! Output: one JSON object per line with `--json`, a table otherwise. This crate
 //! depends on `rand` (random offsets) and `tempfile` (scratch directories); it must
 //! never be needed by anything that ships.
 
 mod fio;
+mod report;
 mod store;
+mod target;
+mod volume;
 
 use clap::{Parser, Subcommand};
 
@@ -33,10 +38,32 @@ enum Command {
     /// The replica store in-process against fio on a plain file, plus index memory
     /// and long chains.
     Store(store::StoreArgs),
+    /// A volume through its engine, replicas as processes on loopback, against fio.
+    Volume(volume::VolumeArgs),
+    /// Serves one replica (what `hornd replica` does); the volume benchmark starts
+    /// its replica processes with it.
+    #[command(hide = true)]
+    ServeReplica {
+        #[arg(long)]
+        dir: std::path::PathBuf,
+        #[arg(long)]
+        size: u64,
+        #[arg(long)]
+        listen: String,
+        #[arg(long)]
+        control: String,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Store(args) => store::run(args),
+        Command::Volume(args) => volume::run(args),
+        Command::ServeReplica {
+            dir,
+            size,
+            listen,
+            control,
+        } => horn_manager::daemon::serve_replica(dir, listen, control, Some(size), 512),
     }
 }

@@ -18,13 +18,15 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
-use horn_manager::format::{human_bytes, parse_size, table};
+use horn_manager::format::{human_bytes, parse_size};
 use horn_replica::index::{BlockIndex, CHUNK_BLOCKS};
-use horn_replica::{IoBuf, Replica};
+use horn_replica::Replica;
 use rand::{rngs::SmallRng, Rng, SeedableRng};
 use serde_json::{json, Value};
 
 use crate::fio;
+use crate::report::Report;
+use crate::target::{drive, fill, pattern_buf, WORKLOADS};
 
 const TIB: u64 = 1 << 40;
 const MIB: u64 = 1 << 20;
@@ -75,151 +77,6 @@ pub struct StoreArgs {
     fio_on_layer: bool,
 }
 
-struct Workload {
-    name: &'static str,
-    fio_rw: &'static str,
-    write: bool,
-    random: bool,
-    bs: u64,
-    qd: usize,
-}
-
-const WORKLOADS: &[Workload] = &[
-    Workload {
-        name: "randread-4k-qd32",
-        fio_rw: "randread",
-        write: false,
-        random: true,
-        bs: 4096,
-        qd: 32,
-    },
-    Workload {
-        name: "randwrite-4k-qd32",
-        fio_rw: "randwrite",
-        write: true,
-        random: true,
-        bs: 4096,
-        qd: 32,
-    },
-    Workload {
-        name: "randread-4k-qd1",
-        fio_rw: "randread",
-        write: false,
-        random: true,
-        bs: 4096,
-        qd: 1,
-    },
-    Workload {
-        name: "randwrite-4k-qd1",
-        fio_rw: "randwrite",
-        write: true,
-        random: true,
-        bs: 4096,
-        qd: 1,
-    },
-    Workload {
-        name: "read-1m-qd8",
-        fio_rw: "read",
-        write: false,
-        random: false,
-        bs: MIB,
-        qd: 8,
-    },
-    Workload {
-        name: "write-1m-qd8",
-        fio_rw: "write",
-        write: true,
-        random: false,
-        bs: MIB,
-        qd: 8,
-    },
-];
-
-/// Prints results as JSON lines or as a table at the end.
-struct Report {
-    json: bool,
-    rows: Vec<Value>,
-}
-
-impl Report {
-    fn emit(&mut self, v: Value) {
-        if self.json {
-            println!("{v}");
-        } else {
-            eprintln!("  done: {}", v["workload"]);
-        }
-        self.rows.push(v);
-    }
-
-    fn finish(&self) {
-        if self.json {
-            return;
-        }
-        let cell = |v: &Value, k: &str| match &v[k] {
-            Value::Null => "-".to_string(),
-            Value::Number(n) => {
-                let f = n.as_f64().unwrap_or(0.0);
-                if f.fract() == 0.0 {
-                    format!("{f:.0}")
-                } else {
-                    format!("{f:.2}")
-                }
-            }
-            other => other.to_string().trim_matches('"').to_string(),
-        };
-        let io: Vec<Vec<String>> = self
-            .rows
-            .iter()
-            .filter(|v| v["part"] == "io")
-            .map(|v| {
-                [
-                    "workload",
-                    "iops",
-                    "lat_us_mean",
-                    "peer_iops",
-                    "peer_lat_us_mean",
-                    "ratio",
-                ]
-                .iter()
-                .map(|k| cell(v, k))
-                .collect()
-            })
-            .collect();
-        if !io.is_empty() {
-            print!(
-                "{}",
-                table(
-                    &["WORKLOAD", "IOPS", "LAT_US", "FIO_IOPS", "FIO_LAT_US", "RATIO"],
-                    &io
-                )
-            );
-        }
-        let num = |v: &Value, k: &str| v[k].as_f64().unwrap_or(0.0);
-        for v in self.rows.iter().filter(|v| v["part"] == "index") {
-            println!(
-                "{}: index {} per TiB ({:.2} bytes per 4 KiB block) over {} layers; Longhorn v1: {} per TiB",
-                cell(v, "workload"),
-                human_bytes(num(v, "bytes_per_tib") as u64),
-                num(v, "bytes_per_4k_block"),
-                cell(v, "layers"),
-                human_bytes(num(v, "peer_bytes_per_tib") as u64),
-            );
-        }
-        for v in self.rows.iter().filter(|v| v["part"] == "chain") {
-            println!(
-                "{}: {} layers on a {} volume built in {} s, opened in {} ms, index {}, {} blocks verified",
-                cell(v, "workload"),
-                cell(v, "layers"),
-                human_bytes(num(v, "volume_bytes") as u64),
-                cell(v, "build_s"),
-                cell(v, "open_ms"),
-                human_bytes(num(v, "index_bytes") as u64),
-                cell(v, "blocks_verified"),
-            );
-        }
-    }
-}
-
 /// Runs the store benchmark.
 pub fn run(args: StoreArgs) -> Result<()> {
     let mut report = Report {
@@ -257,7 +114,7 @@ fn io_part(args: &StoreArgs, report: &mut Report) -> Result<()> {
         args.dir.display()
     );
     let mut r = Replica::create(scratch.path().join("replica"), size, 4096)?;
-    fill_replica(&mut r)?;
+    fill(&mut r)?;
     let plain = scratch.path().join("plain.img");
     fill_plain(&plain, size)?;
 
@@ -297,45 +154,13 @@ fn io_part(args: &StoreArgs, report: &mut Report) -> Result<()> {
     Ok(())
 }
 
-fn round2(x: f64) -> f64 {
+pub(crate) fn round2(x: f64) -> f64 {
     (x * 100.0).round() / 100.0
-}
-
-fn pattern_buf(len: u64, seed: u8) -> IoBuf {
-    let mut b = IoBuf::zeroed(len as usize);
-    for (i, x) in b.as_mut_slice().iter_mut().enumerate() {
-        *x = (i as u8).wrapping_mul(31).wrapping_add(seed) | 1;
-    }
-    b
-}
-
-/// Writes the whole replica sequentially in 1 MiB writes at QD8, then flushes.
-fn fill_replica(r: &mut Replica) -> Result<()> {
-    let size = r.size();
-    let mut next = 0u64;
-    let mut out = Vec::new();
-    let mut free: Vec<IoBuf> = (0..8).map(|i| pattern_buf(MIB, i)).collect();
-    while next < size || r.in_flight() > 0 {
-        while next < size {
-            let Some(buf) = free.pop() else { break };
-            r.submit_write(next, buf, next);
-            next += MIB;
-        }
-        out.clear();
-        r.reap(1, &mut out)?;
-        for c in out.drain(..) {
-            c.result
-                .with_context(|| format!("filling the replica at offset {}", c.tag))?;
-            free.push(c.buf.expect("writes return their buffer"));
-        }
-    }
-    r.flush()?;
-    Ok(())
 }
 
 /// Fills fio's file with O_DIRECT writes, as the replica is filled: buffered writes
 /// would leave cached pages that every later O_DIRECT write has to invalidate.
-fn fill_plain(path: &Path, size: u64) -> Result<()> {
+pub(crate) fn fill_plain(path: &Path, size: u64) -> Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
     let mut f = OpenOptions::new()
         .write(true)
@@ -350,60 +175,6 @@ fn fill_plain(path: &Path, size: u64) -> Result<()> {
     }
     f.sync_all()?;
     Ok(())
-}
-
-/// Keeps `w.qd` I/Os in flight for `runtime`; returns IOPS and mean latency in µs.
-fn drive(r: &mut Replica, w: &Workload, runtime: Duration) -> Result<(f64, f64)> {
-    let blocks = r.size() / w.bs;
-    let mut rng = SmallRng::seed_from_u64(42);
-    let mut seq = 0u64;
-    let mut next_offset = |rng: &mut SmallRng| {
-        if w.random {
-            rng.gen_range(0..blocks) * w.bs
-        } else {
-            seq = (seq + 1) % blocks;
-            seq * w.bs
-        }
-    };
-    let mut started = vec![Instant::now(); w.qd];
-    let submit = |r: &mut Replica, slot: usize, buf: IoBuf, off: u64| {
-        if w.write {
-            r.submit_write(off, buf, slot as u64);
-        } else {
-            r.submit_read(off, buf, slot as u64);
-        }
-    };
-    let t0 = Instant::now();
-    for (slot, t) in started.iter_mut().enumerate() {
-        *t = Instant::now();
-        let off = next_offset(&mut rng);
-        submit(r, slot, pattern_buf(w.bs, slot as u8), off);
-    }
-    let (mut done, mut lat_sum) = (0u64, Duration::ZERO);
-    let mut out = Vec::with_capacity(w.qd);
-    let mut stopping = false;
-    while r.in_flight() > 0 {
-        out.clear();
-        r.reap(1, &mut out)?;
-        let now = Instant::now();
-        stopping |= now.duration_since(t0) >= runtime;
-        for c in out.drain(..) {
-            c.result.with_context(|| format!("{} failed", w.name))?;
-            let slot = c.tag as usize;
-            lat_sum += now.duration_since(started[slot]);
-            done += 1;
-            if !stopping {
-                started[slot] = Instant::now();
-                let off = next_offset(&mut rng);
-                submit(r, slot, c.buf.expect("buffers come back"), off);
-            }
-        }
-    }
-    let elapsed = t0.elapsed().as_secs_f64();
-    Ok((
-        done as f64 / elapsed,
-        lat_sum.as_secs_f64() * 1e6 / done.max(1) as f64,
-    ))
 }
 
 fn index_part(args: &StoreArgs, report: &mut Report) {

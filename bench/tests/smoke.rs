@@ -76,3 +76,47 @@ fn store_index_and_chain_parts_report_memory_and_open_time() {
     assert_eq!(rows[2]["layers"], 31);
     assert_eq!(rows[2]["verified"], true);
 }
+
+#[test]
+fn volume_benchmark_runs_the_engine_on_replica_processes_against_fio() {
+    if Command::new("fio").arg("--version").output().is_err() {
+        eprintln!(
+            "SKIPPED volume_benchmark_runs_the_engine_on_replica_processes_against_fio: fio is not installed"
+        );
+        return;
+    }
+    let scratch = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_horn-bench"))
+        .args([
+            "volume",
+            "--json",
+            "--replicas",
+            "2",
+            "--size",
+            "32M",
+            "--runtime",
+            "1",
+            "--dir",
+        ])
+        .arg(scratch.path())
+        .args(["--workloads", "randwrite-4k-qd32,randread-4k-qd1"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "horn-bench volume failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    for r in &rows {
+        assert_eq!(r["replicas"], 2);
+        for k in ["iops", "lat_us_mean", "peer_iops", "ratio"] {
+            assert!(r[k].as_f64().is_some_and(|v| v > 0.0), "{k} in {r}");
+        }
+    }
+}

@@ -227,3 +227,48 @@ fn a_snapshot_under_writes_holds_exactly_what_was_acknowledged_before_it() {
         }
     }
 }
+
+#[test]
+fn unreachable_mis_sized_and_behind_replicas_are_left_out_and_reported() {
+    let tmp = tempfile::tempdir().unwrap();
+    let good = Daemon::start(&tmp.path().join("good"), &["--size", "32M"]).unwrap();
+    let small = Daemon::start(&tmp.path().join("small"), &["--size", "16M"]).unwrap();
+    let addr = |d: &Daemon| ReplicaAddr {
+        data: d.addr.clone(),
+        control: d.control.trim_start_matches("http://").to_string(),
+        local: false,
+    };
+    let gone = ReplicaAddr {
+        data: "127.0.0.1:1".into(),
+        control: "127.0.0.1:1".into(),
+        local: false,
+    };
+    let (v, report) = Volume::start(&[addr(&good), gone, addr(&small)], Duration::from_secs(8)).unwrap();
+    assert_eq!(report.used, vec![good.addr.clone()]);
+    let why: Vec<&str> = report.skipped.iter().map(|(_, w)| w.as_str()).collect();
+    assert!(why[0].contains("unreachable"), "{why:?}");
+    assert!(why[1].contains("size"), "{why:?}");
+    drop(v);
+
+    // A replica left dirty by an engine that the others have since moved past is behind.
+    let behind = Daemon::start(&tmp.path().join("behind"), &["--size", "32M"]).unwrap();
+    let (v1, _) = Volume::start(&[addr(&good), addr(&behind)], Duration::from_secs(8)).unwrap();
+    drop(v1); // crashed: both stay dirty at generation 2
+    let (v2, _) = Volume::start(&[addr(&good)], Duration::from_secs(8)).unwrap();
+    drop(v2); // the good replica moves on to generation 3 without the other
+    let (_v3, report) = Volume::start(&[addr(&good), addr(&behind)], Duration::from_secs(8)).unwrap();
+    assert_eq!(report.used, vec![good.addr.clone()]);
+    assert!(report.skipped[0].1.contains("behind"), "{:?}", report.skipped);
+
+    let err = Volume::start(
+        &[ReplicaAddr {
+            data: "127.0.0.1:1".into(),
+            control: "127.0.0.1:1".into(),
+            local: false,
+        }],
+        Duration::from_secs(1),
+    )
+    .err()
+    .unwrap();
+    assert!(err.to_string().contains("no usable replica"), "{err}");
+}

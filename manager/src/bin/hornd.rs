@@ -4,18 +4,12 @@
 //! service (`proto/replica.proto`) on a separate address. (The engine, the
 //! manager and the CSI driver arrive as subcommands with their issues.)
 
-use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use horn_manager::format::{human_bytes, parse_size};
-use horn_proto::control::replica_control_server::ReplicaControlServer;
-use horn_replica::control::ControlService;
-use horn_replica::server::DataServer;
-use horn_replica::Replica;
-use nix::sys::signal::{SigSet, Signal};
+use horn_manager::daemon::serve_replica;
+use horn_manager::format::parse_size;
 
 #[derive(Parser)]
 #[command(name = "hornd", version, about = "Horn's daemons")]
@@ -44,101 +38,6 @@ enum Command {
         #[arg(long, default_value_t = 512)]
         sector_size: u32,
     },
-}
-
-fn serve_replica(
-    dir: PathBuf,
-    listen: String,
-    control: String,
-    size: Option<u64>,
-    sector_size: u32,
-) -> Result<()> {
-    // Block the stop signals before any thread starts, so that only the waiter below
-    // receives them.
-    let mut stop_signals = SigSet::empty();
-    stop_signals.add(Signal::SIGINT);
-    stop_signals.add(Signal::SIGTERM);
-    stop_signals
-        .thread_block()
-        .context("cannot block SIGINT/SIGTERM")?;
-
-    let replica = match size {
-        Some(size) if !dir.join(horn_replica::meta::META_FILE).exists() => {
-            tracing::info!(dir = %dir.display(), size = %human_bytes(size), "creating replica");
-            Replica::create(&dir, size, sector_size)
-        }
-        _ => Replica::open(&dir),
-    }
-    .with_context(|| format!("cannot open replica {}", dir.display()))?;
-    let listener = TcpListener::bind(&listen).with_context(|| format!("cannot listen on {listen}"))?;
-    let addr = listener.local_addr()?;
-    let control_listener =
-        TcpListener::bind(&control).with_context(|| format!("cannot listen on {control} for control"))?;
-    let control_addr = control_listener.local_addr()?;
-    let server = DataServer::new(replica, listener)?;
-    let handle = server.handle();
-    let (shutdown_tx, shutdown_rx) = tokio::sync::oneshot::channel::<()>();
-    let grpc = spawn_control_service(control_listener, handle.clone(), shutdown_rx)?;
-    std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || {
-            if let Ok(sig) = stop_signals.wait() {
-                tracing::info!(signal = ?sig, "stopping");
-            }
-            let _ = shutdown_tx.send(());
-            handle.stop();
-        })?;
-    // Scripts wait for this line to know the replica is being served.
-    println!(
-        "hornd replica: serving {} on {addr}, control on {control_addr}",
-        dir.display()
-    );
-    server.run().context("the replica server failed")?;
-    if grpc.join().is_err() {
-        tracing::warn!("the control service thread panicked");
-    }
-    println!("hornd replica: stopped; {} closed cleanly", dir.display());
-    Ok(())
-}
-
-/// Runs the gRPC control service on its own tokio runtime thread until `shutdown`.
-fn spawn_control_service(
-    listener: TcpListener,
-    handle: horn_replica::server::ServerHandle,
-    shutdown: tokio::sync::oneshot::Receiver<()>,
-) -> Result<std::thread::JoinHandle<()>> {
-    listener.set_nonblocking(true)?;
-    let thread = std::thread::Builder::new()
-        .name("control".into())
-        .spawn(move || {
-            let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-                Ok(rt) => rt,
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot start the control service runtime");
-                    return;
-                }
-            };
-            rt.block_on(async move {
-                let incoming = match tokio::net::TcpListener::from_std(listener) {
-                    Ok(l) => tonic::transport::server::TcpIncoming::from(l),
-                    Err(e) => {
-                        tracing::error!(error = %e, "cannot use the control listener");
-                        return;
-                    }
-                };
-                let service = ReplicaControlServer::new(ControlService::new(handle));
-                let served = tonic::transport::Server::builder()
-                    .add_service(service)
-                    .serve_with_incoming_shutdown(incoming, async {
-                        let _ = shutdown.await;
-                    })
-                    .await;
-                if let Err(e) = served {
-                    tracing::error!(error = %e, "the control service failed");
-                }
-            });
-        })?;
-    Ok(thread)
 }
 
 fn main() -> ExitCode {

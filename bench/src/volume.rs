@@ -1,0 +1,210 @@
+//! `horn-bench volume`: a volume through its engine, replicas as separate processes on
+//! loopback, against fio on plain files in the same run.
+//!
+//! For each replica count (`--replicas`, default 1 and 3): start that many replica
+//! processes (this binary's hidden `serve-replica`, the same code as `hornd replica`),
+//! start the engine in-process, fill the volume, then run each workload through the
+//! engine and the same job with fio. The peer of a read is fio on one plain file (a
+//! read goes to one replica); the peer of a write to N replicas is fio writing N plain
+//! files in parallel at the same total depth. All files live in `--dir`.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use horn_engine::volume::{ReplicaAddr, Volume};
+use horn_manager::format::{human_bytes, parse_size};
+use serde_json::json;
+
+use crate::fio;
+use crate::report::Report;
+use crate::store::{fill_plain, round2};
+use crate::target::{drive, fill, WORKLOADS};
+
+/// Arguments of `horn-bench volume`.
+#[derive(Debug, Args)]
+pub struct VolumeArgs {
+    /// Print one JSON object per result line.
+    #[arg(long)]
+    json: bool,
+    /// Directory for the replicas and fio's files (one filesystem).
+    #[arg(long, default_value = "/var/tmp")]
+    dir: PathBuf,
+    /// Volume size (and size of each of fio's files).
+    #[arg(long, default_value = "1G", value_parser = parse_size)]
+    size: u64,
+    /// Seconds per workload, for the engine and for fio alike.
+    #[arg(long, default_value_t = 10)]
+    runtime: u64,
+    /// Replica counts to measure.
+    #[arg(long, value_delimiter = ',', default_value = "1,3")]
+    replicas: Vec<usize>,
+    /// Only these workloads (names as printed), default all.
+    #[arg(long, value_delimiter = ',')]
+    workloads: Vec<String>,
+    /// Use these running replicas (`DATA,CONTROL`, as for `hornd replica --listen` and
+    /// `--control`; repeat) instead of starting replica processes. Their data is
+    /// overwritten.
+    #[arg(long = "replica")]
+    running: Vec<ReplicaAddr>,
+}
+
+/// A replica process, killed when dropped.
+struct ReplicaProcess {
+    child: Child,
+    addr: ReplicaAddr,
+}
+
+impl ReplicaProcess {
+    fn start(dir: &Path, size: u64) -> Result<ReplicaProcess> {
+        let exe = std::env::current_exe().context("cannot find horn-bench's own binary")?;
+        let mut child = Command::new(exe)
+            .args([
+                "serve-replica",
+                "--listen",
+                "127.0.0.1:0",
+                "--control",
+                "127.0.0.1:0",
+                "--size",
+            ])
+            .arg(size.to_string())
+            .arg("--dir")
+            .arg(dir)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("cannot start a replica process")?;
+        let mut line = String::new();
+        BufReader::new(child.stdout.as_mut().expect("piped")).read_line(&mut line)?;
+        let Some((data, control)) = line
+            .split_once(" on ")
+            .and_then(|(_, rest)| rest.trim().split_once(", control on "))
+        else {
+            bail!("the replica process did not start: {line:?}");
+        };
+        Ok(ReplicaProcess {
+            addr: ReplicaAddr {
+                data: data.to_string(),
+                control: control.to_string(),
+                local: false,
+            },
+            child,
+        })
+    }
+}
+
+impl Drop for ReplicaProcess {
+    fn drop(&mut self) {
+        // SAFETY: kill takes no pointers; the pid is our child's, reaped just after.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs the volume benchmark.
+pub fn run(args: VolumeArgs) -> Result<()> {
+    if !fio::available() {
+        bail!("fio is not installed: run scripts/install-deps (or apt-get install fio)");
+    }
+    let mut report = Report {
+        json: args.json,
+        rows: Vec::new(),
+    };
+    let counts = if args.running.is_empty() {
+        args.replicas.clone()
+    } else {
+        vec![args.running.len()]
+    };
+    for n in counts {
+        if n == 0 {
+            bail!("--replicas takes counts of at least 1");
+        }
+        let scratch = tempfile::Builder::new()
+            .prefix("horn-bench-volume-")
+            .tempdir_in(&args.dir)
+            .with_context(|| format!("cannot make a scratch directory in {}", args.dir.display()))?;
+        let replicas: Vec<ReplicaProcess> = if args.running.is_empty() {
+            eprintln!(
+                "starting {n} replica process(es) of {} in {}",
+                human_bytes(args.size),
+                args.dir.display()
+            );
+            (0..n)
+                .map(|i| ReplicaProcess::start(&scratch.path().join(format!("replica-{i}")), args.size))
+                .collect::<Result<_>>()?
+        } else {
+            Vec::new()
+        };
+        let addrs: Vec<ReplicaAddr> = if args.running.is_empty() {
+            replicas.iter().map(|r| r.addr.clone()).collect()
+        } else {
+            args.running.clone()
+        };
+        let (mut volume, started) = Volume::start(&addrs, Duration::from_secs(8))?;
+        if started.used.len() != n {
+            bail!(
+                "only {} of {n} replicas could be used: {:?}",
+                started.used.len(),
+                started.skipped
+            );
+        }
+        eprintln!(
+            "engine started: generation {}, {} on replicas {}",
+            started.generation,
+            human_bytes(started.size),
+            started.used.join(", ")
+        );
+        let size = volume.size().min(args.size);
+        eprintln!("filling the volume and {n} plain file(s)");
+        fill(&mut volume)?;
+        let plains: Vec<PathBuf> = (0..n)
+            .map(|i| scratch.path().join(format!("plain-{i}.img")))
+            .collect();
+        for p in &plains {
+            fill_plain(p, size)?;
+        }
+        let runtime = Duration::from_secs(args.runtime);
+        for w in WORKLOADS {
+            if !args.workloads.is_empty() && !args.workloads.iter().any(|x| x == w.name) {
+                continue;
+            }
+            let (iops, lat) = drive(&mut volume, w, runtime)?;
+            // A write to n replicas against fio writing n files at the same total depth,
+            // where that depth can be shared; otherwise one file at the same depth.
+            let (peer, peer_desc) = if w.write && n > 1 && w.qd >= n {
+                let files: Vec<&Path> = plains.iter().map(PathBuf::as_path).collect();
+                (
+                    fio::run_many(&files, w.fio_rw, w.bs, w.qd as u32, args.runtime, size)?,
+                    format!("fio writing {n} plain files in parallel at total depth {}", w.qd),
+                )
+            } else {
+                (
+                    fio::run(&plains[0], w.fio_rw, w.bs, w.qd as u32, args.runtime, size)?,
+                    "fio io_uring O_DIRECT on one plain file".to_string(),
+                )
+            };
+            report.emit(json!({
+                "bench": "volume",
+                "part": "io",
+                "workload": w.name,
+                "replicas": n,
+                "iops": iops.round(),
+                "lat_us_mean": round2(lat),
+                "peer": peer_desc,
+                "peer_iops": peer.iops.round(),
+                "peer_lat_us_mean": round2(peer.lat_us_mean),
+                "added_lat_us": round2(lat - peer.lat_us_mean),
+                "ratio": round2(iops / peer.iops),
+                "size_bytes": volume.size(),
+                "runtime_s": args.runtime,
+            }));
+        }
+        volume.close()?;
+        drop(replicas);
+    }
+    report.finish();
+    Ok(())
+}
