@@ -1,9 +1,10 @@
-//! Generates the control service's Rust code from `replica.proto` with protox, a
+//! Generates the control services' Rust code from `replica.proto` and `engine.proto` with protox, a
 //! protobuf compiler written in Rust, so that building Horn needs no `protoc`.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=replica.proto");
-    let fds = protox::compile(["replica.proto"], ["."])?;
+    println!("cargo:rerun-if-changed=engine.proto");
+    let fds = protox::compile(["replica.proto", "engine.proto"], ["."])?;
     tonic_prost_build::configure().compile_fds(fds)?;
     Ok(())
 }

@@ -11,5 +11,6 @@
 
 #![warn(missing_docs)]
 
+pub mod control;
 pub mod replica_set;
 pub mod volume;

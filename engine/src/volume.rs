@@ -21,7 +21,10 @@ use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 use horn_proto::control::replica_control_client::ReplicaControlClient;
-use horn_proto::control::{ClaimRequest, InfoRequest, ReleaseRequest, SnapshotRequest};
+use horn_proto::control::{
+    ClaimRequest, DeleteSnapshotRequest, InfoReply, InfoRequest, PurgeRequest, ReleaseRequest, RevertRequest,
+    SnapshotRequest,
+};
 use horn_proto::wire::{Header, Op, Status, HEADER_LEN, MAX_IO_LEN};
 use horn_replica::IoBuf;
 use io_uring::{opcode, types, IoUring};
@@ -77,6 +80,8 @@ pub enum VolumeError {
     Control {
         /// The replica's control address.
         replica: String,
+        /// The gRPC code it answered with.
+        code: tonic::Code,
         /// What it said.
         message: String,
     },
@@ -106,6 +111,26 @@ pub struct StartReport {
     pub used: Vec<String>,
     /// Replicas left out, and why.
     pub skipped: Vec<(String, String)>,
+}
+
+/// A chain operation run on every replica of the volume.
+#[derive(Debug, Clone)]
+pub enum ChainOp {
+    /// Read the chain (from one replica).
+    Info,
+    /// Take a snapshot.
+    Snapshot {
+        /// Its name.
+        name: String,
+        /// Its labels.
+        labels: std::collections::HashMap<String, String>,
+    },
+    /// Mark a snapshot deleted.
+    Delete(String),
+    /// Fold deleted snapshots away.
+    Purge,
+    /// Put a new head over a snapshot.
+    Revert(String),
 }
 
 /// A finished I/O.
@@ -183,6 +208,7 @@ pub struct Volume {
     set: ReplicaSet,
     conns: Vec<Conn>,
     controls: Vec<String>,
+    skipped: Vec<(String, String)>,
     slots: BTreeMap<IoId, Slot>,
     reqs: BTreeMap<ReqId, (IoId, usize)>,
     ready: VecDeque<VolumeCompletion>,
@@ -200,6 +226,7 @@ fn sys(op: &'static str) -> impl FnOnce(std::io::Error) -> VolumeError {
 fn control_err(replica: &str) -> impl FnOnce(tonic::Status) -> VolumeError + '_ {
     move |s| VolumeError::Control {
         replica: replica.to_string(),
+        code: s.code(),
         message: s.message().to_string(),
     }
 }
@@ -308,7 +335,7 @@ impl Volume {
             size,
             sector_size,
             used: conns.iter().map(|c| c.name.clone()).collect(),
-            skipped,
+            skipped: skipped.clone(),
         };
         let ring = IoUring::builder()
             .setup_single_issuer()
@@ -322,6 +349,7 @@ impl Volume {
             set: ReplicaSet::new(configs, timeout.as_nanos() as u64),
             conns,
             controls,
+            skipped,
             slots: BTreeMap::new(),
             reqs: BTreeMap::new(),
             ready: VecDeque::new(),
@@ -863,33 +891,73 @@ impl Volume {
         self.run_one(IoKind::Flush, 0, 0, None).map(|_| ())
     }
 
-    /// Takes snapshot `name` on every replica: waits for the I/O in flight, flushes,
-    /// then snapshots each replica still in the set. New I/O waits meanwhile (this
-    /// loop does nothing else).
-    pub fn snapshot(&mut self, name: &str) -> Result<()> {
-        self.flush()?;
+    /// Runs a chain operation on every replica still in the set and returns the first
+    /// one's view of the chain. Snapshot and revert first wait for the I/O in flight and
+    /// flush; new I/O waits meanwhile (this loop does nothing else).
+    pub fn chain_op(&mut self, op: ChainOp) -> Result<InfoReply> {
+        if matches!(op, ChainOp::Snapshot { .. } | ChainOp::Revert(_)) {
+            self.flush()?;
+        }
         let generation = self.generation;
+        let mut first = None;
         for (i, mode) in self.set.modes().into_iter().enumerate() {
             if mode == Mode::Err {
                 continue;
             }
             let control = self.controls[i].clone();
             let url = format!("http://{control}");
-            let req = SnapshotRequest {
-                generation,
-                name: name.to_string(),
-                labels: Default::default(),
-            };
-            self.runtime
-                .block_on(async {
+            let this_op = op.clone();
+            let info = self
+                .runtime
+                .block_on(async move {
                     let mut c = ReplicaControlClient::connect(url)
                         .await
                         .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
-                    c.snapshot(req).await
+                    let reply = match this_op {
+                        ChainOp::Info => c.info(InfoRequest {}).await?.into_inner(),
+                        ChainOp::Snapshot { name, labels } => c
+                            .snapshot(SnapshotRequest {
+                                generation,
+                                name,
+                                labels,
+                            })
+                            .await?
+                            .into_inner(),
+                        ChainOp::Delete(name) => c
+                            .delete_snapshot(DeleteSnapshotRequest { generation, name })
+                            .await?
+                            .into_inner(),
+                        ChainOp::Purge => {
+                            let p = c.purge(PurgeRequest { generation }).await?.into_inner();
+                            p.info.unwrap_or_default()
+                        }
+                        ChainOp::Revert(name) => {
+                            c.revert(RevertRequest { generation, name }).await?.into_inner()
+                        }
+                    };
+                    Ok::<_, tonic::Status>(reply)
                 })
                 .map_err(control_err(&control))?;
+            first.get_or_insert(info);
+            if matches!(op, ChainOp::Info) {
+                break;
+            }
         }
-        Ok(())
+        first.ok_or(VolumeError::Io(IoError::NoHealthyReplica))
+    }
+
+    /// Takes snapshot `name` on every replica (see [`Volume::chain_op`]).
+    pub fn snapshot(&mut self, name: &str) -> Result<()> {
+        self.chain_op(ChainOp::Snapshot {
+            name: name.to_string(),
+            labels: Default::default(),
+        })
+        .map(|_| ())
+    }
+
+    /// Replicas left out at start, and why.
+    pub fn skipped(&self) -> &[(String, String)] {
+        &self.skipped
     }
 
     /// Waits for all I/O, flushes, and releases the replicas (marks them clean).

@@ -3,9 +3,13 @@
 
 use std::net::TcpListener;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
+use horn_engine::control::{serve_commands, EngineControlService, EngineHandle};
+use horn_engine::volume::{ReplicaAddr, Volume};
 use horn_proto::control::replica_control_server::ReplicaControlServer;
+use horn_proto::engine_control::engine_control_server::EngineControlServer;
 use horn_replica::control::ControlService;
 use horn_replica::server::DataServer;
 use horn_replica::Replica;
@@ -48,7 +52,8 @@ pub fn serve_replica(
     let server = DataServer::new(replica, listener)?;
     let handle = server.handle();
     let (shutdown_tx, shutdown_rx) = tokio::sync::oneshot::channel::<()>();
-    let grpc = spawn_control_service(control_listener, handle.clone(), shutdown_rx)?;
+    let routes = tonic::service::Routes::new(ReplicaControlServer::new(ControlService::new(handle.clone())));
+    let grpc = spawn_control_service(control_listener, routes, shutdown_rx)?;
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
@@ -71,10 +76,64 @@ pub fn serve_replica(
     Ok(())
 }
 
-/// Runs the gRPC control service on its own tokio runtime thread until `shutdown`.
+/// Serves a volume's engine on `replicas` until SIGINT or SIGTERM: holds the volume
+/// open and serves the engine control service at `control`; on stop, flushes and
+/// releases the replicas. Prints `hornd engine: ...` lines once serving.
+pub fn serve_engine(replicas: Vec<ReplicaAddr>, control: String, timeout: Duration) -> Result<()> {
+    let stop_signals = block_stop_signals()?;
+    let (mut volume, report) = Volume::start(&replicas, timeout).context("cannot start the engine")?;
+    for (r, why) in &report.skipped {
+        tracing::warn!(replica = %r, reason = %why, "replica left out");
+    }
+    let listener =
+        TcpListener::bind(&control).with_context(|| format!("cannot listen on {control} for control"))?;
+    let control_addr = listener.local_addr()?;
+    let (handle, commands) = EngineHandle::new();
+    let (shutdown_tx, shutdown_rx) = tokio::sync::oneshot::channel::<()>();
+    let routes = tonic::service::Routes::new(EngineControlServer::new(EngineControlService::new(
+        handle.clone(),
+    )));
+    let grpc = spawn_control_service(listener, routes, shutdown_rx)?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            if let Ok(sig) = stop_signals.wait() {
+                tracing::info!(signal = ?sig, "stopping");
+            }
+            let _ = shutdown_tx.send(());
+            handle.stop();
+        })?;
+    println!(
+        "hornd engine: volume of {} on {} replicas (generation {}), control on {control_addr}",
+        human_bytes(report.size),
+        report.used.len(),
+        report.generation
+    );
+    serve_commands(&mut volume, &commands);
+    if grpc.join().is_err() {
+        tracing::warn!("the control service thread panicked");
+    }
+    volume.close().context("closing the volume")?;
+    println!("hornd engine: stopped; replicas flushed and released");
+    Ok(())
+}
+
+/// Blocks SIGINT and SIGTERM in this thread (and the threads it starts) and returns
+/// them for a waiter thread: only that thread then receives them.
+fn block_stop_signals() -> Result<SigSet> {
+    let mut stop_signals = SigSet::empty();
+    stop_signals.add(Signal::SIGINT);
+    stop_signals.add(Signal::SIGTERM);
+    stop_signals
+        .thread_block()
+        .context("cannot block SIGINT/SIGTERM")?;
+    Ok(stop_signals)
+}
+
+/// Runs a gRPC service on its own tokio runtime thread until `shutdown`.
 fn spawn_control_service(
     listener: TcpListener,
-    handle: horn_replica::server::ServerHandle,
+    routes: tonic::service::Routes,
     shutdown: tokio::sync::oneshot::Receiver<()>,
 ) -> Result<std::thread::JoinHandle<()>> {
     listener.set_nonblocking(true)?;
@@ -96,9 +155,8 @@ fn spawn_control_service(
                         return;
                     }
                 };
-                let service = ReplicaControlServer::new(ControlService::new(handle));
                 let served = tonic::transport::Server::builder()
-                    .add_service(service)
+                    .add_routes(routes)
                     .serve_with_incoming_shutdown(incoming, async {
                         let _ = shutdown.await;
                     })

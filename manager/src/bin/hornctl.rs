@@ -2,7 +2,8 @@
 //!
 //! `hornctl replica ...` manages replica directories on this machine directly (the
 //! replica must not be served by a running process meanwhile; the store's lock refuses
-//! it if it is). Tables for people, `--json` for scripts.
+//! it if it is). `hornctl engine ...` talks to a running engine's control service.
+//! Tables for people, `--json` for scripts.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -11,6 +12,11 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use horn_manager::format::{human_bytes, parse_size, table, utc_time};
+use horn_proto::engine_control::engine_control_client::EngineControlClient;
+use horn_proto::engine_control::{
+    EngineDeleteRequest, EngineInfoRequest, EnginePurgeRequest, EngineRevertRequest, EngineSnapshotRequest,
+    ListSnapshotsRequest, SnapshotList,
+};
 use horn_replica::{Extent, Replica};
 
 #[derive(Parser)]
@@ -29,6 +35,45 @@ enum Command {
     /// Work on a replica directory on this machine (offline).
     #[command(subcommand)]
     Replica(ReplicaCmd),
+    /// Ask a running engine (`hornd engine`) about its volume, or change its snapshots.
+    Engine {
+        /// The engine's control address (`hornd engine --control`).
+        #[arg(long, global = true, default_value = "127.0.0.1:9600")]
+        engine: String,
+        /// Print JSON instead of tables.
+        #[arg(long, global = true)]
+        json: bool,
+        #[command(subcommand)]
+        cmd: EngineCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum EngineCmd {
+    /// The volume's size, generation, and replicas with their modes.
+    Info,
+    /// Snapshot the volume on every replica (I/O is paused and flushed first).
+    Snapshot {
+        /// Snapshot name: 1-63 of A-Z a-z 0-9 . _ -
+        name: String,
+        /// A label KEY=VALUE; repeat for more.
+        #[arg(long = "label", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
+    },
+    /// List the volume's snapshots.
+    Snapshots,
+    /// Mark a snapshot deleted on every replica.
+    Delete {
+        /// Snapshot name.
+        name: String,
+    },
+    /// Fold deleted snapshots away on every replica.
+    Purge,
+    /// Discard the volume's head on every replica and start anew over NAME.
+    Revert {
+        /// Snapshot name.
+        name: String,
+    },
 }
 
 #[derive(Args)]
@@ -265,6 +310,134 @@ fn run(cmd: ReplicaCmd) -> Result<()> {
     Ok(())
 }
 
+fn print_snapshots(list: &SnapshotList, json: bool) -> Result<()> {
+    if json {
+        let rows: Vec<serde_json::Value> = list
+            .snapshots
+            .iter()
+            .map(|s| {
+                serde_json::json!({
+                    "name": s.name, "parent": s.parent, "created": s.created,
+                    "labels": s.labels, "removed": s.removed, "in_chain": s.in_chain,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string(&rows)?);
+        return Ok(());
+    }
+    let rows: Vec<Vec<String>> = list
+        .snapshots
+        .iter()
+        .map(|s| {
+            vec![
+                s.name.clone(),
+                if s.parent.is_empty() {
+                    "-".into()
+                } else {
+                    s.parent.clone()
+                },
+                utc_time(s.created),
+                match (s.removed, s.in_chain) {
+                    (true, _) => "deleted".into(),
+                    (false, true) => "active".into(),
+                    (false, false) => "branch".into(),
+                },
+                s.labels
+                    .iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect::<Vec<_>>()
+                    .join(","),
+            ]
+        })
+        .collect();
+    print!(
+        "{}",
+        table(&["NAME", "PARENT", "CREATED", "STATE", "LABELS"], &rows)
+    );
+    Ok(())
+}
+
+fn run_engine(addr: String, json: bool, cmd: EngineCmd) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let mut c = EngineControlClient::connect(format!("http://{addr}"))
+            .await
+            .with_context(|| format!("cannot reach the engine at {addr} (is `hornd engine` running?)"))?;
+        let status = |s: tonic::Status| anyhow::anyhow!("{}", s.message());
+        match cmd {
+            EngineCmd::Info => {
+                let info = c.info(EngineInfoRequest {}).await.map_err(status)?.into_inner();
+                if json {
+                    let replicas: Vec<serde_json::Value> = info
+                        .replicas
+                        .iter()
+                        .map(|r| serde_json::json!({"address": r.address, "mode": r.mode}))
+                        .collect();
+                    println!(
+                        "{}",
+                        serde_json::json!({
+                            "size": info.size, "sector_size": info.sector_size,
+                            "generation": info.generation, "replicas": replicas, "skipped": info.skipped,
+                        })
+                    );
+                    return Ok(());
+                }
+                println!(
+                    "volume {} ({} bytes), sector size {}, generation {}",
+                    human_bytes(info.size),
+                    info.size,
+                    info.sector_size,
+                    info.generation
+                );
+                let rows: Vec<Vec<String>> = info
+                    .replicas
+                    .iter()
+                    .map(|r| vec![r.address.clone(), r.mode.clone()])
+                    .collect();
+                print!("{}", table(&["REPLICA", "MODE"], &rows));
+                for s in &info.skipped {
+                    println!("left out at start: {s}");
+                }
+            }
+            EngineCmd::Snapshot { name, labels } => {
+                let req = EngineSnapshotRequest {
+                    name: name.clone(),
+                    labels: labels.into_iter().collect(),
+                };
+                c.snapshot(req).await.map_err(status)?;
+                println!("snapshot {name} taken on every replica");
+            }
+            EngineCmd::Snapshots => {
+                let list = c
+                    .list_snapshots(ListSnapshotsRequest {})
+                    .await
+                    .map_err(status)?
+                    .into_inner();
+                print_snapshots(&list, json)?;
+            }
+            EngineCmd::Delete { name } => {
+                c.delete_snapshot(EngineDeleteRequest { name: name.clone() })
+                    .await
+                    .map_err(status)?;
+                println!("snapshot {name} deleted; run `hornctl engine purge` to reclaim its space");
+            }
+            EngineCmd::Purge => {
+                let list = c.purge(EnginePurgeRequest {}).await.map_err(status)?.into_inner();
+                print_snapshots(&list, json)?;
+            }
+            EngineCmd::Revert { name } => {
+                c.revert(EngineRevertRequest { name: name.clone() })
+                    .await
+                    .map_err(status)?;
+                println!("reverted the volume to snapshot {name}");
+            }
+        }
+        Ok(())
+    })
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -275,6 +448,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Replica(cmd) => run(cmd),
+        Command::Engine { engine, json, cmd } => run_engine(engine, json, cmd),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,14 +1,16 @@
 //! `hornd`: Horn's daemons, one per subcommand.
 //!
 //! `hornd replica` serves one replica directory: the data wire, and the gRPC control
-//! service (`proto/replica.proto`) on a separate address. (The engine, the
+//! service (`proto/replica.proto`) on a separate address. `hornd engine` serves a
+//! volume's engine on its replicas, with the engine control service
+//! (`proto/engine.proto`). (The engine, the
 //! manager and the CSI driver arrive as subcommands with their issues.)
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use horn_manager::daemon::serve_replica;
+use horn_manager::daemon::{serve_engine, serve_replica};
 use horn_manager::format::parse_size;
 
 #[derive(Parser)]
@@ -38,6 +40,21 @@ enum Command {
         #[arg(long, default_value_t = 512)]
         sector_size: u32,
     },
+    /// Serve a volume's engine on its replicas until SIGINT or SIGTERM: claims them,
+    /// holds the volume open, and serves the engine control service (snapshots and
+    /// replica modes, for `hornctl engine`).
+    Engine {
+        /// A replica as DATA_ADDR,CONTROL_ADDR[,local] (its `hornd replica --listen`
+        /// and `--control`); repeat for each.
+        #[arg(long = "replica", required = true)]
+        replicas: Vec<horn_engine::volume::ReplicaAddr>,
+        /// Address for the engine control service.
+        #[arg(long, default_value = "127.0.0.1:9600")]
+        control: String,
+        /// Seconds a replica may leave a request unanswered before it is dropped.
+        #[arg(long, default_value_t = 8)]
+        timeout: u64,
+    },
 }
 
 fn main() -> ExitCode {
@@ -55,6 +72,11 @@ fn main() -> ExitCode {
             size,
             sector_size,
         } => serve_replica(dir, listen, control, size, sector_size),
+        Command::Engine {
+            replicas,
+            control,
+            timeout,
+        } => serve_engine(replicas, control, std::time::Duration::from_secs(timeout)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

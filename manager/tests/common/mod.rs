@@ -89,3 +89,55 @@ impl Drop for Daemon {
         let _ = self.child.wait();
     }
 }
+
+/// A running `hornd engine` on some replicas.
+pub struct EngineDaemon {
+    pub child: Child,
+    pub control: String,
+    pub first_line: String,
+}
+
+impl EngineDaemon {
+    /// Starts one on `replicas`, its control service on a port the kernel chooses.
+    pub fn start(replicas: &[&Daemon]) -> Result<EngineDaemon, String> {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_hornd"));
+        cmd.args(["engine", "--control", "127.0.0.1:0"]);
+        for r in replicas {
+            cmd.arg("--replica")
+                .arg(format!("{},{}", r.addr, r.control.trim_start_matches("http://")));
+        }
+        let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.as_mut().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        match line.rsplit_once("control on ") {
+            Some((_, addr)) => Ok(EngineDaemon {
+                child,
+                control: addr.trim().to_string(),
+                first_line: line.clone(),
+            }),
+            None => {
+                let out = child.wait_with_output().unwrap();
+                Err(String::from_utf8_lossy(&out.stderr).into_owned())
+            }
+        }
+    }
+
+    /// Runs `hornctl engine ARGS` against this engine.
+    pub fn hornctl(&self, args: &[&str]) -> std::process::Output {
+        Command::new(env!("CARGO_BIN_EXE_hornctl"))
+            .args(["engine", "--engine", &self.control])
+            .args(args)
+            .output()
+            .unwrap()
+    }
+}
+
+impl Drop for EngineDaemon {
+    fn drop(&mut self) {
+        // SAFETY: kill takes no pointers; the pid is our child's (reaped below).
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGKILL) };
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,181 @@
+//! The engine control service (gRPC, `proto/engine.proto`): the volume's replicas and
+//! their modes, and the snapshot chain operated across every replica.
+//!
+//! Calls arrive on a tokio thread and run on the engine's own thread, which owns the
+//! [`Volume`], through an [`EngineHandle`]: a closure and a reply channel per call.
+
+use std::sync::mpsc::{self, Receiver, Sender};
+
+use horn_proto::control::InfoReply;
+use horn_proto::engine_control::engine_control_server::EngineControl;
+use horn_proto::engine_control::{
+    EngineDeleteRequest, EngineInfo, EngineInfoRequest, EnginePurgeRequest, EngineRevertRequest,
+    EngineSnapshotRequest, ListSnapshotsRequest, ReplicaStatus, Snapshot, SnapshotList,
+};
+use tonic::{Request, Response, Status};
+
+use crate::replica_set::Mode;
+use crate::volume::{ChainOp, Volume, VolumeError};
+
+/// A call to run on the engine's thread.
+pub type EngineCommand = Box<dyn FnOnce(&mut Volume) + Send>;
+
+/// Sends calls to the engine's thread.
+#[derive(Clone)]
+pub struct EngineHandle {
+    tx: Sender<Option<EngineCommand>>,
+}
+
+impl EngineHandle {
+    /// A handle and the receiving end the engine's thread serves with [`serve_commands`].
+    pub fn new() -> (EngineHandle, Receiver<Option<EngineCommand>>) {
+        let (tx, rx) = mpsc::channel();
+        (EngineHandle { tx }, rx)
+    }
+
+    /// Runs `f` with the volume on the engine's thread and returns its result.
+    pub fn call<T: Send + 'static>(&self, f: impl FnOnce(&mut Volume) -> T + Send + 'static) -> Option<T> {
+        let (reply_tx, reply_rx) = mpsc::sync_channel(1);
+        self.tx
+            .send(Some(Box::new(move |v| {
+                let _ = reply_tx.send(f(v));
+            })))
+            .ok()?;
+        reply_rx.recv().ok()
+    }
+
+    /// Asks the engine's thread to stop serving.
+    pub fn stop(&self) {
+        let _ = self.tx.send(None);
+    }
+}
+
+/// Serves calls on this thread until [`EngineHandle::stop`].
+pub fn serve_commands(volume: &mut Volume, rx: &Receiver<Option<EngineCommand>>) {
+    while let Ok(Some(cmd)) = rx.recv() {
+        cmd(volume);
+    }
+}
+
+/// The gRPC service of one engine.
+pub struct EngineControlService {
+    handle: EngineHandle,
+}
+
+impl EngineControlService {
+    /// A service running its calls through `handle`.
+    pub fn new(handle: EngineHandle) -> Self {
+        EngineControlService { handle }
+    }
+
+    async fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Volume) -> Result<T, VolumeError> + Send + 'static,
+    ) -> Result<Response<T>, Status> {
+        let handle = self.handle.clone();
+        let out = tokio::task::spawn_blocking(move || handle.call(f))
+            .await
+            .map_err(|e| Status::internal(format!("engine call panicked: {e}")))?;
+        match out {
+            None => Err(Status::unavailable("the engine has stopped")),
+            Some(Ok(v)) => Ok(Response::new(v)),
+            Some(Err(e)) => Err(to_status(e)),
+        }
+    }
+}
+
+/// Maps an engine error to a gRPC status, keeping a replica's own code and words.
+fn to_status(e: VolumeError) -> Status {
+    match e {
+        VolumeError::Control {
+            replica,
+            code,
+            message,
+        } => Status::new(code, format!("replica {replica}: {message}")),
+        other => Status::unavailable(other.to_string()),
+    }
+}
+
+fn snapshots(info: InfoReply) -> SnapshotList {
+    SnapshotList {
+        snapshots: info
+            .layers
+            .into_iter()
+            .filter(|l| !l.name.is_empty())
+            .map(|l| Snapshot {
+                name: l.name,
+                parent: l.parent,
+                created: l.created,
+                labels: l.labels,
+                removed: l.removed,
+                in_chain: l.in_chain,
+            })
+            .collect(),
+    }
+}
+
+#[tonic::async_trait]
+impl EngineControl for EngineControlService {
+    async fn info(&self, _req: Request<EngineInfoRequest>) -> Result<Response<EngineInfo>, Status> {
+        self.run(|v| {
+            Ok(EngineInfo {
+                size: v.size(),
+                sector_size: v.sector_size(),
+                generation: v.generation(),
+                replicas: v
+                    .replicas()
+                    .into_iter()
+                    .map(|(address, mode)| ReplicaStatus {
+                        address,
+                        mode: match mode {
+                            Mode::Rw => "RW",
+                            Mode::Wo => "WO",
+                            Mode::Err => "ERR",
+                        }
+                        .into(),
+                    })
+                    .collect(),
+                skipped: v.skipped().iter().map(|(r, why)| format!("{r}: {why}")).collect(),
+            })
+        })
+        .await
+    }
+
+    async fn snapshot(&self, req: Request<EngineSnapshotRequest>) -> Result<Response<SnapshotList>, Status> {
+        let req = req.into_inner();
+        self.run(move |v| {
+            v.chain_op(ChainOp::Snapshot {
+                name: req.name,
+                labels: req.labels,
+            })
+            .map(snapshots)
+        })
+        .await
+    }
+
+    async fn list_snapshots(
+        &self,
+        _req: Request<ListSnapshotsRequest>,
+    ) -> Result<Response<SnapshotList>, Status> {
+        self.run(|v| v.chain_op(ChainOp::Info).map(snapshots)).await
+    }
+
+    async fn delete_snapshot(
+        &self,
+        req: Request<EngineDeleteRequest>,
+    ) -> Result<Response<SnapshotList>, Status> {
+        let name = req.into_inner().name;
+        self.run(move |v| v.chain_op(ChainOp::Delete(name)).map(snapshots))
+            .await
+    }
+
+    async fn purge(&self, _req: Request<EnginePurgeRequest>) -> Result<Response<SnapshotList>, Status> {
+        self.run(|v| v.chain_op(ChainOp::Purge).map(snapshots)).await
+    }
+
+    async fn revert(&self, req: Request<EngineRevertRequest>) -> Result<Response<SnapshotList>, Status> {
+        let name = req.into_inner().name;
+        self.run(move |v| v.chain_op(ChainOp::Revert(name)).map(snapshots))
+            .await
+    }
+}
