@@ -9,8 +9,8 @@ use std::sync::mpsc::{self, Receiver, Sender};
 use horn_proto::control::InfoReply;
 use horn_proto::engine_control::engine_control_server::EngineControl;
 use horn_proto::engine_control::{
-    EngineDeleteRequest, EngineInfo, EngineInfoRequest, EnginePurgeRequest, EngineRevertRequest,
-    EngineSnapshotRequest, ListSnapshotsRequest, ReplicaStatus, Snapshot, SnapshotList,
+    EngineDeleteRequest, EngineExpandRequest, EngineInfo, EngineInfoRequest, EnginePurgeRequest,
+    EngineRevertRequest, EngineSnapshotRequest, ListSnapshotsRequest, ReplicaStatus, Snapshot, SnapshotList,
 };
 use tonic::{Request, Response, Status};
 
@@ -92,7 +92,30 @@ fn to_status(e: VolumeError) -> Status {
             code,
             message,
         } => Status::new(code, format!("replica {replica}: {message}")),
+        VolumeError::BadRequest(why) => Status::invalid_argument(why),
         other => Status::unavailable(other.to_string()),
+    }
+}
+
+fn engine_info(v: &Volume) -> EngineInfo {
+    EngineInfo {
+        size: v.size(),
+        sector_size: v.sector_size(),
+        generation: v.generation(),
+        replicas: v
+            .replicas()
+            .into_iter()
+            .map(|(address, mode)| ReplicaStatus {
+                address,
+                mode: match mode {
+                    Mode::Rw => "RW",
+                    Mode::Wo => "WO",
+                    Mode::Err => "ERR",
+                }
+                .into(),
+            })
+            .collect(),
+        skipped: v.skipped().iter().map(|(r, why)| format!("{r}: {why}")).collect(),
     }
 }
 
@@ -117,26 +140,14 @@ fn snapshots(info: InfoReply) -> SnapshotList {
 #[tonic::async_trait]
 impl EngineControl for EngineControlService {
     async fn info(&self, _req: Request<EngineInfoRequest>) -> Result<Response<EngineInfo>, Status> {
-        self.run(|v| {
-            Ok(EngineInfo {
-                size: v.size(),
-                sector_size: v.sector_size(),
-                generation: v.generation(),
-                replicas: v
-                    .replicas()
-                    .into_iter()
-                    .map(|(address, mode)| ReplicaStatus {
-                        address,
-                        mode: match mode {
-                            Mode::Rw => "RW",
-                            Mode::Wo => "WO",
-                            Mode::Err => "ERR",
-                        }
-                        .into(),
-                    })
-                    .collect(),
-                skipped: v.skipped().iter().map(|(r, why)| format!("{r}: {why}")).collect(),
-            })
+        self.run(|v| Ok(engine_info(v))).await
+    }
+
+    async fn expand(&self, req: Request<EngineExpandRequest>) -> Result<Response<EngineInfo>, Status> {
+        let size = req.into_inner().size;
+        self.run(move |v| {
+            v.chain_op(ChainOp::Expand(size))?;
+            Ok(engine_info(v))
         })
         .await
     }

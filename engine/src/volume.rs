@@ -22,8 +22,8 @@ use std::time::{Duration, Instant};
 
 use horn_proto::control::replica_control_client::ReplicaControlClient;
 use horn_proto::control::{
-    ClaimRequest, DeleteSnapshotRequest, InfoReply, InfoRequest, PurgeRequest, ReleaseRequest, RevertRequest,
-    SnapshotRequest,
+    ClaimRequest, DeleteSnapshotRequest, ExpandRequest, InfoReply, InfoRequest, PurgeRequest, ReleaseRequest,
+    RevertRequest, SnapshotRequest,
 };
 use horn_proto::wire::{Header, Op, Status, HEADER_LEN, MAX_IO_LEN};
 use horn_replica::IoBuf;
@@ -131,6 +131,8 @@ pub enum ChainOp {
     Purge,
     /// Put a new head over a snapshot.
     Revert(String),
+    /// Grow the volume to this many bytes.
+    Expand(u64),
 }
 
 /// A finished I/O.
@@ -895,8 +897,19 @@ impl Volume {
     /// one's view of the chain. Snapshot and revert first wait for the I/O in flight and
     /// flush; new I/O waits meanwhile (this loop does nothing else).
     pub fn chain_op(&mut self, op: ChainOp) -> Result<InfoReply> {
-        if matches!(op, ChainOp::Snapshot { .. } | ChainOp::Revert(_)) {
+        if matches!(
+            op,
+            ChainOp::Snapshot { .. } | ChainOp::Revert(_) | ChainOp::Expand(_)
+        ) {
             self.flush()?;
+        }
+        if let ChainOp::Expand(size) = op {
+            if size < self.size {
+                return Err(VolumeError::BadRequest(format!(
+                    "cannot shrink the volume from {} to {size} bytes",
+                    self.size
+                )));
+            }
         }
         let generation = self.generation;
         let mut first = None;
@@ -934,6 +947,9 @@ impl Volume {
                         ChainOp::Revert(name) => {
                             c.revert(RevertRequest { generation, name }).await?.into_inner()
                         }
+                        ChainOp::Expand(size) => {
+                            c.expand(ExpandRequest { generation, size }).await?.into_inner()
+                        }
                     };
                     Ok::<_, tonic::Status>(reply)
                 })
@@ -943,7 +959,12 @@ impl Volume {
                 break;
             }
         }
-        first.ok_or(VolumeError::Io(IoError::NoHealthyReplica))
+        let first = first.ok_or(VolumeError::Io(IoError::NoHealthyReplica))?;
+        if let ChainOp::Expand(size) = op {
+            // Every replica in the set now has the new size: I/O may use it.
+            self.size = size;
+        }
+        Ok(first)
     }
 
     /// Takes snapshot `name` on every replica (see [`Volume::chain_op`]).

@@ -14,7 +14,7 @@ fn text(out: &std::process::Output) -> String {
 }
 
 #[test]
-fn hornctl_shows_the_engines_replicas_and_manages_snapshots_through_it() {
+fn hornctl_shows_the_engines_replicas_and_manages_snapshots_and_size_through_it() {
     let tmp = tempfile::tempdir().unwrap();
     let dirs = [tmp.path().join("a"), tmp.path().join("b")];
     let mut replicas: Vec<Daemon> = dirs
@@ -62,6 +62,13 @@ fn hornctl_shows_the_engines_replicas_and_manages_snapshots_through_it() {
         serde_json::json!([])
     );
 
+    let out = engine.hornctl(&["expand", "--size", "32M"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("32.0 MiB"), "{}", text(&out));
+    let out = engine.hornctl(&["expand", "--size", "8M"]);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("cannot shrink"), "{}", text(&out));
+
     // A clean stop releases the replicas: they are marked clean.
     // SAFETY: kill takes no pointers; the pid is our child's.
     unsafe { libc::kill(engine.child.id() as i32, libc::SIGTERM) };
@@ -72,6 +79,11 @@ fn hornctl_shows_the_engines_replicas_and_manages_snapshots_through_it() {
         r.wait_output();
         let state = EngineState::load(dir).unwrap();
         assert_eq!((state.generation, state.dirty), (1, false), "{}", dir.display());
+        assert_eq!(
+            horn_replica::Replica::open(dir).unwrap().size(),
+            32 << 20,
+            "expanded on every replica"
+        );
     }
 }
 

@@ -14,8 +14,8 @@ use clap::{Args, Parser, Subcommand};
 use horn_manager::format::{human_bytes, parse_size, table, utc_time};
 use horn_proto::engine_control::engine_control_client::EngineControlClient;
 use horn_proto::engine_control::{
-    EngineDeleteRequest, EngineInfoRequest, EnginePurgeRequest, EngineRevertRequest, EngineSnapshotRequest,
-    ListSnapshotsRequest, SnapshotList,
+    EngineDeleteRequest, EngineExpandRequest, EngineInfoRequest, EnginePurgeRequest, EngineRevertRequest,
+    EngineSnapshotRequest, ListSnapshotsRequest, SnapshotList,
 };
 use horn_replica::{Extent, Replica};
 
@@ -73,6 +73,12 @@ enum EngineCmd {
     Revert {
         /// Snapshot name.
         name: String,
+    },
+    /// Grow the volume on every replica.
+    Expand {
+        /// New size, e.g. 20G.
+        #[arg(long, value_parser = parse_size)]
+        size: u64,
     },
 }
 
@@ -432,6 +438,18 @@ fn run_engine(addr: String, json: bool, cmd: EngineCmd) -> Result<()> {
                     .await
                     .map_err(status)?;
                 println!("reverted the volume to snapshot {name}");
+            }
+            EngineCmd::Expand { size } => {
+                let info = c
+                    .expand(EngineExpandRequest { size })
+                    .await
+                    .map_err(status)?
+                    .into_inner();
+                println!(
+                    "volume expanded to {} ({} bytes)",
+                    human_bytes(info.size),
+                    info.size
+                );
             }
         }
         Ok(())
