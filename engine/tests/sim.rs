@@ -483,17 +483,22 @@ fn replication_rules_hold_under_seeded_faults() {
     }
 }
 
-/// The rules the simulation relies on, one by one.
-#[test]
-fn a_write_completes_only_when_every_replica_has_answered() {
-    let configs = (0..3)
+/// A set of `n` RW replicas with the default timeout.
+fn rw_set(n: usize) -> ReplicaSet {
+    let configs = (0..n)
         .map(|i| ReplicaConfig {
             name: format!("r{i}"),
             mode: Mode::Rw,
             local: false,
         })
         .collect();
-    let mut set = ReplicaSet::new(configs, TIMEOUT);
+    ReplicaSet::new(configs, TIMEOUT)
+}
+
+/// The rules the simulation relies on, one by one.
+#[test]
+fn a_write_completes_only_when_every_replica_has_answered() {
+    let mut set = rw_set(3);
     let io = set.submit(
         0,
         IoRequest {
@@ -523,14 +528,7 @@ fn a_write_completes_only_when_every_replica_has_answered() {
 
 #[test]
 fn a_write_acknowledged_only_by_replicas_that_failed_since_is_an_error() {
-    let configs = (0..2)
-        .map(|i| ReplicaConfig {
-            name: format!("r{i}"),
-            mode: Mode::Rw,
-            local: false,
-        })
-        .collect();
-    let mut set = ReplicaSet::new(configs, TIMEOUT);
+    let mut set = rw_set(2);
     let w = set.submit(
         0,
         IoRequest {

@@ -51,18 +51,8 @@ pub fn serve_replica(
     let control_addr = control_listener.local_addr()?;
     let server = DataServer::new(replica, listener)?;
     let handle = server.handle();
-    let (shutdown_tx, shutdown_rx) = tokio::sync::oneshot::channel::<()>();
     let routes = tonic::service::Routes::new(ReplicaControlServer::new(ControlService::new(handle.clone())));
-    let grpc = spawn_control_service(control_listener, routes, shutdown_rx)?;
-    std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || {
-            if let Ok(sig) = stop_signals.wait() {
-                tracing::info!(signal = ?sig, "stopping");
-            }
-            let _ = shutdown_tx.send(());
-            handle.stop();
-        })?;
+    let grpc = serve_control_until_signal(control_listener, routes, stop_signals, move || handle.stop())?;
     // Scripts wait for this line to know the replica is being served.
     println!(
         "hornd replica: serving {} on {addr}, control on {control_addr}",
@@ -89,20 +79,10 @@ pub fn serve_engine(replicas: Vec<ReplicaAddr>, control: String, timeout: Durati
         TcpListener::bind(&control).with_context(|| format!("cannot listen on {control} for control"))?;
     let control_addr = listener.local_addr()?;
     let (handle, commands) = EngineHandle::new();
-    let (shutdown_tx, shutdown_rx) = tokio::sync::oneshot::channel::<()>();
     let routes = tonic::service::Routes::new(EngineControlServer::new(EngineControlService::new(
         handle.clone(),
     )));
-    let grpc = spawn_control_service(listener, routes, shutdown_rx)?;
-    std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || {
-            if let Ok(sig) = stop_signals.wait() {
-                tracing::info!(signal = ?sig, "stopping");
-            }
-            let _ = shutdown_tx.send(());
-            handle.stop();
-        })?;
+    let grpc = serve_control_until_signal(listener, routes, stop_signals, move || handle.stop())?;
     println!(
         "hornd engine: volume of {} on {} replicas (generation {}), control on {control_addr}",
         human_bytes(report.size),
@@ -128,6 +108,28 @@ fn block_stop_signals() -> Result<SigSet> {
         .thread_block()
         .context("cannot block SIGINT/SIGTERM")?;
     Ok(stop_signals)
+}
+
+/// Serves `routes` on `listener` (its own thread) until one of `signals` arrives,
+/// then stops the service and calls `on_stop` (which stops the daemon's main loop).
+fn serve_control_until_signal(
+    listener: TcpListener,
+    routes: tonic::service::Routes,
+    signals: SigSet,
+    on_stop: impl FnOnce() + Send + 'static,
+) -> Result<std::thread::JoinHandle<()>> {
+    let (shutdown_tx, shutdown_rx) = tokio::sync::oneshot::channel::<()>();
+    let grpc = spawn_control_service(listener, routes, shutdown_rx)?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            if let Ok(sig) = signals.wait() {
+                tracing::info!(signal = ?sig, "stopping");
+            }
+            let _ = shutdown_tx.send(());
+            on_stop();
+        })?;
+    Ok(grpc)
 }
 
 /// Runs a gRPC service on its own tokio runtime thread until `shutdown`.

@@ -65,6 +65,16 @@ pub fn utc_time(secs: u64) -> String {
     )
 }
 
+/// How a snapshot stands, in one word: deleted (waiting for a purge), active (on the
+/// chain reads go through), or branch (kept after a revert).
+pub fn layer_state(removed: bool, in_chain: bool) -> &'static str {
+    match (removed, in_chain) {
+        (true, _) => "deleted",
+        (false, true) => "active",
+        (false, false) => "branch",
+    }
+}
+
 /// Renders rows as left-aligned columns under a header.
 pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();

@@ -11,7 +11,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
-use horn_manager::format::{human_bytes, parse_size, table, utc_time};
+use horn_manager::format::{human_bytes, layer_state, parse_size, table, utc_time};
 use horn_proto::engine_control::engine_control_client::EngineControlClient;
 use horn_proto::engine_control::{
     EngineDeleteRequest, EngineExpandRequest, EngineInfoRequest, EnginePurgeRequest, EngineRevertRequest,
@@ -229,11 +229,7 @@ fn run(cmd: ReplicaCmd) -> Result<()> {
                         l.name.clone().unwrap_or_else(|| "(head)".into()),
                         l.parent.clone().unwrap_or_else(|| "-".into()),
                         l.created.map(utc_time).unwrap_or_else(|| "-".into()),
-                        match (l.removed, l.in_chain) {
-                            (true, _) => "deleted".into(),
-                            (false, true) => "active".into(),
-                            (false, false) => "branch".into(),
-                        },
+                        layer_state(l.removed, l.in_chain).into(),
                         human_bytes(l.used_bytes),
                         l.labels
                             .iter()
@@ -343,11 +339,7 @@ fn print_snapshots(list: &SnapshotList, json: bool) -> Result<()> {
                     s.parent.clone()
                 },
                 utc_time(s.created),
-                match (s.removed, s.in_chain) {
-                    (true, _) => "deleted".into(),
-                    (false, true) => "active".into(),
-                    (false, false) => "branch".into(),
-                },
+                layer_state(s.removed, s.in_chain).into(),
                 s.labels
                     .iter()
                     .map(|(k, v)| format!("{k}={v}"))
