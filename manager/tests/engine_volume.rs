@@ -272,3 +272,70 @@ fn unreachable_mis_sized_and_behind_replicas_are_left_out_and_reported() {
     .unwrap();
     assert!(err.to_string().contains("no usable replica"), "{err}");
 }
+
+/// Unmounts a test filesystem when dropped.
+struct Mount(PathBuf);
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+#[test]
+fn a_replica_whose_disk_fails_is_dropped_and_io_goes_on() {
+    let tmp = tempfile::tempdir().unwrap();
+    let small = tmp.path().join("small");
+    std::fs::create_dir(&small).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=1M", "tmpfs"])
+        .arg(&small)
+        .output();
+    match mounted {
+        Ok(o) if o.status.success() => {}
+        other => {
+            eprintln!(
+                "SKIPPED a_replica_whose_disk_fails_is_dropped_and_io_goes_on: cannot mount a 1 MiB tmpfs \
+                 to fill up (needs root): {other:?}"
+            );
+            return;
+        }
+    }
+    let _mount = Mount(small.clone());
+    let dirs = [tmp.path().join("r0"), tmp.path().join("r1"), small.join("r2")];
+    let mut daemons: Vec<Daemon> = dirs
+        .iter()
+        .map(|d| Daemon::start(d, &["--size", "32M"]).unwrap())
+        .collect();
+    let addrs: Vec<ReplicaAddr> = daemons
+        .iter()
+        .map(|d| ReplicaAddr {
+            data: d.addr.clone(),
+            control: d.control.trim_start_matches("http://").to_string(),
+            local: false,
+        })
+        .collect();
+    let (mut v, _) = Volume::start(&addrs, Duration::from_secs(8)).unwrap();
+    // 1,500 random 4 KiB writes: the third replica's 1 MiB fills up after about 256.
+    let model = write_stream(&mut v, 1500, 3, |_| {});
+    let modes: Vec<Mode> = v.replicas().into_iter().map(|(_, m)| m).collect();
+    assert_eq!(
+        modes,
+        vec![Mode::Rw, Mode::Rw, Mode::Err],
+        "the full replica was dropped"
+    );
+    let mut b = vec![0u8; BLOCK as usize];
+    for (&blk, &val) in &model {
+        v.read_at(blk * BLOCK, &mut b).unwrap();
+        assert!(b.iter().all(|&x| x == val), "block {blk}");
+    }
+    v.close().unwrap();
+    for (d, dir) in daemons.iter_mut().zip(&dirs).take(2) {
+        d.signal(libc::SIGTERM);
+        d.wait_output();
+        verify_dir(dir, &model);
+    }
+}
