@@ -283,7 +283,7 @@ impl Volume {
         let mut conns = Vec::new();
         let mut configs = Vec::new();
         let mut controls = Vec::new();
-        for (r, _) in chosen {
+        for (r, info) in chosen {
             let url = format!("http://{}", r.control);
             let claimed = runtime.block_on(async {
                 let mut c = ReplicaControlClient::connect(url)
@@ -316,9 +316,11 @@ impl Volume {
                 raw_in_flight: 0,
                 closed: false,
             });
+            // A replica being rebuilt stays write-only: it may lack data its peers have.
+            let wo = info.mode == horn_proto::control::Mode::Wo as i32;
             configs.push(ReplicaConfig {
                 name: r.data.clone(),
-                mode: Mode::Rw,
+                mode: if wo { Mode::Wo } else { Mode::Rw },
                 local: r.local,
             });
             controls.push(r.control.clone());

@@ -569,3 +569,29 @@ fn a_write_acknowledged_only_by_replicas_that_failed_since_is_an_error() {
         result: Err(IoError::NoHealthyReplica)
     }));
 }
+
+#[test]
+fn reads_go_to_the_local_replica_first() {
+    let configs = (0..3)
+        .map(|i| ReplicaConfig {
+            name: format!("r{i}"),
+            mode: Mode::Rw,
+            local: i == 2,
+        })
+        .collect();
+    let mut set = ReplicaSet::new(configs, TIMEOUT);
+    for _ in 0..10 {
+        set.submit(
+            0,
+            IoRequest {
+                kind: IoKind::Read,
+                offset: 0,
+                len: 512,
+            },
+        );
+        match set.poll_action() {
+            Some(Action::Send { replica, .. }) => assert_eq!(replica, 2),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}

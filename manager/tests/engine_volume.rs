@@ -339,3 +339,43 @@ fn a_replica_whose_disk_fails_is_dropped_and_io_goes_on() {
         verify_dir(dir, &model);
     }
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_replica_left_write_only_joins_write_only_and_serves_no_reads() {
+    use horn_proto::control::replica_control_client::ReplicaControlClient;
+    use horn_proto::control::{Mode as WireMode, SetModeRequest};
+    let cluster = Cluster::start(2);
+    let mut ctl = ReplicaControlClient::connect(cluster.daemons[1].control.clone())
+        .await
+        .unwrap();
+    ctl.set_mode(SetModeRequest {
+        generation: 0,
+        mode: WireMode::Wo as i32,
+    })
+    .await
+    .unwrap();
+    let addrs = cluster.addrs();
+    tokio::task::spawn_blocking(move || {
+        let (mut v, _) = Volume::start(&addrs, Duration::from_secs(8)).unwrap();
+        assert_eq!(
+            v.replicas().into_iter().map(|(_, m)| m).collect::<Vec<_>>(),
+            vec![Mode::Rw, Mode::Wo]
+        );
+        // Writes reach both; every read is served (by the RW replica: the WO one refuses reads).
+        for i in 0..50u64 {
+            v.write_at(i * BLOCK, &[i as u8 + 1; BLOCK as usize]).unwrap();
+        }
+        let mut b = vec![0u8; BLOCK as usize];
+        for i in 0..50u64 {
+            v.read_at(i * BLOCK, &mut b).unwrap();
+            assert!(b.iter().all(|&x| x == i as u8 + 1));
+        }
+        assert_eq!(
+            v.replicas()[1].1,
+            Mode::Wo,
+            "no read went to the WO replica and failed it"
+        );
+    })
+    .await
+    .unwrap();
+}
