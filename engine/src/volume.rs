@@ -25,7 +25,7 @@ use horn_proto::control::{
     ClaimRequest, DeleteSnapshotRequest, ExpandRequest, InfoReply, InfoRequest, PurgeRequest, ReleaseRequest,
     RevertRequest, SnapshotRequest,
 };
-use horn_proto::wire::{Header, Op, Status, HEADER_LEN, MAX_IO_LEN};
+use horn_proto::wire::{frame_iovecs, Header, Op, Status, HEADER_LEN, MAX_IO_LEN};
 use horn_replica::IoBuf;
 use io_uring::{opcode, types, IoUring};
 
@@ -597,23 +597,7 @@ impl Volume {
         let Some(mut out) = conn.sending.take().or_else(|| conn.queue.pop_front()) else {
             return;
         };
-        let mut n = 0;
-        if out.sent < HEADER_LEN {
-            out.iov[0] = libc::iovec {
-                iov_base: out.header[out.sent..].as_ptr() as *mut libc::c_void,
-                iov_len: HEADER_LEN - out.sent,
-            };
-            n = 1;
-        }
-        let p_off = out.sent.saturating_sub(HEADER_LEN);
-        if p_off < out.len {
-            out.iov[n] = libc::iovec {
-                // SAFETY (arithmetic): p_off < len of the payload.
-                iov_base: unsafe { out.ptr.add(p_off) } as *mut libc::c_void,
-                iov_len: out.len - p_off,
-            };
-            n += 1;
-        }
+        let n = frame_iovecs(&out.header, (out.ptr, out.len), out.sent, &mut out.iov);
         let entry = opcode::Writev::new(types::Fd(conn.stream.as_raw_fd()), out.iov.as_ptr(), n as u32)
             .build()
             .user_data(TAG_SEND | c as u64);
@@ -680,12 +664,8 @@ impl Volume {
         if conn.closed {
             return Ok(());
         }
-        let (ptr, len, io) = match &mut conn.receiving {
-            Receiving::Header => (
-                conn.header[conn.filled..].as_mut_ptr(),
-                HEADER_LEN - conn.filled,
-                None,
-            ),
+        let (ptr, len) = match &mut conn.receiving {
+            Receiving::Header => (conn.header[conn.filled..].as_mut_ptr(), HEADER_LEN - conn.filled),
             Receiving::Data {
                 io, filled, header, ..
             } => {
@@ -694,13 +674,12 @@ impl Volume {
                 let buf = slot.buf.as_mut().expect("reads carry a buffer");
                 // SAFETY (arithmetic): filled < the reply's length = the buffer's length.
                 let p = unsafe { buf.as_mut_slice().as_mut_ptr().add(*filled) };
-                (p, header.length as usize - *filled, Some(*io))
+                (p, header.length as usize - *filled)
             }
             Receiving::Discard { bytes, filled, .. } => {
-                (bytes[*filled..].as_mut_ptr(), bytes.len() - *filled, None)
+                (bytes[*filled..].as_mut_ptr(), bytes.len() - *filled)
             }
         };
-        let _ = io;
         let entry = opcode::Recv::new(types::Fd(conn.stream.as_raw_fd()), ptr, len as u32)
             .build()
             .user_data(TAG_RECV | c as u64);

@@ -328,6 +328,37 @@ impl Header {
     }
 }
 
+/// Points `iov` at what is left to send of a message after `sent` bytes went out:
+/// the rest of the header, then the rest of the payload (`payload` as pointer and
+/// length). Returns how many of the two iovecs are in use. A partial send resumes with
+/// a second call.
+pub fn frame_iovecs(
+    header: &[u8; HEADER_LEN],
+    payload: (*const u8, usize),
+    sent: usize,
+    iov: &mut [libc::iovec; 2],
+) -> usize {
+    let mut n = 0;
+    if sent < HEADER_LEN {
+        iov[0] = libc::iovec {
+            iov_base: header[sent..].as_ptr() as *mut libc::c_void,
+            iov_len: HEADER_LEN - sent,
+        };
+        n = 1;
+    }
+    let (ptr, len) = payload;
+    let done = sent.saturating_sub(HEADER_LEN);
+    if done < len {
+        iov[n] = libc::iovec {
+            // Pointer arithmetic only: `done < len` keeps it inside the payload.
+            iov_base: ptr.wrapping_add(done) as *mut libc::c_void,
+            iov_len: len - done,
+        };
+        n += 1;
+    }
+    n
+}
+
 /// Splits the first message off a byte stream: `Ok(None)` while the header or its
 /// payload is incomplete, `Ok(Some((header, frame_len)))` once `buf` holds all of it.
 pub fn split_frame(buf: &[u8]) -> Result<Option<(Header, usize)>, WireError> {
@@ -392,6 +423,25 @@ mod tests {
         let wrap = Header::request(Op::Read, 1, u64::MAX - 10, 512, 1).encode();
         assert!(matches!(Header::decode(&wrap), Err(WireError::BadOffset { .. })));
         assert!(WireError::UnknownOp(0x7f).to_string().contains("unknown op"));
+    }
+
+    #[test]
+    fn frame_iovecs_resume_after_partial_sends() {
+        let header = [7u8; HEADER_LEN];
+        let payload = [9u8; 100];
+        let mut iov = [libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        }; 2];
+        let p = (payload.as_ptr(), payload.len());
+        assert_eq!(frame_iovecs(&header, p, 0, &mut iov), 2);
+        assert_eq!((iov[0].iov_len, iov[1].iov_len), (HEADER_LEN, 100));
+        assert_eq!(frame_iovecs(&header, p, 10, &mut iov), 2);
+        assert_eq!((iov[0].iov_len, iov[1].iov_len), (HEADER_LEN - 10, 100));
+        assert_eq!(frame_iovecs(&header, p, HEADER_LEN + 60, &mut iov), 1);
+        assert_eq!(iov[0].iov_len, 40);
+        assert_eq!(iov[0].iov_base as usize, payload.as_ptr() as usize + 60);
+        assert_eq!(frame_iovecs(&header, p, HEADER_LEN + 100, &mut iov), 0);
     }
 
     #[test]

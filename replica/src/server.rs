@@ -126,24 +126,9 @@ impl Outgoing {
 
     /// Points the iovecs at what is left to send; returns how many are in use.
     fn prepare(&mut self) -> u32 {
-        let mut n = 0;
-        if self.sent < HEADER_LEN {
-            self.iov[0] = libc::iovec {
-                iov_base: self.header[self.sent..].as_ptr() as *mut libc::c_void,
-                iov_len: HEADER_LEN - self.sent,
-            };
-            n = 1;
-        }
-        let p_off = self.sent.saturating_sub(HEADER_LEN);
         let p = self.payload();
-        if p_off < p.len() {
-            self.iov[n] = libc::iovec {
-                iov_base: p[p_off..].as_ptr() as *mut libc::c_void,
-                iov_len: p.len() - p_off,
-            };
-            n += 1;
-        }
-        n as u32
+        let payload = (p.as_ptr(), p.len());
+        horn_proto::wire::frame_iovecs(&self.header, payload, self.sent, &mut self.iov) as u32
     }
 }
 

@@ -1,5 +1,6 @@
 //! Helpers shared by the integration tests: `hornd replica` as a child process.
 
+// Each test binary uses some of these helpers, never all.
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader};
