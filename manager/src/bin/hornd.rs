@@ -22,7 +22,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Serve one replica directory over the data wire until SIGINT or SIGTERM.
+    /// Serve one replica directory (the data wire and its control service) until SIGINT
+    /// or SIGTERM.
     Replica {
         /// The replica directory.
         #[arg(long, default_value = "/var/lib/horn/replica")]
@@ -51,8 +52,8 @@ enum Command {
         /// Address for the engine control service.
         #[arg(long, default_value = "127.0.0.1:9600")]
         control: String,
-        /// Seconds a replica may leave a request unanswered before it is dropped.
-        #[arg(long, default_value_t = 8)]
+        /// Seconds a replica may leave a request unanswered before it is dropped (1 or more).
+        #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..))]
         timeout: u64,
     },
 }
