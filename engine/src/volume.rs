@@ -720,46 +720,11 @@ impl Volume {
                     None
                 } else {
                     conn.filled = 0;
-                    match Header::decode(&conn.header) {
-                        Ok(h) if h.reply => {
-                            let req = ReqId(h.id);
-                            let waiting = self.reqs.get(&req).map(|&(io, _)| io);
-                            match (h.payload_len(), waiting) {
-                                (0, _) => Some((req, h, Vec::new())),
-                                (len, Some(io)) if h.status == Status::Ok && h.op == Op::Read => {
-                                    let fits =
-                                        self.slots.get(&io).and_then(|s| s.buf.as_ref()).map(IoBuf::len)
-                                            == Some(len);
-                                    if fits {
-                                        conn.receiving = Receiving::Data {
-                                            req,
-                                            header: h,
-                                            io,
-                                            filled: 0,
-                                        };
-                                    } else {
-                                        conn.receiving = Receiving::Discard {
-                                            req,
-                                            header: h,
-                                            bytes: vec![0; len],
-                                            filled: 0,
-                                        };
-                                    }
-                                    None
-                                }
-                                (len, _) => {
-                                    conn.receiving = Receiving::Discard {
-                                        req,
-                                        header: h,
-                                        bytes: vec![0; len],
-                                        filled: 0,
-                                    };
-                                    None
-                                }
-                            }
-                        }
-                        Ok(_) | Err(_) => {
-                            let why = match Header::decode(&conn.header) {
+                    let decoded = Header::decode(&conn.header);
+                    match decoded {
+                        Ok(h) if h.reply => self.start_reply(c, h),
+                        other => {
+                            let why = match other {
                                 Err(e) => e.to_string(),
                                 Ok(_) => "it sent a request instead of a reply".into(),
                             };
@@ -804,6 +769,38 @@ impl Volume {
             self.on_reply(req, header, message);
         }
         self.post_recv(c)
+    }
+
+    /// A reply header has arrived: returns the reply if it has no payload, or sets the
+    /// connection to receive the payload (read data straight into the waiting I/O's
+    /// buffer; anything else, such as an error message or a reply nobody waits for,
+    /// into a scratch vector).
+    fn start_reply(&mut self, c: usize, h: Header) -> Option<(ReqId, Header, Vec<u8>)> {
+        let req = ReqId(h.id);
+        let len = h.payload_len();
+        if len == 0 {
+            return Some((req, h, Vec::new()));
+        }
+        let reader = self.reqs.get(&req).map(|&(io, _)| io).filter(|io| {
+            h.status == Status::Ok
+                && h.op == Op::Read
+                && self.slots.get(io).and_then(|s| s.buf.as_ref()).map(IoBuf::len) == Some(len)
+        });
+        self.conns[c].receiving = match reader {
+            Some(io) => Receiving::Data {
+                req,
+                header: h,
+                io,
+                filled: 0,
+            },
+            None => Receiving::Discard {
+                req,
+                header: h,
+                bytes: vec![0; len],
+                filled: 0,
+            },
+        };
+        None
     }
 
     fn on_reply(&mut self, req: ReqId, h: Header, message: Vec<u8>) {

@@ -27,14 +27,8 @@ pub fn serve_replica(
     size: Option<u64>,
     sector_size: u32,
 ) -> Result<()> {
-    // Block the stop signals before any thread starts, so that only the waiter below
-    // receives them.
-    let mut stop_signals = SigSet::empty();
-    stop_signals.add(Signal::SIGINT);
-    stop_signals.add(Signal::SIGTERM);
-    stop_signals
-        .thread_block()
-        .context("cannot block SIGINT/SIGTERM")?;
+    // Before any thread starts, so that only the signal waiter receives them.
+    let stop_signals = block_stop_signals()?;
 
     let replica = match size {
         Some(size) if !dir.join(horn_replica::meta::META_FILE).exists() => {

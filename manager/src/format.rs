@@ -75,6 +75,15 @@ pub fn layer_state(removed: bool, in_chain: bool) -> &'static str {
     }
 }
 
+/// Labels as `k=v,k2=v2`, in the map's order.
+pub fn labels<'a>(labels: impl IntoIterator<Item = (&'a String, &'a String)>) -> String {
+    labels
+        .into_iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// Renders rows as left-aligned columns under a header.
 pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();

@@ -101,18 +101,19 @@ impl Replica {
         if v == 0 {
             return Ok(());
         }
-        let block_start = b * BLOCK_SIZE;
-        let mut block = vec![0u8; BLOCK_SIZE as usize];
-        if v != self.head_value() {
-            self.read_blocking(block_start, &mut block)?;
-        } else {
-            // Only the zeroed bytes need writing: the rest of the head's block stays.
+        if v == self.head_value() {
+            // The head holds the block: zeroing the bytes asked for is enough.
             let head = self.head();
+            let zeros = vec![0u8; (to - from) as usize];
             return head
                 .buffered()?
-                .write_all_at(&block[..(to - from) as usize], from)
+                .write_all_at(&zeros, from)
                 .map_err(|e| ReplicaError::io("write", &head.path, e));
         }
+        // An older layer holds it: the head gets the whole block, partly zeroed.
+        let block_start = b * BLOCK_SIZE;
+        let mut block = vec![0u8; BLOCK_SIZE as usize];
+        self.read_blocking(block_start, &mut block)?;
         block[(from - block_start) as usize..(to - block_start) as usize].fill(0);
         let head = self.head();
         head.buffered()?

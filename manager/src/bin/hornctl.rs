@@ -11,7 +11,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
-use horn_manager::format::{human_bytes, layer_state, parse_size, table, utc_time};
+use horn_manager::format::{human_bytes, labels, layer_state, parse_size, table, utc_time};
 use horn_proto::engine_control::engine_control_client::EngineControlClient;
 use horn_proto::engine_control::{
     EngineDeleteRequest, EngineExpandRequest, EngineInfoRequest, EnginePurgeRequest, EngineRevertRequest,
@@ -231,11 +231,7 @@ fn run(cmd: ReplicaCmd) -> Result<()> {
                         l.created.map(utc_time).unwrap_or_else(|| "-".into()),
                         layer_state(l.removed, l.in_chain).into(),
                         human_bytes(l.used_bytes),
-                        l.labels
-                            .iter()
-                            .map(|(k, v)| format!("{k}={v}"))
-                            .collect::<Vec<_>>()
-                            .join(","),
+                        labels(&l.labels),
                     ]
                 })
                 .collect();
@@ -340,11 +336,7 @@ fn print_snapshots(list: &SnapshotList, json: bool) -> Result<()> {
                 },
                 utc_time(s.created),
                 layer_state(s.removed, s.in_chain).into(),
-                s.labels
-                    .iter()
-                    .map(|(k, v)| format!("{k}={v}"))
-                    .collect::<Vec<_>>()
-                    .join(","),
+                labels(&s.labels),
             ]
         })
         .collect();
