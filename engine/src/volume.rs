@@ -1,37 +1,29 @@
-//! `Volume`: a volume's engine loop. One io_uring carries the data-wire connections to
-//! every replica; the [`ReplicaSet`] decides what to send where and when an I/O is
-//! done, and this driver carries that out.
+//! `Volume`: one queue of a volume on a ring of its own.
 //!
-//! Payload bytes are not copied: a write is sent to every replica straight from the
-//! caller's buffer (one `writev` of header and data per replica), and a read reply's
-//! data is received straight into the caller's buffer. A buffer goes back to the
-//! caller only when the replica set has completed the I/O *and* no socket operation
-//! still points into it (a send to a replica dropped meanwhile finishes, or fails,
-//! first).
+//! The queue's work (replica connections, the replica set, buffers) is an
+//! [`EngineQueue`]; this driver owns an io_uring for it, pushes the queue's entries,
+//! and hands their completions back. A frontend whose queues already run a ring (ublk)
+//! drives an [`EngineQueue`] on that ring instead. Every queue of a volume shares one
+//! [`Engine`]: [`Volume::start`] claims the replicas and opens the first queue, and
+//! [`Volume::open_queue`] opens more, one per thread.
 //!
 //! Starting a volume claims its replicas through their control services: it reads
 //! each one's state, picks a generation above all of theirs, and leaves out replicas
 //! that are unreachable, of another size, or behind (dirty with an older generation
 //! than the newest: they missed the last engine's writes).
 
-use std::collections::{BTreeMap, VecDeque};
 use std::io::ErrorKind;
-use std::net::TcpStream;
-use std::os::fd::AsRawFd;
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
 
-use horn_proto::control::replica_control_client::ReplicaControlClient;
-use horn_proto::control::{
-    ClaimRequest, DeleteSnapshotRequest, ExpandRequest, InfoReply, InfoRequest, PurgeRequest, ReleaseRequest,
-    RevertRequest, SnapshotRequest,
-};
-use horn_proto::wire::{frame_iovecs, Header, Op, Status, HEADER_LEN, MAX_IO_LEN};
+use horn_proto::control::InfoReply;
 use horn_replica::IoBuf;
-use io_uring::{opcode, types, IoUring};
+use io_uring::types;
+use io_uring::IoUring;
 
-use crate::replica_set::{
-    Action, IoError, IoId, IoKind, IoRequest, Mode, ReplicaConfig, ReplicaSet, Reply, ReqId,
-};
+use crate::engine::Engine;
+use crate::queue::{EngineQueue, Token};
+use crate::replica_set::{IoError, IoKind, Mode};
 
 /// Where a replica is served.
 #[derive(Debug, Clone)]
@@ -146,351 +138,59 @@ pub struct VolumeCompletion {
     pub buf: Option<IoBuf>,
 }
 
-const KIND_SHIFT: u32 = 56;
-const TAG_SEND: u64 = 1 << KIND_SHIFT;
-const TAG_RECV: u64 = 2 << KIND_SHIFT;
-const INDEX_MASK: u64 = (1 << KIND_SHIFT) - 1;
-
-/// A request on its way out, with its iovecs (kept in place while in the kernel).
-struct Outgoing {
-    header: [u8; HEADER_LEN],
-    /// Writes: the payload lives in this I/O's buffer.
-    io: Option<IoId>,
-    ptr: *const u8,
-    len: usize,
-    sent: usize,
-    iov: [libc::iovec; 2],
-}
-
-// SAFETY: the pointers name the Outgoing's own boxed header and the I/O's heap buffer,
-// which is kept alive (refs counted) until the send finishes; nothing else aliases them.
-unsafe impl Send for Outgoing {}
-
-enum Receiving {
-    Header,
-    /// Read data, into the I/O's buffer.
-    Data {
-        req: ReqId,
-        header: Header,
-        io: IoId,
-        filled: usize,
-    },
-    /// An error message, or the data of a reply nobody waits for any more.
-    Discard {
-        req: ReqId,
-        header: Header,
-        bytes: Vec<u8>,
-        filled: usize,
-    },
-}
-
-struct Conn {
-    name: String,
-    stream: TcpStream,
-    header: Box<[u8; HEADER_LEN]>,
-    filled: usize,
-    receiving: Receiving,
-    queue: VecDeque<Box<Outgoing>>,
-    sending: Option<Box<Outgoing>>,
-    raw_in_flight: usize,
-    closed: bool,
-}
-
-struct Slot {
-    tag: u64,
-    buf: Option<IoBuf>,
-    /// Socket operations pointing into `buf`.
-    refs: usize,
-    result: Option<Result<()>>,
-}
-
-/// One engine loop serving a volume from its replicas.
-pub struct Volume {
+/// A ring of the engine's own carrying one queue's entries.
+pub(crate) struct QueueRing {
     ring: IoUring,
-    set: ReplicaSet,
-    conns: Vec<Conn>,
-    controls: Vec<String>,
-    skipped: Vec<(String, String)>,
-    slots: BTreeMap<IoId, Slot>,
-    reqs: BTreeMap<ReqId, (IoId, usize)>,
-    ready: VecDeque<VolumeCompletion>,
+    /// Enabled by (and so belonging to) the first thread that submits: a queue can be
+    /// opened on one thread and run on another.
+    enabled: bool,
     /// Reused by the completion loop: (user data, result) pairs.
     reaped: Vec<(u64, i32)>,
-    generation: u64,
-    size: u64,
-    sector_size: u32,
-    start: Instant,
-    runtime: tokio::runtime::Runtime,
 }
 
-fn sys(op: &'static str) -> impl FnOnce(std::io::Error) -> VolumeError {
-    move |source| VolumeError::System { op, source }
-}
-
-fn control_err(replica: &str) -> impl FnOnce(tonic::Status) -> VolumeError + '_ {
-    move |s| VolumeError::Control {
-        replica: replica.to_string(),
-        code: s.code(),
-        message: s.message().to_string(),
-    }
-}
-
-impl Volume {
-    /// Claims the replicas and connects to them.
-    pub fn start(replicas: &[ReplicaAddr], timeout: Duration) -> Result<(Volume, StartReport)> {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(sys("starting the control runtime"))?;
-        let mut skipped = Vec::new();
-        let mut infos = Vec::new();
-        for r in replicas {
-            let url = format!("http://{}", r.control);
-            let info = runtime.block_on(async {
-                let mut c = ReplicaControlClient::connect(url)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                c.info(InfoRequest {})
-                    .await
-                    .map(|i| i.into_inner())
-                    .map_err(|s| s.message().to_string())
-            });
-            match info {
-                Ok(i) => infos.push((r.clone(), i)),
-                Err(e) => skipped.push((r.data.clone(), format!("unreachable: {e}"))),
-            }
-        }
-        let Some(size) = infos.first().map(|(_, i)| i.size) else {
-            return Err(VolumeError::NoReplica(format!("{skipped:?}")));
-        };
-        let newest = infos.iter().map(|(_, i)| i.generation).max().unwrap_or(0);
-        let mut chosen = Vec::new();
-        for (r, i) in infos {
-            if i.size != size {
-                skipped.push((r.data.clone(), format!("its size {} differs from {size}", i.size)));
-            } else if i.dirty && i.generation < newest {
-                skipped.push((
-                    r.data.clone(),
-                    format!(
-                        "behind: left dirty at generation {} while others reached {newest}",
-                        i.generation
-                    ),
-                ));
-            } else {
-                chosen.push((r, i));
-            }
-        }
-        let generation = newest + 1;
-        let sector_size = chosen.first().map_or(512, |(_, i)| i.sector_size);
-        let mut conns = Vec::new();
-        let mut configs = Vec::new();
-        let mut controls = Vec::new();
-        for (r, info) in chosen {
-            let url = format!("http://{}", r.control);
-            let claimed = runtime.block_on(async {
-                let mut c = ReplicaControlClient::connect(url)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                c.claim(ClaimRequest { generation })
-                    .await
-                    .map_err(|s| s.message().to_string())
-            });
-            if let Err(e) = claimed {
-                skipped.push((r.data.clone(), format!("claim refused: {e}")));
-                continue;
-            }
-            let stream = match TcpStream::connect(&r.data) {
-                Ok(s) => s,
-                Err(e) => {
-                    skipped.push((r.data.clone(), format!("data wire unreachable: {e}")));
-                    continue;
-                }
-            };
-            let _ = stream.set_nodelay(true);
-            conns.push(Conn {
-                name: r.data.clone(),
-                stream,
-                header: Box::new([0; HEADER_LEN]),
-                filled: 0,
-                receiving: Receiving::Header,
-                queue: VecDeque::new(),
-                sending: None,
-                raw_in_flight: 0,
-                closed: false,
-            });
-            // A replica being rebuilt stays write-only: it may lack data its peers have.
-            let wo = info.mode == horn_proto::control::Mode::Wo as i32;
-            configs.push(ReplicaConfig {
-                name: r.data.clone(),
-                mode: if wo { Mode::Wo } else { Mode::Rw },
-                local: r.local,
-            });
-            controls.push(r.control.clone());
-        }
-        if conns.is_empty() {
-            return Err(VolumeError::NoReplica(
-                skipped
-                    .iter()
-                    .map(|(r, why)| format!("{r}: {why}"))
-                    .collect::<Vec<_>>()
-                    .join("; "),
-            ));
-        }
-        let report = StartReport {
-            generation,
-            size,
-            sector_size,
-            used: conns.iter().map(|c| c.name.clone()).collect(),
-            skipped: skipped.clone(),
-        };
-        let ring = IoUring::builder()
-            .setup_single_issuer()
-            .setup_coop_taskrun()
-            .setup_defer_taskrun()
-            .build(256)
-            .or_else(|_| IoUring::new(256))
-            .map_err(sys("io_uring setup"))?;
-        let mut v = Volume {
+impl QueueRing {
+    pub(crate) fn new() -> Result<QueueRing> {
+        let (ring, enabled) = horn_replica::new_thread_ring(256).map_err(sys("io_uring setup"))?;
+        Ok(QueueRing {
             ring,
-            set: ReplicaSet::new(configs, timeout.as_nanos() as u64),
-            conns,
-            controls,
-            skipped,
-            slots: BTreeMap::new(),
-            reqs: BTreeMap::new(),
-            ready: VecDeque::new(),
+            enabled,
             reaped: Vec::new(),
-            generation,
-            size,
-            sector_size,
-            start: Instant::now(),
-            runtime,
-        };
-        for i in 0..v.conns.len() {
-            v.post_recv(i)?;
+        })
+    }
+
+    /// Pushes the queue's entries on the ring and submits them at once (eager
+    /// submission, as in the store: docs/benchmarks.md).
+    pub(crate) fn pump(&mut self, queue: &mut EngineQueue) -> Result<()> {
+        if !self.enabled {
+            self.ring
+                .submitter()
+                .register_enable_rings()
+                .map_err(sys("io_uring enable"))?;
+            self.enabled = true;
         }
-        Ok((v, report))
-    }
-
-    /// Volume size in bytes.
-    pub fn size(&self) -> u64 {
-        self.size
-    }
-
-    /// Sector size in bytes.
-    pub fn sector_size(&self) -> u32 {
-        self.sector_size
-    }
-
-    /// The generation this engine holds.
-    pub fn generation(&self) -> u64 {
-        self.generation
-    }
-
-    /// Each replica's name and mode.
-    pub fn replicas(&self) -> Vec<(String, Mode)> {
-        self.conns
-            .iter()
-            .map(|c| c.name.clone())
-            .zip(self.set.modes())
-            .collect()
-    }
-
-    /// I/Os submitted and not yet reaped.
-    pub fn in_flight(&self) -> usize {
-        self.slots.len() + self.ready.len()
-    }
-
-    fn now(&self) -> u64 {
-        self.start.elapsed().as_nanos() as u64
-    }
-
-    fn check(&self, offset: u64, len: u64) -> Result<()> {
-        let ss = self.sector_size as u64;
-        if offset % ss != 0 || len % ss != 0 {
-            return Err(VolumeError::BadRequest(format!(
-                "I/O at offset {offset} length {len} is not a multiple of the sector size {ss}"
-            )));
+        let mut pushed = false;
+        for entry in queue.entries() {
+            loop {
+                // SAFETY: the queue keeps every entry's memory valid until its
+                // completion is handed back (queue.rs), and the queue outlives the ring's
+                // use of it (close and drop wait for every entry).
+                if unsafe { self.ring.submission().push(&entry) }.is_ok() {
+                    break;
+                }
+                self.ring.submit().map_err(sys("io_uring submit"))?;
+            }
+            pushed = true;
         }
-        if offset.checked_add(len).is_none_or(|end| end > self.size) {
-            return Err(VolumeError::BadRequest(format!(
-                "I/O at offset {offset} length {len} reaches past the end of the volume ({} bytes)",
-                self.size
-            )));
+        if pushed {
+            self.ring.submit().map_err(sys("io_uring submit"))?;
         }
         Ok(())
     }
 
-    /// Submits an I/O. `buf` is the data to write or the buffer to read into (its
-    /// length is the I/O's); flushes take none, discard and write-zeroes take `len`.
-    pub fn submit(&mut self, kind: IoKind, offset: u64, len: u64, buf: Option<IoBuf>, tag: u64) {
-        let len = buf.as_ref().map_or(len, |b| b.len() as u64);
-        let checked = match kind {
-            IoKind::Flush => Ok(()),
-            IoKind::Read | IoKind::Write if len > MAX_IO_LEN as u64 => Err(VolumeError::BadRequest(format!(
-                "I/O of {len} bytes is larger than the {MAX_IO_LEN}-byte maximum"
-            ))),
-            _ => self.check(offset, len),
-        };
-        if let Err(e) = checked {
-            self.ready.push_back(VolumeCompletion {
-                tag,
-                result: Err(e),
-                buf,
-            });
-            return;
-        }
-        let (offset, len) = if kind == IoKind::Flush {
-            (0, 0)
-        } else {
-            (offset, len)
-        };
-        let io = self.set.submit(
-            self.now(),
-            IoRequest {
-                kind,
-                offset,
-                len: len as u32,
-            },
-        );
-        self.slots.insert(
-            io,
-            Slot {
-                tag,
-                buf,
-                refs: 0,
-                result: None,
-            },
-        );
-        self.run_actions();
-    }
-
-    /// Submits pending work and moves finished I/Os into `out` until it holds `min` of
-    /// them or nothing is in flight. Replicas that stay silent past the timeout are
-    /// dropped meanwhile.
-    pub fn reap(&mut self, min: usize, out: &mut Vec<VolumeCompletion>) -> Result<usize> {
-        let start = out.len();
-        loop {
-            out.extend(self.ready.drain(..));
-            if out.len() - start >= min || self.slots.is_empty() {
-                // Entries are submitted as they are queued; an empty submit would still
-                // cost a system call (measured on the store: docs/benchmarks.md).
-                if !self.ring.submission().is_empty() {
-                    self.ring.submit().map_err(sys("io_uring submit"))?;
-                }
-                return Ok(out.len() - start);
-            }
-            self.wait()?;
-        }
-    }
-
-    fn wait(&mut self) -> Result<()> {
-        let now = self.now();
-        let wait = self
-            .set
-            .next_deadline()
-            .map(|d| Duration::from_nanos(d.saturating_sub(now)));
-        let res = match wait {
+    /// Waits for at least one completion (or the queue's next deadline) and hands
+    /// what completed back to the queue.
+    pub(crate) fn wait(&mut self, queue: &mut EngineQueue) -> Result<()> {
+        let res = match queue.next_deadline() {
             Some(w) => {
                 let ts = types::Timespec::from(w.max(Duration::from_micros(1)));
                 let args = types::SubmitArgs::new().timespec(&ts);
@@ -503,344 +203,156 @@ impl Volume {
             Err(e) if matches!(e.raw_os_error(), Some(libc::ETIME) | Some(libc::EINTR)) => {}
             Err(e) => return Err(sys("io_uring wait")(e)),
         }
-        // Copied out first: handling a completion needs `&mut self`. The vector is reused.
+        // Copied out first: handling a completion pushes entries. The vector is reused.
         let mut done = std::mem::take(&mut self.reaped);
         done.clear();
         done.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
         for &(ud, res) in &done {
-            let conn = (ud & INDEX_MASK) as usize;
-            match ud & !INDEX_MASK {
-                TAG_SEND => self.on_send(conn, res)?,
-                TAG_RECV => self.on_recv(conn, res)?,
-                _ => unreachable!("tag {ud:#x} was not issued by the engine"),
-            }
+            queue.complete(Token(ud as u32), res);
         }
         self.reaped = done;
-        let now = self.now();
-        self.set.on_tick(now);
-        self.run_actions();
+        queue.tick();
+        self.pump(queue)
+    }
+
+    /// Waits until the kernel is done with every entry of a queue that was shut down.
+    pub(crate) fn wait_entries(&mut self, queue: &mut EngineQueue) -> Result<()> {
+        // Entries never pushed (a queue that did no I/O) still count as in flight.
+        self.pump(queue)?;
+        while queue.raw_in_flight() > 0 {
+            match self.ring.submit_and_wait(1) {
+                Ok(_) => {}
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => return Err(sys("io_uring wait")(e)),
+            }
+            let done: Vec<u64> = self.ring.completion().map(|c| c.user_data()).collect();
+            for ud in done {
+                queue.complete_after_shutdown(Token(ud as u32));
+            }
+        }
         Ok(())
     }
+}
 
-    fn run_actions(&mut self) {
-        while let Some(a) = self.set.poll_action() {
-            match a {
-                Action::Send {
-                    replica,
-                    req,
-                    io,
-                    request,
-                } => self.send(replica, req, io, request),
-                Action::Complete { io, result } => {
-                    if let Some(slot) = self.slots.get_mut(&io) {
-                        slot.result = Some(result.map(|_| ()).map_err(VolumeError::Io));
-                    }
-                    self.try_finish(io);
-                }
-                Action::ReplicaFailed { replica, reason } => {
-                    tracing::warn!(%reason, "replica dropped");
-                    self.close_conn(replica);
-                }
-            }
+/// One queue of a volume, driven on its own ring.
+pub struct Volume {
+    ring: QueueRing,
+    queue: EngineQueue,
+    closed: bool,
+}
+
+fn sys(op: &'static str) -> impl FnOnce(std::io::Error) -> VolumeError {
+    move |source| VolumeError::System { op, source }
+}
+
+impl Volume {
+    /// Claims the replicas and opens the volume's first queue on this thread.
+    pub fn start(replicas: &[ReplicaAddr], timeout: Duration) -> Result<(Volume, StartReport)> {
+        let (engine, report) = Engine::start(replicas, timeout)?;
+        let v = Volume::open(&engine)?;
+        Ok((v, report))
+    }
+
+    /// Opens another queue of the same volume (for another thread): its own ring and
+    /// its own connection to every replica.
+    pub fn open_queue(&self) -> Result<Volume> {
+        Volume::open(self.queue.engine())
+    }
+
+    /// Opens a queue of `engine` on a new ring. The queue belongs to the first thread
+    /// that does I/O on it.
+    pub fn open(engine: &Arc<Engine>) -> Result<Volume> {
+        Ok(Volume {
+            ring: QueueRing::new()?,
+            queue: EngineQueue::open(engine)?,
+            closed: false,
+        })
+    }
+
+    /// The engine shared by the volume's queues.
+    pub fn engine(&self) -> &Arc<Engine> {
+        self.queue.engine()
+    }
+
+    /// Volume size in bytes.
+    pub fn size(&self) -> u64 {
+        self.engine().size()
+    }
+
+    /// Sector size in bytes.
+    pub fn sector_size(&self) -> u32 {
+        self.engine().sector_size()
+    }
+
+    /// The generation this engine holds.
+    pub fn generation(&self) -> u64 {
+        self.engine().generation()
+    }
+
+    /// Each replica's name and mode, as all queues together know it.
+    pub fn replicas(&self) -> Vec<(String, Mode)> {
+        self.engine().replica_modes()
+    }
+
+    /// Replicas left out at start, and why.
+    pub fn skipped(&self) -> &[(String, String)] {
+        self.engine().skipped()
+    }
+
+    /// I/Os submitted and not yet reaped.
+    pub fn in_flight(&self) -> usize {
+        self.queue.in_flight()
+    }
+
+    /// Submits an I/O. `buf` is the data to write or the buffer to read into (its
+    /// length is the I/O's); flushes take none, discard and write-zeroes take `len`.
+    pub fn submit(&mut self, kind: IoKind, offset: u64, len: u64, buf: Option<IoBuf>, tag: u64) {
+        self.submit_with(kind, offset, len, buf, tag, false);
+    }
+
+    /// [`Volume::submit`], with `fua` asking a write to be durable before it completes.
+    pub fn submit_with(
+        &mut self,
+        kind: IoKind,
+        offset: u64,
+        len: u64,
+        buf: Option<IoBuf>,
+        tag: u64,
+        fua: bool,
+    ) {
+        self.queue.submit(kind, offset, len, buf, tag, fua);
+        if let Err(e) = self.pump() {
+            tracing::error!(error = %e, "io_uring submit failed");
         }
     }
 
-    fn try_finish(&mut self, io: IoId) {
-        let done = self
-            .slots
-            .get(&io)
-            .is_some_and(|s| s.result.is_some() && s.refs == 0);
-        if done {
-            let slot = self.slots.remove(&io).expect("checked");
-            self.ready.push_back(VolumeCompletion {
-                tag: slot.tag,
-                result: slot.result.expect("checked"),
-                buf: slot.buf,
-            });
-        }
+    fn pump(&mut self) -> Result<()> {
+        self.ring.pump(&mut self.queue)
     }
 
-    fn send(&mut self, replica: usize, req: ReqId, io: IoId, request: IoRequest) {
-        let op = match request.kind {
-            IoKind::Read => Op::Read,
-            IoKind::Write => Op::Write,
-            IoKind::Flush => Op::Flush,
-            IoKind::Discard => Op::Discard,
-            IoKind::WriteZeroes => Op::WriteZeroes,
-        };
-        let header = Header::request(op, req.0, request.offset, request.len, self.generation).encode();
-        let (payload_io, ptr, len) = match (request.kind, self.slots.get_mut(&io)) {
-            (IoKind::Write, Some(slot)) => {
-                slot.refs += 1;
-                let b = slot.buf.as_ref().expect("writes carry a buffer");
-                (Some(io), b.as_slice().as_ptr(), b.len())
-            }
-            _ => (None, std::ptr::null(), 0),
-        };
-        self.reqs.insert(req, (io, replica));
-        let out = Box::new(Outgoing {
-            header,
-            io: payload_io,
-            ptr,
-            len,
-            sent: 0,
-            iov: [libc::iovec {
-                iov_base: std::ptr::null_mut(),
-                iov_len: 0,
-            }; 2],
-        });
-        let conn = &mut self.conns[replica];
-        conn.queue.push_back(out);
-        if conn.sending.is_none() {
-            self.start_send(replica);
-        }
-    }
-
-    fn start_send(&mut self, c: usize) {
-        let conn = &mut self.conns[c];
-        if conn.closed {
-            return;
-        }
-        let Some(mut out) = conn.sending.take().or_else(|| conn.queue.pop_front()) else {
-            return;
-        };
-        let n = frame_iovecs(&out.header, (out.ptr, out.len), out.sent, &mut out.iov);
-        let entry = opcode::Writev::new(types::Fd(conn.stream.as_raw_fd()), out.iov.as_ptr(), n as u32)
-            .build()
-            .user_data(TAG_SEND | c as u64);
-        conn.sending = Some(out);
-        conn.raw_in_flight += 1;
-        // SAFETY: the iovecs live in the boxed Outgoing held in `conn.sending`, the
-        // payload in the I/O's buffer whose refs count this send, the socket in the
-        // conn; all stay until this entry completes.
-        self.push(entry);
-    }
-
-    fn push(&mut self, entry: io_uring::squeue::Entry) {
+    /// Submits pending work and moves finished I/Os into `out` until it holds `min` of
+    /// them or nothing is in flight. Replicas that stay silent past the timeout are
+    /// dropped meanwhile.
+    pub fn reap(&mut self, min: usize, out: &mut Vec<VolumeCompletion>) -> Result<usize> {
+        let start = out.len();
         loop {
-            // SAFETY: see the callers: every entry's memory outlives its completion.
-            if unsafe { self.ring.submission().push(&entry) }.is_ok() {
-                break;
+            while let Some(c) = self.queue.pop_completion() {
+                out.push(c);
             }
-            if let Err(e) = self.ring.submit() {
-                tracing::error!(error = %e, "io_uring submit failed");
+            if out.len() - start >= min || self.queue.pending() == 0 {
+                return Ok(out.len() - start);
             }
+            self.wait()?;
         }
-        // Eager submission, as in the store (docs/benchmarks.md).
-        let _ = self.ring.submit();
     }
 
-    fn on_send(&mut self, c: usize, res: i32) -> Result<()> {
-        let conn = &mut self.conns[c];
-        conn.raw_in_flight -= 1;
-        let mut out = conn.sending.take().expect("a send was in flight");
-        if res <= 0 || conn.closed {
-            if let Some(io) = out.io {
-                self.release(io);
-            }
-            if !self.conns[c].closed {
-                let now = self.now();
-                self.set.on_disconnect(now, c);
-                self.run_actions();
-            }
-            return Ok(());
-        }
-        out.sent += res as usize;
-        if out.sent < HEADER_LEN + out.len {
-            conn.sending = Some(out);
-            self.start_send(c);
-            return Ok(());
-        }
-        if let Some(io) = out.io {
-            self.release(io);
-        }
-        self.start_send(c);
-        Ok(())
-    }
-
-    /// A socket operation no longer points into the I/O's buffer.
-    fn release(&mut self, io: IoId) {
-        if let Some(slot) = self.slots.get_mut(&io) {
-            slot.refs -= 1;
-        }
-        self.try_finish(io);
-    }
-
-    fn post_recv(&mut self, c: usize) -> Result<()> {
-        let conn = &mut self.conns[c];
-        if conn.closed {
-            return Ok(());
-        }
-        let (ptr, len) = match &mut conn.receiving {
-            Receiving::Header => (conn.header[conn.filled..].as_mut_ptr(), HEADER_LEN - conn.filled),
-            Receiving::Data {
-                io, filled, header, ..
-            } => {
-                let slot = self.slots.get_mut(io).expect("a read waiting for data is live");
-                slot.refs += 1;
-                let buf = slot.buf.as_mut().expect("reads carry a buffer");
-                // SAFETY (arithmetic): filled < the reply's length = the buffer's length.
-                let p = unsafe { buf.as_mut_slice().as_mut_ptr().add(*filled) };
-                (p, header.length as usize - *filled)
-            }
-            Receiving::Discard { bytes, filled, .. } => {
-                (bytes[*filled..].as_mut_ptr(), bytes.len() - *filled)
-            }
-        };
-        let entry = opcode::Recv::new(types::Fd(conn.stream.as_raw_fd()), ptr, len as u32)
-            .build()
-            .user_data(TAG_RECV | c as u64);
-        conn.raw_in_flight += 1;
-        // SAFETY: the header box and discard vectors belong to the conn; read data goes
-        // into an I/O buffer whose refs count this receive.
-        self.push(entry);
-        Ok(())
-    }
-
-    fn on_recv(&mut self, c: usize, res: i32) -> Result<()> {
-        self.conns[c].raw_in_flight -= 1;
-        if let Receiving::Data { io, .. } = &self.conns[c].receiving {
-            let io = *io;
-            self.release(io);
-        }
-        if res <= 0 || self.conns[c].closed {
-            if !self.conns[c].closed {
-                let now = self.now();
-                self.set.on_disconnect(now, c);
-                self.run_actions();
-            }
-            return Ok(());
-        }
-        let n = res as usize;
-        let conn = &mut self.conns[c];
-        let finished = match &mut conn.receiving {
-            Receiving::Header => {
-                conn.filled += n;
-                if conn.filled < HEADER_LEN {
-                    None
-                } else {
-                    conn.filled = 0;
-                    let decoded = Header::decode(&conn.header);
-                    match decoded {
-                        Ok(h) if h.reply => self.start_reply(c, h),
-                        other => {
-                            let why = match other {
-                                Err(e) => e.to_string(),
-                                Ok(_) => "it sent a request instead of a reply".into(),
-                            };
-                            let now = self.now();
-                            self.set
-                                .fail_replica(now, c, format!("protocol violation: {why}"));
-                            self.run_actions();
-                            return Ok(());
-                        }
-                    }
-                }
-            }
-            Receiving::Data {
-                req, header, filled, ..
-            } => {
-                *filled += n;
-                if *filled < header.length as usize {
-                    None
-                } else {
-                    let done = Some((*req, *header, Vec::new()));
-                    conn.receiving = Receiving::Header;
-                    done
-                }
-            }
-            Receiving::Discard {
-                req,
-                header,
-                bytes,
-                filled,
-            } => {
-                *filled += n;
-                if *filled < bytes.len() {
-                    None
-                } else {
-                    let done = Some((*req, *header, std::mem::take(bytes)));
-                    conn.receiving = Receiving::Header;
-                    done
-                }
-            }
-        };
-        if let Some((req, header, message)) = finished {
-            self.on_reply(req, header, message);
-        }
-        self.post_recv(c)
-    }
-
-    /// A reply header has arrived: returns the reply if it has no payload, or sets the
-    /// connection to receive the payload (read data straight into the waiting I/O's
-    /// buffer; anything else, such as an error message or a reply nobody waits for,
-    /// into a scratch vector).
-    fn start_reply(&mut self, c: usize, h: Header) -> Option<(ReqId, Header, Vec<u8>)> {
-        let req = ReqId(h.id);
-        let len = h.payload_len();
-        if len == 0 {
-            return Some((req, h, Vec::new()));
-        }
-        let reader = self.reqs.get(&req).map(|&(io, _)| io).filter(|io| {
-            h.status == Status::Ok
-                && h.op == Op::Read
-                && self.slots.get(io).and_then(|s| s.buf.as_ref()).map(IoBuf::len) == Some(len)
-        });
-        self.conns[c].receiving = match reader {
-            Some(io) => Receiving::Data {
-                req,
-                header: h,
-                io,
-                filled: 0,
-            },
-            None => Receiving::Discard {
-                req,
-                header: h,
-                bytes: vec![0; len],
-                filled: 0,
-            },
-        };
-        None
-    }
-
-    fn on_reply(&mut self, req: ReqId, h: Header, message: Vec<u8>) {
-        // A reply whose read data did not land in the I/O's buffer cannot answer it.
-        let discarded_read = h.op == Op::Read && h.status == Status::Ok && !message.is_empty();
-        if self.reqs.remove(&req).is_none() {
-            return; // for a request already settled without this replica
-        }
-        let text = String::from_utf8_lossy(&message).into_owned();
-        let reply = match h.status {
-            Status::Ok if discarded_read => Reply::Failed("read reply of the wrong length".into()),
-            Status::Ok => Reply::Ok,
-            Status::StaleGeneration => Reply::StaleGeneration,
-            Status::OutOfRange | Status::Misaligned | Status::BadRequest => Reply::Refused(text),
-            Status::IoError | Status::Unavailable => Reply::Failed(text),
-        };
-        let now = self.now();
-        self.set.on_reply(now, req, reply);
-        self.run_actions();
-    }
-
-    fn close_conn(&mut self, c: usize) {
-        let conn = &mut self.conns[c];
-        if conn.closed {
-            return;
-        }
-        conn.closed = true;
-        // Wakes the receive (and any send) still in the ring; they finish with errors.
-        let _ = conn.stream.shutdown(std::net::Shutdown::Both);
-        let queued: Vec<Box<Outgoing>> = conn.queue.drain(..).collect();
-        for out in queued {
-            if let Some(io) = out.io {
-                self.release(io);
-            }
-        }
+    fn wait(&mut self) -> Result<()> {
+        self.ring.wait(&mut self.queue)
     }
 
     /// Waits for every I/O in flight; their completions stay queued for `reap`.
     fn drain(&mut self) -> Result<()> {
-        while !self.slots.is_empty() {
+        while self.queue.pending() > 0 {
             self.wait()?;
         }
         Ok(())
@@ -848,16 +360,23 @@ impl Volume {
 
     fn run_one(&mut self, kind: IoKind, offset: u64, len: u64, buf: Option<IoBuf>) -> Result<Option<IoBuf>> {
         const TAG: u64 = u64::MAX;
+        // Ordered after every I/O already submitted (a flush covers them all).
         self.drain()?;
         self.submit(kind, offset, len, buf, TAG);
-        self.drain()?;
-        let at = self
-            .ready
-            .iter()
-            .rposition(|c| c.tag == TAG)
-            .expect("the I/O completed");
-        let c = self.ready.remove(at).expect("in range");
-        c.result.map(|()| c.buf)
+        let mut held = Vec::new();
+        loop {
+            while let Some(c) = self.queue.pop_completion() {
+                if c.tag == TAG {
+                    // Others go back to the front for `reap`, in their order.
+                    for other in held.into_iter().rev() {
+                        self.queue.push_front_completion(other);
+                    }
+                    return c.result.map(|()| c.buf);
+                }
+                held.push(c);
+            }
+            self.wait()?;
+        }
     }
 
     /// Reads `out.len()` bytes at `offset` (blocking).
@@ -879,77 +398,26 @@ impl Volume {
     }
 
     /// Runs a chain operation on every replica still in the set and returns the first
-    /// one's view of the chain. Snapshot and revert first wait for the I/O in flight and
-    /// flush; new I/O waits meanwhile (this loop does nothing else).
+    /// one's view of the chain. Snapshot, revert and expand first pause every queue of
+    /// the volume (new I/O is held back), wait for the I/O in flight, and flush; the
+    /// queues go on when the operation is done.
     pub fn chain_op(&mut self, op: ChainOp) -> Result<InfoReply> {
-        if matches!(
+        if !matches!(
             op,
             ChainOp::Snapshot { .. } | ChainOp::Revert(_) | ChainOp::Expand(_)
         ) {
-            self.flush()?;
+            return self.engine().clone().run_chain_op(&op);
         }
-        if let ChainOp::Expand(size) = op {
-            if size < self.size {
-                return Err(VolumeError::BadRequest(format!(
-                    "cannot shrink the volume from {} to {size} bytes",
-                    self.size
-                )));
-            }
-        }
-        let generation = self.generation;
-        let mut first = None;
-        for (i, mode) in self.set.modes().into_iter().enumerate() {
-            if mode == Mode::Err {
-                continue;
-            }
-            let control = self.controls[i].clone();
-            let url = format!("http://{control}");
-            let this_op = op.clone();
-            let info = self
-                .runtime
-                .block_on(async move {
-                    let mut c = ReplicaControlClient::connect(url)
-                        .await
-                        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
-                    let reply = match this_op {
-                        ChainOp::Info => c.info(InfoRequest {}).await?.into_inner(),
-                        ChainOp::Snapshot { name, labels } => c
-                            .snapshot(SnapshotRequest {
-                                generation,
-                                name,
-                                labels,
-                            })
-                            .await?
-                            .into_inner(),
-                        ChainOp::Delete(name) => c
-                            .delete_snapshot(DeleteSnapshotRequest { generation, name })
-                            .await?
-                            .into_inner(),
-                        ChainOp::Purge => {
-                            let p = c.purge(PurgeRequest { generation }).await?.into_inner();
-                            p.info.unwrap_or_default()
-                        }
-                        ChainOp::Revert(name) => {
-                            c.revert(RevertRequest { generation, name }).await?.into_inner()
-                        }
-                        ChainOp::Expand(size) => {
-                            c.expand(ExpandRequest { generation, size }).await?.into_inner()
-                        }
-                    };
-                    Ok::<_, tonic::Status>(reply)
-                })
-                .map_err(control_err(&control))?;
-            first.get_or_insert(info);
-            if matches!(op, ChainOp::Info) {
-                break;
-            }
-        }
-        let first = first.ok_or(VolumeError::Io(IoError::NoHealthyReplica))?;
-        if let ChainOp::Expand(size) = op {
-            // Every replica in the set now has the new size: I/O may use it.
-            self.size = size;
-        }
-        Ok(first)
+        let engine = self.engine().clone();
+        self.drain()?;
+        let guard = engine.pause(self.queue.shared())?;
+        // Our own flush must pass the gate we just raised.
+        self.queue.set_coordinating(true);
+        let result = self.flush().and_then(|()| engine.run_chain_op(&op));
+        self.queue.set_coordinating(false);
+        engine.resume();
+        drop(guard);
+        result
     }
 
     /// Takes snapshot `name` on every replica (see [`Volume::chain_op`]).
@@ -961,47 +429,33 @@ impl Volume {
         .map(|_| ())
     }
 
-    /// Replicas left out at start, and why.
-    pub fn skipped(&self) -> &[(String, String)] {
-        &self.skipped
-    }
-
-    /// Waits for all I/O, flushes, and releases the replicas (marks them clean).
+    /// Waits for all I/O and flushes; the last queue of the volume to close also
+    /// releases the replicas (marks them clean).
     pub fn close(mut self) -> Result<()> {
         self.flush()?;
-        let generation = self.generation;
-        for (i, mode) in self.set.modes().into_iter().enumerate() {
-            if mode == Mode::Err {
-                continue;
-            }
-            let control = self.controls[i].clone();
-            let url = format!("http://{control}");
-            let released = self.runtime.block_on(async {
-                let mut c = ReplicaControlClient::connect(url)
-                    .await
-                    .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
-                c.release(ReleaseRequest { generation }).await
-            });
-            if let Err(s) = released {
-                tracing::warn!(replica = %control, error = %s.message(), "release failed");
-            }
-        }
-        for i in 0..self.conns.len() {
-            self.close_conn(i);
-        }
-        // Let the receives woken by the shutdowns finish before the buffers go.
-        while self.conns.iter().any(|c| c.raw_in_flight > 0) {
-            match self.ring.submit_and_wait(1) {
-                Ok(_) => {}
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(e) => return Err(sys("io_uring wait")(e)),
-            }
-            let done: Vec<u64> = self.ring.completion().map(|c| c.user_data()).collect();
-            for ud in done {
-                let c = (ud & INDEX_MASK) as usize;
-                self.conns[c].raw_in_flight -= 1;
-            }
+        self.closed = true;
+        let left = self.queue.shutdown();
+        self.wait_entries()?;
+        if left == 0 {
+            self.engine().release();
         }
         Ok(())
+    }
+
+    fn wait_entries(&mut self) -> Result<()> {
+        self.ring.wait_entries(&mut self.queue)
+    }
+}
+
+impl Drop for Volume {
+    /// A queue dropped without [`Volume::close`] still lets the kernel finish with its
+    /// buffers before they go.
+    fn drop(&mut self) {
+        if !self.closed {
+            self.queue.shutdown();
+            if let Err(e) = self.wait_entries() {
+                tracing::error!(error = %e, "a dropped queue could not wait for its entries");
+            }
+        }
     }
 }

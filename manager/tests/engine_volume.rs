@@ -229,6 +229,98 @@ fn a_snapshot_under_writes_holds_exactly_what_was_acknowledged_before_it() {
 }
 
 #[test]
+fn a_snapshot_cuts_every_queue_of_the_volume_at_one_point() {
+    use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    let mut cluster = Cluster::start(2);
+    let mut coordinator = cluster.volume(Duration::from_secs(8));
+    // 0: before the snapshot call, 1: during it, 2: after it.
+    let phase = Arc::new(AtomicU8::new(0));
+    // Half the volume's blocks each; a writer stops 100 writes after the snapshot.
+    const PER_WRITER: u64 = SIZE / BLOCK / 2;
+    let started = Arc::new(AtomicUsize::new(0));
+    let writers: Vec<_> = (0..2u64)
+        .map(|w| {
+            let mut q = coordinator.open_queue().unwrap();
+            let phase = phase.clone();
+            let started = started.clone();
+            std::thread::spawn(move || {
+                // Each writer fills its own blocks in order, each once: (submitted, acked) phases.
+                let mut seen = Vec::new();
+                for i in 0..PER_WRITER {
+                    let at = phase.load(Ordering::SeqCst);
+                    q.write_at((w * PER_WRITER + i) * BLOCK, &[w as u8 + 1; BLOCK as usize])
+                        .unwrap();
+                    seen.push((at, phase.load(Ordering::SeqCst)));
+                    if i == 100 {
+                        started.fetch_add(1, Ordering::SeqCst);
+                    }
+                    if at == 2 && seen.iter().filter(|s| s.0 == 2).count() > 100 {
+                        break;
+                    }
+                }
+                q.close().unwrap();
+                seen
+            })
+        })
+        .collect();
+    while started.load(Ordering::SeqCst) < 2 {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    phase.store(1, Ordering::SeqCst);
+    coordinator.snapshot("cut").unwrap();
+    phase.store(2, Ordering::SeqCst);
+    let seen: Vec<Vec<(u8, u8)>> = writers.into_iter().map(|t| t.join().unwrap()).collect();
+    coordinator.close().unwrap();
+    let mut cuts = Vec::new();
+    for (d, dir) in cluster.daemons.iter_mut().zip(&cluster.dirs) {
+        d.signal(libc::SIGTERM);
+        d.wait_output();
+        let mut r = Replica::open(dir).unwrap();
+        r.revert("cut").unwrap();
+        let mut b = vec![0u8; BLOCK as usize];
+        for (w, seen) in seen.iter().enumerate() {
+            let mut present = Vec::new();
+            for i in 0..seen.len() as u64 {
+                r.read_at((w as u64 * PER_WRITER + i) * BLOCK, &mut b).unwrap();
+                present.push(b[0] != 0);
+            }
+            let cut = present.iter().take_while(|p| **p).count();
+            assert!(
+                present[cut..].iter().all(|p| !p),
+                "writer {w}: the snapshot holds a write after one it lacks (at {cut})"
+            );
+            for (i, &(submitted, acked)) in seen.iter().enumerate() {
+                if acked == 0 {
+                    assert!(
+                        i < cut,
+                        "writer {w}: write {i}, acknowledged before the snapshot, is missing"
+                    );
+                }
+                if submitted == 2 {
+                    assert!(
+                        i >= cut,
+                        "writer {w}: write {i}, submitted after the snapshot, is in it"
+                    );
+                }
+            }
+            assert!(
+                cut > 0 && cut < seen.len(),
+                "writer {w}: the cut fell inside the stream ({cut})"
+            );
+            cuts.push(cut);
+        }
+    }
+    // Every replica's snapshot was cut at the same point of every writer's stream.
+    assert_eq!(
+        cuts[..2],
+        cuts[2..],
+        "the replicas' snapshots differ (writer cuts per replica)"
+    );
+}
+
+#[test]
 fn unreachable_mis_sized_and_behind_replicas_are_left_out_and_reported() {
     let tmp = tempfile::tempdir().unwrap();
     let good = Daemon::start(&tmp.path().join("good"), &["--size", "32M"]).unwrap();
@@ -319,6 +411,8 @@ fn a_replica_whose_disk_fails_is_dropped_and_io_goes_on() {
         })
         .collect();
     let (mut v, _) = Volume::start(&addrs, Duration::from_secs(8)).unwrap();
+    // A second queue, idle meanwhile, connected to the full replica as well.
+    let mut other = v.open_queue().unwrap();
     // 1,500 random 4 KiB writes: the third replica's 1 MiB fills up after about 256.
     let model = write_stream(&mut v, 1500, 3, |_| {});
     let modes: Vec<Mode> = v.replicas().into_iter().map(|(_, m)| m).collect();
@@ -327,11 +421,16 @@ fn a_replica_whose_disk_fails_is_dropped_and_io_goes_on() {
         vec![Mode::Rw, Mode::Rw, Mode::Err],
         "the full replica was dropped"
     );
+    // Every queue reads the latest data: the other queue never asks the dropped
+    // replica (which lacks the later writes), though its own connection to it is fine.
     let mut b = vec![0u8; BLOCK as usize];
     for (&blk, &val) in &model {
         v.read_at(blk * BLOCK, &mut b).unwrap();
         assert!(b.iter().all(|&x| x == val), "block {blk}");
+        other.read_at(blk * BLOCK, &mut b).unwrap();
+        assert!(b.iter().all(|&x| x == val), "block {blk} through the other queue");
     }
+    other.close().unwrap();
     v.close().unwrap();
     for (d, dir) in daemons.iter_mut().zip(&dirs).take(2) {
         d.signal(libc::SIGTERM);

@@ -57,4 +57,4 @@ pub use chain::{LayerExtents, LayerInfo, PurgeReport, ReplicaInfo};
 pub use error::{ReplicaError, Result};
 pub use extent::Extent;
 pub use io::{Completion, INTERNAL_TAG};
-pub use replica::Replica;
+pub use replica::{new_thread_ring, Replica};

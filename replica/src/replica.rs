@@ -184,7 +184,7 @@ impl Replica {
         let (zero_log, _) = ZeroLog::open(zeros_path(&dir, m.head), m.size)?;
         let engine = EngineState::load(&dir)?;
         let (ring, ring_enabled) =
-            new_ring().map_err(|e| ReplicaError::io("io_uring setup", &head_path, e))?;
+            new_thread_ring(RING_ENTRIES).map_err(|e| ReplicaError::io("io_uring setup", &head_path, e))?;
         let mut r = Replica {
             ring,
             ring_enabled,
@@ -434,16 +434,17 @@ fn check_layer_files(dir: &Path, m: &VolumeMeta) -> Result<()> {
 /// these flags, 0.96-0.99 with them). Such a ring belongs to one thread: it is created
 /// disabled and enabled by the first thread that submits to it, so a replica can be
 /// opened on one thread and served from another. Kernels before 6.1 get a plain ring.
-fn new_ring() -> std::io::Result<(IoUring, bool)> {
+/// Returns the ring and whether it is enabled already (a plain ring is).
+pub fn new_thread_ring(entries: u32) -> std::io::Result<(IoUring, bool)> {
     match IoUring::builder()
         .setup_single_issuer()
         .setup_coop_taskrun()
         .setup_defer_taskrun()
         .setup_r_disabled()
-        .build(RING_ENTRIES)
+        .build(entries)
     {
         Ok(ring) => Ok((ring, false)),
-        Err(_) => Ok((IoUring::new(RING_ENTRIES)?, true)),
+        Err(_) => Ok((IoUring::new(entries)?, true)),
     }
 }
 

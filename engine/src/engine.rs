@@ -1,0 +1,421 @@
+//! `Engine`: what every queue of one volume shares.
+//!
+//! A volume is served by one or more queues ([`crate::volume::Volume`]), each an
+//! io_uring loop on its own thread with its own connection to every replica. They share
+//! only this: the claimed replica set (names, generation, size), which replicas have
+//! failed, and the pause gate that chain operations use to quiesce every queue.
+//!
+//! Nothing here takes a lock on the I/O path. A queue reads one atomic per I/O to learn
+//! of failures another queue found, and bumps its own in-flight counter around each I/O
+//! so that a snapshot can wait for every queue to drain:
+//! - **failures**: a queue that drops a replica publishes it here *before* it completes
+//!   any I/O on the strength of the drop, so any I/O submitted afterwards, on any queue,
+//!   sees the replica as failed and never reads from it;
+//! - **pause**: the coordinator raises the gate and then reads each queue's counter; a
+//!   queue raises its counter and then reads the gate (both sequentially consistent),
+//!   so either the coordinator sees the I/O and waits for it, or the queue sees the gate
+//!   and holds the I/O back until [`Engine::resume`].
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use horn_proto::control::replica_control_client::ReplicaControlClient;
+use horn_proto::control::{
+    ClaimRequest, DeleteSnapshotRequest, ExpandRequest, InfoReply, InfoRequest, PurgeRequest, ReleaseRequest,
+    RevertRequest, SnapshotRequest,
+};
+
+use crate::replica_set::{Mode, ReplicaConfig};
+use crate::volume::{ChainOp, ReplicaAddr, Result, StartReport, VolumeError};
+
+/// One replica as the engine claimed it.
+#[derive(Debug)]
+pub(crate) struct ClaimedReplica {
+    pub(crate) config: ReplicaConfig,
+    pub(crate) data: String,
+    pub(crate) control: String,
+    failed: AtomicBool,
+}
+
+/// What a queue publishes for the coordinator.
+#[derive(Debug)]
+pub(crate) struct QueueShared {
+    /// I/Os this queue has let through and not yet completed.
+    pub(crate) in_flight: AtomicUsize,
+    /// Written to wake the queue (after a pause, or to stop it).
+    pub(crate) wake: OwnedFd,
+}
+
+impl QueueShared {
+    pub(crate) fn new() -> Result<Arc<QueueShared>> {
+        // SAFETY: eventfd has no memory arguments; the result is checked.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if fd < 0 {
+            return Err(VolumeError::System {
+                op: "eventfd for a queue",
+                source: std::io::Error::last_os_error(),
+            });
+        }
+        Ok(Arc::new(QueueShared {
+            in_flight: AtomicUsize::new(0),
+            // SAFETY: `fd` was just created and is owned by nothing else.
+            wake: unsafe { OwnedFd::from_raw_fd(fd) },
+        }))
+    }
+
+    fn wake(&self) {
+        let one = 1u64;
+        // SAFETY: writes 8 bytes from a live u64 to our own eventfd.
+        unsafe { libc::write(self.wake.as_raw_fd(), (&one as *const u64).cast(), 8) };
+    }
+}
+
+/// The state every queue of one volume shares.
+#[derive(Debug)]
+pub struct Engine {
+    replicas: Vec<ClaimedReplica>,
+    generation: u64,
+    size: AtomicU64,
+    sector_size: u32,
+    timeout: Duration,
+    skipped: Vec<(String, String)>,
+    /// Bumped each time a replica is marked failed.
+    failure_epoch: AtomicU64,
+    failure_reasons: Mutex<Vec<Option<String>>>,
+    paused: AtomicBool,
+    queues: Mutex<Vec<Arc<QueueShared>>>,
+    /// One chain operation at a time.
+    chain: Mutex<()>,
+    runtime: tokio::runtime::Runtime,
+}
+
+fn control_err(replica: &str) -> impl FnOnce(tonic::Status) -> VolumeError + '_ {
+    move |s| VolumeError::Control {
+        replica: replica.to_string(),
+        code: s.code(),
+        message: s.message().to_string(),
+    }
+}
+
+impl Engine {
+    /// Claims the replicas through their control services: reads each one's state,
+    /// picks a generation above all of theirs, and leaves out replicas that are
+    /// unreachable, of another size, or behind (dirty with an older generation than the
+    /// newest: they missed the last engine's writes).
+    pub fn start(replicas: &[ReplicaAddr], timeout: Duration) -> Result<(Arc<Engine>, StartReport)> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|source| VolumeError::System {
+                op: "starting the control runtime",
+                source,
+            })?;
+        let mut skipped = Vec::new();
+        let mut infos = Vec::new();
+        for r in replicas {
+            let url = format!("http://{}", r.control);
+            let info = runtime.block_on(async {
+                let mut c = ReplicaControlClient::connect(url)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                c.info(InfoRequest {})
+                    .await
+                    .map(|i| i.into_inner())
+                    .map_err(|s| s.message().to_string())
+            });
+            match info {
+                Ok(i) => infos.push((r.clone(), i)),
+                Err(e) => skipped.push((r.data.clone(), format!("unreachable: {e}"))),
+            }
+        }
+        let Some(size) = infos.first().map(|(_, i)| i.size) else {
+            return Err(VolumeError::NoReplica(describe(&skipped)));
+        };
+        let newest = infos.iter().map(|(_, i)| i.generation).max().unwrap_or(0);
+        let generation = newest + 1;
+        let mut claimed = Vec::new();
+        let mut sector_size = None;
+        for (r, i) in infos {
+            if i.size != size {
+                skipped.push((r.data.clone(), format!("its size {} differs from {size}", i.size)));
+                continue;
+            }
+            if i.dirty && i.generation < newest {
+                let why = format!(
+                    "behind: left dirty at generation {} while others reached {newest}",
+                    i.generation
+                );
+                skipped.push((r.data.clone(), why));
+                continue;
+            }
+            let url = format!("http://{}", r.control);
+            let claim = runtime.block_on(async {
+                let mut c = ReplicaControlClient::connect(url)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                c.claim(ClaimRequest { generation })
+                    .await
+                    .map_err(|s| s.message().to_string())
+            });
+            if let Err(e) = claim {
+                skipped.push((r.data.clone(), format!("claim refused: {e}")));
+                continue;
+            }
+            sector_size.get_or_insert(i.sector_size);
+            // A replica being rebuilt stays write-only: it may lack data its peers have.
+            let wo = i.mode == horn_proto::control::Mode::Wo as i32;
+            claimed.push(ClaimedReplica {
+                config: ReplicaConfig {
+                    name: r.data.clone(),
+                    mode: if wo { Mode::Wo } else { Mode::Rw },
+                    local: r.local,
+                },
+                data: r.data.clone(),
+                control: r.control.clone(),
+                failed: AtomicBool::new(false),
+            });
+        }
+        if claimed.is_empty() {
+            return Err(VolumeError::NoReplica(describe(&skipped)));
+        }
+        let report = StartReport {
+            generation,
+            size,
+            sector_size: sector_size.unwrap_or(512),
+            used: claimed.iter().map(|c| c.data.clone()).collect(),
+            skipped: skipped.clone(),
+        };
+        let engine = Engine {
+            failure_reasons: Mutex::new(vec![None; claimed.len()]),
+            replicas: claimed,
+            generation,
+            size: AtomicU64::new(size),
+            sector_size: report.sector_size,
+            timeout,
+            skipped,
+            failure_epoch: AtomicU64::new(0),
+            paused: AtomicBool::new(false),
+            queues: Mutex::new(Vec::new()),
+            chain: Mutex::new(()),
+            runtime,
+        };
+        Ok((Arc::new(engine), report))
+    }
+
+    pub(crate) fn replicas(&self) -> &[ClaimedReplica] {
+        &self.replicas
+    }
+
+    /// Volume size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
+    }
+
+    /// Sector size in bytes.
+    pub fn sector_size(&self) -> u32 {
+        self.sector_size
+    }
+
+    /// The generation this engine claimed the replicas with.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// How long a replica may leave a request unanswered.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// Replicas left out at start, and why.
+    pub fn skipped(&self) -> &[(String, String)] {
+        &self.skipped
+    }
+
+    /// Each replica's data address and mode as all queues together know it.
+    pub fn replica_modes(&self) -> Vec<(String, Mode)> {
+        self.replicas
+            .iter()
+            .map(|r| {
+                let mode = if r.failed.load(Ordering::Acquire) {
+                    Mode::Err
+                } else {
+                    r.config.mode
+                };
+                (r.data.clone(), mode)
+            })
+            .collect()
+    }
+
+    /// Why each failed replica failed.
+    pub fn failure_reasons(&self) -> Vec<Option<String>> {
+        lock(&self.failure_reasons).clone()
+    }
+
+    /// Publishes that a queue dropped `replica`; true if this is news.
+    pub(crate) fn mark_failed(&self, replica: usize, reason: &str) -> bool {
+        if self.replicas[replica].failed.swap(true, Ordering::AcqRel) {
+            return false;
+        }
+        lock(&self.failure_reasons)[replica] = Some(reason.to_string());
+        self.failure_epoch.fetch_add(1, Ordering::Release);
+        true
+    }
+
+    pub(crate) fn failure_epoch(&self) -> u64 {
+        self.failure_epoch.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn is_failed(&self, replica: usize) -> bool {
+        self.replicas[replica].failed.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn is_paused(&self) -> bool {
+        self.paused.load(Ordering::SeqCst)
+    }
+
+    pub(crate) fn register(&self, queue: Arc<QueueShared>) {
+        lock(&self.queues).push(queue);
+    }
+
+    /// Forgets a queue; returns how many are left.
+    pub(crate) fn unregister(&self, queue: &Arc<QueueShared>) -> usize {
+        let mut queues = lock(&self.queues);
+        queues.retain(|q| !Arc::ptr_eq(q, queue));
+        queues.len()
+    }
+
+    /// Holds new I/O back on every queue and waits until the queues other than `own`
+    /// have nothing in flight. Returns a guard that keeps other chain operations out;
+    /// call [`Engine::resume`] before dropping it.
+    pub(crate) fn pause(&self, own: &Arc<QueueShared>) -> Result<MutexGuard<'_, ()>> {
+        let guard = lock(&self.chain);
+        self.paused.store(true, Ordering::SeqCst);
+        // A queue's I/O ends within the replica timeout (the replica answers or is
+        // dropped), so a queue that has not drained long after it is stuck.
+        let deadline = Instant::now() + self.timeout * 2 + Duration::from_secs(1);
+        let queues: Vec<Arc<QueueShared>> = lock(&self.queues).clone();
+        for q in queues.iter().filter(|q| !Arc::ptr_eq(q, own)) {
+            while q.in_flight.load(Ordering::SeqCst) > 0 {
+                if Instant::now() > deadline {
+                    self.resume();
+                    return Err(VolumeError::BadRequest(
+                        "another queue of this volume did not drain its I/O in time; nothing was changed"
+                            .into(),
+                    ));
+                }
+                std::thread::sleep(Duration::from_micros(100));
+            }
+        }
+        Ok(guard)
+    }
+
+    /// Lets every queue go on, waking those holding I/O back.
+    pub(crate) fn resume(&self) {
+        self.paused.store(false, Ordering::SeqCst);
+        for q in lock(&self.queues).iter() {
+            q.wake();
+        }
+    }
+
+    /// Runs a chain operation through the control service of every replica that has
+    /// not failed; returns the first one's view of the chain. The caller has drained
+    /// and flushed the volume where the operation needs it.
+    pub(crate) fn run_chain_op(&self, op: &ChainOp) -> Result<InfoReply> {
+        if let ChainOp::Expand(size) = *op {
+            if size < self.size() {
+                return Err(VolumeError::BadRequest(format!(
+                    "cannot shrink the volume from {} to {size} bytes",
+                    self.size()
+                )));
+            }
+        }
+        let generation = self.generation;
+        let mut first = None;
+        for (i, r) in self.replicas.iter().enumerate() {
+            if self.is_failed(i) {
+                continue;
+            }
+            let url = format!("http://{}", r.control);
+            let this_op = op.clone();
+            let info = self
+                .runtime
+                .block_on(async move {
+                    let mut c = ReplicaControlClient::connect(url)
+                        .await
+                        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+                    let reply = match this_op {
+                        ChainOp::Info => c.info(InfoRequest {}).await?.into_inner(),
+                        ChainOp::Snapshot { name, labels } => c
+                            .snapshot(SnapshotRequest {
+                                generation,
+                                name,
+                                labels,
+                            })
+                            .await?
+                            .into_inner(),
+                        ChainOp::Delete(name) => c
+                            .delete_snapshot(DeleteSnapshotRequest { generation, name })
+                            .await?
+                            .into_inner(),
+                        ChainOp::Purge => {
+                            let p = c.purge(PurgeRequest { generation }).await?.into_inner();
+                            p.info.unwrap_or_default()
+                        }
+                        ChainOp::Revert(name) => {
+                            c.revert(RevertRequest { generation, name }).await?.into_inner()
+                        }
+                        ChainOp::Expand(size) => {
+                            c.expand(ExpandRequest { generation, size }).await?.into_inner()
+                        }
+                    };
+                    Ok::<_, tonic::Status>(reply)
+                })
+                .map_err(control_err(&r.control))?;
+            first.get_or_insert(info);
+            if matches!(op, ChainOp::Info) {
+                break;
+            }
+        }
+        let first = first.ok_or(VolumeError::Io(crate::replica_set::IoError::NoHealthyReplica))?;
+        if let ChainOp::Expand(size) = *op {
+            // Every replica in the set now has the new size: I/O may use it.
+            self.size.store(size, Ordering::Release);
+        }
+        Ok(first)
+    }
+
+    /// Releases every replica that has not failed (marks it clean).
+    pub(crate) fn release(&self) {
+        let generation = self.generation;
+        for (i, r) in self.replicas.iter().enumerate() {
+            if self.is_failed(i) {
+                continue;
+            }
+            let url = format!("http://{}", r.control);
+            let released = self.runtime.block_on(async {
+                let mut c = ReplicaControlClient::connect(url)
+                    .await
+                    .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+                c.release(ReleaseRequest { generation }).await
+            });
+            if let Err(s) = released {
+                tracing::warn!(replica = %r.control, error = %s.message(), "release failed");
+            }
+        }
+    }
+}
+
+fn describe(skipped: &[(String, String)]) -> String {
+    skipped
+        .iter()
+        .map(|(r, why)| format!("{r}: {why}"))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// Locks a mutex that guards plain data; a panic elsewhere does not poison its use.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}

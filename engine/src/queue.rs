@@ -1,0 +1,749 @@
+//! `EngineQueue`: one queue's share of the engine, without a ring of its own.
+//!
+//! A queue holds its own connection to every replica and its own [`ReplicaSet`], which
+//! decides what to send where and when an I/O is done. The queue turns those decisions
+//! into io_uring entries (socket sends and receives) that its driver pushes on whatever
+//! ring the queue's thread runs: the engine's own ([`crate::volume::Volume`]), or a
+//! frontend's (a ublk queue's ring carries its replica sockets, so no thread hop sits
+//! between the block command and the replica). The driver hands back each completion
+//! by the entry's [`Token`].
+//!
+//! Payload bytes are not copied: a write is sent to every replica straight from the
+//! caller's buffer (one `writev` of header and data per replica), and a read reply's
+//! data is received straight into the caller's buffer. A buffer goes back to the
+//! caller only when the replica set has completed the I/O *and* no socket operation
+//! still points into it (a send to a replica dropped meanwhile finishes, or fails,
+//! first).
+
+use std::collections::{BTreeMap, VecDeque};
+use std::net::TcpStream;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use horn_proto::wire::{frame_iovecs, Header, Op, Status, FLAG_FUA, HEADER_LEN, MAX_IO_LEN};
+use horn_replica::IoBuf;
+use io_uring::{opcode, squeue, types};
+
+use crate::engine::{Engine, QueueShared};
+use crate::replica_set::{Action, IoId, IoKind, IoRequest, Mode, ReplicaSet, Reply, ReqId};
+use crate::volume::{Result, VolumeCompletion, VolumeError};
+
+/// Names one of the queue's ring entries; the driver gives it back with the entry's
+/// result. It fits in 32 bits so a frontend can fold it into its own user data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Token(pub u32);
+
+const KIND_SHIFT: u32 = 30;
+const KIND_SEND: u32 = 1 << KIND_SHIFT;
+const KIND_RECV: u32 = 2 << KIND_SHIFT;
+const KIND_WAKE: u32 = 3 << KIND_SHIFT;
+const INDEX_MASK: u32 = (1 << KIND_SHIFT) - 1;
+
+/// A request on its way out, with its iovecs (kept in place while in the kernel).
+struct Outgoing {
+    header: [u8; HEADER_LEN],
+    /// Writes: the payload lives in this I/O's buffer.
+    io: Option<IoId>,
+    ptr: *const u8,
+    len: usize,
+    sent: usize,
+    iov: [libc::iovec; 2],
+}
+
+// SAFETY: the pointers name the Outgoing's own boxed header and the I/O's heap buffer,
+// which is kept alive (refs counted) until the send finishes; nothing else aliases them.
+unsafe impl Send for Outgoing {}
+
+enum Receiving {
+    Header,
+    /// Read data, into the I/O's buffer.
+    Data {
+        req: ReqId,
+        header: Header,
+        io: IoId,
+        filled: usize,
+    },
+    /// An error message, or the data of a reply nobody waits for any more.
+    Discard {
+        req: ReqId,
+        header: Header,
+        bytes: Vec<u8>,
+        filled: usize,
+    },
+}
+
+struct Conn {
+    /// None for a replica that had failed before this queue opened.
+    stream: Option<TcpStream>,
+    header: Box<[u8; HEADER_LEN]>,
+    filled: usize,
+    receiving: Receiving,
+    queue: VecDeque<Box<Outgoing>>,
+    sending: Option<Box<Outgoing>>,
+    raw_in_flight: usize,
+    closed: bool,
+}
+
+impl Conn {
+    /// The socket; only asked of an open conn, which always has one.
+    fn fd(&self) -> i32 {
+        self.stream.as_ref().map_or(-1, |s| s.as_raw_fd())
+    }
+}
+
+struct Slot {
+    tag: u64,
+    buf: Option<IoBuf>,
+    fua: bool,
+    /// Socket operations pointing into `buf`.
+    refs: usize,
+    result: Option<Result<()>>,
+}
+
+/// An I/O held back while a chain operation has the volume paused.
+struct Held {
+    kind: IoKind,
+    offset: u64,
+    len: u64,
+    buf: Option<IoBuf>,
+    tag: u64,
+    fua: bool,
+}
+
+/// One queue of a volume: its replica connections, its replica set and its I/Os.
+pub struct EngineQueue {
+    engine: Arc<Engine>,
+    shared: Arc<QueueShared>,
+    set: ReplicaSet,
+    conns: Vec<Conn>,
+    slots: BTreeMap<IoId, Slot>,
+    reqs: BTreeMap<ReqId, (IoId, usize)>,
+    held: VecDeque<Held>,
+    ready: VecDeque<VolumeCompletion>,
+    entries: Vec<squeue::Entry>,
+    wake_buf: Box<u64>,
+    wake_posted: bool,
+    failures_seen: u64,
+    /// Running a chain operation: this queue's own I/O passes the pause it raised.
+    coordinating: bool,
+    start: Instant,
+}
+
+impl EngineQueue {
+    /// Connects a new queue to every replica of `engine` that has not failed.
+    pub fn open(engine: &Arc<Engine>) -> Result<EngineQueue> {
+        let shared = QueueShared::new()?;
+        let mut set = ReplicaSet::new(
+            engine.replicas().iter().map(|r| r.config.clone()).collect(),
+            engine.timeout().as_nanos() as u64,
+        );
+        let mut conns = Vec::new();
+        let mut unreachable = Vec::new();
+        for (i, r) in engine.replicas().iter().enumerate() {
+            let stream = if engine.is_failed(i) {
+                None
+            } else {
+                match TcpStream::connect(&r.data) {
+                    Ok(s) => {
+                        let _ = s.set_nodelay(true);
+                        Some(s)
+                    }
+                    Err(e) => {
+                        unreachable.push((i, format!("its data wire is unreachable: {e}")));
+                        None
+                    }
+                }
+            };
+            let closed = stream.is_none();
+            conns.push(Conn {
+                stream,
+                header: Box::new([0; HEADER_LEN]),
+                filled: 0,
+                receiving: Receiving::Header,
+                queue: VecDeque::new(),
+                sending: None,
+                raw_in_flight: 0,
+                closed,
+            });
+        }
+        let start = Instant::now();
+        for i in 0..conns.len() {
+            if engine.is_failed(i) {
+                set.fail_replica(0, i, "dropped before this queue opened".into());
+            }
+        }
+        let mut q = EngineQueue {
+            engine: engine.clone(),
+            shared,
+            set,
+            conns,
+            slots: BTreeMap::new(),
+            reqs: BTreeMap::new(),
+            held: VecDeque::new(),
+            ready: VecDeque::new(),
+            entries: Vec::new(),
+            wake_buf: Box::new(0),
+            wake_posted: false,
+            failures_seen: engine.failure_epoch(),
+            coordinating: false,
+            start,
+        };
+        for (i, why) in unreachable {
+            q.set.fail_replica(0, i, why);
+        }
+        q.run_actions();
+        if q.set.modes().iter().all(|m| *m != Mode::Rw) {
+            return Err(VolumeError::NoReplica(
+                "no replica of the volume is reachable and healthy for a new queue".into(),
+            ));
+        }
+        for i in 0..q.conns.len() {
+            q.post_recv(i);
+        }
+        q.post_wake();
+        engine.register(q.shared.clone());
+        Ok(q)
+    }
+
+    /// The engine this queue belongs to.
+    pub fn engine(&self) -> &Arc<Engine> {
+        &self.engine
+    }
+
+    pub(crate) fn shared(&self) -> &Arc<QueueShared> {
+        &self.shared
+    }
+
+    /// Ring entries to push (in order) on the queue's ring. Their memory stays valid
+    /// until their completions are handed back with [`EngineQueue::complete`].
+    pub fn entries(&mut self) -> std::vec::Drain<'_, squeue::Entry> {
+        self.entries.drain(..)
+    }
+
+    /// Each replica's name and mode as this queue sees it.
+    pub fn modes(&self) -> Vec<Mode> {
+        self.set.modes()
+    }
+
+    /// I/Os submitted and not yet taken with [`EngineQueue::pop_completion`].
+    pub fn in_flight(&self) -> usize {
+        self.slots.len() + self.held.len() + self.ready.len()
+    }
+
+    /// I/Os the replicas still owe (held ones excluded).
+    pub fn pending(&self) -> usize {
+        self.slots.len() + self.held.len()
+    }
+
+    /// Socket operations still in the kernel.
+    pub fn raw_in_flight(&self) -> usize {
+        self.conns.iter().map(|c| c.raw_in_flight).sum::<usize>() + usize::from(self.wake_posted)
+    }
+
+    pub(crate) fn set_coordinating(&mut self, on: bool) {
+        self.coordinating = on;
+    }
+
+    /// Puts a completion back at the front, for the next [`EngineQueue::pop_completion`].
+    pub(crate) fn push_front_completion(&mut self, c: VolumeCompletion) {
+        self.ready.push_front(c);
+    }
+
+    /// A finished I/O, if any.
+    pub fn pop_completion(&mut self) -> Option<VolumeCompletion> {
+        self.ready.pop_front()
+    }
+
+    /// How long the driver may wait before calling [`EngineQueue::tick`].
+    pub fn next_deadline(&self) -> Option<Duration> {
+        let now = self.now();
+        self.set
+            .next_deadline()
+            .map(|d| Duration::from_nanos(d.saturating_sub(now)))
+    }
+
+    fn now(&self) -> u64 {
+        self.start.elapsed().as_nanos() as u64
+    }
+
+    fn check(&self, offset: u64, len: u64) -> Result<()> {
+        let ss = self.engine.sector_size() as u64;
+        if offset % ss != 0 || len % ss != 0 {
+            return Err(VolumeError::BadRequest(format!(
+                "I/O at offset {offset} length {len} is not a multiple of the sector size {ss}"
+            )));
+        }
+        let size = self.engine.size();
+        if offset.checked_add(len).is_none_or(|end| end > size) {
+            return Err(VolumeError::BadRequest(format!(
+                "I/O at offset {offset} length {len} reaches past the end of the volume ({size} bytes)"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Submits an I/O. `buf` is the data to write or the buffer to read into (its
+    /// length is the I/O's); flushes take none, discard and write-zeroes take `len`.
+    /// `fua` asks for a write to be durable before it completes.
+    pub fn submit(&mut self, kind: IoKind, offset: u64, len: u64, buf: Option<IoBuf>, tag: u64, fua: bool) {
+        let len = buf.as_ref().map_or(len, |b| b.len() as u64);
+        let checked = match kind {
+            IoKind::Flush => Ok(()),
+            IoKind::Read | IoKind::Write if len > MAX_IO_LEN as u64 => Err(VolumeError::BadRequest(format!(
+                "I/O of {len} bytes is larger than the {MAX_IO_LEN}-byte maximum"
+            ))),
+            _ => self.check(offset, len),
+        };
+        if let Err(e) = checked {
+            self.ready.push_back(VolumeCompletion {
+                tag,
+                result: Err(e),
+                buf,
+            });
+            return;
+        }
+        // Seen by a coordinator pausing the volume, or we see its pause (engine.rs).
+        self.shared.in_flight.fetch_add(1, Ordering::SeqCst);
+        if (self.engine.is_paused() && !self.coordinating) || !self.held.is_empty() {
+            self.shared.in_flight.fetch_sub(1, Ordering::SeqCst);
+            self.held.push_back(Held {
+                kind,
+                offset,
+                len,
+                buf,
+                tag,
+                fua,
+            });
+            return;
+        }
+        self.sync_failures();
+        let (offset, len) = if kind == IoKind::Flush {
+            (0, 0)
+        } else {
+            (offset, len)
+        };
+        let io = self.set.submit(
+            self.now(),
+            IoRequest {
+                kind,
+                offset,
+                len: len as u32,
+            },
+        );
+        self.slots.insert(
+            io,
+            Slot {
+                tag,
+                buf,
+                fua: fua && kind == IoKind::Write,
+                refs: 0,
+                result: None,
+            },
+        );
+        self.run_actions();
+    }
+
+    /// Hands back the completion of an entry this queue issued.
+    pub fn complete(&mut self, token: Token, res: i32) {
+        let conn = (token.0 & INDEX_MASK) as usize;
+        match token.0 & !INDEX_MASK {
+            KIND_SEND => self.on_send(conn, res),
+            KIND_RECV => self.on_recv(conn, res),
+            KIND_WAKE => {
+                self.wake_posted = false;
+                self.post_wake();
+            }
+            _ => tracing::error!(token = token.0, "completion for a token this queue never issued"),
+        }
+    }
+
+    /// Lets time pass (replicas late past the timeout are dropped), learns of replicas
+    /// other queues dropped, and lets held I/O go once the volume is no longer paused.
+    /// The driver calls it after each batch of completions and at the deadline.
+    pub fn tick(&mut self) {
+        let now = self.now();
+        self.set.on_tick(now);
+        self.run_actions();
+        self.sync_failures();
+        if !self.held.is_empty() && !self.engine.is_paused() {
+            let held: Vec<Held> = self.held.drain(..).collect();
+            for h in held {
+                self.submit(h.kind, h.offset, h.len, h.buf, h.tag, h.fua);
+            }
+        }
+    }
+
+    /// Drops, in this queue too, the replicas other queues have dropped.
+    fn sync_failures(&mut self) {
+        let epoch = self.engine.failure_epoch();
+        if epoch == self.failures_seen {
+            return;
+        }
+        self.failures_seen = epoch;
+        let modes = self.set.modes();
+        let reasons = self.engine.failure_reasons();
+        let now = self.now();
+        for (i, mode) in modes.into_iter().enumerate() {
+            if mode != Mode::Err && self.engine.is_failed(i) {
+                let why = reasons[i].clone().unwrap_or_default();
+                self.set
+                    .fail_replica(now, i, format!("dropped by another queue: {why}"));
+            }
+        }
+        self.run_actions();
+    }
+
+    fn run_actions(&mut self) {
+        while let Some(a) = self.set.poll_action() {
+            match a {
+                Action::Send {
+                    replica,
+                    req,
+                    io,
+                    request,
+                } => self.send(replica, req, io, request),
+                Action::Complete { io, result } => {
+                    if let Some(slot) = self.slots.get_mut(&io) {
+                        slot.result = Some(result.map(|_| ()).map_err(VolumeError::Io));
+                    }
+                    self.try_finish(io);
+                }
+                Action::ReplicaFailed { replica, reason } => {
+                    // Published before any I/O completes on the strength of the drop.
+                    if self.engine.mark_failed(replica, &reason) {
+                        tracing::warn!(%reason, "replica dropped");
+                    }
+                    self.close_conn(replica);
+                }
+            }
+        }
+    }
+
+    fn try_finish(&mut self, io: IoId) {
+        let done = self
+            .slots
+            .get(&io)
+            .is_some_and(|s| s.result.is_some() && s.refs == 0);
+        if done {
+            let slot = self.slots.remove(&io).expect("checked");
+            self.shared.in_flight.fetch_sub(1, Ordering::SeqCst);
+            self.ready.push_back(VolumeCompletion {
+                tag: slot.tag,
+                result: slot.result.expect("checked"),
+                buf: slot.buf,
+            });
+        }
+    }
+
+    fn send(&mut self, replica: usize, req: ReqId, io: IoId, request: IoRequest) {
+        let op = match request.kind {
+            IoKind::Read => Op::Read,
+            IoKind::Write => Op::Write,
+            IoKind::Flush => Op::Flush,
+            IoKind::Discard => Op::Discard,
+            IoKind::WriteZeroes => Op::WriteZeroes,
+        };
+        let mut header = Header::request(op, req.0, request.offset, request.len, self.engine.generation());
+        let (payload_io, ptr, len) = match (request.kind, self.slots.get_mut(&io)) {
+            (IoKind::Write, Some(slot)) => {
+                slot.refs += 1;
+                if slot.fua {
+                    header.flags |= FLAG_FUA;
+                }
+                let b = slot.buf.as_ref().expect("writes carry a buffer");
+                (Some(io), b.as_slice().as_ptr(), b.len())
+            }
+            _ => (None, std::ptr::null(), 0),
+        };
+        self.reqs.insert(req, (io, replica));
+        let out = Box::new(Outgoing {
+            header: header.encode(),
+            io: payload_io,
+            ptr,
+            len,
+            sent: 0,
+            iov: [libc::iovec {
+                iov_base: std::ptr::null_mut(),
+                iov_len: 0,
+            }; 2],
+        });
+        let conn = &mut self.conns[replica];
+        conn.queue.push_back(out);
+        if conn.sending.is_none() {
+            self.start_send(replica);
+        }
+    }
+
+    fn start_send(&mut self, c: usize) {
+        let conn = &mut self.conns[c];
+        if conn.closed {
+            return;
+        }
+        let Some(mut out) = conn.sending.take().or_else(|| conn.queue.pop_front()) else {
+            return;
+        };
+        let n = frame_iovecs(&out.header, (out.ptr, out.len), out.sent, &mut out.iov);
+        let entry = opcode::Writev::new(types::Fd(conn.fd()), out.iov.as_ptr(), n as u32)
+            .build()
+            .user_data((KIND_SEND | c as u32) as u64);
+        conn.sending = Some(out);
+        conn.raw_in_flight += 1;
+        // The iovecs live in the boxed Outgoing held in `conn.sending`, the payload in
+        // the I/O's buffer whose refs count this send, the socket in the conn; all stay
+        // until this entry completes.
+        self.entries.push(entry);
+    }
+
+    fn on_send(&mut self, c: usize, res: i32) {
+        let conn = &mut self.conns[c];
+        conn.raw_in_flight -= 1;
+        let Some(mut out) = conn.sending.take() else {
+            tracing::error!(conn = c, "send completion with no send in flight");
+            return;
+        };
+        if res <= 0 || conn.closed {
+            if let Some(io) = out.io {
+                self.release(io);
+            }
+            if !self.conns[c].closed {
+                let now = self.now();
+                self.set.on_disconnect(now, c);
+                self.run_actions();
+            }
+            return;
+        }
+        out.sent += res as usize;
+        if out.sent < HEADER_LEN + out.len {
+            conn.sending = Some(out);
+            self.start_send(c);
+            return;
+        }
+        if let Some(io) = out.io {
+            self.release(io);
+        }
+        self.start_send(c);
+    }
+
+    /// A socket operation no longer points into the I/O's buffer.
+    fn release(&mut self, io: IoId) {
+        if let Some(slot) = self.slots.get_mut(&io) {
+            slot.refs -= 1;
+        }
+        self.try_finish(io);
+    }
+
+    fn post_wake(&mut self) {
+        if self.wake_posted {
+            return;
+        }
+        let entry = opcode::Read::new(
+            types::Fd(self.shared.wake.as_raw_fd()),
+            (&mut *self.wake_buf as *mut u64).cast(),
+            8,
+        )
+        .build()
+        .user_data(KIND_WAKE as u64);
+        self.wake_posted = true;
+        // The eventfd and the boxed counter live as long as the queue.
+        self.entries.push(entry);
+    }
+
+    fn post_recv(&mut self, c: usize) {
+        let conn = &mut self.conns[c];
+        if conn.closed {
+            return;
+        }
+        let (ptr, len) = match &mut conn.receiving {
+            Receiving::Header => (conn.header[conn.filled..].as_mut_ptr(), HEADER_LEN - conn.filled),
+            Receiving::Data {
+                io, filled, header, ..
+            } => {
+                let slot = self.slots.get_mut(io).expect("a read waiting for data is live");
+                slot.refs += 1;
+                let buf = slot.buf.as_mut().expect("reads carry a buffer");
+                (
+                    buf.as_mut_slice()[*filled..].as_mut_ptr(),
+                    header.length as usize - *filled,
+                )
+            }
+            Receiving::Discard { bytes, filled, .. } => {
+                (bytes[*filled..].as_mut_ptr(), bytes.len() - *filled)
+            }
+        };
+        let entry = opcode::Recv::new(types::Fd(conn.fd()), ptr, len as u32)
+            .build()
+            .user_data((KIND_RECV | c as u32) as u64);
+        conn.raw_in_flight += 1;
+        // The header box and discard vectors belong to the conn; read data goes into an
+        // I/O buffer whose refs count this receive.
+        self.entries.push(entry);
+    }
+
+    fn on_recv(&mut self, c: usize, res: i32) {
+        self.conns[c].raw_in_flight -= 1;
+        if let Receiving::Data { io, .. } = &self.conns[c].receiving {
+            let io = *io;
+            self.release(io);
+        }
+        if res <= 0 || self.conns[c].closed {
+            if !self.conns[c].closed {
+                let now = self.now();
+                self.set.on_disconnect(now, c);
+                self.run_actions();
+            }
+            return;
+        }
+        let n = res as usize;
+        let conn = &mut self.conns[c];
+        let finished = match &mut conn.receiving {
+            Receiving::Header => {
+                conn.filled += n;
+                if conn.filled < HEADER_LEN {
+                    None
+                } else {
+                    conn.filled = 0;
+                    match Header::decode(&conn.header) {
+                        Ok(h) if h.reply => self.start_reply(c, h),
+                        other => {
+                            let why = match other {
+                                Err(e) => e.to_string(),
+                                Ok(_) => "it sent a request instead of a reply".into(),
+                            };
+                            let now = self.now();
+                            self.set
+                                .fail_replica(now, c, format!("protocol violation: {why}"));
+                            self.run_actions();
+                            return;
+                        }
+                    }
+                }
+            }
+            Receiving::Data {
+                req, header, filled, ..
+            } => {
+                *filled += n;
+                if *filled < header.length as usize {
+                    None
+                } else {
+                    let done = Some((*req, *header, Vec::new()));
+                    conn.receiving = Receiving::Header;
+                    done
+                }
+            }
+            Receiving::Discard {
+                req,
+                header,
+                bytes,
+                filled,
+            } => {
+                *filled += n;
+                if *filled < bytes.len() {
+                    None
+                } else {
+                    let done = Some((*req, *header, std::mem::take(bytes)));
+                    conn.receiving = Receiving::Header;
+                    done
+                }
+            }
+        };
+        if let Some((req, header, message)) = finished {
+            self.on_reply(req, header, message);
+        }
+        self.post_recv(c);
+    }
+
+    /// A reply header has arrived: returns the reply if it has no payload, or sets the
+    /// connection to receive the payload (read data straight into the waiting I/O's
+    /// buffer; anything else, such as an error message or a reply nobody waits for,
+    /// into a scratch vector).
+    fn start_reply(&mut self, c: usize, h: Header) -> Option<(ReqId, Header, Vec<u8>)> {
+        let req = ReqId(h.id);
+        let len = h.payload_len();
+        if len == 0 {
+            return Some((req, h, Vec::new()));
+        }
+        let reader = self.reqs.get(&req).map(|&(io, _)| io).filter(|io| {
+            h.status == Status::Ok
+                && h.op == Op::Read
+                && self.slots.get(io).and_then(|s| s.buf.as_ref()).map(IoBuf::len) == Some(len)
+        });
+        self.conns[c].receiving = match reader {
+            Some(io) => Receiving::Data {
+                req,
+                header: h,
+                io,
+                filled: 0,
+            },
+            None => Receiving::Discard {
+                req,
+                header: h,
+                bytes: vec![0; len],
+                filled: 0,
+            },
+        };
+        None
+    }
+
+    fn on_reply(&mut self, req: ReqId, h: Header, message: Vec<u8>) {
+        // A reply whose read data did not land in the I/O's buffer cannot answer it.
+        let discarded_read = h.op == Op::Read && h.status == Status::Ok && !message.is_empty();
+        if self.reqs.remove(&req).is_none() {
+            return; // for a request already settled without this replica
+        }
+        let text = String::from_utf8_lossy(&message).into_owned();
+        let reply = match h.status {
+            Status::Ok if discarded_read => Reply::Failed("read reply of the wrong length".into()),
+            Status::Ok => Reply::Ok,
+            Status::StaleGeneration => Reply::StaleGeneration,
+            Status::OutOfRange | Status::Misaligned | Status::BadRequest => Reply::Refused(text),
+            Status::IoError | Status::Unavailable => Reply::Failed(text),
+        };
+        let now = self.now();
+        self.set.on_reply(now, req, reply);
+        self.run_actions();
+    }
+
+    fn close_conn(&mut self, c: usize) {
+        let conn = &mut self.conns[c];
+        if conn.closed {
+            return;
+        }
+        conn.closed = true;
+        // Wakes the receive (and any send) still in the ring; they finish with errors.
+        if let Some(s) = &conn.stream {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+        let queued: Vec<Box<Outgoing>> = conn.queue.drain(..).collect();
+        for out in queued {
+            if let Some(io) = out.io {
+                self.release(io);
+            }
+        }
+    }
+
+    /// Closes every connection and leaves the engine; the driver must then wait until
+    /// [`EngineQueue::raw_in_flight`] is zero before dropping the queue.
+    pub fn shutdown(&mut self) -> usize {
+        for i in 0..self.conns.len() {
+            self.close_conn(i);
+        }
+        // Wakes the eventfd read so it completes too.
+        self.shared.in_flight.store(0, Ordering::SeqCst);
+        let one = 1u64;
+        // SAFETY: writes 8 bytes from a live u64 to our own eventfd.
+        unsafe { libc::write(self.shared.wake.as_raw_fd(), (&one as *const u64).cast(), 8) };
+        self.engine.unregister(&self.shared)
+    }
+
+    /// After [`EngineQueue::shutdown`]: an entry finished; only counts it.
+    pub fn complete_after_shutdown(&mut self, token: Token) {
+        let c = (token.0 & INDEX_MASK) as usize;
+        match token.0 & !INDEX_MASK {
+            KIND_SEND | KIND_RECV => self.conns[c].raw_in_flight -= 1,
+            KIND_WAKE => self.wake_posted = false,
+            _ => {}
+        }
+    }
+}
