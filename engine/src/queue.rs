@@ -22,7 +22,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use horn_proto::wire::{frame_iovecs, Header, Op, Status, FLAG_FUA, HEADER_LEN, MAX_IO_LEN};
+use horn_proto::batch::{Message, SendBatch, TwoPartRecv};
+use horn_proto::wire::{Header, Op, Status, FLAG_FUA, HEADER_LEN, MAX_IO_LEN};
 use horn_replica::IoBuf;
 use io_uring::{opcode, squeue, types};
 
@@ -41,22 +42,31 @@ const KIND_RECV: u32 = 2 << KIND_SHIFT;
 const KIND_WAKE: u32 = 3 << KIND_SHIFT;
 const INDEX_MASK: u32 = (1 << KIND_SHIFT) - 1;
 
-/// A request on its way out, with its iovecs (kept in place while in the kernel).
+/// A request on its way out.
 struct Outgoing {
     header: [u8; HEADER_LEN],
     /// Writes: the payload lives in this I/O's buffer.
     io: Option<IoId>,
     ptr: *const u8,
     len: usize,
-    sent: usize,
-    iov: [libc::iovec; 2],
 }
 
-// SAFETY: the pointers name the Outgoing's own boxed header and the I/O's heap buffer,
-// which is kept alive (refs counted) until the send finishes; nothing else aliases them.
+// SAFETY: `ptr` names the I/O's heap buffer, kept alive and in place (refs counted)
+// until the send finishes; nothing else aliases it.
 unsafe impl Send for Outgoing {}
 
+impl Message for Outgoing {
+    fn header(&self) -> &[u8; HEADER_LEN] {
+        &self.header
+    }
+
+    fn payload(&self) -> (*const u8, usize) {
+        (self.ptr, self.len)
+    }
+}
+
 enum Receiving {
+    /// Reply headers, into the conn's `rx`.
     Header,
     /// Read data, into the I/O's buffer.
     Data {
@@ -74,14 +84,22 @@ enum Receiving {
     },
 }
 
+/// Bytes of reply headers received ahead (many replies to writes in one receive).
+const RX_LEN: usize = 64 * HEADER_LEN;
+
 struct Conn {
     /// None for a replica that had failed before this queue opened.
     stream: Option<TcpStream>,
-    header: Box<[u8; HEADER_LEN]>,
-    filled: usize,
+    /// Received bytes not yet parsed are `rx[rx_start..rx_end]`.
+    rx: Box<[u8; RX_LEN]>,
+    rx_start: usize,
+    rx_end: usize,
+    /// The two-part receive in the kernel: the rest of a payload, then the next header.
+    rx_msg: Box<TwoPartRecv>,
+    /// Reads sent on this connection and not answered yet.
+    reads: usize,
     receiving: Receiving,
-    queue: VecDeque<Box<Outgoing>>,
-    sending: Option<Box<Outgoing>>,
+    out: SendBatch<Outgoing>,
     raw_in_flight: usize,
     closed: bool,
 }
@@ -159,11 +177,13 @@ impl EngineQueue {
             let closed = stream.is_none();
             conns.push(Conn {
                 stream,
-                header: Box::new([0; HEADER_LEN]),
-                filled: 0,
+                rx: Box::new([0; RX_LEN]),
+                rx_start: 0,
+                rx_end: 0,
+                rx_msg: TwoPartRecv::new(),
+                reads: 0,
                 receiving: Receiving::Header,
-                queue: VecDeque::new(),
-                sending: None,
+                out: SendBatch::default(),
                 raw_in_flight: 0,
                 closed,
             });
@@ -458,53 +478,44 @@ impl EngineQueue {
             _ => (None, std::ptr::null(), 0),
         };
         self.reqs.insert(req, (io, replica));
+        if op == Op::Read {
+            self.conns[replica].reads += 1;
+        }
         let out = Box::new(Outgoing {
             header: header.encode(),
             io: payload_io,
             ptr,
             len,
-            sent: 0,
-            iov: [libc::iovec {
-                iov_base: std::ptr::null_mut(),
-                iov_len: 0,
-            }; 2],
         });
-        let conn = &mut self.conns[replica];
-        conn.queue.push_back(out);
-        if conn.sending.is_none() {
-            self.start_send(replica);
-        }
+        self.conns[replica].out.push(out);
+        self.start_send(replica);
     }
 
+    /// Sends what has queued up on the connection, unless a send is in the kernel.
     fn start_send(&mut self, c: usize) {
         let conn = &mut self.conns[c];
         if conn.closed {
             return;
         }
-        let Some(mut out) = conn.sending.take().or_else(|| conn.queue.pop_front()) else {
+        let Some((iov, n)) = conn.out.next_send() else {
             return;
         };
-        let n = frame_iovecs(&out.header, (out.ptr, out.len), out.sent, &mut out.iov);
-        let entry = opcode::Writev::new(types::Fd(conn.fd()), out.iov.as_ptr(), n as u32)
+        let entry = opcode::Writev::new(types::Fd(conn.fd()), iov, n)
             .build()
             .user_data((KIND_SEND | c as u32) as u64);
-        conn.sending = Some(out);
         conn.raw_in_flight += 1;
-        // The iovecs live in the boxed Outgoing held in `conn.sending`, the payload in
-        // the I/O's buffer whose refs count this send, the socket in the conn; all stay
-        // until this entry completes.
+        // The iovecs live in the conn's batch, the headers in its boxed messages, the
+        // payloads in I/O buffers whose refs count this send; all stay until this entry
+        // completes.
         self.entries.push(entry);
     }
 
     fn on_send(&mut self, c: usize, res: i32) {
         let conn = &mut self.conns[c];
         conn.raw_in_flight -= 1;
-        let Some(mut out) = conn.sending.take() else {
-            tracing::error!(conn = c, "send completion with no send in flight");
-            return;
-        };
         if res <= 0 || conn.closed {
-            if let Some(io) = out.io {
+            let sent: Vec<Box<Outgoing>> = conn.out.take_all().collect();
+            for io in sent.into_iter().filter_map(|o| o.io) {
                 self.release(io);
             }
             if !self.conns[c].closed {
@@ -514,13 +525,9 @@ impl EngineQueue {
             }
             return;
         }
-        out.sent += res as usize;
-        if out.sent < HEADER_LEN + out.len {
-            conn.sending = Some(out);
-            self.start_send(c);
-            return;
-        }
-        if let Some(io) = out.io {
+        let mut finished = Vec::new();
+        conn.out.sent(res as usize, |o| finished.extend(o.io));
+        for io in finished {
             self.release(io);
         }
         self.start_send(c);
@@ -550,13 +557,41 @@ impl EngineQueue {
         self.entries.push(entry);
     }
 
+    /// Posts the connection's next receive:
+    /// - between replies, into `rx`: as much as fits while no read is outstanding
+    ///   (replies to writes are bare headers, many to a receive), one header's worth
+    ///   otherwise, so that read data never lands in `rx`;
+    /// - within a payload, one `recvmsg` of the rest of it (read data straight into
+    ///   the I/O's buffer) followed by the next header into `rx`.
     fn post_recv(&mut self, c: usize) {
         let conn = &mut self.conns[c];
         if conn.closed {
             return;
         }
+        let fd = conn.fd();
+        let token = (KIND_RECV | c as u32) as u64;
         let (ptr, len) = match &mut conn.receiving {
-            Receiving::Header => (conn.header[conn.filled..].as_mut_ptr(), HEADER_LEN - conn.filled),
+            Receiving::Header => {
+                if conn.rx_start > 0 {
+                    conn.rx.copy_within(conn.rx_start..conn.rx_end, 0);
+                    conn.rx_end -= conn.rx_start;
+                    conn.rx_start = 0;
+                }
+                let want = if conn.reads == 0 {
+                    RX_LEN - conn.rx_end
+                } else {
+                    HEADER_LEN - conn.rx_end
+                };
+                let ptr = conn.rx[conn.rx_end..].as_mut_ptr();
+                // The parser leaves less than one header in `rx`.
+                conn.raw_in_flight += 1;
+                let entry = opcode::Recv::new(types::Fd(fd), ptr, want as u32)
+                    .build()
+                    .user_data(token);
+                // `rx` is boxed in the conn and stays until this entry completes.
+                self.entries.push(entry);
+                return;
+            }
             Receiving::Data {
                 io, filled, header, ..
             } => {
@@ -572,12 +607,17 @@ impl EngineQueue {
                 (bytes[*filled..].as_mut_ptr(), bytes.len() - *filled)
             }
         };
-        let entry = opcode::Recv::new(types::Fd(conn.fd()), ptr, len as u32)
-            .build()
-            .user_data((KIND_RECV | c as u32) as u64);
+        // `rx` is empty while a payload is being received (see `parse`).
+        conn.rx_start = 0;
+        conn.rx_end = 0;
+        let msg = conn
+            .rx_msg
+            .prepare((ptr, len), (conn.rx.as_mut_ptr(), HEADER_LEN));
+        let entry = opcode::RecvMsg::new(types::Fd(fd), msg).build().user_data(token);
         conn.raw_in_flight += 1;
-        // The header box and discard vectors belong to the conn; read data goes into an
-        // I/O buffer whose refs count this receive.
+        // The msghdr and iovecs are boxed in the conn, `rx` too, the discard vector
+        // belongs to the conn, and read data goes into an I/O buffer whose refs count
+        // this receive; all stay until this entry completes.
         self.entries.push(entry);
     }
 
@@ -599,38 +639,16 @@ impl EngineQueue {
         let conn = &mut self.conns[c];
         let finished = match &mut conn.receiving {
             Receiving::Header => {
-                conn.filled += n;
-                if conn.filled < HEADER_LEN {
-                    None
-                } else {
-                    conn.filled = 0;
-                    match Header::decode(&conn.header) {
-                        Ok(h) if h.reply => self.start_reply(c, h),
-                        other => {
-                            let why = match other {
-                                Err(e) => e.to_string(),
-                                Ok(_) => "it sent a request instead of a reply".into(),
-                            };
-                            let now = self.now();
-                            self.set
-                                .fail_replica(now, c, format!("protocol violation: {why}"));
-                            self.run_actions();
-                            return;
-                        }
-                    }
-                }
+                conn.rx_end += n;
+                None
             }
             Receiving::Data {
                 req, header, filled, ..
             } => {
-                *filled += n;
-                if *filled < header.length as usize {
-                    None
-                } else {
-                    let done = Some((*req, *header, Vec::new()));
-                    conn.receiving = Receiving::Header;
-                    done
-                }
+                let took = n.min(header.length as usize - *filled);
+                *filled += took;
+                conn.rx_end = n - took;
+                (*filled == header.length as usize).then(|| (*req, *header, Vec::new()))
             }
             Receiving::Discard {
                 req,
@@ -638,26 +656,60 @@ impl EngineQueue {
                 bytes,
                 filled,
             } => {
-                *filled += n;
-                if *filled < bytes.len() {
-                    None
-                } else {
-                    let done = Some((*req, *header, std::mem::take(bytes)));
-                    conn.receiving = Receiving::Header;
-                    done
-                }
+                let took = n.min(bytes.len() - *filled);
+                *filled += took;
+                conn.rx_end = n - took;
+                (*filled == bytes.len()).then(|| (*req, *header, std::mem::take(bytes)))
             }
         };
         if let Some((req, header, message)) = finished {
-            self.on_reply(req, header, message);
+            self.conns[c].receiving = Receiving::Header;
+            self.on_reply(c, req, header, message);
         }
-        self.post_recv(c);
+        if self.parse(c) {
+            self.post_recv(c);
+        }
     }
 
-    /// A reply header has arrived: returns the reply if it has no payload, or sets the
-    /// connection to receive the payload (read data straight into the waiting I/O's
-    /// buffer; anything else, such as an error message or a reply nobody waits for,
-    /// into a scratch vector).
+    /// Handles the whole replies in `rx`, and starts the payload of a partial one.
+    /// Returns false if the connection was dropped for a protocol violation.
+    fn parse(&mut self, c: usize) -> bool {
+        loop {
+            let conn = &mut self.conns[c];
+            if conn.closed {
+                return false;
+            }
+            if !matches!(conn.receiving, Receiving::Header) || conn.rx_end - conn.rx_start < HEADER_LEN {
+                return true;
+            }
+            let raw: &[u8; HEADER_LEN] = conn.rx[conn.rx_start..conn.rx_start + HEADER_LEN]
+                .try_into()
+                .expect("one header");
+            conn.rx_start += HEADER_LEN;
+            let h = match Header::decode(raw) {
+                Ok(h) if h.reply => h,
+                other => {
+                    let why = match other {
+                        Err(e) => e.to_string(),
+                        Ok(_) => "it sent a request instead of a reply".into(),
+                    };
+                    let now = self.now();
+                    self.set
+                        .fail_replica(now, c, format!("protocol violation: {why}"));
+                    self.run_actions();
+                    return false;
+                }
+            };
+            if let Some((req, header, message)) = self.start_reply(c, h) {
+                self.on_reply(c, req, header, message);
+            }
+        }
+    }
+
+    /// A reply header has arrived: returns the reply if it is complete (no payload, or
+    /// all of it already in `rx`), or sets the connection to receive the payload (read
+    /// data straight into the waiting I/O's buffer; anything else, such as an error
+    /// message or a reply nobody waits for, into a scratch vector).
     fn start_reply(&mut self, c: usize, h: Header) -> Option<(ReqId, Header, Vec<u8>)> {
         let req = ReqId(h.id);
         let len = h.payload_len();
@@ -669,24 +721,52 @@ impl EngineQueue {
                 && h.op == Op::Read
                 && self.slots.get(io).and_then(|s| s.buf.as_ref()).map(IoBuf::len) == Some(len)
         });
-        self.conns[c].receiving = match reader {
-            Some(io) => Receiving::Data {
-                req,
-                header: h,
-                io,
-                filled: 0,
-            },
-            None => Receiving::Discard {
-                req,
-                header: h,
-                bytes: vec![0; len],
-                filled: 0,
-            },
-        };
+        let conn = &mut self.conns[c];
+        // Bytes of the payload already in `rx` (read data only when a bulk receive was
+        // in the kernel as the read went out: copied, the one case that copies).
+        let ahead = (conn.rx_end - conn.rx_start).min(len);
+        let early = &conn.rx[conn.rx_start..conn.rx_start + ahead];
+        conn.rx_start += ahead;
+        match reader {
+            Some(io) => {
+                let buf = self
+                    .slots
+                    .get_mut(&io)
+                    .and_then(|s| s.buf.as_mut())
+                    .expect("checked");
+                buf.as_mut_slice()[..ahead].copy_from_slice(early);
+                if ahead == len {
+                    return Some((req, h, Vec::new()));
+                }
+                conn.receiving = Receiving::Data {
+                    req,
+                    header: h,
+                    io,
+                    filled: ahead,
+                };
+            }
+            None => {
+                let mut bytes = vec![0; len];
+                bytes[..ahead].copy_from_slice(early);
+                if ahead == len {
+                    return Some((req, h, bytes));
+                }
+                conn.receiving = Receiving::Discard {
+                    req,
+                    header: h,
+                    bytes,
+                    filled: ahead,
+                };
+            }
+        }
         None
     }
 
-    fn on_reply(&mut self, req: ReqId, h: Header, message: Vec<u8>) {
+    fn on_reply(&mut self, c: usize, req: ReqId, h: Header, message: Vec<u8>) {
+        if h.op == Op::Read {
+            let reads = &mut self.conns[c].reads;
+            *reads = reads.saturating_sub(1);
+        }
         // A reply whose read data did not land in the I/O's buffer cannot answer it.
         let discarded_read = h.op == Op::Read && h.status == Status::Ok && !message.is_empty();
         if self.reqs.remove(&req).is_none() {
@@ -715,11 +795,15 @@ impl EngineQueue {
         if let Some(s) = &conn.stream {
             let _ = s.shutdown(std::net::Shutdown::Both);
         }
-        let queued: Vec<Box<Outgoing>> = conn.queue.drain(..).collect();
-        for out in queued {
-            if let Some(io) = out.io {
-                self.release(io);
-            }
+        // Messages no send has touched go at once; those of a send in the kernel go
+        // when it completes.
+        let queued: Vec<Box<Outgoing>> = if conn.out.is_busy() {
+            conn.out.take_queued().collect()
+        } else {
+            conn.out.take_all().collect()
+        };
+        for io in queued.into_iter().filter_map(|o| o.io) {
+            self.release(io);
         }
     }
 

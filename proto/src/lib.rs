@@ -12,6 +12,7 @@
 
 #![warn(missing_docs)]
 
+pub mod batch;
 pub mod client;
 pub mod wire;
 

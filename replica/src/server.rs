@@ -12,7 +12,6 @@
 //! [`ServerHandle`]: each is a closure run on the loop thread between I/Os, with the
 //! replica in hand.
 
-use std::collections::VecDeque;
 use std::fs::File;
 use std::io::Write;
 use std::net::{TcpListener, TcpStream};
@@ -20,6 +19,7 @@ use std::os::fd::{AsRawFd, FromRawFd};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::Arc;
 
+use horn_proto::batch::{Message, SendBatch, TwoPartRecv};
 use horn_proto::wire::{Header, Op, Status, FLAG_FUA, HEADER_LEN};
 use io_uring::{opcode, types};
 
@@ -80,18 +80,11 @@ impl ServerHandle {
     }
 }
 
-/// A reply waiting to be sent, with its iovecs (kept in place while the send is in
-/// the kernel's hands).
+/// A reply waiting to be sent.
 struct Outgoing {
     header: [u8; HEADER_LEN],
     payload: Payload,
-    sent: usize,
-    iov: [libc::iovec; 2],
 }
-
-// SAFETY: the iovecs point only into the Outgoing's own header array (boxed with it)
-// and its payload's heap buffer, which move with it; nothing else aliases them.
-unsafe impl Send for Outgoing {}
 
 enum Payload {
     None,
@@ -104,31 +97,24 @@ impl Outgoing {
         Box::new(Outgoing {
             header: header.encode(),
             payload,
-            sent: 0,
-            iov: [libc::iovec {
-                iov_base: std::ptr::null_mut(),
-                iov_len: 0,
-            }; 2],
         })
     }
+}
 
-    fn payload(&self) -> &[u8] {
-        match &self.payload {
+impl Message for Outgoing {
+    fn header(&self) -> &[u8; HEADER_LEN] {
+        &self.header
+    }
+
+    /// On the heap (the buffer or the vector), so it stays in place as the boxed
+    /// reply moves.
+    fn payload(&self) -> (*const u8, usize) {
+        let p: &[u8] = match &self.payload {
             Payload::None => &[],
             Payload::Data(b) => b.as_slice(),
             Payload::Message(m) => m,
-        }
-    }
-
-    fn total(&self) -> usize {
-        HEADER_LEN + self.payload().len()
-    }
-
-    /// Points the iovecs at what is left to send; returns how many are in use.
-    fn prepare(&mut self) -> u32 {
-        let p = self.payload();
-        let payload = (p.as_ptr(), p.len());
-        horn_proto::wire::frame_iovecs(&self.header, payload, self.sent, &mut self.iov) as u32
+        };
+        (p.as_ptr(), p.len())
     }
 }
 
@@ -144,8 +130,9 @@ struct Conn {
     header: Box<[u8; HEADER_LEN]>,
     filled: usize,
     incoming: Option<Incoming>,
-    queue: VecDeque<Box<Outgoing>>,
-    sending: Option<Box<Outgoing>>,
+    /// The two-part receive of a write's data and the next header.
+    rx_msg: Box<TwoPartRecv>,
+    out: SendBatch<Outgoing>,
     /// Socket entries (one receive, one send at most) in the ring.
     raw_in_flight: usize,
     /// Store operations in flight for this connection.
@@ -309,8 +296,8 @@ impl DataServer {
                 header: Box::new([0; HEADER_LEN]),
                 filled: 0,
                 incoming: None,
-                queue: VecDeque::new(),
-                sending: None,
+                rx_msg: TwoPartRecv::new(),
+                out: SendBatch::default(),
                 raw_in_flight: 0,
                 ops: 0,
                 closing: false,
@@ -341,18 +328,26 @@ impl DataServer {
         if conn.closing {
             return Ok(());
         }
-        let (ptr, len) = match &mut conn.incoming {
+        let fd = types::Fd(conn.stream.as_raw_fd());
+        let entry = match &mut conn.incoming {
+            // The rest of a write's data, and the next request's header with it.
             Some(inc) => {
-                // SAFETY (pointer arithmetic): filled < len of the buffer.
-                let p = unsafe { inc.buf.as_mut_ptr().add(inc.filled) };
-                (p, inc.buf.len() - inc.filled)
+                let rest = &mut inc.buf.as_mut_slice()[inc.filled..];
+                let msg = conn.rx_msg.prepare(
+                    (rest.as_mut_ptr(), rest.len()),
+                    (conn.header.as_mut_ptr(), HEADER_LEN),
+                );
+                opcode::RecvMsg::new(fd, msg).build()
             }
-            None => (conn.header[conn.filled..].as_mut_ptr(), HEADER_LEN - conn.filled),
+            None => {
+                let rest = &mut conn.header[conn.filled..];
+                opcode::Recv::new(fd, rest.as_mut_ptr(), rest.len() as u32).build()
+            }
         };
-        let entry = opcode::Recv::new(types::Fd(conn.stream.as_raw_fd()), ptr, len as u32).build();
         conn.raw_in_flight += 1;
-        // SAFETY: the buffer (boxed header, or the incoming IoBuf) and the socket belong
-        // to the connection, which is freed only when no entry of it is in flight.
+        // SAFETY: the buffers (boxed header, the incoming IoBuf, the boxed msghdr) and the
+        // socket belong to the connection, which is freed only when no entry of it is in
+        // flight.
         unsafe { self.replica.submit_raw(entry, TAG_RECV | id as u64) }
     }
 
@@ -366,16 +361,23 @@ impl DataServer {
             conn.closing = true;
             return self.maybe_close(id);
         }
-        let n = res as usize;
+        let mut n = res as usize;
         if let Some(inc) = &mut conn.incoming {
-            inc.filled += n;
+            let took = n.min(inc.buf.len() - inc.filled);
+            inc.filled += took;
             if inc.filled < inc.buf.len() {
                 return self.post_recv(id);
             }
             let inc = conn.incoming.take().expect("checked above");
+            // Whatever came after the data is the start of the next header.
+            n -= took;
+            conn.filled = 0;
             self.dispatch(id, inc.header, Some(inc.buf))?;
-            return self.post_recv(id);
+            if n == 0 || self.conn(id).closing {
+                return self.post_recv(id);
+            }
         }
+        let conn = self.conn(id);
         conn.filled += n;
         if conn.filled < HEADER_LEN {
             return self.post_recv(id);
@@ -536,25 +538,21 @@ impl DataServer {
     }
 
     fn queue_send(&mut self, id: u32, out: Box<Outgoing>) -> Result<()> {
-        let conn = self.conn(id);
-        conn.queue.push_back(out);
-        if conn.sending.is_none() {
-            self.start_send(id)?;
-        }
-        Ok(())
+        self.conn(id).out.push(out);
+        self.start_send(id)
     }
 
+    /// Sends the replies queued up on the connection, unless a send is in the kernel.
     fn start_send(&mut self, id: u32) -> Result<()> {
         let conn = self.conn(id);
-        let Some(mut out) = conn.sending.take().or_else(|| conn.queue.pop_front()) else {
+        let Some((iov, n)) = conn.out.next_send() else {
             return Ok(());
         };
-        let n = out.prepare();
-        let entry = opcode::Writev::new(types::Fd(conn.stream.as_raw_fd()), out.iov.as_ptr(), n).build();
-        conn.sending = Some(out);
+        let entry = opcode::Writev::new(types::Fd(conn.stream.as_raw_fd()), iov, n).build();
         conn.raw_in_flight += 1;
-        // SAFETY: the iovecs and what they point at live in the boxed Outgoing held in
-        // `conn.sending` until this entry completes; the socket lives with the conn.
+        // SAFETY: the iovecs live in the conn's batch and point into its boxed replies
+        // and their heap payloads, all kept until this entry completes; the socket lives
+        // with the conn.
         unsafe { self.replica.submit_raw(entry, TAG_SEND | id as u64) }
     }
 
@@ -564,17 +562,11 @@ impl DataServer {
         if res < 0 {
             tracing::debug!(error = %std::io::Error::from_raw_os_error(-res), "send failed; closing");
             conn.closing = true;
-            conn.sending = None;
-            conn.queue.clear();
+            conn.out.take_all().for_each(drop);
             return self.maybe_close(id);
         }
-        let out = conn.sending.as_mut().expect("a send was in flight");
-        out.sent += res as usize;
-        if out.sent < out.total() {
-            return self.start_send(id); // the rest of the same reply
-        }
-        conn.sending = None;
-        if !conn.queue.is_empty() {
+        conn.out.sent(res as usize, drop);
+        if !conn.out.is_idle() {
             return self.start_send(id);
         }
         self.maybe_close(id)
@@ -583,12 +575,7 @@ impl DataServer {
     /// Frees a closing connection once nothing of it is in flight or queued.
     fn maybe_close(&mut self, id: u32) -> Result<()> {
         let conn = self.conn(id);
-        if conn.closing
-            && conn.raw_in_flight == 0
-            && conn.ops == 0
-            && conn.sending.is_none()
-            && conn.queue.is_empty()
-        {
+        if conn.closing && conn.raw_in_flight == 0 && conn.ops == 0 && conn.out.is_idle() {
             let _ = conn.stream.shutdown(std::net::Shutdown::Both);
             self.conns[id as usize] = None;
             self.free_conns.push(id);
