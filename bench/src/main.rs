@@ -14,6 +14,7 @@
 //! depends on `rand` (random offsets) and `tempfile` (scratch directories); it must
 //! never be needed by anything that ships.
 
+mod cpu;
 mod fio;
 mod report;
 mod store;

@@ -52,6 +52,8 @@ impl Report {
                     "peer_iops",
                     "peer_lat_us_mean",
                     "ratio",
+                    "cpu_us_per_io",
+                    "peer_cpu_us_per_io",
                 ]
                 .iter()
                 .map(|k| cell(v, k))
@@ -69,7 +71,9 @@ impl Report {
                         "LAT_US",
                         "FIO_IOPS",
                         "FIO_LAT_US",
-                        "RATIO"
+                        "RATIO",
+                        "CPU_US/IO",
+                        "FIO_CPU_US/IO"
                     ],
                     &io
                 )

@@ -108,6 +108,7 @@ pub fn fill(t: &mut impl BlockTarget) -> Result<()> {
 }
 
 /// One workload: random or sequential, read or write, block size, queue depth.
+#[derive(Debug, Clone, Copy)]
 pub struct Workload {
     /// Name as printed.
     pub name: &'static str,

@@ -19,10 +19,11 @@ use horn_engine::volume::{ReplicaAddr, Volume};
 use horn_manager::format::{human_bytes, parse_size};
 use serde_json::json;
 
+use crate::cpu::CpuMeter;
 use crate::fio;
 use crate::report::Report;
 use crate::store::{fill_plain, round2};
-use crate::target::{drive, fill, WORKLOADS};
+use crate::target::{drive, fill, Workload, WORKLOADS};
 
 /// Arguments of `horn-bench volume`.
 #[derive(Debug, Args)]
@@ -50,6 +51,10 @@ pub struct VolumeArgs {
     /// overwritten.
     #[arg(long = "replica")]
     running: Vec<ReplicaAddr>,
+    /// Engine queues, each a thread with its own ring and replica connections; the
+    /// queue depth is shared among them.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
+    queues: u16,
 }
 
 /// A replica process, killed when dropped.
@@ -102,6 +107,43 @@ impl Drop for ReplicaProcess {
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let _ = self.child.wait();
     }
+}
+
+/// Drives the workload on `queues` queues of the volume at once (the first on this
+/// thread), the depth shared among them; returns total IOPS and mean latency.
+fn drive_queues(volume: &mut Volume, w: &Workload, runtime: Duration, queues: usize) -> Result<(f64, f64)> {
+    let queues = queues.min(w.qd).max(1);
+    if queues == 1 {
+        return drive(volume, w, runtime);
+    }
+    let others = (1..queues)
+        .map(|i| {
+            let mut q = volume.open_queue()?;
+            let share = Workload {
+                qd: w.qd / queues + usize::from(i < w.qd % queues),
+                ..*w
+            };
+            Ok(std::thread::spawn(move || {
+                let r = drive(&mut q, &share, runtime);
+                q.close()?;
+                r
+            }))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let own = Workload {
+        qd: w.qd / queues + usize::from(w.qd % queues > 0),
+        ..*w
+    };
+    let mut results = vec![drive(volume, &own, runtime)?];
+    for t in others {
+        results.push(
+            t.join()
+                .map_err(|_| anyhow::anyhow!("a queue thread panicked"))??,
+        );
+    }
+    let iops: f64 = results.iter().map(|r| r.0).sum();
+    let lat = results.iter().map(|r| r.0 * r.1).sum::<f64>() / iops.max(1.0);
+    Ok((iops, lat))
 }
 
 /// Runs the volume benchmark.
@@ -171,7 +213,10 @@ pub fn run(args: VolumeArgs) -> Result<()> {
             if !args.workloads.is_empty() && !args.workloads.iter().any(|x| x == w.name) {
                 continue;
             }
-            let (iops, lat) = drive(&mut volume, w, runtime)?;
+            let meter = CpuMeter::start();
+            let (iops, lat) = drive_queues(&mut volume, w, runtime, args.queues as usize)?;
+            let cpu = meter.stop();
+            let peer_meter = CpuMeter::start();
             // A write to n replicas against fio writing n files at the same total depth,
             // where that depth can be shared; otherwise one file at the same depth.
             let (peer, peer_desc) = if w.write && n > 1 && w.qd >= n {
@@ -186,6 +231,8 @@ pub fn run(args: VolumeArgs) -> Result<()> {
                     "fio io_uring O_DIRECT on one plain file".to_string(),
                 )
             };
+            let peer_cpu = peer_meter.stop();
+            let secs = args.runtime as f64;
             report.emit(json!({
                 "bench": "volume",
                 "part": "io",
@@ -198,6 +245,11 @@ pub fn run(args: VolumeArgs) -> Result<()> {
                 "peer_lat_us_mean": round2(peer.lat_us_mean),
                 "added_lat_us": round2(lat - peer.lat_us_mean),
                 "ratio": round2(iops / peer.iops),
+                "cpu_busy": cpu.map(|c| round2(c.busy)),
+                "cpu_us_per_io": cpu.map(|c| round2(c.us_per_io(iops, secs))),
+                "peer_cpu_busy": peer_cpu.map(|c| round2(c.busy)),
+                "peer_cpu_us_per_io": peer_cpu.map(|c| round2(c.us_per_io(peer.iops, secs))),
+                "queues": args.queues,
                 "size_bytes": volume.size(),
                 "runtime_s": args.runtime,
             }));

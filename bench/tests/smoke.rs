@@ -96,6 +96,8 @@ fn volume_benchmark_runs_the_engine_on_replica_processes_against_fio() {
             "32M",
             "--runtime",
             "1",
+            "--queues",
+            "2",
             "--dir",
         ])
         .arg(scratch.path())
@@ -115,7 +117,15 @@ fn volume_benchmark_runs_the_engine_on_replica_processes_against_fio() {
     assert_eq!(rows.len(), 2, "{rows:?}");
     for r in &rows {
         assert_eq!(r["replicas"], 2);
-        for k in ["iops", "lat_us_mean", "peer_iops", "ratio"] {
+        assert_eq!(r["queues"], 2);
+        for k in [
+            "iops",
+            "lat_us_mean",
+            "peer_iops",
+            "ratio",
+            "cpu_us_per_io",
+            "peer_cpu_us_per_io",
+        ] {
             assert!(r[k].as_f64().is_some_and(|v| v > 0.0), "{k} in {r}");
         }
     }

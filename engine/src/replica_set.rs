@@ -172,6 +172,8 @@ pub struct ReplicaSet {
     next_req: u64,
     round_robin: usize,
     timeout_ns: u64,
+    /// When the newest request was sent.
+    last_sent: u64,
     fenced: bool,
     actions: VecDeque<Action>,
 }
@@ -193,6 +195,7 @@ impl ReplicaSet {
             next_req: 1,
             round_robin: 0,
             timeout_ns,
+            last_sent: 0,
             fenced: false,
             actions: VecDeque::new(),
         }
@@ -220,7 +223,9 @@ impl ReplicaSet {
 
     /// When the driver must call [`ReplicaSet::on_tick`] next, if anything is waiting.
     pub fn next_deadline(&self) -> Option<u64> {
-        self.requests.values().map(|o| o.sent_at + self.timeout_ns).min()
+        // Request ids grow with the time they are sent at (see `send`): the oldest
+        // request is the first.
+        self.requests.values().next().map(|o| o.sent_at + self.timeout_ns)
     }
 
     /// Submits an I/O.
@@ -255,6 +260,9 @@ impl ReplicaSet {
     }
 
     fn send(&mut self, now: u64, io: IoId, replica: ReplicaId) {
+        // Time never runs backwards, so requests in id order are in the order sent.
+        let now = now.max(self.last_sent);
+        self.last_sent = now;
         let req = ReqId(self.next_req);
         self.next_req += 1;
         let state = self.ios.get_mut(&io).expect("sending for a live I/O");
@@ -373,7 +381,7 @@ impl ReplicaSet {
         let late: BTreeSet<ReplicaId> = self
             .requests
             .values()
-            .filter(|o| now >= o.sent_at + self.timeout_ns)
+            .take_while(|o| now >= o.sent_at + self.timeout_ns)
             .map(|o| o.replica)
             .collect();
         let secs = self.timeout_ns as f64 / 1e9;
