@@ -29,14 +29,7 @@ fn a_frontend_drives_the_volume_through_the_async_interface() {
         .iter()
         .map(|d| Daemon::start(d, &["--size", "16M"]).unwrap())
         .collect();
-    let addrs: Vec<ReplicaAddr> = daemons
-        .iter()
-        .map(|d| ReplicaAddr {
-            data: d.addr.clone(),
-            control: d.control.trim_start_matches("http://").to_string(),
-            local: false,
-        })
-        .collect();
+    let addrs: Vec<ReplicaAddr> = daemons.iter().map(Daemon::replica_addr).collect();
     let (engine, _) = Engine::start(&addrs, Duration::from_secs(8)).unwrap();
 
     let checked = run_local(&engine, |vol| async move {
@@ -119,14 +112,7 @@ fn mixed_reads_and_writes_in_flight_together_always_read_the_latest_data() {
     let daemons: Vec<Daemon> = (0..2)
         .map(|i| Daemon::start(&tmp.path().join(format!("r{i}")), &["--size", "16M"]).unwrap())
         .collect();
-    let addrs: Vec<ReplicaAddr> = daemons
-        .iter()
-        .map(|d| ReplicaAddr {
-            data: d.addr.clone(),
-            control: d.control.trim_start_matches("http://").to_string(),
-            local: false,
-        })
-        .collect();
+    let addrs: Vec<ReplicaAddr> = daemons.iter().map(Daemon::replica_addr).collect();
     let (engine, _) = Engine::start(&addrs, Duration::from_secs(8)).unwrap();
     // 32 tasks in flight at once, each on its own 16 blocks with its own model, mixing
     // sizes so that replies to reads and writes interleave on the wire.

@@ -39,14 +39,7 @@ impl Cluster {
     }
 
     fn addrs(&self) -> Vec<ReplicaAddr> {
-        self.daemons
-            .iter()
-            .map(|d| ReplicaAddr {
-                data: d.addr.clone(),
-                control: d.control.trim_start_matches("http://").to_string(),
-                local: false,
-            })
-            .collect()
+        self.daemons.iter().map(Daemon::replica_addr).collect()
     }
 
     fn volume(&self, timeout: Duration) -> Volume {
@@ -325,11 +318,7 @@ fn unreachable_mis_sized_and_behind_replicas_are_left_out_and_reported() {
     let tmp = tempfile::tempdir().unwrap();
     let good = Daemon::start(&tmp.path().join("good"), &["--size", "32M"]).unwrap();
     let small = Daemon::start(&tmp.path().join("small"), &["--size", "16M"]).unwrap();
-    let addr = |d: &Daemon| ReplicaAddr {
-        data: d.addr.clone(),
-        control: d.control.trim_start_matches("http://").to_string(),
-        local: false,
-    };
+    let addr = Daemon::replica_addr;
     let gone = ReplicaAddr {
         data: "127.0.0.1:1".into(),
         control: "127.0.0.1:1".into(),
@@ -402,14 +391,7 @@ fn a_replica_whose_disk_fails_is_dropped_and_io_goes_on() {
         .iter()
         .map(|d| Daemon::start(d, &["--size", "32M"]).unwrap())
         .collect();
-    let addrs: Vec<ReplicaAddr> = daemons
-        .iter()
-        .map(|d| ReplicaAddr {
-            data: d.addr.clone(),
-            control: d.control.trim_start_matches("http://").to_string(),
-            local: false,
-        })
-        .collect();
+    let addrs: Vec<ReplicaAddr> = daemons.iter().map(Daemon::replica_addr).collect();
     let (mut v, _) = Volume::start(&addrs, Duration::from_secs(8)).unwrap();
     // A second queue, idle meanwhile, connected to the full replica as well.
     let mut other = v.open_queue().unwrap();

@@ -50,6 +50,15 @@ impl Daemon {
         }
     }
 
+    /// Its addresses, as the engine takes them.
+    pub fn replica_addr(&self) -> horn_engine::volume::ReplicaAddr {
+        horn_engine::volume::ReplicaAddr {
+            data: self.addr.clone(),
+            control: self.control.trim_start_matches("http://").to_string(),
+            local: false,
+        }
+    }
+
     /// A data-wire client.
     pub fn client(&self) -> BlockingClient {
         BlockingClient::connect(&self.addr, Duration::from_secs(10)).unwrap()
