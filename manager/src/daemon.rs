@@ -3,6 +3,8 @@
 
 use std::net::TcpListener;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -61,10 +63,20 @@ pub fn serve_replica(
 }
 
 /// Serves a volume's engine on `replicas` until SIGINT or SIGTERM: holds the volume
-/// open and serves the engine control service at `control`; on stop, flushes and
+/// open and serves the engine control service at `control`; with `ublk`, also serves
+/// the volume as a ublk block device. On stop, deletes the device, flushes and
 /// releases the replicas. Prints `hornd engine: ...` lines once serving.
-pub fn serve_engine(replicas: Vec<ReplicaAddr>, control: String, timeout: Duration) -> Result<()> {
+pub fn serve_engine(
+    replicas: Vec<ReplicaAddr>,
+    control: String,
+    timeout: Duration,
+    ublk: Option<horn_ublk::UblkOptions>,
+) -> Result<()> {
     let stop_signals = block_stop_signals()?;
+    if ublk.is_some() {
+        horn_ublk::check_available()?;
+        own_mount_namespace()?;
+    }
     let (mut volume, report) = Volume::start(&replicas, timeout).context("cannot start the engine")?;
     for (r, why) in &report.skipped {
         tracing::warn!(replica = %r, reason = %why, "replica left out");
@@ -83,12 +95,73 @@ pub fn serve_engine(replicas: Vec<ReplicaAddr>, control: String, timeout: Durati
         report.used.len(),
         report.generation
     );
+    let device = Arc::new(AtomicI64::new(-1));
+    let ublk_thread = match ublk {
+        Some(opts) => {
+            let engine = volume.engine().clone();
+            let id = device.clone();
+            Some(std::thread::Builder::new().name("ublk".into()).spawn(move || {
+                let served = horn_ublk::serve(engine, &opts, move |info| {
+                    id.store(info.id as i64, Ordering::SeqCst);
+                    // `hornctl ublk add` waits for this line.
+                    println!("hornd engine: ublk device {} (id {})", info.path, info.id);
+                });
+                if let Err(e) = &served {
+                    eprintln!("hornd engine: {e}");
+                }
+                // The device is gone (deleted, or never made): the daemon stops.
+                // SAFETY: kill takes no pointers; it signals this process.
+                unsafe { libc::kill(libc::getpid(), libc::SIGTERM) };
+                served
+            })?)
+        }
+        None => None,
+    };
     serve_commands(&mut volume, &commands);
     if grpc.join().is_err() {
         tracing::warn!("the control service thread panicked");
     }
+    let mut result = Ok(());
+    if let Some(t) = ublk_thread {
+        let id = device.load(Ordering::SeqCst);
+        if id >= 0 {
+            if let Err(e) = horn_ublk::device::stop(id as u32) {
+                tracing::warn!(error = %e, "stopping the ublk device");
+            }
+        }
+        match t.join() {
+            Ok(Err(e)) => result = Err(anyhow::Error::new(e).context("the ublk frontend failed")),
+            Err(_) => result = Err(anyhow::anyhow!("the ublk frontend panicked")),
+            Ok(Ok(())) => {}
+        }
+    }
     volume.close().context("closing the volume")?;
     println!("hornd engine: stopped; replicas flushed and released");
+    result
+}
+
+/// Moves this process into a mount namespace of its own (mounts still propagate in
+/// from the host, none out). libublk's documentation asks this of ublk servers: a
+/// server that shares the namespace in which its device is mounted can deadlock when
+/// the device is torn down.
+fn own_mount_namespace() -> Result<()> {
+    // SAFETY: unshare and mount take only constant arguments here.
+    unsafe {
+        if libc::unshare(libc::CLONE_NEWNS) != 0 {
+            return Err(std::io::Error::last_os_error()).context("cannot enter a mount namespace of its own");
+        }
+        let root = c"/";
+        if libc::mount(
+            std::ptr::null(),
+            root.as_ptr(),
+            std::ptr::null(),
+            libc::MS_REC | libc::MS_SLAVE,
+            std::ptr::null(),
+        ) != 0
+        {
+            return Err(std::io::Error::last_os_error()).context("cannot make / a slave mount");
+        }
+    }
     Ok(())
 }
 

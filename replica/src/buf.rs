@@ -9,10 +9,13 @@ use std::ptr::NonNull;
 /// Alignment of every `IoBuf`: enough for O_DIRECT on any device with 4 KiB sectors.
 pub const IO_ALIGN: usize = 4096;
 
-/// A zero-initialised, 4 KiB-aligned byte buffer.
+/// A zero-initialised, 4 KiB-aligned byte buffer, or (see [`IoBuf::borrowed`]) a view
+/// of memory someone else owns, such as a ublk queue's per-tag buffer.
 pub struct IoBuf {
     ptr: NonNull<u8>,
     len: usize,
+    /// Allocated here, and freed on drop.
+    owned: bool,
 }
 
 // SAFETY: IoBuf owns its allocation exclusively, like a Box<[u8]>.
@@ -27,13 +30,36 @@ impl IoBuf {
             return IoBuf {
                 ptr: NonNull::<[u8; IO_ALIGN]>::dangling().cast(),
                 len: 0,
+                owned: false,
             };
         }
         let layout = Self::layout(len);
         // SAFETY: the layout has a non-zero size.
         let raw = unsafe { alloc::alloc_zeroed(layout) };
         let ptr = NonNull::new(raw).unwrap_or_else(|| alloc::handle_alloc_error(layout));
-        IoBuf { ptr, len }
+        IoBuf {
+            ptr,
+            len,
+            owned: true,
+        }
+    }
+
+    /// A view of `len` bytes at `ptr` that someone else owns; dropping it frees nothing.
+    /// This is how a frontend hands the engine the buffer the kernel filled (ublk)
+    /// without a copy.
+    ///
+    /// # Safety
+    /// `ptr` must be valid for reads and writes of `len` bytes, initialised, for as long
+    /// as the returned buffer lives, and nothing else may access that memory meanwhile.
+    pub unsafe fn borrowed(ptr: *mut u8, len: usize) -> Self {
+        match NonNull::new(ptr) {
+            Some(ptr) => IoBuf {
+                ptr,
+                len,
+                owned: false,
+            },
+            None => IoBuf::zeroed(0),
+        }
     }
 
     /// A buffer holding a copy of `data`.
@@ -77,7 +103,7 @@ impl IoBuf {
 
 impl Drop for IoBuf {
     fn drop(&mut self) {
-        if self.len != 0 {
+        if self.owned && self.len != 0 {
             // SAFETY: allocated in `zeroed` with this same layout.
             unsafe { alloc::dealloc(self.ptr.as_ptr(), Self::layout(self.len)) }
         }

@@ -3,6 +3,7 @@
 //! `hornctl replica ...` manages replica directories on this machine directly (the
 //! replica must not be served by a running process meanwhile; the store's lock refuses
 //! it if it is). `hornctl engine ...` talks to a running engine's control service.
+//! `hornctl ublk ...` serves volumes as ublk block devices and lists and deletes them.
 //! Tables for people, `--json` for scripts.
 
 use std::collections::BTreeMap;
@@ -45,6 +46,50 @@ enum Command {
         json: bool,
         #[command(subcommand)]
         cmd: EngineCmd,
+    },
+    /// Serve volumes as ublk block devices on this machine (root, kernel with ublk_drv).
+    Ublk {
+        /// Print JSON instead of tables.
+        #[arg(long, global = true)]
+        json: bool,
+        #[command(subcommand)]
+        cmd: UblkCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum UblkCmd {
+    /// Serve a volume as a new device: starts `hornd engine --frontend ublk` in the
+    /// background and prints the device path once it exists.
+    Add {
+        /// A replica as DATA_ADDR,CONTROL_ADDR[,local]; repeat for each.
+        #[arg(long = "replica", required = true)]
+        replicas: Vec<String>,
+        /// The volume's name.
+        #[arg(long, default_value = "volume")]
+        name: String,
+        /// Address for the engine's control service.
+        #[arg(long, default_value = "127.0.0.1:9600")]
+        control: String,
+        /// Queues (default: one per CPU).
+        #[arg(long)]
+        queues: Option<u16>,
+        /// Commands in flight per queue.
+        #[arg(long, default_value_t = 128)]
+        depth: u16,
+        /// Directory for the daemon's log (`ublk-NAME.log`).
+        #[arg(long, default_value = "/run/horn")]
+        log_dir: PathBuf,
+    },
+    /// Every ublk device on this machine.
+    List,
+    /// Delete a device (or every one); a mounted device is refused.
+    Del {
+        /// The device id (N of /dev/ublkbN).
+        id: Option<u32>,
+        /// Delete every ublk device.
+        #[arg(long, conflicts_with = "id")]
+        all: bool,
     },
 }
 
@@ -440,6 +485,136 @@ fn run_engine(addr: String, json: bool, cmd: EngineCmd) -> Result<()> {
     })
 }
 
+fn run_ublk(json: bool, cmd: UblkCmd) -> Result<()> {
+    match cmd {
+        UblkCmd::Add {
+            replicas,
+            name,
+            control,
+            queues,
+            depth,
+            log_dir,
+        } => {
+            horn_ublk::check_available()?;
+            let path = add_device(&replicas, &name, &control, queues, depth, &log_dir)?;
+            if json {
+                println!("{}", serde_json::json!({ "path": path, "volume": name }));
+            } else {
+                println!("{path}");
+            }
+        }
+        UblkCmd::List => {
+            let devices = horn_ublk::list()?;
+            if json {
+                println!("{}", serde_json::to_string(&devices)?);
+            } else {
+                let rows: Vec<Vec<String>> = devices
+                    .iter()
+                    .map(|d| {
+                        vec![
+                            d.id.to_string(),
+                            d.path.clone(),
+                            d.volume.clone(),
+                            d.state.clone(),
+                            d.queues.to_string(),
+                            d.depth.to_string(),
+                            d.pid.to_string(),
+                            format!("{:#x}", d.flags),
+                        ]
+                    })
+                    .collect();
+                print!(
+                    "{}",
+                    table(
+                        &["ID", "PATH", "VOLUME", "STATE", "QUEUES", "DEPTH", "PID", "FLAGS"],
+                        &rows
+                    )
+                );
+            }
+        }
+        UblkCmd::Del { id, all } => {
+            let ids: Vec<u32> = match (id, all) {
+                (Some(id), _) => vec![id],
+                (None, true) => horn_ublk::list()?.iter().map(|d| d.id).collect(),
+                (None, false) => anyhow::bail!("name a device id, or --all"),
+            };
+            for id in ids {
+                horn_ublk::delete(id)?;
+                println!("deleted /dev/ublkb{id}");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Starts `hornd engine --frontend ublk` in its own process group, logging to
+/// `log_dir/ublk-NAME.log`, and waits for it to name its device.
+fn add_device(
+    replicas: &[String],
+    name: &str,
+    control: &str,
+    queues: Option<u16>,
+    depth: u16,
+    log_dir: &std::path::Path,
+) -> Result<String> {
+    use std::os::unix::process::CommandExt;
+
+    std::fs::create_dir_all(log_dir).with_context(|| format!("cannot create {}", log_dir.display()))?;
+    let log_path = log_dir.join(format!("ublk-{name}.log"));
+    let log =
+        std::fs::File::create(&log_path).with_context(|| format!("cannot create {}", log_path.display()))?;
+    let hornd = std::env::current_exe()?.with_file_name("hornd");
+    let mut cmd = std::process::Command::new(&hornd);
+    cmd.args([
+        "engine",
+        "--frontend",
+        "ublk",
+        "--name",
+        name,
+        "--control",
+        control,
+    ])
+    .args(["--depth", &depth.to_string()]);
+    for r in replicas {
+        cmd.args(["--replica", r]);
+    }
+    if let Some(q) = queues {
+        cmd.args(["--queues", &q.to_string()]);
+    }
+    let mut child = cmd
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .process_group(0)
+        .spawn()
+        .with_context(|| format!("cannot start {}", hornd.display()))?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+        if let Some(path) = text
+            .lines()
+            .find_map(|l| l.strip_prefix("hornd engine: ublk device "))
+            .and_then(|rest| rest.split_whitespace().next())
+        {
+            return Ok(path.to_string());
+        }
+        if let Some(status) = child.try_wait()? {
+            anyhow::bail!(
+                "hornd engine exited ({status}) before serving a device:\n{}",
+                text.trim_end()
+            );
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            anyhow::bail!(
+                "hornd engine did not serve a device within 60 s; its log: {}",
+                log_path.display()
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -451,6 +626,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Replica(cmd) => run(cmd),
         Command::Engine { engine, json, cmd } => run_engine(engine, json, cmd),
+        Command::Ublk { json, cmd } => run_ublk(json, cmd),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

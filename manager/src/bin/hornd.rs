@@ -3,7 +3,7 @@
 //! `hornd replica` serves one replica directory: the data wire, and the gRPC control
 //! service (`proto/replica.proto`) on a separate address. `hornd engine` serves a
 //! volume's engine on its replicas, with the engine control service
-//! (`proto/engine.proto`). (The engine, the
+//! (`proto/engine.proto`), and with `--frontend ublk` as a block device. (The
 //! manager and the CSI driver arrive as subcommands with their issues.)
 
 use std::path::PathBuf;
@@ -55,7 +55,38 @@ enum Command {
         /// Seconds a replica may leave a request unanswered before it is dropped (1 or more).
         #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..))]
         timeout: u64,
+        /// Serve the volume to this machine as a block device: `ublk` makes
+        /// /dev/ublkbN (root, kernel with ublk_drv). Without it, only the control
+        /// service is served.
+        #[arg(long, value_enum)]
+        frontend: Option<Frontend>,
+        /// The volume's name (shown by `hornctl ublk list`).
+        #[arg(long, default_value = "volume")]
+        name: String,
+        /// ublk: queues, each a thread with its own ring and replica connections
+        /// (default: one per CPU).
+        #[arg(long, value_parser = clap::value_parser!(u16).range(1..=64))]
+        queues: Option<u16>,
+        /// ublk: commands in flight per queue.
+        #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u16).range(1..=4096))]
+        depth: u16,
+        /// ublk: largest I/O (a multiple of 4 KiB, at most 8 MiB).
+        #[arg(long, default_value = "1M", value_parser = parse_size)]
+        max_io: u64,
+        /// ublk: ask for this device id (default: the driver picks).
+        #[arg(long)]
+        id: Option<u32>,
+        /// ublk: serve the device read-only.
+        #[arg(long)]
+        read_only: bool,
     },
+}
+
+/// How the engine serves its volume to this machine.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Frontend {
+    /// A ublk block device, /dev/ublkbN.
+    Ublk,
 }
 
 fn main() -> ExitCode {
@@ -77,7 +108,27 @@ fn main() -> ExitCode {
             replicas,
             control,
             timeout,
-        } => serve_engine(replicas, control, std::time::Duration::from_secs(timeout)),
+            frontend,
+            name,
+            queues,
+            depth,
+            max_io,
+            id,
+            read_only,
+        } => {
+            let ublk = frontend.map(|Frontend::Ublk| {
+                let defaults = horn_ublk::UblkOptions::default();
+                horn_ublk::UblkOptions {
+                    queues: queues.unwrap_or(defaults.queues),
+                    depth,
+                    max_io_bytes: max_io.min(8 << 20) as u32,
+                    id,
+                    volume: name,
+                    read_only,
+                }
+            });
+            serve_engine(replicas, control, std::time::Duration::from_secs(timeout), ublk)
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,36 @@
+# Helpers for the VM cases (sourced; the case runs in its own scratch directory).
+
+# start_replicas N SIZE: N `hornd replica` daemons in ./rI; fills REPLICAS (hornctl
+# --replica arguments) and REPLICA_PIDS.
+start_replicas() {
+    local n="$1" size="$2" i line addrs
+    REPLICAS=(); REPLICA_PIDS=()
+    for i in $(seq 1 "$n"); do
+        hornd replica --dir "$PWD/r$i" --size "$size" --listen 127.0.0.1:0 --control 127.0.0.1:0 \
+            >"r$i.log" 2>"r$i.err" &
+        REPLICA_PIDS+=($!)
+        for _ in $(seq 100); do grep -q serving "r$i.log" 2>/dev/null && break; sleep 0.1; done
+        line=$(head -1 "r$i.log")
+        [ -n "$line" ] || { echo "replica $i did not start"; cat "r$i.err"; return 1; }
+        addrs=${line#* on }
+        REPLICAS+=(--replica "${addrs%%, control on *},${addrs##*, control on }")
+    done
+}
+
+# add_device NAME: serves the volume on REPLICAS as a ublk device; sets DEV and DEV_ID.
+add_device() {
+    DEV=$(hornctl ublk add "${REPLICAS[@]}" --name "$1" --control 127.0.0.1:0 --queues 2 --depth 64 \
+        --log-dir "$PWD")
+    DEV_ID=${DEV#/dev/ublkb}
+    for _ in $(seq 100); do [ -b "$DEV" ] && break; sleep 0.1; done
+    [ -b "$DEV" ] || { echo "$DEV did not appear"; return 1; }
+    echo "serving $1 as $DEV"
+}
+
+# wait_gone PID...: waits until the processes have exited.
+wait_gone() {
+    local p
+    for p in "$@"; do
+        for _ in $(seq 200); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+    done
+}
