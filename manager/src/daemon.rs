@@ -104,7 +104,7 @@ pub fn serve_engine(
                 let served = horn_ublk::serve(engine, &opts, move |info| {
                     id.store(info.id as i64, Ordering::SeqCst);
                     // `hornctl ublk add` waits for this line.
-                    println!("hornd engine: ublk device {} (id {})", info.path, info.id);
+                    println!("hornd engine: serving {} (ublk id {})", info.path, info.id);
                 });
                 if let Err(e) = &served {
                     eprintln!("hornd engine: {e}");

@@ -24,6 +24,9 @@ pub struct UblkOptions {
     pub volume: String,
     /// Serve the device read-only.
     pub read_only: bool,
+    /// Reattach to existing device N, whose server died, instead of making a new one
+    /// (its queues, depth and I/O size are the device's own).
+    pub recover: Option<u32>,
 }
 
 impl Default for UblkOptions {
@@ -35,6 +38,7 @@ impl Default for UblkOptions {
             id: None,
             volume: "volume".into(),
             read_only: false,
+            recover: None,
         }
     }
 }
@@ -84,16 +88,54 @@ pub fn serve(
             opts.max_io_bytes
         )));
     }
-    let ctrl = UblkCtrlBuilder::default()
-        .name("horn")
-        .id(opts.id.map_or(-1, |i| i as i32))
-        .nr_queues(opts.queues)
-        .depth(opts.depth)
-        .io_buf_bytes(opts.max_io_bytes)
-        .ctrl_flags(0)
-        .dev_flags(UblkFlags::UBLK_DEV_F_ADD_DEV)
-        .build()
-        .map_err(driver("creating the ublk device"))?;
+    // A device survives its server (USER_RECOVERY): when the daemon dies, I/O waits
+    // for a new one, and the commands it had in flight are issued again to it
+    // (RECOVERY_REISSUE; block writes are idempotent).
+    let recovery_flags = (sys::UBLK_F_USER_RECOVERY | sys::UBLK_F_USER_RECOVERY_REISSUE) as u64;
+    let ctrl = match opts.recover {
+        None => UblkCtrlBuilder::default()
+            .name("horn")
+            .id(opts.id.map_or(-1, |i| i as i32))
+            .nr_queues(opts.queues)
+            .depth(opts.depth)
+            .io_buf_bytes(opts.max_io_bytes)
+            .ctrl_flags(recovery_flags)
+            .dev_flags(UblkFlags::UBLK_DEV_F_ADD_DEV)
+            .build()
+            .map_err(driver("creating the ublk device"))?,
+        Some(id) => {
+            let old = UblkCtrl::new_simple(id as i32).map_err(|_| UblkError::NoDevice(id))?;
+            let info = old.dev_info();
+            if info.flags & sys::UBLK_F_USER_RECOVERY as u64 == 0 {
+                return Err(UblkError::BadOptions(format!(
+                    "ublk device {id} was not made for recovery; delete it and add it again"
+                )));
+            }
+            if info.ublksrv_pid > 0 && pid_alive(info.ublksrv_pid) {
+                return Err(UblkError::Busy(
+                    id,
+                    format!("its server (pid {}) is still running", info.ublksrv_pid),
+                ));
+            }
+            old.start_user_recover()
+                .map_err(driver(format!("starting the recovery of ublk device {id}")))?;
+            UblkCtrlBuilder::default()
+                .name("horn")
+                .id(id as i32)
+                .nr_queues(info.nr_hw_queues)
+                .depth(info.queue_depth)
+                .io_buf_bytes(info.max_io_buf_bytes)
+                .ctrl_flags(recovery_flags)
+                .dev_flags(UblkFlags::UBLK_DEV_F_RECOVER_DEV)
+                .build()
+                .map_err(driver(format!("reattaching to ublk device {id}")))?
+        }
+    };
+    tracing::info!(
+        features = format!("{:#x}", UblkCtrl::get_features().unwrap_or(0)),
+        flags = format!("{:#x}", ctrl.dev_info().flags),
+        "ublk driver features; device flags in use (data is copied by the driver into per-tag buffers)"
+    );
     let size = engine.size();
     let sector_shift = engine.sector_size().trailing_zeros() as u8;
     let read_only = opts.read_only;
@@ -201,6 +243,18 @@ pub fn delete(id: u32) -> Result<()> {
     ctrl.del_dev()
         .map_err(driver(format!("deleting ublk device {id}")))?;
     Ok(())
+}
+
+/// Is process `pid` running? A zombie (dead, not yet reaped by its parent) is not.
+fn pid_alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the command name, which is in parentheses.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X"),
+        Err(_) => false,
+    }
 }
 
 /// Why the block device is busy, if it is: opened exclusively (mounted, or in use by

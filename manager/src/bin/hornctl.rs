@@ -81,6 +81,24 @@ enum UblkCmd {
         #[arg(long, default_value = "/run/horn")]
         log_dir: PathBuf,
     },
+    /// Reattach a new engine to device ID whose engine died: the device, and any
+    /// filesystem mounted on it, stay; I/O waiting on it resumes.
+    Recover {
+        /// The device id (N of /dev/ublkbN).
+        id: u32,
+        /// A replica as DATA_ADDR,CONTROL_ADDR[,local]; repeat for each.
+        #[arg(long = "replica", required = true)]
+        replicas: Vec<String>,
+        /// The volume's name.
+        #[arg(long, default_value = "volume")]
+        name: String,
+        /// Address for the engine's control service.
+        #[arg(long, default_value = "127.0.0.1:9600")]
+        control: String,
+        /// Directory for the daemon's log (`ublk-NAME.log`).
+        #[arg(long, default_value = "/run/horn")]
+        log_dir: PathBuf,
+    },
     /// Every ublk device on this machine.
     List,
     /// Delete a device (or every one); a mounted device is refused.
@@ -496,11 +514,34 @@ fn run_ublk(json: bool, cmd: UblkCmd) -> Result<()> {
             log_dir,
         } => {
             horn_ublk::check_available()?;
-            let path = add_device(&replicas, &name, &control, queues, depth, &log_dir)?;
+            let mut args = vec!["--depth".to_string(), depth.to_string()];
+            if let Some(q) = queues {
+                args.extend(["--queues".to_string(), q.to_string()]);
+            }
+            let path = start_engine(&replicas, &name, &control, &args, &log_dir)?;
             if json {
                 println!("{}", serde_json::json!({ "path": path, "volume": name }));
             } else {
                 println!("{path}");
+            }
+        }
+        UblkCmd::Recover {
+            id,
+            replicas,
+            name,
+            control,
+            log_dir,
+        } => {
+            horn_ublk::check_available()?;
+            let args = vec!["--recover".to_string(), id.to_string()];
+            let path = start_engine(&replicas, &name, &control, &args, &log_dir)?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "path": path, "volume": name, "recovered": true })
+                );
+            } else {
+                println!("{path} recovered");
             }
         }
         UblkCmd::List => {
@@ -547,14 +588,13 @@ fn run_ublk(json: bool, cmd: UblkCmd) -> Result<()> {
     Ok(())
 }
 
-/// Starts `hornd engine --frontend ublk` in its own process group, logging to
+/// Starts `hornd engine --frontend ublk ARGS` in its own process group, logging to
 /// `log_dir/ublk-NAME.log`, and waits for it to name its device.
-fn add_device(
+fn start_engine(
     replicas: &[String],
     name: &str,
     control: &str,
-    queues: Option<u16>,
-    depth: u16,
+    args: &[String],
     log_dir: &std::path::Path,
 ) -> Result<String> {
     use std::os::unix::process::CommandExt;
@@ -574,12 +614,9 @@ fn add_device(
         "--control",
         control,
     ])
-    .args(["--depth", &depth.to_string()]);
+    .args(args);
     for r in replicas {
         cmd.args(["--replica", r]);
-    }
-    if let Some(q) = queues {
-        cmd.args(["--queues", &q.to_string()]);
     }
     let mut child = cmd
         .stdin(std::process::Stdio::null())
@@ -593,10 +630,10 @@ fn add_device(
         let text = std::fs::read_to_string(&log_path).unwrap_or_default();
         if let Some(path) = text
             .lines()
-            .find_map(|l| l.strip_prefix("hornd engine: ublk device "))
+            .find_map(|l| l.strip_prefix("hornd engine: serving /dev/"))
             .and_then(|rest| rest.split_whitespace().next())
         {
-            return Ok(path.to_string());
+            return Ok(format!("/dev/{path}"));
         }
         if let Some(status) = child.try_wait()? {
             anyhow::bail!(

@@ -79,6 +79,10 @@ enum Command {
         /// ublk: serve the device read-only.
         #[arg(long)]
         read_only: bool,
+        /// ublk: reattach to existing device N whose engine died (user recovery: the
+        /// device and what is mounted on it stayed); implies `--frontend ublk`.
+        #[arg(long, value_name = "N")]
+        recover: Option<u32>,
     },
 }
 
@@ -115,19 +119,29 @@ fn main() -> ExitCode {
             max_io,
             id,
             read_only,
+            recover,
         } => {
-            let ublk = frontend.map(|Frontend::Ublk| {
-                let defaults = horn_ublk::UblkOptions::default();
-                horn_ublk::UblkOptions {
-                    queues: queues.unwrap_or(defaults.queues),
-                    depth,
-                    max_io_bytes: max_io.min(8 << 20) as u32,
-                    id,
-                    volume: name,
-                    read_only,
+            let frontend = frontend.or(recover.map(|_| Frontend::Ublk));
+            match u32::try_from(max_io).ok().filter(|&m| m <= 8 << 20) {
+                None => Err(anyhow::anyhow!(
+                    "--max-io {max_io} is over the 8 MiB the data wire carries"
+                )),
+                Some(max_io_bytes) => {
+                    let ublk = frontend.map(|Frontend::Ublk| {
+                        let defaults = horn_ublk::UblkOptions::default();
+                        horn_ublk::UblkOptions {
+                            queues: queues.unwrap_or(defaults.queues),
+                            depth,
+                            max_io_bytes,
+                            id,
+                            volume: name,
+                            read_only,
+                            recover,
+                        }
+                    });
+                    serve_engine(replicas, control, std::time::Duration::from_secs(timeout), ublk)
                 }
-            });
-            serve_engine(replicas, control, std::time::Duration::from_secs(timeout), ublk)
+            }
         }
     };
     match result {
