@@ -19,6 +19,7 @@ mod fio;
 mod report;
 mod store;
 mod target;
+mod ublk;
 mod volume;
 
 use clap::{Parser, Subcommand};
@@ -41,6 +42,9 @@ enum Command {
     Store(store::StoreArgs),
     /// A volume through its engine, replicas as processes on loopback, against fio.
     Volume(volume::VolumeArgs),
+    /// fio on /dev/ublkbN (one local replica) against fio on a kernel loop device
+    /// (root and ublk; `tests/vm/run --bench` runs it in the VM).
+    Ublk(ublk::UblkArgs),
     /// Serves one replica (what `hornd replica` does); the volume benchmark starts
     /// its replica processes with it.
     #[command(hide = true)]
@@ -60,6 +64,7 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Store(args) => store::run(args),
         Command::Volume(args) => volume::run(args),
+        Command::Ublk(args) => ublk::run(args),
         Command::ServeReplica {
             dir,
             size,

@@ -58,13 +58,13 @@ pub struct VolumeArgs {
 }
 
 /// A replica process, killed when dropped.
-struct ReplicaProcess {
+pub(crate) struct ReplicaProcess {
     child: Child,
-    addr: ReplicaAddr,
+    pub(crate) addr: ReplicaAddr,
 }
 
 impl ReplicaProcess {
-    fn start(dir: &Path, size: u64) -> Result<ReplicaProcess> {
+    pub(crate) fn start(dir: &Path, size: u64) -> Result<ReplicaProcess> {
         let exe = std::env::current_exe().context("cannot find horn-bench's own binary")?;
         let mut child = Command::new(exe)
             .args([

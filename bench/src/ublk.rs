@@ -1,0 +1,172 @@
+//! `horn-bench ublk`: fio on `/dev/ublkbN` backed by one local replica, against fio on a
+//! kernel loop device (`losetup --direct-io=on`) over a file on the same filesystem, in
+//! the same run. Needs root and ublk (run it inside the VM: `tests/vm/run --bench`).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use horn_engine::Engine;
+use horn_manager::format::{human_bytes, parse_size};
+use serde_json::json;
+
+use crate::fio;
+use crate::report::Report;
+use crate::store::{fill_plain, round2};
+use crate::volume::ReplicaProcess;
+
+/// Arguments of `horn-bench ublk`.
+#[derive(Debug, Args)]
+pub struct UblkArgs {
+    /// Print one JSON object per result line.
+    #[arg(long)]
+    json: bool,
+    /// Directory for the replica and the loop device's file (one filesystem).
+    #[arg(long, default_value = "/var/tmp")]
+    dir: PathBuf,
+    /// Volume size (and the loop device's file size).
+    #[arg(long, default_value = "512M", value_parser = parse_size)]
+    size: u64,
+    /// Seconds per workload, for each side.
+    #[arg(long, default_value_t = 10)]
+    runtime: u64,
+    /// ublk queues.
+    #[arg(long, default_value_t = 1)]
+    queues: u16,
+}
+
+const WORKLOADS: &[(&str, &str, u32)] = &[
+    ("randread-4k-qd32", "randread", 32),
+    ("randwrite-4k-qd32", "randwrite", 32),
+    ("randread-4k-qd1", "randread", 1),
+    ("randwrite-4k-qd1", "randwrite", 1),
+];
+
+/// A loop device, detached when dropped.
+struct LoopDevice(String);
+
+impl LoopDevice {
+    fn attach(file: &Path) -> Result<LoopDevice> {
+        let out = Command::new("losetup")
+            .args(["--direct-io=on", "--find", "--show"])
+            .arg(file)
+            .output()
+            .context("cannot run losetup")?;
+        if !out.status.success() {
+            bail!("losetup failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(LoopDevice(
+            String::from_utf8_lossy(&out.stdout).trim().to_string(),
+        ))
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").args(["-d", &self.0]).status();
+    }
+}
+
+/// Writes the whole device sequentially, so that reads find data as on the loop file.
+fn fill_device(dev: &Path, size: u64) -> Result<()> {
+    let status = Command::new("fio")
+        .args([
+            "--name=fill",
+            "--ioengine=io_uring",
+            "--direct=1",
+            "--rw=write",
+            "--bs=1M",
+        ])
+        .args(["--iodepth=8", &format!("--size={size}"), "--output=/dev/null"])
+        .arg(format!("--filename={}", dev.display()))
+        .status()
+        .context("cannot run fio")?;
+    if !status.success() {
+        bail!("filling {} failed", dev.display());
+    }
+    Ok(())
+}
+
+/// Runs the ublk benchmark.
+pub fn run(args: UblkArgs) -> Result<()> {
+    horn_ublk::check_available()?;
+    if !fio::available() {
+        bail!("fio is not installed: run scripts/install-deps (or apt-get install fio)");
+    }
+    let scratch = tempfile::Builder::new()
+        .prefix("horn-bench-ublk-")
+        .tempdir_in(&args.dir)
+        .with_context(|| format!("cannot make a scratch directory in {}", args.dir.display()))?;
+    eprintln!(
+        "one replica process of {} in {}",
+        human_bytes(args.size),
+        args.dir.display()
+    );
+    let replica = ReplicaProcess::start(&scratch.path().join("replica"), args.size)?;
+    let (engine, _) = Engine::start(std::slice::from_ref(&replica.addr), Duration::from_secs(8))?;
+    let opts = horn_ublk::UblkOptions {
+        queues: args.queues,
+        depth: 128,
+        volume: "bench".into(),
+        ..Default::default()
+    };
+    let (tx, rx) = mpsc::channel();
+    let serving = {
+        let engine = engine.clone();
+        std::thread::spawn(move || {
+            horn_ublk::serve(engine, &opts, move |info| {
+                let _ = tx.send((info.id, info.path.clone()));
+            })
+        })
+    };
+    let (id, dev) = match rx.recv_timeout(Duration::from_secs(60)) {
+        Ok(d) => d,
+        Err(_) => {
+            let why = serving.join().map(|r| format!("{r:?}")).unwrap_or_default();
+            bail!("the ublk device did not start: {why}");
+        }
+    };
+    let result = measure(&args, scratch.path(), Path::new(&dev));
+    horn_ublk::device::stop(id)?;
+    serving
+        .join()
+        .map_err(|_| anyhow::anyhow!("the ublk server panicked"))??;
+    drop(engine);
+    result
+}
+
+fn measure(args: &UblkArgs, scratch: &Path, dev: &Path) -> Result<()> {
+    eprintln!("serving {}; filling it and the loop device's file", dev.display());
+    fill_device(dev, args.size)?;
+    let file = scratch.join("loop.img");
+    fill_plain(&file, args.size)?;
+    let lo = LoopDevice::attach(&file)?;
+    let mut report = Report {
+        json: args.json,
+        rows: Vec::new(),
+    };
+    for &(name, rw, qd) in WORKLOADS {
+        let horn = fio::run(dev, rw, 4096, qd, args.runtime, args.size)?;
+        let peer = fio::run(Path::new(&lo.0), rw, 4096, qd, args.runtime, args.size)?;
+        report.emit(json!({
+            "bench": "ublk",
+            "part": "io",
+            "workload": name,
+            "replicas": 1,
+            "queues": args.queues,
+            "iops": horn.iops.round(),
+            "lat_us_mean": round2(horn.lat_us_mean),
+            "peer": "kernel loop device (direct I/O) over a file on the same filesystem",
+            "peer_iops": peer.iops.round(),
+            "peer_lat_us_mean": round2(peer.lat_us_mean),
+            "ratio": round2(horn.iops / peer.iops),
+            "size_bytes": args.size,
+            "runtime_s": args.runtime,
+        }));
+    }
+    report.finish();
+    Ok(())
+}
