@@ -57,47 +57,44 @@ enum Command {
     },
 }
 
+/// The engine daemon `hornctl ublk add` and `recover` start.
+#[derive(Args)]
+struct UblkEngine {
+    /// A replica as DATA_ADDR,CONTROL_ADDR[,local]; repeat for each.
+    #[arg(long = "replica", required = true)]
+    replicas: Vec<String>,
+    /// The volume's name.
+    #[arg(long, default_value = "volume")]
+    name: String,
+    /// Address for the engine's control service.
+    #[arg(long, default_value = "127.0.0.1:9600")]
+    control: String,
+    /// Directory for the daemon's log (`ublk-NAME.log`).
+    #[arg(long, default_value = "/run/horn")]
+    log_dir: PathBuf,
+}
+
 #[derive(Subcommand)]
 enum UblkCmd {
     /// Serve a volume as a new device: starts `hornd engine --frontend ublk` in the
     /// background and prints the device path once it exists.
     Add {
-        /// A replica as DATA_ADDR,CONTROL_ADDR[,local]; repeat for each.
-        #[arg(long = "replica", required = true)]
-        replicas: Vec<String>,
-        /// The volume's name.
-        #[arg(long, default_value = "volume")]
-        name: String,
-        /// Address for the engine's control service.
-        #[arg(long, default_value = "127.0.0.1:9600")]
-        control: String,
+        #[command(flatten)]
+        engine: UblkEngine,
         /// Queues (default: one per CPU).
         #[arg(long)]
         queues: Option<u16>,
         /// Commands in flight per queue.
         #[arg(long, default_value_t = 128)]
         depth: u16,
-        /// Directory for the daemon's log (`ublk-NAME.log`).
-        #[arg(long, default_value = "/run/horn")]
-        log_dir: PathBuf,
     },
     /// Reattach a new engine to device ID whose engine died: the device, and any
     /// filesystem mounted on it, stay; I/O waiting on it resumes.
     Recover {
         /// The device id (N of /dev/ublkbN).
         id: u32,
-        /// A replica as DATA_ADDR,CONTROL_ADDR[,local]; repeat for each.
-        #[arg(long = "replica", required = true)]
-        replicas: Vec<String>,
-        /// The volume's name.
-        #[arg(long, default_value = "volume")]
-        name: String,
-        /// Address for the engine's control service.
-        #[arg(long, default_value = "127.0.0.1:9600")]
-        control: String,
-        /// Directory for the daemon's log (`ublk-NAME.log`).
-        #[arg(long, default_value = "/run/horn")]
-        log_dir: PathBuf,
+        #[command(flatten)]
+        engine: UblkEngine,
     },
     /// Every ublk device on this machine.
     List,
@@ -506,39 +503,30 @@ fn run_engine(addr: String, json: bool, cmd: EngineCmd) -> Result<()> {
 fn run_ublk(json: bool, cmd: UblkCmd) -> Result<()> {
     match cmd {
         UblkCmd::Add {
-            replicas,
-            name,
-            control,
+            engine,
             queues,
             depth,
-            log_dir,
         } => {
             horn_ublk::check_available()?;
             let mut args = vec!["--depth".to_string(), depth.to_string()];
             if let Some(q) = queues {
                 args.extend(["--queues".to_string(), q.to_string()]);
             }
-            let path = start_engine(&replicas, &name, &control, &args, &log_dir)?;
+            let path = start_engine(&engine, &args)?;
             if json {
-                println!("{}", serde_json::json!({ "path": path, "volume": name }));
+                println!("{}", serde_json::json!({ "path": path, "volume": engine.name }));
             } else {
                 println!("{path}");
             }
         }
-        UblkCmd::Recover {
-            id,
-            replicas,
-            name,
-            control,
-            log_dir,
-        } => {
+        UblkCmd::Recover { id, engine } => {
             horn_ublk::check_available()?;
             let args = vec!["--recover".to_string(), id.to_string()];
-            let path = start_engine(&replicas, &name, &control, &args, &log_dir)?;
+            let path = start_engine(&engine, &args)?;
             if json {
                 println!(
                     "{}",
-                    serde_json::json!({ "path": path, "volume": name, "recovered": true })
+                    serde_json::json!({ "path": path, "volume": engine.name, "recovered": true })
                 );
             } else {
                 println!("{path} recovered");
@@ -590,13 +578,13 @@ fn run_ublk(json: bool, cmd: UblkCmd) -> Result<()> {
 
 /// Starts `hornd engine --frontend ublk ARGS` in its own process group, logging to
 /// `log_dir/ublk-NAME.log`, and waits for it to name its device.
-fn start_engine(
-    replicas: &[String],
-    name: &str,
-    control: &str,
-    args: &[String],
-    log_dir: &std::path::Path,
-) -> Result<String> {
+fn start_engine(engine: &UblkEngine, args: &[String]) -> Result<String> {
+    let UblkEngine {
+        replicas,
+        name,
+        control,
+        log_dir,
+    } = engine;
     use std::os::unix::process::CommandExt;
 
     std::fs::create_dir_all(log_dir).with_context(|| format!("cannot create {}", log_dir.display()))?;
