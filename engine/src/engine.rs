@@ -65,7 +65,7 @@ impl QueueShared {
         }))
     }
 
-    fn wake(&self) {
+    pub(crate) fn wake(&self) {
         let one = 1u64;
         // SAFETY: writes 8 bytes from a live u64 to our own eventfd.
         unsafe { libc::write(self.wake.as_raw_fd(), (&one as *const u64).cast(), 8) };

@@ -56,6 +56,21 @@ struct Shared {
     abandoned: HashSet<u64>,
 }
 
+impl Shared {
+    /// Moves finished I/Os to `done` and wakes their futures.
+    fn dispatch(&mut self) {
+        while let Some(c) = self.queue.pop_completion() {
+            if self.abandoned.remove(&c.tag) {
+                continue;
+            }
+            if let Some(w) = self.wakers.remove(&c.tag) {
+                w.wake();
+            }
+            self.done.insert(c.tag, c);
+        }
+    }
+}
+
 /// A [`BlockVolume`] on one queue of the engine, for the queue's own thread.
 #[derive(Clone)]
 pub struct QueueVolume {
@@ -84,16 +99,7 @@ impl QueueVolume {
     /// Wakes the futures whose I/O has finished. The driver calls it after handing the
     /// queue its completions.
     pub fn dispatch(&self) {
-        let mut s = self.shared.borrow_mut();
-        while let Some(c) = s.queue.pop_completion() {
-            if s.abandoned.remove(&c.tag) {
-                continue;
-            }
-            if let Some(w) = s.wakers.remove(&c.tag) {
-                w.wake();
-            }
-            s.done.insert(c.tag, c);
-        }
+        self.shared.borrow_mut().dispatch();
     }
 
     /// I/Os submitted and not finished.
@@ -150,10 +156,9 @@ impl Future for IoFuture {
                 let tag = s.next_tag;
                 s.next_tag += 1;
                 s.queue.submit(kind, offset, len, buf, tag, fua);
-                // Refused at once (bad range): the completion is already there.
-                while let Some(c) = s.queue.pop_completion() {
-                    s.done.insert(c.tag, c);
-                }
+                // Refused at once (bad range): the completion is already there. Others
+                // that finished meanwhile are handed on with a wake-up, as by the driver.
+                s.dispatch();
                 this.state = State::Submitted(tag);
                 if let Some(c) = s.done.remove(&tag) {
                     this.state = State::Done;

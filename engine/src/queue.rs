@@ -813,11 +813,9 @@ impl EngineQueue {
         for i in 0..self.conns.len() {
             self.close_conn(i);
         }
-        // Wakes the eventfd read so it completes too.
         self.shared.in_flight.store(0, Ordering::SeqCst);
-        let one = 1u64;
-        // SAFETY: writes 8 bytes from a live u64 to our own eventfd.
-        unsafe { libc::write(self.shared.wake.as_raw_fd(), (&one as *const u64).cast(), 8) };
+        // Wakes the eventfd read so it completes too.
+        self.shared.wake();
         self.engine.unregister(&self.shared)
     }
 

@@ -239,10 +239,7 @@ pub fn delete(id: u32) -> Result<()> {
     if let Some(holder) = busy(&path) {
         return Err(UblkError::Busy(id, holder));
     }
-    let _ = ctrl.kill_dev();
-    ctrl.del_dev()
-        .map_err(driver(format!("deleting ublk device {id}")))?;
-    Ok(())
+    stop(id)
 }
 
 /// Is process `pid` running? A zombie (dead, not yet reaped by its parent) is not.
