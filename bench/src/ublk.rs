@@ -36,6 +36,9 @@ pub struct UblkArgs {
     /// ublk queues.
     #[arg(long, default_value_t = 1)]
     queues: u16,
+    /// How command data moves: auto, user or buffer.
+    #[arg(long, default_value = "auto")]
+    copy: horn_ublk::CopyMode,
 }
 
 const WORKLOADS: &[(&str, &str, u32)] = &[
@@ -111,6 +114,7 @@ pub fn run(args: UblkArgs) -> Result<()> {
         queues: args.queues,
         depth: 128,
         volume: "bench".into(),
+        copy: args.copy,
         ..Default::default()
     };
     let (tx, rx) = mpsc::channel();
@@ -118,18 +122,18 @@ pub fn run(args: UblkArgs) -> Result<()> {
         let engine = engine.clone();
         std::thread::spawn(move || {
             horn_ublk::serve(engine, &opts, move |info| {
-                let _ = tx.send((info.id, info.path.clone()));
+                let _ = tx.send((info.id, info.path.clone(), info.copy));
             })
         })
     };
-    let (id, dev) = match rx.recv_timeout(Duration::from_secs(60)) {
+    let (id, dev, copy) = match rx.recv_timeout(Duration::from_secs(60)) {
         Ok(d) => d,
         Err(_) => {
             let why = serving.join().map(|r| format!("{r:?}")).unwrap_or_default();
             bail!("the ublk device did not start: {why}");
         }
     };
-    let result = measure(&args, scratch.path(), Path::new(&dev));
+    let result = measure(&args, scratch.path(), Path::new(&dev), copy);
     horn_ublk::device::stop(id)?;
     serving
         .join()
@@ -138,7 +142,7 @@ pub fn run(args: UblkArgs) -> Result<()> {
     result
 }
 
-fn measure(args: &UblkArgs, scratch: &Path, dev: &Path) -> Result<()> {
+fn measure(args: &UblkArgs, scratch: &Path, dev: &Path, copy: &str) -> Result<()> {
     eprintln!("serving {}; filling it and the loop device's file", dev.display());
     fill_device(dev, args.size)?;
     let file = scratch.join("loop.img");
@@ -157,6 +161,7 @@ fn measure(args: &UblkArgs, scratch: &Path, dev: &Path) -> Result<()> {
             "workload": name,
             "replicas": 1,
             "queues": args.queues,
+            "copy": copy,
             "iops": horn.iops.round(),
             "lat_us_mean": round2(horn.lat_us_mean),
             "peer": "kernel loop device (direct I/O) over a file on the same filesystem",

@@ -17,14 +17,16 @@ start_replicas() {
     done
 }
 
-# add_device NAME: serves the volume on REPLICAS as a ublk device; sets DEV and DEV_ID.
+# add_device NAME [ARG...]: serves the volume on REPLICAS as a ublk device (extra
+# arguments go to `hornctl ublk add`); sets DEV and DEV_ID.
 add_device() {
-    DEV=$(hornctl ublk add "${REPLICAS[@]}" --name "$1" --control 127.0.0.1:0 --queues 2 --depth 64 \
-        --log-dir "$PWD")
+    local name="$1"; shift
+    DEV=$(hornctl ublk add "${REPLICAS[@]}" --name "$name" --control 127.0.0.1:0 --queues 2 --depth 64 \
+        --log-dir "$PWD" "$@")
     DEV_ID=${DEV#/dev/ublkb}
     for _ in $(seq 100); do [ -b "$DEV" ] && break; sleep 0.1; done
     [ -b "$DEV" ] || { echo "$DEV did not appear"; return 1; }
-    echo "serving $1 as $DEV"
+    echo "serving $name as $DEV"
 }
 
 # wait_gone PID...: waits until the processes have exited.

@@ -7,7 +7,7 @@ use libublk::ctrl::{UblkCtrl, UblkCtrlBuilder};
 use libublk::io::UblkDev;
 use libublk::{sys, UblkFlags};
 
-use crate::{check_available, Result, UblkError};
+use crate::{check_available, CopyMode, Result, UblkError};
 
 /// How to serve a volume.
 #[derive(Debug, Clone)]
@@ -27,6 +27,8 @@ pub struct UblkOptions {
     /// Reattach to existing device N, whose server died, instead of making a new one
     /// (its queues, depth and I/O size are the device's own).
     pub recover: Option<u32>,
+    /// How command data moves (a recovered device keeps the mode it was made with).
+    pub copy: CopyMode,
 }
 
 impl Default for UblkOptions {
@@ -39,6 +41,7 @@ impl Default for UblkOptions {
             volume: "volume".into(),
             read_only: false,
             recover: None,
+            copy: CopyMode::Auto,
         }
     }
 }
@@ -62,6 +65,52 @@ pub struct DeviceInfo {
     pub pid: i32,
     /// Driver feature flags in use.
     pub flags: u64,
+    /// Those flags by name.
+    pub features: Vec<&'static str>,
+    /// How command data moves: "user" (copy) or "buffer".
+    pub copy: &'static str,
+}
+
+/// The ublk feature flags Horn knows, by name.
+const FEATURE_NAMES: &[(u32, &str)] = &[
+    (sys::UBLK_F_SUPPORT_ZERO_COPY, "zero-copy"),
+    (sys::UBLK_F_URING_CMD_COMP_IN_TASK, "comp-in-task"),
+    (sys::UBLK_F_NEED_GET_DATA, "need-get-data"),
+    (sys::UBLK_F_USER_RECOVERY, "user-recovery"),
+    (sys::UBLK_F_USER_RECOVERY_REISSUE, "recovery-reissue"),
+    (sys::UBLK_F_UNPRIVILEGED_DEV, "unprivileged"),
+    (sys::UBLK_F_CMD_IOCTL_ENCODE, "ioctl-encode"),
+    (sys::UBLK_F_USER_COPY, "user-copy"),
+    (sys::UBLK_F_ZONED, "zoned"),
+    (sys::UBLK_F_USER_RECOVERY_FAIL_IO, "recovery-fail-io"),
+    (sys::UBLK_F_UPDATE_SIZE, "update-size"),
+    (sys::UBLK_F_AUTO_BUF_REG, "auto-buf-reg"),
+    (sys::UBLK_F_QUIESCE, "quiesce"),
+    (sys::UBLK_F_PER_IO_DAEMON, "per-io-daemon"),
+];
+
+/// The names of the feature flags set in `flags`.
+pub fn feature_names(flags: u64) -> Vec<&'static str> {
+    FEATURE_NAMES
+        .iter()
+        .filter(|(bit, _)| flags & *bit as u64 != 0)
+        .map(|(_, name)| *name)
+        .collect()
+}
+
+/// The copy mode to make a new device with, given what the driver offers.
+fn resolve_copy(asked: CopyMode, offered: u64) -> Result<CopyMode> {
+    let user = offered & sys::UBLK_F_USER_COPY as u64 != 0;
+    match asked {
+        CopyMode::Auto if user => Ok(CopyMode::User),
+        CopyMode::Auto | CopyMode::Buffer => Ok(CopyMode::Buffer),
+        CopyMode::User if user => Ok(CopyMode::User),
+        CopyMode::User => Err(UblkError::BadOptions(
+            "the ublk driver does not offer user copy (UBLK_F_USER_COPY, kernel >= 6.5); \
+             use --copy buffer or auto"
+                .into(),
+        )),
+    }
 }
 
 fn driver(what: impl Into<String>) -> impl FnOnce(libublk::UblkError) -> UblkError {
@@ -92,17 +141,26 @@ pub fn serve(
     // for a new one, and the commands it had in flight are issued again to it
     // (RECOVERY_REISSUE; block writes are idempotent).
     let recovery_flags = (sys::UBLK_F_USER_RECOVERY | sys::UBLK_F_USER_RECOVERY_REISSUE) as u64;
+    // Zero copy (UBLK_F_SUPPORT_ZERO_COPY, kernel 6.15+) is not used: Horn's data goes
+    // to sockets, and the driver's zero copy lends pages to io_uring file operations.
+    let offered = UblkCtrl::get_features().unwrap_or(0);
     let ctrl = match opts.recover {
-        None => UblkCtrlBuilder::default()
-            .name("horn")
-            .id(opts.id.map_or(-1, |i| i as i32))
-            .nr_queues(opts.queues)
-            .depth(opts.depth)
-            .io_buf_bytes(opts.max_io_bytes)
-            .ctrl_flags(recovery_flags)
-            .dev_flags(UblkFlags::UBLK_DEV_F_ADD_DEV)
-            .build()
-            .map_err(driver("creating the ublk device"))?,
+        None => {
+            let copy_flag = match resolve_copy(opts.copy, offered)? {
+                CopyMode::User => sys::UBLK_F_USER_COPY as u64,
+                _ => 0,
+            };
+            UblkCtrlBuilder::default()
+                .name("horn")
+                .id(opts.id.map_or(-1, |i| i as i32))
+                .nr_queues(opts.queues)
+                .depth(opts.depth)
+                .io_buf_bytes(opts.max_io_bytes)
+                .ctrl_flags(recovery_flags | copy_flag)
+                .dev_flags(UblkFlags::UBLK_DEV_F_ADD_DEV)
+                .build()
+                .map_err(driver("creating the ublk device"))?
+        }
         Some(id) => {
             let old = UblkCtrl::new_simple(id as i32).map_err(|_| UblkError::NoDevice(id))?;
             let info = old.dev_info();
@@ -117,6 +175,17 @@ pub fn serve(
                     format!("its server (pid {}) is still running", info.ublksrv_pid),
                 ));
             }
+            let copy_flag = info.flags & sys::UBLK_F_USER_COPY as u64;
+            if opts.copy == CopyMode::Buffer && copy_flag != 0 {
+                return Err(UblkError::BadOptions(format!(
+                    "ublk device {id} was made with user copy and keeps it; drop --copy buffer"
+                )));
+            }
+            if opts.copy == CopyMode::User && copy_flag == 0 {
+                return Err(UblkError::BadOptions(format!(
+                    "ublk device {id} was made with buffer copy and keeps it; drop --copy user"
+                )));
+            }
             old.start_user_recover()
                 .map_err(driver(format!("starting the recovery of ublk device {id}")))?;
             UblkCtrlBuilder::default()
@@ -125,16 +194,18 @@ pub fn serve(
                 .nr_queues(info.nr_hw_queues)
                 .depth(info.queue_depth)
                 .io_buf_bytes(info.max_io_buf_bytes)
-                .ctrl_flags(recovery_flags)
+                .ctrl_flags(recovery_flags | copy_flag)
                 .dev_flags(UblkFlags::UBLK_DEV_F_RECOVER_DEV)
                 .build()
                 .map_err(driver(format!("reattaching to ublk device {id}")))?
         }
     };
+    let flags = ctrl.dev_info().flags;
     tracing::info!(
-        features = format!("{:#x}", UblkCtrl::get_features().unwrap_or(0)),
-        flags = format!("{:#x}", ctrl.dev_info().flags),
-        "ublk driver features; device flags in use (data is copied by the driver into per-tag buffers)"
+        offered = feature_names(offered).join(","),
+        in_use = feature_names(flags).join(","),
+        copy = copy_name(flags),
+        "ublk driver features offered; device flags and copy mode in use"
     );
     let size = engine.size();
     let sector_shift = engine.sector_size().trailing_zeros() as u8;
@@ -202,6 +273,16 @@ fn describe(ctrl: &UblkCtrl) -> DeviceInfo {
         depth: info.queue_depth,
         pid: info.ublksrv_pid,
         flags: info.flags,
+        features: feature_names(info.flags),
+        copy: copy_name(info.flags),
+    }
+}
+
+fn copy_name(flags: u64) -> &'static str {
+    if flags & sys::UBLK_F_USER_COPY as u64 != 0 {
+        "user"
+    } else {
+        "buffer"
     }
 }
 
@@ -267,5 +348,30 @@ fn busy(path: &str) -> Option<String> {
             "{path} is in use (mounted or held open exclusively); unmount it first"
         )),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn copy_mode_follows_what_the_driver_offers() {
+        let user = sys::UBLK_F_USER_COPY as u64 | sys::UBLK_F_USER_RECOVERY as u64;
+        let none = sys::UBLK_F_USER_RECOVERY as u64;
+        assert_eq!(resolve_copy(CopyMode::Auto, user).unwrap(), CopyMode::User);
+        assert_eq!(resolve_copy(CopyMode::Auto, none).unwrap(), CopyMode::Buffer);
+        assert_eq!(resolve_copy(CopyMode::Buffer, user).unwrap(), CopyMode::Buffer);
+        assert_eq!(resolve_copy(CopyMode::User, user).unwrap(), CopyMode::User);
+        let err = resolve_copy(CopyMode::User, none).unwrap_err().to_string();
+        assert!(err.contains("does not offer user copy"), "{err}");
+    }
+
+    #[test]
+    fn features_are_named() {
+        let flags = (sys::UBLK_F_USER_COPY | sys::UBLK_F_USER_RECOVERY) as u64;
+        assert_eq!(feature_names(flags), ["user-recovery", "user-copy"]);
+        assert_eq!(copy_name(flags), "user");
+        assert_eq!(copy_name(0), "buffer");
     }
 }

@@ -21,6 +21,47 @@ pub mod queue;
 
 pub use device::{delete, list, serve, DeviceInfo, UblkOptions};
 
+/// How a command's data moves between the kernel and the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CopyMode {
+    /// User copy where the driver offers it (`UBLK_F_USER_COPY`, kernel 6.5+), buffer
+    /// copy otherwise.
+    #[default]
+    Auto,
+    /// The driver copies each command's data into (writes) or out of (reads) a buffer
+    /// the server registered for its tag, before handing the command over or as it
+    /// completes it.
+    Buffer,
+    /// The server copies the data itself, with reads and writes of `/dev/ublkcN` at
+    /// the command's position, on the queue's ring; no buffer is pinned per tag in the
+    /// driver. Refused where the driver does not offer it.
+    User,
+}
+
+impl std::fmt::Display for CopyMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            CopyMode::Auto => "auto",
+            CopyMode::Buffer => "buffer",
+            CopyMode::User => "user",
+        })
+    }
+}
+
+impl std::str::FromStr for CopyMode {
+    type Err = UblkError;
+    fn from_str(s: &str) -> Result<CopyMode> {
+        match s {
+            "auto" => Ok(CopyMode::Auto),
+            "buffer" => Ok(CopyMode::Buffer),
+            "user" => Ok(CopyMode::User),
+            other => Err(UblkError::BadOptions(format!(
+                "copy mode {other:?}: expected auto, buffer or user"
+            ))),
+        }
+    }
+}
+
 /// Why a ublk operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum UblkError {

@@ -25,12 +25,17 @@ use libublk::{sys, BufDesc, UblkIORes};
 const OP_ENGINE: u32 = 0xf0;
 /// Op code of the periodic timer.
 const OP_TIMER: u32 = 0xf1;
+/// Op code of a user copy of a write command's data into our buffer.
+const OP_COPY_IN: u32 = 0xf2;
+/// Op code of a user copy of a read command's data from our buffer.
+const OP_COPY_OUT: u32 = 0xf3;
 
 /// How often the loop wakes to let the engine notice replicas past their timeout.
 const TICK: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// Serves queue `qid` of `dev` until the device stops.
 pub fn serve_queue(qid: u16, dev: &UblkDev, engine: &Arc<Engine>) {
+    let user_copy = dev.dev_info.flags & sys::UBLK_F_USER_COPY as u64 != 0;
     let mut bufs = dev.alloc_queue_io_bufs();
     let ptrs: Vec<*mut u8> = bufs.iter_mut().map(|b| b.as_mut_ptr()).collect();
     let mut engine_queue = match EngineQueue::open(engine) {
@@ -50,6 +55,8 @@ pub fn serve_queue(qid: u16, dev: &UblkDev, engine: &Arc<Engine>) {
             return;
         }
     };
+    // User copy: reads and writes of the command's data on the char device, to push.
+    let mut copies: Vec<squeue::Entry> = Vec::new();
 
     let queue = match UblkQueue::new(qid, dev) {
         Ok(q) => q,
@@ -58,32 +65,66 @@ pub fn serve_queue(qid: u16, dev: &UblkDev, engine: &Arc<Engine>) {
             return;
         }
     };
-    let queue = match queue.submit_fetch_commands_unified(BufDescList::Slices(Some(&bufs))) {
+    let fetch = BufDescList::Slices((!user_copy).then_some(&bufs));
+    let queue = match queue.submit_fetch_commands_unified(fetch) {
         Ok(q) => q,
         Err(e) => {
             tracing::error!(queue = qid, error = %e, "cannot fetch ublk commands");
             return;
         }
     };
+    let complete = |q: &UblkQueue, tag: u16, res: i32| {
+        let buf = if user_copy {
+            &[][..]
+        } else {
+            bufs[tag as usize].as_slice()
+        };
+        if let Err(e) = q.complete_io_cmd_unified(tag, BufDesc::Slice(buf), Ok(UblkIORes::Result(res))) {
+            tracing::debug!(tag, error = %e, "completing a ublk command failed (queue going down?)");
+        }
+    };
+    // Hands command `tag`'s read or write to the engine, lending it the tag's buffer.
+    let submit_data = |eq: &mut EngineQueue, q: &UblkQueue, tag: u16, kind: IoKind| {
+        let iod = q.get_iod(tag);
+        let fua = iod.op_flags & sys::UBLK_IO_F_FUA != 0;
+        let bytes = (iod.nr_sectors as usize) << 9;
+        // SAFETY: the tag's buffer is ours, alive for the queue's life and
+        // max_io_buf_bytes long (the driver never sends more); neither the kernel nor
+        // a user copy touches it while the engine has the I/O, and the command is
+        // completed only after the engine has handed the buffer back.
+        let buf = unsafe { IoBuf::borrowed(ptrs[tag as usize], bytes) };
+        eq.submit(kind, iod.start_sector << 9, 0, Some(buf), tag as u64, fua);
+    };
     let handler = |q: &UblkQueue, tag: u16, ctx: &UblkIOCtx| {
         let Some(eq) = engine_queue.as_mut() else {
             if !ctx.is_tgt_io() {
-                complete(q, &bufs, tag, -libc::EIO);
+                complete(q, tag, -libc::EIO);
             }
             return;
         };
         if ctx.is_tgt_io() {
             let ud = ctx.user_data();
+            let tag = UblkIOCtx::user_data_to_tag(ud) as u16;
             match UblkIOCtx::user_data_to_op(ud) {
                 OP_TIMER => timer.armed = false,
-                _ => eq.complete(unfold(UblkIOCtx::user_data_to_tag(ud) as u16), ctx.result()),
+                OP_COPY_IN if ctx.result() == lens[tag as usize] => submit_data(eq, q, tag, IoKind::Write),
+                OP_COPY_OUT if ctx.result() == lens[tag as usize] => complete(q, tag, lens[tag as usize]),
+                OP_COPY_IN | OP_COPY_OUT => {
+                    tracing::warn!(
+                        tag,
+                        result = ctx.result(),
+                        expected = lens[tag as usize],
+                        "user copy of a command's data failed",
+                    );
+                    complete(q, tag, -libc::EIO)
+                }
+                _ => eq.complete(unfold(tag), ctx.result()),
             }
         } else {
             let iod = q.get_iod(tag);
             let op = iod.op_flags & 0xff;
             let offset = iod.start_sector << 9;
             let bytes = (iod.nr_sectors as u64) << 9;
-            let fua = iod.op_flags & sys::UBLK_IO_F_FUA != 0;
             let t = tag as usize;
             let kind = match op {
                 sys::UBLK_IO_OP_READ => Some(IoKind::Read),
@@ -94,15 +135,14 @@ pub fn serve_queue(qid: u16, dev: &UblkDev, engine: &Arc<Engine>) {
                 _ => None,
             };
             match kind {
-                None => complete(q, &bufs, tag, -libc::EOPNOTSUPP),
+                None => complete(q, tag, -libc::EOPNOTSUPP),
+                Some(IoKind::Write) if user_copy => {
+                    lens[t] = bytes as i32;
+                    copies.push(user_copy_entry(qid, tag, ptrs[t], bytes as u32, OP_COPY_IN));
+                }
                 Some(kind @ (IoKind::Read | IoKind::Write)) => {
                     lens[t] = bytes as i32;
-                    // SAFETY: the tag's buffer is libublk's, alive for the queue's life and
-                    // max_io_buf_bytes long (the driver never sends more); the kernel does
-                    // not touch it until we complete the command, and we complete it only
-                    // after the engine has handed the buffer back.
-                    let buf = unsafe { IoBuf::borrowed(ptrs[t], bytes as usize) };
-                    eq.submit(kind, offset, 0, Some(buf), tag as u64, fua);
+                    submit_data(eq, q, tag, kind);
                 }
                 Some(kind) => {
                     lens[t] = 0;
@@ -125,14 +165,32 @@ pub fn serve_queue(qid: u16, dev: &UblkDev, engine: &Arc<Engine>) {
                 }
             };
             drop(c);
-            complete(q, &bufs, tag, res);
+            if user_copy && res > 0 && q.get_iod(tag).op_flags & 0xff == sys::UBLK_IO_OP_READ {
+                let ptr = ptrs[tag as usize];
+                copies.push(user_copy_entry(qid, tag, ptr, res as u32, OP_COPY_OUT));
+            } else {
+                complete(q, tag, res);
+            }
         }
-        push_entries(eq, &mut timer);
+        push_entries(eq, &mut timer, &mut copies);
     };
     queue.wait_and_handle_io(handler);
     if let Some(eq) = engine_queue.as_mut() {
         eq.shutdown();
     }
+}
+
+/// A read (`OP_COPY_IN`: a write command's data into our buffer) or write
+/// (`OP_COPY_OUT`: a read command's data out of it) of `/dev/ublkcN` at command
+/// `tag`'s position: the user copy. The char device is the ring's fixed file 0.
+fn user_copy_entry(qid: u16, tag: u16, buf: *mut u8, len: u32, op: u32) -> squeue::Entry {
+    let pos = UblkIOCtx::ublk_user_copy_pos(qid, tag, 0);
+    let entry = if op == OP_COPY_IN {
+        opcode::Read::new(types::Fixed(0), buf, len).offset(pos).build()
+    } else {
+        opcode::Write::new(types::Fixed(0), buf, len).offset(pos).build()
+    };
+    entry.user_data(UblkIOCtx::build_user_data(tag, op, 0, true))
 }
 
 /// Folds an engine token (kind in its top 2 bits, connection index below) into the
@@ -145,14 +203,6 @@ fn fold(token: Token) -> u16 {
 fn unfold(tag: u16) -> Token {
     let tag = tag as u32;
     Token(((tag >> 14) << 30) | (tag & 0x3fff))
-}
-
-/// Completes the command on `tag` with `res` (bytes, or a negative errno).
-fn complete(q: &UblkQueue, bufs: &[libublk::helpers::IoBuf<u8>], tag: u16, res: i32) {
-    let buf = BufDesc::Slice(bufs[tag as usize].as_slice());
-    if let Err(e) = q.complete_io_cmd_unified(tag, buf, Ok(UblkIORes::Result(res))) {
-        tracing::debug!(tag, error = %e, "completing a ublk command failed (queue going down?)");
-    }
 }
 
 /// A periodic timerfd whose reads wake the queue's loop (a plain io_uring timeout
@@ -195,7 +245,7 @@ impl Ticker {
 
 /// Pushes the engine queue's entries, and a read of the timer if none is posted, on
 /// this thread's queue ring.
-fn push_entries(eq: &mut EngineQueue, timer: &mut Ticker) {
+fn push_entries(eq: &mut EngineQueue, timer: &mut Ticker, copies: &mut Vec<squeue::Entry>) {
     let tick = (!timer.armed).then(|| {
         timer.armed = true;
         opcode::Read::new(
@@ -213,6 +263,7 @@ fn push_entries(eq: &mut EngineQueue, timer: &mut Ticker) {
             e.user_data(UblkIOCtx::build_user_data(fold(token), OP_ENGINE, 0, true))
         })
         .chain(tick)
+        .chain(copies.drain(..))
         .collect();
     if entries.is_empty() {
         return;
@@ -222,7 +273,9 @@ fn push_entries(eq: &mut EngineQueue, timer: &mut Ticker) {
             loop {
                 // SAFETY: the engine queue keeps each entry's memory valid until its
                 // completion is handed back, the timer's fd and buffer live as long as
-                // the queue's loop, and the queue outlives the ring's use of both.
+                // the queue's loop, a user copy's buffer is the tag's own (alive for
+                // the queue's life, its command not completed until the copy is), and
+                // the queue outlives the ring's use of all of them.
                 if unsafe { ring.submission().push(e) }.is_ok() {
                     break;
                 }

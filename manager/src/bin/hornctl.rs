@@ -87,6 +87,9 @@ enum UblkCmd {
         /// Commands in flight per queue.
         #[arg(long, default_value_t = 128)]
         depth: u16,
+        /// How command data moves: auto, user or buffer (see `hornd engine --help`).
+        #[arg(long, default_value = "auto")]
+        copy: horn_ublk::CopyMode,
     },
     /// Reattach a new engine to device ID whose engine died: the device, and any
     /// filesystem mounted on it, stay; I/O waiting on it resumes.
@@ -506,9 +509,11 @@ fn run_ublk(json: bool, cmd: UblkCmd) -> Result<()> {
             engine,
             queues,
             depth,
+            copy,
         } => {
             horn_ublk::check_available()?;
             let mut args = vec!["--depth".to_string(), depth.to_string()];
+            args.extend(["--copy".to_string(), copy.to_string()]);
             if let Some(q) = queues {
                 args.extend(["--queues".to_string(), q.to_string()]);
             }
@@ -548,14 +553,15 @@ fn run_ublk(json: bool, cmd: UblkCmd) -> Result<()> {
                             d.queues.to_string(),
                             d.depth.to_string(),
                             d.pid.to_string(),
-                            format!("{:#x}", d.flags),
+                            d.copy.to_string(),
+                            d.features.join(","),
                         ]
                     })
                     .collect();
                 print!(
                     "{}",
                     table(
-                        &["ID", "PATH", "VOLUME", "STATE", "QUEUES", "DEPTH", "PID", "FLAGS"],
+                        &["ID", "PATH", "VOLUME", "STATE", "QUEUES", "DEPTH", "PID", "COPY", "FEATURES"],
                         &rows
                     )
                 );
@@ -646,6 +652,7 @@ fn main() -> ExitCode {
             tracing_subscriber::EnvFilter::try_from_env("HORN_LOG").unwrap_or_else(|_| "warn".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
     let result = match cli.command {

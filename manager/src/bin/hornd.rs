@@ -83,6 +83,11 @@ enum Command {
         /// device and what is mounted on it stayed); implies `--frontend ublk`.
         #[arg(long, value_name = "N")]
         recover: Option<u32>,
+        /// ublk: how command data moves: `user` (the engine copies it through
+        /// /dev/ublkcN; kernel 6.5+), `buffer` (the driver copies it into per-command
+        /// buffers), or `auto` (user where the driver offers it).
+        #[arg(long, default_value = "auto")]
+        copy: horn_ublk::CopyMode,
     },
 }
 
@@ -99,6 +104,7 @@ fn main() -> ExitCode {
             tracing_subscriber::EnvFilter::try_from_env("HORN_LOG").unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let result = match Cli::parse().command {
         Command::Replica {
@@ -120,6 +126,7 @@ fn main() -> ExitCode {
             id,
             read_only,
             recover,
+            copy,
         } => {
             let frontend = frontend.or(recover.map(|_| Frontend::Ublk));
             match u32::try_from(max_io).ok().filter(|&m| m <= 8 << 20) {
@@ -137,6 +144,7 @@ fn main() -> ExitCode {
                             volume: name,
                             read_only,
                             recover,
+                            copy,
                         }
                     });
                     serve_engine(replicas, control, std::time::Duration::from_secs(timeout), ublk)
