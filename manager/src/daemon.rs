@@ -71,6 +71,7 @@ pub fn serve_engine(
     control: String,
     timeout: Duration,
     ublk: Option<horn_ublk::UblkOptions>,
+    iscsi: Option<IscsiOptions>,
 ) -> Result<()> {
     let stop_signals = block_stop_signals()?;
     if ublk.is_some() {
@@ -117,7 +118,14 @@ pub fn serve_engine(
         }
         None => None,
     };
+    let iscsi_target = match iscsi {
+        Some(opts) => Some(start_iscsi(volume.engine().clone(), opts)?),
+        None => None,
+    };
     serve_commands(&mut volume, &commands);
+    if let Some(t) = iscsi_target {
+        t.stop(Duration::from_secs(10));
+    }
     if grpc.join().is_err() {
         tracing::warn!("the control service thread panicked");
     }
@@ -138,6 +146,54 @@ pub fn serve_engine(
     volume.close().context("closing the volume")?;
     println!("hornd engine: stopped; replicas flushed and released");
     result
+}
+
+/// How `hornd engine --frontend iscsi` serves the volume.
+#[derive(Debug, Clone)]
+pub struct IscsiOptions {
+    /// Portal address to listen on.
+    pub listen: String,
+    /// Target name.
+    pub iqn: String,
+    /// CHAP settings.
+    pub auth: horn_iscsi::login::Auth,
+    /// Serve the LUN read-only.
+    pub read_only: bool,
+}
+
+fn start_iscsi(
+    engine: Arc<horn_engine::Engine>,
+    opts: IscsiOptions,
+) -> Result<Arc<horn_iscsi::target::Target>> {
+    horn_iscsi::target::check_iqn(&opts.iqn).map_err(anyhow::Error::msg)?;
+    let listener = TcpListener::bind(&opts.listen)
+        .with_context(|| format!("cannot listen on {} for iSCSI", opts.listen))?;
+    let addr = listener.local_addr()?;
+    let chap = match (&opts.auth.chap, &opts.auth.mutual) {
+        (Some(_), Some(_)) => "mutual CHAP",
+        (Some(_), None) => "CHAP",
+        _ => "no authentication",
+    };
+    let target = Arc::new(horn_iscsi::target::Target::new(
+        engine,
+        opts.iqn.clone(),
+        addr.to_string(),
+        opts.auth,
+        opts.read_only,
+    ));
+    let t = target.clone();
+    std::thread::Builder::new()
+        .name("iscsi-listen".into())
+        .spawn(move || {
+            if let Err(e) = horn_iscsi::target::serve(t, listener) {
+                tracing::error!(error = %e, "the iSCSI listener failed");
+            }
+        })?;
+    println!(
+        "hornd engine: serving iSCSI target {} on {addr} ({chap})",
+        opts.iqn
+    );
+    Ok(target)
 }
 
 /// Moves this process into a mount namespace of its own (mounts still propagate in

@@ -88,6 +88,24 @@ enum Command {
         /// buffers), or `auto` (user where the driver offers it).
         #[arg(long, default_value = "auto")]
         copy: horn_ublk::CopyMode,
+        /// iscsi: the portal address to listen on.
+        #[arg(long, default_value = "0.0.0.0:3260")]
+        listen: String,
+        /// iscsi: the target's IQN (default: iqn.2026-11.io.horn:NAME).
+        #[arg(long)]
+        iqn: Option<String>,
+        /// iscsi: initiators must log in with CHAP as this user...
+        #[arg(long, requires = "chap_secret_file")]
+        chap_user: Option<String>,
+        /// ...proving the secret in this file (12 to 255 bytes; a final newline is dropped).
+        #[arg(long, requires = "chap_user")]
+        chap_secret_file: Option<PathBuf>,
+        /// iscsi: mutual CHAP: the target proves itself as this user...
+        #[arg(long, requires_all = ["mutual_secret_file", "chap_user"])]
+        mutual_user: Option<String>,
+        /// ...with the secret in this file.
+        #[arg(long, requires = "mutual_user")]
+        mutual_secret_file: Option<PathBuf>,
     },
 }
 
@@ -96,6 +114,23 @@ enum Command {
 enum Frontend {
     /// A ublk block device, /dev/ublkbN.
     Ublk,
+    /// An iSCSI target with the volume as LUN 0 (`--listen`, `--iqn`, CHAP flags).
+    Iscsi,
+}
+
+/// Reads a CHAP secret from `path`.
+fn read_secret(path: &std::path::Path) -> anyhow::Result<String> {
+    let s = std::fs::read_to_string(path)
+        .map_err(|e| anyhow::anyhow!("cannot read the CHAP secret {}: {e}", path.display()))?;
+    let s = s.strip_suffix('\n').unwrap_or(&s).to_string();
+    if !(12..=255).contains(&s.len()) {
+        anyhow::bail!(
+            "the CHAP secret in {} is {} bytes; 12 to 255 are accepted (RFC 7143 §12.1.3)",
+            path.display(),
+            s.len()
+        );
+    }
+    Ok(s)
 }
 
 fn main() -> ExitCode {
@@ -127,14 +162,44 @@ fn main() -> ExitCode {
             read_only,
             recover,
             copy,
+            listen,
+            iqn,
+            chap_user,
+            chap_secret_file,
+            mutual_user,
+            mutual_secret_file,
         } => {
             let frontend = frontend.or(recover.map(|_| Frontend::Ublk));
-            match u32::try_from(max_io).ok().filter(|&m| m <= 8 << 20) {
-                None => Err(anyhow::anyhow!(
+            let iscsi = match frontend {
+                Some(Frontend::Iscsi) => (|| -> anyhow::Result<_> {
+                    let secret = |user: Option<String>, file: Option<PathBuf>| -> anyhow::Result<_> {
+                        Ok(match (user, file) {
+                            (Some(user), Some(file)) => Some(horn_iscsi::login::ChapSecret {
+                                user,
+                                secret: read_secret(&file)?,
+                            }),
+                            _ => None,
+                        })
+                    };
+                    Ok(Some(horn_manager::daemon::IscsiOptions {
+                        listen,
+                        iqn: iqn.unwrap_or_else(|| horn_iscsi::target::default_iqn(&name)),
+                        auth: horn_iscsi::login::Auth {
+                            chap: secret(chap_user, chap_secret_file)?,
+                            mutual: secret(mutual_user, mutual_secret_file)?,
+                        },
+                        read_only,
+                    }))
+                })(),
+                _ => Ok(None),
+            };
+            match (u32::try_from(max_io).ok().filter(|&m| m <= 8 << 20), iscsi) {
+                (None, _) => Err(anyhow::anyhow!(
                     "--max-io {max_io} is over the 8 MiB the data wire carries"
                 )),
-                Some(max_io_bytes) => {
-                    let ublk = frontend.map(|Frontend::Ublk| {
+                (_, Err(e)) => Err(e),
+                (Some(max_io_bytes), Ok(iscsi)) => {
+                    let ublk = frontend.filter(|f| matches!(f, Frontend::Ublk)).map(|_| {
                         let defaults = horn_ublk::UblkOptions::default();
                         horn_ublk::UblkOptions {
                             queues: queues.unwrap_or(defaults.queues),
@@ -147,7 +212,13 @@ fn main() -> ExitCode {
                             copy,
                         }
                     });
-                    serve_engine(replicas, control, std::time::Duration::from_secs(timeout), ublk)
+                    serve_engine(
+                        replicas,
+                        control,
+                        std::time::Duration::from_secs(timeout),
+                        ublk,
+                        iscsi,
+                    )
                 }
             }
         }

@@ -1,0 +1,179 @@
+//! The target: its name, LUN and engine, the listener, and a thread per connection.
+
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use horn_engine::Engine;
+
+use crate::login::{Auth, Negotiated, TargetInfo};
+use crate::scsi::LunInfo;
+use crate::text::Offer;
+
+/// The IQN Horn gives a volume's target unless told otherwise.
+pub fn default_iqn(volume: &str) -> String {
+    let clean: String = volume
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    format!("iqn.2026-11.io.horn:{clean}")
+}
+
+/// Checks an IQN's form (RFC 3720 §3.2.6.3.1: `iqn.YYYY-MM.reversed.domain[:name]`).
+pub fn check_iqn(iqn: &str) -> Result<(), String> {
+    let ok = iqn.len() <= 223
+        && iqn.starts_with("iqn.")
+        && iqn.len() > 12
+        && iqn[4..8].bytes().all(|b| b.is_ascii_digit())
+        && &iqn[8..9] == "-"
+        && iqn[9..11].bytes().all(|b| b.is_ascii_digit())
+        && iqn
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-.:".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{iqn:?} is not an IQN: iqn.YYYY-MM.reversed.domain[:name], lower case letters, digits, - . :"
+        ))
+    }
+}
+
+/// Sessions logged in.
+#[derive(Debug, Default)]
+pub struct Sessions {
+    count: AtomicUsize,
+}
+
+/// Counts a session while it lives.
+pub struct SessionGuard<'a>(&'a Sessions);
+
+impl Drop for SessionGuard<'_> {
+    fn drop(&mut self) {
+        self.0.count.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Sessions {
+    /// Counts `n` in.
+    pub fn enter(&self, n: &Negotiated) -> SessionGuard<'_> {
+        let now = self.count.fetch_add(1, Ordering::Relaxed) + 1;
+        tracing::info!(initiator = %n.initiator, sessions = now, "session in full feature phase");
+        SessionGuard(self)
+    }
+    /// Sessions now.
+    pub fn count(&self) -> usize {
+        self.count.load(Ordering::Relaxed)
+    }
+}
+
+/// One target with one LUN (0): the volume.
+pub struct Target {
+    /// Name, address, authentication, negotiation offer.
+    pub info: TargetInfo,
+    /// The LUN and its shared state.
+    pub lun: Arc<LunInfo>,
+    /// The volume's engine.
+    pub engine: Arc<Engine>,
+    /// Sessions in the full feature phase.
+    pub sessions: Sessions,
+    tsih: AtomicU16,
+    /// Every connection's socket, to shut them down on stop.
+    conns: Mutex<Vec<TcpStream>>,
+    stopping: AtomicBool,
+}
+
+impl Target {
+    /// A target named `iqn` serving `engine`'s volume.
+    pub fn new(engine: Arc<Engine>, iqn: String, address: String, auth: Auth, read_only: bool) -> Target {
+        let name = iqn.rsplit(':').next().unwrap_or(&iqn).to_string();
+        let lun = Arc::new(LunInfo::new(
+            &name,
+            engine.size(),
+            engine.sector_size(),
+            read_only,
+        ));
+        Target {
+            info: TargetInfo {
+                name: iqn,
+                address,
+                auth,
+                offer: Offer::default(),
+            },
+            lun,
+            engine,
+            sessions: Sessions::default(),
+            tsih: AtomicU16::new(1),
+            conns: Mutex::new(Vec::new()),
+            stopping: AtomicBool::new(false),
+        }
+    }
+
+    /// Ends every connection and waits (up to `grace`) for their sessions to finish:
+    /// their tasks are dropped and their engine queues closed.
+    pub fn stop(&self, grace: Duration) {
+        self.stopping.store(true, Ordering::SeqCst);
+        for c in self.conns.lock().unwrap().drain(..) {
+            let _ = c.shutdown(std::net::Shutdown::Both);
+        }
+        let until = Instant::now() + grace;
+        while self.sessions.count() > 0 && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// A session handle for a new session (never 0).
+    pub fn new_tsih(&self) -> u16 {
+        loop {
+            let t = self.tsih.fetch_add(1, Ordering::Relaxed);
+            if t != 0 {
+                return t;
+            }
+        }
+    }
+}
+
+/// Accepts connections on `listener` until it fails, each served on its own thread.
+pub fn serve(target: Arc<Target>, listener: TcpListener) -> std::io::Result<()> {
+    loop {
+        let (sock, peer) = listener.accept()?;
+        spawn_connection(target.clone(), sock, peer.to_string());
+    }
+}
+
+fn spawn_connection(target: Arc<Target>, sock: TcpStream, peer: String) {
+    if target.stopping.load(Ordering::SeqCst) {
+        return;
+    }
+    match sock.try_clone() {
+        Ok(c) => {
+            let mut conns = target.conns.lock().unwrap();
+            // Forget sockets of connections that have ended.
+            conns.retain(|c| c.peer_addr().is_ok());
+            conns.push(c);
+        }
+        Err(e) => {
+            tracing::warn!(%peer, error = %e, "cannot keep a handle on the connection; refused");
+            return;
+        }
+    }
+    let spawned = std::thread::Builder::new()
+        .name("horn-iscsi-conn".into())
+        .spawn(move || {
+            tracing::debug!(%peer, "iSCSI connection");
+            match crate::conn::serve(target, sock) {
+                Ok(()) => tracing::debug!(%peer, "iSCSI connection closed"),
+                Err(e) => tracing::warn!(%peer, error = %e, "iSCSI connection ended"),
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "cannot start a connection thread");
+    }
+}
