@@ -244,12 +244,15 @@ struct Transfer {
     ttt: u32,
     /// Data-Out without R2T is allowed up to here.
     unsolicited_end: usize,
+    /// DataSN expected next (from 0 in each sequence).
+    data_sn: u32,
 }
 
 struct Task {
     itt: u32,
     edtl: u32,
-    read: bool,
+    /// The data-out length the CDB asks for, for the residual.
+    out_len: Option<u64>,
     future: Pin<Box<dyn Future<Output = Response>>>,
 }
 
@@ -639,7 +642,6 @@ impl FullFeature {
 
     fn command(&mut self, bhs: &Bhs, data: &[u8]) {
         let flags = bhs.flags();
-        let read = flags & 0x40 != 0;
         let write = flags & 0x20 != 0;
         let edtl = bhs.u32_at(20);
         let itt = bhs.itt();
@@ -647,13 +649,7 @@ impl FullFeature {
         let mut cdb = [0u8; 16];
         cdb.copy_from_slice(&bhs.0[32..48]);
         if lun != 0 && cdb[0] != 0xa0 && cdb[0] != 0x12 {
-            self.respond(
-                itt,
-                edtl,
-                read,
-                scsi::Response::check(scsi::Sense::LUN_NOT_SUPPORTED),
-                0,
-            );
+            self.respond(itt, edtl, None, scsi::Response::check(scsi::Sense::LUN_NOT_SUPPORTED));
             return;
         }
         if !data.is_empty() && (!write || !self.params.immediate_data || data.len() > edtl as usize) {
@@ -662,13 +658,7 @@ impl FullFeature {
         }
         if write && edtl > 0 {
             if edtl > MAX_TRANSFER {
-                self.respond(
-                    itt,
-                    edtl,
-                    read,
-                    scsi::Response::check(scsi::Sense::INVALID_FIELD_IN_CDB),
-                    0,
-                );
+                self.respond(itt, edtl, None, scsi::Response::check(scsi::Sense::INVALID_FIELD_IN_CDB));
                 return;
             }
             let mut buf = IoBuf::zeroed(edtl as usize);
@@ -690,16 +680,17 @@ impl FullFeature {
                 r2t_sn: 0,
                 ttt,
                 unsolicited_end,
+                data_sn: 0,
             };
             if t.received == edtl as usize {
-                self.start(itt, edtl, read, cdb, Some(t.buf));
+                self.start(itt, edtl, cdb, Some(t.buf));
             } else {
                 self.transfers.insert(itt, t);
                 self.solicit(itt);
             }
             return;
         }
-        self.start(itt, edtl, read, cdb, None);
+        self.start(itt, edtl, cdb, None);
     }
 
     /// Sends R2Ts for `itt` up to MaxOutstandingR2T.
@@ -738,6 +729,16 @@ impl FullFeature {
             tracing::debug!(itt, "Data-Out for no task");
             return;
         };
+        if bhs.u32_at(36) != t.data_sn {
+            // ERL 0 cannot recover a lost Data-Out: the command fails.
+            tracing::warn!(itt, got = bhs.u32_at(36), expected = t.data_sn, "Data-Out out of DataSN order");
+            let t = self.transfers.remove(&itt).unwrap();
+            let edtl = t.buf.len() as u32;
+            let resp = Response::check(scsi::Sense::DATA_PHASE_ERROR);
+            self.respond(itt, edtl, None, resp);
+            return;
+        }
+        t.data_sn = if bhs.final_bit() { 0 } else { t.data_sn + 1 };
         let end = offset + data.len();
         let allowed = if ttt == RESERVED_TAG {
             t.unsolicited_end
@@ -757,14 +758,15 @@ impl FullFeature {
         if t.received >= t.buf.len() {
             let t = self.transfers.remove(&itt).unwrap();
             let edtl = t.buf.len() as u32;
-            self.start(itt, edtl, false, t.cdb, Some(t.buf));
+            self.start(itt, edtl, t.cdb, Some(t.buf));
         } else if bhs.final_bit() {
             // A solicited burst (or the unsolicited one) is complete: ask for more.
             self.solicit(itt);
         }
     }
 
-    fn start(&mut self, itt: u32, edtl: u32, read: bool, cdb: [u8; 16], data_out: Option<IoBuf>) {
+    fn start(&mut self, itt: u32, edtl: u32, cdb: [u8; 16], data_out: Option<IoBuf>) {
+        let out_len = scsi::data_out_len(&cdb, self.lun.info.block_size);
         let lun = self.lun.clone();
         let nexus = self.nexus.clone();
         let future = Box::pin(async move {
@@ -778,7 +780,7 @@ impl FullFeature {
         self.tasks.push(Task {
             itt,
             edtl,
-            read,
+            out_len,
             future,
         });
     }
@@ -790,7 +792,7 @@ impl FullFeature {
             match self.tasks[i].future.as_mut().poll(&mut cx) {
                 Poll::Ready(resp) => {
                     let t = self.tasks.swap_remove(i);
-                    self.respond(t.itt, t.edtl, t.read, resp, 0);
+                    self.respond(t.itt, t.edtl, t.out_len, resp);
                 }
                 Poll::Pending => i += 1,
             }
@@ -799,19 +801,18 @@ impl FullFeature {
         // their new I/O is pushed on the next turn.
     }
 
-    /// Sends a command's data-in and status.
-    fn respond(&mut self, itt: u32, edtl: u32, _read: bool, resp: Response, _unused: u32) {
+    /// Sends a command's data-in and status. The residual compares the expected
+    /// transfer length with the data-out the CDB asks for (`out_len`), or else with
+    /// the data-in produced.
+    fn respond(&mut self, itt: u32, edtl: u32, out_len: Option<u64>, resp: Response) {
         let (buf, len) = match resp.data {
             Some((b, n)) => (Some(b), n),
             None => (None, 0),
         };
         let send_len = len.min(edtl as usize);
-        let (over, under) = (len > edtl as usize, len < edtl as usize);
-        let residual = if over {
-            len - edtl as usize
-        } else {
-            edtl as usize - len
-        } as u32;
+        let moved = out_len.map_or(len, |l| l as usize);
+        let (over, under) = (moved > edtl as usize, moved < edtl as usize);
+        let residual = if over { moved - edtl as usize } else { edtl as usize - moved } as u32;
         let res_flags = if over {
             0x04
         } else if under {
@@ -935,6 +936,13 @@ impl FullFeature {
 
     /// Drops the tasks, and waits until the kernel is done with every entry.
     fn teardown(&mut self) {
+        // A RESERVE(6) reservation ends with its I_T nexus.
+        {
+            let mut r = self.target.lun.reservations.lock().unwrap();
+            if r.reserve6.as_ref() == Some(&*self.nexus) {
+                r.reserve6 = None;
+            }
+        }
         self.closing = true;
         self.queue.clear();
         self.tasks.clear();

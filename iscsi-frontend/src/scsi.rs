@@ -58,6 +58,8 @@ impl Sense {
     pub const RESET_OCCURRED: Sense = Sense::new(0x06, 0x29, 0x00);
     /// NOT READY, MEDIUM NOT PRESENT.
     pub const NO_MEDIUM: Sense = Sense::new(0x02, 0x3a, 0x00);
+    /// ABORTED COMMAND, DATA PHASE ERROR.
+    pub const DATA_PHASE_ERROR: Sense = Sense::new(0x0b, 0x4b, 0x00);
     /// ILLEGAL REQUEST, MEDIUM REMOVAL PREVENTED.
     pub const REMOVAL_PREVENTED: Sense = Sense::new(0x05, 0x53, 0x02);
 
@@ -568,7 +570,8 @@ impl<V: BlockVolume> Lun<V> {
         let Some(pages) = self.mode_pages(page, pc == 1) else {
             return Response::check(Sense::INVALID_FIELD_IN_CDB);
         };
-        let wp = if self.info.read_only { 0x80 } else { 0 };
+        // Device-specific parameter: WP, and DPOFUA (DPO and FUA are honoured).
+        let wp = if self.info.read_only { 0x80 } else { 0 } | 0x10;
         let mut block_desc = Vec::new();
         if !dbd {
             let mut b = vec![0u8; 8];
@@ -712,14 +715,15 @@ impl<V: BlockVolume> Lun<V> {
         if let Some(r) = self.range(lba, n) {
             return Err(r);
         }
+        // The transport delivers at most its expected transfer length: when that is
+        // shorter than the CDB's, only the whole blocks received are written (the
+        // transport reports the residual).
+        let got = data.as_ref().map_or(0, |d| d.len() as u64) / self.info.block_size as u64;
+        let n = n.min(got);
         if n == 0 {
             return Ok(None);
         }
-        let want = (n * self.info.block_size as u64) as usize;
-        match data {
-            Some(d) if d.len() >= want => Ok(Some((lba, n, cdb[0] != 0x0a && flags & 0x08 != 0))),
-            _ => Err(Response::check(Sense::INVALID_FIELD_IN_CDB)),
-        }
+        Ok(Some((lba, n, cdb[0] != 0x0a && flags & 0x08 != 0)))
     }
 
     async fn write_buf(&self, lba: u64, buf: IoBuf, fua: bool) -> Result<IoBuf, Response> {
@@ -818,29 +822,30 @@ impl<V: BlockVolume> Lun<V> {
             return Response::check(Sense::WRITE_PROTECTED);
         }
         let bs = self.info.block_size as u64;
-        // Zero blocks means "to the end of the LUN".
-        let n = if n == 0 {
-            self.info.blocks().saturating_sub(lba)
-        } else {
-            n
-        };
-        if let Some(r) = self.range(lba, n) {
-            return r;
-        }
-        if n == 0 {
-            return Response::good();
-        }
         let block: Vec<u8> = if ndob {
             vec![0; bs as usize]
         } else {
             match data {
-                Some(d) if d.len() >= bs as usize => d.as_slice()[..bs as usize].to_vec(),
+                Some(d) if d.len() == bs as usize => d.as_slice().to_vec(),
                 _ => return Response::check(Sense::INVALID_FIELD_IN_CDB),
             }
         };
+        // Zero blocks means "to the end of the LUN".
+        let n = if n == 0 { self.info.blocks().saturating_sub(lba) } else { n };
+        if let Some(r) = self.range(lba, n) {
+            return r;
+        }
+        if n > (MAX_TRANSFER / self.info.block_size) as u64 {
+            return Response::check(Sense::INVALID_FIELD_IN_CDB);
+        }
+        if n == 0 {
+            return Response::good();
+        }
         let zero = block.iter().all(|&b| b == 0);
         let (off, len) = (lba * bs, n * bs);
-        let res = if zero && unmap {
+        // With UNMAP the blocks are unmapped whatever the data block holds: they read
+        // back as zeroes (LBPRZ), as SBC-3 allows.
+        let res = if unmap {
             self.volume.discard(off, len).await
         } else if zero {
             self.volume.write_zeroes(off, len).await
@@ -924,12 +929,13 @@ impl<V: BlockVolume> Lun<V> {
         if let Some(r) = self.range(lba, n) {
             return r;
         }
-        if n == 0 {
-            return Response::good();
-        }
         let len = (n * self.info.block_size as u64) as usize;
-        let Some(data) = data.filter(|d| d.len() == 2 * len) else {
+        let got = data.as_ref().map_or(0, |d| d.len());
+        if got != 2 * len {
             return Response::check(Sense::INVALID_FIELD_IN_CDB);
+        }
+        let Some(data) = data.filter(|_| n > 0) else {
+            return Response::good();
         };
         // Atomic against this connection's other commands only if they do not
         // overlap it; commands of other sessions may interleave (see docs/iscsi.md).
