@@ -297,16 +297,18 @@ impl FullFeature {
             volume: volume.clone(),
         });
         let rx_len = (n.params.target_max_recv as usize + 4096) * 4;
+        let nexus = Nexus {
+            initiator: n.initiator.clone(),
+            isid: n.isid,
+        };
+        target.lun.join(&nexus);
         Ok(FullFeature {
             target,
             sock,
             ring,
             volume,
             lun,
-            nexus: Rc::new(Nexus {
-                initiator: n.initiator.clone(),
-                isid: n.isid,
-            }),
+            nexus: Rc::new(nexus),
             seq,
             digests: Digests {
                 header: n.params.header_digest,
@@ -477,12 +479,7 @@ impl FullFeature {
                         self.queue.clear();
                         continue;
                     }
-                    let total: usize = s
-                        .iov
-                        .iter()
-                        .take(s.msg.msg_iovlen)
-                        .map(|v| v.iov_len)
-                        .sum();
+                    let total: usize = s.iov.iter().take(s.msg.msg_iovlen).map(|v| v.iov_len).sum();
                     if (res as usize) < total || s.iov.len() > s.msg.msg_iovlen {
                         s.done = res as usize;
                         self.arm_send(&mut s)?;
@@ -649,7 +646,12 @@ impl FullFeature {
         let mut cdb = [0u8; 16];
         cdb.copy_from_slice(&bhs.0[32..48]);
         if lun != 0 && cdb[0] != 0xa0 && cdb[0] != 0x12 {
-            self.respond(itt, edtl, None, scsi::Response::check(scsi::Sense::LUN_NOT_SUPPORTED));
+            self.respond(
+                itt,
+                edtl,
+                None,
+                scsi::Response::check(scsi::Sense::LUN_NOT_SUPPORTED),
+            );
             return;
         }
         if !data.is_empty() && (!write || !self.params.immediate_data || data.len() > edtl as usize) {
@@ -658,7 +660,12 @@ impl FullFeature {
         }
         if write && edtl > 0 {
             if edtl > MAX_TRANSFER {
-                self.respond(itt, edtl, None, scsi::Response::check(scsi::Sense::INVALID_FIELD_IN_CDB));
+                self.respond(
+                    itt,
+                    edtl,
+                    None,
+                    scsi::Response::check(scsi::Sense::INVALID_FIELD_IN_CDB),
+                );
                 return;
             }
             let mut buf = IoBuf::zeroed(edtl as usize);
@@ -731,7 +738,12 @@ impl FullFeature {
         };
         if bhs.u32_at(36) != t.data_sn {
             // ERL 0 cannot recover a lost Data-Out: the command fails.
-            tracing::warn!(itt, got = bhs.u32_at(36), expected = t.data_sn, "Data-Out out of DataSN order");
+            tracing::warn!(
+                itt,
+                got = bhs.u32_at(36),
+                expected = t.data_sn,
+                "Data-Out out of DataSN order"
+            );
             let t = self.transfers.remove(&itt).unwrap();
             let edtl = t.buf.len() as u32;
             let resp = Response::check(scsi::Sense::DATA_PHASE_ERROR);
@@ -812,7 +824,11 @@ impl FullFeature {
         let send_len = len.min(edtl as usize);
         let moved = out_len.map_or(len, |l| l as usize);
         let (over, under) = (moved > edtl as usize, moved < edtl as usize);
-        let residual = if over { moved - edtl as usize } else { edtl as usize - moved } as u32;
+        let residual = if over {
+            moved - edtl as usize
+        } else {
+            edtl as usize - moved
+        } as u32;
         let res_flags = if over {
             0x04
         } else if under {
@@ -913,6 +929,12 @@ impl FullFeature {
                 if function == 5 || function == 6 {
                     self.target.lun.reservations.lock().unwrap().reserve6 = None;
                     self.target.lun.prevent.lock().unwrap().clear();
+                    let sense = if function == 5 {
+                        scsi::Sense::LUN_RESET_OCCURRED
+                    } else {
+                        scsi::Sense::RESET_OCCURRED
+                    };
+                    self.target.lun.reset(sense);
                 }
                 0
             }
@@ -922,6 +944,7 @@ impl FullFeature {
                 self.transfers.clear();
                 self.target.lun.reservations.lock().unwrap().reserve6 = None;
                 self.target.lun.prevent.lock().unwrap().clear();
+                self.target.lun.reset(scsi::Sense::RESET_OCCURRED);
                 self.closing = true;
                 0
             }
@@ -936,6 +959,7 @@ impl FullFeature {
 
     /// Drops the tasks, and waits until the kernel is done with every entry.
     fn teardown(&mut self) {
+        self.target.lun.leave(&self.nexus);
         // A RESERVE(6) reservation ends with its I_T nexus.
         {
             let mut r = self.target.lun.reservations.lock().unwrap();

@@ -56,6 +56,8 @@ impl Sense {
     pub const WRITE_ERROR: Sense = Sense::new(0x03, 0x0c, 0x00);
     /// UNIT ATTENTION, POWER ON, RESET, OR BUS DEVICE RESET OCCURRED.
     pub const RESET_OCCURRED: Sense = Sense::new(0x06, 0x29, 0x00);
+    /// UNIT ATTENTION, BUS DEVICE RESET FUNCTION OCCURRED (a LUN reset).
+    pub const LUN_RESET_OCCURRED: Sense = Sense::new(0x06, 0x29, 0x03);
     /// NOT READY, MEDIUM NOT PRESENT.
     pub const NO_MEDIUM: Sense = Sense::new(0x02, 0x3a, 0x00);
     /// ABORTED COMMAND, DATA PHASE ERROR.
@@ -217,6 +219,10 @@ pub struct LunInfo {
     pub reservations: Mutex<Reservations>,
     /// Set by PREVENT ALLOW MEDIUM REMOVAL, per nexus.
     pub prevent: Mutex<Vec<Nexus>>,
+    /// Nexuses logged in, each with the unit attention it has yet to be told of.
+    pub nexuses: Mutex<Vec<(Nexus, Option<Sense>)>>,
+    /// Some nexus has a unit attention pending (checked on every command).
+    pub attention: std::sync::atomic::AtomicBool,
 }
 
 impl LunInfo {
@@ -236,7 +242,45 @@ impl LunInfo {
             naa: (3u64 << 60) | (h >> 4),
             reservations: Mutex::new(Reservations::default()),
             prevent: Mutex::new(Vec::new()),
+            nexuses: Mutex::new(Vec::new()),
+            attention: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// A nexus logs in.
+    pub fn join(&self, n: &Nexus) {
+        self.nexuses.lock().unwrap().push((n.clone(), None));
+    }
+
+    /// A nexus is gone (logout or connection loss).
+    pub fn leave(&self, n: &Nexus) {
+        let mut v = self.nexuses.lock().unwrap();
+        if let Some(i) = v.iter().position(|(x, _)| x == n) {
+            v.swap_remove(i);
+        }
+    }
+
+    /// A reset: every nexus, the one that asked for it too, gets a unit attention
+    /// (SAM-5 §6.3.3).
+    pub fn reset(&self, sense: Sense) {
+        let mut v = self.nexuses.lock().unwrap();
+        for (_, ua) in v.iter_mut() {
+            *ua = Some(sense);
+        }
+        self.attention.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Takes `n`'s pending unit attention, if any.
+    fn take_attention(&self, n: &Nexus) -> Option<Sense> {
+        if !self.attention.load(std::sync::atomic::Ordering::Relaxed) {
+            return None;
+        }
+        let mut v = self.nexuses.lock().unwrap();
+        let ua = v.iter_mut().find(|(x, _)| x == n).and_then(|(_, ua)| ua.take());
+        if v.iter().all(|(_, ua)| ua.is_none()) {
+            self.attention.store(false, std::sync::atomic::Ordering::SeqCst);
+        }
+        ua
     }
 
     fn blocks(&self) -> u64 {
@@ -294,6 +338,7 @@ const SUPPORTED: &[(u8, Option<u16>, u8)] = &[
     (0x2e, None, 10),
     (0x2f, None, 10),
     (0x34, None, 10),
+    (0x37, None, 10),
     (0x35, None, 10),
     (0x41, None, 10),
     (0x42, None, 10),
@@ -313,6 +358,7 @@ const SUPPORTED: &[(u8, Option<u16>, u8)] = &[
     (0x88, None, 16),
     (0x89, None, 16),
     (0x8a, None, 16),
+    (0x8b, None, 16),
     (0x8e, None, 16),
     (0x8f, None, 16),
     (0x90, None, 16),
@@ -326,6 +372,7 @@ const SUPPORTED: &[(u8, Option<u16>, u8)] = &[
     (0xaa, None, 12),
     (0xae, None, 12),
     (0xaf, None, 12),
+    (0xb7, None, 12),
 ];
 
 /// Largest transfer in bytes (the data wire's largest I/O).
@@ -356,6 +403,14 @@ impl<V: BlockVolume> Lun<V> {
     pub async fn execute(&self, cmd: Command<'_>) -> Response {
         let cdb = cmd.cdb;
         let op = cdb[0];
+        // A unit attention is reported once, on the first command that may carry it
+        // (PERSISTENT RESERVE IN is let through, as the reservation it reads outlives
+        // resets).
+        if !matches!(op, 0x12 | 0xa0 | 0x03 | 0x5e) {
+            if let Some(ua) = self.info.take_attention(cmd.nexus) {
+                return Response::check(ua);
+            }
+        }
         {
             let r = self.info.reservations.lock().unwrap();
             if !r.allows(cmd.nexus, writes(op), op) {
@@ -383,6 +438,8 @@ impl<V: BlockVolume> Lun<V> {
             0x41 | 0x93 => self.write_same(cdb, cmd.data_out).await,
             0x42 => self.unmap(cdb, cmd.data_out).await,
             0x89 => self.compare_and_write(cdb, cmd.data_out).await,
+            0x8b => self.or_write(cdb, cmd.data_out).await,
+            0x37 | 0xb7 => self.read_defect_data(cdb),
             0x16 => self.reserve6(cmd.nexus),
             0x17 => self.release6(cmd.nexus),
             0x5e => self.pr_in(cdb),
@@ -831,7 +888,11 @@ impl<V: BlockVolume> Lun<V> {
             }
         };
         // Zero blocks means "to the end of the LUN".
-        let n = if n == 0 { self.info.blocks().saturating_sub(lba) } else { n };
+        let n = if n == 0 {
+            self.info.blocks().saturating_sub(lba)
+        } else {
+            n
+        };
         if let Some(r) = self.range(lba, n) {
             return r;
         }
@@ -951,6 +1012,40 @@ impl<V: BlockVolume> Lun<V> {
         match self.write_buf(lba, new, flags & 0x08 != 0).await {
             Ok(_) => Response::good(),
             Err(r) => r,
+        }
+    }
+
+    /// ORWRITE(16): the data is ORed into the blocks.
+    async fn or_write(&self, cdb: &[u8; 16], data: Option<IoBuf>) -> Response {
+        match self.write_args(cdb, &data) {
+            Err(r) => r,
+            Ok(None) => Response::good(),
+            Ok(Some((lba, n, fua))) => {
+                let mut blocks = match self.read_blocks(lba, n).await {
+                    Ok(b) => b,
+                    Err(r) => return r,
+                };
+                let data = data.unwrap();
+                for (b, d) in blocks.as_mut_slice().iter_mut().zip(data.as_slice()) {
+                    *b |= *d;
+                }
+                match self.write_buf(lba, blocks, fua).await {
+                    Ok(_) => Response::good(),
+                    Err(r) => r,
+                }
+            }
+        }
+    }
+
+    /// READ DEFECT DATA(10) and (12): a volume has no defects; the list is empty, in
+    /// the format asked for.
+    fn read_defect_data(&self, cdb: &[u8; 16]) -> Response {
+        if cdb[0] == 0x37 {
+            let alloc = u16::from_be_bytes([cdb[7], cdb[8]]) as usize;
+            Response::data(&[0, cdb[2] & 0x1f, 0, 0], alloc)
+        } else {
+            let alloc = u32::from_be_bytes(cdb[6..10].try_into().unwrap()) as usize;
+            Response::data(&[0, cdb[1] & 0x1f, 0, 0, 0, 0, 0, 0], alloc)
         }
     }
 
@@ -1254,7 +1349,7 @@ fn miscompare(a: &[u8], b: &[u8]) -> Response {
 pub fn data_out_len(cdb: &[u8; 16], block_size: u32) -> Option<u64> {
     let bs = block_size as u64;
     match cdb[0] {
-        0x0a | 0x2a | 0xaa | 0x8a | 0x2e | 0xae | 0x8e => rw_args(cdb).map(|(_, n, _)| n * bs),
+        0x0a | 0x2a | 0xaa | 0x8a | 0x2e | 0xae | 0x8e | 0x8b => rw_args(cdb).map(|(_, n, _)| n * bs),
         0x2f | 0xaf | 0x8f => rw_args(cdb).and_then(|(_, n, f)| (f & 0x06 != 0).then_some(n * bs)),
         0x89 => rw_args(cdb).map(|(_, n, _)| 2 * n * bs),
         0x41 | 0x93 => Some(bs),
