@@ -480,3 +480,172 @@ impl Login {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn target(auth: Auth) -> TargetInfo {
+        TargetInfo {
+            name: "iqn.2026-11.io.horn:t".into(),
+            address: "127.0.0.1:3260".into(),
+            auth,
+            offer: Offer::default(),
+        }
+    }
+
+    fn req(csg: u8, nsg: u8, transit: bool) -> Bhs {
+        let mut b = Bhs::new(
+            op::LOGIN | 0x40,
+            (if transit { 0x80 } else { 0 }) | (csg << 2) | nsg,
+        );
+        b.set_u32(16, 7);
+        b
+    }
+
+    fn kv(pairs: &[(&str, &str)]) -> Vec<u8> {
+        text::encode(
+            &pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect::<Vec<_>>(),
+        )
+    }
+
+    const BASE: &[(&str, &str)] = &[
+        ("InitiatorName", "iqn.2026-11.io.horn:i"),
+        ("SessionType", "Normal"),
+        ("TargetName", "iqn.2026-11.io.horn:t"),
+    ];
+
+    #[test]
+    fn a_plain_login_reaches_the_full_feature_phase() {
+        let mut l = Login::new(target(Auth::default()));
+        let mut keys = BASE.to_vec();
+        keys.push(("MaxBurstLength", "65536"));
+        let s = l.step(&req(1, 3, true), &kv(&keys), 5);
+        let Outcome::Complete(n) = s.outcome else {
+            panic!("{:?}", s.outcome)
+        };
+        assert_eq!(n.params.max_burst, 65536);
+        assert_eq!(s.bhs.flags(), 0x80 | (1 << 2) | 3);
+        assert_eq!(s.bhs.u16_at(14), 5, "the TSIH");
+        let reply = text::parse(&s.data).unwrap();
+        assert!(reply.contains(&("TargetPortalGroupTag".into(), "1".into())));
+        assert!(reply.iter().any(|(k, _)| k == "MaxRecvDataSegmentLength"));
+    }
+
+    fn chap_login(secret: &str, mutual: bool) -> Outcome {
+        let auth = Auth {
+            chap: Some(ChapSecret {
+                user: "u".into(),
+                secret: "twelve-bytes".into(),
+            }),
+            mutual: mutual.then(|| ChapSecret {
+                user: "t".into(),
+                secret: "target-secret".into(),
+            }),
+        };
+        let mut l = Login::new(target(auth));
+        let mut keys = BASE.to_vec();
+        keys.push(("AuthMethod", "CHAP,None"));
+        let s = l.step(&req(0, 1, false), &kv(&keys), 1);
+        assert_eq!(s.outcome, Outcome::Continue);
+        let s = l.step(&req(0, 1, false), &kv(&[("CHAP_A", "7,5")]), 1);
+        let p = text::parse(&s.data).unwrap();
+        let get = |k: &str| p.iter().find(|(a, _)| a == k).unwrap().1.clone();
+        let id: u8 = get("CHAP_I").parse().unwrap();
+        let challenge = binary(&get("CHAP_C")).unwrap();
+        let r = hex(&chap_response(id, secret.as_bytes(), &challenge));
+        let mut keys = vec![("CHAP_N", "u"), ("CHAP_R", r.as_str())];
+        if mutual {
+            keys.push(("CHAP_I", "3"));
+            keys.push(("CHAP_C", "0x0102030405060708"));
+        }
+        let s = l.step(&req(0, 1, true), &kv(&keys), 1);
+        if s.outcome == Outcome::Failed {
+            assert_eq!((s.bhs.0[36], s.bhs.0[37]), status::AUTH_FAILED);
+            return s.outcome;
+        }
+        if mutual {
+            let p = text::parse(&s.data).unwrap();
+            let want = hex(&chap_response(3, b"target-secret", &[1, 2, 3, 4, 5, 6, 7, 8]));
+            assert!(p.contains(&("CHAP_R".into(), want)));
+        }
+        l.step(&req(1, 3, true), &[], 1).outcome
+    }
+
+    #[test]
+    fn chap_admits_the_right_secret_only() {
+        assert!(matches!(chap_login("twelve-bytes", false), Outcome::Complete(_)));
+        assert!(matches!(chap_login("twelve-bytes", true), Outcome::Complete(_)));
+        assert_eq!(chap_login("wrong-secret", false), Outcome::Failed);
+        assert_eq!(chap_login("wrong-secret", true), Outcome::Failed);
+    }
+
+    #[test]
+    fn chap_cannot_be_skipped() {
+        let auth = Auth {
+            chap: Some(ChapSecret {
+                user: "u".into(),
+                secret: "twelve-bytes".into(),
+            }),
+            mutual: None,
+        };
+        let mut l = Login::new(target(auth.clone()));
+        assert_eq!(l.step(&req(1, 3, true), &kv(BASE), 1).outcome, Outcome::Failed);
+        let mut l = Login::new(target(auth));
+        let mut keys = BASE.to_vec();
+        keys.push(("AuthMethod", "None"));
+        assert_eq!(l.step(&req(0, 1, true), &kv(&keys), 1).outcome, Outcome::Failed);
+    }
+
+    #[test]
+    fn bad_logins_are_refused_with_the_right_status() {
+        type Keys<'a> = &'a [(&'a str, &'a str)];
+        let cases: &[(Keys, (u8, u8))] = &[
+            (&[("SessionType", "Normal")], status::MISSING),
+            (
+                &[
+                    ("InitiatorName", "i"),
+                    ("TargetName", "iqn.2026-11.io.horn:other"),
+                ],
+                status::NOT_FOUND,
+            ),
+            (
+                &[("InitiatorName", "i"), ("SessionType", "Weird")],
+                status::INITIATOR_ERROR,
+            ),
+        ];
+        for (keys, st) in cases {
+            let mut l = Login::new(target(Auth::default()));
+            let s = l.step(&req(1, 3, true), &kv(keys), 1);
+            assert_eq!(s.outcome, Outcome::Failed, "{keys:?}");
+            assert_eq!((s.bhs.0[36], s.bhs.0[37]), *st, "{keys:?}");
+        }
+        let mut l = Login::new(target(Auth::default()));
+        assert_eq!(
+            l.step(&req(1, 3, true), b"garbage-without-equals\0", 1).outcome,
+            Outcome::Failed
+        );
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_login_requests_never_panic(
+            steps in proptest::collection::vec(
+                (proptest::array::uniform32(proptest::num::u8::ANY),
+                 proptest::collection::vec(proptest::num::u8::ANY, 0..200)), 1..5)) {
+            let mut l = Login::new(target(Auth {
+                chap: Some(ChapSecret { user: "u".into(), secret: "twelve-bytes".into() }),
+                mutual: None,
+            }));
+            for (head, data) in steps {
+                let mut b = Bhs::new(op::LOGIN | 0x40, head[0]);
+                b.0[2..34].copy_from_slice(&head);
+                b.0[0] = op::LOGIN | 0x40;
+                let _ = l.step(&b, &data, 1);
+            }
+        }
+    }
+}

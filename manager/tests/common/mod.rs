@@ -10,6 +10,8 @@ use std::time::Duration;
 
 use horn_proto::client::BlockingClient;
 
+pub mod iscsi;
+
 /// A running `hornd replica`.
 pub struct Daemon {
     pub child: Child,

@@ -1,0 +1,260 @@
+//! `hornd engine --frontend iscsi` as a real process on real replicas, driven over
+//! its socket: data through the LUN, out-of-range I/O, malformed PDUs, CHAP and
+//! discovery. (libiscsi's conformance suite runs in `tests/iscsi/conformance`.)
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, Command, Stdio};
+
+use common::iscsi::{Chap, Initiator};
+use common::Daemon;
+use horn_iscsi::pdu::{op, Bhs};
+
+const IQN: &str = "iqn.2026-11.io.horn:itest";
+
+struct Target {
+    child: Child,
+    addr: String,
+}
+
+impl Drop for Target {
+    fn drop(&mut self) {
+        // SAFETY: kill takes no pointers; the pid is our child's (reaped below).
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGKILL) };
+        let _ = self.child.wait();
+    }
+}
+
+fn start_target(replicas: &[&Daemon], extra: &[&str]) -> Result<Target, String> {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_hornd"));
+    cmd.args([
+        "engine",
+        "--control",
+        "127.0.0.1:0",
+        "--frontend",
+        "iscsi",
+        "--listen",
+        "127.0.0.1:0",
+    ])
+    .args(["--name", "itest"])
+    .args(extra);
+    for r in replicas {
+        cmd.arg("--replica")
+            .arg(format!("{},{}", r.addr, r.control.trim_start_matches("http://")));
+    }
+    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    for _ in 0..2 {
+        line.clear();
+        out.read_line(&mut line).unwrap();
+        if let Some((_, rest)) = line.split_once(&format!("serving iSCSI target {IQN} on ")) {
+            let addr = rest.split_whitespace().next().unwrap().to_string();
+            return Ok(Target { child, addr });
+        }
+    }
+    let out = child.wait_with_output().unwrap();
+    Err(format!("{line}{}", String::from_utf8_lossy(&out.stderr)))
+}
+
+fn replicas(dir: &std::path::Path, n: usize) -> Vec<Daemon> {
+    (0..n)
+        .map(|i| Daemon::start(&dir.join(format!("r{i}")), &["--size", "64M"]).unwrap())
+        .collect()
+}
+
+fn pattern(seed: u8, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
+
+#[test]
+fn data_goes_through_the_lun_and_out_of_range_io_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = replicas(dir.path(), 3);
+    let t = start_target(&r.iter().collect::<Vec<_>>(), &[]).unwrap();
+    let mut i = Initiator::login(&t.addr, IQN, None).unwrap();
+
+    let data = pattern(3, 64 * 1024);
+    assert_eq!(i.write10(8, &data).status, 0);
+    let back = i.read10(8, 128);
+    assert_eq!(back.status, 0);
+    assert!(back.data == data, "what was written reads back");
+
+    // 64 MiB of 512-byte blocks: the last LBA is 131071.
+    let w = i.write10(131_071, &pattern(1, 1024));
+    assert_eq!(w.status, 2, "CHECK CONDITION");
+    assert_eq!(
+        (w.sense[2] & 0x0f, w.sense[12]),
+        (0x05, 0x21),
+        "ILLEGAL REQUEST, LBA OUT OF RANGE"
+    );
+    let r2 = i.read10(131_072, 1);
+    assert_eq!((r2.status, r2.sense[2] & 0x0f, r2.sense[12]), (2, 0x05, 0x21));
+    // Nothing past the end was written, and the data in range is intact.
+    assert!(i.read10(8, 128).data == data);
+}
+
+#[test]
+fn malformed_pdus_get_a_reject_or_a_closed_connection_and_write_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = replicas(dir.path(), 1);
+    let t = start_target(&[&r[0]], &[]).unwrap();
+    let original = pattern(9, 4096);
+    {
+        let mut i = Initiator::login(&t.addr, IQN, None).unwrap();
+        assert_eq!(i.write10(0, &original).status, 0);
+    }
+
+    // An op code no initiator may send: Reject, reason "command not supported",
+    // carrying the rejected header; the session goes on.
+    let mut i = Initiator::login(&t.addr, IQN, None).unwrap();
+    i.send(&Bhs::new(0x1f, 0x80), &[]);
+    let (rej, data) = i.recv().expect("a Reject");
+    assert_eq!((rej.opcode(), rej.0[2]), (op::REJECT, 0x05));
+    assert_eq!(data[0] & 0x3f, 0x1f);
+    // Data-Out for a task that does not exist: ignored.
+    let mut d = Bhs::new(op::DATA_OUT, 0x80);
+    d.set_u32(16, 0xdead).set_u32(20, 0xffff_ffff);
+    i.send(&d, &[0xee; 512]);
+    // Immediate data longer than the expected transfer: Reject, nothing written.
+    let mut cdb = [0u8; 10];
+    cdb[0] = 0x2a;
+    cdb[8] = 1;
+    let b = i.command_pdu(&cdb, 512, false, true);
+    i.send(&b, &[0xee; 4096]);
+    let (rej, _) = i.recv().expect("a Reject");
+    assert_eq!(rej.opcode(), op::REJECT);
+    assert!(
+        i.read10(0, 8).data == original,
+        "the session goes on and nothing was written"
+    );
+
+    // A data segment over what the target declared it receives: the connection closes.
+    let mut big = Bhs::new(op::NOP_OUT | 0x40, 0x80);
+    big.set_u32(16, 0xffff_ffff).set_data_len(16 << 20);
+    i.sock.write_all(&big.0).unwrap();
+    assert!(i.recv().is_none(), "the connection is closed");
+
+    // Seeded garbage after login, many times over: never a panic, never a write.
+    let mut seed = 0x9e37_79b9u32;
+    for _ in 0..20 {
+        let mut i = Initiator::login(&t.addr, IQN, None).unwrap();
+        let junk: Vec<u8> = (0..4096)
+            .map(|_| {
+                seed ^= seed << 13;
+                seed ^= seed >> 17;
+                seed ^= seed << 5;
+                seed as u8
+            })
+            .collect();
+        let _ = i.sock.write_all(&junk);
+        let _ = i.sock.shutdown(std::net::Shutdown::Write);
+        while i.recv().is_some() {}
+    }
+    let mut i = Initiator::login(&t.addr, IQN, None).expect("the target still serves");
+    assert!(i.read10(0, 8).data == original, "garbage wrote nothing");
+}
+
+#[test]
+fn chap_one_way_and_mutual() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = replicas(dir.path(), 1);
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, "initiator-secret-1\n").unwrap();
+    let mutual = dir.path().join("mutual");
+    std::fs::write(&mutual, "target-secret-22").unwrap();
+    let s = secret.to_str().unwrap();
+    let m = mutual.to_str().unwrap();
+    let t = start_target(
+        &[&r[0]],
+        &[
+            "--chap-user",
+            "alice",
+            "--chap-secret-file",
+            s,
+            "--mutual-user",
+            "horn",
+            "--mutual-secret-file",
+            m,
+        ],
+    )
+    .unwrap();
+    let chap = |user, secret| Chap {
+        user,
+        secret,
+        mutual: Some(("horn", "target-secret-22")),
+    };
+    let mut i = Initiator::login(&t.addr, IQN, Some(chap("alice", "initiator-secret-1")))
+        .expect("the right secret logs in, and the target proves its own");
+    assert_eq!(i.read10(0, 1).status, 0);
+    assert_eq!(
+        Initiator::login(&t.addr, IQN, Some(chap("alice", "wrong-secret-123"))).err(),
+        Some((2, 1)),
+        "a wrong secret: authentication failure"
+    );
+    assert_eq!(
+        Initiator::login(&t.addr, IQN, Some(chap("mallory", "initiator-secret-1"))).err(),
+        Some((2, 1))
+    );
+    assert_eq!(
+        Initiator::login(&t.addr, IQN, None).err(),
+        Some((2, 1)),
+        "no CHAP at all"
+    );
+    let one_way = Chap {
+        user: "alice",
+        secret: "initiator-secret-1",
+        mutual: None,
+    };
+    assert_eq!(
+        Initiator::login(&t.addr, IQN, Some(one_way)).err(),
+        Some((2, 1)),
+        "the target asks for mutual CHAP"
+    );
+
+    // A secret too short is refused before anything is served.
+    std::fs::write(&secret, "short").unwrap();
+    let e = start_target(&[&r[0]], &["--chap-user", "alice", "--chap-secret-file", s])
+        .err()
+        .unwrap();
+    assert!(e.contains("12 to 255"), "{e}");
+}
+
+#[test]
+fn discovery_lists_the_target_and_a_wrong_name_is_not_found() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = replicas(dir.path(), 1);
+    let t = start_target(&[&r[0]], &[]).unwrap();
+    assert_eq!(
+        Initiator::login(&t.addr, "iqn.2026-11.io.horn:nope", None).err(),
+        Some((2, 3))
+    );
+
+    let mut i = Initiator::connect(&t.addr);
+    let mut b = Bhs::new(op::LOGIN | 0x40, 0x80 | (1 << 2) | 3);
+    b.set_u32(16, 1);
+    let keys = horn_iscsi::text::encode(&[
+        (
+            "InitiatorName".into(),
+            "iqn.2026-11.io.horn:test-initiator".into(),
+        ),
+        ("SessionType".into(), "Discovery".into()),
+    ]);
+    i.send(&b, &keys);
+    let (r, _) = i.recv().unwrap();
+    assert_eq!((r.opcode(), r.0[36]), (op::LOGIN_RESP, 0));
+    let mut q = Bhs::new(op::TEXT | 0x40, 0x80);
+    q.set_u32(16, 2).set_u32(20, 0xffff_ffff);
+    i.send(
+        &q,
+        &horn_iscsi::text::encode(&[("SendTargets".into(), "All".into())]),
+    );
+    let (r, d) = i.recv().unwrap();
+    assert_eq!(r.opcode(), op::TEXT_RESP);
+    let text = String::from_utf8_lossy(&d);
+    assert!(text.contains(&format!("TargetName={IQN}")), "{text}");
+    assert!(text.contains(&format!("TargetAddress={},1", t.addr)), "{text}");
+}
