@@ -16,6 +16,7 @@
 
 mod cpu;
 mod fio;
+mod iscsi;
 mod report;
 mod store;
 mod target;
@@ -45,6 +46,9 @@ enum Command {
     /// fio on /dev/ublkbN (one local replica) against fio on a kernel loop device
     /// (root and ublk; `tests/vm/run --bench` runs it in the VM).
     Ublk(ublk::UblkArgs),
+    /// Horn's iSCSI target (one replica) against tgt on a file: iscsi-perf, and fio
+    /// through qemu-nbd.
+    Iscsi(iscsi::IscsiArgs),
     /// Serves one replica (what `hornd replica` does); the volume benchmark starts
     /// its replica processes with it.
     #[command(hide = true)]
@@ -65,6 +69,7 @@ fn main() -> anyhow::Result<()> {
         Command::Store(args) => store::run(args),
         Command::Volume(args) => volume::run(args),
         Command::Ublk(args) => ublk::run(args),
+        Command::Iscsi(args) => iscsi::run(args),
         Command::ServeReplica {
             dir,
             size,

@@ -105,6 +105,14 @@ impl Drop for ReplicaProcess {
     fn drop(&mut self) {
         // SAFETY: kill takes no pointers; the pid is our child's, reaped just after.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        // A replica still serving an engine's connections may not stop on SIGTERM.
+        for _ in 0..100 {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
         let _ = self.child.wait();
     }
 }
