@@ -21,7 +21,7 @@ use horn_replica::IoBuf;
 use io_uring::{opcode, types, IoUring};
 
 use crate::login::{Login, Negotiated, Outcome, SessionType};
-use crate::pdu::{self, op, reject, Bhs, Digests, Frame, BHS_LEN, RESERVED_TAG};
+use crate::pdu::{self, op, reject, Bhs, Digests, BHS_LEN, RESERVED_TAG};
 use crate::scsi::{self, Command, Lun, Nexus, Response};
 use crate::target::Target;
 use crate::text::{self, Params};
@@ -406,7 +406,7 @@ impl FullFeature {
             self.arm_send(&mut s)?;
             self.sending = Some(s);
         }
-        self.ring.submit()?;
+        // No submit here: the wait that follows submits and waits in one call.
         Ok(())
     }
 
@@ -495,32 +495,37 @@ impl FullFeature {
     }
 
     fn parse(&mut self) -> Result<()> {
+        // The receive buffer is lent out while its PDUs are handled (no receive is
+        // posted meanwhile), so that their data is copied once, straight to where it
+        // goes.
+        let rx = std::mem::take(&mut self.rx);
+        let result = self.parse_from(&rx);
+        self.rx = rx;
+        if self.rx_start == self.rx_end {
+            self.rx_start = 0;
+            self.rx_end = 0;
+        }
+        result
+    }
+
+    fn parse_from(&mut self, rx: &[u8]) -> Result<()> {
         loop {
-            let buf = &self.rx[self.rx_start..self.rx_end];
+            let buf = &rx[self.rx_start..self.rx_end];
             let frame = match pdu::parse(buf, self.digests, self.params.target_max_recv as usize) {
                 Ok(Some(f)) => f,
-                Ok(None) => break,
+                Ok(None) => return Ok(()),
                 Err(e) => {
                     tracing::warn!(error = %e, "closing the connection");
                     return Err(protocol(e.to_string()));
                 }
             };
-            let start = self.rx_start;
+            let data = &buf[frame.data.clone()];
             self.rx_start += frame.len;
-            self.handle(frame, start)?;
+            self.handle(frame.bhs, data)?;
             if self.closing {
-                break;
+                return Ok(());
             }
         }
-        if self.rx_start == self.rx_end {
-            self.rx_start = 0;
-            self.rx_end = 0;
-        }
-        Ok(())
-    }
-
-    fn data<'a>(&'a self, f: &Frame, base: usize) -> &'a [u8] {
-        &self.rx[base + f.data.start..base + f.data.end]
     }
 
     fn send(&mut self, bhs: &Bhs, data: &[u8]) {
@@ -560,8 +565,7 @@ impl FullFeature {
         false
     }
 
-    fn handle(&mut self, f: Frame, base: usize) -> Result<()> {
-        let bhs = f.bhs;
+    fn handle(&mut self, bhs: Bhs, data: &[u8]) -> Result<()> {
         if bhs.ahs_len() > 0 && bhs.opcode() != op::SCSI_CMD {
             self.reject(&bhs, reject::PROTOCOL);
             return Ok(());
@@ -569,35 +573,31 @@ impl FullFeature {
         match bhs.opcode() {
             op::SCSI_CMD => {
                 if self.in_window(&bhs) {
-                    let data = self.data(&f, base).to_vec();
-                    self.command(&bhs, &data);
+                    self.command(&bhs, data);
                 }
             }
             op::DATA_OUT => {
-                let data = self.data(&f, base).to_vec();
-                self.data_out(&bhs, &data);
+                self.data_out(&bhs, data);
             }
             op::NOP_OUT => {
                 if !self.in_window(&bhs) {
                     return Ok(());
                 }
                 if bhs.itt() != RESERVED_TAG {
-                    let data = self.data(&f, base).to_vec();
                     let mut r = Bhs::new(op::NOP_IN, 0x80);
                     r.set_u64(8, bhs.lun())
                         .set_u32(16, bhs.itt())
                         .set_u32(20, RESERVED_TAG);
                     self.seq.stamp(&mut r, true);
-                    self.send(&r, &data);
+                    self.send(&r, data);
                 }
             }
             op::TEXT => {
                 if !self.in_window(&bhs) {
                     return Ok(());
                 }
-                let data = self.data(&f, base).to_vec();
                 let mut out = Vec::new();
-                match text::parse(&data) {
+                match text::parse(data) {
                     Ok(pairs) => {
                         for (k, v) in pairs {
                             if k == "SendTargets" {
