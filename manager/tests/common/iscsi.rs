@@ -12,6 +12,13 @@ pub struct Initiator {
     cmd_sn: u32,
     exp_stat_sn: u32,
     itt: u32,
+    /// Every byte sent, when recording, and where each PDU's header starts.
+    record: Option<(Vec<u8>, Vec<usize>)>,
+}
+
+thread_local! {
+    /// Set while a recording session logs in (its first bytes are the login's).
+    static RECORD: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
 pub struct Reply {
@@ -61,12 +68,58 @@ impl Initiator {
             cmd_sn: 1,
             exp_stat_sn: 0,
             itt: 1,
+            record: None,
         }
+    }
+
+    /// Logs in (no CHAP) recording every byte this session sends from the start.
+    pub fn login_recorded(addr: &str, target: &str) -> Result<Initiator, (u8, u8)> {
+        RECORD.with(|r| r.set(true));
+        let i = Initiator::login(addr, target, None);
+        RECORD.with(|r| r.set(false));
+        i
+    }
+
+    /// What a recording session sent, and where each PDU's header starts in it.
+    pub fn recorded(&self) -> (Vec<u8>, Vec<usize>) {
+        self.record.clone().expect("a recording session")
+    }
+
+    /// A NOP-Out ping, answered by a NOP-In.
+    pub fn nop(&mut self) {
+        let mut b = Bhs::new(op::NOP_OUT | 0x40, 0x80);
+        self.itt += 1;
+        b.set_u32(16, self.itt)
+            .set_u32(20, 0xffff_ffff)
+            .set_u32(24, self.cmd_sn)
+            .set_u32(28, self.exp_stat_sn);
+        self.send(&b, b"ping");
+        let (r, d) = self.recv().expect("a NOP-In");
+        assert_eq!((r.opcode(), d.as_slice()), (op::NOP_IN, &b"ping"[..]));
+    }
+
+    /// Logs out.
+    pub fn logout(&mut self) {
+        let mut b = Bhs::new(op::LOGOUT | 0x40, 0x80);
+        self.itt += 1;
+        b.set_u32(16, self.itt)
+            .set_u32(24, self.cmd_sn)
+            .set_u32(28, self.exp_stat_sn);
+        self.send(&b, &[]);
+        let (r, _) = self.recv().expect("a logout response");
+        assert_eq!(r.opcode(), op::LOGOUT_RESP);
     }
 
     pub fn send(&mut self, bhs: &Bhs, data: &[u8]) {
         let mut out = Vec::new();
         pdu::encode(&mut out, bhs, data, Digests::default());
+        if self.record.is_none() && RECORD.with(|r| r.get()) {
+            self.record = Some((Vec::new(), Vec::new()));
+        }
+        if let Some((bytes, headers)) = &mut self.record {
+            headers.push(bytes.len());
+            bytes.extend_from_slice(&out);
+        }
         self.sock.write_all(&out).unwrap();
     }
 
