@@ -30,6 +30,8 @@ use crate::text::{self, Params};
 const WINDOW: u32 = 128;
 /// Largest expected data transfer accepted for one command.
 const MAX_TRANSFER: u32 = 16 << 20;
+/// Most bytes of write buffers a connection keeps for data still to come.
+const MAX_WAITING_DATA: usize = 64 << 20;
 /// user_data bit of this loop's own entries (engine tokens are 32-bit).
 const OWN: u64 = 1 << 63;
 const RECV: u64 = OWN | 1;
@@ -665,6 +667,19 @@ impl FullFeature {
                     edtl,
                     None,
                     scsi::Response::check(scsi::Sense::INVALID_FIELD_IN_CDB),
+                );
+                return;
+            }
+            // Writes waiting for their data hold buffers: past a bound, new ones are
+            // turned away with TASK SET FULL, so an initiator cannot make the target
+            // allocate without limit.
+            let waiting: usize = self.transfers.values().map(|t| t.buf.len()).sum();
+            if waiting + edtl as usize > MAX_WAITING_DATA {
+                self.respond(
+                    itt,
+                    edtl,
+                    None,
+                    scsi::Response::status(scsi::status::TASK_SET_FULL),
                 );
                 return;
             }

@@ -17,6 +17,8 @@ pub mod status {
     pub const CONDITION_MET: u8 = 0x04;
     /// Reservation conflict.
     pub const RESERVATION_CONFLICT: u8 = 0x18;
+    /// Task set full: try again later.
+    pub const TASK_SET_FULL: u8 = 0x28;
 }
 
 /// A sense key with its additional sense code and qualifier.
@@ -120,8 +122,13 @@ impl Response {
     }
     /// RESERVATION CONFLICT.
     pub fn conflict() -> Response {
+        Response::status(status::RESERVATION_CONFLICT)
+    }
+
+    /// A bare status, without sense or data.
+    pub fn status(status: u8) -> Response {
         Response {
-            status: status::RESERVATION_CONFLICT,
+            status,
             sense: Vec::new(),
             data: None,
         }

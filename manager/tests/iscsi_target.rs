@@ -387,3 +387,36 @@ fn mutations_of_a_recorded_session_never_crash_the_target() {
         "no connection ended on an error:\n{log}"
     );
 }
+
+#[test]
+fn writes_waiting_for_data_are_bounded_with_task_set_full() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = replicas(dir.path(), 1);
+    let t = start_target(&[&r[0]], &[]).unwrap();
+    let mut i = Initiator::login(&t.addr, IQN, None).unwrap();
+    // WRITE(10) of 16 MiB each, whose data never comes: the target asks for it (R2T)
+    // and keeps a buffer for each, up to its bound of 64 MiB.
+    let mut cdb = [0u8; 10];
+    cdb[0] = 0x2a;
+    cdb[7..9].copy_from_slice(&32768u16.to_be_bytes());
+    let mut itts = Vec::new();
+    for _ in 0..5 {
+        let b = i.command_pdu(&cdb, 16 << 20, false, true);
+        itts.push(b.itt());
+        i.send(&b, &[]);
+    }
+    let fifth = itts[4];
+    loop {
+        let (p, _) = i.recv().expect("the target answers");
+        if p.opcode() == op::R2T {
+            assert!(itts[..4].contains(&p.itt()), "R2Ts only for the first four");
+            continue;
+        }
+        assert_eq!(
+            (p.opcode(), p.itt(), p.0[3]),
+            (op::SCSI_RESP, fifth, 0x28),
+            "TASK SET FULL"
+        );
+        break;
+    }
+}
