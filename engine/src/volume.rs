@@ -139,6 +139,25 @@ pub struct VolumeCompletion {
 }
 
 /// A ring of the engine's own carrying one queue's entries.
+/// Submits what is queued on `ring` and waits for one completion, or until
+/// `deadline` (an engine queue's next timeout) passes; a timeout or a signal is not
+/// an error. For whoever drives an engine queue on a ring of its own.
+pub fn submit_and_wait(ring: &IoUring, deadline: Option<Duration>) -> std::io::Result<()> {
+    let res = match deadline {
+        Some(w) => {
+            let ts = types::Timespec::from(w.max(Duration::from_micros(1)));
+            let args = types::SubmitArgs::new().timespec(&ts);
+            ring.submitter().submit_with_args(1, &args)
+        }
+        None => ring.submit_and_wait(1),
+    };
+    match res {
+        Ok(_) => Ok(()),
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ETIME) | Some(libc::EINTR)) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
 pub(crate) struct QueueRing {
     ring: IoUring,
     /// Enabled by (and so belonging to) the first thread that submits: a queue can be
@@ -190,19 +209,7 @@ impl QueueRing {
     /// Waits for at least one completion (or the queue's next deadline) and hands
     /// what completed back to the queue.
     pub(crate) fn wait(&mut self, queue: &mut EngineQueue) -> Result<()> {
-        let res = match queue.next_deadline() {
-            Some(w) => {
-                let ts = types::Timespec::from(w.max(Duration::from_micros(1)));
-                let args = types::SubmitArgs::new().timespec(&ts);
-                self.ring.submitter().submit_with_args(1, &args)
-            }
-            None => self.ring.submit_and_wait(1),
-        };
-        match res {
-            Ok(_) => {}
-            Err(e) if matches!(e.raw_os_error(), Some(libc::ETIME) | Some(libc::EINTR)) => {}
-            Err(e) => return Err(sys("io_uring wait")(e)),
-        }
+        submit_and_wait(&self.ring, queue.next_deadline()).map_err(sys("io_uring wait"))?;
         // Copied out first: handling a completion pushes entries. The vector is reused.
         let mut done = std::mem::take(&mut self.reaped);
         done.clear();

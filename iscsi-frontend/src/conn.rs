@@ -111,6 +111,19 @@ impl Seq {
     }
 }
 
+/// The answer to a Text request: SendTargets answered, other keys NotUnderstood.
+fn text_reply(target: &Target, data: &[u8]) -> Result<Vec<u8>, text::TextError> {
+    let mut out = Vec::new();
+    for (k, v) in text::parse(data)? {
+        if k == "SendTargets" {
+            out.extend(send_targets(target, &v));
+        } else {
+            out.extend(text::encode(&[(k, "NotUnderstood".into())]));
+        }
+    }
+    Ok(out)
+}
+
 /// SendTargets' answer.
 fn send_targets(target: &Target, value: &str) -> Vec<u8> {
     let name = &target.info.name;
@@ -184,15 +197,7 @@ fn discovery(
         }
         match req.opcode() {
             op::TEXT => {
-                let pairs = text::parse(&data).map_err(|e| protocol(e.to_string()))?;
-                let mut out = Vec::new();
-                for (k, v) in pairs {
-                    if k == "SendTargets" {
-                        out.extend(send_targets(target, &v));
-                    } else {
-                        out.extend(text::encode(&[(k, "NotUnderstood".into())]));
-                    }
-                }
+                let out = text_reply(target, &data).map_err(|e| protocol(e.to_string()))?;
                 let mut bhs = Bhs::new(op::TEXT_RESP, 0x80);
                 bhs.set_u32(16, req.itt()).set_u32(20, RESERVED_TAG);
                 seq.stamp(&mut bhs, true);
@@ -438,19 +443,7 @@ impl FullFeature {
 
     fn wait(&mut self) -> Result<()> {
         let deadline = self.volume.with_queue(|q| q.next_deadline());
-        let res = match deadline {
-            Some(w) => {
-                let ts = types::Timespec::from(w.max(Duration::from_micros(1)));
-                let args = types::SubmitArgs::new().timespec(&ts);
-                self.ring.submitter().submit_with_args(1, &args)
-            }
-            None => self.ring.submit_and_wait(1),
-        };
-        match res {
-            Ok(_) => Ok(()),
-            Err(e) if matches!(e.raw_os_error(), Some(libc::ETIME) | Some(libc::EINTR)) => Ok(()),
-            Err(e) => Err(e.into()),
-        }
+        Ok(horn_engine::volume::submit_and_wait(&self.ring, deadline)?)
     }
 
     fn reap(&mut self) -> Result<()> {
@@ -598,22 +591,10 @@ impl FullFeature {
                 if !self.in_window(&bhs) {
                     return Ok(());
                 }
-                let mut out = Vec::new();
-                match text::parse(data) {
-                    Ok(pairs) => {
-                        for (k, v) in pairs {
-                            if k == "SendTargets" {
-                                out.extend(send_targets(&self.target, &v));
-                            } else {
-                                out.extend(text::encode(&[(k, "NotUnderstood".into())]));
-                            }
-                        }
-                    }
-                    Err(_) => {
-                        self.reject(&bhs, reject::INVALID_FIELD);
-                        return Ok(());
-                    }
-                }
+                let Ok(out) = text_reply(&self.target, data) else {
+                    self.reject(&bhs, reject::INVALID_FIELD);
+                    return Ok(());
+                };
                 let mut r = Bhs::new(op::TEXT_RESP, 0x80);
                 r.set_u32(16, bhs.itt()).set_u32(20, RESERVED_TAG);
                 self.seq.stamp(&mut r, true);
