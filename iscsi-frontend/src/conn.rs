@@ -447,12 +447,7 @@ impl FullFeature {
     }
 
     fn reap(&mut self) -> Result<()> {
-        let done: Vec<(u64, i32)> = self
-            .ring
-            .completion()
-            .map(|c| (c.user_data(), c.result()))
-            .collect();
-        for (ud, res) in done {
+        for (ud, res) in self.completions() {
             match ud {
                 RECV => {
                     self.recv_posted = false;
@@ -484,9 +479,22 @@ impl FullFeature {
                 _ => self.volume.with_queue(|q| q.complete(Token(ud as u32), res)),
             }
         }
+        self.engine_round();
+        Ok(())
+    }
+
+    /// What completed on the ring (copied out: handling a completion pushes entries).
+    fn completions(&mut self) -> Vec<(u64, i32)> {
+        self.ring
+            .completion()
+            .map(|c| (c.user_data(), c.result()))
+            .collect()
+    }
+
+    /// After the engine queue's completions: its timeouts, then the futures woken.
+    fn engine_round(&mut self) {
         self.volume.with_queue(|q| q.tick());
         self.volume.dispatch();
-        Ok(())
     }
 
     fn parse(&mut self) -> Result<()> {
@@ -977,20 +985,14 @@ impl FullFeature {
             if self.push_entries().is_err() || self.wait().is_err() {
                 break;
             }
-            let done: Vec<(u64, i32)> = self
-                .ring
-                .completion()
-                .map(|c| (c.user_data(), c.result()))
-                .collect();
-            for (ud, res) in done {
+            for (ud, res) in self.completions() {
                 match ud {
                     RECV => self.recv_posted = false,
                     SEND => self.sending = None,
                     _ => self.volume.with_queue(|q| q.complete(Token(ud as u32), res)),
                 }
             }
-            self.volume.with_queue(|q| q.tick());
-            self.volume.dispatch();
+            self.engine_round();
         }
         self.volume.with_queue(|q| {
             q.shutdown();
