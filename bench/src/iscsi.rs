@@ -13,9 +13,10 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use horn_engine::Engine;
-use horn_manager::format::{human_bytes, parse_size};
+use horn_manager::format::human_bytes;
 use serde_json::json;
 
+use crate::frontend::FrontendRunArgs;
 use crate::report::Report;
 use crate::store::{fill_plain, round2};
 use crate::volume::ReplicaProcess;
@@ -23,18 +24,8 @@ use crate::volume::ReplicaProcess;
 /// Arguments of `horn-bench iscsi`.
 #[derive(Debug, Args)]
 pub struct IscsiArgs {
-    /// Print one JSON object per result line.
-    #[arg(long)]
-    json: bool,
-    /// Directory for the replica and tgt's file (one filesystem).
-    #[arg(long, default_value = "/var/tmp")]
-    dir: PathBuf,
-    /// Volume size (and tgt's file size).
-    #[arg(long, default_value = "512M", value_parser = parse_size)]
-    size: u64,
-    /// Seconds per workload, for each side.
-    #[arg(long, default_value_t = 10)]
-    runtime: u64,
+    #[command(flatten)]
+    run: FrontendRunArgs,
 }
 
 /// A child process killed when dropped.
@@ -218,14 +209,14 @@ pub fn run(args: IscsiArgs) -> Result<()> {
     }
     let scratch = tempfile::Builder::new()
         .prefix("horn-bench-iscsi-")
-        .tempdir_in(&args.dir)
-        .with_context(|| format!("cannot make a scratch directory in {}", args.dir.display()))?;
+        .tempdir_in(&args.run.dir)
+        .with_context(|| format!("cannot make a scratch directory in {}", args.run.dir.display()))?;
     eprintln!(
         "one replica process of {} in {}, and tgt on a file there",
-        human_bytes(args.size),
-        args.dir.display()
+        human_bytes(args.run.size),
+        args.run.dir.display()
     );
-    let replica = ReplicaProcess::start(&scratch.path().join("replica"), args.size)?;
+    let replica = ReplicaProcess::start(&scratch.path().join("replica"), args.run.size)?;
     let (engine, _) = Engine::start(std::slice::from_ref(&replica.addr), Duration::from_secs(8))?;
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let horn_addr = listener.local_addr()?;
@@ -244,7 +235,7 @@ pub fn run(args: IscsiArgs) -> Result<()> {
     let horn_url = format!("iscsi://{horn_addr}/{iqn}/0");
 
     let file = scratch.path().join("tgt.img");
-    fill_plain(&file, args.size)?;
+    fill_plain(&file, args.run.size)?;
     let tgt_port = free_port()?;
     let tgt_iqn = "iqn.2026-11.io.horn:bench-tgt";
     let _tgtd = start_tgt(scratch.path(), &file, tgt_port, tgt_iqn)?;
@@ -256,10 +247,10 @@ pub fn run(args: IscsiArgs) -> Result<()> {
     let horn_bridge = nbd_bridge(&horn_url, horn_nbd)?;
     let tgt_bridge = nbd_bridge(&tgt_url, tgt_nbd)?;
     eprintln!("filling the volume through the target");
-    fio_nbd(horn_nbd, "write", "1M", 8, None, args.size)?;
+    fio_nbd(horn_nbd, "write", "1M", 8, None, args.run.size)?;
 
     let mut report = Report {
-        json: args.json,
+        json: args.run.json,
         rows: Vec::new(),
     };
     let mut emit = |workload: &str, client: &str, peer: f64, horn: f64| {
@@ -273,23 +264,23 @@ pub fn run(args: IscsiArgs) -> Result<()> {
             "peer": "tgt (Debian's tgtd) serving a plain file on the same filesystem",
             "peer_iops": peer.round(),
             "ratio": round2(horn / peer),
-            "size_bytes": args.size,
-            "runtime_s": args.runtime,
+            "size_bytes": args.run.size,
+            "runtime_s": args.run.runtime,
         }));
     };
     for (name, rw, depth) in [
         ("randread-4k-qd32", "randread", 32),
         ("randwrite-4k-qd32", "randwrite", 32),
     ] {
-        let horn = fio_nbd(horn_nbd, rw, "4k", depth, Some(args.runtime), args.size)?;
-        let peer = fio_nbd(tgt_nbd, rw, "4k", depth, Some(args.runtime), args.size)?;
+        let horn = fio_nbd(horn_nbd, rw, "4k", depth, Some(args.run.runtime), args.run.size)?;
+        let peer = fio_nbd(tgt_nbd, rw, "4k", depth, Some(args.run.runtime), args.run.size)?;
         emit(name, "fio nbd engine through qemu-nbd", peer, horn);
     }
     drop(horn_bridge);
     drop(tgt_bridge);
     for (name, depth) in [("randread-4k-qd32", 32), ("randread-4k-qd1", 1)] {
-        let horn = iscsi_perf(&horn_url, depth, args.runtime)?;
-        let peer = iscsi_perf(&tgt_url, depth, args.runtime)?;
+        let horn = iscsi_perf(&horn_url, depth, args.run.runtime)?;
+        let peer = iscsi_perf(&tgt_url, depth, args.run.runtime)?;
         emit(name, "iscsi-perf", peer, horn);
     }
     report.finish();

@@ -16,6 +16,7 @@
 
 mod cpu;
 mod fio;
+mod frontend;
 mod iscsi;
 mod report;
 mod store;

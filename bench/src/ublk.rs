@@ -2,7 +2,7 @@
 //! kernel loop device (`losetup --direct-io=on`) over a file on the same filesystem, in
 //! the same run. Needs root and ublk (run it inside the VM: `tests/vm/run --bench`).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::sync::mpsc;
 use std::time::Duration;
@@ -10,10 +10,11 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use horn_engine::Engine;
-use horn_manager::format::{human_bytes, parse_size};
+use horn_manager::format::human_bytes;
 use serde_json::json;
 
 use crate::fio;
+use crate::frontend::FrontendRunArgs;
 use crate::report::Report;
 use crate::store::{fill_plain, round2};
 use crate::volume::ReplicaProcess;
@@ -21,18 +22,8 @@ use crate::volume::ReplicaProcess;
 /// Arguments of `horn-bench ublk`.
 #[derive(Debug, Args)]
 pub struct UblkArgs {
-    /// Print one JSON object per result line.
-    #[arg(long)]
-    json: bool,
-    /// Directory for the replica and the loop device's file (one filesystem).
-    #[arg(long, default_value = "/var/tmp")]
-    dir: PathBuf,
-    /// Volume size (and the loop device's file size).
-    #[arg(long, default_value = "512M", value_parser = parse_size)]
-    size: u64,
-    /// Seconds per workload, for each side.
-    #[arg(long, default_value_t = 10)]
-    runtime: u64,
+    #[command(flatten)]
+    run: FrontendRunArgs,
     /// ublk queues.
     #[arg(long, default_value_t = 1)]
     queues: u16,
@@ -101,14 +92,14 @@ pub fn run(args: UblkArgs) -> Result<()> {
     }
     let scratch = tempfile::Builder::new()
         .prefix("horn-bench-ublk-")
-        .tempdir_in(&args.dir)
-        .with_context(|| format!("cannot make a scratch directory in {}", args.dir.display()))?;
+        .tempdir_in(&args.run.dir)
+        .with_context(|| format!("cannot make a scratch directory in {}", args.run.dir.display()))?;
     eprintln!(
         "one replica process of {} in {}",
-        human_bytes(args.size),
-        args.dir.display()
+        human_bytes(args.run.size),
+        args.run.dir.display()
     );
-    let replica = ReplicaProcess::start(&scratch.path().join("replica"), args.size)?;
+    let replica = ReplicaProcess::start(&scratch.path().join("replica"), args.run.size)?;
     let (engine, _) = Engine::start(std::slice::from_ref(&replica.addr), Duration::from_secs(8))?;
     let opts = horn_ublk::UblkOptions {
         queues: args.queues,
@@ -144,17 +135,17 @@ pub fn run(args: UblkArgs) -> Result<()> {
 
 fn measure(args: &UblkArgs, scratch: &Path, dev: &Path, copy: &str) -> Result<()> {
     eprintln!("serving {}; filling it and the loop device's file", dev.display());
-    fill_device(dev, args.size)?;
+    fill_device(dev, args.run.size)?;
     let file = scratch.join("loop.img");
-    fill_plain(&file, args.size)?;
+    fill_plain(&file, args.run.size)?;
     let lo = LoopDevice::attach(&file)?;
     let mut report = Report {
-        json: args.json,
+        json: args.run.json,
         rows: Vec::new(),
     };
     for &(name, rw, qd) in WORKLOADS {
-        let horn = fio::run(dev, rw, 4096, qd, args.runtime, args.size)?;
-        let peer = fio::run(Path::new(&lo.0), rw, 4096, qd, args.runtime, args.size)?;
+        let horn = fio::run(dev, rw, 4096, qd, args.run.runtime, args.run.size)?;
+        let peer = fio::run(Path::new(&lo.0), rw, 4096, qd, args.run.runtime, args.run.size)?;
         report.emit(json!({
             "bench": "ublk",
             "part": "io",
@@ -168,8 +159,8 @@ fn measure(args: &UblkArgs, scratch: &Path, dev: &Path, copy: &str) -> Result<()
             "peer_iops": peer.iops.round(),
             "peer_lat_us_mean": round2(peer.lat_us_mean),
             "ratio": round2(horn.iops / peer.iops),
-            "size_bytes": args.size,
-            "runtime_s": args.runtime,
+            "size_bytes": args.run.size,
+            "runtime_s": args.run.runtime,
         }));
     }
     report.finish();

@@ -661,9 +661,13 @@ impl FullFeature {
             }
             // Writes waiting for their data hold buffers: past a bound, new ones are
             // turned away with TASK SET FULL, so an initiator cannot make the target
-            // allocate without limit.
-            let waiting: usize = self.transfers.values().map(|t| t.buf.len()).sum();
-            if waiting + edtl as usize > MAX_WAITING_DATA {
+            // allocate without limit. (A write whose data all came with it waits for
+            // nothing, and is not counted.)
+            let waits = data.len() < edtl as usize;
+            if waits
+                && self.transfers.values().map(|t| t.buf.len()).sum::<usize>() + edtl as usize
+                    > MAX_WAITING_DATA
+            {
                 self.respond(
                     itt,
                     edtl,
