@@ -4,13 +4,15 @@
 //! Calls arrive on a tokio thread and run on the engine's own thread, which owns the
 //! [`Volume`], through an [`EngineHandle`]: a closure and a reply channel per call.
 
-use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::time::{Duration, Instant};
 
 use horn_proto::control::InfoReply;
 use horn_proto::engine_control::engine_control_server::EngineControl;
 use horn_proto::engine_control::{
-    EngineDeleteRequest, EngineExpandRequest, EngineInfo, EngineInfoRequest, EnginePurgeRequest,
+    Difference, EngineDeleteRequest, EngineExpandRequest, EngineInfo, EngineInfoRequest, EnginePurgeRequest,
     EngineRevertRequest, EngineSnapshotRequest, ListSnapshotsRequest, ReplicaStatus, Snapshot, SnapshotList,
+    VerifyReply, VerifyRequest,
 };
 use tonic::{Request, Response, Status};
 
@@ -50,10 +52,23 @@ impl EngineHandle {
     }
 }
 
-/// Serves calls on this thread until [`EngineHandle::stop`].
-pub fn serve_commands(volume: &mut Volume, rx: &Receiver<Option<EngineCommand>>) {
-    while let Ok(Some(cmd)) = rx.recv() {
-        cmd(volume);
+/// Serves calls on this thread until [`EngineHandle::stop`]. Between calls, every
+/// `clean_every`, clears the replicas' write-intent records where regions are marked
+/// ([`Volume::clean_intents`]).
+pub fn serve_commands(volume: &mut Volume, rx: &Receiver<Option<EngineCommand>>, clean_every: Duration) {
+    let mut next_clean = Instant::now() + clean_every;
+    loop {
+        match rx.recv_timeout(next_clean.saturating_duration_since(Instant::now())) {
+            Ok(Some(cmd)) => cmd(volume),
+            Ok(None) | Err(RecvTimeoutError::Disconnected) => return,
+            Err(RecvTimeoutError::Timeout) => {}
+        }
+        if Instant::now() >= next_clean {
+            if let Err(e) = volume.clean_intents() {
+                tracing::warn!(error = %e, "clearing the write-intent records failed; they stay marked");
+            }
+            next_clean = Instant::now() + clean_every;
+        }
     }
 }
 
@@ -188,5 +203,26 @@ impl EngineControl for EngineControlService {
         let name = req.into_inner().name;
         self.run(move |v| v.chain_op(ChainOp::Revert(name)).map(snapshots))
             .await
+    }
+
+    async fn verify(&self, _req: Request<VerifyRequest>) -> Result<Response<VerifyReply>, Status> {
+        self.run(|v| {
+            let r = v.verify(|_, _| {})?;
+            Ok(VerifyReply {
+                bytes_compared: r.bytes_compared,
+                replicas: r.replicas,
+                differences: r
+                    .differences
+                    .into_iter()
+                    .map(|d| Difference {
+                        offset: d.offset,
+                        length: d.len,
+                        replicas: d.replicas,
+                    })
+                    .collect(),
+                differing_bytes: r.differing_bytes,
+            })
+        })
+        .await
     }
 }

@@ -180,12 +180,13 @@ impl Engine {
         if claimed.is_empty() {
             return Err(VolumeError::NoReplica(describe(&skipped)));
         }
-        let report = StartReport {
+        let mut report = StartReport {
             generation,
             size,
             sector_size: sector_size.unwrap_or(512),
             used: claimed.iter().map(|c| c.data.clone()).collect(),
             skipped: skipped.clone(),
+            reconciled: Default::default(),
         };
         let engine = Engine {
             failure_reasons: Mutex::new(vec![None; claimed.len()]),
@@ -201,7 +202,24 @@ impl Engine {
             chain: Mutex::new(()),
             runtime,
         };
+        // Before any queue opens: no I/O is served until the replicas agree.
+        report.reconciled = engine.reconcile()?;
+        if report.reconciled.regions > 0 {
+            let r = &report.reconciled;
+            tracing::info!(
+                regions = r.regions,
+                compared = r.bytes_compared,
+                differing_blocks = r.blocks_differing,
+                copied = r.bytes_copied,
+                source = r.source.as_deref().unwrap_or("-"),
+                "reconciled the replicas where writes may have been in flight"
+            );
+        }
         Ok((Arc::new(engine), report))
+    }
+
+    pub(crate) fn runtime(&self) -> &tokio::runtime::Runtime {
+        &self.runtime
     }
 
     pub(crate) fn replicas(&self) -> &[ClaimedReplica] {

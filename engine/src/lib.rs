@@ -12,6 +12,8 @@
 //! - [`volume::Volume`] (volume.rs): a queue driven on a ring of its own, with blocking
 //!   helpers and the chain operations;
 //! - [`frontend`] (frontend.rs): the narrow async interface frontends serve;
+//! - [`recovery`] (recovery.rs): reconciliation after a crash (write-intent records),
+//!   and comparing replicas by checksum;
 //! - [`control`] (control.rs): the engine's gRPC control service.
 //!
 //! It must never acknowledge a write that no healthy replica holds, serve a read from
@@ -23,6 +25,7 @@ pub mod control;
 pub mod engine;
 pub mod frontend;
 pub mod queue;
+pub mod recovery;
 pub mod replica_set;
 pub mod volume;
 

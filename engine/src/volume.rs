@@ -103,7 +103,27 @@ pub struct StartReport {
     pub used: Vec<String>,
     /// Replicas left out, and why.
     pub skipped: Vec<(String, String)>,
+    /// What reconciling the replicas found and copied.
+    pub reconciled: crate::recovery::ReconcileReport,
 }
+
+/// What [`Volume::verify`] found.
+#[derive(Debug, Clone, Default)]
+pub struct VerifyReport {
+    /// Bytes of the volume compared on every replica.
+    pub bytes_compared: u64,
+    /// The replicas compared (data addresses); differences are against the first.
+    pub replicas: Vec<String>,
+    /// Runs of blocks that differ, in offset order (at most [`MAX_DIFFERENCES`]).
+    pub differences: Vec<crate::recovery::Difference>,
+    /// Bytes that differ on some replica, all of them counted.
+    pub differing_bytes: u64,
+}
+
+/// Differences a verify report lists; the byte count covers the rest.
+pub const MAX_DIFFERENCES: usize = 1000;
+/// Bytes compared per pause during a verify.
+const VERIFY_STEP: u64 = 8 << 20;
 
 /// A chain operation run on every replica of the volume.
 #[derive(Debug, Clone)]
@@ -415,16 +435,74 @@ impl Volume {
         ) {
             return self.engine().clone().run_chain_op(&op);
         }
+        self.paused(true, |e| e.run_chain_op(&op))
+    }
+
+    /// Runs `f` with every queue of the volume paused and nothing in flight, after
+    /// flushing every replica if `flush`.
+    fn paused<T>(&mut self, flush: bool, f: impl FnOnce(&Engine) -> Result<T>) -> Result<T> {
         let engine = self.engine().clone();
         self.drain()?;
         let guard = engine.pause(self.queue.shared())?;
         // Our own flush must pass the gate we just raised.
         self.queue.set_coordinating(true);
-        let result = self.flush().and_then(|()| engine.run_chain_op(&op));
+        let flushed = if flush { self.flush() } else { Ok(()) };
+        let result = flushed.and_then(|()| f(&engine));
         self.queue.set_coordinating(false);
         engine.resume();
         drop(guard);
         result
+    }
+
+    /// Compares every RW replica block by block (XXH3 of each 4 KiB) while the volume
+    /// stays online: each 8 MiB step is compared with the volume paused, so no write
+    /// lands between one replica's checksums and the next's. `progress` hears bytes
+    /// done and the total after each step.
+    pub fn verify(&mut self, mut progress: impl FnMut(u64, u64)) -> Result<VerifyReport> {
+        let mut report = VerifyReport::default();
+        let mut offset = 0;
+        loop {
+            let size = self.size();
+            if offset >= size {
+                break;
+            }
+            let len = VERIFY_STEP.min(size - offset);
+            let (names, diffs) = self.paused(false, |e| e.compare_range(offset, len))?;
+            if names.len() < 2 {
+                return Err(VolumeError::BadRequest(format!(
+                    "verify needs two RW replicas or more; this volume has {}",
+                    names.len()
+                )));
+            }
+            report.replicas = names;
+            for d in diffs {
+                report.differing_bytes += d.len;
+                let full = report.differences.len() >= MAX_DIFFERENCES;
+                match report.differences.last_mut() {
+                    Some(last) if last.offset + last.len == d.offset && last.replicas == d.replicas => {
+                        last.len += d.len
+                    }
+                    _ if !full => report.differences.push(d),
+                    _ => {}
+                }
+            }
+            offset += len;
+            report.bytes_compared = offset;
+            progress(offset, size);
+        }
+        Ok(report)
+    }
+
+    /// Clears the replicas' write-intent records if any region is marked: pauses the
+    /// volume, waits for the I/O in flight, and has every replica flush and unmark. Returns
+    /// how many regions were marked (on the replica with the most).
+    pub fn clean_intents(&mut self) -> Result<u64> {
+        let marked = self.engine().intents_marked()?;
+        if marked > 0 {
+            // Each replica flushes itself before it unmarks.
+            self.paused(false, |e| e.clear_intents())?;
+        }
+        Ok(marked)
     }
 
     /// Takes snapshot `name` on every replica (see [`Volume::chain_op`]).
@@ -444,6 +522,10 @@ impl Volume {
         let left = self.queue.shutdown();
         self.wait_entries()?;
         if left == 0 {
+            // Every write is flushed everywhere and nothing is in flight.
+            if let Err(e) = self.engine().clear_intents() {
+                tracing::warn!(error = %e, "clearing the write-intent records at close failed");
+            }
             self.engine().release();
         }
         Ok(())

@@ -70,6 +70,7 @@ pub fn serve_engine(
     replicas: Vec<ReplicaAddr>,
     control: String,
     timeout: Duration,
+    clean_intents_every: Duration,
     ublk: Option<horn_ublk::UblkOptions>,
     iscsi: Option<IscsiOptions>,
 ) -> Result<()> {
@@ -81,6 +82,17 @@ pub fn serve_engine(
     let (mut volume, report) = Volume::start(&replicas, timeout).context("cannot start the engine")?;
     for (r, why) in &report.skipped {
         tracing::warn!(replica = %r, reason = %why, "replica left out");
+    }
+    let rec = &report.reconciled;
+    if rec.regions > 0 {
+        println!(
+            "hornd engine: reconciled {} write-intent regions ({} compared, {} blocks differed, {} copied from {})",
+            rec.regions,
+            human_bytes(rec.bytes_compared),
+            rec.blocks_differing,
+            human_bytes(rec.bytes_copied),
+            rec.source.as_deref().unwrap_or("-")
+        );
     }
     let listener =
         TcpListener::bind(&control).with_context(|| format!("cannot listen on {control} for control"))?;
@@ -122,7 +134,7 @@ pub fn serve_engine(
         Some(opts) => Some(start_iscsi(volume.engine().clone(), opts)?),
         None => None,
     };
-    serve_commands(&mut volume, &commands);
+    serve_commands(&mut volume, &commands, clean_intents_every);
     if let Some(t) = iscsi_target {
         t.stop(Duration::from_secs(10));
     }

@@ -414,7 +414,7 @@ impl Replica {
         let last = self.chain.len() - 1;
         self.chain[last].size = new_size;
         self.index.grow(new_size);
-        Ok(())
+        self.intent.resize(new_size)
     }
 
     /// Size, chain and space used.

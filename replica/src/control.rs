@@ -10,8 +10,10 @@ use std::collections::BTreeMap;
 
 use horn_proto::control::replica_control_server::ReplicaControl;
 use horn_proto::control::{
-    ClaimRequest, DeleteSnapshotRequest, ExpandRequest, InfoReply, InfoRequest, Layer, Mode as WireMode,
-    PurgeReply, PurgeRequest, ReleaseRequest, RevertRequest, SetModeRequest, SnapshotRequest,
+    ChecksumsReply, ChecksumsRequest, ClaimRequest, ClearIntentsRequest, DeleteSnapshotRequest,
+    ExpandRequest, InfoReply, InfoRequest, IntentsReply, IntentsRequest, Layer, Mode as WireMode, PurgeReply,
+    PurgeRequest, RangeData, ReadRangeRequest, ReleaseRequest, RevertRequest, SetModeRequest,
+    SnapshotRequest, WriteRangeReply, WriteRangeRequest,
 };
 use tonic::{Request, Response, Status};
 
@@ -67,6 +69,27 @@ pub fn to_status(e: ReplicaError) -> Status {
     }
 }
 
+/// The most a range call moves (checksums: the range they cover).
+pub const MAX_RANGE: u64 = 1 << 20;
+/// The most a checksum call covers.
+pub const MAX_CHECKSUM_RANGE: u64 = 64 << 20;
+
+fn check_range_len(len: u64, max: u64) -> Result<(), ReplicaError> {
+    if len > max {
+        return Err(ReplicaError::InvalidOperation(format!(
+            "a range of {len} bytes is larger than the {max}-byte maximum of one call"
+        )));
+    }
+    Ok(())
+}
+
+fn intents_reply(r: &Replica) -> IntentsReply {
+    IntentsReply {
+        region_size: crate::intent::REGION_SIZE,
+        regions: r.intent_regions(),
+    }
+}
+
 /// Refuses a call from an engine older than the replica's generation.
 fn check_generation(r: &Replica, generation: u64) -> Result<(), ReplicaError> {
     if generation < r.generation() {
@@ -107,6 +130,7 @@ pub fn info_reply(r: &Replica) -> Result<InfoReply, ReplicaError> {
             .collect(),
         used_bytes: info.used_bytes,
         index_bytes: info.index_bytes as u64,
+        intents_marked: r.intents_marked(),
     })
 }
 
@@ -214,6 +238,61 @@ impl ReplicaControl for ControlService {
             check_generation(r, req.generation)?;
             r.expand(req.size)?;
             info_reply(r)
+        })
+        .await
+    }
+
+    async fn checksums(&self, req: Request<ChecksumsRequest>) -> Result<Response<ChecksumsReply>, Status> {
+        let req = req.into_inner();
+        self.run(move |r| {
+            check_range_len(req.length, MAX_CHECKSUM_RANGE)?;
+            Ok(ChecksumsReply {
+                block_size: crate::meta::BLOCK_SIZE as u32,
+                sums: r.block_checksums(req.offset, req.length)?,
+            })
+        })
+        .await
+    }
+
+    async fn read_range(&self, req: Request<ReadRangeRequest>) -> Result<Response<RangeData>, Status> {
+        let req = req.into_inner();
+        self.run(move |r| {
+            check_range_len(req.length, MAX_RANGE)?;
+            let mut data = vec![0u8; req.length as usize];
+            r.read_at(req.offset, &mut data)?;
+            Ok(RangeData { data })
+        })
+        .await
+    }
+
+    async fn write_range(
+        &self,
+        req: Request<WriteRangeRequest>,
+    ) -> Result<Response<WriteRangeReply>, Status> {
+        let req = req.into_inner();
+        self.run(move |r| {
+            check_generation(r, req.generation)?;
+            check_range_len(req.data.len() as u64, MAX_RANGE)?;
+            r.mark_intent(req.offset, req.data.len() as u64)?;
+            r.write_at(req.offset, &req.data)?;
+            Ok(WriteRangeReply {})
+        })
+        .await
+    }
+
+    async fn intents(&self, _req: Request<IntentsRequest>) -> Result<Response<IntentsReply>, Status> {
+        self.run(|r| Ok(intents_reply(r))).await
+    }
+
+    async fn clear_intents(
+        &self,
+        req: Request<ClearIntentsRequest>,
+    ) -> Result<Response<IntentsReply>, Status> {
+        let g = req.into_inner().generation;
+        self.run(move |r| {
+            check_generation(r, g)?;
+            r.clear_intents()?;
+            Ok(intents_reply(r))
         })
         .await
     }

@@ -19,7 +19,8 @@
 //! no sequence of acknowledged operations wrote. Replication is the engine's job.
 //!
 //! Crates beyond the brief's list: `crc32c` (checksums of metadata records), `tokio`
-//! (the runtime tonic's control service needs).
+//! (the runtime tonic's control service needs), `xxhash-rust` (XXH3 block checksums for
+//! comparing replicas: many GB/s, 64 bits).
 //!
 //! ```no_run
 //! use horn_replica::Replica;
@@ -44,6 +45,7 @@ pub mod error;
 pub mod extent;
 mod fill;
 pub mod index;
+pub mod intent;
 mod io;
 pub mod layer;
 pub mod meta;

@@ -25,6 +25,7 @@ use crate::buf::IoBuf;
 use crate::error::{ReplicaError, Result};
 use crate::extent::{data_extents, Extent};
 use crate::index::BlockIndex;
+use crate::intent::IntentLog;
 use crate::io::{Completion, Op, Sqe};
 use crate::layer::LayerFile;
 use crate::meta::{self, layer_path, zeros_path, VolumeMeta, BLOCK_SIZE};
@@ -48,6 +49,7 @@ pub struct Replica {
     pub(crate) chain: Vec<LayerFile>,
     pub(crate) index: BlockIndex,
     pub(crate) zero_log: ZeroLog,
+    pub(crate) intent: IntentLog,
     pub(crate) engine: EngineState,
     pub(crate) dio_align: u64,
     pub(crate) ring: IoUring,
@@ -183,6 +185,7 @@ impl Replica {
         let head_path = layer_path(&dir, m.head);
         let (zero_log, _) = ZeroLog::open(zeros_path(&dir, m.head), m.size)?;
         let engine = EngineState::load(&dir)?;
+        let intent = IntentLog::open(&dir, m.size)?;
         let (ring, ring_enabled) =
             new_thread_ring(RING_ENTRIES).map_err(|e| ReplicaError::io("io_uring setup", &head_path, e))?;
         let mut r = Replica {
@@ -192,6 +195,7 @@ impl Replica {
             index: BlockIndex::new(m.size),
             chain: Vec::new(),
             zero_log,
+            intent,
             dio_align: BLOCK_SIZE,
             ops: Vec::new(),
             free_ops: Vec::new(),
@@ -314,6 +318,63 @@ impl Replica {
             self.engine = next;
         }
         Ok(())
+    }
+
+    /// Marks the write-intent regions a write, discard or write-zeroes of
+    /// `[offset, offset + len)` touches, durably, before it starts (see [`crate::intent`]).
+    pub fn mark_intent(&mut self, offset: u64, len: u64) -> Result<()> {
+        self.intent.mark(offset, len)
+    }
+
+    /// Unmarks every write-intent region: the engine has flushed every replica with no
+    /// write in flight. Flushes this replica first, so the claim holds here too.
+    pub fn clear_intents(&mut self) -> Result<()> {
+        self.flush()?;
+        self.intent.clear()
+    }
+
+    /// The marked write-intent regions (indices; each covers [`crate::intent::REGION_SIZE`] bytes).
+    pub fn intent_regions(&self) -> Vec<u64> {
+        self.intent.marked_regions()
+    }
+
+    /// How many write-intent regions are marked.
+    pub fn intents_marked(&self) -> u64 {
+        self.intent.marked()
+    }
+
+    /// A checksum (XXH3-64) of each 4 KiB block of `[offset, offset + len)` as the
+    /// volume reads now; both must be multiples of 4 KiB. Holes hash like zeros.
+    pub fn block_checksums(&mut self, offset: u64, len: u64) -> Result<Vec<u64>> {
+        if offset % BLOCK_SIZE != 0 || len % BLOCK_SIZE != 0 {
+            return Err(ReplicaError::Misaligned {
+                offset,
+                len,
+                sector_size: BLOCK_SIZE as u32,
+            });
+        }
+        if offset.checked_add(len).is_none_or(|end| end > self.size()) {
+            return Err(ReplicaError::OutOfRange {
+                offset,
+                len,
+                size: self.size(),
+            });
+        }
+        const STEP: u64 = 1 << 20;
+        let mut sums = Vec::with_capacity((len / BLOCK_SIZE) as usize);
+        let mut buf = vec![0u8; STEP.min(len) as usize];
+        let mut at = offset;
+        while at < offset + len {
+            let n = STEP.min(offset + len - at) as usize;
+            self.read_at(at, &mut buf[..n])?;
+            sums.extend(
+                buf[..n]
+                    .chunks(BLOCK_SIZE as usize)
+                    .map(xxhash_rust::xxh3::xxh3_64),
+            );
+            at += n as u64;
+        }
+        Ok(sums)
     }
 
     /// Heap bytes held by the extent index.

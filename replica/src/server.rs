@@ -453,6 +453,13 @@ impl DataServer {
             );
         }
         let (off, len) = (h.offset, h.length as u64);
+        if matches!(h.op, Op::Write | Op::Discard | Op::WriteZeroes) {
+            // Durable before the data may reach the disk (intent.rs); out-of-range
+            // requests are refused by the store just after.
+            if let Err(e) = self.replica.mark_intent(off, len) {
+                return self.reply(id, &h, Err(e), None);
+            }
+        }
         match h.op {
             Op::Ping => {
                 let reply = Header::reply_to(&h, Status::Ok, 0, current);

@@ -55,6 +55,12 @@ enum Command {
         /// Seconds a replica may leave a request unanswered before it is dropped (1 or more).
         #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..))]
         timeout: u64,
+        /// Seconds between clearings of the replicas' write-intent records: the volume
+        /// pauses briefly, every replica flushes, and the regions written since are
+        /// unmarked. After a crash only marked regions are compared and copied, so a
+        /// shorter interval means a shorter reconciliation and more frequent pauses.
+        #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=3600))]
+        clean_intents_every: u64,
         /// Serve the volume to this machine as a block device: `ublk` makes
         /// /dev/ublkbN (root, kernel with ublk_drv). Without it, only the control
         /// service is served.
@@ -153,6 +159,7 @@ fn main() -> ExitCode {
             replicas,
             control,
             timeout,
+            clean_intents_every,
             frontend,
             name,
             queues,
@@ -216,6 +223,7 @@ fn main() -> ExitCode {
                         replicas,
                         control,
                         std::time::Duration::from_secs(timeout),
+                        std::time::Duration::from_secs(clean_intents_every),
                         ublk,
                         iscsi,
                     )

@@ -1,0 +1,309 @@
+//! Keeping replicas identical: reconciliation after an engine crash, online
+//! verification, and the write-intent record that makes reconciliation cheap.
+//!
+//! - **Write intent** (`horn_replica::intent`): each replica marks a region, durably,
+//!   before it first writes there. [`Engine::clear_intents`] unmarks every region at a
+//!   moment when no write is in flight and every replica has flushed; the caller
+//!   ([`crate::volume::Volume::clean_intents`]) pauses the volume for that.
+//! - **Reconciliation** ([`Engine::reconcile`]): a new engine, before any queue opens,
+//!   takes the union of the regions marked on its RW replicas (only there can a write
+//!   have reached some replicas and not others), compares those regions block by block
+//!   by checksum, and copies the blocks that differ from one chosen replica to the
+//!   others. Which replica is chosen does not matter for acknowledged writes: a write
+//!   was acknowledged only once every replica had it, so every replica agrees on it.
+//! - **Verification** ([`Engine::checksums`]): the checksums of one range from every
+//!   RW replica, for [`crate::volume::Volume::verify`], which pauses the volume around
+//!   each range so that no write lands between one replica's answer and the next.
+
+use horn_proto::control::replica_control_client::ReplicaControlClient;
+use horn_proto::control::{
+    ChecksumsRequest, ClearIntentsRequest, IntentsRequest, ReadRangeRequest, WriteRangeRequest,
+};
+use tonic::transport::Channel;
+
+use crate::engine::Engine;
+use crate::replica_set::Mode;
+use crate::volume::{Result, VolumeError};
+
+/// Bytes moved by one range call (the replica's limit).
+const COPY_STEP: u64 = 1 << 20;
+/// Bytes per checksum.
+pub const BLOCK: u64 = 4096;
+
+/// What reconciliation found and did.
+#[derive(Debug, Clone, Default)]
+pub struct ReconcileReport {
+    /// Regions marked on at least one replica, compared.
+    pub regions: u64,
+    /// Bytes compared.
+    pub bytes_compared: u64,
+    /// Blocks found different on some replica (counted once per replica).
+    pub blocks_differing: u64,
+    /// Bytes copied from the chosen replica to the others.
+    pub bytes_copied: u64,
+    /// The replica the others were made equal to.
+    pub source: Option<String>,
+}
+
+/// Blocks of one range whose checksum differs from the first replica's, as runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Difference {
+    /// Byte offset of the run.
+    pub offset: u64,
+    /// Byte length of the run.
+    pub len: u64,
+    /// Data addresses of the replicas whose blocks differ from the first one's.
+    pub replicas: Vec<String>,
+}
+
+/// A replica's control client, with its addresses for messages.
+struct Peer {
+    control: String,
+    data: String,
+    client: ReplicaControlClient<Channel>,
+}
+
+fn status_err(replica: &str) -> impl FnOnce(tonic::Status) -> VolumeError + '_ {
+    move |s| VolumeError::Control {
+        replica: replica.to_string(),
+        code: s.code(),
+        message: s.message().to_string(),
+    }
+}
+
+/// Runs of blocks where `other` differs from `base`, as (first block, count).
+pub fn differing_runs(base: &[u64], other: &[u64]) -> Vec<(u64, u64)> {
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for (i, (a, b)) in base.iter().zip(other).enumerate() {
+        if a == b {
+            continue;
+        }
+        let i = i as u64;
+        match runs.last_mut() {
+            Some((start, n)) if *start + *n == i => *n += 1,
+            _ => runs.push((i, 1)),
+        }
+    }
+    runs
+}
+
+impl Engine {
+    /// Control clients of the RW replicas that have not failed.
+    fn rw_clients(&self) -> Result<Vec<Peer>> {
+        self.clients(false)
+    }
+
+    /// Control clients of the replicas that have not failed, WO ones too if asked.
+    fn clients(&self, with_wo: bool) -> Result<Vec<Peer>> {
+        let mut out = Vec::new();
+        for (i, r) in self.replicas().iter().enumerate() {
+            if self.is_failed(i) || (r.config.mode != Mode::Rw && !with_wo) {
+                continue;
+            }
+            let url = format!("http://{}", r.control);
+            let client = self
+                .runtime()
+                .block_on(ReplicaControlClient::connect(url))
+                .map_err(|e| VolumeError::Control {
+                    replica: r.control.clone(),
+                    code: tonic::Code::Unavailable,
+                    message: e.to_string(),
+                })?;
+            out.push(Peer {
+                control: r.control.clone(),
+                data: r.data.clone(),
+                client,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Makes the RW replicas identical where their write-intent records say they may
+    /// differ, then clears the records. Runs before any queue opens.
+    pub fn reconcile(&self) -> Result<ReconcileReport> {
+        let mut clients = self.rw_clients()?;
+        let mut report = ReconcileReport::default();
+        let mut regions = std::collections::BTreeSet::new();
+        let mut region_size = 0;
+        for Peer {
+            control, client: c, ..
+        } in clients.iter_mut()
+        {
+            let reply = self
+                .runtime()
+                .block_on(c.intents(IntentsRequest {}))
+                .map_err(status_err(control))?
+                .into_inner();
+            region_size = reply.region_size;
+            regions.extend(reply.regions);
+        }
+        if regions.is_empty() || region_size == 0 {
+            return Ok(report);
+        }
+        report.regions = regions.len() as u64;
+        if clients.len() > 1 {
+            report.source = Some(clients[0].data.clone());
+            let size = self.size();
+            for region in regions {
+                let offset = region * region_size;
+                if offset >= size {
+                    continue;
+                }
+                let len = region_size.min(size - offset);
+                self.reconcile_range(&mut clients, offset, len, &mut report)?;
+            }
+        }
+        // Each replica flushes before it clears; a crash half way leaves marks on the
+        // others, and the union still covers every region.
+        let generation = self.generation();
+        for Peer {
+            control, client: c, ..
+        } in clients.iter_mut()
+        {
+            self.runtime()
+                .block_on(c.clear_intents(ClearIntentsRequest { generation }))
+                .map_err(status_err(control))?;
+        }
+        Ok(report)
+    }
+
+    fn reconcile_range(
+        &self,
+        clients: &mut [Peer],
+        offset: u64,
+        len: u64,
+        report: &mut ReconcileReport,
+    ) -> Result<()> {
+        let sums = self.checksums_of(clients, offset, len)?;
+        report.bytes_compared += len;
+        let generation = self.generation();
+        let (source, targets) = clients.split_first_mut().expect("two clients or more");
+        for (t, Peer { control, client, .. }) in targets.iter_mut().enumerate() {
+            for (first, count) in differing_runs(&sums[0], &sums[t + 1]) {
+                report.blocks_differing += count;
+                let mut at = offset + first * BLOCK;
+                let end = at + count * BLOCK;
+                while at < end {
+                    let n = COPY_STEP.min(end - at);
+                    let data = self
+                        .runtime()
+                        .block_on(source.client.read_range(ReadRangeRequest {
+                            offset: at,
+                            length: n,
+                        }))
+                        .map_err(status_err(&source.control))?
+                        .into_inner()
+                        .data;
+                    self.runtime()
+                        .block_on(client.write_range(WriteRangeRequest {
+                            generation,
+                            offset: at,
+                            data,
+                        }))
+                        .map_err(status_err(control))?;
+                    report.bytes_copied += n;
+                    at += n;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn checksums_of(&self, clients: &mut [Peer], offset: u64, len: u64) -> Result<Vec<Vec<u64>>> {
+        let mut all = Vec::with_capacity(clients.len());
+        for Peer {
+            control, client: c, ..
+        } in clients.iter_mut()
+        {
+            let reply = self
+                .runtime()
+                .block_on(c.checksums(ChecksumsRequest { offset, length: len }))
+                .map_err(status_err(control))?
+                .into_inner();
+            if reply.sums.len() as u64 != len / BLOCK {
+                return Err(VolumeError::Control {
+                    replica: control.clone(),
+                    code: tonic::Code::Internal,
+                    message: format!(
+                        "answered {} checksums for {len} bytes, not {}",
+                        reply.sums.len(),
+                        len / BLOCK
+                    ),
+                });
+            }
+            all.push(reply.sums);
+        }
+        Ok(all)
+    }
+
+    /// Compares `[offset, offset + len)` on every RW replica by checksum; the caller
+    /// holds the volume paused. Returns the replicas compared (data addresses) and the
+    /// runs that differ from the first replica's.
+    pub fn compare_range(&self, offset: u64, len: u64) -> Result<(Vec<String>, Vec<Difference>)> {
+        let mut clients = self.rw_clients()?;
+        let names: Vec<String> = clients.iter().map(|c| c.data.clone()).collect();
+        let sums = self.checksums_of(&mut clients, offset, len)?;
+        let mut diffs: Vec<Difference> = Vec::new();
+        for (t, other) in sums.iter().enumerate().skip(1) {
+            for (first, count) in differing_runs(&sums[0], other) {
+                diffs.push(Difference {
+                    offset: offset + first * BLOCK,
+                    len: count * BLOCK,
+                    replicas: vec![names[t].clone()],
+                });
+            }
+        }
+        diffs.sort_by_key(|d| d.offset);
+        Ok((names, diffs))
+    }
+
+    /// Write-intent regions marked on the replicas that have not failed (the most on
+    /// any one of them).
+    pub fn intents_marked(&self) -> Result<u64> {
+        let mut most = 0;
+        for Peer {
+            control,
+            client: mut c,
+            ..
+        } in self.rw_clients()?
+        {
+            let reply = self
+                .runtime()
+                .block_on(c.intents(IntentsRequest {}))
+                .map_err(status_err(&control))?
+                .into_inner();
+            most = most.max(reply.regions.len() as u64);
+        }
+        Ok(most)
+    }
+
+    /// Unmarks the write-intent regions on every replica that has not failed. The
+    /// caller has paused the volume with nothing in flight.
+    pub(crate) fn clear_intents(&self) -> Result<()> {
+        let generation = self.generation();
+        for Peer {
+            control,
+            client: mut c,
+            ..
+        } in self.clients(true)?
+        {
+            self.runtime()
+                .block_on(c.clear_intents(ClearIntentsRequest { generation }))
+                .map_err(status_err(&control))?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::differing_runs;
+
+    #[test]
+    fn runs_of_differing_blocks() {
+        let a = [1, 2, 3, 4, 5, 6];
+        let b = [1, 9, 9, 4, 9, 6];
+        assert_eq!(differing_runs(&a, &b), vec![(1, 2), (4, 1)]);
+        assert!(differing_runs(&a, &a).is_empty());
+    }
+}
