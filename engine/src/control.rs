@@ -10,14 +10,15 @@ use std::time::{Duration, Instant};
 use horn_proto::control::InfoReply;
 use horn_proto::engine_control::engine_control_server::EngineControl;
 use horn_proto::engine_control::{
-    Difference, EngineDeleteRequest, EngineExpandRequest, EngineInfo, EngineInfoRequest, EnginePurgeRequest,
-    EngineRevertRequest, EngineSnapshotRequest, ListSnapshotsRequest, ReplicaStatus, Snapshot, SnapshotList,
-    VerifyReply, VerifyRequest,
+    AddReplicaRequest, Difference, EngineDeleteRequest, EngineExpandRequest, EngineInfo, EngineInfoRequest,
+    EnginePurgeRequest, EngineRevertRequest, EngineSnapshotRequest, ListSnapshotsRequest, RebuildStatus,
+    ReplicaStatus, Snapshot, SnapshotList, VerifyReply, VerifyRequest,
 };
 use tonic::{Request, Response, Status};
 
+use crate::rebuild::RebuildState;
 use crate::replica_set::Mode;
-use crate::volume::{ChainOp, Volume, VolumeError};
+use crate::volume::{ChainOp, ReplicaAddr, Volume, VolumeError};
 
 /// A call to run on the engine's thread.
 pub type EngineCommand = Box<dyn FnOnce(&mut Volume) + Send>;
@@ -131,6 +132,30 @@ fn engine_info(v: &Volume) -> EngineInfo {
             })
             .collect(),
         skipped: v.skipped().iter().map(|(r, why)| format!("{r}: {why}")).collect(),
+        rebuilds: v
+            .engine()
+            .rebuilds()
+            .into_iter()
+            .map(|r| {
+                let (state, error) = match &r.state {
+                    RebuildState::Syncing => ("syncing", String::new()),
+                    RebuildState::Done => ("done", String::new()),
+                    RebuildState::Failed(why) => ("failed", why.clone()),
+                };
+                RebuildStatus {
+                    replica: r.replica.clone(),
+                    source: r.source.clone(),
+                    state: state.into(),
+                    error,
+                    bytes_done: r.done,
+                    bytes_total: r.total,
+                    bytes_copied: r.copied,
+                    rate_bytes_per_second: r.rate(),
+                    eta_seconds: r.eta().unwrap_or(-1.0),
+                    elapsed_seconds: r.elapsed.unwrap_or_else(|| r.started.elapsed()).as_secs_f64(),
+                }
+            })
+            .collect(),
     }
 }
 
@@ -222,6 +247,19 @@ impl EngineControl for EngineControlService {
                     .collect(),
                 differing_bytes: r.differing_bytes,
             })
+        })
+        .await
+    }
+
+    async fn add_replica(&self, req: Request<AddReplicaRequest>) -> Result<Response<EngineInfo>, Status> {
+        let addr: ReplicaAddr = req
+            .into_inner()
+            .replica
+            .parse()
+            .map_err(Status::invalid_argument)?;
+        self.run(move |v| {
+            v.add_replica(addr)?;
+            Ok(engine_info(v))
         })
         .await
     }

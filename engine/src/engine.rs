@@ -18,7 +18,7 @@
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
 use horn_proto::control::replica_control_client::ReplicaControlClient;
@@ -27,6 +27,7 @@ use horn_proto::control::{
     RevertRequest, SnapshotRequest,
 };
 
+use crate::rebuild::RebuildStatus;
 use crate::replica_set::{Mode, ReplicaConfig};
 use crate::volume::{ChainOp, ReplicaAddr, Result, StartReport, VolumeError};
 
@@ -37,6 +38,33 @@ pub(crate) struct ClaimedReplica {
     pub(crate) data: String,
     pub(crate) control: String,
     failed: AtomicBool,
+    /// RW (true) or WO (false): a rebuilt replica turns RW once it holds everything.
+    rw: AtomicBool,
+}
+
+impl ClaimedReplica {
+    pub(crate) fn new(addr: &ReplicaAddr, mode: Mode) -> ClaimedReplica {
+        ClaimedReplica {
+            config: ReplicaConfig {
+                name: addr.data.clone(),
+                mode,
+                local: addr.local,
+            },
+            data: addr.data.clone(),
+            control: addr.control.clone(),
+            failed: AtomicBool::new(false),
+            rw: AtomicBool::new(mode == Mode::Rw),
+        }
+    }
+
+    /// RW or WO (a failed replica keeps the mode it had).
+    pub(crate) fn mode(&self) -> Mode {
+        if self.rw.load(Ordering::Acquire) {
+            Mode::Rw
+        } else {
+            Mode::Wo
+        }
+    }
 }
 
 /// What a queue publishes for the coordinator.
@@ -75,7 +103,11 @@ impl QueueShared {
 /// The state every queue of one volume shares.
 #[derive(Debug)]
 pub struct Engine {
-    replicas: Vec<ClaimedReplica>,
+    /// Grows when a replica is added for a rebuild; never shrinks (a replica's index
+    /// is its place here, in every queue).
+    replicas: RwLock<Vec<Arc<ClaimedReplica>>>,
+    /// Bumped when a replica is added or turns RW; queues catch up on their next I/O.
+    membership_epoch: AtomicU64,
     generation: u64,
     size: AtomicU64,
     sector_size: u32,
@@ -88,6 +120,7 @@ pub struct Engine {
     queues: Mutex<Vec<Arc<QueueShared>>>,
     /// One chain operation at a time.
     chain: Mutex<()>,
+    rebuilds: Mutex<crate::rebuild::Rebuilds>,
     runtime: tokio::runtime::Runtime,
 }
 
@@ -166,16 +199,10 @@ impl Engine {
             sector_size.get_or_insert(i.sector_size);
             // A replica being rebuilt stays write-only: it may lack data its peers have.
             let wo = i.mode == horn_proto::control::Mode::Wo as i32;
-            claimed.push(ClaimedReplica {
-                config: ReplicaConfig {
-                    name: r.data.clone(),
-                    mode: if wo { Mode::Wo } else { Mode::Rw },
-                    local: r.local,
-                },
-                data: r.data.clone(),
-                control: r.control.clone(),
-                failed: AtomicBool::new(false),
-            });
+            claimed.push(Arc::new(ClaimedReplica::new(
+                &r,
+                if wo { Mode::Wo } else { Mode::Rw },
+            )));
         }
         if claimed.is_empty() {
             return Err(VolumeError::NoReplica(describe(&skipped)));
@@ -190,7 +217,8 @@ impl Engine {
         };
         let engine = Engine {
             failure_reasons: Mutex::new(vec![None; claimed.len()]),
-            replicas: claimed,
+            replicas: RwLock::new(claimed),
+            membership_epoch: AtomicU64::new(0),
             generation,
             size: AtomicU64::new(size),
             sector_size: report.sector_size,
@@ -200,6 +228,7 @@ impl Engine {
             paused: AtomicBool::new(false),
             queues: Mutex::new(Vec::new()),
             chain: Mutex::new(()),
+            rebuilds: Mutex::default(),
             runtime,
         };
         // Before any queue opens: no I/O is served until the replicas agree.
@@ -222,8 +251,69 @@ impl Engine {
         &self.runtime
     }
 
-    pub(crate) fn replicas(&self) -> &[ClaimedReplica] {
-        &self.replicas
+    /// The replicas, in the order every queue indexes them.
+    pub(crate) fn replicas(&self) -> Vec<Arc<ClaimedReplica>> {
+        self.replicas.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn replica(&self, i: usize) -> Arc<ClaimedReplica> {
+        self.replicas.read().unwrap_or_else(|e| e.into_inner())[i].clone()
+    }
+
+    pub(crate) fn membership_epoch(&self) -> u64 {
+        self.membership_epoch.load(Ordering::SeqCst)
+    }
+
+    /// Adds a claimed replica (WO) to the set; every queue connects to it before its
+    /// next I/O. The caller holds the volume paused, so no write misses it.
+    pub(crate) fn add_replica(&self, r: ClaimedReplica) -> usize {
+        let mut replicas = self.replicas.write().unwrap_or_else(|e| e.into_inner());
+        replicas.push(Arc::new(r));
+        lock(&self.failure_reasons).push(None);
+        self.membership_epoch.fetch_add(1, Ordering::SeqCst);
+        replicas.len() - 1
+    }
+
+    /// Records that a rebuild of replica `i` begins; refused while another runs.
+    pub(crate) fn begin_rebuild(&self, status: RebuildStatus, i: usize) -> Result<()> {
+        let mut r = lock(&self.rebuilds);
+        if r.running {
+            return Err(VolumeError::BadRequest(
+                "a rebuild is already under way; wait for it to end".into(),
+            ));
+        }
+        r.running = true;
+        r.by_replica.insert(i, status);
+        Ok(())
+    }
+
+    pub(crate) fn update_rebuild(&self, i: usize, f: impl FnOnce(&mut RebuildStatus)) {
+        if let Some(s) = lock(&self.rebuilds).by_replica.get_mut(&i) {
+            f(s);
+        }
+    }
+
+    pub(crate) fn end_rebuild(&self) {
+        lock(&self.rebuilds).running = false;
+    }
+
+    /// Is a rebuild under way?
+    pub fn is_rebuilding(&self) -> bool {
+        lock(&self.rebuilds).running
+    }
+
+    /// Every rebuild this engine ran or runs, in replica order.
+    pub fn rebuilds(&self) -> Vec<RebuildStatus> {
+        let r = lock(&self.rebuilds);
+        let mut v: Vec<(usize, RebuildStatus)> = r.by_replica.iter().map(|(i, s)| (*i, s.clone())).collect();
+        v.sort_by_key(|(i, _)| *i);
+        v.into_iter().map(|(_, s)| s).collect()
+    }
+
+    /// A rebuilt replica holds everything: it serves reads from now on.
+    pub(crate) fn promote(&self, i: usize) {
+        self.replica(i).rw.store(true, Ordering::Release);
+        self.membership_epoch.fetch_add(1, Ordering::SeqCst);
     }
 
     /// Volume size in bytes.
@@ -253,13 +343,13 @@ impl Engine {
 
     /// Each replica's data address and mode as all queues together know it.
     pub fn replica_modes(&self) -> Vec<(String, Mode)> {
-        self.replicas
+        self.replicas()
             .iter()
             .map(|r| {
                 let mode = if r.failed.load(Ordering::Acquire) {
                     Mode::Err
                 } else {
-                    r.config.mode
+                    r.mode()
                 };
                 (r.data.clone(), mode)
             })
@@ -273,7 +363,7 @@ impl Engine {
 
     /// Publishes that a queue dropped `replica`; true if this is news.
     pub(crate) fn mark_failed(&self, replica: usize, reason: &str) -> bool {
-        if self.replicas[replica].failed.swap(true, Ordering::AcqRel) {
+        if self.replica(replica).failed.swap(true, Ordering::AcqRel) {
             return false;
         }
         lock(&self.failure_reasons)[replica] = Some(reason.to_string());
@@ -286,7 +376,7 @@ impl Engine {
     }
 
     pub(crate) fn is_failed(&self, replica: usize) -> bool {
-        self.replicas[replica].failed.load(Ordering::Acquire)
+        self.replica(replica).failed.load(Ordering::Acquire)
     }
 
     pub(crate) fn is_paused(&self) -> bool {
@@ -351,7 +441,7 @@ impl Engine {
         }
         let generation = self.generation;
         let mut first = None;
-        for (i, r) in self.replicas.iter().enumerate() {
+        for (i, r) in self.replicas().iter().enumerate() {
             if self.is_failed(i) {
                 continue;
             }
@@ -407,7 +497,7 @@ impl Engine {
     /// Releases every replica that has not failed (marks it clean).
     pub(crate) fn release(&self) {
         let generation = self.generation;
-        for (i, r) in self.replicas.iter().enumerate() {
+        for (i, r) in self.replicas().iter().enumerate() {
             if self.is_failed(i) {
                 continue;
             }

@@ -12,6 +12,7 @@
 //! - [`volume::Volume`] (volume.rs): a queue driven on a ring of its own, with blocking
 //!   helpers and the chain operations;
 //! - [`frontend`] (frontend.rs): the narrow async interface frontends serve;
+//! - [`rebuild`] (rebuild.rs): adding a replica to a running volume, synced online;
 //! - [`recovery`] (recovery.rs): reconciliation after a crash (write-intent records),
 //!   and comparing replicas by checksum;
 //! - [`control`] (control.rs): the engine's gRPC control service.
@@ -25,6 +26,7 @@ pub mod control;
 pub mod engine;
 pub mod frontend;
 pub mod queue;
+pub mod rebuild;
 pub mod recovery;
 pub mod replica_set;
 pub mod volume;

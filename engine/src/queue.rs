@@ -28,7 +28,7 @@ use horn_replica::IoBuf;
 use io_uring::{opcode, squeue, types};
 
 use crate::engine::{Engine, QueueShared};
-use crate::replica_set::{Action, IoId, IoKind, IoRequest, Mode, ReplicaSet, Reply, ReqId};
+use crate::replica_set::{Action, IoId, IoKind, IoRequest, Mode, ReplicaConfig, ReplicaSet, Reply, ReqId};
 use crate::volume::{Result, VolumeCompletion, VolumeError};
 
 /// Names one of the queue's ring entries; the driver gives it back with the entry's
@@ -105,6 +105,36 @@ struct Conn {
 }
 
 impl Conn {
+    /// A connection to the replica at `data` (none for a replica already failed), and
+    /// why it could not be made.
+    fn connect(data: &str, failed: bool) -> (Conn, Option<String>) {
+        let (stream, why) = if failed {
+            (None, None)
+        } else {
+            match TcpStream::connect(data) {
+                Ok(s) => {
+                    let _ = s.set_nodelay(true);
+                    (Some(s), None)
+                }
+                Err(e) => (None, Some(format!("its data wire is unreachable: {e}"))),
+            }
+        };
+        let closed = stream.is_none();
+        let conn = Conn {
+            stream,
+            rx: Box::new([0; RX_LEN]),
+            rx_start: 0,
+            rx_end: 0,
+            rx_msg: TwoPartRecv::new(),
+            reads: 0,
+            receiving: Receiving::Header,
+            out: SendBatch::default(),
+            raw_in_flight: 0,
+            closed,
+        };
+        (conn, why)
+    }
+
     /// The socket; only asked of an open conn, which always has one.
     fn fd(&self) -> i32 {
         self.stream.as_ref().map_or(-1, |s| s.as_raw_fd())
@@ -144,6 +174,8 @@ pub struct EngineQueue {
     wake_buf: Box<u64>,
     wake_posted: bool,
     failures_seen: u64,
+    /// The engine's membership epoch this queue has caught up with.
+    membership_seen: u64,
     /// Running a chain operation: this queue's own I/O passes the pause it raised.
     coordinating: bool,
     start: Instant,
@@ -153,40 +185,27 @@ impl EngineQueue {
     /// Connects a new queue to every replica of `engine` that has not failed.
     pub fn open(engine: &Arc<Engine>) -> Result<EngineQueue> {
         let shared = QueueShared::new()?;
+        // Read before the replicas: a replica added meanwhile is caught up on later.
+        let membership_seen = engine.membership_epoch();
+        let replicas = engine.replicas();
         let mut set = ReplicaSet::new(
-            engine.replicas().iter().map(|r| r.config.clone()).collect(),
+            replicas
+                .iter()
+                .map(|r| ReplicaConfig {
+                    mode: r.mode(),
+                    ..r.config.clone()
+                })
+                .collect(),
             engine.timeout().as_nanos() as u64,
         );
         let mut conns = Vec::new();
         let mut unreachable = Vec::new();
-        for (i, r) in engine.replicas().iter().enumerate() {
-            let stream = if engine.is_failed(i) {
-                None
-            } else {
-                match TcpStream::connect(&r.data) {
-                    Ok(s) => {
-                        let _ = s.set_nodelay(true);
-                        Some(s)
-                    }
-                    Err(e) => {
-                        unreachable.push((i, format!("its data wire is unreachable: {e}")));
-                        None
-                    }
-                }
-            };
-            let closed = stream.is_none();
-            conns.push(Conn {
-                stream,
-                rx: Box::new([0; RX_LEN]),
-                rx_start: 0,
-                rx_end: 0,
-                rx_msg: TwoPartRecv::new(),
-                reads: 0,
-                receiving: Receiving::Header,
-                out: SendBatch::default(),
-                raw_in_flight: 0,
-                closed,
-            });
+        for (i, r) in replicas.iter().enumerate() {
+            let (conn, why) = Conn::connect(&r.data, engine.is_failed(i));
+            if let Some(why) = why {
+                unreachable.push((i, why));
+            }
+            conns.push(conn);
         }
         let start = Instant::now();
         for i in 0..conns.len() {
@@ -207,6 +226,7 @@ impl EngineQueue {
             wake_buf: Box::new(0),
             wake_posted: false,
             failures_seen: engine.failure_epoch(),
+            membership_seen,
             coordinating: false,
             start,
         };
@@ -225,6 +245,43 @@ impl EngineQueue {
         q.post_wake();
         engine.register(q.shared.clone());
         Ok(q)
+    }
+
+    /// Connects to replicas added to the volume since this queue last looked (a
+    /// rebuild), and lets rebuilt replicas serve reads.
+    fn sync_membership(&mut self) {
+        let epoch = self.engine.membership_epoch();
+        if epoch == self.membership_seen {
+            return;
+        }
+        self.membership_seen = epoch;
+        let replicas = self.engine.replicas();
+        for (i, r) in replicas.iter().enumerate() {
+            if i >= self.conns.len() {
+                let (conn, why) = Conn::connect(&r.data, self.engine.is_failed(i));
+                self.conns.push(conn);
+                let id = self.set.add_replica(ReplicaConfig {
+                    mode: Mode::Wo,
+                    ..r.config.clone()
+                });
+                debug_assert_eq!(id, i);
+                let failed = self
+                    .engine
+                    .is_failed(i)
+                    .then(|| "dropped before this queue connected".to_string());
+                match why.or(failed) {
+                    Some(why) => {
+                        let now = self.now();
+                        self.set.fail_replica(now, i, why);
+                    }
+                    None => self.post_recv(i),
+                }
+            }
+            if r.mode() == Mode::Rw {
+                self.set.promote(i);
+            }
+        }
+        self.run_actions();
     }
 
     /// The engine this queue belongs to.
@@ -339,6 +396,7 @@ impl EngineQueue {
             return;
         }
         self.sync_failures();
+        self.sync_membership();
         let (offset, len) = if kind == IoKind::Flush {
             (0, 0)
         } else {
@@ -387,6 +445,7 @@ impl EngineQueue {
         self.set.on_tick(now);
         self.run_actions();
         self.sync_failures();
+        self.sync_membership();
         if !self.held.is_empty() && !self.engine.is_paused() {
             let held: Vec<Held> = self.held.drain(..).collect();
             for h in held {

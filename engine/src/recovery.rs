@@ -97,7 +97,7 @@ impl Engine {
     fn clients(&self, with_wo: bool) -> Result<Vec<Peer>> {
         let mut out = Vec::new();
         for (i, r) in self.replicas().iter().enumerate() {
-            if self.is_failed(i) || (r.config.mode != Mode::Rw && !with_wo) {
+            if self.is_failed(i) || (r.mode() != Mode::Rw && !with_wo) {
                 continue;
             }
             let url = format!("http://{}", r.control);

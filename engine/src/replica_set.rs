@@ -201,6 +201,24 @@ impl ReplicaSet {
         }
     }
 
+    /// Adds a replica joining for a rebuild (WO: it takes writes from now on, serves no
+    /// reads) and returns its id.
+    pub fn add_replica(&mut self, config: ReplicaConfig) -> ReplicaId {
+        self.replicas.push(Replica {
+            mode: config.mode,
+            config,
+        });
+        self.replicas.len() - 1
+    }
+
+    /// A WO replica that now holds everything turns RW (it serves reads). A failed
+    /// replica stays ERR.
+    pub fn promote(&mut self, replica: ReplicaId) {
+        if self.replicas[replica].mode == Mode::Wo {
+            self.replicas[replica].mode = Mode::Rw;
+        }
+    }
+
     /// Each replica's mode.
     pub fn modes(&self) -> Vec<Mode> {
         self.replicas.iter().map(|r| r.mode).collect()

@@ -429,6 +429,12 @@ impl Volume {
     /// the volume (new I/O is held back), wait for the I/O in flight, and flush; the
     /// queues go on when the operation is done.
     pub fn chain_op(&mut self, op: ChainOp) -> Result<InfoReply> {
+        if !matches!(op, ChainOp::Info) && self.engine().is_rebuilding() {
+            return Err(VolumeError::BadRequest(
+                "a replica is being rebuilt: snapshots, deletes, purges, reverts and expansions wait until it is done"
+                    .into(),
+            ));
+        }
         if !matches!(
             op,
             ChainOp::Snapshot { .. } | ChainOp::Revert(_) | ChainOp::Expand(_)
@@ -440,7 +446,7 @@ impl Volume {
 
     /// Runs `f` with every queue of the volume paused and nothing in flight, after
     /// flushing every replica if `flush`.
-    fn paused<T>(&mut self, flush: bool, f: impl FnOnce(&Engine) -> Result<T>) -> Result<T> {
+    pub(crate) fn paused<T>(&mut self, flush: bool, f: impl FnOnce(&Engine) -> Result<T>) -> Result<T> {
         let engine = self.engine().clone();
         self.drain()?;
         let guard = engine.pause(self.queue.shared())?;
@@ -503,6 +509,111 @@ impl Volume {
             self.paused(false, |e| e.clear_intents())?;
         }
         Ok(marked)
+    }
+
+    /// Adds replica `addr` to the running volume and starts rebuilding it in the
+    /// background (see [`crate::rebuild`]); returns once it is in the set, WO, and
+    /// the rebuild snapshot is taken. Follow it with [`Engine::rebuilds`].
+    pub fn add_replica(&mut self, addr: ReplicaAddr) -> Result<()> {
+        use horn_proto::control::replica_control_client::ReplicaControlClient;
+        use horn_proto::control::{ClaimRequest, InfoRequest, Mode as WireMode, SetModeRequest};
+
+        let engine = self.engine().clone();
+        if engine.is_rebuilding() {
+            return Err(VolumeError::BadRequest(
+                "a rebuild is already under way; wait for it to end".into(),
+            ));
+        }
+        for (i, r) in engine.replicas().iter().enumerate() {
+            if (r.data == addr.data || r.control == addr.control) && !engine.is_failed(i) {
+                return Err(VolumeError::BadRequest(format!(
+                    "replica {} is already in the volume ({:?})",
+                    addr.data,
+                    r.mode()
+                )));
+            }
+        }
+        let generation = engine.generation();
+        let control = addr.control.clone();
+        let err = |s: tonic::Status| VolumeError::Control {
+            replica: control.clone(),
+            code: s.code(),
+            message: s.message().to_string(),
+        };
+        let info = engine.runtime().block_on(async {
+            let mut c = ReplicaControlClient::connect(format!("http://{}", addr.control))
+                .await
+                .map_err(|e| tonic::Status::unavailable(format!("unreachable: {e}")))?;
+            let info = c.info(InfoRequest {}).await?.into_inner();
+            if info.size != engine.size() || info.sector_size != engine.sector_size() {
+                return Err(tonic::Status::invalid_argument(format!(
+                    "it holds {} bytes in {}-byte sectors; the volume has {} in {}-byte sectors",
+                    info.size,
+                    info.sector_size,
+                    engine.size(),
+                    engine.sector_size()
+                )));
+            }
+            if info.generation > generation {
+                return Err(tonic::Status::failed_precondition(format!(
+                    "it belongs to a newer engine (generation {} above this one's {generation})",
+                    info.generation
+                )));
+            }
+            c.claim(ClaimRequest { generation }).await?;
+            c.set_mode(SetModeRequest {
+                generation,
+                mode: WireMode::Wo as i32,
+            })
+            .await?;
+            Ok(())
+        });
+        info.map_err(err)?;
+        let snapshot = format!(
+            "rebuild-{}",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis())
+        );
+        let joined = self.paused(true, |e| {
+            let i = e.add_replica(crate::engine::ClaimedReplica::new(&addr, Mode::Wo));
+            let labels = [("horn.system".to_string(), "rebuild".to_string())].into();
+            match e.run_chain_op(&ChainOp::Snapshot {
+                name: snapshot.clone(),
+                labels,
+            }) {
+                Ok(_) => Ok(i),
+                Err(err) => {
+                    e.mark_failed(i, &format!("the rebuild snapshot failed: {err}"));
+                    Err(err)
+                }
+            }
+        })?;
+        let status = crate::rebuild::RebuildStatus {
+            replica: addr.data.clone(),
+            source: String::new(),
+            state: crate::rebuild::RebuildState::Syncing,
+            done: 0,
+            total: 0,
+            copied: 0,
+            suspects: 0,
+            started: std::time::Instant::now(),
+            elapsed: None,
+        };
+        engine.begin_rebuild(status, joined)?;
+        let thread_engine = engine.clone();
+        let spawned = std::thread::Builder::new()
+            .name("rebuild".into())
+            .spawn(move || crate::rebuild::run(thread_engine, joined, snapshot));
+        if let Err(e) = spawned {
+            engine.end_rebuild();
+            engine.mark_failed(joined, "the rebuild thread could not start");
+            return Err(VolumeError::System {
+                op: "starting the rebuild thread",
+                source: e,
+            });
+        }
+        Ok(())
     }
 
     /// Takes snapshot `name` on every replica (see [`Volume::chain_op`]).

@@ -7,30 +7,46 @@
 //! older one than the replica's is refused, as on the data wire.
 
 use std::collections::BTreeMap;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 use horn_proto::control::replica_control_server::ReplicaControl;
 use horn_proto::control::{
-    ChecksumsReply, ChecksumsRequest, ClaimRequest, ClearIntentsRequest, DeleteSnapshotRequest,
-    ExpandRequest, InfoReply, InfoRequest, IntentsReply, IntentsRequest, Layer, Mode as WireMode, PurgeReply,
-    PurgeRequest, RangeData, ReadRangeRequest, ReleaseRequest, RevertRequest, SetModeRequest,
-    SnapshotRequest, WriteRangeReply, WriteRangeRequest,
+    BlocksData, BlocksRequest, ChecksumsReply, ChecksumsRequest, ClaimRequest, ClearIntentsRequest,
+    DeleteSnapshotRequest, ExpandRequest, FinishSyncReply, FinishSyncRequest, InfoReply, InfoRequest,
+    IntentsReply, IntentsRequest, Layer, LayerBlocksReply, LayerBlocksRequest, LayerChunk, LayerZerosReply,
+    LayerZerosRequest, Mode as WireMode, PurgeReply, PurgeRequest, RangeData, ReadLayerRequest,
+    ReadRangeRequest, ReleaseRequest, RevertRequest, SetModeRequest, SnapshotRequest, SyncFromRequest,
+    SyncReply, WriteRangeReply, WriteRangeRequest,
 };
 use tonic::{Request, Response, Status};
 
 use crate::error::ReplicaError;
+use crate::meta::BLOCK_SIZE;
 use crate::replica::Replica;
 use crate::server::ServerHandle;
 use crate::state::Mode;
+use crate::sync::SyncState;
 
 /// The gRPC service of one served replica.
 pub struct ControlService {
     handle: ServerHandle,
+    sync: Arc<SyncState>,
 }
 
 impl ControlService {
     /// A service that runs its calls on the data loop behind `handle`.
     pub fn new(handle: ServerHandle) -> Self {
-        ControlService { handle }
+        ControlService {
+            handle,
+            sync: Arc::default(),
+        }
+    }
+
+    /// A snapshot layer's file and length, checked on the loop.
+    async fn snapshot_layer(&self, id: u64) -> Result<(std::path::PathBuf, u64), Status> {
+        Ok(self.run(move |r| r.snapshot_layer(id)).await?.into_inner())
     }
 
     /// Runs `f` on the loop thread (blocking this task's worker briefly).
@@ -131,13 +147,21 @@ pub fn info_reply(r: &Replica) -> Result<InfoReply, ReplicaError> {
         used_bytes: info.used_bytes,
         index_bytes: info.index_bytes as u64,
         intents_marked: r.intents_marked(),
+        sync_done: 0,
+        sync_total: 0,
+        sync_copied: 0,
     })
 }
 
 #[tonic::async_trait]
 impl ReplicaControl for ControlService {
     async fn info(&self, _req: Request<InfoRequest>) -> Result<Response<InfoReply>, Status> {
-        self.run(|r| info_reply(r)).await
+        let mut reply = self.run(|r| info_reply(r)).await?;
+        let i = reply.get_mut();
+        i.sync_done = self.sync.done.load(Ordering::Relaxed);
+        i.sync_total = self.sync.total.load(Ordering::Relaxed);
+        i.sync_copied = self.sync.copied.load(Ordering::Relaxed);
+        Ok(reply)
     }
 
     async fn claim(&self, req: Request<ClaimRequest>) -> Result<Response<InfoReply>, Status> {
@@ -280,6 +304,45 @@ impl ReplicaControl for ControlService {
         .await
     }
 
+    async fn read_blocks(&self, req: Request<BlocksRequest>) -> Result<Response<BlocksData>, Status> {
+        let blocks = req.into_inner().blocks;
+        self.run(move |r| {
+            check_range_len(blocks.len() as u64 * BLOCK_SIZE, MAX_RANGE)?;
+            let mut data = vec![0u8; blocks.len() * BLOCK_SIZE as usize];
+            for (b, out) in blocks.iter().zip(data.chunks_mut(BLOCK_SIZE as usize)) {
+                r.read_at(b.saturating_mul(BLOCK_SIZE), out)?;
+            }
+            Ok(BlocksData {
+                generation: r.generation(),
+                blocks,
+                data,
+            })
+        })
+        .await
+    }
+
+    async fn write_blocks(&self, req: Request<BlocksData>) -> Result<Response<WriteRangeReply>, Status> {
+        let req = req.into_inner();
+        self.run(move |r| {
+            check_generation(r, req.generation)?;
+            check_range_len(req.data.len() as u64, MAX_RANGE)?;
+            if req.data.len() as u64 != req.blocks.len() as u64 * BLOCK_SIZE {
+                return Err(ReplicaError::InvalidOperation(format!(
+                    "{} bytes for {} blocks of {BLOCK_SIZE}",
+                    req.data.len(),
+                    req.blocks.len()
+                )));
+            }
+            for (b, data) in req.blocks.iter().zip(req.data.chunks(BLOCK_SIZE as usize)) {
+                let offset = b.saturating_mul(BLOCK_SIZE);
+                r.mark_intent(offset, BLOCK_SIZE)?;
+                r.write_at(offset, data)?;
+            }
+            Ok(WriteRangeReply {})
+        })
+        .await
+    }
+
     async fn intents(&self, _req: Request<IntentsRequest>) -> Result<Response<IntentsReply>, Status> {
         self.run(|r| Ok(intents_reply(r))).await
     }
@@ -293,6 +356,148 @@ impl ReplicaControl for ControlService {
             check_generation(r, g)?;
             r.clear_intents()?;
             Ok(intents_reply(r))
+        })
+        .await
+    }
+
+    async fn layer_blocks(
+        &self,
+        req: Request<LayerBlocksRequest>,
+    ) -> Result<Response<LayerBlocksReply>, Status> {
+        let req = req.into_inner();
+        if req.length > 256 << 20 {
+            return Err(Status::invalid_argument(format!(
+                "a range of {} bytes is larger than the 256 MiB one call covers",
+                req.length
+            )));
+        }
+        let (path, size) = self.snapshot_layer(req.layer_id).await?;
+        let blocks = tokio::task::spawn_blocking(move || {
+            let f = std::fs::File::open(&path).map_err(|e| ReplicaError::io("open", &path, e))?;
+            crate::sync::layer_blocks(&f, &path, size, req.offset, req.length)
+        })
+        .await
+        .map_err(|e| Status::internal(format!("layer read panicked: {e}")))?;
+        let (extents, sums) = blocks.map_err(to_status)?;
+        Ok(Response::new(LayerBlocksReply {
+            offsets: extents.iter().map(|e| e.offset).collect(),
+            lengths: extents.iter().map(|e| e.len).collect(),
+            sums,
+        }))
+    }
+
+    type ReadLayerStream =
+        std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<LayerChunk, Status>> + Send + 'static>>;
+
+    async fn read_layer(
+        &self,
+        req: Request<ReadLayerRequest>,
+    ) -> Result<Response<Self::ReadLayerStream>, Status> {
+        let req = req.into_inner();
+        if req.offsets.len() != req.lengths.len() {
+            return Err(Status::invalid_argument("offsets and lengths differ in number"));
+        }
+        let (path, size) = self.snapshot_layer(req.layer_id).await?;
+        if let Some((o, l)) = req
+            .offsets
+            .iter()
+            .zip(&req.lengths)
+            .find(|(&o, &l)| o.checked_add(l).is_none_or(|end| end > size))
+        {
+            return Err(Status::invalid_argument(format!(
+                "range {o}+{l} reaches past the layer's {size} bytes"
+            )));
+        }
+        let f = std::fs::File::open(&path).map_err(|e| to_status(ReplicaError::io("open", &path, e)))?;
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        std::thread::spawn(move || {
+            for (&offset, &len) in req.offsets.iter().zip(&req.lengths) {
+                let mut at = offset;
+                while at < offset + len {
+                    let n = crate::sync::CHUNK.min(offset + len - at);
+                    let mut data = vec![0u8; n as usize];
+                    let item = f
+                        .read_exact_at(&mut data, at)
+                        .map(|()| LayerChunk { offset: at, data })
+                        .map_err(|e| to_status(ReplicaError::io("read", &path, e)));
+                    let failed = item.is_err();
+                    if tx.blocking_send(item).is_err() || failed {
+                        return;
+                    }
+                    at += n;
+                }
+            }
+        });
+        let stream =
+            futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn layer_zeros(
+        &self,
+        req: Request<LayerZerosRequest>,
+    ) -> Result<Response<LayerZerosReply>, Status> {
+        let id = req.into_inner().layer_id;
+        self.snapshot_layer(id).await?;
+        let dir = self.run(|r| Ok(r.dir().to_path_buf())).await?.into_inner();
+        let path = crate::meta::zeros_path(&dir, id);
+        let log = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(to_status(ReplicaError::io("read", &path, e))),
+        };
+        Ok(Response::new(LayerZerosReply { log }))
+    }
+
+    async fn sync_from(&self, req: Request<SyncFromRequest>) -> Result<Response<SyncReply>, Status> {
+        let req = req.into_inner();
+        self.run(move |r| check_generation(r, req.generation)).await?;
+        if self.sync.running.swap(true, Ordering::AcqRel) {
+            return Err(Status::failed_precondition(
+                "a sync into this replica is already running",
+            ));
+        }
+        let (handle, state, source) = (self.handle.clone(), self.sync.clone(), req.source.clone());
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        std::thread::spawn(move || {
+            let result = crate::sync::pull(&handle, &source, &state);
+            if let Ok(plan) = &result {
+                *state.pending.lock().unwrap_or_else(|e| e.into_inner()) = Some(plan.clone());
+            }
+            state.running.store(false, Ordering::Release);
+            let _ = tx.send(result);
+        });
+        let plan = rx
+            .await
+            .map_err(|_| Status::internal("the sync thread ended without an answer"))?
+            .map_err(to_status)?;
+        Ok(Response::new(SyncReply {
+            bytes_total: self.sync.total.load(Ordering::Relaxed),
+            bytes_copied: self.sync.copied.load(Ordering::Relaxed),
+            layers: plan.layers.len() as u32,
+        }))
+    }
+
+    async fn finish_sync(
+        &self,
+        req: Request<FinishSyncRequest>,
+    ) -> Result<Response<FinishSyncReply>, Status> {
+        let g = req.into_inner().generation;
+        let plan = self
+            .sync
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .ok_or_else(|| Status::failed_precondition("no finished sync awaits installing"))?;
+        self.run(move |r| {
+            check_generation(r, g)?;
+            let suspect_blocks = r.install_synced(&plan)?;
+            r.set_mode(Mode::Rw)?;
+            Ok(FinishSyncReply {
+                suspect_blocks,
+                info: Some(info_reply(r)?),
+            })
         })
         .await
     }

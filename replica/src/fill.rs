@@ -10,6 +10,7 @@ use crate::error::{ReplicaError, Result};
 use crate::extent::Extent;
 use crate::meta::BLOCK_SIZE;
 use crate::replica::Replica;
+use crate::state::Mode;
 
 impl Replica {
     /// Reads with plain system calls, bypassing the ring (used under drained I/O).
@@ -48,6 +49,10 @@ impl Replica {
         self.read_blocking(end - BLOCK_SIZE, &mut bytes[tail..])?;
         let at = (offset - first) as usize;
         bytes[at..at + data.len()].copy_from_slice(data);
+        if self.engine.mode == Mode::Wo {
+            self.suspect.insert(first / BLOCK_SIZE);
+            self.suspect.insert(end / BLOCK_SIZE - 1);
+        }
         let head = self.head();
         head.buffered()?
             .write_all_at(whole.as_slice(), first)
@@ -98,6 +103,10 @@ impl Replica {
     fn zero_partial(&mut self, from: u64, to: u64) -> Result<()> {
         let b = from / BLOCK_SIZE;
         let v = self.index.get(b);
+        if self.engine.mode == Mode::Wo && v != self.head_value() {
+            // Merges with lower layers a rebuild may not have brought yet.
+            self.suspect.insert(b);
+        }
         if v == 0 {
             return Ok(());
         }
@@ -129,9 +138,12 @@ impl Replica {
         // Where anything is visible and the head has layers below it, a bare hole could
         // expose older data: record the range in the zero log first (durably).
         let mut held = Vec::new();
+        // While rebuilt, the layers below may still lack what they will hold: record
+        // the whole range.
+        let wo = self.engine.mode == Mode::Wo;
         if self.chain.len() > 1 {
             self.index.runs(first, count, |b, n, v| {
-                if v != 0 {
+                if v != 0 || wo {
                     held.push(Extent {
                         offset: b * BLOCK_SIZE,
                         len: n * BLOCK_SIZE,

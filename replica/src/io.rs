@@ -277,6 +277,17 @@ impl Replica {
         }
         let first = offset / BLOCK_SIZE;
         let last = (offset + len).div_ceil(BLOCK_SIZE);
+        if self.engine.mode == crate::state::Mode::Wo {
+            // Being rebuilt: a partial block the head does not hold merges with layers
+            // the rebuild may not have brought yet (sync.rs).
+            let hv = self.head_value();
+            if offset % BLOCK_SIZE != 0 && self.index.get(first) != hv {
+                self.suspect.insert(first);
+            }
+            if (offset + len) % BLOCK_SIZE != 0 && self.index.get(last - 1) != hv {
+                self.suspect.insert(last - 1);
+            }
+        }
         let head_partial = offset % BLOCK_SIZE != 0 && self.needs_fill(first);
         let tail_partial = (offset + len) % BLOCK_SIZE != 0 && self.needs_fill(last - 1);
         if head_partial || tail_partial {

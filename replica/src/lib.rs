@@ -52,6 +52,7 @@ pub mod meta;
 pub mod replica;
 pub mod server;
 pub mod state;
+pub mod sync;
 pub mod zeros;
 
 pub use buf::IoBuf;

@@ -28,7 +28,7 @@ use crate::index::BlockIndex;
 use crate::intent::IntentLog;
 use crate::io::{Completion, Op, Sqe};
 use crate::layer::LayerFile;
-use crate::meta::{self, layer_path, zeros_path, VolumeMeta, BLOCK_SIZE};
+use crate::meta::{self, layer_path, zeros_path, LayerMeta, VolumeMeta, BLOCK_SIZE};
 use crate::state::{EngineState, Mode};
 use crate::zeros::{self, ZeroLog};
 
@@ -50,6 +50,9 @@ pub struct Replica {
     pub(crate) index: BlockIndex,
     pub(crate) zero_log: ZeroLog,
     pub(crate) intent: IntentLog,
+    /// Blocks a partial write or discard changed while the replica was WO, merging
+    /// with lower layers it may not have yet (sync.rs).
+    pub(crate) suspect: std::collections::BTreeSet<u64>,
     pub(crate) engine: EngineState,
     pub(crate) dio_align: u64,
     pub(crate) ring: IoUring,
@@ -196,6 +199,7 @@ impl Replica {
             chain: Vec::new(),
             zero_log,
             intent,
+            suspect: Default::default(),
             dio_align: BLOCK_SIZE,
             ops: Vec::new(),
             free_ops: Vec::new(),
@@ -336,6 +340,60 @@ impl Replica {
     /// The marked write-intent regions (indices; each covers [`crate::intent::REGION_SIZE`] bytes).
     pub fn intent_regions(&self) -> Vec<u64> {
         self.intent.marked_regions()
+    }
+
+    /// The file and length of snapshot layer `id`, for a rebuild to read. The head is
+    /// refused: it changes under I/O.
+    pub fn snapshot_layer(&self, id: u64) -> Result<(PathBuf, u64)> {
+        let l = self
+            .meta
+            .layer(id)
+            .ok_or_else(|| ReplicaError::InvalidOperation(format!("this replica has no layer {id}")))?;
+        if id == self.meta.head {
+            return Err(ReplicaError::InvalidOperation(format!(
+                "layer {id} is the head, which changes under I/O; only snapshot layers are synced"
+            )));
+        }
+        Ok((layer_path(&self.dir, id), l.size))
+    }
+
+    /// Puts the layers a rebuild synced (`plan`, their files written) under the head,
+    /// drops the layers the plan leaves out, and returns the suspect blocks (see
+    /// [`crate::sync`]) for the engine to copy whole. The engine has paused its I/O.
+    pub fn install_synced(&mut self, plan: &crate::sync::SyncPlan) -> Result<Vec<u64>> {
+        self.drain()?;
+        let old_head = self.meta.head;
+        let mut m = self.meta.clone();
+        let mut head = m.layer(old_head).cloned().expect("the head is in the metadata");
+        head.id = plan.head;
+        head.parent = plan.head_parent;
+        let mut layers: Vec<LayerMeta> = plan.layers.iter().map(|(_, l)| l.clone()).collect();
+        layers.push(head);
+        layers.sort_by_key(|l| l.id);
+        m.layers = layers;
+        m.head = plan.head;
+        m.next_id = m.next_id.max(plan.next_id);
+        m.validate().map_err(|reason| ReplicaError::CorruptMetadata {
+            path: self.dir.join(meta::META_FILE),
+            reason: format!("the synced chain would be invalid: {reason}"),
+        })?;
+        // The head keeps its files under a second name until the new metadata names
+        // them: a crash on the way leaves one valid chain or the other.
+        crate::sync::link_layer(&self.dir, old_head, plan.head)?;
+        meta::sync_dir(&self.dir)?;
+        m.store(&self.dir)?;
+        self.meta = m;
+        self.load_chain()?;
+        for id in &plan.obsolete {
+            for path in [layer_path(&self.dir, *id), zeros_path(&self.dir, *id)] {
+                if let Err(e) = std::fs::remove_file(&path) {
+                    if e.kind() != std::io::ErrorKind::NotFound {
+                        tracing::warn!(path = %path.display(), error = %e, "cannot remove a layer the rebuild replaced");
+                    }
+                }
+            }
+        }
+        Ok(std::mem::take(&mut self.suspect).into_iter().collect())
     }
 
     /// How many write-intent regions are marked.

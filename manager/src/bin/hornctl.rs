@@ -15,8 +15,9 @@ use clap::{Args, Parser, Subcommand};
 use horn_manager::format::{human_bytes, labels, layer_state, parse_size, table, utc_time};
 use horn_proto::engine_control::engine_control_client::EngineControlClient;
 use horn_proto::engine_control::{
-    EngineDeleteRequest, EngineExpandRequest, EngineInfoRequest, EnginePurgeRequest, EngineRevertRequest,
-    EngineSnapshotRequest, ListSnapshotsRequest, SnapshotList, VerifyRequest,
+    AddReplicaRequest, EngineDeleteRequest, EngineExpandRequest, EngineInfoRequest, EnginePurgeRequest,
+    EngineRevertRequest, EngineSnapshotRequest, ListSnapshotsRequest, RebuildStatus, SnapshotList,
+    VerifyRequest,
 };
 use horn_replica::{Extent, Replica};
 
@@ -146,6 +147,17 @@ enum EngineCmd {
     /// Compare every RW replica block by block (checksums of 4 KiB blocks) while the
     /// volume stays online; exits 1 and lists the differing ranges if any differ.
     Verify,
+    /// Add a replica to the running volume and rebuild it online: it joins write-only,
+    /// copies the snapshot layers from a healthy replica (only the blocks it lacks or
+    /// holds differently), then turns RW. Shows progress until it is done.
+    AddReplica {
+        /// The replica as DATA_ADDR,CONTROL_ADDR[,local] (`hornd replica --listen`
+        /// and `--control`); same size as the volume.
+        replica: String,
+        /// Return once the replica has joined instead of following the rebuild.
+        #[arg(long)]
+        no_wait: bool,
+    },
 }
 
 #[derive(Args)]
@@ -413,6 +425,54 @@ fn print_snapshots(list: &SnapshotList, json: bool) -> Result<()> {
     Ok(())
 }
 
+fn rebuild_json(r: &RebuildStatus) -> serde_json::Value {
+    serde_json::json!({
+        "replica": r.replica, "source": r.source, "state": r.state, "error": r.error,
+        "bytes_done": r.bytes_done, "bytes_total": r.bytes_total, "bytes_copied": r.bytes_copied,
+        "rate_bytes_per_second": r.rate_bytes_per_second,
+        "eta_seconds": (r.eta_seconds >= 0.0).then_some(r.eta_seconds),
+        "elapsed_seconds": r.elapsed_seconds,
+    })
+}
+
+fn rebuild_line(r: &RebuildStatus) -> String {
+    let rate = format!("{}/s", human_bytes(r.rate_bytes_per_second as u64));
+    match r.state.as_str() {
+        "syncing" => {
+            let pct = if r.bytes_total > 0 {
+                100.0 * r.bytes_done as f64 / r.bytes_total as f64
+            } else {
+                0.0
+            };
+            let eta = if r.eta_seconds >= 0.0 {
+                format!("ETA {:.0} s", r.eta_seconds)
+            } else {
+                "ETA -".into()
+            };
+            format!(
+                "rebuilding {} from {}: {} of {} ({pct:.0}%), {} copied, {rate}, {eta}",
+                r.replica,
+                if r.source.is_empty() { "-" } else { &r.source },
+                human_bytes(r.bytes_done),
+                human_bytes(r.bytes_total),
+                human_bytes(r.bytes_copied),
+            )
+        }
+        "done" => format!(
+            "rebuilt {} from {} in {:.1} s: {} gone through, {} copied, {rate}; RW",
+            r.replica,
+            r.source,
+            r.elapsed_seconds,
+            human_bytes(r.bytes_total),
+            human_bytes(r.bytes_copied)
+        ),
+        _ => format!(
+            "rebuild of {} failed after {:.1} s: {}",
+            r.replica, r.elapsed_seconds, r.error
+        ),
+    }
+}
+
 fn run_engine(addr: String, json: bool, cmd: EngineCmd) -> Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -436,6 +496,7 @@ fn run_engine(addr: String, json: bool, cmd: EngineCmd) -> Result<()> {
                         serde_json::json!({
                             "size": info.size, "sector_size": info.sector_size,
                             "generation": info.generation, "replicas": replicas, "skipped": info.skipped,
+                            "rebuilds": info.rebuilds.iter().map(rebuild_json).collect::<Vec<_>>(),
                         })
                     );
                     return Ok(());
@@ -455,6 +516,45 @@ fn run_engine(addr: String, json: bool, cmd: EngineCmd) -> Result<()> {
                 print!("{}", table(&["REPLICA", "MODE"], &rows));
                 for s in &info.skipped {
                     println!("left out at start: {s}");
+                }
+                for r in &info.rebuilds {
+                    println!("{}", rebuild_line(r));
+                }
+            }
+            EngineCmd::AddReplica { replica, no_wait } => {
+                c.add_replica(AddReplicaRequest {
+                    replica: replica.clone(),
+                })
+                .await
+                .map_err(status)?;
+                let data = replica.split(',').next().unwrap_or_default().to_string();
+                if !json {
+                    println!("replica {data} joined the volume write-only; rebuilding");
+                }
+                if no_wait {
+                    return Ok(());
+                }
+                let mut last = String::new();
+                loop {
+                    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                    let info = c.info(EngineInfoRequest {}).await.map_err(status)?.into_inner();
+                    let Some(r) = info.rebuilds.iter().find(|r| r.replica == data) else {
+                        anyhow::bail!("the engine reports no rebuild of {data}");
+                    };
+                    if json {
+                        println!("{}", rebuild_json(r));
+                    } else {
+                        let line = rebuild_line(r);
+                        if line != last {
+                            println!("{line}");
+                            last = line;
+                        }
+                    }
+                    match r.state.as_str() {
+                        "done" => break,
+                        "failed" => anyhow::bail!("the rebuild of {data} failed: {}", r.error),
+                        _ => {}
+                    }
                 }
             }
             EngineCmd::Snapshot { name, labels } => {

@@ -1,0 +1,326 @@
+//! Online rebuild against real replica processes (`hornd replica`): a replica added
+//! under concurrent random writes (partial-sector ones too) comes out identical, with
+//! the snapshots; a replica that was away copies only what changed; the source dying
+//! mid-rebuild hands over to another; the new replica dying leaves the volume healthy;
+//! and `hornctl engine add-replica` shows the progress. Every test ends with a verify.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{Daemon, EngineDaemon};
+use horn_engine::rebuild::{RebuildState, RebuildStatus};
+use horn_engine::replica_set::{IoKind, Mode};
+use horn_engine::volume::{Volume, VolumeCompletion};
+use horn_proto::control::replica_control_client::ReplicaControlClient;
+use horn_proto::control::InfoRequest;
+use horn_replica::IoBuf;
+use rand::{rngs::SmallRng, Rng, SeedableRng};
+
+const SIZE: u64 = 128 << 20;
+const TIMEOUT: Duration = Duration::from_secs(5);
+
+fn replica(dir: &std::path::Path) -> Daemon {
+    Daemon::start(dir, &["--size", "128M"]).unwrap()
+}
+
+/// Fills `[from, to)` with 1 MiB writes whose bytes are `tag`.
+fn fill(v: &mut Volume, from: u64, to: u64, tag: u8) {
+    let mut at = from;
+    while at < to {
+        v.write_at(at, &vec![tag; (1 << 20).min(to - at) as usize])
+            .unwrap();
+        at += 1 << 20;
+    }
+}
+
+/// Waits for the rebuild of `data` to end and returns its last status.
+fn wait_rebuild(v: &Volume, data: &str) -> RebuildStatus {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let s = v
+            .engine()
+            .rebuilds()
+            .into_iter()
+            .find(|r| r.replica == data)
+            .expect("a rebuild of the replica");
+        if s.state != RebuildState::Syncing {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "the rebuild did not end: {s:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn assert_identical(v: &mut Volume, replicas: usize) {
+    let r = v.verify(|_, _| {}).unwrap();
+    assert_eq!(r.replicas.len(), replicas, "{r:?}");
+    assert!(r.differences.is_empty(), "replicas differ: {:?}", r.differences);
+}
+
+/// The snapshot names a replica lists.
+fn snapshot_names(d: &Daemon) -> Vec<String> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut c = ReplicaControlClient::connect(d.control.clone()).await.unwrap();
+        let info = c.info(InfoRequest {}).await.unwrap().into_inner();
+        info.layers
+            .into_iter()
+            .map(|l| l.name)
+            .filter(|n| !n.is_empty())
+            .collect()
+    })
+}
+
+/// Random writes on their own queue until `stop`: 4 KiB ones, and 512-byte ones that
+/// land inside blocks older layers hold. Returns the model: sector -> byte.
+fn write_until(mut q: Volume, stop: Arc<AtomicBool>, seed: u64) -> BTreeMap<u64, u8> {
+    let mut rng = SmallRng::seed_from_u64(seed);
+    let mut model = BTreeMap::new();
+    let mut pending: BTreeMap<u64, (u64, u64, u8)> = BTreeMap::new();
+    let mut out: Vec<VolumeCompletion> = Vec::new();
+    let mut tag = 0;
+    loop {
+        while !stop.load(Ordering::Relaxed) && pending.len() < 8 {
+            let (sector, sectors) = if rng.gen_bool(0.3) {
+                (rng.gen_range(0..SIZE / 512), 1)
+            } else {
+                (rng.gen_range(0..SIZE / 4096) * 8, 8)
+            };
+            if pending
+                .values()
+                .any(|&(s, n, _)| s < sector + sectors && sector < s + n)
+            {
+                continue;
+            }
+            let val = rng.gen_range(1..=255u8);
+            tag += 1;
+            pending.insert(tag, (sector, sectors, val));
+            let buf = IoBuf::from_slice(&vec![val; (sectors * 512) as usize]);
+            q.submit(IoKind::Write, sector * 512, 0, Some(buf), tag);
+        }
+        if pending.is_empty() {
+            q.close().unwrap();
+            return model;
+        }
+        out.clear();
+        q.reap(1, &mut out).unwrap();
+        for c in out.drain(..) {
+            let (sector, n, val) = pending.remove(&c.tag).unwrap();
+            c.result.unwrap();
+            for s in sector..sector + n {
+                model.insert(s, val);
+            }
+        }
+    }
+}
+
+#[test]
+fn a_replica_added_under_random_writes_is_rebuilt_online_with_its_snapshots() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = replica(&tmp.path().join("a"));
+    let b = replica(&tmp.path().join("b"));
+    let c = replica(&tmp.path().join("c"));
+    let (mut v, _) = Volume::start(&[a.replica_addr(), b.replica_addr()], TIMEOUT).unwrap();
+    fill(&mut v, 0, 32 << 20, 1);
+    v.snapshot("s1").unwrap();
+    fill(&mut v, 16 << 20, 48 << 20, 2);
+    v.snapshot("s2").unwrap();
+    fill(&mut v, 40 << 20, 64 << 20, 3);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let q = v.open_queue().unwrap();
+        let stop = stop.clone();
+        std::thread::spawn(move || write_until(q, stop, 42))
+    };
+    std::thread::sleep(Duration::from_millis(200));
+    v.add_replica(c.replica_addr()).unwrap();
+    // Chain operations wait for the rebuild.
+    let e = v.snapshot("during").unwrap_err();
+    assert!(e.to_string().contains("being rebuilt"), "{e}");
+    let status = wait_rebuild(&v, &c.addr);
+    std::thread::sleep(Duration::from_millis(200));
+    stop.store(true, Ordering::Relaxed);
+    let model = writer.join().unwrap();
+    assert_eq!(status.state, RebuildState::Done, "{status:?}");
+    assert_eq!(status.source, a.addr);
+    assert!(status.copied >= 64 << 20, "{status:?}");
+    // Partial-sector writes landed during the sync: their blocks were made whole.
+    assert!(status.suspects > 0, "{status:?}");
+    println!("{status:?}");
+    assert_eq!(v.replicas()[2], (c.addr.clone(), Mode::Rw));
+
+    assert_identical(&mut v, 3);
+    // Every read goes round the three replicas.
+    let mut sector = vec![0u8; 512];
+    for (&s, &val) in model.iter().step_by(7) {
+        for _ in 0..3 {
+            v.read_at(s * 512, &mut sector).unwrap();
+            assert!(
+                sector.iter().all(|&x| x == val),
+                "sector {s}: {} not {val}",
+                sector[0]
+            );
+        }
+    }
+    let names = snapshot_names(&c);
+    for s in ["s1", "s2"] {
+        assert!(names.contains(&s.to_string()), "{names:?}");
+    }
+    // The rebuild snapshot is marked deleted; chain operations work again.
+    v.snapshot("after").unwrap();
+    v.close().unwrap();
+}
+
+#[test]
+fn a_replica_that_was_away_copies_only_the_blocks_that_changed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = replica(&tmp.path().join("a"));
+    let b = replica(&tmp.path().join("b"));
+    let (mut v, _) = Volume::start(&[a.replica_addr(), b.replica_addr()], TIMEOUT).unwrap();
+    fill(&mut v, 0, SIZE, 1);
+    v.close().unwrap();
+    // b is away while 1% of the volume changes.
+    let (mut v, _) = Volume::start(&[a.replica_addr()], TIMEOUT).unwrap();
+    let mut rng = SmallRng::seed_from_u64(7);
+    let changed = SIZE / 100 / 4096;
+    for _ in 0..changed {
+        let blk = rng.gen_range(0..SIZE / 4096);
+        v.write_at(blk * 4096, &[9; 4096]).unwrap();
+    }
+    v.add_replica(b.replica_addr()).unwrap();
+    let status = wait_rebuild(&v, &b.addr);
+    assert_eq!(status.state, RebuildState::Done, "{status:?}");
+    assert!(
+        status.copied <= changed * 4096,
+        "copied {} bytes for {} changed",
+        status.copied,
+        changed * 4096
+    );
+    assert!(status.copied > 0);
+    assert!(status.done >= SIZE, "{status:?}");
+    assert_identical(&mut v, 2);
+    v.close().unwrap();
+}
+
+#[test]
+fn the_source_dying_mid_rebuild_hands_over_to_another() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut a = replica(&tmp.path().join("a"));
+    let b = replica(&tmp.path().join("b"));
+    let c = replica(&tmp.path().join("c"));
+    let (mut v, _) = Volume::start(&[a.replica_addr(), b.replica_addr()], TIMEOUT).unwrap();
+    fill(&mut v, 0, SIZE, 5);
+    v.add_replica(c.replica_addr()).unwrap();
+    // Kill the source as soon as the new replica has copied something from it.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut cc = rt
+        .block_on(ReplicaControlClient::connect(c.control.clone()))
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let i = rt.block_on(cc.info(InfoRequest {})).unwrap().into_inner();
+        if i.sync_copied > 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the sync never started");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    a.signal(libc::SIGKILL);
+    let _ = a.child.wait();
+    // Writes go on meanwhile (and find the source gone).
+    fill(&mut v, 0, 4 << 20, 6);
+    let status = wait_rebuild(&v, &c.addr);
+    assert_eq!(status.state, RebuildState::Done, "{status:?}");
+    assert_eq!(status.source, b.addr, "{status:?}");
+    assert_eq!(v.replicas()[0].1, Mode::Err);
+    assert_identical(&mut v, 2);
+    v.close().unwrap();
+}
+
+#[test]
+fn the_new_replica_dying_mid_rebuild_leaves_the_volume_healthy() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = replica(&tmp.path().join("a"));
+    let b = replica(&tmp.path().join("b"));
+    let mut c = replica(&tmp.path().join("c"));
+    let (mut v, _) = Volume::start(&[a.replica_addr(), b.replica_addr()], TIMEOUT).unwrap();
+    fill(&mut v, 0, SIZE, 5);
+    v.add_replica(c.replica_addr()).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut cc = rt
+        .block_on(ReplicaControlClient::connect(c.control.clone()))
+        .unwrap();
+    loop {
+        let i = rt.block_on(cc.info(InfoRequest {})).unwrap().into_inner();
+        if i.sync_copied > 0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    c.signal(libc::SIGKILL);
+    let _ = c.child.wait();
+    fill(&mut v, 0, 4 << 20, 6);
+    let status = wait_rebuild(&v, &c.addr);
+    assert!(matches!(status.state, RebuildState::Failed(_)), "{status:?}");
+    assert_eq!(v.replicas()[2].1, Mode::Err);
+    assert_identical(&mut v, 2);
+    // Chain operations work again.
+    v.snapshot("after").unwrap();
+    v.close().unwrap();
+}
+
+#[test]
+fn hornctl_add_replica_shows_progress_and_refuses_bad_replicas() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = replica(&tmp.path().join("a"));
+    let b = replica(&tmp.path().join("b"));
+    let small = Daemon::start(&tmp.path().join("small"), &["--size", "64M"]).unwrap();
+    let engine = EngineDaemon::start(&[&a]).unwrap();
+    let arg = |d: &Daemon| format!("{},{}", d.addr, d.control.trim_start_matches("http://"));
+
+    let out = engine.hornctl(&["add-replica", &arg(&small)]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("it holds 67108864 bytes"), "{err}");
+    let out = engine.hornctl(&["add-replica", "not-an-address"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("DATA_ADDR,CONTROL_ADDR"));
+    let out = engine.hornctl(&["add-replica", &arg(&a)]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already in the volume"));
+
+    let out = engine.hornctl(&["add-replica", &arg(&b)]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains(&format!("replica {} joined the volume write-only", b.addr)),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("rebuilt {} from {}", b.addr, a.addr)),
+        "{text}"
+    );
+    let info = engine.hornctl(&["--json", "info"]);
+    let v: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    assert_eq!(v["replicas"][1]["address"].as_str(), Some(b.addr.as_str()));
+    assert_eq!(v["replicas"][1]["mode"].as_str(), Some("RW"));
+    assert_eq!(v["rebuilds"][0]["state"].as_str(), Some("done"));
+    let out = engine.hornctl(&["verify"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+}
