@@ -18,6 +18,7 @@ mod cpu;
 mod fio;
 mod frontend;
 mod iscsi;
+mod rebuild;
 mod report;
 mod store;
 mod target;
@@ -50,6 +51,9 @@ enum Command {
     /// Horn's iSCSI target (one replica) against tgt on a file: iscsi-perf, and fio
     /// through qemu-nbd.
     Iscsi(iscsi::IscsiArgs),
+    /// Rebuilds: a full one against cp --sparse=always of the same files, a delta one
+    /// after 1% changed, and the foreground IOPS while one runs.
+    Rebuild(rebuild::RebuildArgs),
     /// Serves one replica (what `hornd replica` does); the volume benchmark starts
     /// its replica processes with it.
     #[command(hide = true)]
@@ -71,6 +75,7 @@ fn main() -> anyhow::Result<()> {
         Command::Volume(args) => volume::run(args),
         Command::Ublk(args) => ublk::run(args),
         Command::Iscsi(args) => iscsi::run(args),
+        Command::Rebuild(args) => rebuild::run(args),
         Command::ServeReplica {
             dir,
             size,

@@ -7,7 +7,6 @@
 //! older one than the replica's is refused, as on the data wire.
 
 use std::collections::BTreeMap;
-use std::os::unix::fs::FileExt;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -15,7 +14,7 @@ use horn_proto::control::replica_control_server::ReplicaControl;
 use horn_proto::control::{
     BlocksData, BlocksRequest, ChecksumsReply, ChecksumsRequest, ClaimRequest, ClearIntentsRequest,
     DeleteSnapshotRequest, ExpandRequest, FinishSyncReply, FinishSyncRequest, InfoReply, InfoRequest,
-    IntentsReply, IntentsRequest, Layer, LayerBlocksReply, LayerBlocksRequest, LayerChunk, LayerZerosReply,
+    IntentsReply, IntentsRequest, Layer, LayerBlocksReply, LayerBlocksRequest, LayerStream, LayerZerosReply,
     LayerZerosRequest, Mode as WireMode, PurgeReply, PurgeRequest, RangeData, ReadLayerRequest,
     ReadRangeRequest, ReleaseRequest, RevertRequest, SetModeRequest, SnapshotRequest, SyncFromRequest,
     SyncReply, WriteRangeReply, WriteRangeRequest,
@@ -374,7 +373,7 @@ impl ReplicaControl for ControlService {
         let (path, size) = self.snapshot_layer(req.layer_id).await?;
         let blocks = tokio::task::spawn_blocking(move || {
             let f = std::fs::File::open(&path).map_err(|e| ReplicaError::io("open", &path, e))?;
-            crate::sync::layer_blocks(&f, &path, size, req.offset, req.length)
+            crate::sync::layer_blocks(&f, &path, size, req.offset, req.length, req.extents_only)
         })
         .await
         .map_err(|e| Status::internal(format!("layer read panicked: {e}")))?;
@@ -386,13 +385,7 @@ impl ReplicaControl for ControlService {
         }))
     }
 
-    type ReadLayerStream =
-        std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<LayerChunk, Status>> + Send + 'static>>;
-
-    async fn read_layer(
-        &self,
-        req: Request<ReadLayerRequest>,
-    ) -> Result<Response<Self::ReadLayerStream>, Status> {
+    async fn read_layer(&self, req: Request<ReadLayerRequest>) -> Result<Response<LayerStream>, Status> {
         let req = req.into_inner();
         if req.offsets.len() != req.lengths.len() {
             return Err(Status::invalid_argument("offsets and lengths differ in number"));
@@ -408,29 +401,12 @@ impl ReplicaControl for ControlService {
                 "range {o}+{l} reaches past the layer's {size} bytes"
             )));
         }
-        let f = std::fs::File::open(&path).map_err(|e| to_status(ReplicaError::io("open", &path, e)))?;
-        let (tx, rx) = tokio::sync::mpsc::channel(4);
-        std::thread::spawn(move || {
-            for (&offset, &len) in req.offsets.iter().zip(&req.lengths) {
-                let mut at = offset;
-                while at < offset + len {
-                    let n = crate::sync::CHUNK.min(offset + len - at);
-                    let mut data = vec![0u8; n as usize];
-                    let item = f
-                        .read_exact_at(&mut data, at)
-                        .map(|()| LayerChunk { offset: at, data })
-                        .map_err(|e| to_status(ReplicaError::io("read", &path, e)));
-                    let failed = item.is_err();
-                    if tx.blocking_send(item).is_err() || failed {
-                        return;
-                    }
-                    at += n;
-                }
-            }
-        });
-        let stream =
-            futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) });
-        Ok(Response::new(Box::pin(stream)))
+        let ranges: Vec<(u64, u64)> = req.offsets.into_iter().zip(req.lengths).collect();
+        let (port, token) = crate::sync::serve_ranges(&path, ranges).map_err(to_status)?;
+        Ok(Response::new(LayerStream {
+            port: port as u32,
+            token: token.to_vec(),
+        }))
     }
 
     async fn layer_zeros(

@@ -146,13 +146,14 @@ pub fn plan(layers: &[SourceLayer], head_parent: Option<&str>, target: &VolumeMe
 }
 
 /// The blocks of `[offset, offset + len)` that a layer file holds (data extents,
-/// clipped), and the XXH3-64 of each of those blocks in order.
+/// clipped), and the XXH3-64 of each of those blocks in order (unless `extents_only`).
 pub fn layer_blocks(
     file: &File,
     path: &Path,
     size: u64,
     offset: u64,
     len: u64,
+    extents_only: bool,
 ) -> Result<(Vec<Extent>, Vec<u64>)> {
     let end = offset.saturating_add(len).min(size);
     let extents: Vec<Extent> = data_extents(file, path, size)?
@@ -167,6 +168,9 @@ pub fn layer_blocks(
         })
         .collect();
     let mut sums = Vec::new();
+    if extents_only {
+        return Ok((extents, sums));
+    }
     let mut buf = vec![0u8; 1 << 20];
     for e in &extents {
         let mut at = e.offset;
@@ -228,6 +232,126 @@ fn runs(blocks: &[u64]) -> BlockRuns {
         }
     }
     out
+}
+
+/// How long a source waits for the asker to connect to a layer stream.
+const STREAM_ACCEPT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Source side of a layer stream: listens on a port of its own, and on a thread sends
+/// `ranges` of the file at `path` (sendfile: page cache to socket, no copy through
+/// user space) to the first connection that presents the token. Returns the port and
+/// the token.
+pub fn serve_ranges(path: &Path, ranges: Vec<(u64, u64)>) -> Result<(u16, [u8; 16])> {
+    let file = File::open(path).map_err(|e| ReplicaError::io("open", path, e))?;
+    let listener =
+        std::net::TcpListener::bind("0.0.0.0:0").map_err(|e| ReplicaError::io("listen for", path, e))?;
+    let port = listener
+        .local_addr()
+        .map_err(|e| ReplicaError::io("listen for", path, e))?
+        .port();
+    let mut token = [0u8; 16];
+    // SAFETY: getrandom writes at most token.len() bytes into the live array.
+    let n = unsafe { libc::getrandom(token.as_mut_ptr().cast(), token.len(), 0) };
+    if n != token.len() as isize {
+        return Err(ReplicaError::io(
+            "draw a token for",
+            path,
+            std::io::Error::last_os_error(),
+        ));
+    }
+    let path = path.to_path_buf();
+    std::thread::spawn(move || {
+        if let Err(e) = send_ranges(&listener, &token, &file, &ranges) {
+            tracing::warn!(path = %path.display(), error = %e, "a layer stream for a rebuild ended early");
+        }
+    });
+    Ok((port, token))
+}
+
+fn send_ranges(
+    listener: &std::net::TcpListener,
+    token: &[u8; 16],
+    file: &File,
+    ranges: &[(u64, u64)],
+) -> std::io::Result<()> {
+    use std::io::Read;
+    listener.set_nonblocking(true)?;
+    let deadline = std::time::Instant::now() + STREAM_ACCEPT;
+    let mut conn = loop {
+        match listener.accept() {
+            Ok((c, _)) => break c,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    conn.set_nonblocking(false)?;
+    conn.set_read_timeout(Some(STREAM_ACCEPT))?;
+    let mut given = [0u8; 16];
+    conn.read_exact(&mut given)?;
+    if &given != token {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            "wrong token",
+        ));
+    }
+    for &(offset, len) in ranges {
+        let mut off = offset as libc::off_t;
+        let end = offset + len;
+        while (off as u64) < end {
+            let n = ((end - off as u64) as usize).min(1 << 30);
+            // SAFETY: both descriptors are open for the call; `off` is a live local the
+            // kernel advances.
+            let sent = unsafe { libc::sendfile(conn.as_raw_fd(), file.as_raw_fd(), &mut off, n) };
+            if sent < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if sent == 0 {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "the layer file ended early",
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Target side of a layer stream: connects to `stream` on the source's host, and
+/// writes the `ranges` it sends, in order, into `f`.
+fn receive_ranges(
+    source: &str,
+    stream: &horn_proto::control::LayerStream,
+    ranges: &[(u64, u64)],
+    f: &File,
+    path: &Path,
+    copied: &AtomicU64,
+) -> Result<()> {
+    use std::io::{Read, Write};
+    let host = source.rsplit_once(':').map_or(source, |(h, _)| h);
+    let addr = format!("{host}:{}", stream.port);
+    let failed = |e: std::io::Error| {
+        ReplicaError::InvalidOperation(format!(
+            "the layer stream from the source replica {addr} failed: {e}"
+        ))
+    };
+    let mut conn = std::net::TcpStream::connect(&addr).map_err(failed)?;
+    conn.set_read_timeout(Some(STREAM_ACCEPT)).map_err(failed)?;
+    conn.write_all(&stream.token).map_err(failed)?;
+    let mut buf = vec![0u8; CHUNK as usize];
+    for &(offset, len) in ranges {
+        let mut at = offset;
+        while at < offset + len {
+            let n = CHUNK.min(offset + len - at) as usize;
+            conn.read_exact(&mut buf[..n]).map_err(failed)?;
+            f.write_all_at(&buf[..n], at)
+                .map_err(|e| ReplicaError::io("write", path, e))?;
+            copied.fetch_add(n as u64, Ordering::Relaxed);
+            at += n as u64;
+        }
+    }
+    Ok(())
 }
 
 /// Gives layer `old`'s files (data, zero log) the names of layer `new` too, unless it
@@ -292,8 +416,8 @@ pub struct SyncState {
 
 /// Bytes of layer examined per checksum call.
 const WINDOW: u64 = 256 << 20;
-/// Bytes per chunk a source streams.
-pub const CHUNK: u64 = 1 << 20;
+/// Bytes the target receives and writes at a time.
+pub const CHUNK: u64 = 4 << 20;
 
 fn remote(source: &str) -> impl Fn(tonic::Status) -> ReplicaError + '_ {
     move |s| ReplicaError::InvalidOperation(format!("the source replica {source} failed: {}", s.message()))
@@ -369,11 +493,16 @@ pub fn pull(handle: &ServerHandle, source: &str, state: &SyncState) -> Result<Sy
         let mut offset = 0;
         while offset < layer.size {
             let len = WINDOW.min(layer.size - offset);
+            let (ours_e, ours_s) = layer_blocks(&f, &path, layer.size, offset, len, false)?;
+            // Holding nothing here, there is nothing to compare: the source need not
+            // read its blocks twice.
+            let extents_only = ours_e.is_empty();
             let reply = rt
                 .block_on(src.layer_blocks(LayerBlocksRequest {
                     layer_id: *src_id,
                     offset,
                     length: len,
+                    extents_only,
                 }))
                 .map_err(remote(source))?
                 .into_inner();
@@ -384,15 +513,20 @@ pub fn pull(handle: &ServerHandle, source: &str, state: &SyncState) -> Result<Sy
                 .map(|(&offset, &len)| Extent { offset, len })
                 .collect();
             let blocks: u64 = extents.iter().map(|e| e.len / BLOCK_SIZE).sum();
-            if blocks != reply.sums.len() as u64 {
+            if !extents_only && blocks != reply.sums.len() as u64 {
                 return Err(ReplicaError::InvalidOperation(format!(
                     "the source replica {source} sent {} checksums for {blocks} blocks",
                     reply.sums.len()
                 )));
             }
-            let theirs = block_map(&extents, &reply.sums);
-            let (ours_e, ours_s) = layer_blocks(&f, &path, layer.size, offset, len)?;
             let ours = block_map(&ours_e, &ours_s);
+            let theirs = if extents_only {
+                // Any value differs from "absent".
+                let zeros = vec![0; blocks as usize];
+                block_map(&extents, &zeros)
+            } else {
+                block_map(&extents, &reply.sums)
+            };
             let (copy, holes) = diff_blocks(&theirs, &ours);
             for (first, count) in holes {
                 punch(&f, &path, first, count)?;
@@ -403,23 +537,17 @@ pub fn pull(handle: &ServerHandle, source: &str, state: &SyncState) -> Result<Sy
                     offsets: copy.iter().map(|(b, _)| b * BLOCK_SIZE).collect(),
                     lengths: copy.iter().map(|(_, n)| n * BLOCK_SIZE).collect(),
                 };
-                let want: u64 = req.lengths.iter().sum();
-                let mut stream = rt
-                    .block_on(src.read_layer(req))
+                let stream = rt
+                    .block_on(src.read_layer(req.clone()))
                     .map_err(remote(source))?
                     .into_inner();
-                let mut got = 0;
-                while let Some(chunk) = rt.block_on(stream.message()).map_err(remote(source))? {
-                    f.write_all_at(&chunk.data, chunk.offset)
-                        .map_err(|e| ReplicaError::io("write", &path, e))?;
-                    got += chunk.data.len() as u64;
-                    state.copied.fetch_add(chunk.data.len() as u64, Ordering::Relaxed);
-                }
-                if got != want {
-                    return Err(ReplicaError::InvalidOperation(format!(
-                        "the source replica {source} sent {got} of the {want} bytes asked for"
-                    )));
-                }
+                let ranges: Vec<(u64, u64)> = req
+                    .offsets
+                    .iter()
+                    .copied()
+                    .zip(req.lengths.iter().copied())
+                    .collect();
+                receive_ranges(source, &stream, &ranges, &f, &path, &state.copied)?;
             }
             state.done.fetch_add(blocks * BLOCK_SIZE, Ordering::Relaxed);
             offset += len;
