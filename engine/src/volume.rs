@@ -513,7 +513,9 @@ impl Volume {
 
     /// Adds replica `addr` to the running volume and starts rebuilding it in the
     /// background (see [`crate::rebuild`]); returns once it is in the set, WO, and
-    /// the rebuild snapshot is taken. Follow it with [`Engine::rebuilds`].
+    /// the rebuild snapshot is taken. A replica already in the set as WO (a rebuild
+    /// an engine restart cut short) is rebuilt where it stands. Follow it with
+    /// [`Engine::rebuilds`].
     pub fn add_replica(&mut self, addr: ReplicaAddr) -> Result<()> {
         use horn_proto::control::replica_control_client::ReplicaControlClient;
         use horn_proto::control::{ClaimRequest, InfoRequest, Mode as WireMode, SetModeRequest};
@@ -524,13 +526,18 @@ impl Volume {
                 "a rebuild is already under way; wait for it to end".into(),
             ));
         }
+        // A replica already in the set as WO (its rebuild was cut short, by an engine
+        // restart) is rebuilt where it stands.
+        let mut resumed = None;
         for (i, r) in engine.replicas().iter().enumerate() {
             if (r.data == addr.data || r.control == addr.control) && !engine.is_failed(i) {
-                return Err(VolumeError::BadRequest(format!(
-                    "replica {} is already in the volume ({:?})",
-                    addr.data,
-                    r.mode()
-                )));
+                if r.mode() != Mode::Wo {
+                    return Err(VolumeError::BadRequest(format!(
+                        "replica {} is already in the volume, RW",
+                        addr.data
+                    )));
+                }
+                resumed = Some(i);
             }
         }
         let generation = engine.generation();
@@ -560,6 +567,9 @@ impl Volume {
                     info.generation
                 )));
             }
+            if resumed.is_some() {
+                return Ok(());
+            }
             c.claim(ClaimRequest { generation }).await?;
             c.set_mode(SetModeRequest {
                 generation,
@@ -576,7 +586,10 @@ impl Volume {
                 .map_or(0, |d| d.as_millis())
         );
         let joined = self.paused(true, |e| {
-            let i = e.add_replica(crate::engine::ClaimedReplica::new(&addr, Mode::Wo));
+            let i = match resumed {
+                Some(i) => i,
+                None => e.add_replica(crate::engine::ClaimedReplica::new(&addr, Mode::Wo)),
+            };
             let labels = [("horn.system".to_string(), "rebuild".to_string())].into();
             match e.run_chain_op(&ChainOp::Snapshot {
                 name: snapshot.clone(),

@@ -211,6 +211,47 @@ fn a_replica_that_was_away_copies_only_the_blocks_that_changed() {
 }
 
 #[test]
+fn a_replica_left_write_only_by_a_cut_rebuild_is_rebuilt_where_it_stands() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = replica(&tmp.path().join("a"));
+    let b = replica(&tmp.path().join("b"));
+    let (mut v, _) = Volume::start(&[a.replica_addr()], TIMEOUT).unwrap();
+    fill(&mut v, 0, 8 << 20, 4);
+    let generation = v.generation();
+    v.close().unwrap();
+    // An engine made b WO for a rebuild and stopped before it ended.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut c = ReplicaControlClient::connect(b.control.clone()).await.unwrap();
+        c.claim(horn_proto::control::ClaimRequest { generation })
+            .await
+            .unwrap();
+        c.set_mode(horn_proto::control::SetModeRequest {
+            generation,
+            mode: horn_proto::control::Mode::Wo as i32,
+        })
+        .await
+        .unwrap();
+        c.release(horn_proto::control::ReleaseRequest { generation })
+            .await
+            .unwrap();
+    });
+    let (mut v, _) = Volume::start(&[a.replica_addr(), b.replica_addr()], TIMEOUT).unwrap();
+    assert_eq!(v.replicas()[1].1, Mode::Wo);
+    v.add_replica(b.replica_addr()).unwrap();
+    let status = wait_rebuild(&v, &b.addr);
+    assert_eq!(status.state, RebuildState::Done, "{status:?}");
+    assert_eq!(v.replicas()[1].1, Mode::Rw);
+    assert_identical(&mut v, 2);
+    let e = v.add_replica(b.replica_addr()).unwrap_err();
+    assert!(e.to_string().contains("already in the volume, RW"), "{e}");
+    v.close().unwrap();
+}
+
+#[test]
 fn the_source_dying_mid_rebuild_hands_over_to_another() {
     let tmp = tempfile::tempdir().unwrap();
     let mut a = replica(&tmp.path().join("a"));

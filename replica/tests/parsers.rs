@@ -1,4 +1,5 @@
-//! Fuzzing of the on-disk parsers: `volume.json` and the zero-extent log.
+//! Fuzzing of the on-disk parsers: `volume.json`, the zero-extent log and the
+//! write-intent record (whose damage may only ever add marks, never lose one).
 //!
 //! Arbitrary bytes, and valid files with bytes flipped, cut or spliced, must give either
 //! a value that passes validation or an error naming the file: never a panic. Whatever
@@ -7,6 +8,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use horn_replica::intent::{self, IntentLog, REGION_SIZE};
 use horn_replica::meta::{LayerMeta, VolumeMeta};
 use horn_replica::{zeros, Extent, ReplicaError};
 use proptest::prelude::*;
@@ -124,6 +126,38 @@ fn check_zero_log(bytes: &[u8]) -> Result<(), TestCaseError> {
     Ok(())
 }
 
+/// Regions of the intent test volume (two pages' worth and a bit).
+const INTENT_REGIONS: u64 = 2 * 32_704 + 100;
+const INTENT_MARKS: [u64; 4] = [0, 17, 32_704, INTENT_REGIONS - 1];
+
+fn valid_intent_file() -> Vec<u8> {
+    static BYTES: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    BYTES.get_or_init(make_intent_file).clone()
+}
+
+fn make_intent_file() -> Vec<u8> {
+    let dir = tempfile::tempdir().unwrap();
+    let mut log = IntentLog::open(dir.path(), INTENT_REGIONS * REGION_SIZE).unwrap();
+    for r in INTENT_MARKS {
+        log.mark(r * REGION_SIZE, 1).unwrap();
+    }
+    std::fs::read(dir.path().join(intent::INTENT_FILE)).unwrap()
+}
+
+fn check_intent(bytes: &[u8]) -> Result<(), TestCaseError> {
+    match intent::parse(bytes, Path::new("/replica/intent.bits"), INTENT_REGIONS) {
+        Ok(bits) => {
+            let marked = |r: u64| bits[(r / 8) as usize] & (1 << (r % 8)) != 0;
+            for r in INTENT_MARKS {
+                prop_assert!(marked(r), "damage lost the mark of region {}", r);
+            }
+            prop_assert!(!marked(INTENT_REGIONS), "a region past the end is marked");
+        }
+        Err(e) => prop_assert!(e.to_string().contains("intent.bits"), "{}", e),
+    }
+    Ok(())
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(
         std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(1000)
@@ -160,5 +194,17 @@ proptest! {
     #[test]
     fn zero_log_parser_handles_damaged_logs(muts in prop::collection::vec(mutation(), 1..4)) {
         check_zero_log(&mutate(valid_zero_log(), &muts))?;
+    }
+
+    #[test]
+    fn intent_parser_never_loses_a_mark_to_damage(muts in prop::collection::vec(mutation(), 1..4)) {
+        check_intent(&mutate(valid_intent_file(), &muts))?;
+    }
+
+    #[test]
+    fn intent_parser_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..128)) {
+        if let Ok(bits) = intent::parse(&bytes, Path::new("/replica/intent.bits"), 100) {
+            prop_assert!(bits.len() * 8 >= 100);
+        }
     }
 }
