@@ -55,6 +55,26 @@ fn wait_rebuild(v: &Volume, data: &str) -> RebuildStatus {
     }
 }
 
+/// Waits until the replica being rebuilt has copied some bytes.
+fn wait_copying(d: &Daemon) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut c = rt
+        .block_on(ReplicaControlClient::connect(d.control.clone()))
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let i = rt.block_on(c.info(InfoRequest {})).unwrap().into_inner();
+        if i.sync_copied > 0 {
+            return;
+        }
+        assert!(Instant::now() < deadline, "the sync never started");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
 fn assert_identical(v: &mut Volume, replicas: usize) {
     let r = v.verify(|_, _| {}).unwrap();
     assert_eq!(r.replicas.len(), replicas, "{r:?}");
@@ -261,22 +281,7 @@ fn the_source_dying_mid_rebuild_hands_over_to_another() {
     fill(&mut v, 0, SIZE, 5);
     v.add_replica(c.replica_addr()).unwrap();
     // Kill the source as soon as the new replica has copied something from it.
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let mut cc = rt
-        .block_on(ReplicaControlClient::connect(c.control.clone()))
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let i = rt.block_on(cc.info(InfoRequest {})).unwrap().into_inner();
-        if i.sync_copied > 0 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the sync never started");
-        std::thread::sleep(Duration::from_millis(2));
-    }
+    wait_copying(&c);
     a.signal(libc::SIGKILL);
     let _ = a.child.wait();
     // Writes go on meanwhile (and find the source gone).
@@ -298,20 +303,7 @@ fn the_new_replica_dying_mid_rebuild_leaves_the_volume_healthy() {
     let (mut v, _) = Volume::start(&[a.replica_addr(), b.replica_addr()], TIMEOUT).unwrap();
     fill(&mut v, 0, SIZE, 5);
     v.add_replica(c.replica_addr()).unwrap();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let mut cc = rt
-        .block_on(ReplicaControlClient::connect(c.control.clone()))
-        .unwrap();
-    loop {
-        let i = rt.block_on(cc.info(InfoRequest {})).unwrap().into_inner();
-        if i.sync_copied > 0 {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    }
+    wait_copying(&c);
     c.signal(libc::SIGKILL);
     let _ = c.child.wait();
     fill(&mut v, 0, 4 << 20, 6);
