@@ -124,7 +124,8 @@ pub struct Engine {
     runtime: tokio::runtime::Runtime,
 }
 
-fn control_err(replica: &str) -> impl FnOnce(tonic::Status) -> VolumeError + '_ {
+/// Maps a replica's gRPC status to an engine error naming the replica.
+pub(crate) fn control_err(replica: &str) -> impl FnOnce(tonic::Status) -> VolumeError + '_ {
     move |s| VolumeError::Control {
         replica: replica.to_string(),
         code: s.code(),

@@ -24,11 +24,10 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use horn_proto::control::replica_control_client::ReplicaControlClient;
 use horn_proto::control::{BlocksData, BlocksRequest, FinishSyncRequest, InfoRequest, SyncFromRequest};
-use tonic::transport::Channel;
 
-use crate::engine::Engine;
+use crate::engine::{control_err, Engine};
+use crate::recovery::connect;
 use crate::replica_set::Mode;
 use crate::volume::{ChainOp, Result, Volume, VolumeError};
 
@@ -86,24 +85,6 @@ impl RebuildStatus {
         (self.state == RebuildState::Syncing && rate > 0.0)
             .then(|| self.total.saturating_sub(self.done) as f64 / rate)
     }
-}
-
-fn status_err(replica: &str) -> impl FnOnce(tonic::Status) -> VolumeError + '_ {
-    move |s| VolumeError::Control {
-        replica: replica.to_string(),
-        code: s.code(),
-        message: s.message().to_string(),
-    }
-}
-
-async fn connect(control: &str) -> Result<ReplicaControlClient<Channel>> {
-    ReplicaControlClient::connect(format!("http://{control}"))
-        .await
-        .map_err(|e| VolumeError::Control {
-            replica: control.to_string(),
-            code: tonic::Code::Unavailable,
-            message: e.to_string(),
-        })
 }
 
 /// Runs a rebuild of replica `target` (joined, WO, snapshot taken) to its end, on
@@ -167,7 +148,7 @@ fn sync_and_finish(engine: &Arc<Engine>, target: usize, snapshot: &str) -> Resul
             tokio::pin!(call);
             loop {
                 tokio::select! {
-                    r = &mut call => return r.map(|r| r.into_inner()).map_err(status_err(&t.control)),
+                    r = &mut call => return r.map(|r| r.into_inner()).map_err(control_err(&t.control)),
                     _ = tokio::time::sleep(Duration::from_millis(250)) => {
                         if let Ok(i) = progress.info(InfoRequest {}).await {
                             let i = i.into_inner();
@@ -197,7 +178,7 @@ fn sync_and_finish(engine: &Arc<Engine>, target: usize, snapshot: &str) -> Resul
                         .await?
                         .info(InfoRequest {})
                         .await
-                        .map_err(status_err(&t.control))
+                        .map_err(control_err(&t.control))
                 });
                 if target_alive.is_err() || engine.is_failed(target) {
                     return Err(e);
@@ -216,7 +197,7 @@ fn sync_and_finish(engine: &Arc<Engine>, target: usize, snapshot: &str) -> Resul
             let reply = tc
                 .finish_sync(FinishSyncRequest { generation })
                 .await
-                .map_err(status_err(&t.control))?
+                .map_err(control_err(&t.control))?
                 .into_inner();
             let mut sc = connect(&src.control).await?;
             let mut suspects = reply.suspect_blocks.clone();
@@ -228,7 +209,7 @@ fn sync_and_finish(engine: &Arc<Engine>, target: usize, snapshot: &str) -> Resul
                         blocks: blocks.to_vec(),
                     })
                     .await
-                    .map_err(status_err(&src.control))?
+                    .map_err(control_err(&src.control))?
                     .into_inner()
                     .data;
                 tc.write_blocks(BlocksData {
@@ -237,7 +218,7 @@ fn sync_and_finish(engine: &Arc<Engine>, target: usize, snapshot: &str) -> Resul
                     data,
                 })
                 .await
-                .map_err(status_err(&t.control))?;
+                .map_err(control_err(&t.control))?;
             }
             Ok::<_, VolumeError>(reply.suspect_blocks.len())
         })

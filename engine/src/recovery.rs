@@ -21,7 +21,7 @@ use horn_proto::control::{
 };
 use tonic::transport::Channel;
 
-use crate::engine::Engine;
+use crate::engine::{control_err, Engine};
 use crate::replica_set::Mode;
 use crate::volume::{Result, VolumeError};
 
@@ -57,18 +57,21 @@ pub struct Difference {
 }
 
 /// A replica's control client, with its addresses for messages.
-struct Peer {
+pub(crate) struct Peer {
     control: String,
     data: String,
     client: ReplicaControlClient<Channel>,
 }
 
-fn status_err(replica: &str) -> impl FnOnce(tonic::Status) -> VolumeError + '_ {
-    move |s| VolumeError::Control {
-        replica: replica.to_string(),
-        code: s.code(),
-        message: s.message().to_string(),
-    }
+/// Connects to a replica's control service.
+pub(crate) async fn connect(control: &str) -> Result<ReplicaControlClient<Channel>> {
+    ReplicaControlClient::connect(format!("http://{control}"))
+        .await
+        .map_err(|e| VolumeError::Control {
+            replica: control.to_string(),
+            code: tonic::Code::Unavailable,
+            message: e.to_string(),
+        })
 }
 
 /// Runs of blocks where `other` differs from `base`, as (first block, count).
@@ -89,26 +92,18 @@ pub fn differing_runs(base: &[u64], other: &[u64]) -> Vec<(u64, u64)> {
 
 impl Engine {
     /// Control clients of the RW replicas that have not failed.
-    fn rw_clients(&self) -> Result<Vec<Peer>> {
-        self.clients(false)
+    pub(crate) fn rw_peers(&self) -> Result<Vec<Peer>> {
+        self.peers(false)
     }
 
     /// Control clients of the replicas that have not failed, WO ones too if asked.
-    fn clients(&self, with_wo: bool) -> Result<Vec<Peer>> {
+    pub(crate) fn peers(&self, with_wo: bool) -> Result<Vec<Peer>> {
         let mut out = Vec::new();
         for (i, r) in self.replicas().iter().enumerate() {
             if self.is_failed(i) || (r.mode() != Mode::Rw && !with_wo) {
                 continue;
             }
-            let url = format!("http://{}", r.control);
-            let client = self
-                .runtime()
-                .block_on(ReplicaControlClient::connect(url))
-                .map_err(|e| VolumeError::Control {
-                    replica: r.control.clone(),
-                    code: tonic::Code::Unavailable,
-                    message: e.to_string(),
-                })?;
+            let client = self.runtime().block_on(connect(&r.control))?;
             out.push(Peer {
                 control: r.control.clone(),
                 data: r.data.clone(),
@@ -121,7 +116,7 @@ impl Engine {
     /// Makes the RW replicas identical where their write-intent records say they may
     /// differ, then clears the records. Runs before any queue opens.
     pub fn reconcile(&self) -> Result<ReconcileReport> {
-        let mut clients = self.rw_clients()?;
+        let mut clients = self.rw_peers()?;
         let mut report = ReconcileReport::default();
         let mut regions = std::collections::BTreeSet::new();
         let mut region_size = 0;
@@ -132,7 +127,7 @@ impl Engine {
             let reply = self
                 .runtime()
                 .block_on(c.intents(IntentsRequest {}))
-                .map_err(status_err(control))?
+                .map_err(control_err(control))?
                 .into_inner();
             region_size = reply.region_size;
             regions.extend(reply.regions);
@@ -162,7 +157,7 @@ impl Engine {
         {
             self.runtime()
                 .block_on(c.clear_intents(ClearIntentsRequest { generation }))
-                .map_err(status_err(control))?;
+                .map_err(control_err(control))?;
         }
         Ok(report)
     }
@@ -191,7 +186,7 @@ impl Engine {
                             offset: at,
                             length: n,
                         }))
-                        .map_err(status_err(&source.control))?
+                        .map_err(control_err(&source.control))?
                         .into_inner()
                         .data;
                     self.runtime()
@@ -200,7 +195,7 @@ impl Engine {
                             offset: at,
                             data,
                         }))
-                        .map_err(status_err(control))?;
+                        .map_err(control_err(control))?;
                     report.bytes_copied += n;
                     at += n;
                 }
@@ -218,7 +213,7 @@ impl Engine {
             let reply = self
                 .runtime()
                 .block_on(c.checksums(ChecksumsRequest { offset, length: len }))
-                .map_err(status_err(control))?
+                .map_err(control_err(control))?
                 .into_inner();
             if reply.sums.len() as u64 != len / BLOCK {
                 return Err(VolumeError::Control {
@@ -236,13 +231,17 @@ impl Engine {
         Ok(all)
     }
 
-    /// Compares `[offset, offset + len)` on every RW replica by checksum; the caller
-    /// holds the volume paused. Returns the replicas compared (data addresses) and the
-    /// runs that differ from the first replica's.
-    pub fn compare_range(&self, offset: u64, len: u64) -> Result<(Vec<String>, Vec<Difference>)> {
-        let mut clients = self.rw_clients()?;
-        let names: Vec<String> = clients.iter().map(|c| c.data.clone()).collect();
-        let sums = self.checksums_of(&mut clients, offset, len)?;
+    /// Compares `[offset, offset + len)` on the replicas of `peers` by checksum; the
+    /// caller holds the volume paused. Returns the replicas compared (data addresses)
+    /// and the runs that differ from the first replica's.
+    pub(crate) fn compare_range(
+        &self,
+        peers: &mut [Peer],
+        offset: u64,
+        len: u64,
+    ) -> Result<(Vec<String>, Vec<Difference>)> {
+        let names: Vec<String> = peers.iter().map(|c| c.data.clone()).collect();
+        let sums = self.checksums_of(peers, offset, len)?;
         let mut diffs: Vec<Difference> = Vec::new();
         for (t, other) in sums.iter().enumerate().skip(1) {
             for (first, count) in differing_runs(&sums[0], other) {
@@ -257,39 +256,28 @@ impl Engine {
         Ok((names, diffs))
     }
 
-    /// Write-intent regions marked on the replicas that have not failed (the most on
-    /// any one of them).
-    pub fn intents_marked(&self) -> Result<u64> {
+    /// Write-intent regions marked on the replicas of `peers` (the most on any one).
+    pub(crate) fn intents_marked(&self, peers: &mut [Peer]) -> Result<u64> {
         let mut most = 0;
-        for Peer {
-            control,
-            client: mut c,
-            ..
-        } in self.rw_clients()?
-        {
+        for Peer { control, client, .. } in peers.iter_mut() {
             let reply = self
                 .runtime()
-                .block_on(c.intents(IntentsRequest {}))
-                .map_err(status_err(&control))?
+                .block_on(client.intents(IntentsRequest {}))
+                .map_err(control_err(control))?
                 .into_inner();
             most = most.max(reply.regions.len() as u64);
         }
         Ok(most)
     }
 
-    /// Unmarks the write-intent regions on every replica that has not failed. The
-    /// caller has paused the volume with nothing in flight.
-    pub(crate) fn clear_intents(&self) -> Result<()> {
+    /// Unmarks the write-intent regions on the replicas of `peers`. The caller has
+    /// paused the volume with nothing in flight.
+    pub(crate) fn clear_intents(&self, peers: &mut [Peer]) -> Result<()> {
         let generation = self.generation();
-        for Peer {
-            control,
-            client: mut c,
-            ..
-        } in self.clients(true)?
-        {
+        for Peer { control, client, .. } in peers.iter_mut() {
             self.runtime()
-                .block_on(c.clear_intents(ClearIntentsRequest { generation }))
-                .map_err(status_err(&control))?;
+                .block_on(client.clear_intents(ClearIntentsRequest { generation }))
+                .map_err(control_err(control))?;
         }
         Ok(())
     }

@@ -466,6 +466,8 @@ impl Volume {
     /// done and the total after each step.
     pub fn verify(&mut self, mut progress: impl FnMut(u64, u64)) -> Result<VerifyReport> {
         let mut report = VerifyReport::default();
+        // Connected once, outside the pauses.
+        let mut peers = self.engine().rw_peers()?;
         let mut offset = 0;
         loop {
             let size = self.size();
@@ -473,7 +475,7 @@ impl Volume {
                 break;
             }
             let len = VERIFY_STEP.min(size - offset);
-            let (names, diffs) = self.paused(false, |e| e.compare_range(offset, len))?;
+            let (names, diffs) = self.paused(false, |e| e.compare_range(&mut peers, offset, len))?;
             if names.len() < 2 {
                 return Err(VolumeError::BadRequest(format!(
                     "verify needs two RW replicas or more; this volume has {}",
@@ -503,10 +505,11 @@ impl Volume {
     /// volume, waits for the I/O in flight, and has every replica flush and unmark. Returns
     /// how many regions were marked (on the replica with the most).
     pub fn clean_intents(&mut self) -> Result<u64> {
-        let marked = self.engine().intents_marked()?;
+        let mut peers = self.engine().peers(true)?;
+        let marked = self.engine().intents_marked(&mut peers)?;
         if marked > 0 {
             // Each replica flushes itself before it unmarks.
-            self.paused(false, |e| e.clear_intents())?;
+            self.paused(false, |e| e.clear_intents(&mut peers))?;
         }
         Ok(marked)
     }
@@ -647,7 +650,8 @@ impl Volume {
         self.wait_entries()?;
         if left == 0 {
             // Every write is flushed everywhere and nothing is in flight.
-            if let Err(e) = self.engine().clear_intents() {
+            let engine = self.engine().clone();
+            if let Err(e) = engine.peers(true).and_then(|mut p| engine.clear_intents(&mut p)) {
                 tracing::warn!(error = %e, "clearing the write-intent records at close failed");
             }
             self.engine().release();
