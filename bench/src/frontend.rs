@@ -21,4 +21,7 @@ pub struct FrontendRunArgs {
     /// Seconds per workload, for each side.
     #[arg(long, default_value_t = 10)]
     pub runtime: u64,
+    /// The replica's cache mode (`hornd replica --cache`): direct or page.
+    #[arg(long, default_value = "direct")]
+    pub replica_cache: horn_replica::CacheMode,
 }

@@ -216,7 +216,11 @@ pub fn run(args: IscsiArgs) -> Result<()> {
         human_bytes(args.run.size),
         args.run.dir.display()
     );
-    let replica = ReplicaProcess::start(&scratch.path().join("replica"), args.run.size)?;
+    let replica = ReplicaProcess::start_with(
+        &scratch.path().join("replica"),
+        args.run.size,
+        args.run.replica_cache,
+    )?;
     let (engine, _) = Engine::start(std::slice::from_ref(&replica.addr), Duration::from_secs(8))?;
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let horn_addr = listener.local_addr()?;
@@ -260,6 +264,7 @@ pub fn run(args: IscsiArgs) -> Result<()> {
             "workload": workload,
             "client": client,
             "replicas": 1,
+            "replica_cache": args.run.replica_cache.to_string(),
             "iops": horn.round(),
             "peer": "tgt (Debian's tgtd) serving a plain file on the same filesystem",
             "peer_iops": peer.round(),

@@ -66,6 +66,8 @@ enum Command {
         listen: String,
         #[arg(long)]
         control: String,
+        #[arg(long, default_value = "direct")]
+        cache: horn_replica::CacheMode,
     },
 }
 
@@ -81,6 +83,7 @@ fn main() -> anyhow::Result<()> {
             size,
             listen,
             control,
-        } => horn_manager::daemon::serve_replica(dir, listen, control, Some(size), 512),
+            cache,
+        } => horn_manager::daemon::serve_replica(dir, listen, control, Some(size), 512, cache),
     }
 }

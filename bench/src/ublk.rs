@@ -99,7 +99,11 @@ pub fn run(args: UblkArgs) -> Result<()> {
         human_bytes(args.run.size),
         args.run.dir.display()
     );
-    let replica = ReplicaProcess::start(&scratch.path().join("replica"), args.run.size)?;
+    let replica = ReplicaProcess::start_with(
+        &scratch.path().join("replica"),
+        args.run.size,
+        args.run.replica_cache,
+    )?;
     let (engine, _) = Engine::start(std::slice::from_ref(&replica.addr), Duration::from_secs(8))?;
     let opts = horn_ublk::UblkOptions {
         queues: args.queues,
@@ -151,6 +155,7 @@ fn measure(args: &UblkArgs, scratch: &Path, dev: &Path, copy: &str) -> Result<()
             "part": "io",
             "workload": name,
             "replicas": 1,
+            "replica_cache": args.run.replica_cache.to_string(),
             "queues": args.queues,
             "copy": copy,
             "iops": horn.iops.round(),

@@ -65,6 +65,15 @@ pub(crate) struct ReplicaProcess {
 
 impl ReplicaProcess {
     pub(crate) fn start(dir: &Path, size: u64) -> Result<ReplicaProcess> {
+        Self::start_with(dir, size, horn_replica::CacheMode::Direct)
+    }
+
+    /// [`ReplicaProcess::start`] with a cache mode (`hornd replica --cache`).
+    pub(crate) fn start_with(
+        dir: &Path,
+        size: u64,
+        cache: horn_replica::CacheMode,
+    ) -> Result<ReplicaProcess> {
         let exe = std::env::current_exe().context("cannot find horn-bench's own binary")?;
         let mut child = Command::new(exe)
             .args([
@@ -78,6 +87,8 @@ impl ReplicaProcess {
             .arg(size.to_string())
             .arg("--dir")
             .arg(dir)
+            .arg("--cache")
+            .arg(cache.to_string())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()

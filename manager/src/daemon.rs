@@ -28,6 +28,7 @@ pub fn serve_replica(
     control: String,
     size: Option<u64>,
     sector_size: u32,
+    cache: horn_replica::CacheMode,
 ) -> Result<()> {
     // Before any thread starts, so that only the signal waiter receives them.
     let stop_signals = block_stop_signals()?;
@@ -40,6 +41,11 @@ pub fn serve_replica(
         _ => Replica::open(&dir),
     }
     .with_context(|| format!("cannot open replica {}", dir.display()))?;
+    let mut replica = replica;
+    replica
+        .set_cache_mode(cache)
+        .with_context(|| format!("cannot set the cache mode of replica {}", dir.display()))?;
+    tracing::info!(cache = %cache, "replica I/O cache mode");
     let listener = TcpListener::bind(&listen).with_context(|| format!("cannot listen on {listen}"))?;
     let addr = listener.local_addr()?;
     let control_listener =

@@ -42,6 +42,53 @@ fn serves_the_data_wire_and_stops_cleanly_on_sigterm() {
     assert!(b.iter().all(|&x| x == 7));
 }
 
+/// The open flags of the process's descriptors on layer files.
+fn layer_fd_flags(pid: u32) -> Vec<u32> {
+    let mut flags = Vec::new();
+    for e in std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().flatten() {
+        let Ok(target) = std::fs::read_link(e.path()) else {
+            continue;
+        };
+        if !target.to_string_lossy().contains("layer-") {
+            continue;
+        }
+        let info = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{}", e.file_name().to_string_lossy()));
+        if let Some(line) = info.unwrap_or_default().lines().find(|l| l.starts_with("flags:")) {
+            flags.push(u32::from_str_radix(line["flags:".len()..].trim(), 8).unwrap());
+        }
+    }
+    flags
+}
+
+#[test]
+fn the_cache_mode_decides_whether_aligned_io_bypasses_the_page_cache() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (mode, direct) in [(None, true), (Some("page"), false), (Some("direct"), true)] {
+        let dir = tmp.path().join(mode.unwrap_or("default"));
+        let mut args = vec!["--size", "8M"];
+        if let Some(m) = mode {
+            args.extend(["--cache", m]);
+        }
+        let d = Daemon::start(&dir, &args).unwrap();
+        let mut c = d.client();
+        let (h, _) = c.write(1, 8192, &[9u8; 8192], 0).unwrap();
+        assert_eq!(h.status, Status::Ok);
+        let (h, p) = c.read(2, 8192, 8192, 0).unwrap();
+        assert_eq!(h.status, Status::Ok);
+        assert!(p.iter().all(|&b| b == 9));
+        let flags = layer_fd_flags(d.child.id());
+        assert!(!flags.is_empty(), "{mode:?}: no layer file open");
+        let o_direct = flags.iter().any(|f| f & libc::O_DIRECT as u32 != 0);
+        assert_eq!(o_direct, direct, "{mode:?}: layer descriptors' flags {flags:?}");
+    }
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_hornd"))
+        .args(["replica", "--cache", "fast"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not direct or page"));
+}
+
 #[test]
 fn a_replica_killed_mid_stream_reopens_with_its_flushed_writes() {
     let tmp = tempfile::tempdir().unwrap();

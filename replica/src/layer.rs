@@ -48,6 +48,11 @@ impl LayerFile {
         o.open(&self.path)
     }
 
+    /// The same layer with no descriptor open yet.
+    pub fn closed_copy(&self) -> LayerFile {
+        LayerFile::new(self.id, self.path.clone(), self.size, self.writable)
+    }
+
     /// The buffered descriptor (any alignment).
     pub fn buffered(&self) -> Result<&File> {
         if let Some(f) = self.buffered.get() {

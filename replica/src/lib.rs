@@ -60,4 +60,4 @@ pub use chain::{LayerExtents, LayerInfo, PurgeReport, ReplicaInfo};
 pub use error::{ReplicaError, Result};
 pub use extent::Extent;
 pub use io::{Completion, INTERNAL_TAG};
-pub use replica::{new_thread_ring, Replica};
+pub use replica::{new_thread_ring, CacheMode, Replica};

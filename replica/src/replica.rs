@@ -38,6 +38,40 @@ pub const MAX_IO_BYTES: u64 = 64 << 20;
 const RING_ENTRIES: u32 = 256;
 /// How long `open` waits for a replica's lock before calling it in use.
 const LOCK_PATIENCE: std::time::Duration = std::time::Duration::from_millis(500);
+/// How the replica's data I/O meets the page cache.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum CacheMode {
+    /// Aligned reads and writes bypass it (O_DIRECT): memory use stays flat, and the
+    /// cache above (the guest's, the filesystem's on the volume) is the only one.
+    #[default]
+    Direct,
+    /// Every read and write goes through it: repeated reads come from memory, at the
+    /// price of a second copy of hot data in RAM. Durability is the same: a flush
+    /// still fdatasyncs the head.
+    Page,
+}
+
+impl std::str::FromStr for CacheMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "direct" => Ok(CacheMode::Direct),
+            "page" => Ok(CacheMode::Page),
+            _ => Err(format!("cache mode {s:?} is not direct or page")),
+        }
+    }
+}
+
+impl std::fmt::Display for CacheMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            CacheMode::Direct => "direct",
+            CacheMode::Page => "page",
+        })
+    }
+}
+
 /// Name of the lock file that keeps two processes from opening one replica.
 pub(crate) const LOCK_FILE: &str = "volume.lock";
 
@@ -55,6 +89,8 @@ pub struct Replica {
     pub(crate) suspect: std::collections::BTreeSet<u64>,
     pub(crate) engine: EngineState,
     pub(crate) dio_align: u64,
+    /// Whether aligned I/O bypasses the page cache.
+    pub(crate) cache: CacheMode,
     pub(crate) ring: IoUring,
     /// The ring has been enabled by (and so belongs to) the thread doing the I/O.
     pub(crate) ring_enabled: bool,
@@ -201,6 +237,7 @@ impl Replica {
             intent,
             suspect: Default::default(),
             dio_align: BLOCK_SIZE,
+            cache: CacheMode::Direct,
             ops: Vec::new(),
             free_ops: Vec::new(),
             sqes: Vec::new(),
@@ -435,6 +472,22 @@ impl Replica {
         Ok(sums)
     }
 
+    /// Chooses whether aligned I/O bypasses the page cache (see [`CacheMode`]). Waits
+    /// for the I/O in flight; in page mode, closes the O_DIRECT descriptors open so far.
+    pub fn set_cache_mode(&mut self, mode: CacheMode) -> Result<()> {
+        self.drain()?;
+        self.cache = mode;
+        if mode == CacheMode::Page {
+            self.chain = self.chain.iter().map(LayerFile::closed_copy).collect();
+        }
+        Ok(())
+    }
+
+    /// How the replica's I/O meets the page cache.
+    pub fn cache_mode(&self) -> CacheMode {
+        self.cache
+    }
+
     /// Heap bytes held by the extent index.
     pub fn index_bytes(&self) -> usize {
         self.index.heap_bytes()
@@ -503,6 +556,9 @@ impl Replica {
     }
 
     pub(crate) fn aligned(&self, file_off: u64, len: usize, ptr: *const u8) -> bool {
+        if self.cache == CacheMode::Page {
+            return false;
+        }
         let a = self.dio_align;
         file_off % a == 0 && len as u64 % a == 0 && (ptr as u64) % a == 0
     }

@@ -37,6 +37,11 @@ enum Command {
         /// Create the replica with this size if the directory holds none yet.
         #[arg(long, value_parser = parse_size)]
         size: Option<u64>,
+        /// How data I/O meets the page cache: `direct` bypasses it (O_DIRECT for
+        /// aligned I/O; flat memory use), `page` goes through it (repeated reads from
+        /// memory, hot data cached twice). Flushes are durable either way.
+        #[arg(long, default_value = "direct")]
+        cache: horn_replica::CacheMode,
         /// Sector size when creating: 512 or 4096.
         #[arg(long, default_value_t = 512)]
         sector_size: u32,
@@ -154,7 +159,8 @@ fn main() -> ExitCode {
             control,
             size,
             sector_size,
-        } => serve_replica(dir, listen, control, size, sector_size),
+            cache,
+        } => serve_replica(dir, listen, control, size, sector_size, cache),
         Command::Engine {
             replicas,
             control,
