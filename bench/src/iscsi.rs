@@ -12,14 +12,11 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use horn_engine::Engine;
-use horn_manager::format::human_bytes;
 use serde_json::json;
 
-use crate::frontend::FrontendRunArgs;
+use crate::frontend::{FrontendRunArgs, FrontendVolume};
 use crate::report::Report;
 use crate::store::{fill_plain, round2};
-use crate::volume::ReplicaProcess;
 
 /// Arguments of `horn-bench iscsi`.
 #[derive(Debug, Args)]
@@ -207,21 +204,11 @@ pub fn run(args: IscsiArgs) -> Result<()> {
     ] {
         need(tool, package)?;
     }
-    let scratch = tempfile::Builder::new()
-        .prefix("horn-bench-iscsi-")
-        .tempdir_in(&args.run.dir)
-        .with_context(|| format!("cannot make a scratch directory in {}", args.run.dir.display()))?;
-    eprintln!(
-        "one replica process of {} in {}, and tgt on a file there",
-        human_bytes(args.run.size),
-        args.run.dir.display()
-    );
-    let replica = ReplicaProcess::start_with(
-        &scratch.path().join("replica"),
-        args.run.size,
-        args.run.replica_cache,
-    )?;
-    let (engine, _) = Engine::start(std::slice::from_ref(&replica.addr), Duration::from_secs(8))?;
+    let FrontendVolume {
+        scratch,
+        replica: _replica,
+        engine,
+    } = args.run.start_volume("iscsi", ", and tgt on a file there")?;
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let horn_addr = listener.local_addr()?;
     let iqn = "iqn.2026-11.io.horn:bench".to_string();

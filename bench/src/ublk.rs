@@ -9,15 +9,12 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use horn_engine::Engine;
-use horn_manager::format::human_bytes;
 use serde_json::json;
 
 use crate::fio;
-use crate::frontend::FrontendRunArgs;
+use crate::frontend::{FrontendRunArgs, FrontendVolume};
 use crate::report::Report;
 use crate::store::{fill_plain, round2};
-use crate::volume::ReplicaProcess;
 
 /// Arguments of `horn-bench ublk`.
 #[derive(Debug, Args)]
@@ -90,21 +87,11 @@ pub fn run(args: UblkArgs) -> Result<()> {
     if !fio::available() {
         bail!("fio is not installed: run scripts/install-deps (or apt-get install fio)");
     }
-    let scratch = tempfile::Builder::new()
-        .prefix("horn-bench-ublk-")
-        .tempdir_in(&args.run.dir)
-        .with_context(|| format!("cannot make a scratch directory in {}", args.run.dir.display()))?;
-    eprintln!(
-        "one replica process of {} in {}",
-        human_bytes(args.run.size),
-        args.run.dir.display()
-    );
-    let replica = ReplicaProcess::start_with(
-        &scratch.path().join("replica"),
-        args.run.size,
-        args.run.replica_cache,
-    )?;
-    let (engine, _) = Engine::start(std::slice::from_ref(&replica.addr), Duration::from_secs(8))?;
+    let FrontendVolume {
+        scratch,
+        replica: _replica,
+        engine,
+    } = args.run.start_volume("ublk", "")?;
     let opts = horn_ublk::UblkOptions {
         queues: args.queues,
         depth: 128,

@@ -24,10 +24,10 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use horn_proto::control::{BlocksData, BlocksRequest, FinishSyncRequest, InfoRequest, SyncFromRequest};
+use horn_proto::control::{FinishSyncRequest, InfoRequest, SyncFromRequest};
 
 use crate::engine::{control_err, Engine};
-use crate::recovery::connect;
+use crate::recovery::{connect, copy_blocks};
 use crate::replica_set::Mode;
 use crate::volume::{ChainOp, Result, Volume, VolumeError};
 
@@ -203,23 +203,13 @@ fn sync_and_finish(engine: &Arc<Engine>, target: usize, snapshot: &str) -> Resul
             let mut suspects = reply.suspect_blocks.clone();
             suspects.sort_unstable();
             suspects.dedup();
-            for blocks in suspects.chunks(256) {
-                let data = sc
-                    .read_blocks(BlocksRequest {
-                        blocks: blocks.to_vec(),
-                    })
-                    .await
-                    .map_err(control_err(&src.control))?
-                    .into_inner()
-                    .data;
-                tc.write_blocks(BlocksData {
-                    generation,
-                    blocks: blocks.to_vec(),
-                    data,
-                })
-                .await
-                .map_err(control_err(&t.control))?;
-            }
+            copy_blocks(
+                (&mut sc, &src.control),
+                (&mut tc, &t.control),
+                &suspects,
+                generation,
+            )
+            .await?;
             Ok::<_, VolumeError>(reply.suspect_blocks.len())
         })
         .inspect(|_| e.promote(target))

@@ -15,9 +15,8 @@ use horn_proto::control::{
     BlocksData, BlocksRequest, ChecksumsReply, ChecksumsRequest, ClaimRequest, ClearIntentsRequest,
     DeleteSnapshotRequest, ExpandRequest, FinishSyncReply, FinishSyncRequest, InfoReply, InfoRequest,
     IntentsReply, IntentsRequest, Layer, LayerBlocksReply, LayerBlocksRequest, LayerStream, LayerZerosReply,
-    LayerZerosRequest, Mode as WireMode, PurgeReply, PurgeRequest, RangeData, ReadLayerRequest,
-    ReadRangeRequest, ReleaseRequest, RevertRequest, SetModeRequest, SnapshotRequest, SyncFromRequest,
-    SyncReply, WriteRangeReply, WriteRangeRequest,
+    LayerZerosRequest, Mode as WireMode, PurgeReply, PurgeRequest, ReadLayerRequest, ReleaseRequest,
+    RevertRequest, SetModeRequest, SnapshotRequest, SyncFromRequest, SyncReply, WriteBlocksReply,
 };
 use tonic::{Request, Response, Status};
 
@@ -84,8 +83,21 @@ pub fn to_status(e: ReplicaError) -> Status {
     }
 }
 
-/// The most a range call moves (checksums: the range they cover).
+/// The most a block call moves.
 pub const MAX_RANGE: u64 = 1 << 20;
+
+/// Runs of consecutive block numbers in `blocks`, each as (index of its first entry,
+/// first block, count), so that each run is one read or write.
+fn block_runs(blocks: &[u64]) -> Vec<(usize, u64, usize)> {
+    let mut runs: Vec<(usize, u64, usize)> = Vec::new();
+    for (i, &b) in blocks.iter().enumerate() {
+        match runs.last_mut() {
+            Some((_, first, n)) if first.checked_add(*n as u64) == Some(b) => *n += 1,
+            _ => runs.push((i, b, 1)),
+        }
+    }
+    runs
+}
 /// The most a checksum call covers.
 pub const MAX_CHECKSUM_RANGE: u64 = 64 << 20;
 
@@ -277,39 +289,17 @@ impl ReplicaControl for ControlService {
         .await
     }
 
-    async fn read_range(&self, req: Request<ReadRangeRequest>) -> Result<Response<RangeData>, Status> {
-        let req = req.into_inner();
-        self.run(move |r| {
-            check_range_len(req.length, MAX_RANGE)?;
-            let mut data = vec![0u8; req.length as usize];
-            r.read_at(req.offset, &mut data)?;
-            Ok(RangeData { data })
-        })
-        .await
-    }
-
-    async fn write_range(
-        &self,
-        req: Request<WriteRangeRequest>,
-    ) -> Result<Response<WriteRangeReply>, Status> {
-        let req = req.into_inner();
-        self.run(move |r| {
-            check_generation(r, req.generation)?;
-            check_range_len(req.data.len() as u64, MAX_RANGE)?;
-            r.mark_intent(req.offset, req.data.len() as u64)?;
-            r.write_at(req.offset, &req.data)?;
-            Ok(WriteRangeReply {})
-        })
-        .await
-    }
-
     async fn read_blocks(&self, req: Request<BlocksRequest>) -> Result<Response<BlocksData>, Status> {
         let blocks = req.into_inner().blocks;
         self.run(move |r| {
             check_range_len(blocks.len() as u64 * BLOCK_SIZE, MAX_RANGE)?;
             let mut data = vec![0u8; blocks.len() * BLOCK_SIZE as usize];
-            for (b, out) in blocks.iter().zip(data.chunks_mut(BLOCK_SIZE as usize)) {
-                r.read_at(b.saturating_mul(BLOCK_SIZE), out)?;
+            for (i, first, n) in block_runs(&blocks) {
+                let at = i * BLOCK_SIZE as usize;
+                r.read_at(
+                    first.saturating_mul(BLOCK_SIZE),
+                    &mut data[at..at + n * BLOCK_SIZE as usize],
+                )?;
             }
             Ok(BlocksData {
                 generation: r.generation(),
@@ -320,7 +310,7 @@ impl ReplicaControl for ControlService {
         .await
     }
 
-    async fn write_blocks(&self, req: Request<BlocksData>) -> Result<Response<WriteRangeReply>, Status> {
+    async fn write_blocks(&self, req: Request<BlocksData>) -> Result<Response<WriteBlocksReply>, Status> {
         let req = req.into_inner();
         self.run(move |r| {
             check_generation(r, req.generation)?;
@@ -332,12 +322,13 @@ impl ReplicaControl for ControlService {
                     req.blocks.len()
                 )));
             }
-            for (b, data) in req.blocks.iter().zip(req.data.chunks(BLOCK_SIZE as usize)) {
-                let offset = b.saturating_mul(BLOCK_SIZE);
-                r.mark_intent(offset, BLOCK_SIZE)?;
-                r.write_at(offset, data)?;
+            for (i, first, n) in block_runs(&req.blocks) {
+                let (offset, len) = (first.saturating_mul(BLOCK_SIZE), n as u64 * BLOCK_SIZE);
+                let at = i * BLOCK_SIZE as usize;
+                r.mark_intent(offset, len)?;
+                r.write_at(offset, &req.data[at..at + len as usize])?;
             }
-            Ok(WriteRangeReply {})
+            Ok(WriteBlocksReply {})
         })
         .await
     }
