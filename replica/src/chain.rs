@@ -171,6 +171,7 @@ impl Replica {
             return Err(ReplicaError::ChainFull(MAX_CHAIN_LAYERS));
         }
         // The frozen layer must hold everything acknowledged so far, durably.
+        self.quiesce()?;
         self.flush()?;
         let old_head = self.meta.head;
         let new_head = self.meta.next_id;
@@ -235,7 +236,7 @@ impl Replica {
     /// into that child (the child's data wins), one with no child is dropped, one with
     /// several children (after a revert) is kept until all but one are gone.
     pub fn purge(&mut self) -> Result<PurgeReport> {
-        self.drain()?;
+        self.quiesce()?;
         let mut report = PurgeReport::default();
         let mut chain_changed = false;
         loop {
@@ -348,7 +349,7 @@ impl Replica {
             return Err(ReplicaError::SnapshotRemoved(name.to_string()));
         }
         let target = target.id;
-        self.drain()?;
+        self.quiesce()?;
         let old_head = self.meta.head;
         let new_head = self.meta.next_id;
         create_layer_file(&layer_path(&self.dir, new_head), self.meta.size)?;
@@ -396,7 +397,7 @@ impl Replica {
         if new_size == self.meta.size {
             return Ok(());
         }
-        self.drain()?;
+        self.quiesce()?;
         let mut m = self.meta.clone();
         m.expanding_to = Some(new_size);
         m.store(&self.dir)?;

@@ -78,7 +78,7 @@ pub fn to_status(e: ReplicaError) -> Status {
         | ReplicaError::SnapshotRemoved(_)
         | ReplicaError::ChainFull(_)
         | ReplicaError::InvalidOperation(_) => Status::failed_precondition(msg),
-        ReplicaError::Locked { .. } => Status::unavailable(msg),
+        ReplicaError::Locked { .. } | ReplicaError::Unavailable(_) => Status::unavailable(msg),
         _ => Status::internal(msg),
     }
 }

@@ -154,12 +154,32 @@ pub enum ReplicaError {
         given: u64,
     },
 
+    /// The replica cannot take this I/O now (not claimed by the engine yet, or
+    /// write-only while it is rebuilt).
+    #[error("{0}")]
+    Unavailable(String),
+
     /// The chain has as many layers as the index can address.
     #[error("the snapshot chain has reached its limit of {0} layers: delete and purge snapshots first")]
     ChainFull(usize),
 }
 
 impl ReplicaError {
+    /// The data wire's status for this error: what an engine reads from it is whether
+    /// the request was wrong (refused, the replica is fine), the engine stale, or the
+    /// replica failing.
+    pub fn wire_status(&self) -> horn_proto::wire::Status {
+        use horn_proto::wire::Status;
+        match self {
+            ReplicaError::OutOfRange { .. } => Status::OutOfRange,
+            ReplicaError::Misaligned { .. } => Status::Misaligned,
+            ReplicaError::InvalidOperation(_) => Status::BadRequest,
+            ReplicaError::StaleGeneration { .. } => Status::StaleGeneration,
+            ReplicaError::Unavailable(_) => Status::Unavailable,
+            _ => Status::IoError,
+        }
+    }
+
     /// Wraps an `io::Error` with the operation and file it concerns.
     pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>, source: io::Error) -> Self {
         ReplicaError::Io {

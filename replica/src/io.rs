@@ -115,6 +115,7 @@ impl Replica {
                 .register_enable_rings()
                 .map_err(|e| ReplicaError::io("io_uring enable", &self.dir, e))?;
             self.ring_enabled = true;
+            crate::replica::widen_io_workers(&self.ring);
         }
         let idx = match self.free_sqes.pop() {
             Some(i) => {
@@ -261,19 +262,16 @@ impl Replica {
         v != 0 && v != self.head_value()
     }
 
-    /// Submits a write of `buf` at `offset` to the head; the completion hands `buf` back.
-    pub fn submit_write(&mut self, offset: u64, buf: IoBuf, tag: u64) {
-        let len = buf.len() as u64;
-        if let Err(e) = self.check_io(offset, len) {
-            return self.fail_now(tag, Some(buf), e);
-        }
+    /// Checks a write of `data` at `offset` and does what must come before its data
+    /// reaches the head: notes suspect blocks while WO, and writes whole blocks itself
+    /// where a partial block must merge with an older layer. Returns the blocks
+    /// (first, count) the caller's write to the head then covers, or `None` when
+    /// nothing is left to write.
+    pub(crate) fn prepare_write(&mut self, offset: u64, data: &[u8]) -> Result<Option<(u64, u64)>> {
+        let len = data.len() as u64;
+        self.check_io(offset, len)?;
         if len == 0 {
-            return self.ready.push_back(Completion {
-                tag,
-                result: Ok(()),
-                buf: Some(buf),
-                raw: 0,
-            });
+            return Ok(None);
         }
         let first = offset / BLOCK_SIZE;
         let last = (offset + len).div_ceil(BLOCK_SIZE);
@@ -291,15 +289,28 @@ impl Replica {
         let head_partial = offset % BLOCK_SIZE != 0 && self.needs_fill(first);
         let tail_partial = (offset + len) % BLOCK_SIZE != 0 && self.needs_fill(last - 1);
         if head_partial || tail_partial {
-            let result = self.write_filling_blocks(offset, buf.as_slice());
-            return self.ready.push_back(Completion {
-                tag,
-                result,
-                buf: Some(buf),
-                raw: 0,
-            });
+            self.write_filling_blocks(offset, data)?;
+            return Ok(None);
         }
-        let op = self.new_op(tag, OpKind::Write, Some(buf), (first, last - first));
+        Ok(Some((first, last - first)))
+    }
+
+    /// Submits a write of `buf` at `offset` to the head; the completion hands `buf` back.
+    pub fn submit_write(&mut self, offset: u64, buf: IoBuf, tag: u64) {
+        let len = buf.len() as u64;
+        let (first, count) = match self.prepare_write(offset, buf.as_slice()) {
+            Err(e) => return self.fail_now(tag, Some(buf), e),
+            Ok(None) => {
+                return self.ready.push_back(Completion {
+                    tag,
+                    result: Ok(()),
+                    buf: Some(buf),
+                    raw: 0,
+                })
+            }
+            Ok(Some(blocks)) => blocks,
+        };
+        let op = self.new_op(tag, OpKind::Write, Some(buf), (first, count));
         let ptr = self
             .op_mut(op)
             .buf

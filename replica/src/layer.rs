@@ -9,6 +9,7 @@ use std::fs::{File, OpenOptions};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use crate::error::{ReplicaError, Result};
 
@@ -22,8 +23,10 @@ pub struct LayerFile {
     /// Length of the file in bytes.
     pub size: u64,
     writable: bool,
-    direct: OnceCell<Option<File>>,
-    buffered: OnceCell<File>,
+    /// Shared so that I/O in flight outside the replica's own ring (an in-process
+    /// replica's, see [`crate::shared`]) keeps its descriptor open.
+    direct: OnceCell<Option<Arc<File>>>,
+    buffered: OnceCell<Arc<File>>,
 }
 
 impl LayerFile {
@@ -55,22 +58,30 @@ impl LayerFile {
 
     /// The buffered descriptor (any alignment).
     pub fn buffered(&self) -> Result<&File> {
+        self.buffered_arc().map(|f| &**f)
+    }
+
+    fn buffered_arc(&self) -> Result<&Arc<File>> {
         if let Some(f) = self.buffered.get() {
             return Ok(f);
         }
         let f = self
             .open(false)
             .map_err(|e| ReplicaError::io("open", &self.path, e))?;
-        Ok(self.buffered.get_or_init(|| f))
+        Ok(self.buffered.get_or_init(|| Arc::new(f)))
     }
 
     /// The O_DIRECT descriptor, or `None` where the filesystem refuses O_DIRECT (tmpfs).
     pub fn direct(&self) -> Result<Option<&File>> {
+        Ok(self.direct_arc()?.map(|f| &**f))
+    }
+
+    fn direct_arc(&self) -> Result<Option<&Arc<File>>> {
         if let Some(f) = self.direct.get() {
             return Ok(f.as_ref());
         }
         let f = match self.open(true) {
-            Ok(f) => Some(f),
+            Ok(f) => Some(Arc::new(f)),
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => None,
             Err(e) => return Err(ReplicaError::io("open O_DIRECT", &self.path, e)),
         };
@@ -85,6 +96,18 @@ impl LayerFile {
             }
         }
         Ok(self.buffered()?.as_raw_fd())
+    }
+
+    /// The descriptor for I/O with the given alignment, shared: it stays open while the
+    /// caller holds it, whatever happens to the chain meanwhile; and whether it is the
+    /// direct (`O_DIRECT`) one.
+    pub fn file_for(&self, aligned: bool) -> Result<(Arc<File>, bool)> {
+        if aligned {
+            if let Some(f) = self.direct_arc()? {
+                return Ok((f.clone(), true));
+            }
+        }
+        Ok((self.buffered_arc()?.clone(), false))
     }
 
     /// Descriptors currently open.

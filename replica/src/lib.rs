@@ -12,6 +12,8 @@
 //! - the data path: reads, writes, flush, discard and write-zeroes through the replica's
 //!   own io_uring ([`Replica::submit_read`] and friends, or the blocking `*_at` methods).
 //!
+//! - sharing one replica with an engine in the same process ([`shared`]): the engine's
+//!   queues do its file I/O on their own rings, with no socket hop;
 //! - serving one replica: the data wire ([`server`], on the replica's own ring) and
 //!   the gRPC control service ([`control`], run on the data loop's thread).
 //!
@@ -51,6 +53,7 @@ pub mod layer;
 pub mod meta;
 pub mod replica;
 pub mod server;
+pub mod shared;
 pub mod state;
 pub mod sync;
 pub mod zeros;
@@ -60,4 +63,5 @@ pub use chain::{LayerExtents, LayerInfo, PurgeReport, ReplicaInfo};
 pub use error::{ReplicaError, Result};
 pub use extent::Extent;
 pub use io::{Completion, INTERNAL_TAG};
-pub use replica::{new_thread_ring, CacheMode, Replica};
+pub use replica::{new_thread_ring, widen_io_workers, CacheMode, Replica, IO_WORKERS};
+pub use shared::SharedReplica;

@@ -103,6 +103,9 @@ pub struct Replica {
     pub(crate) in_flight: usize,
     /// Raw entries (a server's socket I/O) in flight.
     pub(crate) raw_in_flight: usize,
+    /// I/O an in-process engine has in flight on its own rings ([`crate::shared`]):
+    /// the chain must not change under it.
+    pub(crate) external_in_flight: usize,
     /// Reused by `submit_read` so the hot path does not allocate.
     pub(crate) pieces: Vec<Piece>,
     /// Reused by the completion loop: (entry index, result) pairs.
@@ -245,6 +248,7 @@ impl Replica {
             ready: VecDeque::new(),
             in_flight: 0,
             raw_in_flight: 0,
+            external_in_flight: 0,
             pieces: Vec::new(),
             reaped: Vec::new(),
             dir,
@@ -398,7 +402,7 @@ impl Replica {
     /// drops the layers the plan leaves out, and returns the suspect blocks (see
     /// [`crate::sync`]) for the engine to copy whole. The engine has paused its I/O.
     pub fn install_synced(&mut self, plan: &crate::sync::SyncPlan) -> Result<Vec<u64>> {
-        self.drain()?;
+        self.quiesce()?;
         let old_head = self.meta.head;
         let mut m = self.meta.clone();
         let mut head = m.layer(old_head).cloned().expect("the head is in the metadata");
@@ -475,7 +479,7 @@ impl Replica {
     /// Chooses whether aligned I/O bypasses the page cache (see [`CacheMode`]). Waits
     /// for the I/O in flight; in page mode, closes the O_DIRECT descriptors open so far.
     pub fn set_cache_mode(&mut self, mode: CacheMode) -> Result<()> {
-        self.drain()?;
+        self.quiesce()?;
         self.cache = mode;
         if mode == CacheMode::Page {
             self.chain = self.chain.iter().map(LayerFile::closed_copy).collect();
@@ -496,6 +500,29 @@ impl Replica {
     /// I/Os submitted and not yet reaped.
     pub fn in_flight(&self) -> usize {
         self.in_flight + self.raw_in_flight + self.ready.len()
+    }
+
+    /// Gives the replica a ring any thread may submit to (one at a time), for a
+    /// replica shared under a lock ([`crate::shared`]).
+    pub(crate) fn make_ring_shareable(&mut self) -> Result<()> {
+        self.drain()?;
+        self.ring =
+            IoUring::new(RING_ENTRIES).map_err(|e| ReplicaError::io("io_uring setup", &self.dir, e))?;
+        self.ring_enabled = true;
+        Ok(())
+    }
+
+    /// Waits for the I/O on the replica's own ring; refuses while an in-process
+    /// engine has I/O of its own in flight, whose buffers and layer positions a chain
+    /// change would pull out from under it (the engine pauses its queues first).
+    pub(crate) fn quiesce(&mut self) -> Result<()> {
+        if self.external_in_flight > 0 {
+            return Err(ReplicaError::InvalidOperation(format!(
+                "{} I/Os of the in-process engine are in flight: pause the volume before changing the chain",
+                self.external_in_flight
+            )));
+        }
+        self.drain()
     }
 
     pub(crate) fn head(&self) -> &LayerFile {
@@ -606,7 +633,8 @@ fn check_layer_files(dir: &Path, m: &VolumeMeta) -> Result<()> {
 /// The replica's ring, and whether it is enabled yet. One thread submits and reaps,
 /// so the kernel may run completion work when that thread asks for completions
 /// instead of interrupting it (measured: 4 KiB QD1 reads 0.87-0.91 of fio without
-/// these flags, 0.96-0.99 with them). Such a ring belongs to one thread: it is created
+/// these flags, 0.96-0.99 with them); the ring flags pending completion work, so a
+/// thread polling its ring sees it without a system call. Such a ring belongs to one thread: it is created
 /// disabled and enabled by the first thread that submits to it, so a replica can be
 /// opened on one thread and served from another. Kernels before 6.1 get a plain ring.
 /// Returns the ring and whether it is enabled already (a plain ring is).
@@ -615,11 +643,29 @@ pub fn new_thread_ring(entries: u32) -> std::io::Result<(IoUring, bool)> {
         .setup_single_issuer()
         .setup_coop_taskrun()
         .setup_defer_taskrun()
+        .setup_taskrun_flag()
         .setup_r_disabled()
         .build(entries)
     {
         Ok(ring) => Ok((ring, false)),
         Err(_) => Ok((IoUring::new(entries)?, true)),
+    }
+}
+
+/// Workers the kernel may run at once for this thread's blocking file I/O.
+pub const IO_WORKERS: u32 = 64;
+
+/// Lets the calling thread's io_uring run [`IO_WORKERS`] blocking file operations at
+/// once. Buffered reads that miss the page cache, and buffered writes a filesystem
+/// cannot start without blocking, go to the kernel's io-wq workers, which it caps at
+/// four per CPU by default: 8 on a 2-CPU machine, which held cold random reads at
+/// QD32 under a target whose 16 threads issue `pread`s. Best effort: a kernel without
+/// the setting (before 5.15) keeps its default.
+pub fn widen_io_workers(ring: &IoUring) {
+    // [bounded (regular files), unbounded (sockets)]; 0 leaves one as it is.
+    let mut max = [IO_WORKERS, 0];
+    if let Err(e) = ring.submitter().register_iowq_max_workers(&mut max) {
+        tracing::debug!(error = %e, "cannot raise the io_uring worker limit");
     }
 }
 

@@ -52,31 +52,62 @@ impl Waker {
     }
 }
 
-/// A handle other threads use to run control operations on the server's loop.
+/// A handle other threads use to run control operations on a replica: on a server's
+/// loop, or under the lock of a replica shared with an in-process engine.
 #[derive(Clone)]
 pub struct ServerHandle {
-    tx: Sender<Option<Command>>,
-    waker: Arc<Waker>,
+    inner: HandleInner,
+}
+
+#[derive(Clone)]
+enum HandleInner {
+    Loop {
+        tx: Sender<Option<Command>>,
+        waker: Arc<Waker>,
+    },
+    Shared(Arc<crate::shared::SharedReplica>),
 }
 
 impl ServerHandle {
-    /// Runs `f` with the replica on the loop thread and returns its result. Fails only
-    /// if the loop has stopped.
+    /// A handle on a replica shared with an in-process engine: calls run on the
+    /// caller's thread, under the replica's lock.
+    pub fn shared(replica: Arc<crate::shared::SharedReplica>) -> ServerHandle {
+        ServerHandle {
+            inner: HandleInner::Shared(replica),
+        }
+    }
+
+    /// Runs `f` with the replica (on the loop thread, or under the shared replica's
+    /// lock) and returns its result. Fails only if the loop has stopped.
     pub fn call<T: Send + 'static>(&self, f: impl FnOnce(&mut Replica) -> T + Send + 'static) -> Result<T> {
+        let (tx, waker) = match &self.inner {
+            HandleInner::Shared(r) => return Ok(r.call(f)),
+            HandleInner::Loop { tx, waker } => (tx, waker),
+        };
         let (reply_tx, reply_rx) = mpsc::sync_channel(1);
         let cmd: Command = Box::new(move |r| {
             let _ = reply_tx.send(f(r));
         });
         let stopped = || ReplicaError::InvalidOperation("the replica server has stopped".into());
-        self.tx.send(Some(cmd)).map_err(|_| stopped())?;
-        self.waker.wake();
+        tx.send(Some(cmd)).map_err(|_| stopped())?;
+        waker.wake();
         reply_rx.recv().map_err(|_| stopped())
     }
 
-    /// Asks the loop to stop after the I/O in flight; `run` then returns.
+    /// Asks the loop to stop after the I/O in flight; `run` then returns. A shared
+    /// replica has no loop: its owner closes it.
     pub fn stop(&self) {
-        let _ = self.tx.send(None);
-        self.waker.wake();
+        if let HandleInner::Loop { tx, waker } = &self.inner {
+            let _ = tx.send(None);
+            waker.wake();
+        }
+    }
+
+    fn waker_fd(&self) -> i32 {
+        match &self.inner {
+            HandleInner::Loop { waker, .. } => waker.fd.as_raw_fd(),
+            HandleInner::Shared(_) => -1,
+        }
     }
 }
 
@@ -187,7 +218,9 @@ impl DataServer {
             pending: Vec::new(),
             free_pending: Vec::new(),
             inbox,
-            handle: ServerHandle { tx, waker },
+            handle: ServerHandle {
+                inner: HandleInner::Loop { tx, waker },
+            },
             wake_buf: Box::new([0; 8]),
             stopping: false,
         })
@@ -243,7 +276,7 @@ impl DataServer {
     }
 
     fn post_wake(&mut self) -> Result<()> {
-        let fd = self.handle.waker.fd.as_raw_fd();
+        let fd = self.handle.waker_fd();
         let entry = opcode::Read::new(types::Fd(fd), self.wake_buf.as_mut_ptr(), 8).build();
         // SAFETY: wake_buf is boxed and owned by the server (leaked, not freed, at stop);
         // the eventfd lives in the handle's Arc, which the server holds.
@@ -532,15 +565,7 @@ impl DataServer {
                 let payload = data.map_or(Payload::None, Payload::Data);
                 self.queue_send(id, Outgoing::new(h, payload))
             }
-            Err(e) => {
-                let status = match e {
-                    ReplicaError::OutOfRange { .. } => Status::OutOfRange,
-                    ReplicaError::Misaligned { .. } => Status::Misaligned,
-                    ReplicaError::InvalidOperation(_) => Status::BadRequest,
-                    _ => Status::IoError,
-                };
-                self.reply_error(id, req, status, e.to_string())
-            }
+            Err(e) => self.reply_error(id, req, e.wire_status(), e.to_string()),
         }
     }
 
