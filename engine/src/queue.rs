@@ -8,6 +8,11 @@
 //! between the block command and the replica). The driver hands back each completion
 //! by the entry's [`Token`].
 //!
+//! A replica hosted in the engine's own process ([`SharedReplica`], data address
+//! `inproc:DIR`) gets no socket: the queue plans each I/O with it and puts the file
+//! reads, writes and fdatasyncs on its own ring, straight from and into the caller's
+//! buffer, so the local replica costs a file operation and no hop.
+//!
 //! Payload bytes are not copied: a write is sent to every replica straight from the
 //! caller's buffer (one `writev` of header and data per replica), and a read reply's
 //! data is received straight into the caller's buffer. A buffer goes back to the
@@ -19,11 +24,13 @@ use std::collections::{BTreeMap, VecDeque};
 use std::net::TcpStream;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
+use std::sync::Arc as StdArc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use horn_proto::batch::{Message, SendBatch, TwoPartRecv};
 use horn_proto::wire::{Header, Op, Status, FLAG_FUA, HEADER_LEN, MAX_IO_LEN};
+use horn_replica::shared::{LocalIo, LocalKind, SharedReplica};
 use horn_replica::IoBuf;
 use io_uring::{opcode, squeue, types};
 
@@ -36,11 +43,37 @@ use crate::volume::{Result, VolumeCompletion, VolumeError};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Token(pub u32);
 
-const KIND_SHIFT: u32 = 30;
+const KIND_SHIFT: u32 = 29;
 const KIND_SEND: u32 = 1 << KIND_SHIFT;
 const KIND_RECV: u32 = 2 << KIND_SHIFT;
 const KIND_WAKE: u32 = 3 << KIND_SHIFT;
+/// A file operation on an in-process replica; the index names the local op.
+const KIND_LOCAL: u32 = 4 << KIND_SHIFT;
 const INDEX_MASK: u32 = (1 << KIND_SHIFT) - 1;
+
+/// Largest write to an in-process replica's page cache made on the queue's thread
+/// (see [`EngineQueue::inline_write`]).
+const INLINE_WRITE_MAX: usize = 64 << 10;
+
+/// Bits of a token's index that survive [`Token::fold16`].
+const FOLD_INDEX_BITS: u32 = 13;
+
+impl Token {
+    /// The token in 16 bits (kind in the top 3, index in the low 13), for a driver
+    /// whose user data has little room. Indexes stay far below 2^13: one per replica
+    /// connection, one per local file operation in flight.
+    pub fn fold16(self) -> u16 {
+        let index = self.0 & INDEX_MASK;
+        debug_assert!(index < 1 << FOLD_INDEX_BITS, "token index {index} does not fold");
+        (((self.0 >> KIND_SHIFT) << FOLD_INDEX_BITS) | (index & ((1 << FOLD_INDEX_BITS) - 1))) as u16
+    }
+
+    /// The token [`Token::fold16`] folded.
+    pub fn unfold16(folded: u16) -> Token {
+        let v = folded as u32;
+        Token(((v >> FOLD_INDEX_BITS) << KIND_SHIFT) | (v & ((1 << FOLD_INDEX_BITS) - 1)))
+    }
+}
 
 /// A request on its way out.
 struct Outgoing {
@@ -88,8 +121,11 @@ enum Receiving {
 const RX_LEN: usize = 64 * HEADER_LEN;
 
 struct Conn {
-    /// None for a replica that had failed before this queue opened.
+    /// None for a replica that had failed before this queue opened, or one hosted in
+    /// this process.
     stream: Option<TcpStream>,
+    /// The replica, when it is hosted in this process.
+    local: Option<StdArc<SharedReplica>>,
     /// Received bytes not yet parsed are `rx[rx_start..rx_end]`.
     rx: Box<[u8; RX_LEN]>,
     rx_start: usize,
@@ -108,20 +144,22 @@ impl Conn {
     /// A connection to the replica at `data` (none for a replica already failed), and
     /// why it could not be made.
     fn connect(data: &str, failed: bool) -> (Conn, Option<String>) {
-        let (stream, why) = if failed {
-            (None, None)
-        } else {
-            match TcpStream::connect(data) {
+        let (stream, local, why) = match SharedReplica::hosted(data) {
+            _ if failed => (None, None, None),
+            Ok(Some(r)) => (None, Some(r), None),
+            Err(e) => (None, None, Some(e.to_string())),
+            Ok(None) => match TcpStream::connect(data) {
                 Ok(s) => {
                     let _ = s.set_nodelay(true);
-                    (Some(s), None)
+                    (Some(s), None, None)
                 }
-                Err(e) => (None, Some(format!("its data wire is unreachable: {e}"))),
-            }
+                Err(e) => (None, None, Some(format!("its data wire is unreachable: {e}"))),
+            },
         };
-        let closed = stream.is_none();
+        let closed = stream.is_none() && local.is_none();
         let conn = Conn {
             stream,
+            local,
             rx: Box::new([0; RX_LEN]),
             rx_start: 0,
             rx_end: 0,
@@ -150,6 +188,19 @@ struct Slot {
     result: Option<Result<()>>,
 }
 
+/// An I/O on a replica hosted in this process, while its file operations run.
+struct LocalOp {
+    req: ReqId,
+    io: IoId,
+    replica: StdArc<SharedReplica>,
+    planned: LocalIo,
+    /// File operations still in the ring.
+    pending: usize,
+    /// Bytes they moved, and the first error.
+    moved: usize,
+    error: Option<std::io::Error>,
+}
+
 /// An I/O held back while a chain operation has the volume paused.
 struct Held {
     kind: IoKind,
@@ -173,6 +224,13 @@ pub struct EngineQueue {
     entries: Vec<squeue::Entry>,
     wake_buf: Box<u64>,
     wake_posted: bool,
+    /// In-process replicas' I/Os, by the index their tokens carry.
+    local_ops: Vec<Option<LocalOp>>,
+    local_free: Vec<u32>,
+    /// Their file operations in the ring.
+    local_in_flight: usize,
+    /// Their replies, handed to the replica set once the current actions are done.
+    local_replies: VecDeque<(ReqId, Reply)>,
     failures_seen: u64,
     /// The engine's membership epoch this queue has caught up with.
     membership_seen: u64,
@@ -225,6 +283,10 @@ impl EngineQueue {
             entries: Vec::new(),
             wake_buf: Box::new(0),
             wake_posted: false,
+            local_ops: Vec::new(),
+            local_free: Vec::new(),
+            local_in_flight: 0,
+            local_replies: VecDeque::new(),
             failures_seen: engine.failure_epoch(),
             membership_seen,
             coordinating: false,
@@ -314,9 +376,11 @@ impl EngineQueue {
         self.slots.len() + self.held.len()
     }
 
-    /// Socket operations still in the kernel.
+    /// Socket and file operations still in the kernel.
     pub fn raw_in_flight(&self) -> usize {
-        self.conns.iter().map(|c| c.raw_in_flight).sum::<usize>() + usize::from(self.wake_posted)
+        self.conns.iter().map(|c| c.raw_in_flight).sum::<usize>()
+            + usize::from(self.wake_posted)
+            + self.local_in_flight
     }
 
     pub(crate) fn set_coordinating(&mut self, on: bool) {
@@ -433,6 +497,7 @@ impl EngineQueue {
                 self.wake_posted = false;
                 self.post_wake();
             }
+            KIND_LOCAL => self.on_local(conn, res),
             _ => tracing::error!(token = token.0, "completion for a token this queue never issued"),
         }
     }
@@ -475,6 +540,17 @@ impl EngineQueue {
     }
 
     fn run_actions(&mut self) {
+        loop {
+            self.run_set_actions();
+            let Some((req, reply)) = self.local_replies.pop_front() else {
+                return;
+            };
+            let now = self.now();
+            self.set.on_reply(now, req, reply);
+        }
+    }
+
+    fn run_set_actions(&mut self) {
         while let Some(a) = self.set.poll_action() {
             match a {
                 Action::Send {
@@ -524,6 +600,13 @@ impl EngineQueue {
             IoKind::Discard => Op::Discard,
             IoKind::WriteZeroes => Op::WriteZeroes,
         };
+        if let Some(replica_here) = self.conns[replica].local.clone() {
+            if !self.conns[replica].closed {
+                self.reqs.insert(req, (io, replica));
+                self.send_local(replica_here, req, io, request);
+            }
+            return;
+        }
         let mut header = Header::request(op, req.0, request.offset, request.len, self.engine.generation());
         let (payload_io, ptr, len) = match (request.kind, self.slots.get_mut(&io)) {
             (IoKind::Write, Some(slot)) => {
@@ -624,7 +707,7 @@ impl EngineQueue {
     ///   the I/O's buffer) followed by the next header into `rx`.
     fn post_recv(&mut self, c: usize) {
         let conn = &mut self.conns[c];
-        if conn.closed {
+        if conn.closed || conn.local.is_some() {
             return;
         }
         let fd = conn.fd();
@@ -834,10 +917,7 @@ impl EngineQueue {
         let text = String::from_utf8_lossy(&message).into_owned();
         let reply = match h.status {
             Status::Ok if discarded_read => Reply::Failed("read reply of the wrong length".into()),
-            Status::Ok => Reply::Ok,
-            Status::StaleGeneration => Reply::StaleGeneration,
-            Status::OutOfRange | Status::Misaligned | Status::BadRequest => Reply::Refused(text),
-            Status::IoError | Status::Unavailable => Reply::Failed(text),
+            status => reply_for(status, text),
         };
         let now = self.now();
         self.set.on_reply(now, req, reply);
@@ -878,13 +958,251 @@ impl EngineQueue {
         self.engine.unregister(&self.shared)
     }
 
-    /// After [`EngineQueue::shutdown`]: an entry finished; only counts it.
-    pub fn complete_after_shutdown(&mut self, token: Token) {
+    /// After [`EngineQueue::shutdown`]: an entry finished; only counts it (and lets an
+    /// in-process replica know its I/O is over).
+    pub fn complete_after_shutdown(&mut self, token: Token, res: i32) {
         let c = (token.0 & INDEX_MASK) as usize;
         match token.0 & !INDEX_MASK {
             KIND_SEND | KIND_RECV => self.conns[c].raw_in_flight -= 1,
             KIND_WAKE => self.wake_posted = false,
+            KIND_LOCAL => {
+                let _ = self.local_entry_done(c, res);
+            }
             _ => {}
         }
+    }
+
+    /// Runs a request on a replica hosted in this process: plans it under the
+    /// replica's lock, then puts its file operations on the ring. Requests the replica
+    /// answers at once (refusals, reads of holes, discards) are answered through
+    /// `local_replies`.
+    fn send_local(&mut self, replica: StdArc<SharedReplica>, req: ReqId, io: IoId, request: IoRequest) {
+        let generation = self.engine.generation();
+        let Some(slot) = self.slots.get_mut(&io) else {
+            return;
+        };
+        let fua = slot.fua;
+        let offset = request.offset;
+        let planned = match request.kind {
+            IoKind::Read => {
+                let buf = slot.buf.as_mut().expect("reads carry a buffer");
+                replica.plan_read(generation, offset, buf.as_mut_slice())
+            }
+            IoKind::Write => {
+                let buf = slot.buf.as_ref().expect("writes carry a buffer");
+                match replica.plan_write(generation, offset, buf.as_slice()) {
+                    // Written under the replica's lock; FUA still owes an fdatasync.
+                    Ok(None) if fua => replica.plan_flush(generation).map(Some),
+                    other => other,
+                }
+            }
+            IoKind::Flush => replica.plan_flush(generation).map(Some),
+            IoKind::Discard | IoKind::WriteZeroes => replica
+                .discard(
+                    generation,
+                    offset,
+                    request.len as u64,
+                    request.kind == IoKind::WriteZeroes,
+                )
+                .map(|()| None),
+        };
+        let planned = match planned {
+            Ok(Some(p)) => p,
+            Ok(None) => return self.local_reply(req, Reply::Ok),
+            Err(e) => return self.local_reply(req, reply_for(e.wire_status(), e.to_string())),
+        };
+        let index = match self.local_free.pop() {
+            Some(i) => i,
+            None => {
+                self.local_ops.push(None);
+                (self.local_ops.len() - 1) as u32
+            }
+        };
+        let token = (KIND_LOCAL | index) as u64;
+        let buf = slot
+            .buf
+            .as_mut()
+            .map_or(std::ptr::null_mut(), |b| b.as_mut_slice().as_mut_ptr());
+        if let Some(piece) = Self::inline_write(&planned, fua) {
+            // SAFETY: the replica planned the piece within the buffer, which the slot
+            // holds for the length of this call.
+            let res = unsafe {
+                libc::pwrite(
+                    piece.file.as_raw_fd(),
+                    buf.add(piece.buf_offset).cast(),
+                    piece.len,
+                    piece.file_offset as libc::off_t,
+                )
+            };
+            let res = if res < 0 {
+                -std::io::Error::last_os_error()
+                    .raw_os_error()
+                    .unwrap_or(libc::EIO)
+            } else {
+                res as i32
+            };
+            self.local_in_flight += 1;
+            self.local_ops[index as usize] = Some(LocalOp {
+                req,
+                io,
+                replica,
+                pending: 1,
+                planned,
+                moved: 0,
+                error: None,
+            });
+            if let Some((req, reply)) = self.local_entry_done(index as usize, res) {
+                self.local_reply(req, reply);
+            }
+            return;
+        }
+        let flags = if fua { libc::RWF_DSYNC } else { 0 };
+        for piece in &planned.pieces {
+            let fd = types::Fd(piece.file.as_raw_fd());
+            // SAFETY (of the `add`s): the replica planned each piece within the buffer.
+            let entry = match planned.kind {
+                LocalKind::Read => {
+                    opcode::Read::new(fd, unsafe { buf.add(piece.buf_offset) }, piece.len as u32)
+                        .offset(piece.file_offset)
+                        .build()
+                }
+                LocalKind::Write => {
+                    opcode::Write::new(fd, unsafe { buf.add(piece.buf_offset) }, piece.len as u32)
+                        .offset(piece.file_offset)
+                        .rw_flags(flags)
+                        .build()
+                }
+                LocalKind::Flush => opcode::Fsync::new(fd).flags(types::FsyncFlags::DATASYNC).build(),
+            };
+            if planned.kind != LocalKind::Flush {
+                slot.refs += 1;
+            }
+            // The file stays open in the op's pieces, and the bytes live in the I/O's
+            // buffer, whose refs count this entry, until it completes.
+            self.entries.push(entry.user_data(token));
+        }
+        self.local_in_flight += planned.pieces.len();
+        self.local_ops[index as usize] = Some(LocalOp {
+            req,
+            io,
+            replica,
+            pending: planned.pieces.len(),
+            planned,
+            moved: 0,
+            error: None,
+        });
+    }
+
+    /// The piece of a planned write to make at once, on this thread, instead of on the
+    /// ring: a small write into the page cache. A buffered write on ext4 is never
+    /// started without blocking, so the ring hands it to a kernel worker, and the
+    /// hand-off (a wake-up, a thread switch each way) costs more than the copy into
+    /// the page cache it carries; on 2 CPUs that CPU was the client's. Writes with
+    /// FUA (an fdatasync each), around the page cache, larger than
+    /// [`INLINE_WRITE_MAX`], or not in whole pages (the kernel would read the rest of
+    /// a page from disk first) take the ring.
+    fn inline_write(planned: &LocalIo, fua: bool) -> Option<&horn_replica::shared::FilePiece> {
+        const PAGE: u64 = 4096;
+        match planned.pieces.as_slice() {
+            [piece]
+                if planned.kind == LocalKind::Write
+                    && !fua
+                    && !piece.direct
+                    && piece.len <= INLINE_WRITE_MAX
+                    && piece.file_offset % PAGE == 0
+                    && piece.len as u64 % PAGE == 0 =>
+            {
+                Some(piece)
+            }
+            _ => None,
+        }
+    }
+
+    /// Queues an in-process replica's reply, unless its request was settled without it.
+    fn local_reply(&mut self, req: ReqId, reply: Reply) {
+        if self.reqs.remove(&req).is_some() {
+            self.local_replies.push_back((req, reply));
+        }
+    }
+
+    /// A file operation of local op `index` finished with `res`.
+    fn on_local(&mut self, index: usize, res: i32) {
+        let Some(op) = self.local_ops.get(index).and_then(Option::as_ref) else {
+            return tracing::error!(index, "completion for a local operation this queue never issued");
+        };
+        let (io, holds_buf) = (op.io, op.planned.kind != LocalKind::Flush);
+        if let Some((req, reply)) = self.local_entry_done(index, res) {
+            let closed = self.reqs.get(&req).is_none_or(|&(_, r)| self.conns[r].closed);
+            if closed {
+                self.reqs.remove(&req);
+            } else {
+                self.local_reply(req, reply);
+            }
+            self.run_actions();
+        }
+        if holds_buf {
+            self.release(io);
+        }
+    }
+
+    /// Counts a finished file operation of local op `index`; after its last one,
+    /// finishes the I/O on the replica and returns the replica's answer.
+    fn local_entry_done(&mut self, index: usize, res: i32) -> Option<(ReqId, Reply)> {
+        self.local_in_flight -= 1;
+        let op = self.local_ops.get_mut(index)?.as_mut()?;
+        match res {
+            r if r < 0 => {
+                op.error.get_or_insert(std::io::Error::from_raw_os_error(-r));
+            }
+            r => op.moved += r as usize,
+        }
+        op.pending -= 1;
+        if op.pending > 0 {
+            return None;
+        }
+        let op = self.local_ops[index].take().expect("checked");
+        self.local_free.push(index as u32);
+        let expected: usize = op.planned.pieces.iter().map(|p| p.len).sum();
+        let what = match op.planned.kind {
+            LocalKind::Read => "read",
+            LocalKind::Write => "write",
+            LocalKind::Flush => "fdatasync",
+        };
+        let dir = op.replica.dir().display().to_string();
+        let failure = match (op.error, op.moved) {
+            (Some(e), _) => Some(format!("{what} of replica {dir}: {e}")),
+            (None, moved) if moved != expected => Some(format!(
+                "{what} of replica {dir}: short transfer: {moved} of {expected} bytes"
+            )),
+            (None, _) => None,
+        };
+        let finished = op.replica.finish(op.planned, failure.is_none());
+        let reply = match (failure, finished) {
+            (Some(why), _) => Reply::Failed(why),
+            (None, Err(e)) => Reply::Failed(e.to_string()),
+            (None, Ok(())) => Reply::Ok,
+        };
+        Some((op.req, reply))
+    }
+}
+
+impl Drop for EngineQueue {
+    /// Lets in-process replicas know of I/Os a driver dropped without waiting for
+    /// (their writes count as never made), so their chain operations are not refused
+    /// for ever.
+    fn drop(&mut self) {
+        for op in self.local_ops.drain(..).flatten() {
+            let _ = op.replica.finish(op.planned, false);
+        }
+    }
+}
+
+/// What a replica's answer means to the replica set.
+fn reply_for(status: Status, text: String) -> Reply {
+    match status {
+        Status::Ok => Reply::Ok,
+        Status::StaleGeneration => Reply::StaleGeneration,
+        Status::OutOfRange | Status::Misaligned | Status::BadRequest => Reply::Refused(text),
+        Status::IoError | Status::Unavailable => Reply::Failed(text),
     }
 }

@@ -267,6 +267,7 @@ struct FullFeature {
     target: Arc<Target>,
     sock: TcpStream,
     ring: IoUring,
+    waiter: horn_engine::volume::Waiter,
     volume: QueueVolume,
     lun: Rc<Lun<QueueVolume>>,
     nexus: Rc<Nexus>,
@@ -298,6 +299,7 @@ impl FullFeature {
     fn new(target: Arc<Target>, sock: TcpStream, seq: Seq, n: Negotiated) -> Result<FullFeature> {
         let (ring, _) = horn_replica::new_thread_ring(256)?;
         ring.submitter().register_enable_rings()?;
+        horn_replica::widen_io_workers(&ring);
         let volume = QueueVolume::new(EngineQueue::open(&target.engine)?);
         let lun = Rc::new(Lun {
             info: target.lun.clone(),
@@ -313,6 +315,7 @@ impl FullFeature {
             target,
             sock,
             ring,
+            waiter: Default::default(),
             volume,
             lun,
             nexus: Rc::new(nexus),
@@ -442,8 +445,9 @@ impl FullFeature {
     }
 
     fn wait(&mut self) -> Result<()> {
-        let deadline = self.volume.with_queue(|q| q.next_deadline());
-        Ok(horn_engine::volume::submit_and_wait(&self.ring, deadline)?)
+        let (deadline, idle) = self.volume.with_queue(|q| (q.next_deadline(), q.pending() == 0));
+        let idle = idle && self.sending.is_none();
+        Ok(self.waiter.wait(&mut self.ring, deadline, idle)?)
     }
 
     fn reap(&mut self) -> Result<()> {
@@ -1006,11 +1010,10 @@ impl FullFeature {
             if self.ring.submit_and_wait(1).is_err() {
                 break;
             }
-            let done: Vec<u64> = self.ring.completion().map(|c| c.user_data()).collect();
-            for ud in done {
+            for (ud, res) in self.completions() {
                 if ud & OWN == 0 {
                     self.volume
-                        .with_queue(|q| q.complete_after_shutdown(Token(ud as u32)));
+                        .with_queue(|q| q.complete_after_shutdown(Token(ud as u32), res));
                 }
             }
         }

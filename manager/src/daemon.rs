@@ -33,19 +33,7 @@ pub fn serve_replica(
     // Before any thread starts, so that only the signal waiter receives them.
     let stop_signals = block_stop_signals()?;
 
-    let replica = match size {
-        Some(size) if !dir.join(horn_replica::meta::META_FILE).exists() => {
-            tracing::info!(dir = %dir.display(), size = %human_bytes(size), "creating replica");
-            Replica::create(&dir, size, sector_size)
-        }
-        _ => Replica::open(&dir),
-    }
-    .with_context(|| format!("cannot open replica {}", dir.display()))?;
-    let mut replica = replica;
-    replica
-        .set_cache_mode(cache)
-        .with_context(|| format!("cannot set the cache mode of replica {}", dir.display()))?;
-    tracing::info!(cache = %cache, "replica I/O cache mode");
+    let replica = open_replica(&dir, size, sector_size, cache)?;
     let listener = TcpListener::bind(&listen).with_context(|| format!("cannot listen on {listen}"))?;
     let addr = listener.local_addr()?;
     let control_listener =
@@ -68,9 +56,116 @@ pub fn serve_replica(
     Ok(())
 }
 
-/// Serves a volume's engine on `replicas` until SIGINT or SIGTERM: holds the volume
-/// open and serves the engine control service at `control`; with `ublk`, also serves
-/// the volume as a ublk block device. On stop, deletes the device, flushes and
+/// Opens the replica in `dir`, creating it with `size` if it holds none, and sets its
+/// cache mode.
+fn open_replica(
+    dir: &std::path::Path,
+    size: Option<u64>,
+    sector_size: u32,
+    cache: horn_replica::CacheMode,
+) -> Result<Replica> {
+    let mut replica = match size {
+        Some(size) if !dir.join(horn_replica::meta::META_FILE).exists() => {
+            tracing::info!(dir = %dir.display(), size = %human_bytes(size), "creating replica");
+            Replica::create(dir, size, sector_size)
+        }
+        _ => Replica::open(dir),
+    }
+    .with_context(|| format!("cannot open replica {}", dir.display()))?;
+    replica
+        .set_cache_mode(cache)
+        .with_context(|| format!("cannot set the cache mode of replica {}", dir.display()))?;
+    tracing::info!(dir = %dir.display(), cache = %cache, "replica I/O cache mode");
+    Ok(replica)
+}
+
+/// A replica the engine hosts in its own process (`hornd engine --host-replica`): its
+/// data I/O runs on the engine's rings, without a socket hop.
+#[derive(Debug, Clone)]
+pub struct HostedReplicaOptions {
+    /// The replica directory.
+    pub dir: PathBuf,
+    /// Address for its gRPC control service (the engine's claims and snapshots go
+    /// through it, like any replica's).
+    pub control: String,
+    /// Create it with this size if the directory holds none yet.
+    pub size: Option<u64>,
+    /// Sector size when creating.
+    pub sector_size: u32,
+    /// How its data I/O meets the page cache.
+    pub cache: horn_replica::CacheMode,
+}
+
+/// A replica hosted in this process, served until [`HostedReplica::close`].
+pub struct HostedReplica {
+    replica: Arc<horn_replica::SharedReplica>,
+    data: String,
+    grpc: std::thread::JoinHandle<()>,
+    stop: tokio::sync::oneshot::Sender<()>,
+}
+
+impl HostedReplica {
+    /// Opens (or creates) the replica, makes it reachable by this process's engine at
+    /// `inproc:DIR`, and serves its control service. Returns it and its address for
+    /// the engine (local, so preferred for reads).
+    pub fn start(opts: &HostedReplicaOptions) -> Result<(HostedReplica, ReplicaAddr)> {
+        let replica = open_replica(&opts.dir, opts.size, opts.sector_size, opts.cache)?;
+        let replica = horn_replica::SharedReplica::new(replica)
+            .with_context(|| format!("cannot share replica {}", opts.dir.display()))?;
+        let listener = TcpListener::bind(&opts.control).with_context(|| {
+            format!(
+                "cannot listen on {} for the hosted replica's control",
+                opts.control
+            )
+        })?;
+        let control = listener.local_addr()?.to_string();
+        let data = replica.host()?;
+        let (stop, stopped) = tokio::sync::oneshot::channel();
+        let handle = horn_replica::server::ServerHandle::shared(replica.clone());
+        let routes = tonic::service::Routes::new(ReplicaControlServer::new(ControlService::new(handle)));
+        let grpc = match spawn_control_service(listener, routes, stopped, false) {
+            Ok(g) => g,
+            Err(e) => {
+                horn_replica::SharedReplica::unhost(&data);
+                return Err(e);
+            }
+        };
+        tracing::info!(dir = %opts.dir.display(), control = %control, "hosting the replica in this process");
+        let addr = ReplicaAddr {
+            data: data.clone(),
+            control,
+            local: true,
+        };
+        Ok((
+            HostedReplica {
+                replica,
+                data,
+                grpc,
+                stop,
+            },
+            addr,
+        ))
+    }
+
+    /// Stops its control service, and flushes and closes it (after the engine that
+    /// used it closed).
+    pub fn close(self) -> Result<()> {
+        let _ = self.stop.send(());
+        if self.grpc.join().is_err() {
+            tracing::warn!("the hosted replica's control service thread panicked");
+        }
+        horn_replica::SharedReplica::unhost(&self.data);
+        let dir = self.replica.dir().display().to_string();
+        self.replica
+            .close()
+            .with_context(|| format!("cannot close the hosted replica {dir}"))
+    }
+}
+
+/// Serves a volume's engine on `replicas` (and on the replica it `hosted` in its own
+/// process, if any) until SIGINT or SIGTERM: holds the volume open and serves the
+/// engine control service at `control`; with `ublk`, also serves the volume as a ublk
+/// block device. On stop, deletes the device, flushes and
 /// releases the replicas. Prints `hornd engine: ...` lines once serving.
 pub fn serve_engine(
     replicas: Vec<ReplicaAddr>,
@@ -79,13 +174,32 @@ pub fn serve_engine(
     clean_intents_every: Duration,
     ublk: Option<horn_ublk::UblkOptions>,
     iscsi: Option<IscsiOptions>,
+    hosted: Option<HostedReplicaOptions>,
 ) -> Result<()> {
     let stop_signals = block_stop_signals()?;
     if ublk.is_some() {
         horn_ublk::check_available()?;
         own_mount_namespace()?;
     }
-    let (mut volume, report) = Volume::start(&replicas, timeout).context("cannot start the engine")?;
+    let mut replicas = replicas;
+    let hosted = match hosted {
+        Some(opts) => {
+            let (h, addr) = HostedReplica::start(&opts)?;
+            replicas.insert(0, addr);
+            Some(h)
+        }
+        None => None,
+    };
+    let started = Volume::start(&replicas, timeout).context("cannot start the engine");
+    let (mut volume, report) = match started {
+        Ok(v) => v,
+        Err(e) => {
+            if let Some(h) = hosted {
+                h.close()?;
+            }
+            return Err(e);
+        }
+    };
     for (r, why) in &report.skipped {
         tracing::warn!(replica = %r, reason = %why, "replica left out");
     }
@@ -162,6 +276,9 @@ pub fn serve_engine(
         }
     }
     volume.close().context("closing the volume")?;
+    if let Some(h) = hosted {
+        h.close()?;
+    }
     println!("hornd engine: stopped; replicas flushed and released");
     result
 }
@@ -260,7 +377,7 @@ fn serve_control_until_signal(
     on_stop: impl FnOnce() + Send + 'static,
 ) -> Result<std::thread::JoinHandle<()>> {
     let (shutdown_tx, shutdown_rx) = tokio::sync::oneshot::channel::<()>();
-    let grpc = spawn_control_service(listener, routes, shutdown_rx)?;
+    let grpc = spawn_control_service(listener, routes, shutdown_rx, true)?;
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
@@ -274,10 +391,14 @@ fn serve_control_until_signal(
 }
 
 /// Runs a gRPC service on its own tokio runtime thread until `shutdown`.
+/// With `graceful`, open connections are served until their clients close them;
+/// without, the service stops at once (for a service whose clients live in this
+/// process and may outlast it).
 fn spawn_control_service(
     listener: TcpListener,
     routes: tonic::service::Routes,
     shutdown: tokio::sync::oneshot::Receiver<()>,
+    graceful: bool,
 ) -> Result<std::thread::JoinHandle<()>> {
     listener.set_nonblocking(true)?;
     let thread = std::thread::Builder::new()
@@ -298,12 +419,19 @@ fn spawn_control_service(
                         return;
                     }
                 };
-                let served = tonic::transport::Server::builder()
-                    .add_routes(routes)
-                    .serve_with_incoming_shutdown(incoming, async {
-                        let _ = shutdown.await;
-                    })
-                    .await;
+                let server = tonic::transport::Server::builder().add_routes(routes);
+                let served = if graceful {
+                    server
+                        .serve_with_incoming_shutdown(incoming, async {
+                            let _ = shutdown.await;
+                        })
+                        .await
+                } else {
+                    tokio::select! {
+                        served = server.serve_with_incoming(incoming) => served,
+                        _ = shutdown => Ok(()),
+                    }
+                };
                 if let Err(e) = served {
                     tracing::error!(error = %e, "the control service failed");
                 }

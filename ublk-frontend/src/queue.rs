@@ -65,6 +65,8 @@ pub fn serve_queue(qid: u16, dev: &UblkDev, engine: &Arc<Engine>) {
             return;
         }
     };
+    // Local replicas' file I/O runs on this ring too (engine/src/queue.rs).
+    libublk::io::with_task_io_ring(horn_replica::widen_io_workers);
     let fetch = BufDescList::Slices((!user_copy).then_some(&bufs));
     let queue = match queue.submit_fetch_commands_unified(fetch) {
         Ok(q) => q,
@@ -193,16 +195,14 @@ fn user_copy_entry(qid: u16, tag: u16, buf: *mut u8, len: u32, op: u32) -> squeu
     entry.user_data(UblkIOCtx::build_user_data(tag, op, 0, true))
 }
 
-/// Folds an engine token (kind in its top 2 bits, connection index below) into the
-/// 16 bits of libublk's tag field: libublk's target-data field keeps only 8 bits.
-/// An engine queue has one connection per replica, far under 2^14.
+/// Folds an engine token into the 16 bits of libublk's tag field (its target-data
+/// field keeps only 8 bits).
 fn fold(token: Token) -> u16 {
-    (((token.0 >> 30) << 14) | (token.0 & 0x3fff)) as u16
+    token.fold16()
 }
 
 fn unfold(tag: u16) -> Token {
-    let tag = tag as u32;
-    Token(((tag >> 14) << 30) | (tag & 0x3fff))
+    Token::unfold16(tag)
 }
 
 /// A periodic timerfd whose reads wake the queue's loop (a plain io_uring timeout
@@ -294,9 +294,9 @@ mod tests {
 
     #[test]
     fn tokens_survive_the_fold_into_a_ublk_tag() {
-        for kind in 1..4u32 {
-            for index in [0u32, 1, 2, 1000, 0x3fff] {
-                let t = Token((kind << 30) | index);
+        for kind in 1..5u32 {
+            for index in [0u32, 1, 2, 1000, 0x1fff] {
+                let t = Token((kind << 29) | index);
                 let ud = UblkIOCtx::build_user_data(fold(t), OP_ENGINE, 0, true);
                 assert_eq!(unfold(UblkIOCtx::user_data_to_tag(ud) as u16), t);
                 assert_eq!(UblkIOCtx::user_data_to_op(ud), OP_ENGINE);

@@ -62,8 +62,21 @@ enum Command {
 #[derive(Args)]
 struct UblkEngine {
     /// A replica as DATA_ADDR,CONTROL_ADDR[,local]; repeat for each.
-    #[arg(long = "replica", required = true)]
+    #[arg(long = "replica", required_unless_present = "host_replica")]
     replicas: Vec<String>,
+    /// Host the replica in this directory inside the engine's process (`hornd engine
+    /// --host-replica`): its I/O runs on the device's queue rings, with no socket hop.
+    #[arg(long, value_name = "DIR")]
+    host_replica: Option<PathBuf>,
+    /// Address for the hosted replica's control service.
+    #[arg(long, default_value = "127.0.0.1:9502", requires = "host_replica")]
+    host_replica_control: String,
+    /// Create the hosted replica with this size if its directory holds none yet.
+    #[arg(long, requires = "host_replica")]
+    host_replica_size: Option<String>,
+    /// The hosted replica's cache mode: direct or page.
+    #[arg(long, default_value = "direct", requires = "host_replica")]
+    host_replica_cache: horn_replica::CacheMode,
     /// The volume's name.
     #[arg(long, default_value = "volume")]
     name: String,
@@ -730,6 +743,10 @@ fn run_ublk(json: bool, cmd: UblkCmd) -> Result<()> {
 fn start_engine(engine: &UblkEngine, args: &[String]) -> Result<String> {
     let UblkEngine {
         replicas,
+        host_replica,
+        host_replica_control,
+        host_replica_size,
+        host_replica_cache,
         name,
         control,
         log_dir,
@@ -754,6 +771,14 @@ fn start_engine(engine: &UblkEngine, args: &[String]) -> Result<String> {
     .args(args);
     for r in replicas {
         cmd.args(["--replica", r]);
+    }
+    if let Some(dir) = host_replica {
+        cmd.arg("--host-replica").arg(dir);
+        cmd.args(["--host-replica-control", host_replica_control]);
+        cmd.args(["--host-replica-cache", &host_replica_cache.to_string()]);
+        if let Some(size) = host_replica_size {
+            cmd.args(["--host-replica-size", size]);
+        }
     }
     let mut child = cmd
         .stdin(std::process::Stdio::null())

@@ -20,6 +20,8 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once at startup: the engine's many flags make its variant large, harmlessly.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Serve one replica directory (the data wire and its control service) until SIGINT
@@ -52,8 +54,26 @@ enum Command {
     Engine {
         /// A replica as DATA_ADDR,CONTROL_ADDR[,local] (its `hornd replica --listen`
         /// and `--control`); repeat for each.
-        #[arg(long = "replica", required = true)]
+        #[arg(long = "replica", required_unless_present = "host_replica")]
         replicas: Vec<horn_engine::volume::ReplicaAddr>,
+        /// Host the replica in this directory inside the engine's process: its reads
+        /// and writes run on the engine's own rings, with no socket or process hop
+        /// (the replica on the engine's node). Its control service is served at
+        /// `--host-replica-control`.
+        #[arg(long, value_name = "DIR")]
+        host_replica: Option<PathBuf>,
+        /// Address for the hosted replica's gRPC control service.
+        #[arg(long, default_value = "127.0.0.1:9502", requires = "host_replica")]
+        host_replica_control: String,
+        /// Create the hosted replica with this size if its directory holds none yet.
+        #[arg(long, value_parser = parse_size, requires = "host_replica")]
+        host_replica_size: Option<u64>,
+        /// The hosted replica's sector size when creating: 512 or 4096.
+        #[arg(long, default_value_t = 512, requires = "host_replica")]
+        host_replica_sector_size: u32,
+        /// How the hosted replica's I/O meets the page cache (as `hornd replica --cache`).
+        #[arg(long, default_value = "direct", requires = "host_replica")]
+        host_replica_cache: horn_replica::CacheMode,
         /// Address for the engine control service.
         #[arg(long, default_value = "127.0.0.1:9600")]
         control: String,
@@ -163,6 +183,11 @@ fn main() -> ExitCode {
         } => serve_replica(dir, listen, control, size, sector_size, cache),
         Command::Engine {
             replicas,
+            host_replica,
+            host_replica_control,
+            host_replica_size,
+            host_replica_sector_size,
+            host_replica_cache,
             control,
             timeout,
             clean_intents_every,
@@ -232,6 +257,13 @@ fn main() -> ExitCode {
                         std::time::Duration::from_secs(clean_intents_every),
                         ublk,
                         iscsi,
+                        host_replica.map(|dir| horn_manager::daemon::HostedReplicaOptions {
+                            dir,
+                            control: host_replica_control,
+                            size: host_replica_size,
+                            sector_size: host_replica_sector_size,
+                            cache: host_replica_cache,
+                        }),
                     )
                 }
             }
