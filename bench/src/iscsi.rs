@@ -1,8 +1,10 @@
-//! `horn-bench iscsi`: Horn's iSCSI target (an engine on one replica process) against
-//! tgt serving a plain file on the same filesystem, in the same run. Two clients, with
-//! no kernel initiator needed: libiscsi's `iscsi-perf` (4 KiB random reads at QD32 and
-//! QD1), and fio through `qemu-nbd`, which bridges each LUN to fio's nbd engine (4 KiB
-//! random reads and writes at QD32).
+//! `horn-bench iscsi`: Horn's iSCSI target (an engine on one replica, hosted in its
+//! process unless `--replica-host process`) against tgt serving a plain file on the
+//! same filesystem, in the same run. Two clients, with no kernel initiator needed:
+//! libiscsi's `iscsi-perf` (4 KiB random reads at QD32 and QD1), and fio through
+//! `qemu-nbd`, which bridges each LUN to fio's nbd engine (4 KiB random reads and
+//! writes at QD32). Both sides start from a dropped page cache, and each workload runs
+//! `--rounds` times per side, alternating which goes first.
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -14,7 +16,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde_json::json;
 
-use crate::frontend::{FrontendRunArgs, FrontendVolume};
+use crate::frontend::{drop_page_cache, FrontendRunArgs, FrontendVolume};
 use crate::report::Report;
 use crate::store::{fill_plain, round2};
 
@@ -23,6 +25,46 @@ use crate::store::{fill_plain, round2};
 pub struct IscsiArgs {
     #[command(flatten)]
     run: FrontendRunArgs,
+    /// Rounds per workload: each round runs both sides, which goes first alternating;
+    /// the figures are each side's median (this machine's throughput drifts by up to
+    /// 2x between runs seconds apart).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=15))]
+    rounds: u32,
+}
+
+/// Each side's median IOPS, and every round's pair (Horn, peer).
+type Figures = (f64, f64, Vec<(f64, f64)>);
+
+/// Runs `horn` and `peer` for `rounds` rounds, alternating which goes first, and
+/// returns each side's median and every round's pair.
+fn rounds(
+    rounds: u32,
+    mut horn: impl FnMut() -> Result<f64>,
+    mut peer: impl FnMut() -> Result<f64>,
+) -> Result<Figures> {
+    let mut pairs = Vec::new();
+    for r in 0..rounds {
+        let pair = if r % 2 == 0 {
+            let h = horn()?;
+            (h, peer()?)
+        } else {
+            let p = peer()?;
+            (horn()?, p)
+        };
+        pairs.push(pair);
+    }
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        let n = v.len();
+        if n % 2 == 1 {
+            v[n / 2]
+        } else {
+            (v[n / 2 - 1] + v[n / 2]) / 2.0
+        }
+    };
+    let h = median(pairs.iter().map(|p| p.0).collect());
+    let p = median(pairs.iter().map(|p| p.1).collect());
+    Ok((h, p, pairs))
 }
 
 /// A child process killed when dropped.
@@ -239,12 +281,14 @@ pub fn run(args: IscsiArgs) -> Result<()> {
     let tgt_bridge = nbd_bridge(&tgt_url, tgt_nbd)?;
     eprintln!("filling the volume through the target");
     fio_nbd(horn_nbd, "write", "1M", 8, None, args.run.size)?;
+    // tgt's file was written around the page cache, Horn's volume through it.
+    drop_page_cache();
 
     let mut report = Report {
         json: args.run.json,
         rows: Vec::new(),
     };
-    let mut emit = |workload: &str, client: &str, peer: f64, horn: f64| {
+    let mut emit = |workload: &str, client: &str, (horn, peer, pairs): Figures| {
         report.emit(json!({
             "bench": "iscsi",
             "part": "io",
@@ -252,10 +296,12 @@ pub fn run(args: IscsiArgs) -> Result<()> {
             "client": client,
             "replicas": 1,
             "replica_cache": args.run.replica_cache.to_string(),
+            "replica_host": args.run.replica_host.to_string(),
             "iops": horn.round(),
             "peer": "tgt (Debian's tgtd) serving a plain file on the same filesystem",
             "peer_iops": peer.round(),
             "ratio": round2(horn / peer),
+            "rounds": pairs.iter().map(|&(h, p)| json!({"iops": h.round(), "peer_iops": p.round()})).collect::<Vec<_>>(),
             "size_bytes": args.run.size,
             "runtime_s": args.run.runtime,
         }));
@@ -264,16 +310,16 @@ pub fn run(args: IscsiArgs) -> Result<()> {
         ("randread-4k-qd32", "randread", 32),
         ("randwrite-4k-qd32", "randwrite", 32),
     ] {
-        let horn = fio_nbd(horn_nbd, rw, "4k", depth, Some(args.run.runtime), args.run.size)?;
-        let peer = fio_nbd(tgt_nbd, rw, "4k", depth, Some(args.run.runtime), args.run.size)?;
-        emit(name, "fio nbd engine through qemu-nbd", peer, horn);
+        let run = |port| fio_nbd(port, rw, "4k", depth, Some(args.run.runtime), args.run.size);
+        let figures = rounds(args.rounds, || run(horn_nbd), || run(tgt_nbd))?;
+        emit(name, "fio nbd engine through qemu-nbd", figures);
     }
     drop(horn_bridge);
     drop(tgt_bridge);
     for (name, depth) in [("randread-4k-qd32", 32), ("randread-4k-qd1", 1)] {
-        let horn = iscsi_perf(&horn_url, depth, args.run.runtime)?;
-        let peer = iscsi_perf(&tgt_url, depth, args.run.runtime)?;
-        emit(name, "iscsi-perf", peer, horn);
+        let run = |url: &str| iscsi_perf(url, depth, args.run.runtime);
+        let figures = rounds(args.rounds, || run(&horn_url), || run(&tgt_url))?;
+        emit(name, "iscsi-perf", figures);
     }
     report.finish();
     target.stop(Duration::from_secs(5));

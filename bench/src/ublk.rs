@@ -143,6 +143,7 @@ fn measure(args: &UblkArgs, scratch: &Path, dev: &Path, copy: &str) -> Result<()
             "workload": name,
             "replicas": 1,
             "replica_cache": args.run.replica_cache.to_string(),
+            "replica_host": args.run.replica_host.to_string(),
             "queues": args.queues,
             "copy": copy,
             "iops": horn.iops.round(),
