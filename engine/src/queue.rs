@@ -383,6 +383,13 @@ impl EngineQueue {
             + self.local_in_flight
     }
 
+    /// Wakes this queue's driver from any thread: the queue's eventfd, whose read the
+    /// queue keeps posted, completes.
+    pub fn waker(&self) -> impl Fn() + Send + Sync + 'static {
+        let shared = self.shared.clone();
+        move || shared.wake()
+    }
+
     pub(crate) fn set_coordinating(&mut self, on: bool) {
         self.coordinating = on;
     }

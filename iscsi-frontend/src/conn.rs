@@ -300,10 +300,13 @@ impl FullFeature {
         let (ring, _) = horn_replica::new_thread_ring(256)?;
         ring.submitter().register_enable_rings()?;
         horn_replica::widen_io_workers(&ring);
-        let volume = QueueVolume::new(EngineQueue::open(&target.engine)?);
+        let queue = EngineQueue::open(&target.engine)?;
+        let wake = queue.waker();
+        let volume = QueueVolume::new(queue);
         let lun = Rc::new(Lun {
             info: target.lun.clone(),
             volume: volume.clone(),
+            wake: Arc::new(wake),
         });
         let rx_len = (n.params.target_max_recv as usize + 4096) * 4;
         let nexus = Nexus {

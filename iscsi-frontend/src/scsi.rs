@@ -230,6 +230,84 @@ pub struct LunInfo {
     pub nexuses: Mutex<Vec<(Nexus, Option<Sense>)>>,
     /// Some nexus has a unit attention pending (checked on every command).
     pub attention: std::sync::atomic::AtomicBool,
+    /// Block ranges being written, from every session.
+    pub writing: WriteRanges,
+}
+
+/// Wakes a connection's loop from another thread.
+pub type Wake = Arc<dyn Fn() + Send + Sync>;
+
+/// The block ranges commands are writing, from every session of the LUN, so that
+/// COMPARE AND WRITE is atomic against every other write to its blocks (SBC-3 §5.2;
+/// clustered filesystems take their locks with it). Each command that writes holds its
+/// range while it runs. A command whose range overlaps a held one waits, without
+/// blocking its connection's thread, until that range is let go. The connection is
+/// woken through its engine queue's eventfd. Overlapping writes run one after the
+/// other, in whatever order they got the range, which SCSI leaves open anyway.
+#[derive(Default)]
+pub struct WriteRanges {
+    inner: Mutex<Ranges>,
+}
+
+#[derive(Default)]
+struct Ranges {
+    /// (first block, end block, id).
+    held: Vec<(u64, u64, u64)>,
+    next_id: u64,
+    /// Connections with a command waiting, woken at the next release.
+    waiting: Vec<Wake>,
+}
+
+impl std::fmt::Debug for WriteRanges {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WriteRanges").field("held", &self.held()).finish()
+    }
+}
+
+impl WriteRanges {
+    /// Holds blocks `[start, end)` unless a held range overlaps them. In that case
+    /// `wake` is called when some range is let go.
+    fn try_hold(&self, start: u64, end: u64, wake: &Wake) -> Option<u64> {
+        let mut r = self.inner.lock().unwrap();
+        if r.held.iter().any(|&(s, e, _)| s < end && start < e) {
+            r.waiting.push(wake.clone());
+            return None;
+        }
+        r.next_id += 1;
+        let id = r.next_id;
+        r.held.push((start, end, id));
+        Some(id)
+    }
+
+    fn release(&self, id: u64) {
+        let waiting = {
+            let mut r = self.inner.lock().unwrap();
+            if let Some(i) = r.held.iter().position(|h| h.2 == id) {
+                r.held.swap_remove(i);
+            }
+            std::mem::take(&mut r.waiting)
+        };
+        for wake in waiting {
+            wake();
+        }
+    }
+
+    /// Ranges held now (for tests and diagnostics).
+    pub fn held(&self) -> usize {
+        self.inner.lock().unwrap().held.len()
+    }
+}
+
+/// A held range, let go when dropped.
+struct HeldRange<'a> {
+    ranges: &'a WriteRanges,
+    id: u64,
+}
+
+impl Drop for HeldRange<'_> {
+    fn drop(&mut self) {
+        self.ranges.release(self.id);
+    }
 }
 
 impl LunInfo {
@@ -251,6 +329,7 @@ impl LunInfo {
             prevent: Mutex::new(Vec::new()),
             nexuses: Mutex::new(Vec::new()),
             attention: std::sync::atomic::AtomicBool::new(false),
+            writing: WriteRanges::default(),
         }
     }
 
@@ -403,6 +482,8 @@ pub struct Lun<V> {
     pub info: Arc<LunInfo>,
     /// The volume, on this connection's engine queue.
     pub volume: V,
+    /// Wakes this connection's loop (a command waiting for a block range).
+    pub wake: Wake,
 }
 
 impl<V: BlockVolume> Lun<V> {
@@ -424,6 +505,10 @@ impl<V: BlockVolume> Lun<V> {
                 return Response::conflict();
             }
         }
+        let _held = match self.written_range(cdb) {
+            Some((start, end)) => Some(self.hold(start, end).await),
+            None => None,
+        };
         match op {
             0x00 => Response::good(),
             0x03 => self.request_sense(cdb),
@@ -454,6 +539,36 @@ impl<V: BlockVolume> Lun<V> {
             0xa3 if cdb[1] & 0x1f == 0x0c => self.report_opcodes(cdb),
             _ => Response::check(Sense::INVALID_OPCODE),
         }
+    }
+
+    /// The blocks a writing command may change, `[start, end)`: for UNMAP, whose
+    /// ranges are in its data, the whole LUN.
+    fn written_range(&self, cdb: &[u8; 16]) -> Option<(u64, u64)> {
+        let op = cdb[0];
+        if !writes(op) || matches!(op, 0x35 | 0x91) {
+            return None;
+        }
+        if op == 0x42 {
+            return Some((0, u64::MAX));
+        }
+        let (lba, n, _) = rw_args(cdb)?;
+        match n {
+            // WRITE SAME of zero blocks runs to the end of the LUN.
+            0 if matches!(op, 0x41 | 0x93) => Some((lba, u64::MAX)),
+            0 => None,
+            n => Some((lba, lba.saturating_add(n))),
+        }
+    }
+
+    /// Waits until blocks `[start, end)` are held by this command.
+    async fn hold(&self, start: u64, end: u64) -> HeldRange<'_> {
+        let ranges = &self.info.writing;
+        let id = std::future::poll_fn(|_| match ranges.try_hold(start, end, &self.wake) {
+            Some(id) => std::task::Poll::Ready(id),
+            None => std::task::Poll::Pending,
+        })
+        .await;
+        HeldRange { ranges, id }
     }
 
     fn request_sense(&self, cdb: &[u8; 16]) -> Response {
@@ -1005,8 +1120,8 @@ impl<V: BlockVolume> Lun<V> {
         let Some(data) = data.filter(|_| n > 0) else {
             return Response::good();
         };
-        // Atomic against this connection's other commands only if they do not
-        // overlap it; commands of other sessions may interleave (see docs/iscsi.md).
+        // Atomic: every write to these blocks, from any session, waits for this one's
+        // range (`execute`).
         let on_disk = match self.read_blocks(lba, n).await {
             Ok(b) => b,
             Err(r) => return r,

@@ -420,3 +420,74 @@ fn writes_waiting_for_data_are_bounded_with_task_set_full() {
         break;
     }
 }
+
+/// COMPARE AND WRITE(16) of one block at `lba`: `expect` must be there for `new` to
+/// replace it.
+fn compare_and_write(i: &mut Initiator, lba: u64, expect: &[u8], new: &[u8]) -> common::iscsi::Reply {
+    let mut cdb = [0u8; 16];
+    cdb[0] = 0x89;
+    cdb[2..10].copy_from_slice(&lba.to_be_bytes());
+    cdb[13] = 1;
+    i.command(&cdb, &[expect, new].concat(), 0)
+}
+
+#[test]
+fn compare_and_write_is_atomic_across_sessions() {
+    // Sessions bump a counter in block 0 with read, then COMPARE AND WRITE of the value
+    // read to the value plus one, retrying on a miscompare; another session keeps
+    // writing block 1 meanwhile. If a compare and its write could be split by another
+    // session's, two bumps from one value would both succeed and the count would come
+    // up short.
+    let dir = tempfile::tempdir().unwrap();
+    let r = replicas(dir.path(), 3);
+    let t = start_target(&r.iter().collect::<Vec<_>>(), &[]).unwrap();
+    const BUMPS: u64 = 150;
+    const SESSIONS: usize = 3;
+    let block = |v: u64| {
+        let mut b = vec![0u8; 512];
+        b[..8].copy_from_slice(&v.to_le_bytes());
+        b
+    };
+    let mut first = Initiator::login(&t.addr, IQN, None).unwrap();
+    assert_eq!(first.write10(0, &block(0)).status, 0);
+    let miscompares = std::sync::atomic::AtomicU64::new(0);
+    std::thread::scope(|s| {
+        for _ in 0..SESSIONS {
+            s.spawn(|| {
+                let mut i = Initiator::login(&t.addr, IQN, None).unwrap();
+                let mut done = 0;
+                while done < BUMPS {
+                    let now = i.read10(0, 1);
+                    assert_eq!(now.status, 0);
+                    let v = u64::from_le_bytes(now.data[..8].try_into().unwrap());
+                    let r = compare_and_write(&mut i, 0, &block(v), &block(v + 1));
+                    match (r.status, r.sense.get(2).map(|k| k & 0x0f)) {
+                        (0, _) => done += 1,
+                        (2, Some(0x0e)) => {
+                            miscompares.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                        other => panic!("COMPARE AND WRITE: {other:?}"),
+                    }
+                }
+            });
+        }
+        s.spawn(|| {
+            let mut i = Initiator::login(&t.addr, IQN, None).unwrap();
+            for n in 0..300u64 {
+                assert_eq!(i.write10(1, &block(n)).status, 0);
+            }
+        });
+    });
+    let end = first.read10(0, 1);
+    let count = u64::from_le_bytes(end.data[..8].try_into().unwrap());
+    eprintln!(
+        "{} bumps made, {} miscompares retried",
+        count,
+        miscompares.load(std::sync::atomic::Ordering::Relaxed)
+    );
+    assert_eq!(
+        count,
+        BUMPS * SESSIONS as u64,
+        "every successful COMPARE AND WRITE counted once"
+    );
+}
