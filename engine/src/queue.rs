@@ -24,7 +24,6 @@ use std::collections::{BTreeMap, VecDeque};
 use std::net::TcpStream;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
-use std::sync::Arc as StdArc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -125,7 +124,7 @@ struct Conn {
     /// this process.
     stream: Option<TcpStream>,
     /// The replica, when it is hosted in this process.
-    local: Option<StdArc<SharedReplica>>,
+    local: Option<Arc<SharedReplica>>,
     /// Received bytes not yet parsed are `rx[rx_start..rx_end]`.
     rx: Box<[u8; RX_LEN]>,
     rx_start: usize,
@@ -192,7 +191,7 @@ struct Slot {
 struct LocalOp {
     req: ReqId,
     io: IoId,
-    replica: StdArc<SharedReplica>,
+    replica: Arc<SharedReplica>,
     planned: LocalIo,
     /// File operations still in the ring.
     pending: usize,
@@ -983,7 +982,7 @@ impl EngineQueue {
     /// replica's lock, then puts its file operations on the ring. Requests the replica
     /// answers at once (refusals, reads of holes, discards) are answered through
     /// `local_replies`.
-    fn send_local(&mut self, replica: StdArc<SharedReplica>, req: ReqId, io: IoId, request: IoRequest) {
+    fn send_local(&mut self, replica: Arc<SharedReplica>, req: ReqId, io: IoId, request: IoRequest) {
         let generation = self.engine.generation();
         let Some(slot) = self.slots.get_mut(&io) else {
             return;
@@ -1030,7 +1029,8 @@ impl EngineQueue {
             .buf
             .as_mut()
             .map_or(std::ptr::null_mut(), |b| b.as_mut_slice().as_mut_ptr());
-        if let Some(piece) = Self::inline_write(&planned, fua) {
+        // A small page-cache write is made here and now; everything else goes on the ring.
+        let inline = Self::inline_write(&planned, fua).map(|piece| {
             // SAFETY: the replica planned the piece within the buffer, which the slot
             // holds for the length of this call.
             let res = unsafe {
@@ -1041,30 +1041,21 @@ impl EngineQueue {
                     piece.file_offset as libc::off_t,
                 )
             };
-            let res = if res < 0 {
+            if res < 0 {
                 -std::io::Error::last_os_error()
                     .raw_os_error()
                     .unwrap_or(libc::EIO)
             } else {
                 res as i32
-            };
-            self.local_in_flight += 1;
-            self.local_ops[index as usize] = Some(LocalOp {
-                req,
-                io,
-                replica,
-                pending: 1,
-                planned,
-                moved: 0,
-                error: None,
-            });
-            if let Some((req, reply)) = self.local_entry_done(index as usize, res) {
-                self.local_reply(req, reply);
             }
-            return;
-        }
+        });
         let flags = if fua { libc::RWF_DSYNC } else { 0 };
-        for piece in &planned.pieces {
+        let on_ring = if inline.is_some() {
+            &[][..]
+        } else {
+            &planned.pieces[..]
+        };
+        for piece in on_ring {
             let fd = types::Fd(piece.file.as_raw_fd());
             // SAFETY (of the `add`s): the replica planned each piece within the buffer.
             let entry = match planned.kind {
@@ -1088,16 +1079,22 @@ impl EngineQueue {
             // buffer, whose refs count this entry, until it completes.
             self.entries.push(entry.user_data(token));
         }
-        self.local_in_flight += planned.pieces.len();
+        let pending = if inline.is_some() { 1 } else { planned.pieces.len() };
+        self.local_in_flight += pending;
         self.local_ops[index as usize] = Some(LocalOp {
             req,
             io,
             replica,
-            pending: planned.pieces.len(),
+            pending,
             planned,
             moved: 0,
             error: None,
         });
+        if let Some(res) = inline {
+            if let Some((req, reply)) = self.local_entry_done(index as usize, res) {
+                self.local_reply(req, reply);
+            }
+        }
     }
 
     /// The piece of a planned write to make at once, on this thread, instead of on the
