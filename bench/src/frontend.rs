@@ -125,7 +125,7 @@ impl FrontendRunArgs {
                 (BenchReplica::Hosted(Some(h)), addr)
             }
         };
-        let (engine, _) = Engine::start(std::slice::from_ref(&addr), Duration::from_secs(8))?;
+        let (engine, _) = horn_engine::start(std::slice::from_ref(&addr), Duration::from_secs(8))?;
         Ok(FrontendVolume {
             scratch,
             replica,

@@ -20,9 +20,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use horn_engine::rebuild::{RebuildState, RebuildStatus};
+use horn_engine::rebuild::add_replica;
 use horn_engine::replica_set::IoKind;
-use horn_engine::volume::{Volume, VolumeCompletion};
+use horn_engine::{RebuildState, RebuildStatus};
+use horn_engine::{Volume, VolumeCompletion};
 use horn_manager::format::{human_bytes, parse_size};
 use horn_replica::IoBuf;
 use rand::{rngs::SmallRng, Rng, SeedableRng};
@@ -180,7 +181,7 @@ pub fn run(args: RebuildArgs) -> Result<()> {
         // SAFETY: sync takes no arguments; it starts each measurement with no dirty
         // pages left by the one before.
         unsafe { libc::sync() };
-        v.add_replica(fresh.addr.clone())?;
+        add_replica(&mut v, fresh.addr.clone())?;
         let full = wait_rebuild(&v, &fresh.addr.data)?;
         runs.push(round2(full.rate() / (1 << 20) as f64));
         if best.as_ref().is_none_or(|s| full.rate() > s.rate()) {
@@ -247,7 +248,7 @@ pub fn run(args: RebuildArgs) -> Result<()> {
     for c in out.drain(..) {
         c.result?;
     }
-    v.add_replica(b.addr.clone())?;
+    add_replica(&mut v, b.addr.clone())?;
     let delta = wait_rebuild(&v, &b.addr.data)?;
     let r = json!({
         "part": "delta",
@@ -273,7 +274,7 @@ pub fn run(args: RebuildArgs) -> Result<()> {
     std::thread::sleep(Duration::from_secs(args.load_seconds));
     let before = (done.load(Ordering::Relaxed) - n0) as f64 / t0.elapsed().as_secs_f64();
     let (n1, t1) = (done.load(Ordering::Relaxed), Instant::now());
-    v.add_replica(c.addr.clone())?;
+    add_replica(&mut v, c.addr.clone())?;
     let loaded = wait_rebuild(&v, &c.addr.data)?;
     let during = (done.load(Ordering::Relaxed) - n1) as f64 / t1.elapsed().as_secs_f64();
     stop.store(true, Ordering::Relaxed);

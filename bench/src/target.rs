@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use horn_engine::replica_set::IoKind;
-use horn_engine::volume::Volume;
+use horn_engine::Volume;
 use horn_replica::{IoBuf, Replica};
 use rand::{rngs::SmallRng, Rng, SeedableRng};
 

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use horn_engine::volume::{ReplicaAddr, Volume};
+use horn_engine::{ReplicaAddr, Volume};
 use horn_manager::format::{human_bytes, parse_size};
 use serde_json::json;
 

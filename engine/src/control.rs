@@ -16,9 +16,10 @@ use horn_proto::engine_control::{
 };
 use tonic::{Request, Response, Status};
 
-use crate::rebuild::RebuildState;
+use crate::rebuild;
 use crate::replica_set::Mode;
-use crate::volume::{ChainOp, ReplicaAddr, Volume, VolumeError};
+use crate::types::{ChainOp, RebuildState, ReplicaAddr, VolumeError};
+use crate::volume::Volume;
 
 /// A call to run on the engine's thread.
 pub type EngineCommand = Box<dyn FnOnce(&mut Volume) + Send>;
@@ -258,7 +259,7 @@ impl EngineControl for EngineControlService {
             .parse()
             .map_err(Status::invalid_argument)?;
         self.run(move |v| {
-            v.add_replica(addr)?;
+            rebuild::add_replica(v, addr)?;
             Ok(engine_info(v))
         })
         .await

@@ -1,6 +1,6 @@
 //! `Engine`: what every queue of one volume shares.
 //!
-//! A volume is served by one or more queues ([`crate::volume::Volume`]), each an
+//! A volume is served by one or more queues ([`crate::queue::EngineQueue`]), each an
 //! io_uring loop on its own thread with its own connection to every replica. They share
 //! only this: the claimed replica set (names, generation, size), which replicas have
 //! failed, and the pause gate that chain operations use to quiesce every queue.
@@ -21,15 +21,17 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
+use std::collections::HashMap;
+
 use horn_proto::control::replica_control_client::ReplicaControlClient;
 use horn_proto::control::{
-    ClaimRequest, DeleteSnapshotRequest, ExpandRequest, InfoReply, InfoRequest, PurgeRequest, ReleaseRequest,
+    DeleteSnapshotRequest, ExpandRequest, InfoReply, InfoRequest, PurgeRequest, ReleaseRequest,
     RevertRequest, SnapshotRequest,
 };
 
-use crate::rebuild::RebuildStatus;
+use crate::client::control_err;
 use crate::replica_set::{Mode, ReplicaConfig};
-use crate::volume::{ChainOp, ReplicaAddr, Result, StartReport, VolumeError};
+use crate::types::{ChainOp, IoError, RebuildStatus, ReplicaAddr, Result, VolumeError};
 
 /// One replica as the engine claimed it.
 #[derive(Debug)]
@@ -120,109 +122,36 @@ pub struct Engine {
     queues: Mutex<Vec<Arc<QueueShared>>>,
     /// One chain operation at a time.
     chain: Mutex<()>,
-    rebuilds: Mutex<crate::rebuild::Rebuilds>,
+    rebuilds: Mutex<Rebuilds>,
     runtime: tokio::runtime::Runtime,
 }
 
-/// Maps a replica's gRPC status to an engine error naming the replica.
-pub(crate) fn control_err(replica: &str) -> impl FnOnce(tonic::Status) -> VolumeError + '_ {
-    move |s| VolumeError::Control {
-        replica: replica.to_string(),
-        code: s.code(),
-        message: s.message().to_string(),
-    }
+/// The rebuilds of an engine (kept after they end, for `info`).
+#[derive(Debug, Default)]
+struct Rebuilds {
+    by_replica: HashMap<usize, RebuildStatus>,
+    running: bool,
 }
 
 impl Engine {
-    /// Claims the replicas through their control services: reads each one's state,
-    /// picks a generation above all of theirs, and leaves out replicas that are
-    /// unreachable, of another size, or behind (dirty with an older generation than the
-    /// newest: they missed the last engine's writes).
-    pub fn start(replicas: &[ReplicaAddr], timeout: Duration) -> Result<(Arc<Engine>, StartReport)> {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|source| VolumeError::System {
-                op: "starting the control runtime",
-                source,
-            })?;
-        let mut skipped = Vec::new();
-        let mut infos = Vec::new();
-        for r in replicas {
-            let url = format!("http://{}", r.control);
-            let info = runtime.block_on(async {
-                let mut c = ReplicaControlClient::connect(url)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                c.info(InfoRequest {})
-                    .await
-                    .map(|i| i.into_inner())
-                    .map_err(|s| s.message().to_string())
-            });
-            match info {
-                Ok(i) => infos.push((r.clone(), i)),
-                Err(e) => skipped.push((r.data.clone(), format!("unreachable: {e}"))),
-            }
-        }
-        let Some(size) = infos.first().map(|(_, i)| i.size) else {
-            return Err(VolumeError::NoReplica(describe(&skipped)));
-        };
-        let newest = infos.iter().map(|(_, i)| i.generation).max().unwrap_or(0);
-        let generation = newest + 1;
-        let mut claimed = Vec::new();
-        let mut sector_size = None;
-        for (r, i) in infos {
-            if i.size != size {
-                skipped.push((r.data.clone(), format!("its size {} differs from {size}", i.size)));
-                continue;
-            }
-            if i.dirty && i.generation < newest {
-                let why = format!(
-                    "behind: left dirty at generation {} while others reached {newest}",
-                    i.generation
-                );
-                skipped.push((r.data.clone(), why));
-                continue;
-            }
-            let url = format!("http://{}", r.control);
-            let claim = runtime.block_on(async {
-                let mut c = ReplicaControlClient::connect(url)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                c.claim(ClaimRequest { generation })
-                    .await
-                    .map_err(|s| s.message().to_string())
-            });
-            if let Err(e) = claim {
-                skipped.push((r.data.clone(), format!("claim refused: {e}")));
-                continue;
-            }
-            sector_size.get_or_insert(i.sector_size);
-            // A replica being rebuilt stays write-only: it may lack data its peers have.
-            let wo = i.mode == horn_proto::control::Mode::Wo as i32;
-            claimed.push(Arc::new(ClaimedReplica::new(
-                &r,
-                if wo { Mode::Wo } else { Mode::Rw },
-            )));
-        }
-        if claimed.is_empty() {
-            return Err(VolumeError::NoReplica(describe(&skipped)));
-        }
-        let mut report = StartReport {
-            generation,
-            size,
-            sector_size: sector_size.unwrap_or(512),
-            used: claimed.iter().map(|c| c.data.clone()).collect(),
-            skipped: skipped.clone(),
-            reconciled: Default::default(),
-        };
-        let engine = Engine {
+    /// The shared state of a volume whose replicas `claimed` were claimed with
+    /// `generation` (see [`crate::start`]).
+    pub(crate) fn new(
+        claimed: Vec<ClaimedReplica>,
+        generation: u64,
+        size: u64,
+        sector_size: u32,
+        timeout: Duration,
+        skipped: Vec<(String, String)>,
+        runtime: tokio::runtime::Runtime,
+    ) -> Engine {
+        Engine {
             failure_reasons: Mutex::new(vec![None; claimed.len()]),
-            replicas: RwLock::new(claimed),
+            replicas: RwLock::new(claimed.into_iter().map(Arc::new).collect()),
             membership_epoch: AtomicU64::new(0),
             generation,
             size: AtomicU64::new(size),
-            sector_size: report.sector_size,
+            sector_size,
             timeout,
             skipped,
             failure_epoch: AtomicU64::new(0),
@@ -231,21 +160,7 @@ impl Engine {
             chain: Mutex::new(()),
             rebuilds: Mutex::default(),
             runtime,
-        };
-        // Before any queue opens: no I/O is served until the replicas agree.
-        report.reconciled = engine.reconcile()?;
-        if report.reconciled.regions > 0 {
-            let r = &report.reconciled;
-            tracing::info!(
-                regions = r.regions,
-                compared = r.bytes_compared,
-                differing_blocks = r.blocks_differing,
-                copied = r.bytes_copied,
-                source = r.source.as_deref().unwrap_or("-"),
-                "reconciled the replicas where writes may have been in flight"
-            );
         }
-        Ok((Arc::new(engine), report))
     }
 
     pub(crate) fn runtime(&self) -> &tokio::runtime::Runtime {
@@ -487,7 +402,7 @@ impl Engine {
                 break;
             }
         }
-        let first = first.ok_or(VolumeError::Io(crate::replica_set::IoError::NoHealthyReplica))?;
+        let first = first.ok_or(VolumeError::Io(IoError::NoHealthyReplica))?;
         if let ChainOp::Expand(size) = *op {
             // Every replica in the set now has the new size: I/O may use it.
             self.size.store(size, Ordering::Release);
@@ -514,14 +429,6 @@ impl Engine {
             }
         }
     }
-}
-
-fn describe(skipped: &[(String, String)]) -> String {
-    skipped
-        .iter()
-        .map(|(r, why)| format!("{r}: {why}"))
-        .collect::<Vec<_>>()
-        .join("; ")
 }
 
 /// Locks a mutex that guards plain data; a panic elsewhere does not poison its use.

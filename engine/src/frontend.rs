@@ -19,12 +19,13 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 
-use horn_replica::IoBuf;
+use horn_uring::IoBuf;
 
 use crate::engine::Engine;
 use crate::queue::EngineQueue;
 use crate::replica_set::IoKind;
-use crate::volume::{QueueRing, Result, VolumeCompletion, VolumeError};
+use crate::ring::QueueRing;
+use crate::types::{Result, VolumeCompletion, VolumeError};
 
 /// An I/O's outcome and its buffer, handed back whether it succeeded or not.
 pub type BufResult = (Result<()>, IoBuf);

@@ -5,31 +5,57 @@
 //! in [`replica_set::ReplicaSet`], a state machine with no I/O (events in, actions
 //! out) that a deterministic simulator drives with seeded faults in the tests.
 //!
-//! - [`Engine`] (engine.rs): what a volume's queues share: the claimed replicas, the
-//!   generation, which replicas failed, and the pause gate for chain operations;
-//! - [`EngineQueue`] (queue.rs): one queue's replica connections and I/Os, turned into
-//!   io_uring entries for whichever ring the queue's thread runs;
-//! - [`volume::Volume`] (volume.rs): a queue driven on a ring of its own, with blocking
-//!   helpers and the chain operations;
-//! - [`frontend`] (frontend.rs): the narrow async interface frontends serve;
-//! - [`rebuild`] (rebuild.rs): adding a replica to a running volume, synced online;
-//! - [`recovery`] (recovery.rs): reconciliation after a crash (write-intent records),
-//!   and comparing replicas by checksum;
-//! - [`control`] (control.rs): the engine's gRPC control service.
+//! The modules form a ladder: each imports only from the floors below it.
+//! 1. [`types`]: the vocabulary (addresses, errors, reports, chain operations);
+//! 2. [`replica_set`]: the replication rules, without I/O;
+//! 3. `client`: the replicas' control services as the engine calls them;
+//! 4. [`engine`]: what a volume's queues share: the claimed replicas, the generation,
+//!    which replicas failed, and the pause gate for chain operations;
+//! 5. [`queue`]: one queue's replica connections and I/Os, turned into io_uring
+//!    entries for whichever ring the queue's thread runs ([`EngineQueue`]);
+//! 6. `ring`: a queue driven on a ring of the engine's own (over `horn_uring`);
+//! 7. [`recovery`]: reconciliation after a crash (write-intent records), and comparing
+//!    replicas by checksum;
+//! 8. [`start`](mod@start): claiming and reconciling the replicas of a new engine;
+//! 9. [`volume`]: a queue on its own ring, with blocking helpers and the operations
+//!    that pause the volume (chain operations, verify, intent clearing);
+//! 10. [`rebuild`]: adding a replica to a running volume, synced online;
+//! 11. [`frontend`]: the narrow async interface frontends serve, and [`control`]: the
+//!     engine's gRPC control service.
 //!
 //! It must never acknowledge a write that no healthy replica holds, serve a read from
 //! a replica that may have missed writes, or hang an I/O when replicas vanish.
 
 #![warn(missing_docs)]
 
-pub mod control;
-pub mod engine;
-pub mod frontend;
-pub mod queue;
-pub mod rebuild;
-pub mod recovery;
+pub mod types;
+
 pub mod replica_set;
+
+mod client;
+
+pub mod engine;
+
+pub mod queue;
+
+mod ring;
+
+pub mod recovery;
+
+pub mod start;
+
 pub mod volume;
+
+pub mod rebuild;
+
+pub mod control;
+pub mod frontend;
 
 pub use engine::Engine;
 pub use queue::{EngineQueue, Token};
+pub use start::start;
+pub use types::{
+    ChainOp, Difference, IoError, RebuildState, RebuildStatus, ReconcileReport, ReplicaAddr, Result,
+    StartReport, VerifyReport, VolumeCompletion, VolumeError, MAX_DIFFERENCES,
+};
+pub use volume::Volume;

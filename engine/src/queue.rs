@@ -30,12 +30,12 @@ use std::time::{Duration, Instant};
 use horn_proto::batch::{Message, SendBatch, TwoPartRecv};
 use horn_proto::wire::{Header, Op, Status, FLAG_FUA, HEADER_LEN, MAX_IO_LEN};
 use horn_replica::shared::{LocalIo, LocalKind, SharedReplica};
-use horn_replica::IoBuf;
+use horn_uring::IoBuf;
 use io_uring::{opcode, squeue, types};
 
 use crate::engine::{Engine, QueueShared};
 use crate::replica_set::{Action, IoId, IoKind, IoRequest, Mode, ReplicaConfig, ReplicaSet, Reply, ReqId};
-use crate::volume::{Result, VolumeCompletion, VolumeError};
+use crate::types::{Result, VolumeCompletion, VolumeError};
 
 /// Names one of the queue's ring entries; the driver gives it back with the entry's
 /// result. It fits in 32 bits so a frontend can fold it into its own user data.

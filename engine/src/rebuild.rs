@@ -1,6 +1,6 @@
 //! Online rebuild: adding a replica to a running volume.
 //!
-//! 1. [`Volume::add_replica`](crate::volume::Volume::add_replica) checks the new
+//! 1. [`add_replica`] checks the new
 //!    replica (reachable, same size and sector size), claims it with the engine's
 //!    generation and makes it WO (durably: it refuses reads until it is whole).
 //! 2. With the volume paused, it joins the set and every replica, the new one too,
@@ -20,76 +20,142 @@
 //! Chain operations (snapshot, delete, purge, revert, expand) are refused while a
 //! rebuild runs.
 
-use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use horn_proto::control::{FinishSyncRequest, InfoRequest, SyncFromRequest};
+use horn_proto::control::replica_control_client::ReplicaControlClient;
+use horn_proto::control::{
+    ClaimRequest, FinishSyncRequest, InfoRequest, Mode as WireMode, SetModeRequest, SyncFromRequest,
+};
 
-use crate::engine::{control_err, Engine};
-use crate::recovery::{connect, copy_blocks};
+use crate::client::{connect, control_err};
+use crate::engine::{ClaimedReplica, Engine};
+use crate::recovery::copy_blocks;
 use crate::replica_set::Mode;
-use crate::volume::{ChainOp, Result, Volume, VolumeError};
+use crate::types::{ChainOp, RebuildState, RebuildStatus, ReplicaAddr, Result, VolumeError};
+use crate::volume::Volume;
 
-/// Where a rebuild is.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum RebuildState {
-    /// Copying layers.
-    Syncing,
-    /// The replica is RW.
-    Done,
-    /// Given up; why.
-    Failed(String),
-}
-
-/// One rebuild's progress, for `hornctl engine info` and `add-replica`.
-#[derive(Debug, Clone)]
-pub struct RebuildStatus {
-    /// The replica being rebuilt (data address).
-    pub replica: String,
-    /// The replica it copies from (data address).
-    pub source: String,
-    /// Where it is.
-    pub state: RebuildState,
-    /// Bytes of the source's layers gone through.
-    pub done: u64,
-    /// Bytes of the source's layers in all.
-    pub total: u64,
-    /// Bytes copied (the rest the replica held already).
-    pub copied: u64,
-    /// Blocks partial writes touched during the sync, copied whole at the end.
-    pub suspects: u64,
-    /// When it began.
-    pub started: Instant,
-    /// How long it took, once over.
-    pub elapsed: Option<Duration>,
-}
-
-impl RebuildStatus {
-    /// Bytes per second so far.
-    pub fn rate(&self) -> f64 {
-        let secs = self
-            .elapsed
-            .unwrap_or_else(|| self.started.elapsed())
-            .as_secs_f64();
-        if secs > 0.0 {
-            self.done as f64 / secs
-        } else {
-            0.0
+/// Adds replica `addr` to the running volume and starts rebuilding it in the
+/// background; returns once it is in the set, WO, and the rebuild snapshot is
+/// taken. A replica already in the set as WO (a rebuild
+/// an engine restart cut short) is rebuilt where it stands. Follow it with
+/// [`Engine::rebuilds`].
+pub fn add_replica(volume: &mut Volume, addr: ReplicaAddr) -> Result<()> {
+    if let Err(e) = horn_replica::SharedReplica::hosted(&addr.data) {
+        return Err(VolumeError::BadRequest(e.to_string()));
+    }
+    let engine = volume.engine().clone();
+    if engine.is_rebuilding() {
+        return Err(VolumeError::BadRequest(
+            "a rebuild is already under way; wait for it to end".into(),
+        ));
+    }
+    // A replica already in the set as WO (its rebuild was cut short, by an engine
+    // restart) is rebuilt where it stands.
+    let mut resumed = None;
+    for (i, r) in engine.replicas().iter().enumerate() {
+        if (r.data == addr.data || r.control == addr.control) && !engine.is_failed(i) {
+            if r.mode() != Mode::Wo {
+                return Err(VolumeError::BadRequest(format!(
+                    "replica {} is already in the volume, RW",
+                    addr.data
+                )));
+            }
+            resumed = Some(i);
         }
     }
-
-    /// Seconds left at the rate so far, while syncing.
-    pub fn eta(&self) -> Option<f64> {
-        let rate = self.rate();
-        (self.state == RebuildState::Syncing && rate > 0.0)
-            .then(|| self.total.saturating_sub(self.done) as f64 / rate)
+    let generation = engine.generation();
+    let control = addr.control.clone();
+    let err = |s: tonic::Status| VolumeError::Control {
+        replica: control.clone(),
+        code: s.code(),
+        message: s.message().to_string(),
+    };
+    let info = engine.runtime().block_on(async {
+        let mut c = ReplicaControlClient::connect(format!("http://{}", addr.control))
+            .await
+            .map_err(|e| tonic::Status::unavailable(format!("unreachable: {e}")))?;
+        let info = c.info(InfoRequest {}).await?.into_inner();
+        if info.size != engine.size() || info.sector_size != engine.sector_size() {
+            return Err(tonic::Status::invalid_argument(format!(
+                "it holds {} bytes in {}-byte sectors; the volume has {} in {}-byte sectors",
+                info.size,
+                info.sector_size,
+                engine.size(),
+                engine.sector_size()
+            )));
+        }
+        if info.generation > generation {
+            return Err(tonic::Status::failed_precondition(format!(
+                "it belongs to a newer engine (generation {} above this one's {generation})",
+                info.generation
+            )));
+        }
+        if resumed.is_some() {
+            return Ok(());
+        }
+        c.claim(ClaimRequest { generation }).await?;
+        c.set_mode(SetModeRequest {
+            generation,
+            mode: WireMode::Wo as i32,
+        })
+        .await?;
+        Ok(())
+    });
+    info.map_err(err)?;
+    let snapshot = format!(
+        "rebuild-{}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis())
+    );
+    let joined = volume.paused(true, |e| {
+        let i = match resumed {
+            Some(i) => i,
+            None => e.add_replica(ClaimedReplica::new(&addr, Mode::Wo)),
+        };
+        let labels = [("horn.system".to_string(), "rebuild".to_string())].into();
+        match e.run_chain_op(&ChainOp::Snapshot {
+            name: snapshot.clone(),
+            labels,
+        }) {
+            Ok(_) => Ok(i),
+            Err(err) => {
+                e.mark_failed(i, &format!("the rebuild snapshot failed: {err}"));
+                Err(err)
+            }
+        }
+    })?;
+    let status = RebuildStatus {
+        replica: addr.data.clone(),
+        source: String::new(),
+        state: RebuildState::Syncing,
+        done: 0,
+        total: 0,
+        copied: 0,
+        suspects: 0,
+        started: std::time::Instant::now(),
+        elapsed: None,
+    };
+    engine.begin_rebuild(status, joined)?;
+    let thread_engine = engine.clone();
+    let spawned = std::thread::Builder::new()
+        .name("rebuild".into())
+        .spawn(move || run(thread_engine, joined, snapshot));
+    if let Err(e) = spawned {
+        engine.end_rebuild();
+        engine.mark_failed(joined, "the rebuild thread could not start");
+        return Err(VolumeError::System {
+            op: "starting the rebuild thread",
+            source: e,
+        });
     }
+    Ok(())
 }
 
 /// Runs a rebuild of replica `target` (joined, WO, snapshot taken) to its end, on
 /// the calling thread.
-pub(crate) fn run(engine: Arc<Engine>, target: usize, snapshot: String) {
+fn run(engine: Arc<Engine>, target: usize, snapshot: String) {
     let outcome = sync_and_finish(&engine, target, &snapshot);
     engine.update_rebuild(target, |s| {
         s.elapsed = Some(s.started.elapsed());
@@ -229,11 +295,4 @@ fn sync_and_finish(engine: &Arc<Engine>, target: usize, snapshot: &str) -> Resul
         tracing::warn!(snapshot, error = %e, "rebuild: could not mark the rebuild snapshot deleted");
     }
     v.close()
-}
-
-/// The rebuilds of an engine, newest last (kept after they end, for `info`).
-#[derive(Debug, Default)]
-pub(crate) struct Rebuilds {
-    pub(crate) by_replica: HashMap<usize, RebuildStatus>,
-    pub(crate) running: bool,
 }

@@ -2,81 +2,36 @@
 //! verification, and the write-intent record that makes reconciliation cheap.
 //!
 //! - **Write intent** (`horn_replica::intent`): each replica marks a region, durably,
-//!   before it first writes there. [`Engine::clear_intents`] unmarks every region at a
+//!   before it first writes there. [`clear_intents`] unmarks every region at a
 //!   moment when no write is in flight and every replica has flushed; the caller
 //!   ([`crate::volume::Volume::clean_intents`]) pauses the volume for that.
-//! - **Reconciliation** ([`Engine::reconcile`]): a new engine, before any queue opens,
+//! - **Reconciliation** ([`reconcile`]): a new engine, before any queue opens,
 //!   takes the union of the regions marked on its RW replicas (only there can a write
 //!   have reached some replicas and not others), compares those regions block by block
 //!   by checksum, and copies the blocks that differ from one chosen replica to the
 //!   others. Which replica is chosen does not matter for acknowledged writes: a write
 //!   was acknowledged only once every replica had it, so every replica agrees on it.
-//! - **Verification** ([`Engine::checksums`]): the checksums of one range from every
+//! - **Verification** ([`compare_range`]): the checksums of one range from every
 //!   RW replica, for [`crate::volume::Volume::verify`], which pauses the volume around
 //!   each range so that no write lands between one replica's answer and the next.
 
-use horn_proto::control::replica_control_client::ReplicaControlClient;
 use horn_proto::control::{BlocksData, BlocksRequest, ChecksumsRequest, ClearIntentsRequest, IntentsRequest};
-use tonic::transport::Channel;
 
-use crate::engine::{control_err, Engine};
+use crate::client::{connect, control_err, ControlClient, Peer};
+use crate::engine::Engine;
 use crate::replica_set::Mode;
-use crate::volume::{Result, VolumeError};
+use crate::types::{Difference, ReconcileReport, Result, VolumeError};
 
 /// Bytes moved by one range call (the replica's limit).
 const COPY_STEP: u64 = 1 << 20;
 /// Bytes per checksum.
 pub const BLOCK: u64 = 4096;
 
-/// What reconciliation found and did.
-#[derive(Debug, Clone, Default)]
-pub struct ReconcileReport {
-    /// Regions marked on at least one replica, compared.
-    pub regions: u64,
-    /// Bytes compared.
-    pub bytes_compared: u64,
-    /// Blocks found different on some replica (counted once per replica).
-    pub blocks_differing: u64,
-    /// Bytes copied from the chosen replica to the others.
-    pub bytes_copied: u64,
-    /// The replica the others were made equal to.
-    pub source: Option<String>,
-}
-
-/// Blocks of one range whose checksum differs from the first replica's, as runs.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Difference {
-    /// Byte offset of the run.
-    pub offset: u64,
-    /// Byte length of the run.
-    pub len: u64,
-    /// Data addresses of the replicas whose blocks differ from the first one's.
-    pub replicas: Vec<String>,
-}
-
-/// A replica's control client, with its addresses for messages.
-pub(crate) struct Peer {
-    control: String,
-    data: String,
-    client: ReplicaControlClient<Channel>,
-}
-
-/// Connects to a replica's control service.
-pub(crate) async fn connect(control: &str) -> Result<ReplicaControlClient<Channel>> {
-    ReplicaControlClient::connect(format!("http://{control}"))
-        .await
-        .map_err(|e| VolumeError::Control {
-            replica: control.to_string(),
-            code: tonic::Code::Unavailable,
-            message: e.to_string(),
-        })
-}
-
 /// Copies whole 4 KiB `blocks` (ascending) from one replica to another, 1 MiB per call.
 /// Each side is its client and control address (for messages).
 pub(crate) async fn copy_blocks(
-    from: (&mut ReplicaControlClient<Channel>, &str),
-    to: (&mut ReplicaControlClient<Channel>, &str),
+    from: (&mut ControlClient, &str),
+    to: (&mut ControlClient, &str),
     blocks: &[u64],
     generation: u64,
 ) -> Result<()> {
@@ -117,183 +72,178 @@ pub fn differing_runs(base: &[u64], other: &[u64]) -> Vec<(u64, u64)> {
     runs
 }
 
-impl Engine {
-    /// Control clients of the RW replicas that have not failed.
-    pub(crate) fn rw_peers(&self) -> Result<Vec<Peer>> {
-        self.peers(false)
+/// Control clients of the replicas that have not failed, WO ones too if asked.
+pub(crate) fn peers(engine: &Engine, with_wo: bool) -> Result<Vec<Peer>> {
+    let mut out = Vec::new();
+    for (i, r) in engine.replicas().iter().enumerate() {
+        if engine.is_failed(i) || (r.mode() != Mode::Rw && !with_wo) {
+            continue;
+        }
+        let client = engine.runtime().block_on(connect(&r.control))?;
+        out.push(Peer {
+            control: r.control.clone(),
+            data: r.data.clone(),
+            client,
+        });
     }
+    Ok(out)
+}
 
-    /// Control clients of the replicas that have not failed, WO ones too if asked.
-    pub(crate) fn peers(&self, with_wo: bool) -> Result<Vec<Peer>> {
-        let mut out = Vec::new();
-        for (i, r) in self.replicas().iter().enumerate() {
-            if self.is_failed(i) || (r.mode() != Mode::Rw && !with_wo) {
+/// Makes the RW replicas identical where their write-intent records say they may
+/// differ, then clears the records. Runs before any queue opens.
+pub(crate) fn reconcile(engine: &Engine) -> Result<ReconcileReport> {
+    let mut clients = peers(engine, false)?;
+    let mut report = ReconcileReport::default();
+    let mut regions = std::collections::BTreeSet::new();
+    let mut region_size = 0;
+    for Peer {
+        control, client: c, ..
+    } in clients.iter_mut()
+    {
+        let reply = engine
+            .runtime()
+            .block_on(c.intents(IntentsRequest {}))
+            .map_err(control_err(control))?
+            .into_inner();
+        region_size = reply.region_size;
+        regions.extend(reply.regions);
+    }
+    if regions.is_empty() || region_size == 0 {
+        return Ok(report);
+    }
+    report.regions = regions.len() as u64;
+    if clients.len() > 1 {
+        report.source = Some(clients[0].data.clone());
+        let size = engine.size();
+        for region in regions {
+            let offset = region * region_size;
+            if offset >= size {
                 continue;
             }
-            let client = self.runtime().block_on(connect(&r.control))?;
-            out.push(Peer {
-                control: r.control.clone(),
-                data: r.data.clone(),
-                client,
+            let len = region_size.min(size - offset);
+            reconcile_range(engine, &mut clients, offset, len, &mut report)?;
+        }
+    }
+    // Each replica flushes before it clears; a crash half way leaves marks on the
+    // others, and the union still covers every region.
+    let generation = engine.generation();
+    for Peer {
+        control, client: c, ..
+    } in clients.iter_mut()
+    {
+        engine
+            .runtime()
+            .block_on(c.clear_intents(ClearIntentsRequest { generation }))
+            .map_err(control_err(control))?;
+    }
+    Ok(report)
+}
+
+fn reconcile_range(
+    engine: &Engine,
+    clients: &mut [Peer],
+    offset: u64,
+    len: u64,
+    report: &mut ReconcileReport,
+) -> Result<()> {
+    let sums = checksums_of(engine, clients, offset, len)?;
+    report.bytes_compared += len;
+    let generation = engine.generation();
+    let (source, targets) = clients.split_first_mut().expect("two clients or more");
+    for (t, Peer { control, client, .. }) in targets.iter_mut().enumerate() {
+        let blocks: Vec<u64> = differing_runs(&sums[0], &sums[t + 1])
+            .into_iter()
+            .flat_map(|(first, count)| offset / BLOCK + first..offset / BLOCK + first + count)
+            .collect();
+        report.blocks_differing += blocks.len() as u64;
+        engine.runtime().block_on(copy_blocks(
+            (&mut source.client, &source.control),
+            (client, control),
+            &blocks,
+            generation,
+        ))?;
+        report.bytes_copied += blocks.len() as u64 * BLOCK;
+    }
+    Ok(())
+}
+
+fn checksums_of(engine: &Engine, clients: &mut [Peer], offset: u64, len: u64) -> Result<Vec<Vec<u64>>> {
+    let mut all = Vec::with_capacity(clients.len());
+    for Peer {
+        control, client: c, ..
+    } in clients.iter_mut()
+    {
+        let reply = engine
+            .runtime()
+            .block_on(c.checksums(ChecksumsRequest { offset, length: len }))
+            .map_err(control_err(control))?
+            .into_inner();
+        if reply.sums.len() as u64 != len / BLOCK {
+            return Err(VolumeError::Control {
+                replica: control.clone(),
+                code: tonic::Code::Internal,
+                message: format!(
+                    "answered {} checksums for {len} bytes, not {}",
+                    reply.sums.len(),
+                    len / BLOCK
+                ),
             });
         }
-        Ok(out)
+        all.push(reply.sums);
     }
+    Ok(all)
+}
 
-    /// Makes the RW replicas identical where their write-intent records say they may
-    /// differ, then clears the records. Runs before any queue opens.
-    pub fn reconcile(&self) -> Result<ReconcileReport> {
-        let mut clients = self.rw_peers()?;
-        let mut report = ReconcileReport::default();
-        let mut regions = std::collections::BTreeSet::new();
-        let mut region_size = 0;
-        for Peer {
-            control, client: c, ..
-        } in clients.iter_mut()
-        {
-            let reply = self
-                .runtime()
-                .block_on(c.intents(IntentsRequest {}))
-                .map_err(control_err(control))?
-                .into_inner();
-            region_size = reply.region_size;
-            regions.extend(reply.regions);
+/// Compares `[offset, offset + len)` on the replicas of `peers` by checksum; the
+/// caller holds the volume paused. Returns the replicas compared (data addresses)
+/// and the runs that differ from the first replica's.
+pub(crate) fn compare_range(
+    engine: &Engine,
+    peers: &mut [Peer],
+    offset: u64,
+    len: u64,
+) -> Result<(Vec<String>, Vec<Difference>)> {
+    let names: Vec<String> = peers.iter().map(|c| c.data.clone()).collect();
+    let sums = checksums_of(engine, peers, offset, len)?;
+    let mut diffs: Vec<Difference> = Vec::new();
+    for (t, other) in sums.iter().enumerate().skip(1) {
+        for (first, count) in differing_runs(&sums[0], other) {
+            diffs.push(Difference {
+                offset: offset + first * BLOCK,
+                len: count * BLOCK,
+                replicas: vec![names[t].clone()],
+            });
         }
-        if regions.is_empty() || region_size == 0 {
-            return Ok(report);
-        }
-        report.regions = regions.len() as u64;
-        if clients.len() > 1 {
-            report.source = Some(clients[0].data.clone());
-            let size = self.size();
-            for region in regions {
-                let offset = region * region_size;
-                if offset >= size {
-                    continue;
-                }
-                let len = region_size.min(size - offset);
-                self.reconcile_range(&mut clients, offset, len, &mut report)?;
-            }
-        }
-        // Each replica flushes before it clears; a crash half way leaves marks on the
-        // others, and the union still covers every region.
-        let generation = self.generation();
-        for Peer {
-            control, client: c, ..
-        } in clients.iter_mut()
-        {
-            self.runtime()
-                .block_on(c.clear_intents(ClearIntentsRequest { generation }))
-                .map_err(control_err(control))?;
-        }
-        Ok(report)
     }
+    diffs.sort_by_key(|d| d.offset);
+    Ok((names, diffs))
+}
 
-    fn reconcile_range(
-        &self,
-        clients: &mut [Peer],
-        offset: u64,
-        len: u64,
-        report: &mut ReconcileReport,
-    ) -> Result<()> {
-        let sums = self.checksums_of(clients, offset, len)?;
-        report.bytes_compared += len;
-        let generation = self.generation();
-        let (source, targets) = clients.split_first_mut().expect("two clients or more");
-        for (t, Peer { control, client, .. }) in targets.iter_mut().enumerate() {
-            let blocks: Vec<u64> = differing_runs(&sums[0], &sums[t + 1])
-                .into_iter()
-                .flat_map(|(first, count)| offset / BLOCK + first..offset / BLOCK + first + count)
-                .collect();
-            report.blocks_differing += blocks.len() as u64;
-            self.runtime().block_on(copy_blocks(
-                (&mut source.client, &source.control),
-                (client, control),
-                &blocks,
-                generation,
-            ))?;
-            report.bytes_copied += blocks.len() as u64 * BLOCK;
-        }
-        Ok(())
+/// Write-intent regions marked on the replicas of `peers` (the most on any one).
+pub(crate) fn intents_marked(engine: &Engine, peers: &mut [Peer]) -> Result<u64> {
+    let mut most = 0;
+    for Peer { control, client, .. } in peers.iter_mut() {
+        let reply = engine
+            .runtime()
+            .block_on(client.intents(IntentsRequest {}))
+            .map_err(control_err(control))?
+            .into_inner();
+        most = most.max(reply.regions.len() as u64);
     }
+    Ok(most)
+}
 
-    fn checksums_of(&self, clients: &mut [Peer], offset: u64, len: u64) -> Result<Vec<Vec<u64>>> {
-        let mut all = Vec::with_capacity(clients.len());
-        for Peer {
-            control, client: c, ..
-        } in clients.iter_mut()
-        {
-            let reply = self
-                .runtime()
-                .block_on(c.checksums(ChecksumsRequest { offset, length: len }))
-                .map_err(control_err(control))?
-                .into_inner();
-            if reply.sums.len() as u64 != len / BLOCK {
-                return Err(VolumeError::Control {
-                    replica: control.clone(),
-                    code: tonic::Code::Internal,
-                    message: format!(
-                        "answered {} checksums for {len} bytes, not {}",
-                        reply.sums.len(),
-                        len / BLOCK
-                    ),
-                });
-            }
-            all.push(reply.sums);
-        }
-        Ok(all)
+/// Unmarks the write-intent regions on the replicas of `peers`. The caller has
+/// paused the volume with nothing in flight.
+pub(crate) fn clear_intents(engine: &Engine, peers: &mut [Peer]) -> Result<()> {
+    let generation = engine.generation();
+    for Peer { control, client, .. } in peers.iter_mut() {
+        engine
+            .runtime()
+            .block_on(client.clear_intents(ClearIntentsRequest { generation }))
+            .map_err(control_err(control))?;
     }
-
-    /// Compares `[offset, offset + len)` on the replicas of `peers` by checksum; the
-    /// caller holds the volume paused. Returns the replicas compared (data addresses)
-    /// and the runs that differ from the first replica's.
-    pub(crate) fn compare_range(
-        &self,
-        peers: &mut [Peer],
-        offset: u64,
-        len: u64,
-    ) -> Result<(Vec<String>, Vec<Difference>)> {
-        let names: Vec<String> = peers.iter().map(|c| c.data.clone()).collect();
-        let sums = self.checksums_of(peers, offset, len)?;
-        let mut diffs: Vec<Difference> = Vec::new();
-        for (t, other) in sums.iter().enumerate().skip(1) {
-            for (first, count) in differing_runs(&sums[0], other) {
-                diffs.push(Difference {
-                    offset: offset + first * BLOCK,
-                    len: count * BLOCK,
-                    replicas: vec![names[t].clone()],
-                });
-            }
-        }
-        diffs.sort_by_key(|d| d.offset);
-        Ok((names, diffs))
-    }
-
-    /// Write-intent regions marked on the replicas of `peers` (the most on any one).
-    pub(crate) fn intents_marked(&self, peers: &mut [Peer]) -> Result<u64> {
-        let mut most = 0;
-        for Peer { control, client, .. } in peers.iter_mut() {
-            let reply = self
-                .runtime()
-                .block_on(client.intents(IntentsRequest {}))
-                .map_err(control_err(control))?
-                .into_inner();
-            most = most.max(reply.regions.len() as u64);
-        }
-        Ok(most)
-    }
-
-    /// Unmarks the write-intent regions on the replicas of `peers`. The caller has
-    /// paused the volume with nothing in flight.
-    pub(crate) fn clear_intents(&self, peers: &mut [Peer]) -> Result<()> {
-        let generation = self.generation();
-        for Peer { control, client, .. } in peers.iter_mut() {
-            self.runtime()
-                .block_on(client.clear_intents(ClearIntentsRequest { generation }))
-                .map_err(control_err(control))?;
-        }
-        Ok(())
-    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -22,6 +22,8 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
+pub use crate::types::IoError;
+
 /// Index of a replica in the set, in the order given at creation.
 pub type ReplicaId = usize;
 
@@ -82,20 +84,6 @@ pub enum Reply {
     Refused(String),
     /// A newer engine owns the replica.
     StaleGeneration,
-}
-
-/// Why an I/O failed.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum IoError {
-    /// No replica in RW mode is left.
-    #[error("no healthy replica left: every replica has failed")]
-    NoHealthyReplica,
-    /// The replicas refused the request itself.
-    #[error("refused by the replica: {0}")]
-    Refused(String),
-    /// A newer engine has taken over the volume.
-    #[error("a newer engine has taken over this volume; this engine is fenced")]
-    Fenced,
 }
 
 /// What the driver must do.

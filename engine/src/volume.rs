@@ -1,329 +1,32 @@
-//! `Volume`: one queue of a volume on a ring of its own.
+//! `Volume`: one queue of a volume on a ring of its own, with blocking helpers and
+//! the operations that pause the whole volume (chain operations, verify, clearing
+//! the write-intent records).
 //!
 //! The queue's work (replica connections, the replica set, buffers) is an
-//! [`EngineQueue`]; this driver owns an io_uring for it, pushes the queue's entries,
-//! and hands their completions back. A frontend whose queues already run a ring (ublk)
-//! drives an [`EngineQueue`] on that ring instead. Every queue of a volume shares one
-//! [`Engine`]: [`Volume::start`] claims the replicas and opens the first queue, and
-//! [`Volume::open_queue`] opens more, one per thread.
-//!
-//! Starting a volume claims its replicas through their control services: it reads
-//! each one's state, picks a generation above all of theirs, and leaves out replicas
-//! that are unreachable, of another size, or behind (dirty with an older generation
-//! than the newest: they missed the last engine's writes).
+//! [`EngineQueue`], driven here on a [`QueueRing`]. A frontend whose queues already
+//! run a ring (ublk, iSCSI) drives an [`EngineQueue`] on that ring instead. Every
+//! queue of a volume shares one [`Engine`]: [`Volume::start`] starts it
+//! ([`crate::start`]: claims and reconciles the replicas) and opens the first queue,
+//! and [`Volume::open_queue`] opens more, one per thread. Adding a replica to a
+//! running volume is [`crate::rebuild::add_replica`].
 
-use std::io::ErrorKind;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use horn_proto::control::InfoReply;
-use horn_replica::IoBuf;
-use io_uring::types;
-use io_uring::IoUring;
+use horn_uring::IoBuf;
 
 use crate::engine::Engine;
-use crate::queue::{EngineQueue, Token};
-use crate::replica_set::{IoError, IoKind, Mode};
+use crate::queue::EngineQueue;
+use crate::recovery;
+use crate::replica_set::{IoKind, Mode};
+use crate::ring::QueueRing;
+use crate::types::{
+    ChainOp, ReplicaAddr, Result, StartReport, VerifyReport, VolumeCompletion, VolumeError, MAX_DIFFERENCES,
+};
 
-/// Where a replica is served.
-#[derive(Debug, Clone)]
-pub struct ReplicaAddr {
-    /// Data wire address (`hornd replica --listen`).
-    pub data: String,
-    /// Control service address (`hornd replica --control`).
-    pub control: String,
-    /// On this node: preferred for reads.
-    pub local: bool,
-}
-
-impl std::str::FromStr for ReplicaAddr {
-    type Err = String;
-
-    /// `DATA,CONTROL` or `DATA,CONTROL,local`.
-    fn from_str(s: &str) -> Result<Self, String> {
-        let parts: Vec<&str> = s.split(',').collect();
-        match parts.as_slice() {
-            [data, control] | [data, control, "local"] if !data.is_empty() && !control.is_empty() => {
-                Ok(ReplicaAddr {
-                    data: data.to_string(),
-                    control: control.to_string(),
-                    local: parts.len() == 3,
-                })
-            }
-            _ => Err(format!("replica {s:?} is not DATA_ADDR,CONTROL_ADDR[,local]")),
-        }
-    }
-}
-
-/// Why the engine failed.
-#[derive(Debug, thiserror::Error)]
-pub enum VolumeError {
-    /// No replica could be used at start.
-    #[error("no usable replica: {0}")]
-    NoReplica(String),
-    /// The replica set failed the I/O.
-    #[error(transparent)]
-    Io(#[from] IoError),
-    /// The request was refused before it was sent.
-    #[error("{0}")]
-    BadRequest(String),
-    /// A control call failed.
-    #[error("control call to {replica} failed: {message}")]
-    Control {
-        /// The replica's control address.
-        replica: String,
-        /// The gRPC code it answered with.
-        code: tonic::Code,
-        /// What it said.
-        message: String,
-    },
-    /// The engine's own ring or sockets failed.
-    #[error("{op}: {source}")]
-    System {
-        /// What was being done.
-        op: &'static str,
-        /// The error.
-        source: std::io::Error,
-    },
-}
-
-/// Result alias for the engine.
-pub type Result<T, E = VolumeError> = std::result::Result<T, E>;
-
-/// What starting the volume found.
-#[derive(Debug, Clone)]
-pub struct StartReport {
-    /// Generation this engine claimed the replicas with.
-    pub generation: u64,
-    /// Volume size in bytes.
-    pub size: u64,
-    /// Sector size in bytes.
-    pub sector_size: u32,
-    /// Replicas in use.
-    pub used: Vec<String>,
-    /// Replicas left out, and why.
-    pub skipped: Vec<(String, String)>,
-    /// What reconciling the replicas found and copied.
-    pub reconciled: crate::recovery::ReconcileReport,
-}
-
-/// What [`Volume::verify`] found.
-#[derive(Debug, Clone, Default)]
-pub struct VerifyReport {
-    /// Bytes of the volume compared on every replica.
-    pub bytes_compared: u64,
-    /// The replicas compared (data addresses); differences are against the first.
-    pub replicas: Vec<String>,
-    /// Runs of blocks that differ, in offset order (at most [`MAX_DIFFERENCES`]).
-    pub differences: Vec<crate::recovery::Difference>,
-    /// Bytes that differ on some replica, all of them counted.
-    pub differing_bytes: u64,
-}
-
-/// Differences a verify report lists; the byte count covers the rest.
-pub const MAX_DIFFERENCES: usize = 1000;
 /// Bytes compared per pause during a verify.
 const VERIFY_STEP: u64 = 8 << 20;
-
-/// A chain operation run on every replica of the volume.
-#[derive(Debug, Clone)]
-pub enum ChainOp {
-    /// Read the chain (from one replica).
-    Info,
-    /// Take a snapshot.
-    Snapshot {
-        /// Its name.
-        name: String,
-        /// Its labels.
-        labels: std::collections::HashMap<String, String>,
-    },
-    /// Mark a snapshot deleted.
-    Delete(String),
-    /// Fold deleted snapshots away.
-    Purge,
-    /// Put a new head over a snapshot.
-    Revert(String),
-    /// Grow the volume to this many bytes.
-    Expand(u64),
-}
-
-/// A finished I/O.
-#[derive(Debug)]
-pub struct VolumeCompletion {
-    /// The caller's tag.
-    pub tag: u64,
-    /// Outcome.
-    pub result: Result<()>,
-    /// The caller's buffer (reads: holding the data).
-    pub buf: Option<IoBuf>,
-}
-
-/// A ring of the engine's own carrying one queue's entries.
-/// Submits what is queued on `ring` and waits for one completion, or until
-/// `deadline` (an engine queue's next timeout) passes; a timeout or a signal is not
-/// an error. For whoever drives an engine queue on a ring of its own.
-pub fn submit_and_wait(ring: &IoUring, deadline: Option<Duration>) -> std::io::Result<()> {
-    let res = match deadline {
-        Some(w) => {
-            let ts = types::Timespec::from(w.max(Duration::from_micros(1)));
-            let args = types::SubmitArgs::new().timespec(&ts);
-            ring.submitter().submit_with_args(1, &args)
-        }
-        None => ring.submit_and_wait(1),
-    };
-    match res {
-        Ok(_) => Ok(()),
-        Err(e) if matches!(e.raw_os_error(), Some(libc::ETIME) | Some(libc::EINTR)) => Ok(()),
-        Err(e) => Err(e),
-    }
-}
-
-/// Longest a [`Waiter`] polls its ring before it sleeps in it.
-pub const SPIN: Duration = Duration::from_micros(50);
-
-/// A wait that returns within this counts as traffic: the next wait polls first.
-const BUSY_GAP: Duration = Duration::from_micros(500);
-
-/// Waits for completions like [`submit_and_wait`], but while they have been coming
-/// quickly, first polls the ring for up to [`SPIN`]: a request that arrives meanwhile
-/// is picked up without the thread going to sleep and being woken, which on a
-/// virtual machine is an interrupt to another CPU and tens of microseconds of a QD1
-/// request's latency (iscsi-perf QD1 reads: 1.05 of tgt's IOPS sleeping, 2.5 polling).
-/// A quiet ring sleeps at once, and so does a driver whose own I/O is in flight: its
-/// completions come from replicas and kernel workers that need the CPU the poll would
-/// take. The poll yields the CPU at each turn, to any thread that wants it: a busy
-/// pause-and-spin loop took a quarter of the IOPS of 4 KiB random writes at QD32 on
-/// 2 CPUs, where the client (qemu-nbd) wanted the CPU.
-#[derive(Debug, Default)]
-pub struct Waiter {
-    busy: bool,
-}
-
-impl Waiter {
-    /// Submits what is queued and waits for one completion, or until `deadline`;
-    /// polls first only if `idle` (nothing of the driver's own in flight: it waits for
-    /// its client). The ring must flag pending completion work (`setup_taskrun_flag`,
-    /// as [`horn_replica::new_thread_ring`] makes it) for the poll to see it.
-    pub fn wait(
-        &mut self,
-        ring: &mut IoUring,
-        deadline: Option<Duration>,
-        idle: bool,
-    ) -> std::io::Result<()> {
-        if self.busy && idle {
-            ring.submit()?;
-            let start = Instant::now();
-            loop {
-                if !ring.completion().is_empty() {
-                    return Ok(());
-                }
-                if ring.submission().taskrun() {
-                    // Runs the completion work (the submit asks for events when flagged).
-                    ring.submit()?;
-                    continue;
-                }
-                if start.elapsed() >= SPIN {
-                    break;
-                }
-                // Polite: a thread waiting for this CPU (a client, a kernel worker
-                // doing this driver's file I/O) runs first.
-                std::thread::yield_now();
-            }
-        }
-        let start = Instant::now();
-        submit_and_wait(ring, deadline)?;
-        self.busy = start.elapsed() < BUSY_GAP;
-        Ok(())
-    }
-}
-
-pub(crate) struct QueueRing {
-    ring: IoUring,
-    /// Enabled by (and so belonging to) the first thread that submits: a queue can be
-    /// opened on one thread and run on another.
-    enabled: bool,
-    /// Reused by the completion loop: (user data, result) pairs.
-    reaped: Vec<(u64, i32)>,
-}
-
-impl QueueRing {
-    pub(crate) fn new() -> Result<QueueRing> {
-        let (ring, enabled) = horn_replica::new_thread_ring(256).map_err(sys("io_uring setup"))?;
-        Ok(QueueRing {
-            ring,
-            enabled,
-            reaped: Vec::new(),
-        })
-    }
-
-    /// Pushes the queue's entries on the ring and submits them at once (eager
-    /// submission, as in the store: docs/benchmarks.md).
-    pub(crate) fn pump(&mut self, queue: &mut EngineQueue) -> Result<()> {
-        if !self.enabled {
-            self.ring
-                .submitter()
-                .register_enable_rings()
-                .map_err(sys("io_uring enable"))?;
-            self.enabled = true;
-            horn_replica::widen_io_workers(&self.ring);
-        }
-        let mut pushed = false;
-        for entry in queue.entries() {
-            loop {
-                // SAFETY: the queue keeps every entry's memory valid until its
-                // completion is handed back (queue.rs), and the queue outlives the ring's
-                // use of it (close and drop wait for every entry).
-                if unsafe { self.ring.submission().push(&entry) }.is_ok() {
-                    break;
-                }
-                self.ring.submit().map_err(sys("io_uring submit"))?;
-            }
-            pushed = true;
-        }
-        if pushed {
-            self.ring.submit().map_err(sys("io_uring submit"))?;
-        }
-        Ok(())
-    }
-
-    /// Waits for at least one completion (or the queue's next deadline) and hands
-    /// what completed back to the queue.
-    pub(crate) fn wait(&mut self, queue: &mut EngineQueue) -> Result<()> {
-        submit_and_wait(&self.ring, queue.next_deadline()).map_err(sys("io_uring wait"))?;
-        // Copied out first: handling a completion pushes entries. The vector is reused.
-        let mut done = std::mem::take(&mut self.reaped);
-        done.clear();
-        done.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
-        for &(ud, res) in &done {
-            queue.complete(Token(ud as u32), res);
-        }
-        self.reaped = done;
-        queue.tick();
-        self.pump(queue)
-    }
-
-    /// Waits until the kernel is done with every entry of a queue that was shut down.
-    pub(crate) fn wait_entries(&mut self, queue: &mut EngineQueue) -> Result<()> {
-        // Entries never pushed (a queue that did no I/O) still count as in flight.
-        self.pump(queue)?;
-        while queue.raw_in_flight() > 0 {
-            match self.ring.submit_and_wait(1) {
-                Ok(_) => {}
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(e) => return Err(sys("io_uring wait")(e)),
-            }
-            let done: Vec<(u64, i32)> = self
-                .ring
-                .completion()
-                .map(|c| (c.user_data(), c.result()))
-                .collect();
-            for (ud, res) in done {
-                queue.complete_after_shutdown(Token(ud as u32), res);
-            }
-        }
-        Ok(())
-    }
-}
 
 /// One queue of a volume, driven on its own ring.
 pub struct Volume {
@@ -332,14 +35,10 @@ pub struct Volume {
     closed: bool,
 }
 
-fn sys(op: &'static str) -> impl FnOnce(std::io::Error) -> VolumeError {
-    move |source| VolumeError::System { op, source }
-}
-
 impl Volume {
     /// Claims the replicas and opens the volume's first queue on this thread.
     pub fn start(replicas: &[ReplicaAddr], timeout: Duration) -> Result<(Volume, StartReport)> {
-        let (engine, report) = Engine::start(replicas, timeout)?;
+        let (engine, report) = crate::start::start(replicas, timeout)?;
         let v = Volume::open(&engine)?;
         Ok((v, report))
     }
@@ -531,7 +230,7 @@ impl Volume {
     pub fn verify(&mut self, mut progress: impl FnMut(u64, u64)) -> Result<VerifyReport> {
         let mut report = VerifyReport::default();
         // Connected once, outside the pauses.
-        let mut peers = self.engine().rw_peers()?;
+        let mut peers = recovery::peers(self.engine(), false)?;
         let mut offset = 0;
         loop {
             let size = self.size();
@@ -539,7 +238,8 @@ impl Volume {
                 break;
             }
             let len = VERIFY_STEP.min(size - offset);
-            let (names, diffs) = self.paused(false, |e| e.compare_range(&mut peers, offset, len))?;
+            let (names, diffs) =
+                self.paused(false, |e| recovery::compare_range(e, &mut peers, offset, len))?;
             if names.len() < 2 {
                 return Err(VolumeError::BadRequest(format!(
                     "verify needs two RW replicas or more; this volume has {}",
@@ -569,134 +269,13 @@ impl Volume {
     /// volume, waits for the I/O in flight, and has every replica flush and unmark. Returns
     /// how many regions were marked (on the replica with the most).
     pub fn clean_intents(&mut self) -> Result<u64> {
-        let mut peers = self.engine().peers(true)?;
-        let marked = self.engine().intents_marked(&mut peers)?;
+        let mut peers = recovery::peers(self.engine(), true)?;
+        let marked = recovery::intents_marked(self.engine(), &mut peers)?;
         if marked > 0 {
             // Each replica flushes itself before it unmarks.
-            self.paused(false, |e| e.clear_intents(&mut peers))?;
+            self.paused(false, |e| recovery::clear_intents(e, &mut peers))?;
         }
         Ok(marked)
-    }
-
-    /// Adds replica `addr` to the running volume and starts rebuilding it in the
-    /// background (see [`crate::rebuild`]); returns once it is in the set, WO, and
-    /// the rebuild snapshot is taken. A replica already in the set as WO (a rebuild
-    /// an engine restart cut short) is rebuilt where it stands. Follow it with
-    /// [`Engine::rebuilds`].
-    pub fn add_replica(&mut self, addr: ReplicaAddr) -> Result<()> {
-        use horn_proto::control::replica_control_client::ReplicaControlClient;
-        use horn_proto::control::{ClaimRequest, InfoRequest, Mode as WireMode, SetModeRequest};
-
-        if let Err(e) = horn_replica::SharedReplica::hosted(&addr.data) {
-            return Err(VolumeError::BadRequest(e.to_string()));
-        }
-        let engine = self.engine().clone();
-        if engine.is_rebuilding() {
-            return Err(VolumeError::BadRequest(
-                "a rebuild is already under way; wait for it to end".into(),
-            ));
-        }
-        // A replica already in the set as WO (its rebuild was cut short, by an engine
-        // restart) is rebuilt where it stands.
-        let mut resumed = None;
-        for (i, r) in engine.replicas().iter().enumerate() {
-            if (r.data == addr.data || r.control == addr.control) && !engine.is_failed(i) {
-                if r.mode() != Mode::Wo {
-                    return Err(VolumeError::BadRequest(format!(
-                        "replica {} is already in the volume, RW",
-                        addr.data
-                    )));
-                }
-                resumed = Some(i);
-            }
-        }
-        let generation = engine.generation();
-        let control = addr.control.clone();
-        let err = |s: tonic::Status| VolumeError::Control {
-            replica: control.clone(),
-            code: s.code(),
-            message: s.message().to_string(),
-        };
-        let info = engine.runtime().block_on(async {
-            let mut c = ReplicaControlClient::connect(format!("http://{}", addr.control))
-                .await
-                .map_err(|e| tonic::Status::unavailable(format!("unreachable: {e}")))?;
-            let info = c.info(InfoRequest {}).await?.into_inner();
-            if info.size != engine.size() || info.sector_size != engine.sector_size() {
-                return Err(tonic::Status::invalid_argument(format!(
-                    "it holds {} bytes in {}-byte sectors; the volume has {} in {}-byte sectors",
-                    info.size,
-                    info.sector_size,
-                    engine.size(),
-                    engine.sector_size()
-                )));
-            }
-            if info.generation > generation {
-                return Err(tonic::Status::failed_precondition(format!(
-                    "it belongs to a newer engine (generation {} above this one's {generation})",
-                    info.generation
-                )));
-            }
-            if resumed.is_some() {
-                return Ok(());
-            }
-            c.claim(ClaimRequest { generation }).await?;
-            c.set_mode(SetModeRequest {
-                generation,
-                mode: WireMode::Wo as i32,
-            })
-            .await?;
-            Ok(())
-        });
-        info.map_err(err)?;
-        let snapshot = format!(
-            "rebuild-{}",
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis())
-        );
-        let joined = self.paused(true, |e| {
-            let i = match resumed {
-                Some(i) => i,
-                None => e.add_replica(crate::engine::ClaimedReplica::new(&addr, Mode::Wo)),
-            };
-            let labels = [("horn.system".to_string(), "rebuild".to_string())].into();
-            match e.run_chain_op(&ChainOp::Snapshot {
-                name: snapshot.clone(),
-                labels,
-            }) {
-                Ok(_) => Ok(i),
-                Err(err) => {
-                    e.mark_failed(i, &format!("the rebuild snapshot failed: {err}"));
-                    Err(err)
-                }
-            }
-        })?;
-        let status = crate::rebuild::RebuildStatus {
-            replica: addr.data.clone(),
-            source: String::new(),
-            state: crate::rebuild::RebuildState::Syncing,
-            done: 0,
-            total: 0,
-            copied: 0,
-            suspects: 0,
-            started: std::time::Instant::now(),
-            elapsed: None,
-        };
-        engine.begin_rebuild(status, joined)?;
-        let thread_engine = engine.clone();
-        let spawned = std::thread::Builder::new()
-            .name("rebuild".into())
-            .spawn(move || crate::rebuild::run(thread_engine, joined, snapshot));
-        if let Err(e) = spawned {
-            engine.end_rebuild();
-            engine.mark_failed(joined, "the rebuild thread could not start");
-            return Err(VolumeError::System {
-                op: "starting the rebuild thread",
-                source: e,
-            });
-        }
-        Ok(())
     }
 
     /// Takes snapshot `name` on every replica (see [`Volume::chain_op`]).
@@ -718,7 +297,9 @@ impl Volume {
         if left == 0 {
             // Every write is flushed everywhere and nothing is in flight.
             let engine = self.engine().clone();
-            if let Err(e) = engine.peers(true).and_then(|mut p| engine.clear_intents(&mut p)) {
+            if let Err(e) =
+                recovery::peers(&engine, true).and_then(|mut p| recovery::clear_intents(&engine, &mut p))
+            {
                 tracing::warn!(error = %e, "clearing the write-intent records at close failed");
             }
             self.engine().release();

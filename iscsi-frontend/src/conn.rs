@@ -17,8 +17,8 @@ use std::time::Duration;
 
 use horn_engine::frontend::QueueVolume;
 use horn_engine::{EngineQueue, Token};
-use horn_replica::IoBuf;
-use io_uring::{opcode, types, IoUring};
+use horn_uring::{IoBuf, Ring, Route};
+use io_uring::{opcode, types};
 
 use crate::login::{Login, Negotiated, Outcome, SessionType};
 use crate::pdu::{self, op, reject, Bhs, Digests, BHS_LEN, RESERVED_TAG};
@@ -32,10 +32,13 @@ const WINDOW: u32 = 128;
 const MAX_TRANSFER: u32 = 16 << 20;
 /// Most bytes of write buffers a connection keeps for data still to come.
 const MAX_WAITING_DATA: usize = 64 << 20;
-/// user_data bit of this loop's own entries (engine tokens are 32-bit).
-const OWN: u64 = 1 << 63;
-const RECV: u64 = OWN | 1;
-const SEND: u64 = OWN | 2;
+/// The ring's two owners: the engine queue (its tokens are the user data as they
+/// are) and this connection's own socket entries.
+const ENGINE: Route = Route(0);
+const OWN: Route = Route(1);
+/// The connection's receive and send, under [`OWN`].
+const RECV: u64 = OWN.user_data(1);
+const SEND: u64 = OWN.user_data(2);
 
 /// Why a connection ended.
 #[derive(Debug, thiserror::Error)]
@@ -48,7 +51,7 @@ pub enum ConnError {
     Protocol(String),
     /// The engine could not be used.
     #[error("engine: {0}")]
-    Engine(#[from] horn_engine::volume::VolumeError),
+    Engine(#[from] horn_engine::VolumeError),
 }
 
 type Result<T, E = ConnError> = std::result::Result<T, E>;
@@ -266,8 +269,8 @@ struct Task {
 struct FullFeature {
     target: Arc<Target>,
     sock: TcpStream,
-    ring: IoUring,
-    waiter: horn_engine::volume::Waiter,
+    ring: Ring,
+    waiter: horn_uring::Waiter,
     volume: QueueVolume,
     lun: Rc<Lun<QueueVolume>>,
     nexus: Rc<Nexus>,
@@ -297,9 +300,8 @@ struct Sending {
 
 impl FullFeature {
     fn new(target: Arc<Target>, sock: TcpStream, seq: Seq, n: Negotiated) -> Result<FullFeature> {
-        let (ring, _) = horn_replica::new_thread_ring(256)?;
-        ring.submitter().register_enable_rings()?;
-        horn_replica::widen_io_workers(&ring);
+        let mut ring = Ring::for_thread(256)?;
+        ring.enable()?;
         let queue = EngineQueue::open(&target.engine)?;
         let wake = queue.waker();
         let volume = QueueVolume::new(queue);
@@ -360,23 +362,19 @@ impl FullFeature {
     }
 
     fn push(&mut self, e: &io_uring::squeue::Entry) -> Result<()> {
-        loop {
-            // SAFETY: every entry's memory (the receive buffer, the send's iovecs,
-            // message header and buffers, the engine queue's own) stays in place
-            // until its completion is reaped: `rx` is not resized, `sending` is
-            // kept until its completion, and teardown waits for everything.
-            if unsafe { self.ring.submission().push(e) }.is_ok() {
-                return Ok(());
-            }
-            self.ring.submit()?;
-        }
+        // SAFETY: every entry's memory (the receive buffer, the send's iovecs,
+        // message header and buffers) stays in place until its completion is
+        // reaped: `rx` is not resized, `sending` is kept until its completion, and
+        // teardown waits for everything.
+        Ok(unsafe { self.ring.push(e) }?)
     }
 
     fn push_entries(&mut self) -> Result<()> {
-        let engine: Vec<_> = self.volume.with_queue(|q| q.entries().collect());
-        for e in &engine {
-            self.push(e)?;
-        }
+        let ring = &mut self.ring;
+        // SAFETY: the engine queue keeps its entries' memory valid until their
+        // completions are handed back, and teardown waits for every one.
+        self.volume
+            .with_queue(|q| unsafe { ring.push_all(q.entries()) })?;
         if !self.recv_posted && !self.closing {
             if self.rx_end == self.rx.len() {
                 // Compact: the unparsed tail moves to the front.
@@ -454,8 +452,14 @@ impl FullFeature {
     }
 
     fn reap(&mut self) -> Result<()> {
-        for (ud, res) in self.completions() {
-            match ud {
+        let done = self.ring.reap();
+        for &c in &done {
+            let res = c.result;
+            if c.route() == ENGINE {
+                self.volume.with_queue(|q| q.complete(Token(c.token()), res));
+                continue;
+            }
+            match c.user_data {
                 RECV => {
                     self.recv_posted = false;
                     if res <= 0 {
@@ -483,19 +487,12 @@ impl FullFeature {
                         self.sending = Some(s);
                     }
                 }
-                _ => self.volume.with_queue(|q| q.complete(Token(ud as u32), res)),
+                other => tracing::error!(user_data = other, "a completion this connection never asked for"),
             }
         }
+        self.ring.recycle(done);
         self.engine_round();
         Ok(())
-    }
-
-    /// What completed on the ring (copied out: handling a completion pushes entries).
-    fn completions(&mut self) -> Vec<(u64, i32)> {
-        self.ring
-            .completion()
-            .map(|c| (c.user_data(), c.result()))
-            .collect()
     }
 
     /// After the engine queue's completions: its timeouts, then the futures woken.
@@ -996,13 +993,18 @@ impl FullFeature {
             if self.push_entries().is_err() || self.wait().is_err() {
                 break;
             }
-            for (ud, res) in self.completions() {
-                match ud {
+            let done = self.ring.reap();
+            for c in &done {
+                match c.user_data {
+                    _ if c.route() == ENGINE => {
+                        self.volume.with_queue(|q| q.complete(Token(c.token()), c.result))
+                    }
                     RECV => self.recv_posted = false,
                     SEND => self.sending = None,
-                    _ => self.volume.with_queue(|q| q.complete(Token(ud as u32), res)),
+                    _ => {}
                 }
             }
+            self.ring.recycle(done);
             self.engine_round();
         }
         self.volume.with_queue(|q| {
@@ -1010,15 +1012,15 @@ impl FullFeature {
         });
         while self.volume.with_queue(|q| q.raw_in_flight()) > 0 {
             let _ = self.push_entries();
-            if self.ring.submit_and_wait(1).is_err() {
+            if self.ring.wait(None).is_err() {
                 break;
             }
-            for (ud, res) in self.completions() {
-                if ud & OWN == 0 {
-                    self.volume
-                        .with_queue(|q| q.complete_after_shutdown(Token(ud as u32), res));
-                }
+            let done = self.ring.reap();
+            for c in done.iter().filter(|c| c.route() == ENGINE) {
+                self.volume
+                    .with_queue(|q| q.complete_after_shutdown(Token(c.token()), c.result));
             }
+            self.ring.recycle(done);
         }
     }
 }

@@ -5,7 +5,7 @@
 use std::sync::{Arc, Mutex};
 
 use horn_engine::frontend::BlockVolume;
-use horn_replica::IoBuf;
+use horn_uring::IoBuf;
 
 /// SCSI status codes.
 pub mod status {

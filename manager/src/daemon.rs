@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use horn_engine::control::{serve_commands, EngineControlService, EngineHandle};
-use horn_engine::volume::{ReplicaAddr, Volume};
+use horn_engine::{ReplicaAddr, Volume};
 use horn_proto::control::replica_control_server::ReplicaControlServer;
 use horn_proto::engine_control::engine_control_server::EngineControlServer;
 use horn_replica::control::ControlService;

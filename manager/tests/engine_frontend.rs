@@ -9,8 +9,7 @@ use std::time::Duration;
 use common::Daemon;
 use futures_util::future::join_all;
 use horn_engine::frontend::{run_local, BlockVolume};
-use horn_engine::volume::{ReplicaAddr, VolumeError};
-use horn_engine::Engine;
+use horn_engine::{ReplicaAddr, VolumeError};
 use horn_replica::{IoBuf, Replica};
 
 const BLOCK: usize = 4096;
@@ -30,7 +29,7 @@ fn a_frontend_drives_the_volume_through_the_async_interface() {
         .map(|d| Daemon::start(d, &["--size", "16M"]).unwrap())
         .collect();
     let addrs: Vec<ReplicaAddr> = daemons.iter().map(Daemon::replica_addr).collect();
-    let (engine, _) = Engine::start(&addrs, Duration::from_secs(8)).unwrap();
+    let (engine, _) = horn_engine::start(&addrs, Duration::from_secs(8)).unwrap();
 
     let checked = run_local(&engine, |vol| async move {
         assert_eq!(vol.size(), 16 << 20);
@@ -113,7 +112,7 @@ fn mixed_reads_and_writes_in_flight_together_always_read_the_latest_data() {
         .map(|i| Daemon::start(&tmp.path().join(format!("r{i}")), &["--size", "16M"]).unwrap())
         .collect();
     let addrs: Vec<ReplicaAddr> = daemons.iter().map(Daemon::replica_addr).collect();
-    let (engine, _) = Engine::start(&addrs, Duration::from_secs(8)).unwrap();
+    let (engine, _) = horn_engine::start(&addrs, Duration::from_secs(8)).unwrap();
     // 32 tasks in flight at once, each on its own 16 blocks with its own model, mixing
     // sizes so that replies to reads and writes interleave on the wire.
     let ops = run_local(&engine, |vol| async move {

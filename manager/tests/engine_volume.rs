@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use common::Daemon;
 use horn_engine::replica_set::{IoError, IoKind, Mode};
-use horn_engine::volume::{ReplicaAddr, Volume, VolumeCompletion, VolumeError};
+use horn_engine::{ReplicaAddr, Volume, VolumeCompletion, VolumeError};
 use horn_replica::{IoBuf, Replica};
 use rand::{rngs::SmallRng, Rng, SeedableRng};
 

@@ -14,7 +14,7 @@ use std::time::Duration;
 use common::iscsi::Initiator;
 use common::Daemon;
 use horn_engine::replica_set::IoKind;
-use horn_engine::volume::{Volume, VolumeCompletion};
+use horn_engine::{Volume, VolumeCompletion};
 use horn_manager::daemon::{HostedReplica, HostedReplicaOptions};
 use horn_replica::{CacheMode, IoBuf, Replica};
 use rand::{rngs::SmallRng, Rng, SeedableRng};
@@ -22,7 +22,7 @@ use rand::{rngs::SmallRng, Rng, SeedableRng};
 const SIZE: u64 = 32 << 20;
 const SECTOR: u64 = 512;
 
-fn hosted(dir: &std::path::Path, cache: CacheMode) -> (HostedReplica, horn_engine::volume::ReplicaAddr) {
+fn hosted(dir: &std::path::Path, cache: CacheMode) -> (HostedReplica, horn_engine::ReplicaAddr) {
     HostedReplica::start(&HostedReplicaOptions {
         dir: dir.to_path_buf(),
         control: "127.0.0.1:0".into(),

@@ -12,9 +12,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{Daemon, EngineDaemon};
-use horn_engine::rebuild::{RebuildState, RebuildStatus};
+use horn_engine::rebuild::add_replica;
 use horn_engine::replica_set::{IoKind, Mode};
-use horn_engine::volume::{Volume, VolumeCompletion};
+use horn_engine::{RebuildState, RebuildStatus};
+use horn_engine::{Volume, VolumeCompletion};
 use horn_proto::control::replica_control_client::ReplicaControlClient;
 use horn_proto::control::InfoRequest;
 use horn_replica::IoBuf;
@@ -161,7 +162,7 @@ fn a_replica_added_under_random_writes_is_rebuilt_online_with_its_snapshots() {
         std::thread::spawn(move || write_until(q, stop, 42))
     };
     std::thread::sleep(Duration::from_millis(200));
-    v.add_replica(c.replica_addr()).unwrap();
+    add_replica(&mut v, c.replica_addr()).unwrap();
     // Chain operations wait for the rebuild.
     let e = v.snapshot("during").unwrap_err();
     assert!(e.to_string().contains("being rebuilt"), "{e}");
@@ -215,7 +216,7 @@ fn a_replica_that_was_away_copies_only_the_blocks_that_changed() {
         let blk = rng.gen_range(0..SIZE / 4096);
         v.write_at(blk * 4096, &[9; 4096]).unwrap();
     }
-    v.add_replica(b.replica_addr()).unwrap();
+    add_replica(&mut v, b.replica_addr()).unwrap();
     let status = wait_rebuild(&v, &b.addr);
     assert_eq!(status.state, RebuildState::Done, "{status:?}");
     assert!(
@@ -261,12 +262,12 @@ fn a_replica_left_write_only_by_a_cut_rebuild_is_rebuilt_where_it_stands() {
     });
     let (mut v, _) = Volume::start(&[a.replica_addr(), b.replica_addr()], TIMEOUT).unwrap();
     assert_eq!(v.replicas()[1].1, Mode::Wo);
-    v.add_replica(b.replica_addr()).unwrap();
+    add_replica(&mut v, b.replica_addr()).unwrap();
     let status = wait_rebuild(&v, &b.addr);
     assert_eq!(status.state, RebuildState::Done, "{status:?}");
     assert_eq!(v.replicas()[1].1, Mode::Rw);
     assert_identical(&mut v, 2);
-    let e = v.add_replica(b.replica_addr()).unwrap_err();
+    let e = add_replica(&mut v, b.replica_addr()).unwrap_err();
     assert!(e.to_string().contains("already in the volume, RW"), "{e}");
     v.close().unwrap();
 }
@@ -279,7 +280,7 @@ fn the_source_dying_mid_rebuild_hands_over_to_another() {
     let c = replica(&tmp.path().join("c"));
     let (mut v, _) = Volume::start(&[a.replica_addr(), b.replica_addr()], TIMEOUT).unwrap();
     fill(&mut v, 0, SIZE, 5);
-    v.add_replica(c.replica_addr()).unwrap();
+    add_replica(&mut v, c.replica_addr()).unwrap();
     // Kill the source as soon as the new replica has copied something from it.
     wait_copying(&c);
     a.signal(libc::SIGKILL);
@@ -302,7 +303,7 @@ fn the_new_replica_dying_mid_rebuild_leaves_the_volume_healthy() {
     let mut c = replica(&tmp.path().join("c"));
     let (mut v, _) = Volume::start(&[a.replica_addr(), b.replica_addr()], TIMEOUT).unwrap();
     fill(&mut v, 0, SIZE, 5);
-    v.add_replica(c.replica_addr()).unwrap();
+    add_replica(&mut v, c.replica_addr()).unwrap();
     wait_copying(&c);
     c.signal(libc::SIGKILL);
     let _ = c.child.wait();

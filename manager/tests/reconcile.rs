@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use common::{Daemon, EngineDaemon};
 use horn_engine::replica_set::IoKind;
-use horn_engine::volume::{ReplicaAddr, Volume, VolumeCompletion};
+use horn_engine::{ReplicaAddr, Volume, VolumeCompletion};
 use horn_proto::wire::Status;
 use horn_replica::intent::REGION_SIZE;
 use horn_replica::IoBuf;
@@ -150,7 +150,7 @@ fn run_writer(replicas: &str, regions: &str, first_version: u64, log: &str) -> !
 
 /// Checks every replica is identical and every acknowledged write is there, with an
 /// engine of the test's own; closes it cleanly. Returns what reconciliation did.
-fn check(cluster: &Cluster, acked: &BTreeMap<u64, u64>) -> horn_engine::recovery::ReconcileReport {
+fn check(cluster: &Cluster, acked: &BTreeMap<u64, u64>) -> horn_engine::ReconcileReport {
     let (mut v, report) = Volume::start(&cluster.addrs(), TIMEOUT).unwrap();
     assert_eq!(report.used.len(), cluster.daemons.len(), "{report:?}");
     let verified = v.verify(|_, _| {}).unwrap();

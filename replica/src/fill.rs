@@ -5,12 +5,12 @@
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 
-use crate::buf::IoBuf;
 use crate::error::{ReplicaError, Result};
 use crate::extent::Extent;
 use crate::meta::BLOCK_SIZE;
 use crate::replica::Replica;
 use crate::state::Mode;
+use horn_uring::IoBuf;
 
 impl Replica {
     /// Reads with plain system calls, bypassing the ring (used under drained I/O).

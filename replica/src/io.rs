@@ -11,10 +11,10 @@ use std::os::fd::AsRawFd;
 
 use io_uring::{opcode, types};
 
-use crate::buf::IoBuf;
 use crate::error::{ReplicaError, Result};
 use crate::meta::BLOCK_SIZE;
 use crate::replica::Replica;
+use horn_uring::IoBuf;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum OpKind {
@@ -109,14 +109,6 @@ impl Replica {
     }
 
     fn push_sqe(&mut self, entry: io_uring::squeue::Entry, rec: Sqe) -> Result<()> {
-        if !self.ring_enabled {
-            self.ring
-                .submitter()
-                .register_enable_rings()
-                .map_err(|e| ReplicaError::io("io_uring enable", &self.dir, e))?;
-            self.ring_enabled = true;
-            crate::replica::widen_io_workers(&self.ring);
-        }
         let idx = match self.free_sqes.pop() {
             Some(i) => {
                 self.sqes[i as usize] = rec;
@@ -128,18 +120,12 @@ impl Replica {
             }
         };
         let entry = entry.user_data(idx as u64);
-        loop {
-            // SAFETY: every buffer and descriptor the entry names is owned by an op in
-            // `self.ops` (buffers) or by `self.chain` (descriptors), and neither is
-            // dropped or moved until the entry's completion has been reaped.
-            let pushed = unsafe { self.ring.submission().push(&entry) };
-            if pushed.is_ok() {
-                break;
-            }
-            if let Err(e) = self.ring.submit() {
-                self.free_sqes.push(idx);
-                return Err(self.ring_error("io_uring submit", e));
-            }
+        // SAFETY: every buffer and descriptor the entry names is owned by an op in
+        // `self.ops` (buffers) or by `self.chain` (descriptors), and neither is
+        // dropped or moved until the entry's completion has been reaped.
+        if let Err(e) = unsafe { self.ring.push(&entry) } {
+            self.free_sqes.push(idx);
+            return Err(self.ring_error("io_uring submit", e));
         }
         self.op_mut(rec.op).pending += 1;
         Ok(())
@@ -399,12 +385,9 @@ impl Replica {
     /// Passes queued submission entries to the kernel, if there are any (an empty
     /// `submit` would still cost a system call).
     pub fn submit_queued(&mut self) -> Result<()> {
-        if !self.ring.submission().is_empty() {
-            self.ring
-                .submit()
-                .map_err(|e| self.ring_error("io_uring submit", e))?;
-        }
-        Ok(())
+        self.ring
+            .submit()
+            .map_err(|e| self.ring_error("io_uring submit", e))
     }
 
     /// A ring error, with the one cause a person cannot guess spelled out.
@@ -422,23 +405,20 @@ impl Replica {
     /// Submits what is queued, waits for at least one completion, and processes all
     /// that have arrived.
     fn wait_some(&mut self) -> Result<()> {
-        match self.ring.submit_and_wait(1) {
-            Ok(_) => {}
-            Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
-            Err(e) => return Err(self.ring_error("io_uring wait", e)),
+        if let Err(e) = self.ring.wait(None) {
+            return Err(self.ring_error("io_uring wait", e));
         }
         self.drain_cq();
         Ok(())
     }
 
     fn drain_cq(&mut self) {
-        // Copied out first: finishing an op needs `&mut self`. The vector is reused.
-        let mut done = std::mem::take(&mut self.reaped);
-        done.clear();
-        done.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
-        for &(ud, res) in &done {
-            let rec = self.sqes[ud as usize];
-            self.free_sqes.push(ud as u32);
+        // Copied out first: finishing an op needs `&mut self`.
+        let done = self.ring.reap();
+        for c in &done {
+            let res = c.result;
+            let rec = self.sqes[c.token() as usize];
+            self.free_sqes.push(c.token());
             let err = if res < 0 {
                 Some(std::io::Error::from_raw_os_error(-res))
             } else if rec.expected != 0 && res as u32 != rec.expected {
@@ -463,7 +443,7 @@ impl Replica {
                 self.finish_op(rec.op);
             }
         }
-        self.reaped = done;
+        self.ring.recycle(done);
     }
 
     /// Waits for every store I/O in flight (not raw entries: an idle socket receive may

@@ -39,7 +39,6 @@
 
 #![warn(missing_docs)]
 
-pub mod buf;
 pub mod chain;
 pub mod control;
 pub mod crash;
@@ -58,10 +57,10 @@ pub mod state;
 pub mod sync;
 pub mod zeros;
 
-pub use buf::IoBuf;
 pub use chain::{LayerExtents, LayerInfo, PurgeReport, ReplicaInfo};
 pub use error::{ReplicaError, Result};
 pub use extent::Extent;
+pub use horn_uring::IoBuf;
 pub use io::{Completion, INTERNAL_TAG};
-pub use replica::{new_thread_ring, widen_io_workers, CacheMode, Replica, IO_WORKERS};
+pub use replica::{CacheMode, Replica};
 pub use shared::SharedReplica;

@@ -19,9 +19,6 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use io_uring::IoUring;
-
-use crate::buf::IoBuf;
 use crate::error::{ReplicaError, Result};
 use crate::extent::{data_extents, Extent};
 use crate::index::BlockIndex;
@@ -31,6 +28,7 @@ use crate::layer::LayerFile;
 use crate::meta::{self, layer_path, zeros_path, LayerMeta, VolumeMeta, BLOCK_SIZE};
 use crate::state::{EngineState, Mode};
 use crate::zeros::{self, ZeroLog};
+use horn_uring::{IoBuf, Ring};
 
 /// Largest single read or write.
 pub const MAX_IO_BYTES: u64 = 64 << 20;
@@ -91,9 +89,8 @@ pub struct Replica {
     pub(crate) dio_align: u64,
     /// Whether aligned I/O bypasses the page cache.
     pub(crate) cache: CacheMode,
-    pub(crate) ring: IoUring,
-    /// The ring has been enabled by (and so belongs to) the thread doing the I/O.
-    pub(crate) ring_enabled: bool,
+    /// Belongs to the first thread that does I/O (see [`Ring::for_thread`]).
+    pub(crate) ring: Ring,
     pub(crate) ops: Vec<Option<Op>>,
     pub(crate) free_ops: Vec<u32>,
     pub(crate) sqes: Vec<Sqe>,
@@ -108,8 +105,6 @@ pub struct Replica {
     pub(crate) external_in_flight: usize,
     /// Reused by `submit_read` so the hot path does not allocate.
     pub(crate) pieces: Vec<Piece>,
-    /// Reused by the completion loop: (entry index, result) pairs.
-    pub(crate) reaped: Vec<(u64, i32)>,
     pub(crate) _lock: File,
 }
 
@@ -228,11 +223,10 @@ impl Replica {
         let (zero_log, _) = ZeroLog::open(zeros_path(&dir, m.head), m.size)?;
         let engine = EngineState::load(&dir)?;
         let intent = IntentLog::open(&dir, m.size)?;
-        let (ring, ring_enabled) =
-            new_thread_ring(RING_ENTRIES).map_err(|e| ReplicaError::io("io_uring setup", &head_path, e))?;
+        let ring =
+            Ring::for_thread(RING_ENTRIES).map_err(|e| ReplicaError::io("io_uring setup", &head_path, e))?;
         let mut r = Replica {
             ring,
-            ring_enabled,
             engine,
             index: BlockIndex::new(m.size),
             chain: Vec::new(),
@@ -250,7 +244,6 @@ impl Replica {
             raw_in_flight: 0,
             external_in_flight: 0,
             pieces: Vec::new(),
-            reaped: Vec::new(),
             dir,
             meta: m,
             _lock: lock,
@@ -507,8 +500,7 @@ impl Replica {
     pub(crate) fn make_ring_shareable(&mut self) -> Result<()> {
         self.drain()?;
         self.ring =
-            IoUring::new(RING_ENTRIES).map_err(|e| ReplicaError::io("io_uring setup", &self.dir, e))?;
-        self.ring_enabled = true;
+            Ring::shared(RING_ENTRIES).map_err(|e| ReplicaError::io("io_uring setup", &self.dir, e))?;
         Ok(())
     }
 
@@ -628,45 +620,6 @@ fn check_layer_files(dir: &Path, m: &VolumeMeta) -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// The replica's ring, and whether it is enabled yet. One thread submits and reaps,
-/// so the kernel may run completion work when that thread asks for completions
-/// instead of interrupting it (measured: 4 KiB QD1 reads 0.87-0.91 of fio without
-/// these flags, 0.96-0.99 with them); the ring flags pending completion work, so a
-/// thread polling its ring sees it without a system call. Such a ring belongs to one thread: it is created
-/// disabled and enabled by the first thread that submits to it, so a replica can be
-/// opened on one thread and served from another. Kernels before 6.1 get a plain ring.
-/// Returns the ring and whether it is enabled already (a plain ring is).
-pub fn new_thread_ring(entries: u32) -> std::io::Result<(IoUring, bool)> {
-    match IoUring::builder()
-        .setup_single_issuer()
-        .setup_coop_taskrun()
-        .setup_defer_taskrun()
-        .setup_taskrun_flag()
-        .setup_r_disabled()
-        .build(entries)
-    {
-        Ok(ring) => Ok((ring, false)),
-        Err(_) => Ok((IoUring::new(entries)?, true)),
-    }
-}
-
-/// Workers the kernel may run at once for this thread's blocking file I/O.
-pub const IO_WORKERS: u32 = 64;
-
-/// Lets the calling thread's io_uring run [`IO_WORKERS`] blocking file operations at
-/// once. Buffered reads that miss the page cache, and buffered writes a filesystem
-/// cannot start without blocking, go to the kernel's io-wq workers, which it caps at
-/// four per CPU by default: 8 on a 2-CPU machine, which held cold random reads at
-/// QD32 under a target whose 16 threads issue `pread`s. Best effort: a kernel without
-/// the setting (before 5.15) keeps its default.
-pub fn widen_io_workers(ring: &IoUring) {
-    // [bounded (regular files), unbounded (sockets)]; 0 leaves one as it is.
-    let mut max = [IO_WORKERS, 0];
-    if let Err(e) = ring.submitter().register_iowq_max_workers(&mut max) {
-        tracing::debug!(error = %e, "cannot raise the io_uring worker limit");
-    }
 }
 
 /// Every layer read from keeps a descriptor or two open: raise the soft limit toward

@@ -23,10 +23,10 @@ use horn_proto::batch::{Message, SendBatch, TwoPartRecv};
 use horn_proto::wire::{Header, Op, Status, FLAG_FUA, HEADER_LEN};
 use io_uring::{opcode, types};
 
-use crate::buf::IoBuf;
 use crate::error::{ReplicaError, Result};
 use crate::io::Completion;
 use crate::replica::Replica;
+use horn_uring::IoBuf;
 
 const KIND_SHIFT: u32 = 56;
 const TAG_ACCEPT: u64 = 1 << KIND_SHIFT;

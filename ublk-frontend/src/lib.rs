@@ -90,7 +90,7 @@ pub enum UblkError {
     },
     /// The engine failed.
     #[error(transparent)]
-    Engine(#[from] horn_engine::volume::VolumeError),
+    Engine(#[from] horn_engine::VolumeError),
 }
 
 /// Result alias for this crate.

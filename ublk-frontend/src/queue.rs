@@ -1,10 +1,19 @@
 //! One ublk queue's loop: block commands in, engine I/O out, on one ring.
 //!
-//! libublk runs the loop (`UblkQueue::wait_and_handle_io`) and calls us for every
-//! completion on the queue's ring: a new block command on a tag, or an entry of ours.
-//! Our entries are the engine queue's socket operations and a periodic timer; their
-//! user data carries the engine's token folded into libublk's 16-bit tag field (see
-//! [`fold`]), with our own op code to tell them apart.
+//! libublk runs the loop (`UblkQueue::wait_and_handle_io`) and calls
+//! [`QueueServer::on_event`] for every completion on the queue's ring. Each event is
+//! one of two steps, and every event ends with a third:
+//! 1. **a command arrives** ([`QueueServer::on_command`]): a block command on a tag,
+//!    handed to the engine queue (a read or write with the tag's buffer lent to it);
+//!    with user copy, a write's data is first copied in from `/dev/ublkcN`;
+//! 2. **a target I/O completes** ([`QueueServer::on_target_io`]): an entry of ours, an
+//!    engine queue's socket or file operation, the timer, or a user copy;
+//! 3. **completions are handed back** ([`QueueServer::hand_back`]): the engine's
+//!    finished I/Os complete their commands (a read's data copied out first, with user
+//!    copy), and the entries this produced are pushed on the ring.
+//!
+//! Our entries' user data carries the engine's token folded into libublk's 16-bit tag
+//! field (see [`fold`]), with our own op code ([`TargetOp`]) to tell them apart.
 //!
 //! Data is not copied: a command's buffer (libublk's per-tag buffer, which the kernel
 //! fills for writes and reads back for reads) is lent to the engine as an
@@ -14,149 +23,200 @@ use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
 use horn_engine::replica_set::IoKind;
-use horn_engine::volume::VolumeError;
-use horn_engine::{Engine, EngineQueue, Token};
-use horn_replica::IoBuf;
+use horn_engine::{Engine, EngineQueue, Token, VolumeError};
+use horn_uring::IoBuf;
 use io_uring::{opcode, squeue, types};
 use libublk::io::{BufDescList, UblkDev, UblkIOCtx, UblkQueue};
 use libublk::{sys, BufDesc, UblkIORes};
 
-/// Op code of our entries carrying an engine token.
-const OP_ENGINE: u32 = 0xf0;
-/// Op code of the periodic timer.
-const OP_TIMER: u32 = 0xf1;
-/// Op code of a user copy of a write command's data into our buffer.
-const OP_COPY_IN: u32 = 0xf2;
-/// Op code of a user copy of a read command's data from our buffer.
-const OP_COPY_OUT: u32 = 0xf3;
+/// Our own op codes in libublk's user data (its op field): what a target I/O was.
+struct TargetOp;
+
+impl TargetOp {
+    /// An engine queue's entry; the tag field carries its folded token.
+    const ENGINE: u32 = 0xf0;
+    /// A read of the periodic timer.
+    const TIMER: u32 = 0xf1;
+    /// A user copy of a write command's data into our buffer.
+    const COPY_IN: u32 = 0xf2;
+    /// A user copy of a read command's data out of our buffer.
+    const COPY_OUT: u32 = 0xf3;
+}
+
+/// The block operation of a command: the low byte of its descriptor's `op_flags`
+/// (`UBLK_IO_OP_*`); the bits above it are flags such as [`FUA`].
+const OP_MASK: u32 = 0xff;
+/// Forced unit access: the write must be durable before it completes.
+const FUA: u32 = sys::UBLK_IO_F_FUA;
 
 /// How often the loop wakes to let the engine notice replicas past their timeout.
 const TICK: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// Serves queue `qid` of `dev` until the device stops.
 pub fn serve_queue(qid: u16, dev: &UblkDev, engine: &Arc<Engine>) {
-    let user_copy = dev.dev_info.flags & sys::UBLK_F_USER_COPY as u64 != 0;
-    let mut bufs = dev.alloc_queue_io_bufs();
-    let ptrs: Vec<*mut u8> = bufs.iter_mut().map(|b| b.as_mut_ptr()).collect();
-    let mut engine_queue = match EngineQueue::open(engine) {
-        Ok(q) => Some(q),
-        Err(e) => {
-            tracing::error!(queue = qid, error = %e, "cannot open the engine queue; every I/O will fail");
-            None
-        }
+    let mut server = match QueueServer::new(qid, dev, engine) {
+        Ok(s) => s,
+        Err(e) => return tracing::error!(queue = qid, error = %e, "cannot create the queue's timer"),
     };
-    let depth = dev.dev_info.queue_depth as usize;
-    // Bytes each tag's command moves (its result on success).
-    let mut lens = vec![0i32; depth];
-    let mut timer = match Ticker::new(TICK) {
-        Ok(t) => t,
-        Err(e) => {
-            tracing::error!(queue = qid, error = %e, "cannot create the queue's timer");
-            return;
-        }
-    };
-    // User copy: reads and writes of the command's data on the char device, to push.
-    let mut copies: Vec<squeue::Entry> = Vec::new();
-
     let queue = match UblkQueue::new(qid, dev) {
         Ok(q) => q,
-        Err(e) => {
-            tracing::error!(queue = qid, error = %e, "cannot set up the ublk queue");
-            return;
-        }
+        Err(e) => return tracing::error!(queue = qid, error = %e, "cannot set up the ublk queue"),
     };
     // Local replicas' file I/O runs on this ring too (engine/src/queue.rs).
-    libublk::io::with_task_io_ring(horn_replica::widen_io_workers);
-    let fetch = BufDescList::Slices((!user_copy).then_some(&bufs));
+    libublk::io::with_task_io_ring(horn_uring::widen_io_workers);
+    let fetch = BufDescList::Slices((!server.user_copy).then_some(&server.bufs));
     let queue = match queue.submit_fetch_commands_unified(fetch) {
         Ok(q) => q,
-        Err(e) => {
-            tracing::error!(queue = qid, error = %e, "cannot fetch ublk commands");
+        Err(e) => return tracing::error!(queue = qid, error = %e, "cannot fetch ublk commands"),
+    };
+    queue.wait_and_handle_io(|q, tag, ctx| server.on_event(q, tag, ctx));
+    if let Some(eq) = server.engine_queue.as_mut() {
+        eq.shutdown();
+    }
+}
+
+/// One ublk queue's state between events.
+struct QueueServer {
+    qid: u16,
+    /// The server copies commands' data itself (`UBLK_F_USER_COPY`).
+    user_copy: bool,
+    /// Each tag's buffer, alive for the queue's life.
+    bufs: Vec<libublk::helpers::IoBuf<u8>>,
+    ptrs: Vec<*mut u8>,
+    /// `None` if the engine queue could not be opened: every command then fails.
+    engine_queue: Option<EngineQueue>,
+    /// Bytes each tag's command moves (its result on success).
+    lens: Vec<i32>,
+    timer: Ticker,
+    /// User copies of commands' data, to push.
+    copies: Vec<squeue::Entry>,
+}
+
+impl QueueServer {
+    fn new(qid: u16, dev: &UblkDev, engine: &Arc<Engine>) -> std::io::Result<QueueServer> {
+        let mut bufs = dev.alloc_queue_io_bufs();
+        let ptrs = bufs.iter_mut().map(|b| b.as_mut_ptr()).collect();
+        let engine_queue = match EngineQueue::open(engine) {
+            Ok(q) => Some(q),
+            Err(e) => {
+                tracing::error!(queue = qid, error = %e, "cannot open the engine queue; every I/O will fail");
+                None
+            }
+        };
+        Ok(QueueServer {
+            qid,
+            user_copy: dev.dev_info.flags & sys::UBLK_F_USER_COPY as u64 != 0,
+            bufs,
+            ptrs,
+            engine_queue,
+            lens: vec![0; dev.dev_info.queue_depth as usize],
+            timer: Ticker::new(TICK)?,
+            copies: Vec::new(),
+        })
+    }
+
+    /// One completion on the queue's ring: a step, then the hand-back.
+    fn on_event(&mut self, q: &UblkQueue, tag: u16, ctx: &UblkIOCtx) {
+        if self.engine_queue.is_none() {
+            if !ctx.is_tgt_io() {
+                self.complete(q, tag, -libc::EIO);
+            }
             return;
         }
-    };
-    let complete = |q: &UblkQueue, tag: u16, res: i32| {
-        let buf = if user_copy {
-            &[][..]
+        if ctx.is_tgt_io() {
+            self.on_target_io(q, ctx);
         } else {
-            bufs[tag as usize].as_slice()
-        };
-        if let Err(e) = q.complete_io_cmd_unified(tag, BufDesc::Slice(buf), Ok(UblkIORes::Result(res))) {
-            tracing::debug!(tag, error = %e, "completing a ublk command failed (queue going down?)");
+            self.on_command(q, tag);
         }
-    };
-    // Hands command `tag`'s read or write to the engine, lending it the tag's buffer.
-    let submit_data = |eq: &mut EngineQueue, q: &UblkQueue, tag: u16, kind: IoKind| {
+        self.hand_back(q);
+    }
+
+    fn engine_queue(&mut self) -> &mut EngineQueue {
+        self.engine_queue
+            .as_mut()
+            .expect("events reach the steps only with an engine queue")
+    }
+
+    /// A block command arrived on `tag`.
+    fn on_command(&mut self, q: &UblkQueue, tag: u16) {
         let iod = q.get_iod(tag);
-        let fua = iod.op_flags & sys::UBLK_IO_F_FUA != 0;
+        let offset = iod.start_sector << 9;
+        let bytes = (iod.nr_sectors as u64) << 9;
+        let t = tag as usize;
+        let kind = match iod.op_flags & OP_MASK {
+            sys::UBLK_IO_OP_READ => IoKind::Read,
+            sys::UBLK_IO_OP_WRITE => IoKind::Write,
+            sys::UBLK_IO_OP_FLUSH => IoKind::Flush,
+            sys::UBLK_IO_OP_DISCARD => IoKind::Discard,
+            sys::UBLK_IO_OP_WRITE_ZEROES => IoKind::WriteZeroes,
+            _ => return self.complete(q, tag, -libc::EOPNOTSUPP),
+        };
+        match kind {
+            IoKind::Write if self.user_copy => {
+                self.lens[t] = bytes as i32;
+                let entry = user_copy_entry(self.qid, tag, self.ptrs[t], bytes as u32, TargetOp::COPY_IN);
+                self.copies.push(entry);
+            }
+            IoKind::Read | IoKind::Write => {
+                self.lens[t] = bytes as i32;
+                self.submit_data(q, tag, kind);
+            }
+            _ => {
+                self.lens[t] = 0;
+                self.engine_queue()
+                    .submit(kind, offset, bytes, None, tag as u64, false);
+            }
+        }
+    }
+
+    /// Hands command `tag`'s read or write to the engine, lending it the tag's buffer.
+    fn submit_data(&mut self, q: &UblkQueue, tag: u16, kind: IoKind) {
+        let iod = q.get_iod(tag);
+        let fua = iod.op_flags & FUA != 0;
         let bytes = (iod.nr_sectors as usize) << 9;
+        debug_assert!(
+            bytes <= self.bufs[tag as usize].len(),
+            "the driver sent more than a tag's buffer"
+        );
         // SAFETY: the tag's buffer is ours, alive for the queue's life and
         // max_io_buf_bytes long (the driver never sends more); neither the kernel nor
         // a user copy touches it while the engine has the I/O, and the command is
         // completed only after the engine has handed the buffer back.
-        let buf = unsafe { IoBuf::borrowed(ptrs[tag as usize], bytes) };
-        eq.submit(kind, iod.start_sector << 9, 0, Some(buf), tag as u64, fua);
-    };
-    let handler = |q: &UblkQueue, tag: u16, ctx: &UblkIOCtx| {
-        let Some(eq) = engine_queue.as_mut() else {
-            if !ctx.is_tgt_io() {
-                complete(q, tag, -libc::EIO);
+        let buf = unsafe { IoBuf::borrowed(self.ptrs[tag as usize], bytes) };
+        self.engine_queue()
+            .submit(kind, iod.start_sector << 9, 0, Some(buf), tag as u64, fua);
+    }
+
+    /// An entry of ours completed.
+    fn on_target_io(&mut self, q: &UblkQueue, ctx: &UblkIOCtx) {
+        let ud = ctx.user_data();
+        let tag = UblkIOCtx::user_data_to_tag(ud) as u16;
+        let expected = self.lens[tag as usize];
+        match UblkIOCtx::user_data_to_op(ud) {
+            TargetOp::TIMER => self.timer.armed = false,
+            TargetOp::COPY_IN if ctx.result() == expected => self.submit_data(q, tag, IoKind::Write),
+            TargetOp::COPY_OUT if ctx.result() == expected => self.complete(q, tag, expected),
+            TargetOp::COPY_IN | TargetOp::COPY_OUT => {
+                tracing::warn!(
+                    tag,
+                    result = ctx.result(),
+                    expected,
+                    "user copy of a command's data failed",
+                );
+                self.complete(q, tag, -libc::EIO)
             }
-            return;
-        };
-        if ctx.is_tgt_io() {
-            let ud = ctx.user_data();
-            let tag = UblkIOCtx::user_data_to_tag(ud) as u16;
-            match UblkIOCtx::user_data_to_op(ud) {
-                OP_TIMER => timer.armed = false,
-                OP_COPY_IN if ctx.result() == lens[tag as usize] => submit_data(eq, q, tag, IoKind::Write),
-                OP_COPY_OUT if ctx.result() == lens[tag as usize] => complete(q, tag, lens[tag as usize]),
-                OP_COPY_IN | OP_COPY_OUT => {
-                    tracing::warn!(
-                        tag,
-                        result = ctx.result(),
-                        expected = lens[tag as usize],
-                        "user copy of a command's data failed",
-                    );
-                    complete(q, tag, -libc::EIO)
-                }
-                _ => eq.complete(unfold(tag), ctx.result()),
-            }
-        } else {
-            let iod = q.get_iod(tag);
-            let op = iod.op_flags & 0xff;
-            let offset = iod.start_sector << 9;
-            let bytes = (iod.nr_sectors as u64) << 9;
-            let t = tag as usize;
-            let kind = match op {
-                sys::UBLK_IO_OP_READ => Some(IoKind::Read),
-                sys::UBLK_IO_OP_WRITE => Some(IoKind::Write),
-                sys::UBLK_IO_OP_FLUSH => Some(IoKind::Flush),
-                sys::UBLK_IO_OP_DISCARD => Some(IoKind::Discard),
-                sys::UBLK_IO_OP_WRITE_ZEROES => Some(IoKind::WriteZeroes),
-                _ => None,
-            };
-            match kind {
-                None => complete(q, tag, -libc::EOPNOTSUPP),
-                Some(IoKind::Write) if user_copy => {
-                    lens[t] = bytes as i32;
-                    copies.push(user_copy_entry(qid, tag, ptrs[t], bytes as u32, OP_COPY_IN));
-                }
-                Some(kind @ (IoKind::Read | IoKind::Write)) => {
-                    lens[t] = bytes as i32;
-                    submit_data(eq, q, tag, kind);
-                }
-                Some(kind) => {
-                    lens[t] = 0;
-                    eq.submit(kind, offset, bytes, None, tag as u64, false);
-                }
-            }
+            _ => self.engine_queue().complete(unfold(tag), ctx.result()),
         }
-        eq.tick();
-        while let Some(c) = eq.pop_completion() {
+    }
+
+    /// Completes the commands whose engine I/O finished, and pushes the entries the
+    /// steps produced.
+    fn hand_back(&mut self, q: &UblkQueue) {
+        self.engine_queue().tick();
+        while let Some(c) = self.engine_queue().pop_completion() {
             let tag = c.tag as u16;
             let res = match &c.result {
-                Ok(()) => lens[tag as usize],
+                Ok(()) => self.lens[tag as usize],
                 Err(VolumeError::BadRequest(why)) => {
                     tracing::warn!(%why, "block request refused");
                     -libc::EINVAL
@@ -166,28 +226,79 @@ pub fn serve_queue(qid: u16, dev: &UblkDev, engine: &Arc<Engine>) {
                     -libc::EIO
                 }
             };
+            // The engine is done with the tag's buffer.
             drop(c);
-            if user_copy && res > 0 && q.get_iod(tag).op_flags & 0xff == sys::UBLK_IO_OP_READ {
-                let ptr = ptrs[tag as usize];
-                copies.push(user_copy_entry(qid, tag, ptr, res as u32, OP_COPY_OUT));
+            let read = q.get_iod(tag).op_flags & OP_MASK == sys::UBLK_IO_OP_READ;
+            if self.user_copy && res > 0 && read {
+                let ptr = self.ptrs[tag as usize];
+                self.copies.push(user_copy_entry(
+                    self.qid,
+                    tag,
+                    ptr,
+                    res as u32,
+                    TargetOp::COPY_OUT,
+                ));
             } else {
-                complete(q, tag, res);
+                self.complete(q, tag, res);
             }
         }
-        push_entries(eq, &mut timer, &mut copies);
-    };
-    queue.wait_and_handle_io(handler);
-    if let Some(eq) = engine_queue.as_mut() {
-        eq.shutdown();
+        self.push_entries();
+    }
+
+    /// Completes command `tag` with `res` (bytes moved, or a negated errno).
+    fn complete(&self, q: &UblkQueue, tag: u16, res: i32) {
+        let buf = if self.user_copy {
+            &[][..]
+        } else {
+            self.bufs[tag as usize].as_slice()
+        };
+        if let Err(e) = q.complete_io_cmd_unified(tag, BufDesc::Slice(buf), Ok(UblkIORes::Result(res))) {
+            tracing::debug!(tag, error = %e, "completing a ublk command failed (queue going down?)");
+        }
+    }
+
+    /// Pushes the engine queue's entries, the user copies, and a read of the timer if
+    /// none is posted, on this thread's queue ring.
+    fn push_entries(&mut self) {
+        let timer = &mut self.timer;
+        let tick = (!timer.armed).then(|| {
+            timer.armed = true;
+            opcode::Read::new(
+                types::Fd(timer.fd.as_raw_fd()),
+                (&mut *timer.buf as *mut u64).cast(),
+                8,
+            )
+            .build()
+            .user_data(UblkIOCtx::build_user_data(0, TargetOp::TIMER, 0, true))
+        });
+        let engine = self.engine_queue.as_mut().into_iter().flat_map(|eq| {
+            eq.entries().map(|e| {
+                let token = Token(e.get_user_data() as u32);
+                e.user_data(UblkIOCtx::build_user_data(fold(token), TargetOp::ENGINE, 0, true))
+            })
+        });
+        let copies = self.copies.drain(..);
+        libublk::io::with_task_io_ring_mut(|ring| {
+            for e in engine.chain(tick).chain(copies) {
+                // SAFETY: the engine queue keeps each entry's memory valid until its
+                // completion is handed back, the timer's fd and buffer live as long as
+                // the queue's loop, a user copy's buffer is the tag's own (alive for
+                // the queue's life, its command not completed until the copy is), and
+                // the queue outlives the ring's use of all of them.
+                if let Err(err) = unsafe { horn_uring::push_or_submit(ring, &e) } {
+                    tracing::error!(error = %err, "io_uring submit failed");
+                }
+            }
+        });
     }
 }
 
-/// A read (`OP_COPY_IN`: a write command's data into our buffer) or write
-/// (`OP_COPY_OUT`: a read command's data out of it) of `/dev/ublkcN` at command
-/// `tag`'s position: the user copy. The char device is the ring's fixed file 0.
+/// A read (`COPY_IN`: a write command's data into our buffer) or write (`COPY_OUT`: a
+/// read command's data out of it) of `/dev/ublkcN` at command `tag`'s position: the
+/// user copy. The char device is the ring's fixed file 0.
 fn user_copy_entry(qid: u16, tag: u16, buf: *mut u8, len: u32, op: u32) -> squeue::Entry {
     let pos = UblkIOCtx::ublk_user_copy_pos(qid, tag, 0);
-    let entry = if op == OP_COPY_IN {
+    let entry = if op == TargetOp::COPY_IN {
         opcode::Read::new(types::Fixed(0), buf, len).offset(pos).build()
     } else {
         opcode::Write::new(types::Fixed(0), buf, len).offset(pos).build()
@@ -243,51 +354,6 @@ impl Ticker {
     }
 }
 
-/// Pushes the engine queue's entries, and a read of the timer if none is posted, on
-/// this thread's queue ring.
-fn push_entries(eq: &mut EngineQueue, timer: &mut Ticker, copies: &mut Vec<squeue::Entry>) {
-    let tick = (!timer.armed).then(|| {
-        timer.armed = true;
-        opcode::Read::new(
-            types::Fd(timer.fd.as_raw_fd()),
-            (&mut *timer.buf as *mut u64).cast(),
-            8,
-        )
-        .build()
-        .user_data(UblkIOCtx::build_user_data(0, OP_TIMER, 0, true))
-    });
-    let entries: Vec<squeue::Entry> = eq
-        .entries()
-        .map(|e| {
-            let token = Token(e.get_user_data() as u32);
-            e.user_data(UblkIOCtx::build_user_data(fold(token), OP_ENGINE, 0, true))
-        })
-        .chain(tick)
-        .chain(copies.drain(..))
-        .collect();
-    if entries.is_empty() {
-        return;
-    }
-    libublk::io::with_task_io_ring_mut(|ring| {
-        for e in &entries {
-            loop {
-                // SAFETY: the engine queue keeps each entry's memory valid until its
-                // completion is handed back, the timer's fd and buffer live as long as
-                // the queue's loop, a user copy's buffer is the tag's own (alive for
-                // the queue's life, its command not completed until the copy is), and
-                // the queue outlives the ring's use of all of them.
-                if unsafe { ring.submission().push(e) }.is_ok() {
-                    break;
-                }
-                if let Err(err) = ring.submit() {
-                    tracing::error!(error = %err, "io_uring submit failed");
-                    break;
-                }
-            }
-        }
-    });
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -297,9 +363,9 @@ mod tests {
         for kind in 1..5u32 {
             for index in [0u32, 1, 2, 1000, 0x1fff] {
                 let t = Token((kind << 29) | index);
-                let ud = UblkIOCtx::build_user_data(fold(t), OP_ENGINE, 0, true);
+                let ud = UblkIOCtx::build_user_data(fold(t), TargetOp::ENGINE, 0, true);
                 assert_eq!(unfold(UblkIOCtx::user_data_to_tag(ud) as u16), t);
-                assert_eq!(UblkIOCtx::user_data_to_op(ud), OP_ENGINE);
+                assert_eq!(UblkIOCtx::user_data_to_op(ud), TargetOp::ENGINE);
             }
         }
     }

@@ -55,7 +55,7 @@ enum Command {
         /// A replica as DATA_ADDR,CONTROL_ADDR[,local] (its `hornd replica --listen`
         /// and `--control`); repeat for each.
         #[arg(long = "replica", required_unless_present = "host_replica")]
-        replicas: Vec<horn_engine::volume::ReplicaAddr>,
+        replicas: Vec<horn_engine::ReplicaAddr>,
         /// Host the replica in this directory inside the engine's process: its reads
         /// and writes run on the engine's own rings, with no socket or process hop
         /// (the replica on the engine's node). Its control service is served at

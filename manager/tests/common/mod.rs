@@ -53,8 +53,8 @@ impl Daemon {
     }
 
     /// Its addresses, as the engine takes them.
-    pub fn replica_addr(&self) -> horn_engine::volume::ReplicaAddr {
-        horn_engine::volume::ReplicaAddr {
+    pub fn replica_addr(&self) -> horn_engine::ReplicaAddr {
+        horn_engine::ReplicaAddr {
             data: self.addr.clone(),
             control: self.control.trim_start_matches("http://").to_string(),
             local: false,

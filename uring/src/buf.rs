@@ -96,7 +96,7 @@ impl IoBuf {
     }
 
     /// Raw pointer for the kernel; valid while the buffer lives and is not moved out of.
-    pub(crate) fn as_mut_ptr(&mut self) -> *mut u8 {
+    pub fn as_mut_ptr(&mut self) -> *mut u8 {
         self.ptr.as_ptr()
     }
 }
