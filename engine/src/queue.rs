@@ -19,23 +19,32 @@
 //! caller only when the replica set has completed the I/O *and* no socket operation
 //! still points into it (a send to a replica dropped meanwhile finishes, or fails,
 //! first).
+//!
+//! The code is split by what a queue talks to: this file holds the queue's own
+//! bookkeeping (its I/Os, the replica set's actions, pauses, membership); `wire.rs`
+//! the connections to replica processes (sends, receives, reply parsing); `local.rs`
+//! the file operations on a replica hosted in this process. Both extend
+//! [`EngineQueue`] with the steps of their kind of link.
+
+mod local;
+mod wire;
 
 use std::collections::{BTreeMap, VecDeque};
-use std::net::TcpStream;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use horn_proto::batch::{Message, SendBatch, TwoPartRecv};
-use horn_proto::wire::{Header, Op, Status, FLAG_FUA, HEADER_LEN, MAX_IO_LEN};
-use horn_replica::shared::{LocalIo, LocalKind, SharedReplica};
+use horn_proto::wire::{Status, MAX_IO_LEN};
 use horn_uring::IoBuf;
 use io_uring::{opcode, squeue, types};
 
 use crate::engine::{Engine, QueueShared};
 use crate::replica_set::{Action, IoId, IoKind, IoRequest, Mode, ReplicaConfig, ReplicaSet, Reply, ReqId};
 use crate::types::{Result, VolumeCompletion, VolumeError};
+
+use local::LocalOp;
+use wire::Conn;
 
 /// Names one of the queue's ring entries; the driver gives it back with the entry's
 /// result. It fits in 32 bits so a frontend can fold it into its own user data.
@@ -49,10 +58,6 @@ const KIND_WAKE: u32 = 3 << KIND_SHIFT;
 /// A file operation on an in-process replica; the index names the local op.
 const KIND_LOCAL: u32 = 4 << KIND_SHIFT;
 const INDEX_MASK: u32 = (1 << KIND_SHIFT) - 1;
-
-/// Largest write to an in-process replica's page cache made on the queue's thread
-/// (see [`EngineQueue::inline_write`]).
-const INLINE_WRITE_MAX: usize = 64 << 10;
 
 /// Bits of a token's index that survive [`Token::fold16`].
 const FOLD_INDEX_BITS: u32 = 13;
@@ -74,110 +79,6 @@ impl Token {
     }
 }
 
-/// A request on its way out.
-struct Outgoing {
-    header: [u8; HEADER_LEN],
-    /// Writes: the payload lives in this I/O's buffer.
-    io: Option<IoId>,
-    ptr: *const u8,
-    len: usize,
-}
-
-// SAFETY: `ptr` names the I/O's heap buffer, kept alive and in place (refs counted)
-// until the send finishes; nothing else aliases it.
-unsafe impl Send for Outgoing {}
-
-impl Message for Outgoing {
-    fn header(&self) -> &[u8; HEADER_LEN] {
-        &self.header
-    }
-
-    fn payload(&self) -> (*const u8, usize) {
-        (self.ptr, self.len)
-    }
-}
-
-enum Receiving {
-    /// Reply headers, into the conn's `rx`.
-    Header,
-    /// Read data, into the I/O's buffer.
-    Data {
-        req: ReqId,
-        header: Header,
-        io: IoId,
-        filled: usize,
-    },
-    /// An error message, or the data of a reply nobody waits for any more.
-    Discard {
-        req: ReqId,
-        header: Header,
-        bytes: Vec<u8>,
-        filled: usize,
-    },
-}
-
-/// Bytes of reply headers received ahead (many replies to writes in one receive).
-const RX_LEN: usize = 64 * HEADER_LEN;
-
-struct Conn {
-    /// None for a replica that had failed before this queue opened, or one hosted in
-    /// this process.
-    stream: Option<TcpStream>,
-    /// The replica, when it is hosted in this process.
-    local: Option<Arc<SharedReplica>>,
-    /// Received bytes not yet parsed are `rx[rx_start..rx_end]`.
-    rx: Box<[u8; RX_LEN]>,
-    rx_start: usize,
-    rx_end: usize,
-    /// The two-part receive in the kernel: the rest of a payload, then the next header.
-    rx_msg: Box<TwoPartRecv>,
-    /// Reads sent on this connection and not answered yet.
-    reads: usize,
-    receiving: Receiving,
-    out: SendBatch<Outgoing>,
-    raw_in_flight: usize,
-    closed: bool,
-}
-
-impl Conn {
-    /// A connection to the replica at `data` (none for a replica already failed), and
-    /// why it could not be made.
-    fn connect(data: &str, failed: bool) -> (Conn, Option<String>) {
-        let (stream, local, why) = match SharedReplica::hosted(data) {
-            _ if failed => (None, None, None),
-            Ok(Some(r)) => (None, Some(r), None),
-            Err(e) => (None, None, Some(e.to_string())),
-            Ok(None) => match TcpStream::connect(data) {
-                Ok(s) => {
-                    let _ = s.set_nodelay(true);
-                    (Some(s), None, None)
-                }
-                Err(e) => (None, None, Some(format!("its data wire is unreachable: {e}"))),
-            },
-        };
-        let closed = stream.is_none() && local.is_none();
-        let conn = Conn {
-            stream,
-            local,
-            rx: Box::new([0; RX_LEN]),
-            rx_start: 0,
-            rx_end: 0,
-            rx_msg: TwoPartRecv::new(),
-            reads: 0,
-            receiving: Receiving::Header,
-            out: SendBatch::default(),
-            raw_in_flight: 0,
-            closed,
-        };
-        (conn, why)
-    }
-
-    /// The socket; only asked of an open conn, which always has one.
-    fn fd(&self) -> i32 {
-        self.stream.as_ref().map_or(-1, |s| s.as_raw_fd())
-    }
-}
-
 struct Slot {
     tag: u64,
     buf: Option<IoBuf>,
@@ -185,19 +86,6 @@ struct Slot {
     /// Socket operations pointing into `buf`.
     refs: usize,
     result: Option<Result<()>>,
-}
-
-/// An I/O on a replica hosted in this process, while its file operations run.
-struct LocalOp {
-    req: ReqId,
-    io: IoId,
-    replica: Arc<SharedReplica>,
-    planned: LocalIo,
-    /// File operations still in the ring.
-    pending: usize,
-    /// Bytes they moved, and the first error.
-    moved: usize,
-    error: Option<std::io::Error>,
 }
 
 /// An I/O held back while a chain operation has the volume paused.
@@ -589,7 +477,11 @@ impl EngineQueue {
             .is_some_and(|s| s.result.is_some() && s.refs == 0);
         if done {
             let slot = self.slots.remove(&io).expect("checked");
-            self.shared.in_flight.fetch_sub(1, Ordering::SeqCst);
+            let before = self.shared.in_flight.fetch_sub(1, Ordering::SeqCst);
+            debug_assert!(
+                before > 0,
+                "I/O {io:?} left the queue's in-flight count, which was already 0"
+            );
             self.ready.push_back(VolumeCompletion {
                 tag: slot.tag,
                 result: slot.result.expect("checked"),
@@ -599,13 +491,6 @@ impl EngineQueue {
     }
 
     fn send(&mut self, replica: usize, req: ReqId, io: IoId, request: IoRequest) {
-        let op = match request.kind {
-            IoKind::Read => Op::Read,
-            IoKind::Write => Op::Write,
-            IoKind::Flush => Op::Flush,
-            IoKind::Discard => Op::Discard,
-            IoKind::WriteZeroes => Op::WriteZeroes,
-        };
         if let Some(replica_here) = self.conns[replica].local.clone() {
             if !self.conns[replica].closed {
                 self.reqs.insert(req, (io, replica));
@@ -613,77 +498,16 @@ impl EngineQueue {
             }
             return;
         }
-        let mut header = Header::request(op, req.0, request.offset, request.len, self.engine.generation());
-        let (payload_io, ptr, len) = match (request.kind, self.slots.get_mut(&io)) {
-            (IoKind::Write, Some(slot)) => {
-                slot.refs += 1;
-                if slot.fua {
-                    header.flags |= FLAG_FUA;
-                }
-                let b = slot.buf.as_ref().expect("writes carry a buffer");
-                (Some(io), b.as_slice().as_ptr(), b.len())
-            }
-            _ => (None, std::ptr::null(), 0),
-        };
-        self.reqs.insert(req, (io, replica));
-        if op == Op::Read {
-            self.conns[replica].reads += 1;
-        }
-        let out = Box::new(Outgoing {
-            header: header.encode(),
-            io: payload_io,
-            ptr,
-            len,
-        });
-        self.conns[replica].out.push(out);
-        self.start_send(replica);
-    }
-
-    /// Sends what has queued up on the connection, unless a send is in the kernel.
-    fn start_send(&mut self, c: usize) {
-        let conn = &mut self.conns[c];
-        if conn.closed {
-            return;
-        }
-        let Some((iov, n)) = conn.out.next_send() else {
-            return;
-        };
-        let entry = opcode::Writev::new(types::Fd(conn.fd()), iov, n)
-            .build()
-            .user_data((KIND_SEND | c as u32) as u64);
-        conn.raw_in_flight += 1;
-        // The iovecs live in the conn's batch, the headers in its boxed messages, the
-        // payloads in I/O buffers whose refs count this send; all stay until this entry
-        // completes.
-        self.entries.push(entry);
-    }
-
-    fn on_send(&mut self, c: usize, res: i32) {
-        let conn = &mut self.conns[c];
-        conn.raw_in_flight -= 1;
-        if res <= 0 || conn.closed {
-            let sent: Vec<Box<Outgoing>> = conn.out.take_all().collect();
-            for io in sent.into_iter().filter_map(|o| o.io) {
-                self.release(io);
-            }
-            if !self.conns[c].closed {
-                let now = self.now();
-                self.set.on_disconnect(now, c);
-                self.run_actions();
-            }
-            return;
-        }
-        let mut finished = Vec::new();
-        conn.out.sent(res as usize, |o| finished.extend(o.io));
-        for io in finished {
-            self.release(io);
-        }
-        self.start_send(c);
+        self.send_wire(replica, req, io, request);
     }
 
     /// A socket operation no longer points into the I/O's buffer.
     fn release(&mut self, io: IoId) {
         if let Some(slot) = self.slots.get_mut(&io) {
+            debug_assert!(
+                slot.refs > 0,
+                "I/O {io:?}: a socket or file operation released a buffer it did not hold"
+            );
             slot.refs -= 1;
         }
         self.try_finish(io);
@@ -705,253 +529,6 @@ impl EngineQueue {
         self.entries.push(entry);
     }
 
-    /// Posts the connection's next receive:
-    /// - between replies, into `rx`: as much as fits while no read is outstanding
-    ///   (replies to writes are bare headers, many to a receive), one header's worth
-    ///   otherwise, so that read data never lands in `rx`;
-    /// - within a payload, one `recvmsg` of the rest of it (read data straight into
-    ///   the I/O's buffer) followed by the next header into `rx`.
-    fn post_recv(&mut self, c: usize) {
-        let conn = &mut self.conns[c];
-        if conn.closed || conn.local.is_some() {
-            return;
-        }
-        let fd = conn.fd();
-        let token = (KIND_RECV | c as u32) as u64;
-        let (ptr, len) = match &mut conn.receiving {
-            Receiving::Header => {
-                if conn.rx_start > 0 {
-                    conn.rx.copy_within(conn.rx_start..conn.rx_end, 0);
-                    conn.rx_end -= conn.rx_start;
-                    conn.rx_start = 0;
-                }
-                let want = if conn.reads == 0 {
-                    RX_LEN - conn.rx_end
-                } else {
-                    HEADER_LEN - conn.rx_end
-                };
-                let ptr = conn.rx[conn.rx_end..].as_mut_ptr();
-                // The parser leaves less than one header in `rx`.
-                conn.raw_in_flight += 1;
-                let entry = opcode::Recv::new(types::Fd(fd), ptr, want as u32)
-                    .build()
-                    .user_data(token);
-                // `rx` is boxed in the conn and stays until this entry completes.
-                self.entries.push(entry);
-                return;
-            }
-            Receiving::Data {
-                io, filled, header, ..
-            } => {
-                let slot = self.slots.get_mut(io).expect("a read waiting for data is live");
-                slot.refs += 1;
-                let buf = slot.buf.as_mut().expect("reads carry a buffer");
-                (
-                    buf.as_mut_slice()[*filled..].as_mut_ptr(),
-                    header.length as usize - *filled,
-                )
-            }
-            Receiving::Discard { bytes, filled, .. } => {
-                (bytes[*filled..].as_mut_ptr(), bytes.len() - *filled)
-            }
-        };
-        // `rx` is empty while a payload is being received (see `parse`).
-        conn.rx_start = 0;
-        conn.rx_end = 0;
-        let msg = conn
-            .rx_msg
-            .prepare((ptr, len), (conn.rx.as_mut_ptr(), HEADER_LEN));
-        let entry = opcode::RecvMsg::new(types::Fd(fd), msg).build().user_data(token);
-        conn.raw_in_flight += 1;
-        // The msghdr and iovecs are boxed in the conn, `rx` too, the discard vector
-        // belongs to the conn, and read data goes into an I/O buffer whose refs count
-        // this receive; all stay until this entry completes.
-        self.entries.push(entry);
-    }
-
-    fn on_recv(&mut self, c: usize, res: i32) {
-        self.conns[c].raw_in_flight -= 1;
-        if let Receiving::Data { io, .. } = &self.conns[c].receiving {
-            let io = *io;
-            self.release(io);
-        }
-        if res <= 0 || self.conns[c].closed {
-            if !self.conns[c].closed {
-                let now = self.now();
-                self.set.on_disconnect(now, c);
-                self.run_actions();
-            }
-            return;
-        }
-        let n = res as usize;
-        let conn = &mut self.conns[c];
-        let finished = match &mut conn.receiving {
-            Receiving::Header => {
-                conn.rx_end += n;
-                None
-            }
-            Receiving::Data {
-                req, header, filled, ..
-            } => {
-                let took = n.min(header.length as usize - *filled);
-                *filled += took;
-                conn.rx_end = n - took;
-                (*filled == header.length as usize).then(|| (*req, *header, Vec::new()))
-            }
-            Receiving::Discard {
-                req,
-                header,
-                bytes,
-                filled,
-            } => {
-                let took = n.min(bytes.len() - *filled);
-                *filled += took;
-                conn.rx_end = n - took;
-                (*filled == bytes.len()).then(|| (*req, *header, std::mem::take(bytes)))
-            }
-        };
-        if let Some((req, header, message)) = finished {
-            self.conns[c].receiving = Receiving::Header;
-            self.on_reply(c, req, header, message);
-        }
-        if self.parse(c) {
-            self.post_recv(c);
-        }
-    }
-
-    /// Handles the whole replies in `rx`, and starts the payload of a partial one.
-    /// Returns false if the connection was dropped for a protocol violation.
-    fn parse(&mut self, c: usize) -> bool {
-        loop {
-            let conn = &mut self.conns[c];
-            if conn.closed {
-                return false;
-            }
-            if !matches!(conn.receiving, Receiving::Header) || conn.rx_end - conn.rx_start < HEADER_LEN {
-                return true;
-            }
-            let raw: &[u8; HEADER_LEN] = conn.rx[conn.rx_start..conn.rx_start + HEADER_LEN]
-                .try_into()
-                .expect("one header");
-            conn.rx_start += HEADER_LEN;
-            let h = match Header::decode(raw) {
-                Ok(h) if h.reply => h,
-                other => {
-                    let why = match other {
-                        Err(e) => e.to_string(),
-                        Ok(_) => "it sent a request instead of a reply".into(),
-                    };
-                    let now = self.now();
-                    self.set
-                        .fail_replica(now, c, format!("protocol violation: {why}"));
-                    self.run_actions();
-                    return false;
-                }
-            };
-            if let Some((req, header, message)) = self.start_reply(c, h) {
-                self.on_reply(c, req, header, message);
-            }
-        }
-    }
-
-    /// A reply header has arrived: returns the reply if it is complete (no payload, or
-    /// all of it already in `rx`), or sets the connection to receive the payload (read
-    /// data straight into the waiting I/O's buffer; anything else, such as an error
-    /// message or a reply nobody waits for, into a scratch vector).
-    fn start_reply(&mut self, c: usize, h: Header) -> Option<(ReqId, Header, Vec<u8>)> {
-        let req = ReqId(h.id);
-        let len = h.payload_len();
-        if len == 0 {
-            return Some((req, h, Vec::new()));
-        }
-        let reader = self.reqs.get(&req).map(|&(io, _)| io).filter(|io| {
-            h.status == Status::Ok
-                && h.op == Op::Read
-                && self.slots.get(io).and_then(|s| s.buf.as_ref()).map(IoBuf::len) == Some(len)
-        });
-        let conn = &mut self.conns[c];
-        // Bytes of the payload already in `rx` (read data only when a bulk receive was
-        // in the kernel as the read went out: copied, the one case that copies).
-        let ahead = (conn.rx_end - conn.rx_start).min(len);
-        let early = &conn.rx[conn.rx_start..conn.rx_start + ahead];
-        conn.rx_start += ahead;
-        match reader {
-            Some(io) => {
-                let buf = self
-                    .slots
-                    .get_mut(&io)
-                    .and_then(|s| s.buf.as_mut())
-                    .expect("checked");
-                buf.as_mut_slice()[..ahead].copy_from_slice(early);
-                if ahead == len {
-                    return Some((req, h, Vec::new()));
-                }
-                conn.receiving = Receiving::Data {
-                    req,
-                    header: h,
-                    io,
-                    filled: ahead,
-                };
-            }
-            None => {
-                let mut bytes = vec![0; len];
-                bytes[..ahead].copy_from_slice(early);
-                if ahead == len {
-                    return Some((req, h, bytes));
-                }
-                conn.receiving = Receiving::Discard {
-                    req,
-                    header: h,
-                    bytes,
-                    filled: ahead,
-                };
-            }
-        }
-        None
-    }
-
-    fn on_reply(&mut self, c: usize, req: ReqId, h: Header, message: Vec<u8>) {
-        if h.op == Op::Read {
-            let reads = &mut self.conns[c].reads;
-            *reads = reads.saturating_sub(1);
-        }
-        // A reply whose read data did not land in the I/O's buffer cannot answer it.
-        let discarded_read = h.op == Op::Read && h.status == Status::Ok && !message.is_empty();
-        if self.reqs.remove(&req).is_none() {
-            return; // for a request already settled without this replica
-        }
-        let text = String::from_utf8_lossy(&message).into_owned();
-        let reply = match h.status {
-            Status::Ok if discarded_read => Reply::Failed("read reply of the wrong length".into()),
-            status => reply_for(status, text),
-        };
-        let now = self.now();
-        self.set.on_reply(now, req, reply);
-        self.run_actions();
-    }
-
-    fn close_conn(&mut self, c: usize) {
-        let conn = &mut self.conns[c];
-        if conn.closed {
-            return;
-        }
-        conn.closed = true;
-        // Wakes the receive (and any send) still in the ring; they finish with errors.
-        if let Some(s) = &conn.stream {
-            let _ = s.shutdown(std::net::Shutdown::Both);
-        }
-        // Messages no send has touched go at once; those of a send in the kernel go
-        // when it completes.
-        let queued: Vec<Box<Outgoing>> = if conn.out.is_busy() {
-            conn.out.take_queued().collect()
-        } else {
-            conn.out.take_all().collect()
-        };
-        for io in queued.into_iter().filter_map(|o| o.io) {
-            self.release(io);
-        }
-    }
-
     /// Closes every connection and leaves the engine; the driver must then wait until
     /// [`EngineQueue::raw_in_flight`] is zero before dropping the queue.
     pub fn shutdown(&mut self) -> usize {
@@ -969,224 +546,19 @@ impl EngineQueue {
     pub fn complete_after_shutdown(&mut self, token: Token, res: i32) {
         let c = (token.0 & INDEX_MASK) as usize;
         match token.0 & !INDEX_MASK {
-            KIND_SEND | KIND_RECV => self.conns[c].raw_in_flight -= 1,
+            KIND_SEND | KIND_RECV => {
+                debug_assert!(
+                    self.conns[c].raw_in_flight > 0,
+                    "replica {c}: more socket completions than entries"
+                );
+                self.conns[c].raw_in_flight -= 1
+            }
             KIND_WAKE => self.wake_posted = false,
             KIND_LOCAL => {
                 let _ = self.local_entry_done(c, res);
             }
             _ => {}
         }
-    }
-
-    /// Runs a request on a replica hosted in this process: plans it under the
-    /// replica's lock, then puts its file operations on the ring. Requests the replica
-    /// answers at once (refusals, reads of holes, discards) are answered through
-    /// `local_replies`.
-    fn send_local(&mut self, replica: Arc<SharedReplica>, req: ReqId, io: IoId, request: IoRequest) {
-        let generation = self.engine.generation();
-        let Some(slot) = self.slots.get_mut(&io) else {
-            return;
-        };
-        let fua = slot.fua;
-        let offset = request.offset;
-        let planned = match request.kind {
-            IoKind::Read => {
-                let buf = slot.buf.as_mut().expect("reads carry a buffer");
-                replica.plan_read(generation, offset, buf.as_mut_slice())
-            }
-            IoKind::Write => {
-                let buf = slot.buf.as_ref().expect("writes carry a buffer");
-                match replica.plan_write(generation, offset, buf.as_slice()) {
-                    // Written under the replica's lock; FUA still owes an fdatasync.
-                    Ok(None) if fua => replica.plan_flush(generation).map(Some),
-                    other => other,
-                }
-            }
-            IoKind::Flush => replica.plan_flush(generation).map(Some),
-            IoKind::Discard | IoKind::WriteZeroes => replica
-                .discard(
-                    generation,
-                    offset,
-                    request.len as u64,
-                    request.kind == IoKind::WriteZeroes,
-                )
-                .map(|()| None),
-        };
-        let planned = match planned {
-            Ok(Some(p)) => p,
-            Ok(None) => return self.local_reply(req, Reply::Ok),
-            Err(e) => return self.local_reply(req, reply_for(e.wire_status(), e.to_string())),
-        };
-        let index = match self.local_free.pop() {
-            Some(i) => i,
-            None => {
-                self.local_ops.push(None);
-                (self.local_ops.len() - 1) as u32
-            }
-        };
-        let token = (KIND_LOCAL | index) as u64;
-        let buf = slot
-            .buf
-            .as_mut()
-            .map_or(std::ptr::null_mut(), |b| b.as_mut_slice().as_mut_ptr());
-        // A small page-cache write is made here and now; everything else goes on the ring.
-        let inline = Self::inline_write(&planned, fua).map(|piece| {
-            // SAFETY: the replica planned the piece within the buffer, which the slot
-            // holds for the length of this call.
-            let res = unsafe {
-                libc::pwrite(
-                    piece.file.as_raw_fd(),
-                    buf.add(piece.buf_offset).cast(),
-                    piece.len,
-                    piece.file_offset as libc::off_t,
-                )
-            };
-            if res < 0 {
-                -std::io::Error::last_os_error()
-                    .raw_os_error()
-                    .unwrap_or(libc::EIO)
-            } else {
-                res as i32
-            }
-        });
-        let flags = if fua { libc::RWF_DSYNC } else { 0 };
-        let on_ring = if inline.is_some() {
-            &[][..]
-        } else {
-            &planned.pieces[..]
-        };
-        for piece in on_ring {
-            let fd = types::Fd(piece.file.as_raw_fd());
-            // SAFETY (of the `add`s): the replica planned each piece within the buffer.
-            let entry = match planned.kind {
-                LocalKind::Read => {
-                    opcode::Read::new(fd, unsafe { buf.add(piece.buf_offset) }, piece.len as u32)
-                        .offset(piece.file_offset)
-                        .build()
-                }
-                LocalKind::Write => {
-                    opcode::Write::new(fd, unsafe { buf.add(piece.buf_offset) }, piece.len as u32)
-                        .offset(piece.file_offset)
-                        .rw_flags(flags)
-                        .build()
-                }
-                LocalKind::Flush => opcode::Fsync::new(fd).flags(types::FsyncFlags::DATASYNC).build(),
-            };
-            if planned.kind != LocalKind::Flush {
-                slot.refs += 1;
-            }
-            // The file stays open in the op's pieces, and the bytes live in the I/O's
-            // buffer, whose refs count this entry, until it completes.
-            self.entries.push(entry.user_data(token));
-        }
-        let pending = if inline.is_some() { 1 } else { planned.pieces.len() };
-        self.local_in_flight += pending;
-        self.local_ops[index as usize] = Some(LocalOp {
-            req,
-            io,
-            replica,
-            pending,
-            planned,
-            moved: 0,
-            error: None,
-        });
-        if let Some(res) = inline {
-            if let Some((req, reply)) = self.local_entry_done(index as usize, res) {
-                self.local_reply(req, reply);
-            }
-        }
-    }
-
-    /// The piece of a planned write to make at once, on this thread, instead of on the
-    /// ring: a small write into the page cache. A buffered write on ext4 is never
-    /// started without blocking, so the ring hands it to a kernel worker, and the
-    /// hand-off (a wake-up, a thread switch each way) costs more than the copy into
-    /// the page cache it carries; on 2 CPUs that CPU was the client's. Writes with
-    /// FUA (an fdatasync each), around the page cache, larger than
-    /// [`INLINE_WRITE_MAX`], or not in whole pages (the kernel would read the rest of
-    /// a page from disk first) take the ring.
-    fn inline_write(planned: &LocalIo, fua: bool) -> Option<&horn_replica::shared::FilePiece> {
-        const PAGE: u64 = 4096;
-        match planned.pieces.as_slice() {
-            [piece]
-                if planned.kind == LocalKind::Write
-                    && !fua
-                    && !piece.direct
-                    && piece.len <= INLINE_WRITE_MAX
-                    && piece.file_offset % PAGE == 0
-                    && piece.len as u64 % PAGE == 0 =>
-            {
-                Some(piece)
-            }
-            _ => None,
-        }
-    }
-
-    /// Queues an in-process replica's reply, unless its request was settled without it.
-    fn local_reply(&mut self, req: ReqId, reply: Reply) {
-        if self.reqs.remove(&req).is_some() {
-            self.local_replies.push_back((req, reply));
-        }
-    }
-
-    /// A file operation of local op `index` finished with `res`.
-    fn on_local(&mut self, index: usize, res: i32) {
-        let Some(op) = self.local_ops.get(index).and_then(Option::as_ref) else {
-            return tracing::error!(index, "completion for a local operation this queue never issued");
-        };
-        let (io, holds_buf) = (op.io, op.planned.kind != LocalKind::Flush);
-        if let Some((req, reply)) = self.local_entry_done(index, res) {
-            let closed = self.reqs.get(&req).is_none_or(|&(_, r)| self.conns[r].closed);
-            if closed {
-                self.reqs.remove(&req);
-            } else {
-                self.local_reply(req, reply);
-            }
-            self.run_actions();
-        }
-        if holds_buf {
-            self.release(io);
-        }
-    }
-
-    /// Counts a finished file operation of local op `index`; after its last one,
-    /// finishes the I/O on the replica and returns the replica's answer.
-    fn local_entry_done(&mut self, index: usize, res: i32) -> Option<(ReqId, Reply)> {
-        self.local_in_flight -= 1;
-        let op = self.local_ops.get_mut(index)?.as_mut()?;
-        match res {
-            r if r < 0 => {
-                op.error.get_or_insert(std::io::Error::from_raw_os_error(-r));
-            }
-            r => op.moved += r as usize,
-        }
-        op.pending -= 1;
-        if op.pending > 0 {
-            return None;
-        }
-        let op = self.local_ops[index].take().expect("checked");
-        self.local_free.push(index as u32);
-        let expected: usize = op.planned.pieces.iter().map(|p| p.len).sum();
-        let what = match op.planned.kind {
-            LocalKind::Read => "read",
-            LocalKind::Write => "write",
-            LocalKind::Flush => "fdatasync",
-        };
-        let dir = op.replica.dir().display().to_string();
-        let failure = match (op.error, op.moved) {
-            (Some(e), _) => Some(format!("{what} of replica {dir}: {e}")),
-            (None, moved) if moved != expected => Some(format!(
-                "{what} of replica {dir}: short transfer: {moved} of {expected} bytes"
-            )),
-            (None, _) => None,
-        };
-        let finished = op.replica.finish(op.planned, failure.is_none());
-        let reply = match (failure, finished) {
-            (Some(why), _) => Reply::Failed(why),
-            (None, Err(e)) => Reply::Failed(e.to_string()),
-            (None, Ok(())) => Reply::Ok,
-        };
-        Some((op.req, reply))
     }
 }
 

@@ -274,13 +274,18 @@ impl ReplicaSet {
         let state = self.ios.get_mut(&io).expect("sending for a live I/O");
         state.waiting.insert(replica);
         let request = state.request;
-        self.requests.insert(
+        let earlier = self.requests.insert(
             req,
             Outstanding {
                 io,
                 replica,
                 sent_at: now,
             },
+        );
+        debug_assert!(earlier.is_none(), "request id {req:?} issued twice");
+        debug_assert!(
+            self.replicas[replica].mode != Mode::Err,
+            "a request was sent to replica {replica}, which is ERR"
         );
         self.actions.push_back(Action::Send {
             replica,
@@ -308,6 +313,11 @@ impl ReplicaSet {
             });
         match pick {
             Some(r) => {
+                debug_assert_eq!(
+                    self.replicas[r].mode,
+                    Mode::Rw,
+                    "a read went to a replica that is not RW"
+                );
                 self.ios.get_mut(&io).expect("live").tried.push(r);
                 self.send(now, io, r);
             }
@@ -316,7 +326,12 @@ impl ReplicaSet {
     }
 
     fn complete(&mut self, io: IoId, result: Result<Option<ReplicaId>, IoError>) {
-        self.ios.remove(&io);
+        let removed = self.ios.remove(&io);
+        debug_assert!(removed.is_some(), "I/O {io:?} completed twice");
+        debug_assert!(
+            !self.requests.values().any(|o| o.io == io) || result.is_err() || self.fenced,
+            "I/O {io:?} succeeded while a replica still owes it an answer"
+        );
         self.actions.push_back(Action::Complete { io, result });
     }
 
@@ -429,6 +444,10 @@ impl ReplicaSet {
             self.requests.remove(&req);
             self.settle(now, io, replica, false);
         }
+        debug_assert!(
+            !self.requests.values().any(|o| failed.contains(&o.replica)),
+            "a dropped replica still owes requests"
+        );
     }
 
     /// A newer engine owns the volume: fail everything from now on.

@@ -9,8 +9,14 @@
 //! - [`text`]: text keys and the negotiation of session parameters;
 //! - [`login`]: the login phase, with CHAP;
 //! - [`scsi`]: the SCSI commands, on a [`horn_engine::frontend::BlockVolume`];
-//! - [`conn`]: one connection's loop (socket, engine queue, SCSI tasks on one ring);
+//! - `outbox`: the PDUs a session sends, and its sequence numbers;
+//! - `task`: a session's SCSI commands, from Command PDU (and data-out) to status;
+//! - [`session`]: a session's full feature phase, its socket, engine queue and
+//!   commands on one ring;
+//! - [`conn`]: one connection from accept to close (login, discovery, session);
 //! - [`target`]: the listener, sessions and the target's shared state.
+//!
+//! Each module imports only from those listed before it.
 //!
 //! Dependency note: `md-5` computes CHAP responses (RFC 1994 fixes MD5).
 
@@ -18,7 +24,10 @@
 
 pub mod conn;
 pub mod login;
+mod outbox;
 pub mod pdu;
 pub mod scsi;
+pub mod session;
 pub mod target;
+mod task;
 pub mod text;

@@ -1,6 +1,9 @@
 //! The login phase (RFC 7143 §6.3, §11.12–11.13): security negotiation with CHAP
 //! (one-way or mutual, §12.1.3), operational negotiation, and the move to the full
 //! feature phase. A state machine over PDUs, without I/O.
+//!
+//! Longer than most files here because a third of it is its unit tests: every
+//! negotiation rule is checked beside the code that applies it.
 
 use md5::{Digest, Md5};
 

@@ -145,6 +145,32 @@ pub enum Answer {
     NotOperational,
 }
 
+/// The answer to a Text request from target `name` listening at `address`:
+/// SendTargets answered, other keys NotUnderstood.
+pub fn reply(name: &str, address: &str, data: &[u8]) -> Result<Vec<u8>, TextError> {
+    let mut out = Vec::new();
+    for (k, v) in parse(data)? {
+        if k == "SendTargets" {
+            out.extend(send_targets(name, address, &v));
+        } else {
+            out.extend(encode(&[(k, "NotUnderstood".into())]));
+        }
+    }
+    Ok(out)
+}
+
+/// SendTargets' answer.
+fn send_targets(name: &str, address: &str, value: &str) -> Vec<u8> {
+    if value == "All" || value == name || value.is_empty() {
+        encode(&[
+            ("TargetName".into(), name.to_string()),
+            ("TargetAddress".into(), format!("{address},1")),
+        ])
+    } else {
+        Vec::new()
+    }
+}
+
 fn yes_no(v: &str) -> Option<bool> {
     match v {
         "Yes" => Some(true),

@@ -1,14 +1,14 @@
 //! # horn-manager: Horn's control plane and its command-line tools
 //!
-//! Today this crate holds the daemons' bodies ([`daemon`], behind `hornd`), what
-//! `hornctl` needs to manage replica directories on the local machine, and the
-//! formatting shared by Horn's command-line output: byte sizes and times for people,
-//! JSON for scripts. The
-//! scheduler, health checks, rebuild and recurring jobs land here as the engine and
-//! replica server arrive.
+//! Today this crate holds the daemons' bodies ([`daemon`], behind `hornd`: a replica
+//! server, an engine with its ublk or iSCSI frontend), what `hornctl` needs to manage
+//! replica directories and engines, and the formatting shared by Horn's command-line
+//! output: byte sizes and times for people, JSON for scripts. The control plane (the
+//! manager's volumes, nodes and scheduling, health, recurring jobs, backups) lands
+//! here with its issues; replication, rebuild and reconciliation stay in the engine.
 //!
-//! It must never hold data-path logic: it calls `horn-replica` (and later the engine)
-//! and turns their typed errors into messages at the edge.
+//! It must never hold data-path logic: it calls `horn-replica` and `horn-engine` and
+//! turns their typed errors into messages at the edge.
 
 #![warn(missing_docs)]
 

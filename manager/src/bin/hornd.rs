@@ -3,8 +3,10 @@
 //! `hornd replica` serves one replica directory: the data wire, and the gRPC control
 //! service (`proto/replica.proto`) on a separate address. `hornd engine` serves a
 //! volume's engine on its replicas, with the engine control service
-//! (`proto/engine.proto`), and with `--frontend ublk` as a block device. (The
-//! manager and the CSI driver arrive as subcommands with their issues.)
+//! (`proto/engine.proto`), and a frontend: `--frontend ublk` as a block device
+//! (`/dev/ublkbN`), `--frontend iscsi` as an iSCSI target; `--host-replica DIR` hosts
+//! the local replica in the engine's own process. (The manager and the CSI driver
+//! arrive as subcommands with their issues.)
 
 use std::path::PathBuf;
 use std::process::ExitCode;
