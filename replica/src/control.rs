@@ -21,9 +21,9 @@ use horn_proto::control::{
 use tonic::{Request, Response, Status};
 
 use crate::error::ReplicaError;
+use crate::handle::ServerHandle;
 use crate::meta::BLOCK_SIZE;
 use crate::replica::Replica;
-use crate::server::ServerHandle;
 use crate::state::Mode;
 use crate::sync::SyncState;
 

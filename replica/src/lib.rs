@@ -45,6 +45,7 @@ pub mod crash;
 pub mod error;
 pub mod extent;
 mod fill;
+mod handle;
 pub mod index;
 pub mod intent;
 mod io;
@@ -55,6 +56,7 @@ pub mod server;
 pub mod shared;
 pub mod state;
 pub mod sync;
+mod sync_plan;
 pub mod zeros;
 
 pub use chain::{LayerExtents, LayerInfo, PurgeReport, ReplicaInfo};

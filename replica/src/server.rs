@@ -9,21 +9,20 @@
 //! replies go out as the store completes them, in any order.
 //!
 //! Control operations (generation, snapshots, info) come from other threads through a
-//! [`ServerHandle`]: each is a closure run on the loop thread between I/Os, with the
-//! replica in hand.
+//! [`ServerHandle`] (`handle.rs`): each is a closure run on the loop thread between
+//! I/Os, with the replica in hand.
 
-use std::fs::File;
-use std::io::Write;
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd};
-use std::sync::mpsc::{self, Receiver, Sender};
-use std::sync::Arc;
+use std::sync::mpsc::Receiver;
 
 use horn_proto::batch::{Message, SendBatch, TwoPartRecv};
 use horn_proto::wire::{Header, Op, Status, FLAG_FUA, HEADER_LEN};
 use io_uring::{opcode, types};
 
-use crate::error::{ReplicaError, Result};
+use crate::error::Result;
+use crate::handle::Command;
+pub use crate::handle::ServerHandle;
 use crate::io::Completion;
 use crate::replica::Replica;
 use horn_uring::IoBuf;
@@ -35,81 +34,6 @@ const TAG_SEND: u64 = 3 << KIND_SHIFT;
 const TAG_STORE: u64 = 4 << KIND_SHIFT;
 const TAG_WAKE: u64 = 5 << KIND_SHIFT;
 const INDEX_MASK: u64 = (1 << KIND_SHIFT) - 1;
-
-/// A control operation: run on the loop thread with the replica.
-type Command = Box<dyn FnOnce(&mut Replica) + Send>;
-
-/// Wakes the loop: an eventfd the loop keeps a read posted on.
-struct Waker {
-    fd: File,
-}
-
-impl Waker {
-    fn wake(&self) {
-        // An eventfd write of 1 only fails when the counter would overflow, which means
-        // the loop is already due to wake.
-        let _ = (&self.fd).write(&1u64.to_ne_bytes());
-    }
-}
-
-/// A handle other threads use to run control operations on a replica: on a server's
-/// loop, or under the lock of a replica shared with an in-process engine.
-#[derive(Clone)]
-pub struct ServerHandle {
-    inner: HandleInner,
-}
-
-#[derive(Clone)]
-enum HandleInner {
-    Loop {
-        tx: Sender<Option<Command>>,
-        waker: Arc<Waker>,
-    },
-    Shared(Arc<crate::shared::SharedReplica>),
-}
-
-impl ServerHandle {
-    /// A handle on a replica shared with an in-process engine: calls run on the
-    /// caller's thread, under the replica's lock.
-    pub fn shared(replica: Arc<crate::shared::SharedReplica>) -> ServerHandle {
-        ServerHandle {
-            inner: HandleInner::Shared(replica),
-        }
-    }
-
-    /// Runs `f` with the replica (on the loop thread, or under the shared replica's
-    /// lock) and returns its result. Fails only if the loop has stopped.
-    pub fn call<T: Send + 'static>(&self, f: impl FnOnce(&mut Replica) -> T + Send + 'static) -> Result<T> {
-        let (tx, waker) = match &self.inner {
-            HandleInner::Shared(r) => return Ok(r.call(f)),
-            HandleInner::Loop { tx, waker } => (tx, waker),
-        };
-        let (reply_tx, reply_rx) = mpsc::sync_channel(1);
-        let cmd: Command = Box::new(move |r| {
-            let _ = reply_tx.send(f(r));
-        });
-        let stopped = || ReplicaError::InvalidOperation("the replica server has stopped".into());
-        tx.send(Some(cmd)).map_err(|_| stopped())?;
-        waker.wake();
-        reply_rx.recv().map_err(|_| stopped())
-    }
-
-    /// Asks the loop to stop after the I/O in flight; `run` then returns. A shared
-    /// replica has no loop: its owner closes it.
-    pub fn stop(&self) {
-        if let HandleInner::Loop { tx, waker } = &self.inner {
-            let _ = tx.send(None);
-            waker.wake();
-        }
-    }
-
-    fn waker_fd(&self) -> i32 {
-        match &self.inner {
-            HandleInner::Loop { waker, .. } => waker.fd.as_raw_fd(),
-            HandleInner::Shared(_) => -1,
-        }
-    }
-}
 
 /// A reply waiting to be sent.
 struct Outgoing {
@@ -196,20 +120,7 @@ pub struct DataServer {
 impl DataServer {
     /// A server for `replica` on `listener` (already bound).
     pub fn new(replica: Replica, listener: TcpListener) -> Result<DataServer> {
-        // SAFETY: eventfd takes no pointers; the result is checked below.
-        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
-        if fd < 0 {
-            return Err(ReplicaError::io(
-                "eventfd",
-                replica.dir(),
-                std::io::Error::last_os_error(),
-            ));
-        }
-        // SAFETY: fd is a new descriptor that nothing else owns.
-        let waker = Arc::new(Waker {
-            fd: unsafe { File::from_raw_fd(fd) },
-        });
-        let (tx, inbox) = mpsc::channel();
+        let (handle, inbox) = ServerHandle::for_loop(replica.dir())?;
         Ok(DataServer {
             replica,
             listener,
@@ -218,9 +129,7 @@ impl DataServer {
             pending: Vec::new(),
             free_pending: Vec::new(),
             inbox,
-            handle: ServerHandle {
-                inner: HandleInner::Loop { tx, waker },
-            },
+            handle,
             wake_buf: Box::new([0; 8]),
             stopping: false,
         })
