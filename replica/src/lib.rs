@@ -44,7 +44,6 @@ pub mod control;
 pub mod crash;
 pub mod error;
 pub mod extent;
-mod fill;
 mod handle;
 pub mod index;
 pub mod intent;

@@ -36,6 +36,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::error::{ReplicaError, Result};
+use crate::extent::BlockRun;
 use crate::replica::Replica;
 use crate::state::Mode;
 
@@ -74,8 +75,18 @@ pub struct LocalIo {
     pub kind: LocalKind,
     /// The file operations, all independent of one another.
     pub pieces: Vec<FilePiece>,
-    /// For writes: the head's layer id and the blocks (first, count) it gains.
-    paint: Option<(u64, u64, u64)>,
+    /// For writes: what becomes the head's once the write lands.
+    written: Option<HeadWrite>,
+}
+
+/// The blocks a planned write gives the head, and which head: if the head changed
+/// meanwhile, the blocks are not painted.
+#[derive(Debug, Clone, Copy)]
+struct HeadWrite {
+    /// The head's layer id when the write was planned.
+    head: u64,
+    /// The blocks the write covers.
+    blocks: BlockRun,
 }
 
 /// The data address prefix of a replica hosted in this process: `inproc:DIR`.
@@ -183,30 +194,29 @@ impl SharedReplica {
     /// file reads that fill the rest, or `None` if nothing is left to read.
     pub fn plan_read(&self, generation: u64, offset: u64, buf: &mut [u8]) -> Result<Option<LocalIo>> {
         let mut r = self.lock();
+        let len = buf.len() as u64;
         Self::admit(&r, generation, true)?;
-        r.check_io(offset, buf.len() as u64)?;
+        r.chain.check_io(offset, len)?;
         let mut pieces = std::mem::take(&mut r.pieces);
         pieces.clear();
-        r.segments(offset, buf.len() as u64, |bo, vo, n, pos| {
-            pieces.push((bo, vo, n, pos))
-        });
+        r.chain.segments(offset, len, |p| pieces.push(p));
         let mut out = Vec::new();
         let base = buf.as_ptr();
         let mut result = Ok(());
-        for &(bo, vo, n, pos) in &pieces {
-            let Some(pos) = pos else {
-                buf[bo..bo + n].fill(0);
+        for p in &pieces {
+            let Some(pos) = p.layer else {
+                buf[p.buf_offset..p.buf_offset + p.len].fill(0);
                 continue;
             };
-            // SAFETY: bo + n <= buf.len(), from `segments`.
-            let aligned = r.aligned(vo, n, unsafe { base.add(bo) });
-            match r.chain[pos].file_for(aligned) {
-                Ok((file, direct)) => out.push(FilePiece {
-                    file,
-                    file_offset: vo,
-                    buf_offset: bo,
-                    len: n,
-                    direct,
+            // SAFETY: buf_offset + len <= buf.len(), from `segments`.
+            let ptr = unsafe { base.add(p.buf_offset) };
+            match r.chain.file_for(pos, p.volume_offset, p.len, ptr) {
+                Ok(held) => out.push(FilePiece {
+                    file: held.file,
+                    file_offset: p.volume_offset,
+                    buf_offset: p.buf_offset,
+                    len: p.len,
+                    direct: held.direct,
                 }),
                 Err(e) => {
                     result = Err(e);
@@ -219,11 +229,11 @@ impl SharedReplica {
         if out.is_empty() {
             return Ok(None);
         }
-        r.external_in_flight += 1;
+        r.external_io_started();
         Ok(Some(LocalIo {
             kind: LocalKind::Read,
             pieces: out,
-            paint: None,
+            written: None,
         }))
     }
 
@@ -232,25 +242,29 @@ impl SharedReplica {
     /// block merged with an older layer, or nothing to write).
     pub fn plan_write(&self, generation: u64, offset: u64, data: &[u8]) -> Result<Option<LocalIo>> {
         let mut r = self.lock();
+        let len = data.len() as u64;
         Self::admit(&r, generation, false)?;
-        r.check_io(offset, data.len() as u64)?;
-        r.mark_intent(offset, data.len() as u64)?;
-        let Some((first, count)) = r.prepare_write(offset, data)? else {
+        r.chain.check_io(offset, len)?;
+        r.mark_intent(offset, len)?;
+        let Some(blocks) = r.prepare_write(offset, data)? else {
             return Ok(None);
         };
-        let aligned = r.aligned(offset, data.len(), data.as_ptr());
-        let (file, direct) = r.head().file_for(aligned)?;
-        r.external_in_flight += 1;
+        let head = r.chain.head_position();
+        let held = r.chain.file_for(head, offset, data.len(), data.as_ptr())?;
+        r.external_io_started();
         Ok(Some(LocalIo {
             kind: LocalKind::Write,
             pieces: vec![FilePiece {
-                file,
+                file: held.file,
                 file_offset: offset,
                 buf_offset: 0,
                 len: data.len(),
-                direct,
+                direct: held.direct,
             }],
-            paint: Some((r.meta.head, first, count)),
+            written: Some(HeadWrite {
+                head: r.meta().head,
+                blocks,
+            }),
         }))
     }
 
@@ -259,18 +273,18 @@ impl SharedReplica {
     pub fn plan_flush(&self, generation: u64) -> Result<LocalIo> {
         let mut r = self.lock();
         Self::admit(&r, generation, false)?;
-        let (file, direct) = r.head().file_for(false)?;
-        r.external_in_flight += 1;
+        let held = r.chain.head().file_for(false)?;
+        r.external_io_started();
         Ok(LocalIo {
             kind: LocalKind::Flush,
             pieces: vec![FilePiece {
-                file,
+                file: held.file,
                 file_offset: 0,
                 buf_offset: 0,
                 len: 0,
-                direct,
+                direct: held.direct,
             }],
-            paint: None,
+            written: None,
         })
     }
 
@@ -279,7 +293,7 @@ impl SharedReplica {
     pub fn discard(&self, generation: u64, offset: u64, len: u64, zeroes: bool) -> Result<()> {
         let mut r = self.lock();
         Self::admit(&r, generation, false)?;
-        r.check_io(offset, len)?;
+        r.chain.check_io(offset, len)?;
         r.mark_intent(offset, len)?;
         if zeroes {
             r.write_zeroes(offset, len)
@@ -294,16 +308,15 @@ impl SharedReplica {
     /// than leave the index pointing at the wrong layer.
     pub fn finish(&self, io: LocalIo, ok: bool) -> Result<()> {
         let mut r = self.lock();
-        r.external_in_flight -= 1;
-        if let (true, Some((head, first, count))) = (ok, io.paint) {
-            if r.meta.head != head {
+        r.external_io_finished();
+        if let (true, Some(write)) = (ok, io.written) {
+            if r.meta().head != write.head {
                 return Err(ReplicaError::InvalidOperation(format!(
                     "the head of replica {} changed while a write to it was in flight",
                     self.dir.display()
                 )));
             }
-            let v = r.head_value();
-            r.index.set_range(first, count, v);
+            r.chain.paint(write.blocks);
         }
         Ok(())
     }
