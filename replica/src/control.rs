@@ -20,6 +20,7 @@ use horn_proto::control::{
 };
 use tonic::{Request, Response, Status};
 
+use crate::admission::Access;
 use crate::error::ReplicaError;
 use crate::handle::ServerHandle;
 use crate::meta::BLOCK_SIZE;
@@ -117,15 +118,10 @@ fn intents_reply(r: &Replica) -> IntentsReply {
     }
 }
 
-/// Refuses a call from an engine older than the replica's generation.
-fn check_generation(r: &Replica, generation: u64) -> Result<(), ReplicaError> {
-    if generation < r.generation() {
-        return Err(ReplicaError::StaleGeneration {
-            current: r.generation(),
-            given: generation,
-        });
-    }
-    Ok(())
+/// Refuses a call from an engine older than the replica's generation, by the data
+/// path's own fence ([`crate::admission`]).
+fn check_generation(r: &mut Replica, generation: u64) -> Result<(), ReplicaError> {
+    r.admit(generation, Access::Control).map_err(ReplicaError::from)
 }
 
 /// The replica as the service reports it.

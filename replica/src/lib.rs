@@ -39,6 +39,7 @@
 
 #![warn(missing_docs)]
 
+mod admission;
 pub mod chain;
 pub mod control;
 pub mod crash;

@@ -2,7 +2,8 @@
 //! the I/O engine ([`OpRing`], `io.rs`) composed, with the engine-facing state
 //! (`engine.json`) and the write-intent log.
 //!
-//! Floor: the top of the store. It imports `chain`, `io`, `intent` and `state`; neither `chain` nor `io` imports the other or this file, and what one needs
+//! Floor: the top of the store. It imports `chain`, `io`, `admission`, `intent` and
+//! `state`; neither `chain` nor `io` imports the other or this file, and what one needs
 //! of the other passes through here:
 //! - the ring's entries name their file by chain position, and an op that lands asks
 //!   for its file's path or paints a written op's blocks the head's, through
@@ -22,6 +23,7 @@ use std::path::{Path, PathBuf};
 
 use io_uring::{opcode, types};
 
+use crate::admission::{self, Access, Refusal};
 use crate::chain::{
     lock_dir, recover, LayerExtents, PurgeReport, ReadPiece, ReplicaInfo, SnapshotChain, WritePath,
 };
@@ -185,6 +187,23 @@ impl Replica {
     fn store_engine(&mut self, next: EngineState) -> Result<()> {
         next.store(self.chain.dir())?;
         self.engine = next;
+        Ok(())
+    }
+
+    /// Admits a data request from an engine holding `generation`, as both doors do
+    /// (the data wire and an in-process engine; see [`crate::admission`]): the
+    /// generation fence and the mode rule, then the store's range check, and for a
+    /// change its write-intent mark, durably, before any of its data may reach the disk.
+    pub(crate) fn admit(&mut self, generation: u64, access: Access) -> std::result::Result<(), Refusal> {
+        admission::fence(self.engine.generation, self.engine.mode, generation, access)?;
+        match access {
+            Access::Read { offset, len } => self.chain.check_io(offset, len)?,
+            Access::Change { offset, len } => {
+                self.chain.check_io(offset, len)?;
+                self.intent.mark(offset, len)?;
+            }
+            Access::Ping | Access::Flush | Access::Control => {}
+        }
         Ok(())
     }
 

@@ -6,7 +6,9 @@
 //! goes from socket to disk with no thread hop and no lock: a write's payload is
 //! received straight into the buffer the store writes from, and a read's data is sent
 //! from the buffer the store read into. Requests on a connection are pipelined;
-//! replies go out as the store completes them, in any order.
+//! replies go out as the store completes them, in any order. Every request passes
+//! the replica's one admission (`admission.rs`, shared with the in-process engine)
+//! before it reaches the store; a refusal is answered with its status and words.
 //!
 //! Control operations (generation, snapshots, info) come from other threads through a
 //! [`ServerHandle`] (`handle.rs`): each is a closure run on the loop thread between
@@ -20,6 +22,7 @@ use horn_proto::batch::{Message, SendBatch, TwoPartRecv};
 use horn_proto::wire::{Header, Op, Status, FLAG_FUA, HEADER_LEN};
 use io_uring::{opcode, types};
 
+use crate::admission::Access;
 use crate::error::Result;
 use crate::handle::Command;
 pub use crate::handle::ServerHandle;
@@ -363,48 +366,19 @@ impl DataServer {
     }
 
     fn dispatch(&mut self, id: u32, h: Header, payload: Option<IoBuf>) -> Result<()> {
-        let current = self.replica.generation();
-        if h.generation < current {
-            return self.reply_error(
-                id,
-                &h,
-                Status::StaleGeneration,
-                format!(
-                    "generation {} is older than the replica's {current}: a newer engine owns this replica",
-                    h.generation
-                ),
-            );
-        }
-        if h.generation > current && h.op != Op::Ping {
-            return self.reply_error(
-                id,
-                &h,
-                Status::Unavailable,
-                format!(
-                    "generation {} has not been set on this replica (it is at {current}): claim it first",
-                    h.generation
-                ),
-            );
-        }
-        if h.op == Op::Read && self.replica.mode() == crate::state::Mode::Wo {
-            return self.reply_error(
-                id,
-                &h,
-                Status::Unavailable,
-                "the replica is write-only while it is rebuilt: read from another replica".into(),
-            );
-        }
         let (off, len) = (h.offset, h.length as u64);
-        if matches!(h.op, Op::Write | Op::Discard | Op::WriteZeroes) {
-            // Durable before the data may reach the disk (intent.rs); out-of-range
-            // requests are refused by the store just after.
-            if let Err(e) = self.replica.mark_intent(off, len) {
-                return self.reply(id, &h, Err(e), None);
-            }
+        let access = match h.op {
+            Op::Ping => Access::Ping,
+            Op::Read => Access::Read { offset: off, len },
+            Op::Write | Op::Discard | Op::WriteZeroes => Access::Change { offset: off, len },
+            Op::Flush => Access::Flush,
+        };
+        if let Err(refusal) = self.replica.admit(h.generation, access) {
+            return self.reply_error(id, &h, refusal.wire_status(), refusal.to_string());
         }
         match h.op {
             Op::Ping => {
-                let reply = Header::reply_to(&h, Status::Ok, 0, current);
+                let reply = Header::reply_to(&h, Status::Ok, 0, self.replica.generation());
                 return self.queue_send(id, Outgoing::new(reply, Payload::None));
             }
             Op::Discard | Op::WriteZeroes => {

@@ -6,8 +6,9 @@
 //! I/O on a path whose only real work is a file read or write. Here the engine's queues
 //! do the file I/O themselves, on their own rings, next to the frontend's sockets:
 //!
-//! 1. under the replica's lock, a queue *plans* an I/O: checks it like the data wire
-//!    would (generation, mode, range), marks its write-intent region, resolves each
+//! 1. under the replica's lock, a queue *plans* an I/O: admits it as the data wire
+//!    does, through the one admission ([`crate::admission`]: generation, mode, range,
+//!    and the write-intent mark before a change), resolves each
 //!    block through the index to a layer file, and takes a shared handle of each file
 //!    it will touch. Never-written ranges of a read are zero-filled right there.
 //! 2. it submits the reads, writes and fdatasyncs on its own ring, with no lock held;
@@ -35,10 +36,10 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use crate::admission::Access;
 use crate::error::{ReplicaError, Result};
 use crate::extent::BlockRun;
 use crate::replica::Replica;
-use crate::state::Mode;
 
 /// One file operation of a planned I/O.
 #[derive(Debug)]
@@ -167,36 +168,13 @@ impl SharedReplica {
         f(&mut self.lock())
     }
 
-    /// The checks the data wire makes of every request (`server.rs`).
-    fn admit(r: &Replica, generation: u64, read: bool) -> Result<()> {
-        let current = r.generation();
-        if generation < current {
-            return Err(ReplicaError::StaleGeneration {
-                current,
-                given: generation,
-            });
-        }
-        if generation > current {
-            return Err(ReplicaError::Unavailable(format!(
-                "generation {generation} has not been set on this replica (it is at {current}): claim it first"
-            )));
-        }
-        if read && r.mode() == Mode::Wo {
-            return Err(ReplicaError::Unavailable(
-                "the replica is write-only while it is rebuilt: read from another replica".into(),
-            ));
-        }
-        Ok(())
-    }
-
     /// Plans a read of `buf.len()` bytes at `offset` for an engine holding
     /// `generation`: fills the never-written parts of `buf` with zeros and returns the
     /// file reads that fill the rest, or `None` if nothing is left to read.
     pub fn plan_read(&self, generation: u64, offset: u64, buf: &mut [u8]) -> Result<Option<LocalIo>> {
         let mut r = self.lock();
         let len = buf.len() as u64;
-        Self::admit(&r, generation, true)?;
-        r.chain.check_io(offset, len)?;
+        r.admit(generation, Access::Read { offset, len })?;
         let mut pieces = std::mem::take(&mut r.pieces);
         pieces.clear();
         r.chain.segments(offset, len, |p| pieces.push(p));
@@ -243,9 +221,7 @@ impl SharedReplica {
     pub fn plan_write(&self, generation: u64, offset: u64, data: &[u8]) -> Result<Option<LocalIo>> {
         let mut r = self.lock();
         let len = data.len() as u64;
-        Self::admit(&r, generation, false)?;
-        r.chain.check_io(offset, len)?;
-        r.mark_intent(offset, len)?;
+        r.admit(generation, Access::Change { offset, len })?;
         let Some(blocks) = r.prepare_write(offset, data)? else {
             return Ok(None);
         };
@@ -272,7 +248,7 @@ impl SharedReplica {
     /// before it is durable.
     pub fn plan_flush(&self, generation: u64) -> Result<LocalIo> {
         let mut r = self.lock();
-        Self::admit(&r, generation, false)?;
+        r.admit(generation, Access::Flush)?;
         let held = r.chain.head().file_for(false)?;
         r.external_io_started();
         Ok(LocalIo {
@@ -292,9 +268,7 @@ impl SharedReplica {
     /// there (`zeroes`), on the caller's thread.
     pub fn discard(&self, generation: u64, offset: u64, len: u64, zeroes: bool) -> Result<()> {
         let mut r = self.lock();
-        Self::admit(&r, generation, false)?;
-        r.chain.check_io(offset, len)?;
-        r.mark_intent(offset, len)?;
+        r.admit(generation, Access::Change { offset, len })?;
         if zeroes {
             r.write_zeroes(offset, len)
         } else {
@@ -339,6 +313,7 @@ mod tests {
     use std::os::unix::fs::FileExt;
 
     use super::*;
+    use crate::state::Mode;
 
     const GEN: u64 = 5;
 
