@@ -99,6 +99,23 @@ struct Conn {
     closing: bool,
 }
 
+impl Conn {
+    /// A receive or a send of the connection went into the ring.
+    fn raw_started(&mut self) {
+        self.raw_in_flight += 1;
+        debug_assert!(self.raw_in_flight <= 2, "one receive and one send at most");
+    }
+
+    /// A receive or a send of the connection completed.
+    fn raw_ended(&mut self) {
+        debug_assert!(
+            self.raw_in_flight > 0,
+            "a socket completion with no entry in flight"
+        );
+        self.raw_in_flight -= 1;
+    }
+}
+
 struct Pending {
     conn: u32,
     header: Header,
@@ -289,7 +306,7 @@ impl DataServer {
                 opcode::Recv::new(fd, rest.as_mut_ptr(), rest.len() as u32).build()
             }
         };
-        conn.raw_in_flight += 1;
+        conn.raw_started();
         // SAFETY: the buffers (boxed header, the incoming IoBuf, the boxed msghdr) and the
         // socket belong to the connection, which is freed only when no entry of it is in
         // flight.
@@ -298,7 +315,7 @@ impl DataServer {
 
     fn on_recv(&mut self, id: u32, res: i32) -> Result<()> {
         let conn = self.conn(id);
-        conn.raw_in_flight -= 1;
+        conn.raw_ended();
         if res <= 0 {
             if res < 0 {
                 tracing::debug!(error = %std::io::Error::from_raw_os_error(-res), "receive failed; closing");
@@ -430,7 +447,12 @@ impl DataServer {
         let pending = self.pending[p as usize].take().expect("checked above");
         self.free_pending.push(p);
         let id = pending.conn;
-        self.conn(id).ops -= 1;
+        let conn = self.conn(id);
+        debug_assert!(
+            conn.ops > 0,
+            "a store completion for a connection with none in flight"
+        );
+        conn.ops -= 1;
         let data = if pending.header.op == Op::Read {
             c.buf
         } else {
@@ -464,7 +486,7 @@ impl DataServer {
             return Ok(());
         };
         let entry = opcode::Writev::new(types::Fd(conn.stream.as_raw_fd()), iov, n).build();
-        conn.raw_in_flight += 1;
+        conn.raw_started();
         // SAFETY: the iovecs live in the conn's batch and point into its boxed replies
         // and their heap payloads, all kept until this entry completes; the socket lives
         // with the conn.
@@ -473,7 +495,7 @@ impl DataServer {
 
     fn on_send(&mut self, id: u32, res: i32) -> Result<()> {
         let conn = self.conn(id);
-        conn.raw_in_flight -= 1;
+        conn.raw_ended();
         if res < 0 {
             tracing::debug!(error = %std::io::Error::from_raw_os_error(-res), "send failed; closing");
             conn.closing = true;
