@@ -1,5 +1,5 @@
-//! `Replica`: an open replica directory. The format ([`SnapshotChain`], `chain/`) and
-//! the I/O engine ([`OpRing`], `io.rs`) composed, with the engine-facing state
+//! `Replica`: an open replica directory. The format (`SnapshotChain`, `chain/`) and
+//! the I/O engine (`OpRing`, `io.rs`) composed, with the engine-facing state
 //! (`engine.json`) and the write-intent log.
 //!
 //! Floor: the top of the store. It imports `chain`, `io`, `admission`, `intent` and
@@ -7,7 +7,7 @@
 //! of the other passes through here:
 //! - the ring's entries name their file by chain position, and an op that lands asks
 //!   for its file's path or paints a written op's blocks the head's, through
-//!   [`Landing`], implemented here for the chain;
+//!   `Landing`, implemented here for the chain;
 //! - the chain never waits for I/O: before a blocking fill path (partial writes over
 //!   older data, discard, write-zeroes) or a chain operation, this file settles the
 //!   ring: it drains it, and for chain operations first refuses while an in-process

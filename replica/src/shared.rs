@@ -7,7 +7,7 @@
 //! do the file I/O themselves, on their own rings, next to the frontend's sockets:
 //!
 //! 1. under the replica's lock, a queue *plans* an I/O: admits it as the data wire
-//!    does, through the one admission ([`crate::admission`]: generation, mode, range,
+//!    does, through the one admission (`admission.rs`: generation, mode, range,
 //!    and the write-intent mark before a change), resolves each
 //!    block through the index to a layer file, and takes a shared handle of each file
 //!    it will touch. Never-written ranges of a read are zero-filled right there.

@@ -3,7 +3,7 @@
 //! newest layer holding it, the head's zero log, and how I/O meets the page cache.
 //!
 //! Reads resolve each block through the index to a layer and go to that layer's file;
-//! never-written blocks read as zeros without I/O ([`SnapshotChain::segments`] plans
+//! never-written blocks read as zeros without I/O (`SnapshotChain::segments` plans
 //! the pieces). Writes go to the head.
 //!
 //! Ownership rule that keeps 512-byte sectors correct on a 4 KiB index: a layer that
