@@ -20,10 +20,11 @@ use horn_proto::control::{
 };
 use tonic::{Request, Response, Status};
 
+use crate::admission::Access;
 use crate::error::ReplicaError;
+use crate::handle::ServerHandle;
 use crate::meta::BLOCK_SIZE;
 use crate::replica::Replica;
-use crate::server::ServerHandle;
 use crate::state::Mode;
 use crate::sync::SyncState;
 
@@ -86,18 +87,33 @@ pub fn to_status(e: ReplicaError) -> Status {
 /// The most a block call moves.
 pub const MAX_RANGE: u64 = 1 << 20;
 
-/// Runs of consecutive block numbers in `blocks`, each as (index of its first entry,
-/// first block, count), so that each run is one read or write.
-fn block_runs(blocks: &[u64]) -> Vec<(usize, u64, usize)> {
-    let mut runs: Vec<(usize, u64, usize)> = Vec::new();
-    for (i, &b) in blocks.iter().enumerate() {
+/// A run of consecutive block numbers in a request's list: one read or write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ListRun {
+    /// Where the run starts in the list (and so in the request's data, in blocks).
+    index: usize,
+    /// Its first block number.
+    first: u64,
+    /// How many blocks it has.
+    count: usize,
+}
+
+/// The runs of consecutive block numbers in `blocks`, in order.
+fn block_runs(blocks: &[u64]) -> Vec<ListRun> {
+    let mut runs: Vec<ListRun> = Vec::new();
+    for (index, &b) in blocks.iter().enumerate() {
         match runs.last_mut() {
-            Some((_, first, n)) if first.checked_add(*n as u64) == Some(b) => *n += 1,
-            _ => runs.push((i, b, 1)),
+            Some(run) if run.first.checked_add(run.count as u64) == Some(b) => run.count += 1,
+            _ => runs.push(ListRun {
+                index,
+                first: b,
+                count: 1,
+            }),
         }
     }
     runs
 }
+
 /// The most a checksum call covers.
 pub const MAX_CHECKSUM_RANGE: u64 = 64 << 20;
 
@@ -117,15 +133,10 @@ fn intents_reply(r: &Replica) -> IntentsReply {
     }
 }
 
-/// Refuses a call from an engine older than the replica's generation.
-fn check_generation(r: &Replica, generation: u64) -> Result<(), ReplicaError> {
-    if generation < r.generation() {
-        return Err(ReplicaError::StaleGeneration {
-            current: r.generation(),
-            given: generation,
-        });
-    }
-    Ok(())
+/// Refuses a call from an engine older than the replica's generation, by the data
+/// path's own fence ([`crate::admission`]).
+fn check_generation(r: &mut Replica, generation: u64) -> Result<(), ReplicaError> {
+    r.admit(generation, Access::Control).map_err(ReplicaError::from)
 }
 
 /// The replica as the service reports it.
@@ -294,11 +305,11 @@ impl ReplicaControl for ControlService {
         self.run(move |r| {
             check_range_len(blocks.len() as u64 * BLOCK_SIZE, MAX_RANGE)?;
             let mut data = vec![0u8; blocks.len() * BLOCK_SIZE as usize];
-            for (i, first, n) in block_runs(&blocks) {
-                let at = i * BLOCK_SIZE as usize;
+            for run in block_runs(&blocks) {
+                let at = run.index * BLOCK_SIZE as usize;
                 r.read_at(
-                    first.saturating_mul(BLOCK_SIZE),
-                    &mut data[at..at + n * BLOCK_SIZE as usize],
+                    run.first.saturating_mul(BLOCK_SIZE),
+                    &mut data[at..at + run.count * BLOCK_SIZE as usize],
                 )?;
             }
             Ok(BlocksData {
@@ -322,9 +333,12 @@ impl ReplicaControl for ControlService {
                     req.blocks.len()
                 )));
             }
-            for (i, first, n) in block_runs(&req.blocks) {
-                let (offset, len) = (first.saturating_mul(BLOCK_SIZE), n as u64 * BLOCK_SIZE);
-                let at = i * BLOCK_SIZE as usize;
+            for run in block_runs(&req.blocks) {
+                let (offset, len) = (
+                    run.first.saturating_mul(BLOCK_SIZE),
+                    run.count as u64 * BLOCK_SIZE,
+                );
+                let at = run.index * BLOCK_SIZE as usize;
                 r.mark_intent(offset, len)?;
                 r.write_at(offset, &req.data[at..at + len as usize])?;
             }

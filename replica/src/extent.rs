@@ -1,4 +1,4 @@
-//! Byte extents, and finding the allocated ones of a sparse file.
+//! Byte extents, and finding the allocated ones of a sparse file; runs of 4 KiB blocks.
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -21,6 +21,16 @@ impl Extent {
     pub fn end(&self) -> u64 {
         self.offset + self.len
     }
+}
+
+/// A run of 4 KiB blocks of the volume: `count` blocks from block `first` (the blocks
+/// a write covers, which become the head's in the index when it lands).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct BlockRun {
+    /// First block.
+    pub first: u64,
+    /// Number of blocks.
+    pub count: u64,
 }
 
 /// Sorts extents and joins the ones that touch or overlap.

@@ -1,25 +1,40 @@
-//! The asynchronous data path: reads, writes and flushes submitted to the replica's
-//! io_uring and completed out of order.
+//! `OpRing`: the replica's I/O engine. Reads, writes and fdatasyncs are submitted to
+//! the replica's own io_uring and complete out of order; a server sharing the ring
+//! adds its socket entries ([`OpRing::submit_raw`]).
 //!
 //! Each I/O is an *op* in a slab, with the caller's tag and buffer; it becomes one or
 //! more submission entries (a read spanning several layers has one per layer piece),
 //! and completes when all of them have. Errors come back as completions, never as
-//! panics. Written blocks become the head's in the index when the write completes, so
-//! a read racing a write of the same block sees the old or the new data, never a hole.
+//! panics.
+//!
+//! Floor: above `error`, `extent` and horn-uring; below `replica.rs`, which composes it
+//! with the snapshot chain. It knows no layer and no index, and must never learn them:
+//! an entry names its file by the number its owner gave it ([`Target`]), and an op
+//! that lands asks its owner ([`Landing`]) for what only the owner knows: the path of
+//! a file to name in an error, and what a landed write means (its blocks become the
+//! head's, so a read racing a write of the same block sees the old or the new data,
+//! never a hole).
 
-use std::os::fd::AsRawFd;
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
 
-use io_uring::{opcode, types};
+use io_uring::squeue;
 
 use crate::error::{ReplicaError, Result};
-use crate::meta::BLOCK_SIZE;
-use crate::replica::Replica;
-use horn_uring::IoBuf;
+use crate::extent::BlockRun;
+use horn_uring::{IoBuf, Ring};
 
+/// Submission queue depth of the replica's ring.
+const RING_ENTRIES: u32 = 256;
+
+/// What an op does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum OpKind {
+    /// Reads into the op's buffer (one entry per piece).
     Read,
+    /// Writes the op's buffer (one entry).
     Write,
+    /// An fdatasync (one entry).
     Flush,
     /// An entry built by the caller (socket I/O of a server sharing the ring).
     Raw,
@@ -46,16 +61,20 @@ pub struct Completion {
     /// The buffer given at submission (reads: now holding the data); `None` for flushes
     /// and raw entries.
     pub buf: Option<IoBuf>,
-    /// For entries given to [`Replica::submit_raw`]: the kernel's result (bytes, a
-    /// descriptor, or a negated errno). Zero for the store's own I/O.
+    /// For entries given to [`crate::Replica::submit_raw`]: the kernel's result (bytes,
+    /// a descriptor, or a negated errno). Zero for the store's own I/O.
     pub raw: i32,
 }
 
 /// Tag of the blocking helpers' own I/O; callers of the `submit_*` methods must not use it.
 pub const INTERNAL_TAG: u64 = u64::MAX;
 
+/// An op's slot in the ring's slab.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct OpId(u32);
+
 #[derive(Debug)]
-pub(crate) struct Op {
+struct Op {
     tag: u64,
     kind: OpKind,
     buf: Option<IoBuf>,
@@ -65,19 +84,102 @@ pub(crate) struct Op {
     raw: i32,
     error: Option<ReplicaError>,
     /// For writes: the blocks that become the head's once the write lands.
-    paint: (u64, u64),
+    written: Option<BlockRun>,
 }
 
-/// One submission entry in flight: which op, which layer, how many bytes expected.
+/// Where a submission entry goes: the file, by the number its owner gave it (the
+/// replica gives chain positions), and the bytes it must move (0: whatever it moves).
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct Sqe {
-    op: u32,
-    layer: u32,
-    expected: u32,
+pub(crate) struct Target {
+    /// The owner's number for the file, handed back to [`Landing::path`] on an error.
+    pub file: u32,
+    /// Bytes the entry must move; fewer is a short transfer, an error.
+    pub expected: u32,
 }
 
-impl Replica {
-    fn new_op(&mut self, tag: u64, kind: OpKind, buf: Option<IoBuf>, paint: (u64, u64)) -> u32 {
+/// One submission entry in flight: its op and its target.
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    op: OpId,
+    target: Target,
+}
+
+/// What the ring asks of its owner as ops land: the owner knows the files and what a
+/// landed write means; the ring knows neither.
+pub(crate) trait Landing {
+    /// The path of file `file` (as given in an entry's [`Target`]), to name in an error.
+    fn path(&self, file: u32) -> &Path;
+    /// A write op landed whole: `blocks`, given when it started, now hold its data.
+    fn written(&mut self, blocks: BlockRun);
+}
+
+/// The replica's io_uring and the ops in flight on it.
+pub(crate) struct OpRing {
+    /// Belongs to the first thread that does I/O (see [`Ring::for_thread`]), or to any
+    /// thread in turn after [`OpRing::make_shareable`].
+    ring: Ring,
+    /// The replica directory, to name in the ring's own errors.
+    owner: PathBuf,
+    ops: Vec<Option<Op>>,
+    free_ops: Vec<u32>,
+    entries: Vec<Entry>,
+    free_entries: Vec<u32>,
+    /// Finished ops, until reaped.
+    ready: VecDeque<Completion>,
+    /// Store ops (reads, writes, flushes) in the slab.
+    in_flight: usize,
+    /// Raw ops (a server's socket entries) in the slab.
+    raw_in_flight: usize,
+}
+
+impl OpRing {
+    /// A ring that belongs to the first thread doing I/O on it; `owner` (the replica
+    /// directory) names it in errors.
+    pub(crate) fn for_thread(owner: &Path) -> std::io::Result<OpRing> {
+        Ok(OpRing {
+            ring: Ring::for_thread(RING_ENTRIES)?,
+            owner: owner.to_path_buf(),
+            ops: Vec::new(),
+            free_ops: Vec::new(),
+            entries: Vec::new(),
+            free_entries: Vec::new(),
+            ready: VecDeque::new(),
+            in_flight: 0,
+            raw_in_flight: 0,
+        })
+    }
+
+    /// Waits for the store I/O in flight, then replaces the ring with one any thread
+    /// may submit to (one at a time), for a replica shared under a lock.
+    pub(crate) fn make_shareable(&mut self, landing: &mut impl Landing) -> Result<()> {
+        self.drain(landing)?;
+        debug_assert_eq!(
+            self.raw_in_flight, 0,
+            "raw entries would be lost with the old ring"
+        );
+        self.ring =
+            Ring::shared(RING_ENTRIES).map_err(|e| ReplicaError::io("io_uring setup", &self.owner, e))?;
+        Ok(())
+    }
+
+    /// I/Os submitted and not yet reaped.
+    pub(crate) fn in_flight(&self) -> usize {
+        self.in_flight + self.raw_in_flight + self.ready.len()
+    }
+
+    /// Starts an op: a slot in the slab, counted in flight until it finishes. A write
+    /// carries the blocks it `written` to its landing.
+    pub(crate) fn start(
+        &mut self,
+        tag: u64,
+        kind: OpKind,
+        buf: Option<IoBuf>,
+        written: Option<BlockRun>,
+    ) -> OpId {
+        debug_assert!(
+            written.is_none() || kind == OpKind::Write,
+            "only a write paints blocks"
+        );
         let op = Op {
             tag,
             kind,
@@ -85,7 +187,7 @@ impl Replica {
             pending: 0,
             raw: 0,
             error: None,
-            paint,
+            written,
         };
         if kind == OpKind::Raw {
             self.raw_in_flight += 1;
@@ -94,75 +196,101 @@ impl Replica {
         }
         match self.free_ops.pop() {
             Some(i) => {
+                debug_assert!(self.ops[i as usize].is_none(), "op slot {i} is free and taken");
                 self.ops[i as usize] = Some(op);
-                i
+                OpId(i)
             }
             None => {
                 self.ops.push(Some(op));
-                (self.ops.len() - 1) as u32
+                OpId((self.ops.len() - 1) as u32)
             }
         }
     }
 
-    fn op_mut(&mut self, i: u32) -> &mut Op {
-        self.ops[i as usize].as_mut().expect("op in flight")
+    fn op_mut(&mut self, op: OpId) -> &mut Op {
+        self.ops[op.0 as usize].as_mut().expect("op in flight")
     }
 
-    fn push_sqe(&mut self, entry: io_uring::squeue::Entry, rec: Sqe) -> Result<()> {
-        let idx = match self.free_sqes.pop() {
+    /// The start of `op`'s buffer, which its entries read into or write from. The
+    /// buffer is on the heap, where it stays while the op is in the slab however the
+    /// slab grows.
+    pub(crate) fn buf_ptr(&mut self, op: OpId) -> *mut u8 {
+        self.op_mut(op)
+            .buf
+            .as_mut()
+            .expect("the op has a buffer")
+            .as_mut_ptr()
+    }
+
+    /// Records that `op` failed (the first error is the one reported). It finishes
+    /// once the entries queued so far have completed.
+    pub(crate) fn fail(&mut self, op: OpId, e: ReplicaError) {
+        self.op_mut(op).error.get_or_insert(e);
+    }
+
+    /// Queues one entry of `op` toward `target`. If it cannot be queued the op carries
+    /// the error, and `false` says to queue no more of it.
+    ///
+    /// # Safety
+    /// Every buffer and descriptor the entry names must stay valid, and not move,
+    /// until its completion has been reaped. Its user data is overwritten.
+    pub(crate) unsafe fn push(&mut self, op: OpId, entry: squeue::Entry, target: Target) -> bool {
+        // SAFETY: the caller's promise.
+        match unsafe { self.queue(op, entry, target) } {
+            Ok(()) => true,
+            Err(e) => {
+                self.fail(op, e);
+                false
+            }
+        }
+    }
+
+    /// # Safety
+    /// As for [`OpRing::push`].
+    unsafe fn queue(&mut self, op: OpId, entry: squeue::Entry, target: Target) -> Result<()> {
+        let rec = Entry { op, target };
+        let idx = match self.free_entries.pop() {
             Some(i) => {
-                self.sqes[i as usize] = rec;
+                self.entries[i as usize] = rec;
                 i
             }
             None => {
-                self.sqes.push(rec);
-                (self.sqes.len() - 1) as u32
+                self.entries.push(rec);
+                (self.entries.len() - 1) as u32
             }
         };
         let entry = entry.user_data(idx as u64);
-        // SAFETY: every buffer and descriptor the entry names is owned by an op in
-        // `self.ops` (buffers) or by `self.chain` (descriptors), and neither is
-        // dropped or moved until the entry's completion has been reaped.
+        // SAFETY: the caller's promise.
         if let Err(e) = unsafe { self.ring.push(&entry) } {
-            self.free_sqes.push(idx);
+            self.free_entries.push(idx);
             return Err(self.ring_error("io_uring submit", e));
         }
-        self.op_mut(rec.op).pending += 1;
+        self.op_mut(op).pending += 1;
         Ok(())
     }
 
-    /// Finishes an op whose entries have all completed: paints written blocks, queues
-    /// the completion.
-    fn finish_op(&mut self, i: u32) {
-        let op = self.ops[i as usize].take().expect("op in flight");
-        self.free_ops.push(i);
-        if op.kind == OpKind::Raw {
-            self.raw_in_flight -= 1;
-        } else {
-            self.in_flight -= 1;
+    /// Ends the submission of `op`: finishes it now if none of its entries is queued
+    /// (a read of holes only, or a failure), and hands what is queued to the kernel
+    /// right away. Measured on the virtual disk here, getting each I/O to the device at
+    /// once beat batching submissions until the next reap by about 25% at QD32
+    /// (docs/benchmarks.md), as fio's default does. A failure to submit fails the op.
+    pub(crate) fn seal(&mut self, op: OpId, landing: &mut impl Landing) {
+        if self.op_mut(op).pending == 0 {
+            self.finish(op, landing);
         }
-        let result = match op.error {
-            Some(e) => Err(e),
-            None => {
-                if op.kind == OpKind::Write {
-                    let v = self.head_value();
-                    self.index.set_range(op.paint.0, op.paint.1, v);
-                }
-                Ok(())
+        if let Err(e) = self.submit_queued() {
+            if let Some(o) = self.ops.get_mut(op.0 as usize).and_then(Option::as_mut) {
+                o.error.get_or_insert(e);
             }
-        };
-        self.ready.push_back(Completion {
-            tag: op.tag,
-            result,
-            buf: op.buf,
-            raw: op.raw,
-        });
+        }
     }
 
-    fn fail_now(&mut self, tag: u64, buf: Option<IoBuf>, e: ReplicaError) {
+    /// Completes an I/O that needed no entry (refused before it started, or with
+    /// nothing to do): its completion queues behind the others.
+    pub(crate) fn complete_now(&mut self, tag: u64, result: Result<()>, buf: Option<IoBuf>) {
         self.ready.push_back(Completion {
             tag,
-            result: Err(e),
+            result,
             buf,
             raw: 0,
         });
@@ -170,206 +298,67 @@ impl Replica {
 
     /// Queues an entry the caller built (a socket accept, receive or send of a server
     /// that shares this ring, so socket and disk I/O need no thread hop) and submits it.
-    /// Its completion comes back from [`Replica::reap`] with `tag` and the kernel's
-    /// result in [`Completion::raw`]; the store interprets nothing.
+    /// Its completion comes back from [`OpRing::reap`] with `tag` and the kernel's
+    /// result in [`Completion::raw`]; the ring interprets nothing.
     ///
     /// # Safety
     /// Every buffer and descriptor the entry names must stay valid, and not be moved
     /// or freed, until its completion has been reaped. Its user data is overwritten.
-    pub unsafe fn submit_raw(&mut self, entry: io_uring::squeue::Entry, tag: u64) -> Result<()> {
-        let op = self.new_op(tag, OpKind::Raw, None, (0, 0));
-        let rec = Sqe {
-            op,
-            layer: 0,
-            expected: 0,
-        };
-        if let Err(e) = self.push_sqe(entry, rec) {
-            self.ops[op as usize] = None;
-            self.free_ops.push(op);
-            self.raw_in_flight -= 1;
+    pub(crate) unsafe fn submit_raw(&mut self, entry: squeue::Entry, tag: u64) -> Result<()> {
+        let op = self.start(tag, OpKind::Raw, None, None);
+        let target = Target { file: 0, expected: 0 };
+        // SAFETY: the caller's promise.
+        if let Err(e) = unsafe { self.queue(op, entry, target) } {
+            self.release(op);
             return Err(e);
         }
         self.submit_queued()
     }
 
-    /// Submits a read of `buf.len()` bytes at `offset`; the completion hands `buf` back.
-    pub fn submit_read(&mut self, offset: u64, buf: IoBuf, tag: u64) {
-        if let Err(e) = self.check_io(offset, buf.len() as u64) {
-            return self.fail_now(tag, Some(buf), e);
-        }
-        let len = buf.len() as u64;
-        let op = self.new_op(tag, OpKind::Read, Some(buf), (0, 0));
-        let mut pieces = std::mem::take(&mut self.pieces);
-        pieces.clear();
-        self.segments(offset, len, |bo, vo, n, pos| pieces.push((bo, vo, n, pos)));
-        for &(bo, vo, n, pos) in &pieces {
-            let base = self
-                .op_mut(op)
-                .buf
-                .as_mut()
-                .expect("read has a buffer")
-                .as_mut_ptr();
-            // SAFETY: bo + n <= buf.len(), from `segments`.
-            let ptr = unsafe { base.add(bo) };
-            let Some(pos) = pos else {
-                // SAFETY: as above; the bytes belong to the op's buffer.
-                unsafe { std::ptr::write_bytes(ptr, 0, n) };
-                continue;
-            };
-            let aligned = self.aligned(vo, n, ptr);
-            let fd = match self.chain[pos].fd_for(aligned) {
-                Ok(fd) => fd,
-                Err(e) => {
-                    self.op_mut(op).error.get_or_insert(e);
-                    break;
+    /// Takes `op` out of the slab and out of the count in flight.
+    fn release(&mut self, op: OpId) -> Op {
+        let o = self.ops[op.0 as usize].take().expect("op in flight");
+        self.free_ops.push(op.0);
+        let count = if o.kind == OpKind::Raw {
+            &mut self.raw_in_flight
+        } else {
+            &mut self.in_flight
+        };
+        debug_assert!(*count > 0, "a {:?} op ends with none counted in flight", o.kind);
+        *count -= 1;
+        o
+    }
+
+    /// Finishes an op whose entries have all completed: lands a written op's blocks
+    /// and queues the completion.
+    fn finish(&mut self, op: OpId, landing: &mut impl Landing) {
+        let o = self.release(op);
+        debug_assert_eq!(o.pending, 0, "an op finishes with entries in the kernel");
+        let result = match o.error {
+            Some(e) => Err(e),
+            None => {
+                if let Some(blocks) = o.written {
+                    landing.written(blocks);
                 }
-            };
-            let entry = opcode::Read::new(types::Fd(fd), ptr, n as u32).offset(vo).build();
-            let rec = Sqe {
-                op,
-                layer: pos as u32,
-                expected: n as u32,
-            };
-            if let Err(e) = self.push_sqe(entry, rec) {
-                self.op_mut(op).error.get_or_insert(e);
-                break;
-            }
-        }
-        self.pieces = pieces;
-        if self.op_mut(op).pending == 0 {
-            self.finish_op(op);
-        }
-        self.submit_eagerly(op);
-    }
-
-    /// Does block `b`, partly covered by an I/O, need its old contents read first?
-    fn needs_fill(&self, b: u64) -> bool {
-        let v = self.index.get(b);
-        v != 0 && v != self.head_value()
-    }
-
-    /// Checks a write of `data` at `offset` and does what must come before its data
-    /// reaches the head: notes suspect blocks while WO, and writes whole blocks itself
-    /// where a partial block must merge with an older layer. Returns the blocks
-    /// (first, count) the caller's write to the head then covers, or `None` when
-    /// nothing is left to write.
-    pub(crate) fn prepare_write(&mut self, offset: u64, data: &[u8]) -> Result<Option<(u64, u64)>> {
-        let len = data.len() as u64;
-        self.check_io(offset, len)?;
-        if len == 0 {
-            return Ok(None);
-        }
-        let first = offset / BLOCK_SIZE;
-        let last = (offset + len).div_ceil(BLOCK_SIZE);
-        if self.engine.mode == crate::state::Mode::Wo {
-            // Being rebuilt: a partial block the head does not hold merges with layers
-            // the rebuild may not have brought yet (sync.rs).
-            let hv = self.head_value();
-            if offset % BLOCK_SIZE != 0 && self.index.get(first) != hv {
-                self.suspect.insert(first);
-            }
-            if (offset + len) % BLOCK_SIZE != 0 && self.index.get(last - 1) != hv {
-                self.suspect.insert(last - 1);
-            }
-        }
-        let head_partial = offset % BLOCK_SIZE != 0 && self.needs_fill(first);
-        let tail_partial = (offset + len) % BLOCK_SIZE != 0 && self.needs_fill(last - 1);
-        if head_partial || tail_partial {
-            self.write_filling_blocks(offset, data)?;
-            return Ok(None);
-        }
-        Ok(Some((first, last - first)))
-    }
-
-    /// Submits a write of `buf` at `offset` to the head; the completion hands `buf` back.
-    pub fn submit_write(&mut self, offset: u64, buf: IoBuf, tag: u64) {
-        let len = buf.len() as u64;
-        let (first, count) = match self.prepare_write(offset, buf.as_slice()) {
-            Err(e) => return self.fail_now(tag, Some(buf), e),
-            Ok(None) => {
-                return self.ready.push_back(Completion {
-                    tag,
-                    result: Ok(()),
-                    buf: Some(buf),
-                    raw: 0,
-                })
-            }
-            Ok(Some(blocks)) => blocks,
-        };
-        let op = self.new_op(tag, OpKind::Write, Some(buf), (first, count));
-        let ptr = self
-            .op_mut(op)
-            .buf
-            .as_mut()
-            .expect("write has a buffer")
-            .as_mut_ptr();
-        let pos = self.chain.len() - 1;
-        let fd = match self.head().fd_for(self.aligned(offset, len as usize, ptr)) {
-            Ok(fd) => fd,
-            Err(e) => {
-                self.op_mut(op).error = Some(e);
-                return self.finish_op(op);
+                Ok(())
             }
         };
-        let entry = opcode::Write::new(types::Fd(fd), ptr, len as u32)
-            .offset(offset)
-            .build();
-        let rec = Sqe {
-            op,
-            layer: pos as u32,
-            expected: len as u32,
-        };
-        self.push_single(op, entry, rec);
-    }
-
-    /// Submits a flush: every write completed before it is durable when it completes.
-    pub fn submit_flush(&mut self, tag: u64) {
-        let op = self.new_op(tag, OpKind::Flush, None, (0, 0));
-        let fd = match self.head().buffered() {
-            Ok(f) => f.as_raw_fd(),
-            Err(e) => {
-                self.op_mut(op).error = Some(e);
-                return self.finish_op(op);
-            }
-        };
-        let entry = opcode::Fsync::new(types::Fd(fd))
-            .flags(types::FsyncFlags::DATASYNC)
-            .build();
-        let rec = Sqe {
-            op,
-            layer: (self.chain.len() - 1) as u32,
-            expected: 0,
-        };
-        self.push_single(op, entry, rec);
-    }
-
-    /// Queues the one entry of a single-entry op and submits it; if it cannot be
-    /// queued, the op completes with that error.
-    fn push_single(&mut self, op: u32, entry: io_uring::squeue::Entry, rec: Sqe) {
-        match self.push_sqe(entry, rec) {
-            Ok(()) => self.submit_eagerly(op),
-            Err(e) => {
-                self.op_mut(op).error = Some(e);
-                self.finish_op(op);
-            }
-        }
-    }
-
-    /// Hands an op's entries to the kernel right away. Measured on the virtual disk
-    /// here, getting each I/O to the device at once beat batching submissions until
-    /// the next reap by about 25% at QD32 (docs/benchmarks.md), as fio's default does.
-    /// A failure to submit fails the op.
-    fn submit_eagerly(&mut self, op: u32) {
-        if let Err(e) = self.submit_queued() {
-            if let Some(o) = self.ops.get_mut(op as usize).and_then(Option::as_mut) {
-                o.error.get_or_insert(e);
-            }
-        }
+        self.ready.push_back(Completion {
+            tag: o.tag,
+            result,
+            buf: o.buf,
+            raw: o.raw,
+        });
     }
 
     /// Submits queued entries and moves completions into `out` until it holds at least
     /// `min` of them or nothing is left in flight. Returns how many were added.
-    pub fn reap(&mut self, min: usize, out: &mut Vec<Completion>) -> Result<usize> {
+    pub(crate) fn reap(
+        &mut self,
+        min: usize,
+        out: &mut Vec<Completion>,
+        landing: &mut impl Landing,
+    ) -> Result<usize> {
         let start = out.len();
         loop {
             out.extend(self.ready.drain(..));
@@ -378,13 +367,13 @@ impl Replica {
                 self.submit_queued()?;
                 return Ok(out.len() - start);
             }
-            self.wait_some()?;
+            self.wait_some(landing)?;
         }
     }
 
     /// Passes queued submission entries to the kernel, if there are any (an empty
     /// `submit` would still cost a system call).
-    pub fn submit_queued(&mut self) -> Result<()> {
+    pub(crate) fn submit_queued(&mut self) -> Result<()> {
         self.ring
             .submit()
             .map_err(|e| self.ring_error("io_uring submit", e))
@@ -396,51 +385,55 @@ impl Replica {
             return ReplicaError::InvalidOperation(format!(
                 "replica {}: I/O submitted from a thread other than the one that started its I/O \
                  (a replica's I/O must stay on one thread)",
-                self.dir.display()
+                self.owner.display()
             ));
         }
-        ReplicaError::io(op, &self.dir, e)
+        ReplicaError::io(op, &self.owner, e)
     }
 
     /// Submits what is queued, waits for at least one completion, and processes all
     /// that have arrived.
-    fn wait_some(&mut self) -> Result<()> {
+    fn wait_some(&mut self, landing: &mut impl Landing) -> Result<()> {
         if let Err(e) = self.ring.wait(None) {
             return Err(self.ring_error("io_uring wait", e));
         }
-        self.drain_cq();
+        self.drain_cq(landing);
         Ok(())
     }
 
-    fn drain_cq(&mut self) {
+    fn drain_cq(&mut self, landing: &mut impl Landing) {
         // Copied out first: finishing an op needs `&mut self`.
         let done = self.ring.reap();
         for c in &done {
             let res = c.result;
-            let rec = self.sqes[c.token() as usize];
-            self.free_sqes.push(c.token());
+            let Entry { op: id, target } = self.entries[c.token() as usize];
+            debug_assert!(
+                !self.free_entries.contains(&c.token()),
+                "a completion for an entry that is not in flight"
+            );
+            self.free_entries.push(c.token());
             let err = if res < 0 {
                 Some(std::io::Error::from_raw_os_error(-res))
-            } else if rec.expected != 0 && res as u32 != rec.expected {
+            } else if target.expected != 0 && res as u32 != target.expected {
                 Some(std::io::Error::new(
                     std::io::ErrorKind::UnexpectedEof,
-                    format!("short transfer: {res} of {} bytes", rec.expected),
+                    format!("short transfer: {res} of {} bytes", target.expected),
                 ))
             } else {
                 None
             };
-            let kind = self.ops[rec.op as usize].as_ref().expect("op in flight").kind;
-            if kind == OpKind::Raw {
-                self.op_mut(rec.op).raw = res;
+            let op = self.op_mut(id);
+            if op.kind == OpKind::Raw {
+                op.raw = res;
             } else if let Some(err) = err {
-                let path = self.chain[rec.layer as usize].path.clone();
-                let op = self.op_mut(rec.op);
-                op.error.get_or_insert(ReplicaError::io(kind.verb(), path, err));
+                if op.error.is_none() {
+                    op.error = Some(ReplicaError::io(op.kind.verb(), landing.path(target.file), err));
+                }
             }
-            let op = self.op_mut(rec.op);
+            debug_assert!(op.pending > 0, "a completion for an op with no entry pending");
             op.pending -= 1;
             if op.pending == 0 {
-                self.finish_op(rec.op);
+                self.finish(id, landing);
             }
         }
         self.ring.recycle(done);
@@ -448,16 +441,18 @@ impl Replica {
 
     /// Waits for every store I/O in flight (not raw entries: an idle socket receive may
     /// never complete); their completions stay queued for `reap`.
-    pub(crate) fn drain(&mut self) -> Result<()> {
+    pub(crate) fn drain(&mut self, landing: &mut impl Landing) -> Result<()> {
         while self.in_flight > 0 {
-            self.wait_some()?;
+            self.wait_some(landing)?;
         }
+        self.check_counts();
         Ok(())
     }
 
-    /// Runs the blocking API's op (tagged [`INTERNAL_TAG`]) to completion and returns it.
-    fn wait_internal(&mut self) -> Result<Completion> {
-        self.drain()?;
+    /// Runs the blocking API's op (tagged [`INTERNAL_TAG`]) to completion and returns
+    /// it; the others' completions stay queued for `reap`.
+    pub(crate) fn take_internal(&mut self, landing: &mut impl Landing) -> Result<Completion> {
+        self.drain(landing)?;
         let at = self
             .ready
             .iter()
@@ -466,28 +461,20 @@ impl Replica {
         Ok(self.ready.remove(at).expect("position is in range"))
     }
 
-    /// Reads `out.len()` bytes at `offset` (blocking).
-    pub fn read_at(&mut self, offset: u64, out: &mut [u8]) -> Result<()> {
-        self.drain()?;
-        let buf = IoBuf::zeroed(out.len());
-        self.submit_read(offset, buf, INTERNAL_TAG);
-        let c = self.wait_internal()?;
-        c.result?;
-        out.copy_from_slice(c.buf.expect("reads return their buffer").as_slice());
-        Ok(())
-    }
-
-    /// Writes `data` at `offset` (blocking; durable only after [`Replica::flush`]).
-    pub fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<()> {
-        self.drain()?;
-        self.submit_write(offset, IoBuf::from_slice(data), INTERNAL_TAG);
-        self.wait_internal()?.result
-    }
-
-    /// Makes every completed write durable (blocking).
-    pub fn flush(&mut self) -> Result<()> {
-        self.drain()?;
-        self.submit_flush(INTERNAL_TAG);
-        self.wait_internal()?.result
+    /// The counts in flight are the ops in the slab, by kind, and every slot is either
+    /// taken or free (debug builds: walks the slab).
+    fn check_counts(&self) {
+        if cfg!(debug_assertions) {
+            let live = self.ops.iter().flatten().count();
+            let raw = self
+                .ops
+                .iter()
+                .flatten()
+                .filter(|o| o.kind == OpKind::Raw)
+                .count();
+            debug_assert_eq!(raw, self.raw_in_flight, "raw ops counted in flight");
+            debug_assert_eq!(live - raw, self.in_flight, "store ops counted in flight");
+            debug_assert_eq!(live + self.free_ops.len(), self.ops.len(), "op slots");
+        }
     }
 }

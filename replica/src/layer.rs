@@ -13,6 +13,17 @@ use std::sync::Arc;
 
 use crate::error::{ReplicaError, Result};
 
+/// A layer file's descriptor held for I/O outside the replica's own ring (an
+/// in-process engine's, see [`crate::shared`]): it stays open while held, whatever
+/// happens to the chain meanwhile.
+#[derive(Debug, Clone)]
+pub struct HeldFile {
+    /// The descriptor.
+    pub file: Arc<File>,
+    /// It is the O_DIRECT one: the I/O goes around the page cache.
+    pub direct: bool,
+}
+
 /// A layer file and its lazily opened descriptors.
 #[derive(Debug)]
 pub struct LayerFile {
@@ -98,16 +109,20 @@ impl LayerFile {
         Ok(self.buffered()?.as_raw_fd())
     }
 
-    /// The descriptor for I/O with the given alignment, shared: it stays open while the
-    /// caller holds it, whatever happens to the chain meanwhile; and whether it is the
-    /// direct (`O_DIRECT`) one.
-    pub fn file_for(&self, aligned: bool) -> Result<(Arc<File>, bool)> {
+    /// The descriptor for I/O with the given alignment, held (see [`HeldFile`]).
+    pub fn file_for(&self, aligned: bool) -> Result<HeldFile> {
         if aligned {
             if let Some(f) = self.direct_arc()? {
-                return Ok((f.clone(), true));
+                return Ok(HeldFile {
+                    file: f.clone(),
+                    direct: true,
+                });
             }
         }
-        Ok((self.buffered_arc()?.clone(), false))
+        Ok(HeldFile {
+            file: self.buffered_arc()?.clone(),
+            direct: false,
+        })
     }
 
     /// Descriptors currently open.

@@ -10,12 +10,36 @@
 //! - the in-memory [`index::BlockIndex`], rebuilt from the files at open, that maps each
 //!   4 KiB block to the newest layer holding it, in memory proportional to fragmentation;
 //! - the data path: reads, writes, flush, discard and write-zeroes through the replica's
-//!   own io_uring ([`Replica::submit_read`] and friends, or the blocking `*_at` methods).
-//!
+//!   own io_uring ([`Replica::submit_read`] and friends, or the blocking `*_at` methods);
 //! - sharing one replica with an engine in the same process ([`shared`]): the engine's
 //!   queues do its file I/O on their own rings, with no socket hop;
 //! - serving one replica: the data wire ([`server`], on the replica's own ring) and
 //!   the gRPC control service ([`control`], run on the data loop's thread).
+//!
+//! ## The ladder
+//!
+//! Each module imports only from the floors below it; no two import each other. As in
+//! cloud-hypervisor's `block` crate, the format and the I/O engine are separate floors
+//! that never reach into each other, and one floor above composes them.
+//!
+//! 1. Leaves: [`error`], [`crash`]; the format's files and structures: [`extent`] (byte
+//!    extents, block runs), [`meta`] (`volume.json`), [`state`] (`engine.json`),
+//!    [`zeros`] (zero-extent logs), [`intent`] (`intent.bits`), [`index`] (the extent
+//!    index), [`layer`] (one layer file's descriptors).
+//! 2. Rules and engines that know nothing of each other: `io.rs` (`OpRing`, the I/O
+//!    engine: the ring, the op and entry slabs, completions; no layer, no index),
+//!    `admission.rs` (the one admission of a data request: generation fence, mode,
+//!    intent before write) and `sync_plan.rs` (a rebuild's plan and block diff, as
+//!    plain data).
+//! 3. [`chain`] (`SnapshotChain`, the format in memory: metadata, layer files, index,
+//!    zero log; read planning, the blocking fill paths, the chain operations, the
+//!    listings). It never touches the ring.
+//! 4. [`replica`] ([`Replica`]): the chain and the ring composed, with the engine state
+//!    and the intent log; it settles the ring before the chain changes, and lands the
+//!    ring's ops on the chain.
+//! 5. The doors: [`shared`] ([`SharedReplica`], in the engine's process), then
+//!    `handle.rs` ([`server::ServerHandle`], other threads' way in), then [`server`]
+//!    (the data wire) and [`sync`] (a rebuild's transfer), then [`control`] (gRPC).
 //!
 //! What it must never do: know about other replicas, or let a read return bytes that
 //! no sequence of acknowledged operations wrote. Replication is the engine's job.
@@ -39,12 +63,13 @@
 
 #![warn(missing_docs)]
 
+mod admission;
 pub mod chain;
 pub mod control;
 pub mod crash;
 pub mod error;
 pub mod extent;
-mod fill;
+mod handle;
 pub mod index;
 pub mod intent;
 mod io;
@@ -55,6 +80,7 @@ pub mod server;
 pub mod shared;
 pub mod state;
 pub mod sync;
+mod sync_plan;
 pub mod zeros;
 
 pub use chain::{LayerExtents, LayerInfo, PurgeReport, ReplicaInfo};

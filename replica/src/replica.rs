@@ -1,208 +1,87 @@
-//! `Replica`: an open replica directory: creating and opening it, its layers and index.
+//! `Replica`: an open replica directory. The format (`SnapshotChain`, `chain/`) and
+//! the I/O engine (`OpRing`, `io.rs`) composed, with the engine-facing state
+//! (`engine.json`) and the write-intent log.
 //!
-//! Reads resolve each 4 KiB block through the extent index to the newest layer holding
-//! it and go to that layer's file; never-written blocks are zero-filled without I/O.
-//! Writes go to the head. The data path is split by idea: `io.rs` submits to the
-//! replica's own io_uring and reaps completions (out of order, through
-//! [`Replica::reap`]); `fill.rs` holds the blocking paths that fill whole blocks
-//! (discard, write-zeroes, partial writes over older data); `chain.rs` the chain
-//! operations.
+//! Floor: the top of the store. It imports `chain`, `io`, `admission`, `intent` and
+//! `state`; neither `chain` nor `io` imports the other or this file, and what one needs
+//! of the other passes through here:
+//! - the ring's entries name their file by chain position, and an op that lands asks
+//!   for its file's path or paints a written op's blocks the head's, through
+//!   `Landing`, implemented here for the chain;
+//! - the chain never waits for I/O: before a blocking fill path (partial writes over
+//!   older data, discard, write-zeroes) or a chain operation, this file settles the
+//!   ring: it drains it, and for chain operations first refuses while an in-process
+//!   engine has I/O of its own in flight.
 //!
-//! Ownership rule that keeps 512-byte sectors correct on a 4 KiB index: a layer that
-//! holds any byte of a block holds the whole block's correct contents. A write that
-//! covers part of a block held by an older layer therefore reads the block first
-//! (read-modify-write) so the head gets the whole block.
+//! The data path: [`Replica::submit_read`] and friends submit to the ring and return
+//! at once; completions come back, out of order, from [`Replica::reap`]. The blocking
+//! `*_at` methods are the same ops, waited for.
 
-use std::collections::VecDeque;
-use std::fs::{File, OpenOptions};
-use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileExt;
+use std::collections::BTreeMap;
+use std::fs::File;
 use std::path::{Path, PathBuf};
 
+use io_uring::{opcode, types};
+
+use crate::admission::{self, Access, Refusal};
+use crate::chain::{
+    lock_dir, recover, LayerExtents, PurgeReport, ReadPiece, ReplicaInfo, SnapshotChain, WritePath,
+};
 use crate::error::{ReplicaError, Result};
-use crate::extent::{data_extents, Extent};
-use crate::index::BlockIndex;
+use crate::extent::{BlockRun, Extent};
 use crate::intent::IntentLog;
-use crate::io::{Completion, Op, Sqe};
-use crate::layer::LayerFile;
-use crate::meta::{self, layer_path, zeros_path, LayerMeta, VolumeMeta, BLOCK_SIZE};
+use crate::io::{Completion, Landing, OpKind, OpRing, Target, INTERNAL_TAG};
+use crate::meta::{self, layer_path, VolumeMeta, BLOCK_SIZE};
 use crate::state::{EngineState, Mode};
-use crate::zeros::{self, ZeroLog};
-use horn_uring::{IoBuf, Ring};
+use crate::sync_plan::SyncPlan;
+use horn_uring::IoBuf;
 
-/// Largest single read or write.
-pub const MAX_IO_BYTES: u64 = 64 << 20;
-/// Submission queue depth of the replica's ring.
-const RING_ENTRIES: u32 = 256;
-/// How long `open` waits for a replica's lock before calling it in use.
-const LOCK_PATIENCE: std::time::Duration = std::time::Duration::from_millis(500);
-/// How the replica's data I/O meets the page cache.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum CacheMode {
-    /// Aligned reads and writes bypass it (O_DIRECT): memory use stays flat, and the
-    /// cache above (the guest's, the filesystem's on the volume) is the only one.
-    #[default]
-    Direct,
-    /// Every read and write goes through it: repeated reads come from memory, at the
-    /// price of a second copy of hot data in RAM. Durability is the same: a flush
-    /// still fdatasyncs the head.
-    Page,
-}
-
-impl std::str::FromStr for CacheMode {
-    type Err = String;
-
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        match s {
-            "direct" => Ok(CacheMode::Direct),
-            "page" => Ok(CacheMode::Page),
-            _ => Err(format!("cache mode {s:?} is not direct or page")),
-        }
-    }
-}
-
-impl std::fmt::Display for CacheMode {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            CacheMode::Direct => "direct",
-            CacheMode::Page => "page",
-        })
-    }
-}
-
-/// Name of the lock file that keeps two processes from opening one replica.
-pub(crate) const LOCK_FILE: &str = "volume.lock";
+pub use crate::chain::{CacheMode, MAX_IO_BYTES};
 
 /// An open replica.
 pub struct Replica {
-    pub(crate) dir: PathBuf,
-    pub(crate) meta: VolumeMeta,
-    /// The active chain, root first, head last; index values are positions + 1.
-    pub(crate) chain: Vec<LayerFile>,
-    pub(crate) index: BlockIndex,
-    pub(crate) zero_log: ZeroLog,
-    pub(crate) intent: IntentLog,
-    /// Blocks a partial write or discard changed while the replica was WO, merging
-    /// with lower layers it may not have yet (sync.rs).
-    pub(crate) suspect: std::collections::BTreeSet<u64>,
-    pub(crate) engine: EngineState,
-    pub(crate) dio_align: u64,
-    /// Whether aligned I/O bypasses the page cache.
-    pub(crate) cache: CacheMode,
-    /// Belongs to the first thread that does I/O (see [`Ring::for_thread`]).
-    pub(crate) ring: Ring,
-    pub(crate) ops: Vec<Option<Op>>,
-    pub(crate) free_ops: Vec<u32>,
-    pub(crate) sqes: Vec<Sqe>,
-    pub(crate) free_sqes: Vec<u32>,
-    pub(crate) ready: VecDeque<Completion>,
-    /// Store I/Os (reads, writes, flushes) in flight.
-    pub(crate) in_flight: usize,
-    /// Raw entries (a server's socket I/O) in flight.
-    pub(crate) raw_in_flight: usize,
+    /// The format: metadata, layer files, index.
+    pub(crate) chain: SnapshotChain,
+    /// The I/O engine.
+    ring: OpRing,
+    engine: EngineState,
+    intent: IntentLog,
     /// I/O an in-process engine has in flight on its own rings ([`crate::shared`]):
     /// the chain must not change under it.
-    pub(crate) external_in_flight: usize,
-    /// Reused by `submit_read` so the hot path does not allocate.
-    pub(crate) pieces: Vec<Piece>,
-    pub(crate) _lock: File,
+    external_in_flight: usize,
+    /// Reused by `submit_read` (and a shared replica's planned reads) so the hot path
+    /// does not allocate.
+    pub(crate) pieces: Vec<ReadPiece>,
+    _lock: File,
 }
-
-/// One piece of a read: buffer offset, volume offset, length, chain position.
-pub(crate) type Piece = (usize, u64, usize, Option<usize>);
 
 impl std::fmt::Debug for Replica {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Replica")
-            .field("dir", &self.dir)
-            .field("size", &self.meta.size)
-            .field("chain", &self.chain.len())
+            .field("dir", &self.chain.dir())
+            .field("size", &self.chain.size())
+            .field("chain", &self.chain.meta().chain().len())
             .finish()
     }
 }
 
-fn lock_dir(dir: &Path) -> Result<File> {
-    let path = dir.join(LOCK_FILE);
-    let f = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&path)
-        .map_err(|e| ReplicaError::io("open", &path, e))?;
-    // A lock is refused briefly while another thread of this process is spawning a
-    // child: between fork and exec the child holds a copy of every descriptor, and
-    // with it the flock of a replica closed meanwhile. Such a copy goes away within
-    // milliseconds; a replica really held by another opener stays locked.
-    let deadline = std::time::Instant::now() + LOCK_PATIENCE;
-    loop {
-        // SAFETY: flock on a descriptor we own; no memory is passed.
-        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
-            break;
-        }
-        let err = std::io::Error::last_os_error();
-        if err.raw_os_error() != Some(libc::EWOULDBLOCK) {
-            return Err(ReplicaError::io("lock", &path, err));
-        }
-        if std::time::Instant::now() >= deadline {
-            return Err(ReplicaError::Locked {
-                path: dir.to_path_buf(),
-            });
-        }
-        std::thread::sleep(std::time::Duration::from_millis(5));
+/// The ring's entries name chain positions, and a landed write's blocks become the
+/// head's. Implemented here, on the floor that composes the two, so that neither
+/// `io` nor `chain` names the other.
+impl Landing for SnapshotChain {
+    fn path(&self, file: u32) -> &Path {
+        &self.layer(file as usize).path
     }
-    Ok(f)
-}
 
-/// Refuses filesystems whose allocation unit is larger than the index's 4 KiB block:
-/// SEEK_DATA would report whole large blocks as written and hide older layers' data.
-fn check_filesystem(dir: &Path) -> Result<()> {
-    let st = nix::sys::statfs::statfs(dir)
-        .map_err(|e| ReplicaError::io("statfs", dir, std::io::Error::from(e)))?;
-    let bsize = st.block_size() as u64;
-    if bsize > BLOCK_SIZE {
-        return Err(ReplicaError::UnsuitableFilesystem {
-            path: dir.to_path_buf(),
-            reason: format!("its block size is {bsize} bytes; Horn needs 4096 or less"),
-        });
+    fn written(&mut self, blocks: BlockRun) {
+        self.paint(blocks);
     }
-    Ok(())
-}
-
-/// Creates a sparse file of `size` bytes and makes it durable.
-pub(crate) fn create_layer_file(path: &Path, size: u64) -> Result<()> {
-    let f = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(path)
-        .map_err(|e| ReplicaError::io("create", path, e))?;
-    f.set_len(size)
-        .map_err(|e| ReplicaError::io("truncate", path, e))?;
-    f.sync_all().map_err(|e| ReplicaError::io("fsync", path, e))
 }
 
 impl Replica {
     /// Creates a replica of `size` bytes in `dir` (created if absent, must be empty).
     pub fn create(dir: impl AsRef<Path>, size: u64, sector_size: u32) -> Result<Replica> {
-        let dir = dir.as_ref();
-        if sector_size != 512 && sector_size != 4096 {
-            return Err(ReplicaError::InvalidSectorSize(sector_size));
-        }
-        meta::check_size(size).map_err(|reason| ReplicaError::InvalidSize {
-            size,
-            reason: reason.into(),
-        })?;
-        std::fs::create_dir_all(dir).map_err(|e| ReplicaError::io("create directory", dir, e))?;
-        let mut entries = std::fs::read_dir(dir).map_err(|e| ReplicaError::io("list", dir, e))?;
-        if entries.next().is_some() {
-            return Err(ReplicaError::DirectoryNotEmpty {
-                path: dir.to_path_buf(),
-            });
-        }
-        check_filesystem(dir)?;
-        let m = VolumeMeta::new(size, sector_size);
-        create_layer_file(&layer_path(dir, m.head), size)?;
-        m.store(dir)?;
+        SnapshotChain::create(dir.as_ref(), size, sector_size)?;
         Self::open(dir)
     }
 
@@ -215,89 +94,41 @@ impl Replica {
             return Err(ReplicaError::MissingMetadata { path: meta_path });
         }
         let lock = lock_dir(&dir)?;
-        check_filesystem(&dir)?;
-        let mut m = VolumeMeta::load(&dir)?;
-        crate::chain::finish_interrupted(&dir, &mut m)?;
-        check_layer_files(&dir, &m)?;
-        let head_path = layer_path(&dir, m.head);
-        let (zero_log, _) = ZeroLog::open(zeros_path(&dir, m.head), m.size)?;
+        let recovered = recover(&dir)?;
+        let (size, head) = (recovered.meta.size, recovered.meta.head);
         let engine = EngineState::load(&dir)?;
-        let intent = IntentLog::open(&dir, m.size)?;
-        let ring =
-            Ring::for_thread(RING_ENTRIES).map_err(|e| ReplicaError::io("io_uring setup", &head_path, e))?;
-        let mut r = Replica {
+        let intent = IntentLog::open(&dir, size)?;
+        let ring = OpRing::for_thread(&dir)
+            .map_err(|e| ReplicaError::io("io_uring setup", layer_path(&dir, head), e))?;
+        Ok(Replica {
+            chain: SnapshotChain::load(dir, recovered)?,
             ring,
             engine,
-            index: BlockIndex::new(m.size),
-            chain: Vec::new(),
-            zero_log,
             intent,
-            suspect: Default::default(),
-            dio_align: BLOCK_SIZE,
-            cache: CacheMode::Direct,
-            ops: Vec::new(),
-            free_ops: Vec::new(),
-            sqes: Vec::new(),
-            free_sqes: Vec::new(),
-            ready: VecDeque::new(),
-            in_flight: 0,
-            raw_in_flight: 0,
             external_in_flight: 0,
             pieces: Vec::new(),
-            dir,
-            meta: m,
             _lock: lock,
-        };
-        r.load_chain()?;
-        r.dio_align = probe_dio_align(r.head())?;
-        Ok(r)
-    }
-
-    /// (Re)builds the active chain's layer list and the extent index from the files.
-    pub(crate) fn load_chain(&mut self) -> Result<()> {
-        let ids = self.meta.chain();
-        if ids.len() > crate::index::MAX_VALUE as usize - 1 {
-            return Err(ReplicaError::ChainFull(ids.len()));
-        }
-        raise_fd_limit(ids.len() as u64 * 2 + 256);
-        self.chain = ids
-            .iter()
-            .map(|&id| {
-                let l = self.meta.layer(id).expect("chain ids come from the metadata");
-                LayerFile::new(id, layer_path(&self.dir, id), l.size, id == self.meta.head)
-            })
-            .collect();
-        self.index = BlockIndex::new(self.meta.size);
-        for (pos, layer) in self.chain.iter().enumerate() {
-            let value = (pos + 1) as u16;
-            for e in layer_ownership(&self.dir, layer.id, layer.size)? {
-                self.index
-                    .set_range(e.offset / BLOCK_SIZE, e.len / BLOCK_SIZE, value);
-            }
-        }
-        let (log, _) = ZeroLog::open(zeros_path(&self.dir, self.meta.head), self.meta.size)?;
-        self.zero_log = log;
-        Ok(())
+        })
     }
 
     /// Volume size in bytes.
     pub fn size(&self) -> u64 {
-        self.meta.size
+        self.chain.size()
     }
 
     /// Sector size in bytes.
     pub fn sector_size(&self) -> u32 {
-        self.meta.sector_size
+        self.chain.meta().sector_size
     }
 
     /// The replica directory.
     pub fn dir(&self) -> &Path {
-        &self.dir
+        self.chain.dir()
     }
 
     /// The metadata as last committed.
     pub fn meta(&self) -> &VolumeMeta {
-        &self.meta
+        self.chain.meta()
     }
 
     /// The highest replica-set generation this replica has accepted.
@@ -319,12 +150,10 @@ impl Replica {
             });
         }
         if generation != self.engine.generation {
-            let next = EngineState {
+            self.store_engine(EngineState {
                 generation,
                 ..self.engine
-            };
-            next.store(&self.dir)?;
-            self.engine = next;
+            })?;
         }
         Ok(())
     }
@@ -337,9 +166,7 @@ impl Replica {
     /// Sets the mode, durably.
     pub fn set_mode(&mut self, mode: Mode) -> Result<()> {
         if mode != self.engine.mode {
-            let next = EngineState { mode, ..self.engine };
-            next.store(&self.dir)?;
-            self.engine = next;
+            self.store_engine(EngineState { mode, ..self.engine })?;
         }
         Ok(())
     }
@@ -351,9 +178,31 @@ impl Replica {
             self.flush()?;
         }
         if dirty != self.engine.dirty {
-            let next = EngineState { dirty, ..self.engine };
-            next.store(&self.dir)?;
-            self.engine = next;
+            self.store_engine(EngineState { dirty, ..self.engine })?;
+        }
+        Ok(())
+    }
+
+    /// Makes `next` the engine state, durably.
+    fn store_engine(&mut self, next: EngineState) -> Result<()> {
+        next.store(self.chain.dir())?;
+        self.engine = next;
+        Ok(())
+    }
+
+    /// Admits a data request from an engine holding `generation`, as both doors do
+    /// (the data wire and an in-process engine; see [`crate::admission`]): the
+    /// generation fence and the mode rule, then the store's range check, and for a
+    /// change its write-intent mark, durably, before any of its data may reach the disk.
+    pub(crate) fn admit(&mut self, generation: u64, access: Access) -> std::result::Result<(), Refusal> {
+        admission::fence(self.engine.generation, self.engine.mode, generation, access)?;
+        match access {
+            Access::Read { offset, len } => self.chain.check_io(offset, len)?,
+            Access::Change { offset, len } => {
+                self.chain.check_io(offset, len)?;
+                self.intent.mark(offset, len)?;
+            }
+            Access::Ping | Access::Flush | Access::Control => {}
         }
         Ok(())
     }
@@ -376,82 +225,261 @@ impl Replica {
         self.intent.marked_regions()
     }
 
-    /// The file and length of snapshot layer `id`, for a rebuild to read. The head is
-    /// refused: it changes under I/O.
-    pub fn snapshot_layer(&self, id: u64) -> Result<(PathBuf, u64)> {
-        let l = self
-            .meta
-            .layer(id)
-            .ok_or_else(|| ReplicaError::InvalidOperation(format!("this replica has no layer {id}")))?;
-        if id == self.meta.head {
-            return Err(ReplicaError::InvalidOperation(format!(
-                "layer {id} is the head, which changes under I/O; only snapshot layers are synced"
-            )));
-        }
-        Ok((layer_path(&self.dir, id), l.size))
-    }
-
-    /// Puts the layers a rebuild synced (`plan`, their files written) under the head,
-    /// drops the layers the plan leaves out, and returns the suspect blocks (see
-    /// [`crate::sync`]) for the engine to copy whole. The engine has paused its I/O.
-    pub fn install_synced(&mut self, plan: &crate::sync::SyncPlan) -> Result<Vec<u64>> {
-        self.quiesce()?;
-        let old_head = self.meta.head;
-        let mut m = self.meta.clone();
-        let mut head = m.layer(old_head).cloned().expect("the head is in the metadata");
-        head.id = plan.head;
-        head.parent = plan.head_parent;
-        let mut layers: Vec<LayerMeta> = plan.layers.iter().map(|(_, l)| l.clone()).collect();
-        layers.push(head);
-        layers.sort_by_key(|l| l.id);
-        m.layers = layers;
-        m.head = plan.head;
-        m.next_id = m.next_id.max(plan.next_id);
-        m.validate().map_err(|reason| ReplicaError::CorruptMetadata {
-            path: self.dir.join(meta::META_FILE),
-            reason: format!("the synced chain would be invalid: {reason}"),
-        })?;
-        // The head keeps its files under a second name until the new metadata names
-        // them: a crash on the way leaves one valid chain or the other.
-        crate::sync::link_layer(&self.dir, old_head, plan.head)?;
-        meta::sync_dir(&self.dir)?;
-        m.store(&self.dir)?;
-        self.meta = m;
-        self.load_chain()?;
-        for id in &plan.obsolete {
-            for path in [layer_path(&self.dir, *id), zeros_path(&self.dir, *id)] {
-                if let Err(e) = std::fs::remove_file(&path) {
-                    if e.kind() != std::io::ErrorKind::NotFound {
-                        tracing::warn!(path = %path.display(), error = %e, "cannot remove a layer the rebuild replaced");
-                    }
-                }
-            }
-        }
-        Ok(std::mem::take(&mut self.suspect).into_iter().collect())
-    }
-
     /// How many write-intent regions are marked.
     pub fn intents_marked(&self) -> u64 {
         self.intent.marked()
     }
 
+    /// Heap bytes held by the extent index.
+    pub fn index_bytes(&self) -> usize {
+        self.chain.index_bytes()
+    }
+
+    /// How the replica's I/O meets the page cache.
+    pub fn cache_mode(&self) -> CacheMode {
+        self.chain.cache_mode()
+    }
+
+    /// Chooses whether aligned I/O bypasses the page cache (see [`CacheMode`]). Waits
+    /// for the I/O in flight; in page mode, closes the O_DIRECT descriptors open so far.
+    pub fn set_cache_mode(&mut self, mode: CacheMode) -> Result<()> {
+        self.quiesce()?;
+        self.chain.set_cache_mode(mode);
+        Ok(())
+    }
+
+    /// I/Os submitted and not yet reaped.
+    pub fn in_flight(&self) -> usize {
+        self.ring.in_flight()
+    }
+
+    /// Waits for all I/O, makes it durable and closes the replica.
+    pub fn close(mut self) -> Result<()> {
+        self.flush()
+    }
+
+    // The data path.
+
+    /// Submits a read of `buf.len()` bytes at `offset`; the completion hands `buf` back.
+    pub fn submit_read(&mut self, offset: u64, buf: IoBuf, tag: u64) {
+        let len = buf.len() as u64;
+        if let Err(e) = self.chain.check_io(offset, len) {
+            return self.ring.complete_now(tag, Err(e), Some(buf));
+        }
+        let op = self.ring.start(tag, OpKind::Read, Some(buf), None);
+        let base = self.ring.buf_ptr(op);
+        let mut pieces = std::mem::take(&mut self.pieces);
+        pieces.clear();
+        self.chain.segments(offset, len, |p| pieces.push(p));
+        for p in &pieces {
+            // SAFETY: buf_offset + len <= buf.len(), from `segments`.
+            let ptr = unsafe { base.add(p.buf_offset) };
+            let Some(pos) = p.layer else {
+                // SAFETY: as above; the bytes belong to the op's buffer.
+                unsafe { std::ptr::write_bytes(ptr, 0, p.len) };
+                continue;
+            };
+            let fd = match self.chain.fd_for(pos, p.volume_offset, p.len, ptr) {
+                Ok(fd) => fd,
+                Err(e) => {
+                    self.ring.fail(op, e);
+                    break;
+                }
+            };
+            let entry = opcode::Read::new(types::Fd(fd), ptr, p.len as u32)
+                .offset(p.volume_offset)
+                .build();
+            let target = Target {
+                file: pos as u32,
+                expected: p.len as u32,
+            };
+            // SAFETY: the memory is the op's buffer, which the ring holds until the
+            // op's last entry is reaped; the descriptor is the layer's, which the chain
+            // keeps open until it changes, and a chain change drains the ring first.
+            if !unsafe { self.ring.push(op, entry, target) } {
+                break;
+            }
+        }
+        self.pieces = pieces;
+        self.ring.seal(op, &mut self.chain);
+    }
+
+    /// Checks a write of `data` at `offset` and does what must come before its data
+    /// reaches the head: notes suspect blocks while WO, and writes whole blocks itself
+    /// (blocking, with the ring drained) where a partial block must merge with an
+    /// older layer. Returns the blocks the caller's write to the head then covers, or
+    /// `None` when nothing is left to write.
+    pub(crate) fn prepare_write(&mut self, offset: u64, data: &[u8]) -> Result<Option<BlockRun>> {
+        let mode = self.engine.mode;
+        match self.chain.write_path(offset, data.len() as u64, mode)? {
+            WritePath::Empty => Ok(None),
+            WritePath::Head(blocks) => Ok(Some(blocks)),
+            WritePath::Fill => {
+                self.drain()?;
+                self.chain.write_filling_blocks(offset, data, mode)?;
+                Ok(None)
+            }
+        }
+    }
+
+    /// Submits a write of `buf` at `offset` to the head; the completion hands `buf` back.
+    pub fn submit_write(&mut self, offset: u64, buf: IoBuf, tag: u64) {
+        let len = buf.len();
+        let blocks = match self.prepare_write(offset, buf.as_slice()) {
+            Err(e) => return self.ring.complete_now(tag, Err(e), Some(buf)),
+            Ok(None) => return self.ring.complete_now(tag, Ok(()), Some(buf)),
+            Ok(Some(blocks)) => blocks,
+        };
+        let op = self.ring.start(tag, OpKind::Write, Some(buf), Some(blocks));
+        let ptr = self.ring.buf_ptr(op);
+        let head = self.chain.head_position();
+        match self.chain.fd_for(head, offset, len, ptr) {
+            Err(e) => self.ring.fail(op, e),
+            Ok(fd) => {
+                let entry = opcode::Write::new(types::Fd(fd), ptr, len as u32)
+                    .offset(offset)
+                    .build();
+                let target = Target {
+                    file: head as u32,
+                    expected: len as u32,
+                };
+                // SAFETY: as for a read: the op's buffer, the head's descriptor.
+                unsafe { self.ring.push(op, entry, target) };
+            }
+        }
+        self.ring.seal(op, &mut self.chain);
+    }
+
+    /// Submits a flush: every write completed before it is durable when it completes.
+    pub fn submit_flush(&mut self, tag: u64) {
+        let op = self.ring.start(tag, OpKind::Flush, None, None);
+        match self.chain.head().buffered() {
+            Err(e) => self.ring.fail(op, e),
+            Ok(f) => {
+                let entry = opcode::Fsync::new(types::Fd(std::os::fd::AsRawFd::as_raw_fd(f)))
+                    .flags(types::FsyncFlags::DATASYNC)
+                    .build();
+                let target = Target {
+                    file: self.chain.head_position() as u32,
+                    expected: 0,
+                };
+                // SAFETY: the entry names no memory; the head's descriptor stays open
+                // until the chain changes, which drains the ring first.
+                unsafe { self.ring.push(op, entry, target) };
+            }
+        }
+        self.ring.seal(op, &mut self.chain);
+    }
+
+    /// Queues an entry the caller built (a socket accept, receive or send of a server
+    /// that shares this ring, so socket and disk I/O need no thread hop) and submits it.
+    /// Its completion comes back from [`Replica::reap`] with `tag` and the kernel's
+    /// result in [`Completion::raw`]; the store interprets nothing.
+    ///
+    /// # Safety
+    /// Every buffer and descriptor the entry names must stay valid, and not be moved
+    /// or freed, until its completion has been reaped. Its user data is overwritten.
+    pub unsafe fn submit_raw(&mut self, entry: io_uring::squeue::Entry, tag: u64) -> Result<()> {
+        // SAFETY: the caller's promise.
+        unsafe { self.ring.submit_raw(entry, tag) }
+    }
+
+    /// Submits queued entries and moves completions into `out` until it holds at least
+    /// `min` of them or nothing is left in flight. Returns how many were added.
+    pub fn reap(&mut self, min: usize, out: &mut Vec<Completion>) -> Result<usize> {
+        self.ring.reap(min, out, &mut self.chain)
+    }
+
+    /// Passes queued submission entries to the kernel, if there are any (an empty
+    /// `submit` would still cost a system call).
+    pub fn submit_queued(&mut self) -> Result<()> {
+        self.ring.submit_queued()
+    }
+
+    /// Waits for every store I/O in flight (not raw entries: an idle socket receive may
+    /// never complete); their completions stay queued for `reap`.
+    fn drain(&mut self) -> Result<()> {
+        self.ring.drain(&mut self.chain)
+    }
+
+    /// Waits for the I/O on the replica's own ring; refuses while an in-process
+    /// engine has I/O of its own in flight, whose buffers and layer positions a chain
+    /// change would pull out from under it (the engine pauses its queues first).
+    fn quiesce(&mut self) -> Result<()> {
+        if self.external_in_flight > 0 {
+            return Err(ReplicaError::InvalidOperation(format!(
+                "{} I/Os of the in-process engine are in flight: pause the volume before changing the chain",
+                self.external_in_flight
+            )));
+        }
+        self.drain()
+    }
+
+    /// Gives the replica a ring any thread may submit to (one at a time), for a
+    /// replica shared under a lock ([`crate::shared`]).
+    pub(crate) fn make_ring_shareable(&mut self) -> Result<()> {
+        self.ring.make_shareable(&mut self.chain)
+    }
+
+    /// An in-process engine planned I/O of its own ([`crate::shared`]): the chain
+    /// must not change until it is finished.
+    pub(crate) fn external_io_started(&mut self) {
+        self.external_in_flight += 1;
+    }
+
+    /// An in-process engine's planned I/O is finished.
+    pub(crate) fn external_io_finished(&mut self) {
+        debug_assert!(
+            self.external_in_flight > 0,
+            "an in-process I/O finished that was never planned"
+        );
+        self.external_in_flight -= 1;
+    }
+
+    /// Reads `out.len()` bytes at `offset` (blocking).
+    pub fn read_at(&mut self, offset: u64, out: &mut [u8]) -> Result<()> {
+        self.drain()?;
+        let buf = IoBuf::zeroed(out.len());
+        self.submit_read(offset, buf, INTERNAL_TAG);
+        let c = self.ring.take_internal(&mut self.chain)?;
+        c.result?;
+        out.copy_from_slice(c.buf.expect("reads return their buffer").as_slice());
+        Ok(())
+    }
+
+    /// Writes `data` at `offset` (blocking; durable only after [`Replica::flush`]).
+    pub fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<()> {
+        self.drain()?;
+        self.submit_write(offset, IoBuf::from_slice(data), INTERNAL_TAG);
+        self.ring.take_internal(&mut self.chain)?.result
+    }
+
+    /// Makes every completed write durable (blocking).
+    pub fn flush(&mut self) -> Result<()> {
+        self.drain()?;
+        self.submit_flush(INTERNAL_TAG);
+        self.ring.take_internal(&mut self.chain)?.result
+    }
+
+    /// Makes `offset .. offset + len` read as zeros and releases the head's space there.
+    /// Durable once the call returns only for the parts recorded in the zero log; flush
+    /// for the rest, as for writes.
+    pub fn discard(&mut self, offset: u64, len: u64) -> Result<()> {
+        self.chain.check_io(offset, len)?;
+        self.drain()?;
+        self.chain.discard(offset, len, self.engine.mode)
+    }
+
+    /// Makes the range read as zeros. The store never needs to allocate for zeros, so
+    /// this is the same operation as [`Replica::discard`].
+    pub fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<()> {
+        self.discard(offset, len)
+    }
+
     /// A checksum (XXH3-64) of each 4 KiB block of `[offset, offset + len)` as the
     /// volume reads now; both must be multiples of 4 KiB. Holes hash like zeros.
     pub fn block_checksums(&mut self, offset: u64, len: u64) -> Result<Vec<u64>> {
-        if offset % BLOCK_SIZE != 0 || len % BLOCK_SIZE != 0 {
-            return Err(ReplicaError::Misaligned {
-                offset,
-                len,
-                sector_size: BLOCK_SIZE as u32,
-            });
-        }
-        if offset.checked_add(len).is_none_or(|end| end > self.size()) {
-            return Err(ReplicaError::OutOfRange {
-                offset,
-                len,
-                size: self.size(),
-            });
-        }
+        self.chain.check_blocks(offset, len)?;
         const STEP: u64 = 1 << 20;
         let mut sums = Vec::with_capacity((len / BLOCK_SIZE) as usize);
         let mut buf = vec![0u8; STEP.min(len) as usize];
@@ -469,179 +497,93 @@ impl Replica {
         Ok(sums)
     }
 
-    /// Chooses whether aligned I/O bypasses the page cache (see [`CacheMode`]). Waits
-    /// for the I/O in flight; in page mode, closes the O_DIRECT descriptors open so far.
-    pub fn set_cache_mode(&mut self, mode: CacheMode) -> Result<()> {
+    // The chain operations: each checks what it can first, then settles the ring.
+
+    /// Takes a snapshot: the head becomes read-only layer `name` and a new empty head
+    /// goes on top. Returns the new snapshot's id.
+    pub fn snapshot(&mut self, name: &str, labels: &BTreeMap<String, String>) -> Result<u64> {
+        self.chain.check_snapshot(name, labels)?;
+        // The frozen layer must hold everything acknowledged so far, durably.
         self.quiesce()?;
-        self.cache = mode;
-        if mode == CacheMode::Page {
-            self.chain = self.chain.iter().map(LayerFile::closed_copy).collect();
+        self.flush()?;
+        self.chain.snapshot(name, labels)
+    }
+
+    /// Marks snapshot `name` removed. Its data stays, and reads are unchanged, until
+    /// [`Replica::purge`] folds it away.
+    pub fn delete_snapshot(&mut self, name: &str) -> Result<()> {
+        self.chain.delete_snapshot(name)
+    }
+
+    /// Folds every removed snapshot away: a removed snapshot with one child is merged
+    /// into that child (the child's data wins), one with no child is dropped, one with
+    /// several children (after a revert) is kept until all but one are gone.
+    pub fn purge(&mut self) -> Result<PurgeReport> {
+        self.quiesce()?;
+        self.chain.purge()
+    }
+
+    /// Drops the head and puts a new empty head over snapshot `name`. Snapshots newer
+    /// than `name` are kept (they form a branch no longer read through).
+    pub fn revert(&mut self, name: &str) -> Result<()> {
+        let target = self.chain.revert_target(name)?;
+        self.quiesce()?;
+        self.chain.revert(target)
+    }
+
+    /// Grows the volume to `new_size` bytes; the new range reads as zeros.
+    pub fn expand(&mut self, new_size: u64) -> Result<()> {
+        self.chain.check_expand(new_size)?;
+        if new_size == self.size() {
+            return Ok(());
         }
-        Ok(())
+        self.quiesce()?;
+        self.chain.expand(new_size)?;
+        self.intent.resize(new_size)
     }
 
-    /// How the replica's I/O meets the page cache.
-    pub fn cache_mode(&self) -> CacheMode {
-        self.cache
+    /// The file and length of snapshot layer `id`, for a rebuild to read. The head is
+    /// refused: it changes under I/O.
+    pub fn snapshot_layer(&self, id: u64) -> Result<(PathBuf, u64)> {
+        let size = self.chain.snapshot_layer_size(id)?;
+        Ok((layer_path(self.dir(), id), size))
     }
 
-    /// Heap bytes held by the extent index.
-    pub fn index_bytes(&self) -> usize {
-        self.index.heap_bytes()
+    /// Puts the layers a rebuild synced (`plan`, their files written) under the head,
+    /// drops the layers the plan leaves out, and returns the suspect blocks (see
+    /// [`crate::sync`]) for the engine to copy whole. The engine has paused its I/O.
+    pub fn install_synced(&mut self, plan: &SyncPlan) -> Result<Vec<u64>> {
+        self.quiesce()?;
+        self.chain.install(plan)
     }
 
-    /// I/Os submitted and not yet reaped.
-    pub fn in_flight(&self) -> usize {
-        self.in_flight + self.raw_in_flight + self.ready.len()
+    /// Size, chain and space used.
+    pub fn info(&self) -> Result<ReplicaInfo> {
+        self.chain.info()
     }
 
-    /// Gives the replica a ring any thread may submit to (one at a time), for a
-    /// replica shared under a lock ([`crate::shared`]).
-    pub(crate) fn make_ring_shareable(&mut self) -> Result<()> {
-        self.drain()?;
-        self.ring =
-            Ring::shared(RING_ENTRIES).map_err(|e| ReplicaError::io("io_uring setup", &self.dir, e))?;
-        Ok(())
-    }
-
-    /// Waits for the I/O on the replica's own ring; refuses while an in-process
-    /// engine has I/O of its own in flight, whose buffers and layer positions a chain
-    /// change would pull out from under it (the engine pauses its queues first).
-    pub(crate) fn quiesce(&mut self) -> Result<()> {
-        if self.external_in_flight > 0 {
-            return Err(ReplicaError::InvalidOperation(format!(
-                "{} I/Os of the in-process engine are in flight: pause the volume before changing the chain",
-                self.external_in_flight
-            )));
+    /// One layer's own data and zero extents (`None`: the head).
+    pub fn layer_extents(&mut self, name: Option<&str>) -> Result<LayerExtents> {
+        let id = self.chain.layer_id(name)?;
+        if id == self.meta().head {
+            self.drain()?;
         }
-        self.drain()
+        self.chain.layer_extents(id)
     }
 
-    pub(crate) fn head(&self) -> &LayerFile {
-        self.chain.last().expect("a chain always has a head")
-    }
-
-    pub(crate) fn head_value(&self) -> u16 {
-        self.chain.len() as u16
-    }
-
-    pub(crate) fn check_io(&self, offset: u64, len: u64) -> Result<()> {
-        let ss = self.meta.sector_size as u64;
-        if offset % ss != 0 || len % ss != 0 {
-            return Err(ReplicaError::Misaligned {
-                offset,
-                len,
-                sector_size: self.meta.sector_size,
-            });
+    /// The ranges that may differ between snapshot `from` and layer `to` (a snapshot
+    /// name, or `None` for the head): the union of the extents of every layer above
+    /// `from` up to `to`. With `from = None`, every allocated range of `to`'s chain.
+    pub fn changed_extents(&mut self, from: Option<&str>, to: Option<&str>) -> Result<Vec<Extent>> {
+        let layers = self.chain.changed_layers(from, to)?;
+        if layers.contains(&self.meta().head) {
+            self.drain()?;
         }
-        if offset.checked_add(len).is_none_or(|end| end > self.meta.size) {
-            return Err(ReplicaError::OutOfRange {
-                offset,
-                len,
-                size: self.meta.size,
-            });
-        }
-        if len > MAX_IO_BYTES {
-            return Err(ReplicaError::InvalidOperation(format!(
-                "I/O of {len} bytes at offset {offset} is larger than the {MAX_IO_BYTES}-byte maximum"
-            )));
-        }
-        Ok(())
+        self.chain.ownership(&layers)
     }
 
-    /// Calls `f(buf_offset, volume_offset, len, chain_position)` for each piece of
-    /// `offset .. offset + len` held by one layer (`None`: no layer, reads as zeros).
-    pub(crate) fn segments(
-        &self,
-        offset: u64,
-        len: u64,
-        mut f: impl FnMut(usize, u64, usize, Option<usize>),
-    ) {
-        if len == 0 {
-            return;
-        }
-        let first = offset / BLOCK_SIZE;
-        let last = (offset + len).div_ceil(BLOCK_SIZE);
-        self.index.runs(first, last - first, |b, n, v| {
-            let a = (b * BLOCK_SIZE).max(offset);
-            let z = ((b + n) * BLOCK_SIZE).min(offset + len);
-            f(
-                (a - offset) as usize,
-                a,
-                (z - a) as usize,
-                (v as usize).checked_sub(1),
-            );
-        });
-    }
-
-    pub(crate) fn aligned(&self, file_off: u64, len: usize, ptr: *const u8) -> bool {
-        if self.cache == CacheMode::Page {
-            return false;
-        }
-        let a = self.dio_align;
-        file_off % a == 0 && len as u64 % a == 0 && (ptr as u64) % a == 0
-    }
-
-    /// Waits for all I/O, makes it durable and closes the replica.
-    pub fn close(mut self) -> Result<()> {
-        self.flush()
-    }
-}
-
-/// The blocks a layer holds: its file's data extents and its zero-log extents.
-pub(crate) fn layer_ownership(dir: &Path, id: u64, size: u64) -> Result<Vec<Extent>> {
-    let path = layer_path(dir, id);
-    let f = File::open(&path).map_err(|e| ReplicaError::io("open", &path, e))?;
-    let mut v = data_extents(&f, &path, size)?;
-    v.extend(zeros::load(&zeros_path(dir, id), size)?);
-    Ok(crate::extent::merge(v))
-}
-
-/// Every layer file the metadata names exists and has the recorded size.
-fn check_layer_files(dir: &Path, m: &VolumeMeta) -> Result<()> {
-    for l in &m.layers {
-        let path = layer_path(dir, l.id);
-        let md = match std::fs::metadata(&path) {
-            Ok(md) => md,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(ReplicaError::MissingLayer {
-                    path,
-                    layer: meta::display_name(l),
-                })
-            }
-            Err(e) => return Err(ReplicaError::io("stat", &path, e)),
-        };
-        if md.len() != l.size {
-            return Err(ReplicaError::LayerSizeMismatch {
-                path,
-                expected: l.size,
-                actual: md.len(),
-            });
-        }
-    }
-    Ok(())
-}
-
-/// Every layer read from keeps a descriptor or two open: raise the soft limit toward
-/// the hard one when a long chain needs it. Best effort: failure shows up later, as
-/// an error naming the layer file that could not be opened.
-fn raise_fd_limit(wanted: u64) {
-    use nix::sys::resource::{getrlimit, setrlimit, Resource};
-    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
-        if soft < wanted {
-            let _ = setrlimit(Resource::RLIMIT_NOFILE, wanted.min(hard), hard);
-        }
-    }
-}
-
-/// The smallest alignment O_DIRECT accepts on the head's filesystem: 512 or 4096.
-fn probe_dio_align(head: &LayerFile) -> Result<u64> {
-    let Some(f) = head.direct()? else {
-        return Ok(BLOCK_SIZE);
-    };
-    let mut buf = IoBuf::zeroed(1024);
-    match f.read_at(&mut buf.as_mut_slice()[512..], 512) {
-        Ok(_) => Ok(512),
-        Err(_) => Ok(BLOCK_SIZE),
+    /// Every allocated range of the chain ending at `of` (`None`: the head).
+    pub fn allocated_extents(&mut self, of: Option<&str>) -> Result<Vec<Extent>> {
+        self.changed_extents(None, of)
     }
 }

@@ -6,24 +6,26 @@
 //! goes from socket to disk with no thread hop and no lock: a write's payload is
 //! received straight into the buffer the store writes from, and a read's data is sent
 //! from the buffer the store read into. Requests on a connection are pipelined;
-//! replies go out as the store completes them, in any order.
+//! replies go out as the store completes them, in any order. Every request passes
+//! the replica's one admission (`admission.rs`, shared with the in-process engine)
+//! before it reaches the store; a refusal is answered with its status and words.
 //!
 //! Control operations (generation, snapshots, info) come from other threads through a
-//! [`ServerHandle`]: each is a closure run on the loop thread between I/Os, with the
-//! replica in hand.
+//! [`ServerHandle`] (`handle.rs`): each is a closure run on the loop thread between
+//! I/Os, with the replica in hand.
 
-use std::fs::File;
-use std::io::Write;
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd};
-use std::sync::mpsc::{self, Receiver, Sender};
-use std::sync::Arc;
+use std::sync::mpsc::Receiver;
 
 use horn_proto::batch::{Message, SendBatch, TwoPartRecv};
 use horn_proto::wire::{Header, Op, Status, FLAG_FUA, HEADER_LEN};
 use io_uring::{opcode, types};
 
-use crate::error::{ReplicaError, Result};
+use crate::admission::Access;
+use crate::error::Result;
+use crate::handle::Command;
+pub use crate::handle::ServerHandle;
 use crate::io::Completion;
 use crate::replica::Replica;
 use horn_uring::IoBuf;
@@ -35,81 +37,6 @@ const TAG_SEND: u64 = 3 << KIND_SHIFT;
 const TAG_STORE: u64 = 4 << KIND_SHIFT;
 const TAG_WAKE: u64 = 5 << KIND_SHIFT;
 const INDEX_MASK: u64 = (1 << KIND_SHIFT) - 1;
-
-/// A control operation: run on the loop thread with the replica.
-type Command = Box<dyn FnOnce(&mut Replica) + Send>;
-
-/// Wakes the loop: an eventfd the loop keeps a read posted on.
-struct Waker {
-    fd: File,
-}
-
-impl Waker {
-    fn wake(&self) {
-        // An eventfd write of 1 only fails when the counter would overflow, which means
-        // the loop is already due to wake.
-        let _ = (&self.fd).write(&1u64.to_ne_bytes());
-    }
-}
-
-/// A handle other threads use to run control operations on a replica: on a server's
-/// loop, or under the lock of a replica shared with an in-process engine.
-#[derive(Clone)]
-pub struct ServerHandle {
-    inner: HandleInner,
-}
-
-#[derive(Clone)]
-enum HandleInner {
-    Loop {
-        tx: Sender<Option<Command>>,
-        waker: Arc<Waker>,
-    },
-    Shared(Arc<crate::shared::SharedReplica>),
-}
-
-impl ServerHandle {
-    /// A handle on a replica shared with an in-process engine: calls run on the
-    /// caller's thread, under the replica's lock.
-    pub fn shared(replica: Arc<crate::shared::SharedReplica>) -> ServerHandle {
-        ServerHandle {
-            inner: HandleInner::Shared(replica),
-        }
-    }
-
-    /// Runs `f` with the replica (on the loop thread, or under the shared replica's
-    /// lock) and returns its result. Fails only if the loop has stopped.
-    pub fn call<T: Send + 'static>(&self, f: impl FnOnce(&mut Replica) -> T + Send + 'static) -> Result<T> {
-        let (tx, waker) = match &self.inner {
-            HandleInner::Shared(r) => return Ok(r.call(f)),
-            HandleInner::Loop { tx, waker } => (tx, waker),
-        };
-        let (reply_tx, reply_rx) = mpsc::sync_channel(1);
-        let cmd: Command = Box::new(move |r| {
-            let _ = reply_tx.send(f(r));
-        });
-        let stopped = || ReplicaError::InvalidOperation("the replica server has stopped".into());
-        tx.send(Some(cmd)).map_err(|_| stopped())?;
-        waker.wake();
-        reply_rx.recv().map_err(|_| stopped())
-    }
-
-    /// Asks the loop to stop after the I/O in flight; `run` then returns. A shared
-    /// replica has no loop: its owner closes it.
-    pub fn stop(&self) {
-        if let HandleInner::Loop { tx, waker } = &self.inner {
-            let _ = tx.send(None);
-            waker.wake();
-        }
-    }
-
-    fn waker_fd(&self) -> i32 {
-        match &self.inner {
-            HandleInner::Loop { waker, .. } => waker.fd.as_raw_fd(),
-            HandleInner::Shared(_) => -1,
-        }
-    }
-}
 
 /// A reply waiting to be sent.
 struct Outgoing {
@@ -172,6 +99,23 @@ struct Conn {
     closing: bool,
 }
 
+impl Conn {
+    /// A receive or a send of the connection went into the ring.
+    fn raw_started(&mut self) {
+        self.raw_in_flight += 1;
+        debug_assert!(self.raw_in_flight <= 2, "one receive and one send at most");
+    }
+
+    /// A receive or a send of the connection completed.
+    fn raw_ended(&mut self) {
+        debug_assert!(
+            self.raw_in_flight > 0,
+            "a socket completion with no entry in flight"
+        );
+        self.raw_in_flight -= 1;
+    }
+}
+
 struct Pending {
     conn: u32,
     header: Header,
@@ -196,20 +140,7 @@ pub struct DataServer {
 impl DataServer {
     /// A server for `replica` on `listener` (already bound).
     pub fn new(replica: Replica, listener: TcpListener) -> Result<DataServer> {
-        // SAFETY: eventfd takes no pointers; the result is checked below.
-        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
-        if fd < 0 {
-            return Err(ReplicaError::io(
-                "eventfd",
-                replica.dir(),
-                std::io::Error::last_os_error(),
-            ));
-        }
-        // SAFETY: fd is a new descriptor that nothing else owns.
-        let waker = Arc::new(Waker {
-            fd: unsafe { File::from_raw_fd(fd) },
-        });
-        let (tx, inbox) = mpsc::channel();
+        let (handle, inbox) = ServerHandle::for_loop(replica.dir())?;
         Ok(DataServer {
             replica,
             listener,
@@ -218,9 +149,7 @@ impl DataServer {
             pending: Vec::new(),
             free_pending: Vec::new(),
             inbox,
-            handle: ServerHandle {
-                inner: HandleInner::Loop { tx, waker },
-            },
+            handle,
             wake_buf: Box::new([0; 8]),
             stopping: false,
         })
@@ -377,7 +306,7 @@ impl DataServer {
                 opcode::Recv::new(fd, rest.as_mut_ptr(), rest.len() as u32).build()
             }
         };
-        conn.raw_in_flight += 1;
+        conn.raw_started();
         // SAFETY: the buffers (boxed header, the incoming IoBuf, the boxed msghdr) and the
         // socket belong to the connection, which is freed only when no entry of it is in
         // flight.
@@ -386,7 +315,7 @@ impl DataServer {
 
     fn on_recv(&mut self, id: u32, res: i32) -> Result<()> {
         let conn = self.conn(id);
-        conn.raw_in_flight -= 1;
+        conn.raw_ended();
         if res <= 0 {
             if res < 0 {
                 tracing::debug!(error = %std::io::Error::from_raw_os_error(-res), "receive failed; closing");
@@ -454,48 +383,19 @@ impl DataServer {
     }
 
     fn dispatch(&mut self, id: u32, h: Header, payload: Option<IoBuf>) -> Result<()> {
-        let current = self.replica.generation();
-        if h.generation < current {
-            return self.reply_error(
-                id,
-                &h,
-                Status::StaleGeneration,
-                format!(
-                    "generation {} is older than the replica's {current}: a newer engine owns this replica",
-                    h.generation
-                ),
-            );
-        }
-        if h.generation > current && h.op != Op::Ping {
-            return self.reply_error(
-                id,
-                &h,
-                Status::Unavailable,
-                format!(
-                    "generation {} has not been set on this replica (it is at {current}): claim it first",
-                    h.generation
-                ),
-            );
-        }
-        if h.op == Op::Read && self.replica.mode() == crate::state::Mode::Wo {
-            return self.reply_error(
-                id,
-                &h,
-                Status::Unavailable,
-                "the replica is write-only while it is rebuilt: read from another replica".into(),
-            );
-        }
         let (off, len) = (h.offset, h.length as u64);
-        if matches!(h.op, Op::Write | Op::Discard | Op::WriteZeroes) {
-            // Durable before the data may reach the disk (intent.rs); out-of-range
-            // requests are refused by the store just after.
-            if let Err(e) = self.replica.mark_intent(off, len) {
-                return self.reply(id, &h, Err(e), None);
-            }
+        let access = match h.op {
+            Op::Ping => Access::Ping,
+            Op::Read => Access::Read { offset: off, len },
+            Op::Write | Op::Discard | Op::WriteZeroes => Access::Change { offset: off, len },
+            Op::Flush => Access::Flush,
+        };
+        if let Err(refusal) = self.replica.admit(h.generation, access) {
+            return self.reply_error(id, &h, refusal.wire_status(), refusal.to_string());
         }
         match h.op {
             Op::Ping => {
-                let reply = Header::reply_to(&h, Status::Ok, 0, current);
+                let reply = Header::reply_to(&h, Status::Ok, 0, self.replica.generation());
                 return self.queue_send(id, Outgoing::new(reply, Payload::None));
             }
             Op::Discard | Op::WriteZeroes => {
@@ -547,7 +447,12 @@ impl DataServer {
         let pending = self.pending[p as usize].take().expect("checked above");
         self.free_pending.push(p);
         let id = pending.conn;
-        self.conn(id).ops -= 1;
+        let conn = self.conn(id);
+        debug_assert!(
+            conn.ops > 0,
+            "a store completion for a connection with none in flight"
+        );
+        conn.ops -= 1;
         let data = if pending.header.op == Op::Read {
             c.buf
         } else {
@@ -581,7 +486,7 @@ impl DataServer {
             return Ok(());
         };
         let entry = opcode::Writev::new(types::Fd(conn.stream.as_raw_fd()), iov, n).build();
-        conn.raw_in_flight += 1;
+        conn.raw_started();
         // SAFETY: the iovecs live in the conn's batch and point into its boxed replies
         // and their heap payloads, all kept until this entry completes; the socket lives
         // with the conn.
@@ -590,7 +495,7 @@ impl DataServer {
 
     fn on_send(&mut self, id: u32, res: i32) -> Result<()> {
         let conn = self.conn(id);
-        conn.raw_in_flight -= 1;
+        conn.raw_ended();
         if res < 0 {
             tracing::debug!(error = %std::io::Error::from_raw_os_error(-res), "send failed; closing");
             conn.closing = true;

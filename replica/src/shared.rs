@@ -6,8 +6,9 @@
 //! I/O on a path whose only real work is a file read or write. Here the engine's queues
 //! do the file I/O themselves, on their own rings, next to the frontend's sockets:
 //!
-//! 1. under the replica's lock, a queue *plans* an I/O: checks it like the data wire
-//!    would (generation, mode, range), marks its write-intent region, resolves each
+//! 1. under the replica's lock, a queue *plans* an I/O: admits it as the data wire
+//!    does, through the one admission (`admission.rs`: generation, mode, range,
+//!    and the write-intent mark before a change), resolves each
 //!    block through the index to a layer file, and takes a shared handle of each file
 //!    it will touch. Never-written ranges of a read are zero-filled right there.
 //! 2. it submits the reads, writes and fdatasyncs on its own ring, with no lock held;
@@ -35,9 +36,10 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use crate::admission::Access;
 use crate::error::{ReplicaError, Result};
+use crate::extent::BlockRun;
 use crate::replica::Replica;
-use crate::state::Mode;
 
 /// One file operation of a planned I/O.
 #[derive(Debug)]
@@ -74,8 +76,18 @@ pub struct LocalIo {
     pub kind: LocalKind,
     /// The file operations, all independent of one another.
     pub pieces: Vec<FilePiece>,
-    /// For writes: the head's layer id and the blocks (first, count) it gains.
-    paint: Option<(u64, u64, u64)>,
+    /// For writes: what becomes the head's once the write lands.
+    written: Option<HeadWrite>,
+}
+
+/// The blocks a planned write gives the head, and which head: if the head changed
+/// meanwhile, the blocks are not painted.
+#[derive(Debug, Clone, Copy)]
+struct HeadWrite {
+    /// The head's layer id when the write was planned.
+    head: u64,
+    /// The blocks the write covers.
+    blocks: BlockRun,
 }
 
 /// The data address prefix of a replica hosted in this process: `inproc:DIR`.
@@ -156,57 +168,33 @@ impl SharedReplica {
         f(&mut self.lock())
     }
 
-    /// The checks the data wire makes of every request (`server.rs`).
-    fn admit(r: &Replica, generation: u64, read: bool) -> Result<()> {
-        let current = r.generation();
-        if generation < current {
-            return Err(ReplicaError::StaleGeneration {
-                current,
-                given: generation,
-            });
-        }
-        if generation > current {
-            return Err(ReplicaError::Unavailable(format!(
-                "generation {generation} has not been set on this replica (it is at {current}): claim it first"
-            )));
-        }
-        if read && r.mode() == Mode::Wo {
-            return Err(ReplicaError::Unavailable(
-                "the replica is write-only while it is rebuilt: read from another replica".into(),
-            ));
-        }
-        Ok(())
-    }
-
     /// Plans a read of `buf.len()` bytes at `offset` for an engine holding
     /// `generation`: fills the never-written parts of `buf` with zeros and returns the
     /// file reads that fill the rest, or `None` if nothing is left to read.
     pub fn plan_read(&self, generation: u64, offset: u64, buf: &mut [u8]) -> Result<Option<LocalIo>> {
         let mut r = self.lock();
-        Self::admit(&r, generation, true)?;
-        r.check_io(offset, buf.len() as u64)?;
+        let len = buf.len() as u64;
+        r.admit(generation, Access::Read { offset, len })?;
         let mut pieces = std::mem::take(&mut r.pieces);
         pieces.clear();
-        r.segments(offset, buf.len() as u64, |bo, vo, n, pos| {
-            pieces.push((bo, vo, n, pos))
-        });
+        r.chain.segments(offset, len, |p| pieces.push(p));
         let mut out = Vec::new();
         let base = buf.as_ptr();
         let mut result = Ok(());
-        for &(bo, vo, n, pos) in &pieces {
-            let Some(pos) = pos else {
-                buf[bo..bo + n].fill(0);
+        for p in &pieces {
+            let Some(pos) = p.layer else {
+                buf[p.buf_offset..p.buf_offset + p.len].fill(0);
                 continue;
             };
-            // SAFETY: bo + n <= buf.len(), from `segments`.
-            let aligned = r.aligned(vo, n, unsafe { base.add(bo) });
-            match r.chain[pos].file_for(aligned) {
-                Ok((file, direct)) => out.push(FilePiece {
-                    file,
-                    file_offset: vo,
-                    buf_offset: bo,
-                    len: n,
-                    direct,
+            // SAFETY: buf_offset + len <= buf.len(), from `segments`.
+            let ptr = unsafe { base.add(p.buf_offset) };
+            match r.chain.file_for(pos, p.volume_offset, p.len, ptr) {
+                Ok(held) => out.push(FilePiece {
+                    file: held.file,
+                    file_offset: p.volume_offset,
+                    buf_offset: p.buf_offset,
+                    len: p.len,
+                    direct: held.direct,
                 }),
                 Err(e) => {
                     result = Err(e);
@@ -219,11 +207,11 @@ impl SharedReplica {
         if out.is_empty() {
             return Ok(None);
         }
-        r.external_in_flight += 1;
+        r.external_io_started();
         Ok(Some(LocalIo {
             kind: LocalKind::Read,
             pieces: out,
-            paint: None,
+            written: None,
         }))
     }
 
@@ -232,25 +220,27 @@ impl SharedReplica {
     /// block merged with an older layer, or nothing to write).
     pub fn plan_write(&self, generation: u64, offset: u64, data: &[u8]) -> Result<Option<LocalIo>> {
         let mut r = self.lock();
-        Self::admit(&r, generation, false)?;
-        r.check_io(offset, data.len() as u64)?;
-        r.mark_intent(offset, data.len() as u64)?;
-        let Some((first, count)) = r.prepare_write(offset, data)? else {
+        let len = data.len() as u64;
+        r.admit(generation, Access::Change { offset, len })?;
+        let Some(blocks) = r.prepare_write(offset, data)? else {
             return Ok(None);
         };
-        let aligned = r.aligned(offset, data.len(), data.as_ptr());
-        let (file, direct) = r.head().file_for(aligned)?;
-        r.external_in_flight += 1;
+        let head = r.chain.head_position();
+        let held = r.chain.file_for(head, offset, data.len(), data.as_ptr())?;
+        r.external_io_started();
         Ok(Some(LocalIo {
             kind: LocalKind::Write,
             pieces: vec![FilePiece {
-                file,
+                file: held.file,
                 file_offset: offset,
                 buf_offset: 0,
                 len: data.len(),
-                direct,
+                direct: held.direct,
             }],
-            paint: Some((r.meta.head, first, count)),
+            written: Some(HeadWrite {
+                head: r.meta().head,
+                blocks,
+            }),
         }))
     }
 
@@ -258,19 +248,19 @@ impl SharedReplica {
     /// before it is durable.
     pub fn plan_flush(&self, generation: u64) -> Result<LocalIo> {
         let mut r = self.lock();
-        Self::admit(&r, generation, false)?;
-        let (file, direct) = r.head().file_for(false)?;
-        r.external_in_flight += 1;
+        r.admit(generation, Access::Flush)?;
+        let held = r.chain.head().file_for(false)?;
+        r.external_io_started();
         Ok(LocalIo {
             kind: LocalKind::Flush,
             pieces: vec![FilePiece {
-                file,
+                file: held.file,
                 file_offset: 0,
                 buf_offset: 0,
                 len: 0,
-                direct,
+                direct: held.direct,
             }],
-            paint: None,
+            written: None,
         })
     }
 
@@ -278,9 +268,7 @@ impl SharedReplica {
     /// there (`zeroes`), on the caller's thread.
     pub fn discard(&self, generation: u64, offset: u64, len: u64, zeroes: bool) -> Result<()> {
         let mut r = self.lock();
-        Self::admit(&r, generation, false)?;
-        r.check_io(offset, len)?;
-        r.mark_intent(offset, len)?;
+        r.admit(generation, Access::Change { offset, len })?;
         if zeroes {
             r.write_zeroes(offset, len)
         } else {
@@ -294,16 +282,15 @@ impl SharedReplica {
     /// than leave the index pointing at the wrong layer.
     pub fn finish(&self, io: LocalIo, ok: bool) -> Result<()> {
         let mut r = self.lock();
-        r.external_in_flight -= 1;
-        if let (true, Some((head, first, count))) = (ok, io.paint) {
-            if r.meta.head != head {
+        r.external_io_finished();
+        if let (true, Some(write)) = (ok, io.written) {
+            if r.meta().head != write.head {
                 return Err(ReplicaError::InvalidOperation(format!(
                     "the head of replica {} changed while a write to it was in flight",
                     self.dir.display()
                 )));
             }
-            let v = r.head_value();
-            r.index.set_range(first, count, v);
+            r.chain.paint(write.blocks);
         }
         Ok(())
     }
@@ -326,6 +313,7 @@ mod tests {
     use std::os::unix::fs::FileExt;
 
     use super::*;
+    use crate::state::Mode;
 
     const GEN: u64 = 5;
 
