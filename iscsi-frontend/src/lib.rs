@@ -9,12 +9,13 @@
 //! - [`text`]: text keys and the negotiation of session parameters;
 //! - [`login`]: the login phase, with CHAP;
 //! - [`scsi`]: the SCSI commands, on a [`horn_engine::frontend::BlockVolume`];
+//! - [`target`]: the target's shared state: its name, LUN, engine and sessions;
 //! - `outbox`: the PDUs a session sends, and its sequence numbers;
 //! - `task`: a session's SCSI commands, from Command PDU (and data-out) to status;
 //! - [`session`]: a session's full feature phase, its socket, engine queue and
 //!   commands on one ring;
 //! - [`conn`]: one connection from accept to close (login, discovery, session);
-//! - [`target`]: the listener, sessions and the target's shared state.
+//! - [`listener`]: accepting connections, a thread each.
 //!
 //! Each module imports only from those listed before it.
 //!
@@ -23,6 +24,7 @@
 #![warn(missing_docs)]
 
 pub mod conn;
+pub mod listener;
 pub mod login;
 mod outbox;
 pub mod pdu;

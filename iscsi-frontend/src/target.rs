@@ -1,6 +1,7 @@
-//! The target: its name, LUN and engine, the listener, and a thread per connection.
+//! The target: its name, LUN and engine, its sessions, and the connections it serves
+//! (the listener that accepts them is `listener.rs`).
 
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -86,8 +87,9 @@ pub struct Target {
     pub sessions: Sessions,
     tsih: AtomicU16,
     /// Every connection's socket, to shut them down on stop.
-    conns: Mutex<Vec<TcpStream>>,
-    stopping: AtomicBool,
+    pub(crate) conns: Mutex<Vec<TcpStream>>,
+    /// Set by [`Target::stop`]: new connections are refused.
+    pub(crate) stopping: AtomicBool,
 }
 
 impl Target {
@@ -137,43 +139,5 @@ impl Target {
                 return t;
             }
         }
-    }
-}
-
-/// Accepts connections on `listener` until it fails, each served on its own thread.
-pub fn serve(target: Arc<Target>, listener: TcpListener) -> std::io::Result<()> {
-    loop {
-        let (sock, peer) = listener.accept()?;
-        spawn_connection(target.clone(), sock, peer.to_string());
-    }
-}
-
-fn spawn_connection(target: Arc<Target>, sock: TcpStream, peer: String) {
-    if target.stopping.load(Ordering::SeqCst) {
-        return;
-    }
-    match sock.try_clone() {
-        Ok(c) => {
-            let mut conns = target.conns.lock().unwrap();
-            // Forget sockets of connections that have ended.
-            conns.retain(|c| c.peer_addr().is_ok());
-            conns.push(c);
-        }
-        Err(e) => {
-            tracing::warn!(%peer, error = %e, "cannot keep a handle on the connection; refused");
-            return;
-        }
-    }
-    let spawned = std::thread::Builder::new()
-        .name("horn-iscsi-conn".into())
-        .spawn(move || {
-            tracing::debug!(%peer, "iSCSI connection");
-            match crate::conn::serve(target, sock) {
-                Ok(()) => tracing::debug!(%peer, "iSCSI connection closed"),
-                Err(e) => tracing::warn!(%peer, error = %e, "iSCSI connection ended"),
-            }
-        });
-    if let Err(e) = spawned {
-        tracing::error!(error = %e, "cannot start a connection thread");
     }
 }

@@ -320,7 +320,7 @@ fn start_iscsi(
     std::thread::Builder::new()
         .name("iscsi-listen".into())
         .spawn(move || {
-            if let Err(e) = horn_iscsi::target::serve(t, listener) {
+            if let Err(e) = horn_iscsi::listener::serve(t, listener) {
                 tracing::error!(error = %e, "the iSCSI listener failed");
             }
         })?;
