@@ -263,7 +263,7 @@ pub fn run(args: IscsiArgs) -> Result<()> {
     ));
     {
         let target = target.clone();
-        std::thread::spawn(move || horn_iscsi::target::serve(target, listener));
+        std::thread::spawn(move || horn_iscsi::listener::serve(target, listener));
     }
     let horn_url = format!("iscsi://{horn_addr}/{iqn}/0");
 
