@@ -2,69 +2,38 @@
 //! GET LBA STATUS, READ DEFECT DATA, REPORT LUNS and REPORT SUPPORTED OPERATION CODES.
 
 use super::io::{MAX_COMPARE_AND_WRITE, MAX_TRANSFER, MAX_UNMAP_DESCRIPTORS};
+use super::opcode::{self, be, Descriptor, TABLE};
 use super::{LunInfo, Response, Sense};
 
-/// Opcodes served, for REPORT SUPPORTED OPERATION CODES: (opcode, service action,
-/// CDB length).
-const SUPPORTED: &[(u8, Option<u16>, u8)] = &[
-    (0x00, None, 6),
-    (0x03, None, 6),
-    (0x08, None, 6),
-    (0x0a, None, 6),
-    (0x12, None, 6),
-    (0x15, None, 6),
-    (0x16, None, 6),
-    (0x17, None, 6),
-    (0x1a, None, 6),
-    (0x1b, None, 6),
-    (0x1e, None, 6),
-    (0x25, None, 10),
-    (0x28, None, 10),
-    (0x2a, None, 10),
-    (0x2e, None, 10),
-    (0x2f, None, 10),
-    (0x34, None, 10),
-    (0x37, None, 10),
-    (0x35, None, 10),
-    (0x41, None, 10),
-    (0x42, None, 10),
-    (0x55, None, 10),
-    (0x5a, None, 10),
-    (0x5e, Some(0), 10),
-    (0x5e, Some(1), 10),
-    (0x5e, Some(2), 10),
-    (0x5e, Some(3), 10),
-    (0x5f, Some(0), 10),
-    (0x5f, Some(1), 10),
-    (0x5f, Some(2), 10),
-    (0x5f, Some(3), 10),
-    (0x5f, Some(4), 10),
-    (0x5f, Some(5), 10),
-    (0x5f, Some(6), 10),
-    (0x88, None, 16),
-    (0x89, None, 16),
-    (0x8a, None, 16),
-    (0x8b, None, 16),
-    (0x8e, None, 16),
-    (0x8f, None, 16),
-    (0x90, None, 16),
-    (0x91, None, 16),
-    (0x93, None, 16),
-    (0x9e, Some(0x10), 16),
-    (0x9e, Some(0x12), 16),
-    (0xa0, None, 12),
-    (0xa3, Some(0x0c), 12),
-    (0xa8, None, 12),
-    (0xaa, None, 12),
-    (0xae, None, 12),
-    (0xaf, None, 12),
-    (0xb7, None, 12),
-];
+/// Vital product data pages (SPC-4, SBC-3), by page code.
+mod vpd {
+    /// Supported VPD pages.
+    pub const SUPPORTED_PAGES: u8 = 0x00;
+    /// Unit serial number.
+    pub const UNIT_SERIAL_NUMBER: u8 = 0x80;
+    /// Device identification.
+    pub const DEVICE_IDENTIFICATION: u8 = 0x83;
+    /// Block limits.
+    pub const BLOCK_LIMITS: u8 = 0xb0;
+    /// Block device characteristics.
+    pub const BLOCK_DEVICE_CHARACTERISTICS: u8 = 0xb1;
+    /// Logical block provisioning.
+    pub const LOGICAL_BLOCK_PROVISIONING: u8 = 0xb2;
+    /// Every page served, in the order the supported-pages page lists them.
+    pub const SERVED: [u8; 6] = [
+        SUPPORTED_PAGES,
+        UNIT_SERIAL_NUMBER,
+        DEVICE_IDENTIFICATION,
+        BLOCK_LIMITS,
+        BLOCK_DEVICE_CHARACTERISTICS,
+        LOGICAL_BLOCK_PROVISIONING,
+    ];
+}
 
 impl LunInfo {
     /// INQUIRY: the standard data, or with EVPD the vital product data page asked for.
     pub(super) fn inquiry(&self, cdb: &[u8; 16]) -> Response {
-        let alloc = u16::from_be_bytes([cdb[3], cdb[4]]) as usize;
+        let alloc = be(cdb, 3, 2) as usize;
         let evpd = cdb[1] & 0x01 != 0;
         if cdb[1] & 0xfe != 0 || (!evpd && cdb[2] != 0) {
             return Response::check(Sense::INVALID_FIELD_IN_CDB);
@@ -88,9 +57,9 @@ impl LunInfo {
             return Response::data(&d, alloc);
         }
         let page: Vec<u8> = match cdb[2] {
-            0x00 => vec![0x00, 0x80, 0x83, 0xb0, 0xb1, 0xb2],
-            0x80 => self.serial.as_bytes().to_vec(),
-            0x83 => {
+            vpd::SUPPORTED_PAGES => vpd::SERVED.to_vec(),
+            vpd::UNIT_SERIAL_NUMBER => self.serial.as_bytes().to_vec(),
+            vpd::DEVICE_IDENTIFICATION => {
                 let mut p = Vec::new();
                 // NAA designator, associated with the LU.
                 p.extend_from_slice(&[0x01, 0x03, 0x00, 0x08]);
@@ -101,8 +70,8 @@ impl LunInfo {
                 p.extend_from_slice(t10.as_bytes());
                 p
             }
-            0xb0 => {
-                // Block limits (SBC-3 §6.5.3); offsets below are within the page body.
+            vpd::BLOCK_LIMITS => {
+                // SBC-3 §6.5.3; offsets below are within the page body.
                 let mut p = vec![0u8; 60];
                 let max_blocks = MAX_TRANSFER / self.block_size;
                 p[1] = MAX_COMPARE_AND_WRITE;
@@ -117,14 +86,14 @@ impl LunInfo {
                 p[32..40].copy_from_slice(&(max_blocks as u64).to_be_bytes());
                 p
             }
-            0xb1 => {
+            vpd::BLOCK_DEVICE_CHARACTERISTICS => {
                 let mut p = vec![0u8; 60];
                 p[1] = 0x01; // non-rotating medium
                 p
             }
-            // Logical block provisioning: UNMAP, WRITE SAME 16 and 10 with UNMAP,
-            // unmapped blocks read as zeroes (LBPRZ); thin provisioned.
-            0xb2 => vec![0, 0xe4, 0x02, 0],
+            // UNMAP, WRITE SAME 16 and 10 with UNMAP, unmapped blocks read as zeroes
+            // (LBPRZ); thin provisioned.
+            vpd::LOGICAL_BLOCK_PROVISIONING => vec![0, 0xe4, 0x02, 0],
             _ => return Response::check(Sense::INVALID_FIELD_IN_CDB),
         };
         let mut d = vec![0x00, cdb[2]];
@@ -144,7 +113,7 @@ impl LunInfo {
 
     /// READ CAPACITY(16), with the physical block size and thin provisioning.
     pub(super) fn read_capacity16(&self, cdb: &[u8; 16]) -> Response {
-        let alloc = u32::from_be_bytes(cdb[10..14].try_into().unwrap()) as usize;
+        let alloc = be(cdb, 10, 4) as usize;
         let mut d = vec![0u8; 32];
         d[0..8].copy_from_slice(&(self.blocks() - 1).to_be_bytes());
         d[8..12].copy_from_slice(&self.block_size.to_be_bytes());
@@ -157,8 +126,8 @@ impl LunInfo {
 
     /// GET LBA STATUS.
     pub(super) fn get_lba_status(&self, cdb: &[u8; 16]) -> Response {
-        let lba = u64::from_be_bytes(cdb[2..10].try_into().unwrap());
-        let alloc = u32::from_be_bytes(cdb[10..14].try_into().unwrap()) as usize;
+        let lba = be(cdb, 2, 8);
+        let alloc = be(cdb, 10, 4) as usize;
         if lba >= self.blocks() {
             return Response::check(Sense::LBA_OUT_OF_RANGE);
         }
@@ -176,7 +145,7 @@ impl LunInfo {
 
 /// REPORT LUNS: Horn serves one LUN, 0.
 pub(super) fn report_luns(cdb: &[u8; 16]) -> Response {
-    let alloc = u32::from_be_bytes(cdb[6..10].try_into().unwrap()) as usize;
+    let alloc = be(cdb, 6, 4) as usize;
     if alloc < 16 {
         return Response::check(Sense::INVALID_FIELD_IN_CDB);
     }
@@ -188,22 +157,23 @@ pub(super) fn report_luns(cdb: &[u8; 16]) -> Response {
 /// READ DEFECT DATA(10) and (12): a volume has no defects; the list is empty, in
 /// the format asked for.
 pub(super) fn read_defect_data(cdb: &[u8; 16]) -> Response {
-    if cdb[0] == 0x37 {
-        let alloc = u16::from_be_bytes([cdb[7], cdb[8]]) as usize;
+    if cdb[0] == opcode::READ_DEFECT_DATA_10 {
+        let alloc = be(cdb, 7, 2) as usize;
         Response::data(&[0, cdb[2] & 0x1f, 0, 0], alloc)
     } else {
-        let alloc = u32::from_be_bytes(cdb[6..10].try_into().unwrap()) as usize;
+        let alloc = be(cdb, 6, 4) as usize;
         Response::data(&[0, cdb[1] & 0x1f, 0, 0, 0, 0, 0, 0], alloc)
     }
 }
 
-/// REPORT SUPPORTED OPERATION CODES (SPC-4 §6.35): every command, or the one asked for.
+/// REPORT SUPPORTED OPERATION CODES: every command in the opcode table, or the one
+/// asked for.
 pub(super) fn report_opcodes(cdb: &[u8; 16]) -> Response {
     let options = cdb[2] & 0x07;
     let rctd = cdb[2] & 0x80 != 0;
     let req_op = cdb[3];
-    let req_sa = u16::from_be_bytes([cdb[4], cdb[5]]);
-    let alloc = u32::from_be_bytes(cdb[6..10].try_into().unwrap()) as usize;
+    let req_sa = be(cdb, 4, 2) as u16;
+    let alloc = be(cdb, 6, 4) as usize;
     let timeouts = |d: &mut Vec<u8>| {
         if rctd {
             d.extend_from_slice(&[0, 10, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
@@ -212,16 +182,16 @@ pub(super) fn report_opcodes(cdb: &[u8; 16]) -> Response {
     match options {
         0 => {
             let mut body = Vec::new();
-            for &(op, sa, len) in SUPPORTED {
-                let mut e = vec![op, 0, 0, 0, 0, 0, 0, 0];
-                if let Some(sa) = sa {
+            for d in TABLE {
+                let mut e = vec![d.code, 0, 0, 0, 0, 0, 0, 0];
+                if let Some(sa) = d.service_action {
                     e[2..4].copy_from_slice(&sa.to_be_bytes());
                     e[5] |= 0x01;
                 }
                 if rctd {
                     e[5] |= 0x02;
                 }
-                e[6..8].copy_from_slice(&(len as u16).to_be_bytes());
+                e[6..8].copy_from_slice(&(d.cdb_len as u16).to_be_bytes());
                 timeouts(&mut e);
                 body.extend(e);
             }
@@ -230,19 +200,19 @@ pub(super) fn report_opcodes(cdb: &[u8; 16]) -> Response {
             Response::data(&d, alloc)
         }
         1..=3 => {
-            let found = SUPPORTED.iter().find(|&&(op, sa, _)| {
-                op == req_op
-                    && match (options, sa) {
+            let found = TABLE.iter().find(|d| {
+                d.code == req_op
+                    && match (options, d.service_action) {
                         (1, None) => true,
                         (2, Some(s)) => s == req_sa,
                         (3, s) => s.is_none_or(|s| s == req_sa),
                         _ => false,
                     }
             });
-            if options == 1 && SUPPORTED.iter().any(|&(op, sa, _)| op == req_op && sa.is_some()) {
-                return Response::check(Sense::INVALID_FIELD_IN_CDB);
-            }
-            if options == 2 && !SUPPORTED.iter().any(|&(op, sa, _)| op == req_op && sa.is_some()) {
+            // Asked for without a service action, an opcode that has them is an error;
+            // and the other way round.
+            let has_actions = opcode::describe(req_op).is_some_and(|d| d.service_action.is_some());
+            if (options == 1 && has_actions) || (options == 2 && !has_actions) {
                 return Response::check(Sense::INVALID_FIELD_IN_CDB);
             }
             let mut d = vec![0u8, if found.is_some() { 3 } else { 1 }];
@@ -250,7 +220,7 @@ pub(super) fn report_opcodes(cdb: &[u8; 16]) -> Response {
                 d[1] |= 0x80;
             }
             match found {
-                Some(&(_, _, len)) => {
+                Some(&Descriptor { cdb_len: len, .. }) => {
                     d.extend_from_slice(&(len as u16).to_be_bytes());
                     let mut usage = vec![0u8; len as usize];
                     usage[0] = req_op;
@@ -265,5 +235,37 @@ pub(super) fn report_opcodes(cdb: &[u8; 16]) -> Response {
             Response::data(&d, alloc)
         }
         _ => Response::check(Sense::INVALID_FIELD_IN_CDB),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_vpd_page_listed_is_served() {
+        let lun = LunInfo::new("vol", 1 << 20, 512, false);
+        for page in vpd::SERVED {
+            let r = lun.inquiry(&[
+                opcode::INQUIRY,
+                0x01,
+                page,
+                0x10,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+            ]);
+            let (data, len) = r.data.expect("a served page has data");
+            assert_eq!(data.as_slice()[..len][1], page, "page {page:#04x}");
+        }
     }
 }

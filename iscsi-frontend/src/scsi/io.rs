@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use horn_engine::frontend::BlockVolume;
 use horn_uring::IoBuf;
 
+use super::opcode::{self, be, Extent, Medium};
 use super::{status, Lun, Response, Sense};
 
 /// Largest transfer in bytes (the data wire's largest I/O).
@@ -15,14 +16,6 @@ pub(super) const MAX_TRANSFER: u32 = 8 << 20;
 pub(super) const MAX_COMPARE_AND_WRITE: u8 = 255;
 /// Most descriptors in one UNMAP.
 pub(super) const MAX_UNMAP_DESCRIPTORS: u32 = 255;
-
-/// Does command `op` write the medium (for reservations and read-only LUNs)?
-pub(super) fn writes(op: u8) -> bool {
-    matches!(
-        op,
-        0x0a | 0x2a | 0xaa | 0x8a | 0x2e | 0xae | 0x8e | 0x41 | 0x93 | 0x42 | 0x89 | 0x8b | 0x35 | 0x91
-    )
-}
 
 /// Wakes a connection's loop from another thread.
 pub type Wake = Arc<dyn Fn() + Send + Sync>;
@@ -100,62 +93,55 @@ impl Drop for HeldRange<'_> {
     }
 }
 
-/// Where a read or write goes: (LBA, blocks), and the DPO/FUA byte.
-fn rw_args(cdb: &[u8; 16]) -> Option<(u64, u64, u8)> {
-    let be32 = |a: usize| u32::from_be_bytes(cdb[a..a + 4].try_into().unwrap()) as u64;
-    let be16 = |a: usize| u16::from_be_bytes(cdb[a..a + 2].try_into().unwrap()) as u64;
-    let be64 = |a: usize| u64::from_be_bytes(cdb[a..a + 8].try_into().unwrap());
-    Some(match cdb[0] {
-        // 6-byte: 21-bit LBA, 0 blocks means 256.
-        0x08 | 0x0a => {
-            let lba = (((cdb[1] & 0x1f) as u64) << 16) | be16(2);
-            let n = if cdb[4] == 0 { 256 } else { cdb[4] as u64 };
-            (lba, n, 0)
-        }
-        0x28 | 0x2a | 0x2e | 0x2f | 0x34 | 0x41 => (be32(2), be16(7), cdb[1]),
-        0xa8 | 0xaa | 0xae | 0xaf => (be32(2), be32(6), cdb[1]),
-        0x88 | 0x8a | 0x8e | 0x8f | 0x90 | 0x93 | 0x8b | 0x9c => (be64(2), be32(10), cdb[1]),
-        0x89 => (be64(2), cdb[13] as u64, cdb[1]),
-        _ => return None,
-    })
+/// The blocks a command with `medium` may change, `[start, end)`, which it holds while
+/// it runs: for UNMAP, whose ranges are in its data, the whole LUN.
+pub(super) fn written_range(cdb: &[u8; 16], medium: Medium) -> Option<(u64, u64)> {
+    let to_end = match medium {
+        Medium::Reads | Medium::Flushes => return None,
+        Medium::WritesListed => return Some((0, u64::MAX)),
+        Medium::WritesBlocks => false,
+        Medium::WritesToEnd => true,
+    };
+    let Extent { lba, blocks, .. } = named_blocks(cdb).ok()?;
+    match blocks {
+        0 if to_end => Some((lba, u64::MAX)),
+        0 => None,
+        n => Some((lba, lba.saturating_add(n))),
+    }
 }
 
-/// The data-out length a command carries, from its CDB (None: none).
-pub fn data_out_len(cdb: &[u8; 16], block_size: u32) -> Option<u64> {
-    let bs = block_size as u64;
-    match cdb[0] {
-        0x0a | 0x2a | 0xaa | 0x8a | 0x2e | 0xae | 0x8e | 0x8b => rw_args(cdb).map(|(_, n, _)| n * bs),
-        0x2f | 0xaf | 0x8f => rw_args(cdb).and_then(|(_, n, f)| (f & 0x06 != 0).then_some(n * bs)),
-        0x89 => rw_args(cdb).map(|(_, n, _)| 2 * n * bs),
-        0x41 | 0x93 => Some(bs),
-        0x42 => Some(u16::from_be_bytes([cdb[7], cdb[8]]) as u64),
-        0x5f => Some(u32::from_be_bytes(cdb[5..9].try_into().unwrap()) as u64),
-        0x15 => Some(cdb[4] as u64),
-        0x55 => Some(u16::from_be_bytes([cdb[7], cdb[8]]) as u64),
-        _ => None,
+/// The blocks `cdb` names. Only commands whose table row has block fields are sent
+/// here (`opcode`'s tests hold the table to that); were another sent, it gets INVALID
+/// OPERATION CODE in a release build rather than a panic.
+fn named_blocks(cdb: &[u8; 16]) -> Result<Extent, Response> {
+    let extent = opcode::extent(cdb);
+    debug_assert!(
+        extent.is_some(),
+        "opcode {:#04x} reached a block command, but its row names no blocks",
+        cdb[0]
+    );
+    extent.ok_or_else(|| Response::check(Sense::INVALID_OPCODE))
+}
+
+/// The blocks `cdb` names, refused when it asks for protection information
+/// (RDPROTECT or WRPROTECT, the top bits of byte 1): volumes keep none.
+fn unprotected_blocks(cdb: &[u8; 16]) -> Result<Extent, Response> {
+    let extent = named_blocks(cdb)?;
+    if extent.flags & 0xe0 != 0 {
+        return Err(Response::check(Sense::INVALID_FIELD_IN_CDB));
     }
+    Ok(extent)
+}
+
+/// A write's arguments, checked: where it goes, and the data-out to put there.
+struct CheckedWrite {
+    lba: u64,
+    blocks: u64,
+    fua: bool,
+    data: IoBuf,
 }
 
 impl<V: BlockVolume> Lun<V> {
-    /// The blocks a writing command may change, `[start, end)`: for UNMAP, whose
-    /// ranges are in its data, the whole LUN.
-    pub(super) fn written_range(&self, cdb: &[u8; 16]) -> Option<(u64, u64)> {
-        let op = cdb[0];
-        if !writes(op) || matches!(op, 0x35 | 0x91) {
-            return None;
-        }
-        if op == 0x42 {
-            return Some((0, u64::MAX));
-        }
-        let (lba, n, _) = rw_args(cdb)?;
-        match n {
-            // WRITE SAME of zero blocks runs to the end of the LUN.
-            0 if matches!(op, 0x41 | 0x93) => Some((lba, u64::MAX)),
-            0 => None,
-            n => Some((lba, lba.saturating_add(n))),
-        }
-    }
-
     /// Waits until blocks `[start, end)` are held by this command.
     pub(super) async fn hold(&self, start: u64, end: u64) -> HeldRange<'_> {
         let ranges = &self.info.writing;
@@ -175,17 +161,12 @@ impl<V: BlockVolume> Lun<V> {
         }
     }
 
+    /// SYNCHRONIZE CACHE(10) and (16): the whole volume is flushed, whatever range
+    /// is named.
     pub(super) async fn sync_cache(&self, cdb: &[u8; 16]) -> Response {
-        let (lba, n) = if cdb[0] == 0x35 {
-            (
-                u32::from_be_bytes(cdb[2..6].try_into().unwrap()) as u64,
-                u16::from_be_bytes([cdb[7], cdb[8]]) as u64,
-            )
-        } else {
-            (
-                u64::from_be_bytes(cdb[2..10].try_into().unwrap()),
-                u32::from_be_bytes(cdb[10..14].try_into().unwrap()) as u64,
-            )
+        let (lba, n) = match named_blocks(cdb) {
+            Ok(e) => (e.lba, e.blocks),
+            Err(r) => return r,
         };
         if let Some(r) = self.range(lba, n) {
             return r;
@@ -199,8 +180,12 @@ impl<V: BlockVolume> Lun<V> {
         }
     }
 
+    /// PRE-FETCH(10) and (16).
     pub(super) fn prefetch(&self, cdb: &[u8; 16]) -> Response {
-        let (lba, n, _) = rw_args(cdb).unwrap();
+        let (lba, n) = match named_blocks(cdb) {
+            Ok(e) => (e.lba, e.blocks),
+            Err(r) => return r,
+        };
         if let Some(r) = self.range(lba, n) {
             return r;
         }
@@ -222,12 +207,12 @@ impl<V: BlockVolume> Lun<V> {
         }
     }
 
+    /// READ(6), (10), (12) and (16).
     pub(super) async fn read(&self, cdb: &[u8; 16]) -> Response {
-        let (lba, n, flags) = rw_args(cdb).unwrap();
-        if cdb[0] != 0x08 && flags & 0xe0 != 0 {
-            // RDPROTECT: no protection information here.
-            return Response::check(Sense::INVALID_FIELD_IN_CDB);
-        }
+        let (lba, n) = match unprotected_blocks(cdb) {
+            Ok(e) => (e.lba, e.blocks),
+            Err(r) => return r,
+        };
         if let Some(r) = self.range(lba, n) {
             return r;
         }
@@ -241,26 +226,28 @@ impl<V: BlockVolume> Lun<V> {
     }
 
     /// Checks a write's CDB and data: Ok(None) for nothing to write.
-    fn write_args(&self, cdb: &[u8; 16], data: &Option<IoBuf>) -> Result<Option<(u64, u64, bool)>, Response> {
-        let (lba, n, flags) = rw_args(cdb).unwrap();
-        if cdb[0] != 0x0a && flags & 0xe0 != 0 {
-            return Err(Response::check(Sense::INVALID_FIELD_IN_CDB));
-        }
+    fn write_args(&self, cdb: &[u8; 16], data: Option<IoBuf>) -> Result<Option<CheckedWrite>, Response> {
+        let Extent { lba, blocks, flags } = unprotected_blocks(cdb)?;
         if self.info.read_only {
             return Err(Response::check(Sense::WRITE_PROTECTED));
         }
-        if let Some(r) = self.range(lba, n) {
+        if let Some(r) = self.range(lba, blocks) {
             return Err(r);
         }
         // The transport delivers at most its expected transfer length: when that is
         // shorter than the CDB's, only the whole blocks received are written (the
         // transport reports the residual).
         let got = data.as_ref().map_or(0, |d| d.len() as u64) / self.info.block_size as u64;
-        let n = n.min(got);
-        if n == 0 {
+        let blocks = blocks.min(got);
+        let Some(data) = data.filter(|_| blocks > 0) else {
             return Ok(None);
-        }
-        Ok(Some((lba, n, cdb[0] != 0x0a && flags & 0x08 != 0)))
+        };
+        Ok(Some(CheckedWrite {
+            lba,
+            blocks,
+            fua: flags & 0x08 != 0,
+            data,
+        }))
     }
 
     async fn write_buf(&self, lba: u64, buf: IoBuf, fua: bool) -> Result<IoBuf, Response> {
@@ -287,13 +274,15 @@ impl<V: BlockVolume> Lun<V> {
         }
     }
 
-    pub(super) async fn write(&self, cdb: &[u8; 16], data: Option<IoBuf>) -> Response {
-        match self.write_args(cdb, &data) {
+    /// WRITE, and WRITE AND VERIFY when `verify`: verification makes the write durable
+    /// (FUA) before it completes.
+    pub(super) async fn write(&self, cdb: &[u8; 16], data: Option<IoBuf>, verify: bool) -> Response {
+        match self.write_args(cdb, data) {
             Err(r) => r,
             Ok(None) => Response::good(),
-            Ok(Some((lba, n, fua))) => {
-                let buf = self.exact(data.unwrap(), n);
-                match self.write_buf(lba, buf, fua).await {
+            Ok(Some(w)) => {
+                let buf = self.exact(w.data, w.blocks);
+                match self.write_buf(w.lba, buf, w.fua || verify).await {
                     Ok(_) => Response::good(),
                     Err(r) => r,
                 }
@@ -301,26 +290,12 @@ impl<V: BlockVolume> Lun<V> {
         }
     }
 
-    pub(super) async fn write_verify(&self, cdb: &[u8; 16], data: Option<IoBuf>) -> Response {
-        match self.write_args(cdb, &data) {
-            Err(r) => r,
-            Ok(None) => Response::good(),
-            Ok(Some((lba, n, _))) => {
-                // Verification: the write is made durable (FUA) before it completes.
-                let buf = self.exact(data.unwrap(), n);
-                match self.write_buf(lba, buf, true).await {
-                    Ok(_) => Response::good(),
-                    Err(r) => r,
-                }
-            }
-        }
-    }
-
+    /// VERIFY(10), (12) and (16).
     pub(super) async fn verify(&self, cdb: &[u8; 16], data: Option<IoBuf>) -> Response {
-        let (lba, n, flags) = rw_args(cdb).unwrap();
-        if flags & 0xe0 != 0 {
-            return Response::check(Sense::INVALID_FIELD_IN_CDB);
-        }
+        let (lba, n, flags) = match unprotected_blocks(cdb) {
+            Ok(e) => (e.lba, e.blocks, e.flags),
+            Err(r) => return r,
+        };
         if let Some(r) = self.range(lba, n) {
             return r;
         }
@@ -347,12 +322,16 @@ impl<V: BlockVolume> Lun<V> {
         }
     }
 
+    /// WRITE SAME(10) and (16), with UNMAP and, for (16), NDOB.
     pub(super) async fn write_same(&self, cdb: &[u8; 16], data: Option<IoBuf>) -> Response {
-        let (lba, n, flags) = rw_args(cdb).unwrap();
+        let (lba, n, flags) = match unprotected_blocks(cdb) {
+            Ok(e) => (e.lba, e.blocks, e.flags),
+            Err(r) => return r,
+        };
         let unmap = flags & 0x08 != 0;
         let anchor = flags & 0x10 != 0;
-        let ndob = cdb[0] == 0x93 && flags & 0x01 != 0;
-        if flags & 0xe0 != 0 || anchor {
+        let ndob = cdb[0] == opcode::WRITE_SAME_16 && flags & 0x01 != 0;
+        if anchor {
             return Response::check(Sense::INVALID_FIELD_IN_CDB);
         }
         if self.info.read_only {
@@ -415,6 +394,7 @@ impl<V: BlockVolume> Lun<V> {
         }
     }
 
+    /// UNMAP: the block ranges listed in the parameter data are discarded.
     pub(super) async fn unmap(&self, cdb: &[u8; 16], data: Option<IoBuf>) -> Response {
         if self.info.read_only {
             return Response::check(Sense::WRITE_PROTECTED);
@@ -422,7 +402,7 @@ impl<V: BlockVolume> Lun<V> {
         if cdb[1] & 0x01 != 0 {
             return Response::check(Sense::INVALID_FIELD_IN_CDB); // ANCHOR
         }
-        let plen = u16::from_be_bytes([cdb[7], cdb[8]]) as usize;
+        let plen = be(cdb, 7, 2) as usize;
         if plen == 0 {
             return Response::good();
         }
@@ -433,14 +413,13 @@ impl<V: BlockVolume> Lun<V> {
         if d.len() < 8 {
             return Response::check(Sense::PARAM_LIST_LENGTH);
         }
-        let desc_len = u16::from_be_bytes([d[2], d[3]]) as usize;
+        let desc_len = be(d, 2, 2) as usize;
         if desc_len % 16 != 0 || 8 + desc_len > d.len() {
             return Response::check(Sense::PARAM_LIST_LENGTH);
         }
         let mut ranges = Vec::new();
         for desc in d[8..8 + desc_len].chunks(16) {
-            let lba = u64::from_be_bytes(desc[0..8].try_into().unwrap());
-            let n = u32::from_be_bytes(desc[8..12].try_into().unwrap()) as u64;
+            let (lba, n) = (be(desc, 0, 8), be(desc, 8, 4));
             if let Some(r) = self.range(lba, n) {
                 return r;
             }
@@ -456,11 +435,13 @@ impl<V: BlockVolume> Lun<V> {
         Response::good()
     }
 
+    /// COMPARE AND WRITE: the blocks are written only if they hold the first half of
+    /// the data.
     pub(super) async fn compare_and_write(&self, cdb: &[u8; 16], data: Option<IoBuf>) -> Response {
-        let (lba, n, flags) = rw_args(cdb).unwrap();
-        if flags & 0xe0 != 0 {
-            return Response::check(Sense::INVALID_FIELD_IN_CDB);
-        }
+        let (lba, n, flags) = match unprotected_blocks(cdb) {
+            Ok(e) => (e.lba, e.blocks, e.flags),
+            Err(r) => return r,
+        };
         if self.info.read_only {
             return Response::check(Sense::WRITE_PROTECTED);
         }
@@ -497,19 +478,18 @@ impl<V: BlockVolume> Lun<V> {
 
     /// ORWRITE(16): the data is ORed into the blocks.
     pub(super) async fn or_write(&self, cdb: &[u8; 16], data: Option<IoBuf>) -> Response {
-        match self.write_args(cdb, &data) {
+        match self.write_args(cdb, data) {
             Err(r) => r,
             Ok(None) => Response::good(),
-            Ok(Some((lba, n, fua))) => {
-                let mut blocks = match self.read_blocks(lba, n).await {
+            Ok(Some(w)) => {
+                let mut blocks = match self.read_blocks(w.lba, w.blocks).await {
                     Ok(b) => b,
                     Err(r) => return r,
                 };
-                let data = data.unwrap();
-                for (b, d) in blocks.as_mut_slice().iter_mut().zip(data.as_slice()) {
+                for (b, d) in blocks.as_mut_slice().iter_mut().zip(w.data.as_slice()) {
                     *b |= *d;
                 }
-                match self.write_buf(lba, blocks, fua).await {
+                match self.write_buf(w.lba, blocks, w.fua).await {
                     Ok(_) => Response::good(),
                     Err(r) => r,
                 }

@@ -2,18 +2,26 @@
 //! SENSE and MODE SELECT, 6 and 10: caching and control), START STOP UNIT and PREVENT
 //! ALLOW MEDIUM REMOVAL.
 
+use super::opcode::{self, be};
 use super::{LunInfo, Nexus, Response, Sense};
+
+/// The caching mode page (SBC-3).
+const CACHING: u8 = 0x08;
+/// The control mode page (SPC-4).
+const CONTROL: u8 = 0x0a;
+/// Not a page: MODE SENSE asks for every page with it.
+const ALL_PAGES: u8 = 0x3f;
 
 impl LunInfo {
     /// MODE SENSE(6) and (10).
     pub(super) fn mode_sense(&self, cdb: &[u8; 16]) -> Response {
-        let ten = cdb[0] == 0x5a;
+        let ten = cdb[0] == opcode::MODE_SENSE_10;
         let page = cdb[2] & 0x3f;
         let pc = cdb[2] >> 6;
         let subpage = cdb[3];
         let dbd = cdb[1] & 0x08 != 0;
         let alloc = if ten {
-            u16::from_be_bytes([cdb[7], cdb[8]]) as usize
+            be(cdb, 7, 2) as usize
         } else {
             cdb[4] as usize
         };
@@ -73,12 +81,12 @@ impl LunInfo {
     }
 }
 
-/// Page `page` (0x3f: all of them), current values, or with `changeable` the mask of
+/// Page `page` (or all of them), current values, or with `changeable` the mask of
 /// what MODE SELECT may change: nothing.
 fn mode_pages(page: u8, changeable: bool) -> Option<Vec<u8>> {
     let caching = || {
         let mut p = vec![0u8; 20];
-        p[0] = 0x08;
+        p[0] = CACHING;
         p[1] = 18;
         if !changeable {
             p[2] = 0x04; // WCE: write cache enabled (flush and FUA go through)
@@ -87,7 +95,7 @@ fn mode_pages(page: u8, changeable: bool) -> Option<Vec<u8>> {
     };
     let control = || {
         let mut p = vec![0u8; 12];
-        p[0] = 0x0a;
+        p[0] = CONTROL;
         p[1] = 10;
         if !changeable {
             p[2] = 0x00;
@@ -96,9 +104,9 @@ fn mode_pages(page: u8, changeable: bool) -> Option<Vec<u8>> {
         p
     };
     match page {
-        0x08 => Some(caching()),
-        0x0a => Some(control()),
-        0x3f => {
+        CACHING => Some(caching()),
+        CONTROL => Some(control()),
+        ALL_PAGES => {
             let mut v = caching();
             v.extend(control());
             Some(v)

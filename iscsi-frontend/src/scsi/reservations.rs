@@ -1,9 +1,10 @@
-//! Reservations (SPC-4 §5.13): RESERVE(6) and RELEASE(6) from SPC-2, and persistent
+//! Reservations (SPC-4): RESERVE(6) and RELEASE(6) from SPC-2, and persistent
 //! reservations (PERSISTENT RESERVE IN and OUT), with the rule of which nexus they let
 //! run which command. They are shared by every session of the LUN and kept in memory.
 
 use horn_uring::IoBuf;
 
+use super::opcode::{be, service_action as sa, service_action_of, RunsPast};
 use super::{Nexus, Response, Sense};
 
 /// A persistent reservation's type (SPC-4 §6.15.4).
@@ -48,16 +49,17 @@ impl Reservations {
         }
     }
 
-    /// Whether `n` may run a command that `writes` (or only reads) the medium.
-    pub(super) fn allows(&self, n: &Nexus, writes: bool, op: u8) -> bool {
+    /// Whether `n` may run a command that `writes` (or only reads) the medium, and
+    /// `runs_past` what (its row in the opcode table).
+    pub(super) fn allows(&self, n: &Nexus, writes: bool, runs_past: RunsPast) -> bool {
         if let Some(r) = &self.reserve6 {
             // SPC-2 reservations: everything but a few commands conflict.
-            if r != n && !matches!(op, 0x12 | 0xa0 | 0x03 | 0x5e | 0x5f | 0x17) {
+            if r != n && !runs_past.reserve6 {
                 return false;
             }
         }
         let Some((_, ty)) = &self.holder else { return true };
-        if self.is_holder(n) || matches!(op, 0x12 | 0xa0 | 0x03 | 0x5e | 0x5f | 0x25 | 0x9e) {
+        if self.is_holder(n) || runs_past.persistent {
             return true;
         }
         let registered = self.key_of(n).is_some();
@@ -70,6 +72,8 @@ impl Reservations {
         }
     }
 
+    /// RESERVE(6): refused while another nexus holds it or a persistent reservation
+    /// is held.
     pub(super) fn reserve6(&mut self, nexus: &Nexus) -> Response {
         if self.holder.is_some() {
             return Response::conflict();
@@ -83,6 +87,7 @@ impl Reservations {
         }
     }
 
+    /// RELEASE(6): only its holder lets it go; anyone else's release does nothing.
     pub(super) fn release6(&mut self, nexus: &Nexus) -> Response {
         if self.reserve6.as_ref() == Some(nexus) {
             self.reserve6 = None;
@@ -90,36 +95,31 @@ impl Reservations {
         Response::good()
     }
 
+    /// PERSISTENT RESERVE IN.
     pub(super) fn pr_in(&self, cdb: &[u8; 16]) -> Response {
-        let alloc = u16::from_be_bytes([cdb[7], cdb[8]]) as usize;
+        let alloc = be(cdb, 7, 2) as usize;
         let mut d = self.generation.to_be_bytes().to_vec();
-        match cdb[1] & 0x1f {
-            0 => {
-                // READ KEYS
+        match service_action_of(cdb) {
+            sa::READ_KEYS => {
                 d.extend_from_slice(&((self.keys.len() * 8) as u32).to_be_bytes());
                 for (_, k) in &self.keys {
                     d.extend_from_slice(&k.to_be_bytes());
                 }
             }
-            1 => {
-                // READ RESERVATION
-                match &self.holder {
-                    None => d.extend_from_slice(&0u32.to_be_bytes()),
-                    Some((holder, ty)) => {
-                        d.extend_from_slice(&16u32.to_be_bytes());
-                        let key = holder.as_ref().and_then(|h| self.key_of(h)).unwrap_or(0);
-                        d.extend_from_slice(&key.to_be_bytes());
-                        d.extend_from_slice(&[0, 0, 0, 0, 0, *ty, 0, 0]);
-                    }
+            sa::READ_RESERVATION => match &self.holder {
+                None => d.extend_from_slice(&0u32.to_be_bytes()),
+                Some((holder, ty)) => {
+                    d.extend_from_slice(&16u32.to_be_bytes());
+                    let key = holder.as_ref().and_then(|h| self.key_of(h)).unwrap_or(0);
+                    d.extend_from_slice(&key.to_be_bytes());
+                    d.extend_from_slice(&[0, 0, 0, 0, 0, *ty, 0, 0]);
                 }
-            }
-            2 => {
-                // REPORT CAPABILITIES
+            },
+            sa::REPORT_CAPABILITIES => {
                 d = vec![0, 8, 0x00, 0x81, 0xea, 0x01, 0, 0];
                 // type mask: WR_EX_AR, EX_AC_RO, WR_EX_RO, EX_AC, WR_EX / EX_AC_AR
             }
-            3 => {
-                // READ FULL STATUS
+            sa::READ_FULL_STATUS => {
                 let mut body = Vec::new();
                 for (n, k) in &self.keys {
                     let mut e = vec![0u8; 24];
@@ -151,9 +151,10 @@ impl Reservations {
         Response::data(&d, alloc)
     }
 
+    /// PERSISTENT RESERVE OUT, its parameter list in `data`.
     pub(super) fn pr_out(&mut self, cdb: &[u8; 16], data: Option<&IoBuf>, nexus: &Nexus) -> Response {
-        let plen = u32::from_be_bytes(cdb[5..9].try_into().unwrap()) as usize;
-        let sa = cdb[1] & 0x1f;
+        let plen = be(cdb, 5, 4);
+        let action = service_action_of(cdb);
         let ty = cdb[2] & 0x0f;
         if plen != 24 {
             return Response::check(Sense::PARAM_LIST_LENGTH);
@@ -162,14 +163,16 @@ impl Reservations {
             return Response::check(Sense::PARAM_LIST_LENGTH);
         };
         let d = d.as_slice();
-        let key = u64::from_be_bytes(d[0..8].try_into().unwrap());
-        let sa_key = u64::from_be_bytes(d[8..16].try_into().unwrap());
+        let key = be(d, 0, 8);
+        let sa_key = be(d, 8, 8);
         let mine = self.key_of(nexus);
-        let valid_type = matches!(ty, 1 | 3 | 5 | 6 | 7 | 8);
-        match sa {
-            // REGISTER and REGISTER AND IGNORE EXISTING KEY
-            0 | 6 => {
-                if sa == 0 && mine.unwrap_or(0) != key {
+        let valid_type = matches!(
+            ty,
+            pr_type::WE | pr_type::EA | pr_type::WE_RO | pr_type::EA_RO | pr_type::WE_AR | pr_type::EA_AR
+        );
+        match action {
+            sa::REGISTER | sa::REGISTER_AND_IGNORE_EXISTING_KEY => {
+                if action == sa::REGISTER && mine.unwrap_or(0) != key {
                     return Response::conflict();
                 }
                 if sa_key == 0 {
@@ -192,8 +195,7 @@ impl Reservations {
                 self.generation = self.generation.wrapping_add(1);
                 Response::good()
             }
-            // RESERVE
-            1 => {
+            sa::RESERVE => {
                 if mine != Some(key) {
                     return Response::conflict();
                 }
@@ -210,8 +212,7 @@ impl Reservations {
                     }
                 }
             }
-            // RELEASE
-            2 => {
+            sa::RELEASE => {
                 if mine != Some(key) {
                     return Response::conflict();
                 }
@@ -229,8 +230,7 @@ impl Reservations {
                     }
                 }
             }
-            // CLEAR
-            3 => {
+            sa::CLEAR => {
                 if mine != Some(key) {
                     return Response::conflict();
                 }
@@ -239,8 +239,7 @@ impl Reservations {
                 self.generation = self.generation.wrapping_add(1);
                 Response::good()
             }
-            // PREEMPT and PREEMPT AND ABORT
-            4 | 5 => {
+            sa::PREEMPT | sa::PREEMPT_AND_ABORT => {
                 if mine != Some(key) {
                     return Response::conflict();
                 }

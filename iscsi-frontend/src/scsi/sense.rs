@@ -1,4 +1,4 @@
-//! How a command ends: SCSI status codes, sense data (SPC-4 §4.5), the [`Response`]
+//! How a command ends: SCSI status codes, sense data (SPC-4), the [`Response`]
 //! that carries them with any data-in, and REQUEST SENSE.
 
 use horn_uring::IoBuf;
