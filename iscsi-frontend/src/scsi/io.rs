@@ -2,6 +2,7 @@
 //! COMPARE AND WRITE, WRITE SAME, UNMAP, PRE-FETCH and SYNCHRONIZE CACHE, and the
 //! [`WriteRanges`] that make COMPARE AND WRITE atomic against every session's writes.
 
+use std::ops::Range;
 use std::sync::{Arc, Mutex};
 
 use horn_engine::frontend::BlockVolume;
@@ -34,11 +35,17 @@ pub struct WriteRanges {
 
 #[derive(Default)]
 struct Ranges {
-    /// (first block, end block, id).
-    held: Vec<(u64, u64, u64)>,
+    held: Vec<Hold>,
     next_id: u64,
     /// Connections with a command waiting, woken at the next release.
     waiting: Vec<Wake>,
+}
+
+/// A block range a command holds.
+struct Hold {
+    blocks: Range<u64>,
+    /// Which command's, to let it go.
+    id: u64,
 }
 
 impl std::fmt::Debug for WriteRanges {
@@ -48,24 +55,30 @@ impl std::fmt::Debug for WriteRanges {
 }
 
 impl WriteRanges {
-    /// Holds blocks `[start, end)` unless a held range overlaps them. In that case
-    /// `wake` is called when some range is let go.
-    fn try_hold(&self, start: u64, end: u64, wake: &Wake) -> Option<u64> {
+    /// Holds `blocks` unless a held range overlaps them. In that case `wake` is called
+    /// when some range is let go.
+    fn try_hold(&self, blocks: &Range<u64>, wake: &Wake) -> Option<u64> {
         let mut r = self.inner.lock().unwrap();
-        if r.held.iter().any(|&(s, e, _)| s < end && start < e) {
+        if r.held
+            .iter()
+            .any(|h| h.blocks.start < blocks.end && blocks.start < h.blocks.end)
+        {
             r.waiting.push(wake.clone());
             return None;
         }
         r.next_id += 1;
         let id = r.next_id;
-        r.held.push((start, end, id));
+        r.held.push(Hold {
+            blocks: blocks.clone(),
+            id,
+        });
         Some(id)
     }
 
     fn release(&self, id: u64) {
         let waiting = {
             let mut r = self.inner.lock().unwrap();
-            if let Some(i) = r.held.iter().position(|h| h.2 == id) {
+            if let Some(i) = r.held.iter().position(|h| h.id == id) {
                 r.held.swap_remove(i);
             }
             std::mem::take(&mut r.waiting)
@@ -93,20 +106,20 @@ impl Drop for HeldRange<'_> {
     }
 }
 
-/// The blocks a command with `medium` may change, `[start, end)`, which it holds while
-/// it runs: for UNMAP, whose ranges are in its data, the whole LUN.
-pub(super) fn written_range(cdb: &[u8; 16], medium: Medium) -> Option<(u64, u64)> {
+/// The blocks a command with `medium` may change, which it holds while it runs: for
+/// UNMAP, whose ranges are in its data, the whole LUN.
+pub(super) fn written_range(cdb: &[u8; 16], medium: Medium) -> Option<Range<u64>> {
     let to_end = match medium {
         Medium::Reads | Medium::Flushes => return None,
-        Medium::WritesListed => return Some((0, u64::MAX)),
+        Medium::WritesListed => return Some(0..u64::MAX),
         Medium::WritesBlocks => false,
         Medium::WritesToEnd => true,
     };
     let Extent { lba, blocks, .. } = named_blocks(cdb).ok()?;
     match blocks {
-        0 if to_end => Some((lba, u64::MAX)),
+        0 if to_end => Some(lba..u64::MAX),
         0 => None,
-        n => Some((lba, lba.saturating_add(n))),
+        n => Some(lba..lba.saturating_add(n)),
     }
 }
 
@@ -142,10 +155,10 @@ struct CheckedWrite {
 }
 
 impl<V: BlockVolume> Lun<V> {
-    /// Waits until blocks `[start, end)` are held by this command.
-    pub(super) async fn hold(&self, start: u64, end: u64) -> HeldRange<'_> {
+    /// Waits until `blocks` are held by this command.
+    pub(super) async fn hold(&self, blocks: Range<u64>) -> HeldRange<'_> {
         let ranges = &self.info.writing;
-        let id = std::future::poll_fn(|_| match ranges.try_hold(start, end, &self.wake) {
+        let id = std::future::poll_fn(|_| match ranges.try_hold(&blocks, &self.wake) {
             Some(id) => std::task::Poll::Ready(id),
             None => std::task::Poll::Pending,
         })

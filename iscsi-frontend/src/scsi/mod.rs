@@ -31,9 +31,9 @@ use opcode::{Medium, RunsPast};
 
 pub use io::{Wake, WriteRanges};
 pub use opcode::data_out_len;
-pub use reservations::{pr_type, Reservations};
+pub use reservations::{pr_type, PersistentReservation, Registration, Reservations};
 pub use sense::{status, Response, Sense};
-pub use unit::LunInfo;
+pub use unit::{LoggedIn, LunInfo};
 
 /// An I_T nexus: who sends a command (initiator name and ISID), for reservations.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -89,7 +89,7 @@ impl<V: BlockVolume> Lun<V> {
             return Response::conflict();
         }
         let _held = match io::written_range(cdb, medium) {
-            Some((start, end)) => Some(self.hold(start, end).await),
+            Some(blocks) => Some(self.hold(blocks).await),
             None => None,
         };
         let action = opcode::service_action_of(cdb);

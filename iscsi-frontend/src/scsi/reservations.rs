@@ -23,28 +23,57 @@ pub mod pr_type {
     pub const EA_AR: u8 = 8;
 }
 
+/// A nexus's registered reservation key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Registration {
+    /// Who registered it.
+    pub nexus: Nexus,
+    /// The key.
+    pub key: u64,
+}
+
+/// A persistent reservation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PersistentReservation {
+    /// Its holder; None for the all-registrants types, which every registrant holds.
+    pub holder: Option<Nexus>,
+    /// Its type, one of [`pr_type`].
+    pub reservation_type: u8,
+}
+
+impl PersistentReservation {
+    /// A reservation of `reservation_type` taken by `nexus`.
+    fn taken_by(nexus: &Nexus, reservation_type: u8) -> PersistentReservation {
+        let all_registrants = matches!(reservation_type, pr_type::WE_AR | pr_type::EA_AR);
+        PersistentReservation {
+            holder: (!all_registrants).then(|| nexus.clone()),
+            reservation_type,
+        }
+    }
+}
+
 /// Reservations held on the LUN, shared by every session.
 #[derive(Debug, Default)]
 pub struct Reservations {
     /// Persistent reservation generation.
     pub generation: u32,
-    /// Registered keys by nexus.
-    pub keys: Vec<(Nexus, u64)>,
-    /// The persistent reservation: holder (None for all-registrants types) and type.
-    pub holder: Option<(Option<Nexus>, u8)>,
+    /// Registered keys, one per nexus.
+    pub keys: Vec<Registration>,
+    /// The persistent reservation.
+    pub persistent: Option<PersistentReservation>,
     /// A RESERVE(6) reservation.
     pub reserve6: Option<Nexus>,
 }
 
 impl Reservations {
     fn key_of(&self, n: &Nexus) -> Option<u64> {
-        self.keys.iter().find(|(k, _)| k == n).map(|(_, v)| *v)
+        self.keys.iter().find(|r| r.nexus == *n).map(|r| r.key)
     }
 
     fn is_holder(&self, n: &Nexus) -> bool {
-        match &self.holder {
-            Some((Some(h), _)) => h == n,
-            Some((None, _)) => self.key_of(n).is_some(),
+        match &self.persistent {
+            Some(PersistentReservation { holder: Some(h), .. }) => h == n,
+            Some(PersistentReservation { holder: None, .. }) => self.key_of(n).is_some(),
             None => false,
         }
     }
@@ -58,12 +87,14 @@ impl Reservations {
                 return false;
             }
         }
-        let Some((_, ty)) = &self.holder else { return true };
+        let Some(reservation) = &self.persistent else {
+            return true;
+        };
         if self.is_holder(n) || runs_past.persistent {
             return true;
         }
         let registered = self.key_of(n).is_some();
-        match *ty {
+        match reservation.reservation_type {
             pr_type::WE => !writes,
             pr_type::EA => false,
             pr_type::WE_RO | pr_type::WE_AR => !writes || registered,
@@ -75,7 +106,7 @@ impl Reservations {
     /// RESERVE(6): refused while another nexus holds it or a persistent reservation
     /// is held.
     pub(super) fn reserve6(&mut self, nexus: &Nexus) -> Response {
-        if self.holder.is_some() {
+        if self.persistent.is_some() {
             return Response::conflict();
         }
         match &self.reserve6 {
@@ -102,17 +133,17 @@ impl Reservations {
         match service_action_of(cdb) {
             sa::READ_KEYS => {
                 d.extend_from_slice(&((self.keys.len() * 8) as u32).to_be_bytes());
-                for (_, k) in &self.keys {
-                    d.extend_from_slice(&k.to_be_bytes());
+                for r in &self.keys {
+                    d.extend_from_slice(&r.key.to_be_bytes());
                 }
             }
-            sa::READ_RESERVATION => match &self.holder {
+            sa::READ_RESERVATION => match &self.persistent {
                 None => d.extend_from_slice(&0u32.to_be_bytes()),
-                Some((holder, ty)) => {
+                Some(p) => {
                     d.extend_from_slice(&16u32.to_be_bytes());
-                    let key = holder.as_ref().and_then(|h| self.key_of(h)).unwrap_or(0);
+                    let key = p.holder.as_ref().and_then(|h| self.key_of(h)).unwrap_or(0);
                     d.extend_from_slice(&key.to_be_bytes());
-                    d.extend_from_slice(&[0, 0, 0, 0, 0, *ty, 0, 0]);
+                    d.extend_from_slice(&[0, 0, 0, 0, 0, p.reservation_type, 0, 0]);
                 }
             },
             sa::REPORT_CAPABILITIES => {
@@ -121,13 +152,13 @@ impl Reservations {
             }
             sa::READ_FULL_STATUS => {
                 let mut body = Vec::new();
-                for (n, k) in &self.keys {
+                for Registration { nexus: n, key } in &self.keys {
                     let mut e = vec![0u8; 24];
-                    e[0..8].copy_from_slice(&k.to_be_bytes());
-                    if let Some((h, ty)) = &self.holder {
-                        if h.as_ref().is_none_or(|h| h == n) {
+                    e[0..8].copy_from_slice(&key.to_be_bytes());
+                    if let Some(p) = &self.persistent {
+                        if p.holder.as_ref().is_none_or(|h| h == n) {
                             e[12] = 0x01;
-                            e[13] = *ty;
+                            e[13] = p.reservation_type;
                         }
                     }
                     let tid = format!("{},i,0x{}", n.initiator, hexs(&n.isid));
@@ -177,20 +208,25 @@ impl Reservations {
                 }
                 if sa_key == 0 {
                     if mine.is_some() {
-                        self.keys.retain(|(n, _)| n != nexus);
-                        if let Some((Some(h), _)) = &self.holder {
-                            if h == nexus {
-                                self.holder = None;
-                            }
+                        self.keys.retain(|r| r.nexus != *nexus);
+                        if self
+                            .persistent
+                            .as_ref()
+                            .is_some_and(|p| p.holder.as_ref() == Some(nexus))
+                        {
+                            self.persistent = None;
                         }
                         if self.keys.is_empty() {
-                            self.holder = None;
+                            self.persistent = None;
                         }
                     }
-                } else if let Some(e) = self.keys.iter_mut().find(|(n, _)| n == nexus) {
-                    e.1 = sa_key;
+                } else if let Some(r) = self.keys.iter_mut().find(|r| r.nexus == *nexus) {
+                    r.key = sa_key;
                 } else {
-                    self.keys.push((nexus.clone(), sa_key));
+                    self.keys.push(Registration {
+                        nexus: nexus.clone(),
+                        key: sa_key,
+                    });
                 }
                 self.generation = self.generation.wrapping_add(1);
                 Response::good()
@@ -202,12 +238,11 @@ impl Reservations {
                 if !valid_type {
                     return Response::check(Sense::INVALID_FIELD_IN_CDB);
                 }
-                match &self.holder {
-                    Some((_, t)) if *t != ty => Response::conflict(),
-                    Some((Some(h), _)) if h != nexus => Response::conflict(),
+                match &self.persistent {
+                    Some(p) if p.reservation_type != ty => Response::conflict(),
+                    Some(p) if p.holder.as_ref().is_some_and(|h| h != nexus) => Response::conflict(),
                     _ => {
-                        let all = matches!(ty, pr_type::WE_AR | pr_type::EA_AR);
-                        self.holder = Some(((!all).then(|| nexus.clone()), ty));
+                        self.persistent = Some(PersistentReservation::taken_by(nexus, ty));
                         Response::good()
                     }
                 }
@@ -216,16 +251,13 @@ impl Reservations {
                 if mine != Some(key) {
                     return Response::conflict();
                 }
-                match self.holder.clone() {
+                match &self.persistent {
                     None => Response::good(),
-                    Some((h, t)) => {
-                        if h.as_ref().is_some_and(|h| h != nexus) {
-                            return Response::good();
-                        }
-                        if t != ty {
-                            return Response::check(Sense::INVALID_RELEASE);
-                        }
-                        self.holder = None;
+                    // Another holder's reservation stays, and the release succeeds.
+                    Some(p) if p.holder.as_ref().is_some_and(|h| h != nexus) => Response::good(),
+                    Some(p) if p.reservation_type != ty => Response::check(Sense::INVALID_RELEASE),
+                    Some(_) => {
+                        self.persistent = None;
                         Response::good()
                     }
                 }
@@ -235,7 +267,7 @@ impl Reservations {
                     return Response::conflict();
                 }
                 self.keys.clear();
-                self.holder = None;
+                self.persistent = None;
                 self.generation = self.generation.wrapping_add(1);
                 Response::good()
             }
@@ -244,24 +276,23 @@ impl Reservations {
                     return Response::conflict();
                 }
                 let holder_key = self
-                    .holder
+                    .persistent
                     .as_ref()
-                    .and_then(|(h, _)| h.as_ref())
+                    .and_then(|p| p.holder.as_ref())
                     .and_then(|h| self.key_of(h));
-                let all_regs = matches!(self.holder, Some((None, _)));
+                let all_regs = matches!(self.persistent, Some(PersistentReservation { holder: None, .. }));
                 if sa_key == 0 && !all_regs {
                     return Response::check(Sense::INVALID_FIELD_IN_PARAMS);
                 }
-                if self.holder.is_some() && (holder_key == Some(sa_key) || all_regs) {
-                    self.keys.retain(|(n, k)| *k != sa_key || n == nexus);
+                if self.persistent.is_some() && (holder_key == Some(sa_key) || all_regs) {
+                    self.keys.retain(|r| r.key != sa_key || r.nexus == *nexus);
                     if all_regs && sa_key == 0 {
-                        self.keys.retain(|(n, _)| n == nexus);
+                        self.keys.retain(|r| r.nexus == *nexus);
                     }
-                    let all = matches!(ty, pr_type::WE_AR | pr_type::EA_AR);
-                    self.holder = Some(((!all).then(|| nexus.clone()), ty));
+                    self.persistent = Some(PersistentReservation::taken_by(nexus, ty));
                 } else {
                     let before = self.keys.len();
-                    self.keys.retain(|(n, k)| *k != sa_key || n == nexus);
+                    self.keys.retain(|r| r.key != sa_key || r.nexus == *nexus);
                     if self.keys.len() == before {
                         return Response::conflict();
                     }
@@ -274,6 +305,7 @@ impl Reservations {
     }
 }
 
+/// `b` in lowercase hex, as an ISID is written in an iSCSI initiator port name.
 fn hexs(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }

@@ -28,11 +28,20 @@ pub struct LunInfo {
     /// Set by PREVENT ALLOW MEDIUM REMOVAL, per nexus.
     pub prevent: Mutex<Vec<Nexus>>,
     /// Nexuses logged in, each with the unit attention it has yet to be told of.
-    pub nexuses: Mutex<Vec<(Nexus, Option<Sense>)>>,
+    pub nexuses: Mutex<Vec<LoggedIn>>,
     /// Some nexus has a unit attention pending (checked on every command).
     pub attention: AtomicBool,
     /// Block ranges being written, from every session.
     pub writing: WriteRanges,
+}
+
+/// A nexus logged in to the LUN.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoggedIn {
+    /// The nexus.
+    pub nexus: Nexus,
+    /// The unit attention it has yet to be told of.
+    pub unit_attention: Option<Sense>,
 }
 
 impl LunInfo {
@@ -60,13 +69,16 @@ impl LunInfo {
 
     /// A nexus logs in.
     pub fn join(&self, n: &Nexus) {
-        self.nexuses.lock().unwrap().push((n.clone(), None));
+        self.nexuses.lock().unwrap().push(LoggedIn {
+            nexus: n.clone(),
+            unit_attention: None,
+        });
     }
 
     /// A nexus is gone (logout or connection loss).
     pub fn leave(&self, n: &Nexus) {
         let mut v = self.nexuses.lock().unwrap();
-        if let Some(i) = v.iter().position(|(x, _)| x == n) {
+        if let Some(i) = v.iter().position(|l| l.nexus == *n) {
             v.swap_remove(i);
         }
     }
@@ -75,8 +87,8 @@ impl LunInfo {
     /// (SAM-5 §6.3.3).
     pub fn reset(&self, sense: Sense) {
         let mut v = self.nexuses.lock().unwrap();
-        for (_, ua) in v.iter_mut() {
-            *ua = Some(sense);
+        for l in v.iter_mut() {
+            l.unit_attention = Some(sense);
         }
         self.attention.store(true, Ordering::SeqCst);
     }
@@ -87,8 +99,11 @@ impl LunInfo {
             return None;
         }
         let mut v = self.nexuses.lock().unwrap();
-        let ua = v.iter_mut().find(|(x, _)| x == n).and_then(|(_, ua)| ua.take());
-        if v.iter().all(|(_, ua)| ua.is_none()) {
+        let ua = v
+            .iter_mut()
+            .find(|l| l.nexus == *n)
+            .and_then(|l| l.unit_attention.take());
+        if v.iter().all(|l| l.unit_attention.is_none()) {
             self.attention.store(false, Ordering::SeqCst);
         }
         ua
