@@ -1,8 +1,9 @@
 //! What the LUN says of itself: INQUIRY with its VPD pages, READ CAPACITY (10 and 16),
 //! GET LBA STATUS, READ DEFECT DATA, REPORT LUNS and REPORT SUPPORTED OPERATION CODES.
 
+use super::cdb::be;
 use super::io::{MAX_COMPARE_AND_WRITE, MAX_TRANSFER, MAX_UNMAP_DESCRIPTORS};
-use super::opcode::{self, be, Descriptor, TABLE};
+use super::opcode::{self, Descriptor, TABLE};
 use super::{LunInfo, Response, Sense};
 
 /// Vital product data pages (SPC-4, SBC-3), by page code.

@@ -8,7 +8,8 @@ use std::sync::{Arc, Mutex};
 use horn_engine::frontend::BlockVolume;
 use horn_uring::IoBuf;
 
-use super::opcode::{self, be, Extent, Medium};
+use super::cdb::{be, extent, Extent};
+use super::opcode::{self, Medium};
 use super::{status, Lun, Response, Sense};
 
 /// Largest transfer in bytes (the data wire's largest I/O).
@@ -124,16 +125,16 @@ pub(super) fn written_range(cdb: &[u8; 16], medium: Medium) -> Option<Range<u64>
 }
 
 /// The blocks `cdb` names. Only commands whose table row has block fields are sent
-/// here (`opcode`'s tests hold the table to that); were another sent, it gets INVALID
-/// OPERATION CODE in a release build rather than a panic.
+/// here (the tests of the table and of the dispatch hold them to that); were another
+/// sent, it would get INVALID OPERATION CODE in a release build rather than a panic.
 fn named_blocks(cdb: &[u8; 16]) -> Result<Extent, Response> {
-    let extent = opcode::extent(cdb);
+    let named = extent(cdb);
     debug_assert!(
-        extent.is_some(),
+        named.is_some(),
         "opcode {:#04x} reached a block command, but its row names no blocks",
         cdb[0]
     );
-    extent.ok_or_else(|| Response::check(Sense::INVALID_OPCODE))
+    named.ok_or_else(|| Response::check(Sense::INVALID_OPCODE))
 }
 
 /// The blocks `cdb` names, refused when it asks for protection information

@@ -2,9 +2,10 @@
 //! [`BlockVolume`]. Knows nothing of iSCSI: a command comes in as a CDB and its
 //! data-out, and goes out as a status, sense data and data-in.
 //!
-//! [`opcode`] names every command served, in one table; [`Lun::execute`] checks a
-//! command, as its row says, against unit attentions, reservations and the block ranges
-//! being written, then hands it to the module of its concern:
+//! [`opcode`] names every command served, in one table, and `cdb` reads a CDB's fields
+//! through it. [`Lun::execute`] checks a command, as its row says, against unit
+//! attentions, reservations and the block ranges being written, then hands it to the
+//! module of its concern:
 //! - `sense`: status codes, sense data, the [`Response`], REQUEST SENSE;
 //! - `unit`: the LUN as every connection shares it ([`LunInfo`]), unit attentions;
 //! - `inquiry`: what the LUN says of itself (INQUIRY and VPD pages, READ CAPACITY,
@@ -14,6 +15,7 @@
 //! - `io`: the commands that read and write blocks, and the [`WriteRanges`] that make
 //!   COMPARE AND WRITE atomic.
 
+mod cdb;
 mod inquiry;
 mod io;
 mod mode;
@@ -24,13 +26,13 @@ mod unit;
 
 use std::sync::Arc;
 
+use cdb::service_action_of;
 use horn_engine::frontend::BlockVolume;
 use horn_uring::IoBuf;
-use opcode::{self as op, service_action as sa};
-use opcode::{Medium, RunsPast};
+use opcode::{self as op, service_action as sa, Medium, RunsPast};
 
+pub use cdb::data_out_len;
 pub use io::{Wake, WriteRanges};
-pub use opcode::data_out_len;
 pub use reservations::{pr_type, PersistentReservation, Registration, Reservations};
 pub use sense::{status, Response, Sense};
 pub use unit::{LoggedIn, LunInfo};
@@ -92,7 +94,7 @@ impl<V: BlockVolume> Lun<V> {
             Some(blocks) => Some(self.hold(blocks).await),
             None => None,
         };
-        let action = opcode::service_action_of(cdb);
+        let action = service_action_of(cdb);
         let data = cmd.data_out;
         match code {
             op::TEST_UNIT_READY => Response::good(),

@@ -2,7 +2,8 @@
 //! SENSE and MODE SELECT, 6 and 10: caching and control), START STOP UNIT and PREVENT
 //! ALLOW MEDIUM REMOVAL.
 
-use super::opcode::{self, be};
+use super::cdb::be;
+use super::opcode;
 use super::{LunInfo, Nexus, Response, Sense};
 
 /// The caching mode page (SBC-3).

@@ -4,7 +4,8 @@
 
 use horn_uring::IoBuf;
 
-use super::opcode::{be, service_action as sa, service_action_of, RunsPast};
+use super::cdb::{be, service_action_of};
+use super::opcode::{service_action as sa, RunsPast};
 use super::{Nexus, Response, Sense};
 
 /// A persistent reservation's type (SPC-4 §6.15.4).
