@@ -95,7 +95,8 @@ impl Tasks {
         let lun = bhs.lun();
         let mut cdb = [0u8; 16];
         cdb.copy_from_slice(&bhs.0[32..48]);
-        if lun != 0 && cdb[0] != 0xa0 && cdb[0] != 0x12 {
+        // Only REPORT LUNS and INQUIRY answer for a LUN that does not exist.
+        if lun != 0 && cdb[0] != scsi::opcode::REPORT_LUNS && cdb[0] != scsi::opcode::INQUIRY {
             out.respond(
                 params,
                 itt,
