@@ -2,7 +2,7 @@
 //! copies, and what a rebuild costs the writes going on meanwhile.
 //!
 //! 1. **full**: a volume of `--size` is written whole (1 MiB writes) on one replica,
-//!    then a fresh replica is added (`Volume::add_replica`). Its throughput (source
+//!    then a fresh replica is added (`rebuild::add_replica`). Its throughput (source
 //!    layer bytes gone through per second) is set against `cp --sparse=always` of the
 //!    same layer files to the same filesystem, followed by `sync` of the copies (the
 //!    rebuild fsyncs what it wrote too), in the same run: `ratio` = rebuild / cp. Both

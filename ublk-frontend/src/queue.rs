@@ -190,20 +190,25 @@ impl QueueServer {
     /// An entry of ours completed.
     fn on_target_io(&mut self, q: &UblkQueue, ctx: &UblkIOCtx) {
         let ud = ctx.user_data();
+        // A command's tag for a user copy; an engine entry's folded token otherwise.
         let tag = UblkIOCtx::user_data_to_tag(ud) as u16;
-        let expected = self.lens[tag as usize];
         match UblkIOCtx::user_data_to_op(ud) {
             TargetOp::TIMER => self.timer.armed = false,
-            TargetOp::COPY_IN if ctx.result() == expected => self.submit_data(q, tag, IoKind::Write),
-            TargetOp::COPY_OUT if ctx.result() == expected => self.complete(q, tag, expected),
-            TargetOp::COPY_IN | TargetOp::COPY_OUT => {
-                tracing::warn!(
-                    tag,
-                    result = ctx.result(),
-                    expected,
-                    "user copy of a command's data failed",
-                );
-                self.complete(q, tag, -libc::EIO)
+            op @ (TargetOp::COPY_IN | TargetOp::COPY_OUT) => {
+                let expected = self.lens[tag as usize];
+                match (op, ctx.result() == expected) {
+                    (TargetOp::COPY_IN, true) => self.submit_data(q, tag, IoKind::Write),
+                    (_, true) => self.complete(q, tag, expected),
+                    (_, false) => {
+                        tracing::warn!(
+                            tag,
+                            result = ctx.result(),
+                            expected,
+                            "user copy of a command's data failed",
+                        );
+                        self.complete(q, tag, -libc::EIO)
+                    }
+                }
             }
             _ => self.engine_queue().complete(unfold(tag), ctx.result()),
         }
