@@ -18,7 +18,7 @@
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
 use std::collections::HashMap;
@@ -30,6 +30,7 @@ use horn_proto::control::{
 };
 
 use crate::client::control_err;
+use crate::membership::Record;
 use crate::replica_set::{Mode, ReplicaConfig};
 use crate::types::{ChainOp, IoError, RebuildStatus, ReplicaAddr, Result, VolumeError};
 
@@ -37,6 +38,8 @@ use crate::types::{ChainOp, IoError, RebuildStatus, ReplicaAddr, Result, VolumeE
 #[derive(Debug)]
 pub(crate) struct ClaimedReplica {
     pub(crate) config: ReplicaConfig,
+    /// The replica's own identity (its name in membership records).
+    pub(crate) id: String,
     pub(crate) data: String,
     pub(crate) control: String,
     failed: AtomicBool,
@@ -45,8 +48,9 @@ pub(crate) struct ClaimedReplica {
 }
 
 impl ClaimedReplica {
-    pub(crate) fn new(addr: &ReplicaAddr, mode: Mode) -> ClaimedReplica {
+    pub(crate) fn new(addr: &ReplicaAddr, id: String, mode: Mode) -> ClaimedReplica {
         ClaimedReplica {
+            id,
             config: ReplicaConfig {
                 name: addr.data.clone(),
                 mode,
@@ -117,6 +121,20 @@ pub struct Engine {
     skipped: Vec<(String, String)>,
     /// Bumped each time a replica is marked failed.
     failure_epoch: AtomicU64,
+    /// The volume's identity, and this engine's.
+    volume: String,
+    engine_id: String,
+    /// The membership record in force; held while a change is stored, so changes
+    /// go one at a time.
+    record: Mutex<Record>,
+    /// The failure epoch whose drops the record in force includes: queues hand back
+    /// no completion while it trails [`Engine::failure_epoch`].
+    recorded_epoch: AtomicU64,
+    /// Why the volume is faulted (a change of membership could not count).
+    faulted: Mutex<Option<String>>,
+    is_faulted: AtomicBool,
+    /// Wakes the keeper ([`crate::keeper`]) when a replica fails.
+    keeper: (Mutex<bool>, Condvar),
     failure_reasons: Mutex<Vec<Option<String>>>,
     paused: AtomicBool,
     queues: Mutex<Vec<Arc<QueueShared>>>,
@@ -136,16 +154,25 @@ struct Rebuilds {
 impl Engine {
     /// The shared state of a volume whose replicas `claimed` were claimed with
     /// `generation` (see [`crate::start`]).
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         claimed: Vec<ClaimedReplica>,
-        generation: u64,
+        record: Record,
         size: u64,
         sector_size: u32,
         timeout: Duration,
         skipped: Vec<(String, String)>,
         runtime: tokio::runtime::Runtime,
     ) -> Engine {
+        let generation = record.generation;
         Engine {
+            volume: record.volume.clone(),
+            engine_id: record.engine.clone(),
+            record: Mutex::new(record),
+            recorded_epoch: AtomicU64::new(0),
+            faulted: Mutex::new(None),
+            is_faulted: AtomicBool::new(false),
+            keeper: (Mutex::new(false), Condvar::new()),
             failure_reasons: Mutex::new(vec![None; claimed.len()]),
             replicas: RwLock::new(claimed.into_iter().map(Arc::new).collect()),
             membership_epoch: AtomicU64::new(0),
@@ -277,14 +304,87 @@ impl Engine {
         lock(&self.failure_reasons).clone()
     }
 
-    /// Publishes that a queue dropped `replica`; true if this is news.
+    /// Publishes that a queue dropped `replica`; true if this is news. Until the keeper
+    /// has recorded the drop ([`crate::keeper`]), no queue hands back a completion.
     pub(crate) fn mark_failed(&self, replica: usize, reason: &str) -> bool {
         if self.replica(replica).failed.swap(true, Ordering::AcqRel) {
             return false;
         }
         lock(&self.failure_reasons)[replica] = Some(reason.to_string());
-        self.failure_epoch.fetch_add(1, Ordering::Release);
+        self.failure_epoch.fetch_add(1, Ordering::SeqCst);
+        let (flag, wake) = &self.keeper;
+        *lock(flag) = true;
+        wake.notify_all();
         true
+    }
+
+    /// The volume's identity.
+    pub fn volume_id(&self) -> &str {
+        &self.volume
+    }
+
+    /// This engine's identity.
+    pub fn engine_id(&self) -> &str {
+        &self.engine_id
+    }
+
+    /// The membership record in force.
+    pub fn record(&self) -> Record {
+        lock(&self.record).clone()
+    }
+
+    /// The record in force, locked: a change holds it while it is stored.
+    pub(crate) fn record_lock(&self) -> MutexGuard<'_, Record> {
+        lock(&self.record)
+    }
+
+    /// May queues hand back completions: every drop recorded, or the volume faulted
+    /// (then they hand back failures).
+    pub(crate) fn drops_settled(&self) -> bool {
+        self.recorded_epoch.load(Ordering::SeqCst) == self.failure_epoch.load(Ordering::SeqCst)
+            || self.is_faulted()
+    }
+
+    /// The drops up to failure epoch `epoch` are recorded: queues may go on.
+    pub(crate) fn set_recorded(&self, epoch: u64) {
+        self.recorded_epoch.store(epoch, Ordering::SeqCst);
+        self.wake_queues();
+    }
+
+    /// Why the volume is faulted, if it is.
+    pub fn faulted(&self) -> Option<String> {
+        lock(&self.faulted).clone()
+    }
+
+    pub(crate) fn is_faulted(&self) -> bool {
+        self.is_faulted.load(Ordering::SeqCst)
+    }
+
+    /// A change of membership could not count: nothing more is acknowledged.
+    pub(crate) fn fault(&self, why: String) {
+        tracing::error!(reason = %why, "volume faulted");
+        lock(&self.faulted).get_or_insert(why);
+        self.is_faulted.store(true, Ordering::SeqCst);
+        self.wake_queues();
+    }
+
+    /// Waits until a replica fails or `timeout` passes (the keeper's sleep).
+    pub(crate) fn wait_for_failure(&self, timeout: Duration) {
+        let (flag, wake) = &self.keeper;
+        let mut pending = lock(flag);
+        if !*pending {
+            pending = wake
+                .wait_timeout(pending, timeout)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        *pending = false;
+    }
+
+    fn wake_queues(&self) {
+        for q in lock(&self.queues).iter() {
+            q.wake();
+        }
     }
 
     pub(crate) fn failure_epoch(&self) -> u64 {
@@ -338,9 +438,7 @@ impl Engine {
     /// Lets every queue go on, waking those holding I/O back.
     pub(crate) fn resume(&self) {
         self.paused.store(false, Ordering::SeqCst);
-        for q in lock(&self.queues).iter() {
-            q.wake();
-        }
+        self.wake_queues();
     }
 
     /// Runs a chain operation through the control service of every replica that has

@@ -7,10 +7,14 @@
 //!
 //! The modules form a ladder: each imports only from the floors below it.
 //! 1. [`types`]: the vocabulary (addresses, errors, reports, chain operations);
-//! 2. [`replica_set`]: the replication rules, without I/O;
+//! 2. [`replica_set`]: the replication rules, without I/O; [`membership`]: the
+//!    membership rules (which replicas a start may serve from, when a change counts),
+//!    without I/O;
 //! 3. `client`: the replicas' control services as the engine calls them;
 //! 4. [`engine`]: what a volume's queues share: the claimed replicas, the generation,
-//!    which replicas failed, and the pause gate for chain operations;
+//!    the membership record in force, which replicas failed, and the pause gate for
+//!    chain operations; then `keeper`: storing membership records on the replicas,
+//!    and the thread that records each drop before any queue acknowledges past it;
 //! 5. [`queue`]: one queue's replica connections and I/Os, turned into io_uring
 //!    entries for whichever ring the queue's thread runs ([`EngineQueue`]);
 //! 6. `ring`: a queue driven on a ring of the engine's own (over `horn_uring`);
@@ -32,9 +36,13 @@ pub mod types;
 
 pub mod replica_set;
 
+pub mod membership;
+
 mod client;
 
 pub mod engine;
+
+mod keeper;
 
 pub mod queue;
 

@@ -41,7 +41,7 @@ use io_uring::{opcode, squeue, types};
 
 use crate::engine::{Engine, QueueShared};
 use crate::replica_set::{Action, IoId, IoKind, IoRequest, Mode, ReplicaConfig, ReplicaSet, Reply, ReqId};
-use crate::types::{Result, VolumeCompletion, VolumeError};
+use crate::types::{IoError, Result, VolumeCompletion, VolumeError};
 
 use local::LocalOp;
 use wire::Conn;
@@ -286,9 +286,23 @@ impl EngineQueue {
         self.ready.push_front(c);
     }
 
-    /// A finished I/O, if any.
+    /// A finished I/O, if any. While a replica's drop is not yet recorded in the
+    /// volume's membership ([`crate::keeper`]) none is handed back, since it may be a
+    /// write the dropped replica missed; once the volume is faulted, each is handed
+    /// back failed.
     pub fn pop_completion(&mut self) -> Option<VolumeCompletion> {
-        self.ready.pop_front()
+        if !self.engine.drops_settled() {
+            return None;
+        }
+        let mut c = self.ready.pop_front()?;
+        if self.engine.is_faulted() && c.result.is_ok() {
+            c.result = Err(self.faulted_error());
+        }
+        Some(c)
+    }
+
+    fn faulted_error(&self) -> VolumeError {
+        VolumeError::Io(IoError::Faulted(self.engine.faulted().unwrap_or_default()))
     }
 
     /// How long the driver may wait before calling [`EngineQueue::tick`].
@@ -331,6 +345,10 @@ impl EngineQueue {
             ))),
             _ => self.check(offset, len),
         };
+        let checked = checked.and_then(|()| match self.engine.is_faulted() {
+            true => Err(self.faulted_error()),
+            false => Ok(()),
+        });
         if let Err(e) = checked {
             self.ready.push_back(VolumeCompletion {
                 tag,

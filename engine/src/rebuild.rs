@@ -34,6 +34,7 @@ use crate::recovery::copy_blocks;
 use crate::replica_set::Mode;
 use crate::types::{ChainOp, RebuildState, RebuildStatus, ReplicaAddr, Result, VolumeError};
 use crate::volume::Volume;
+use crate::{keeper, membership};
 
 /// Adds replica `addr` to the running volume and starts rebuilding it in the
 /// background; returns once it is in the set, WO, and the rebuild snapshot is
@@ -92,17 +93,24 @@ pub fn add_replica(volume: &mut Volume, addr: ReplicaAddr) -> Result<()> {
             )));
         }
         if resumed.is_some() {
-            return Ok(());
+            return Ok(info.id);
         }
-        c.claim(ClaimRequest { generation }).await?;
+        let claimed = c
+            .claim(ClaimRequest {
+                generation,
+                engine: engine.engine_id().to_string(),
+                volume: engine.volume_id().to_string(),
+            })
+            .await?
+            .into_inner();
         c.set_mode(SetModeRequest {
             generation,
             mode: WireMode::Wo as i32,
         })
         .await?;
-        Ok(())
+        Ok(claimed.id)
     });
-    info.map_err(err)?;
+    let id = info.map_err(err)?;
     let snapshot = format!(
         "rebuild-{}",
         std::time::SystemTime::now()
@@ -112,8 +120,16 @@ pub fn add_replica(volume: &mut Volume, addr: ReplicaAddr) -> Result<()> {
     let joined = volume.paused(true, |e| {
         let i = match resumed {
             Some(i) => i,
-            None => e.add_replica(ClaimedReplica::new(&addr, Mode::Wo)),
+            None => e.add_replica(ClaimedReplica::new(&addr, id.clone(), Mode::Wo)),
         };
+        // In the membership as WO before it takes a write: a start after a crash
+        // leaves it out until it is rebuilt.
+        if !e.record().wo.contains_key(&id) {
+            if let Err(why) = keeper::change(e, |r| membership::with_rebuilding(r, &id, &addr.data)) {
+                e.mark_failed(i, &format!("its joining could not be recorded: {why}"));
+                return Err(VolumeError::Io(crate::types::IoError::Faulted(why)));
+            }
+        }
         let labels = [("horn.system".to_string(), "rebuild".to_string())].into();
         match e.run_chain_op(&ChainOp::Snapshot {
             name: snapshot.clone(),
@@ -278,7 +294,14 @@ fn sync_and_finish(engine: &Arc<Engine>, target: usize, snapshot: &str) -> Resul
             .await?;
             Ok::<_, VolumeError>(reply.suspect_blocks.len())
         })
-        .inspect(|_| e.promote(target))
+        .and_then(|n| {
+            // RW in the membership, durably, before it serves a read: a crash before
+            // this leaves it WO, to be rebuilt again.
+            keeper::change(e, |r| membership::with_promoted(r, &t.id))
+                .map_err(|why| VolumeError::Io(crate::types::IoError::Faulted(why)))?;
+            e.promote(target);
+            Ok(n)
+        })
     });
     let suspects = match finished {
         Ok(n) => {

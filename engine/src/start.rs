@@ -8,20 +8,25 @@
 //! where their write-intent records say a crash may have left them apart
 //! ([`crate::recovery::reconcile`]); only then may queues open.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use horn_proto::control::replica_control_client::ReplicaControlClient;
 use horn_proto::control::{ClaimRequest, InfoRequest};
+use horn_replica::control::record_from_wire;
+use horn_replica::membership::MAX_GENERATION;
 
+use crate::client::{self, ControlClient};
 use crate::engine::{ClaimedReplica, Engine};
-use crate::recovery;
+use crate::membership::{self, Candidate};
 use crate::replica_set::Mode;
 use crate::types::{ReplicaAddr, Result, StartReport, VolumeError};
+use crate::{keeper, recovery};
 
-/// Claims `replicas` for a new engine, reconciles them, and returns the engine the
-/// volume's queues will share, with what the start found. A replica that misses a
-/// request for `timeout` is dropped once I/O runs.
+/// Claims `replicas` for a new engine, decides by the membership rules which of them
+/// serve ([`crate::membership::plan_start`]), records the new membership, reconciles
+/// the members, and returns the engine the volume's queues will share, with what the
+/// start found. A replica that misses a request for `timeout` is dropped once I/O runs.
 pub fn start(replicas: &[ReplicaAddr], timeout: Duration) -> Result<(Arc<Engine>, StartReport)> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -30,83 +35,129 @@ pub fn start(replicas: &[ReplicaAddr], timeout: Duration) -> Result<(Arc<Engine>
             op: "starting the control runtime",
             source,
         })?;
+    let engine_id = membership::new_id();
     let mut skipped = Vec::new();
+    // What each replica holds, to pick a generation above all and the volume to claim.
     let mut infos = Vec::new();
     for r in replicas {
-        let url = format!("http://{}", r.control);
-        let info = runtime.block_on(async {
-            let mut c = ReplicaControlClient::connect(url)
-                .await
-                .map_err(|e| e.to_string())?;
-            c.info(InfoRequest {})
-                .await
-                .map(|i| i.into_inner())
-                .map_err(|s| s.message().to_string())
-        });
-        match info {
+        match call(&runtime, timeout, &r.control, |mut c| async move {
+            c.info(InfoRequest {}).await.map(|i| i.into_inner())
+        }) {
             Ok(i) => infos.push((r.clone(), i)),
             Err(e) => skipped.push((r.data.clone(), format!("unreachable: {e}"))),
         }
     }
-    let Some(size) = infos.first().map(|(_, i)| i.size) else {
-        return Err(VolumeError::NoReplica(describe(&skipped)));
-    };
     let newest = infos.iter().map(|(_, i)| i.generation).max().unwrap_or(0);
-    let generation = newest + 1;
+    let generation = newest
+        .checked_add(1)
+        .filter(|g| *g <= MAX_GENERATION)
+        .ok_or_else(|| {
+            VolumeError::NoReplica(format!("a replica's generation ({newest}) is at its maximum"))
+        })?;
+    let volume = infos
+        .iter()
+        .filter_map(|(_, i)| i.record.as_ref())
+        .max_by_key(|r| (r.generation, r.version))
+        .map(|r| r.volume.clone())
+        .unwrap_or_default();
+    // Claims first: from here no older engine can change these replicas, so the
+    // records the claims return are the ones to decide by.
     let mut claimed = Vec::new();
-    let mut sector_size = None;
-    for (r, i) in infos {
-        if i.size != size {
-            skipped.push((r.data.clone(), format!("its size {} differs from {size}", i.size)));
-            continue;
+    for (r, _) in infos {
+        let request = ClaimRequest {
+            generation,
+            engine: engine_id.clone(),
+            volume: volume.clone(),
+        };
+        match call(&runtime, timeout, &r.control, |mut c| async move {
+            c.claim(request).await.map(|i| i.into_inner())
+        }) {
+            Ok(info) => claimed.push((r, info)),
+            Err(e) => skipped.push((r.data.clone(), format!("claim refused: {e}"))),
         }
-        if i.dirty && i.generation < newest {
-            let why = format!(
-                "behind: left dirty at generation {} while others reached {newest}",
-                i.generation
-            );
-            skipped.push((r.data.clone(), why));
-            continue;
-        }
-        let url = format!("http://{}", r.control);
-        let claim = runtime.block_on(async {
-            let mut c = ReplicaControlClient::connect(url)
-                .await
-                .map_err(|e| e.to_string())?;
-            c.claim(ClaimRequest { generation })
-                .await
-                .map_err(|s| s.message().to_string())
-        });
-        if let Err(e) = claim {
-            skipped.push((r.data.clone(), format!("claim refused: {e}")));
-            continue;
-        }
-        sector_size.get_or_insert(i.sector_size);
-        // A replica being rebuilt stays write-only: it may lack data its peers have.
-        let wo = i.mode == horn_proto::control::Mode::Wo as i32;
-        claimed.push(ClaimedReplica::new(&r, if wo { Mode::Wo } else { Mode::Rw }));
     }
-    if claimed.is_empty() {
-        return Err(VolumeError::NoReplica(describe(&skipped)));
+    let candidates: Vec<Candidate> = claimed
+        .iter()
+        .map(|(r, i)| Candidate {
+            id: i.id.clone(),
+            name: r.data.clone(),
+            volume: (!i.volume.is_empty()).then(|| i.volume.clone()),
+            record: i.record.clone().map(record_from_wire),
+            rebuilding: i.mode == horn_proto::control::Mode::Wo as i32,
+        })
+        .collect();
+    let plan = membership::plan_start(replicas.len(), &candidates, &membership::new_id())
+        .map_err(|why| VolumeError::NoReplica(with_skipped(why, &skipped)))?;
+    for (i, why) in &plan.left_out {
+        skipped.push((claimed[*i].0.data.clone(), format!("left out: {why}")));
     }
+    let size = claimed[plan.rw[0]].1.size;
+    let mut members = Vec::new();
+    for &i in &plan.rw {
+        let (r, info) = &claimed[i];
+        if info.size != size {
+            return Err(VolumeError::NoReplica(format!(
+                "the replicas that hold every acknowledged write differ in size: {} has {} bytes, \
+                 {} has {size}",
+                r.data, info.size, claimed[plan.rw[0]].0.data
+            )));
+        }
+        members.push(i);
+    }
+    // The new generation's first record counts once a majority of the base's RW
+    // members (every member, at a volume's first start) have stored it.
+    let mut record = plan.first_record(&candidates, generation, &engine_id);
+    let targets: Vec<(String, String)> = members
+        .iter()
+        .map(|&i| (claimed[i].0.control.clone(), candidates[i].id.clone()))
+        .collect();
+    let (stored, refused) = commit(&runtime, &targets, plan.base.as_ref(), &record, timeout);
+    if !membership::counts(plan.base.as_ref(), &record, &stored) {
+        return Err(VolumeError::NoReplica(format!(
+            "too few replicas stored the new membership record ({})",
+            describe(&refused)
+        )));
+    }
+    let not_stored: Vec<String> = record
+        .rw
+        .keys()
+        .filter(|id| !stored.contains(*id))
+        .cloned()
+        .collect();
+    if !not_stored.is_empty() {
+        // A member that did not store it is dropped before anything is served.
+        let next = membership::without(&record, &not_stored);
+        let (again, more) = commit(&runtime, &targets, Some(&record), &next, timeout);
+        if !membership::counts(Some(&record), &next, &again) {
+            return Err(VolumeError::NoReplica(format!(
+                "too few replicas stored the new membership record ({})",
+                describe(&more)
+            )));
+        }
+        for (r, why) in &refused {
+            skipped.push((r.clone(), format!("did not store the membership record: {why}")));
+        }
+        members.retain(|&i| next.rw.contains_key(&candidates[i].id));
+        record = next;
+    }
+    let sector_size = claimed[members[0]].1.sector_size;
+    let used: Vec<ClaimedReplica> = members
+        .iter()
+        .map(|&i| ClaimedReplica::new(&claimed[i].0, candidates[i].id.clone(), Mode::Rw))
+        .collect();
     let mut report = StartReport {
         generation,
+        volume: record.volume.clone(),
+        engine: engine_id.clone(),
         size,
-        sector_size: sector_size.unwrap_or(512),
-        used: claimed.iter().map(|c| c.data.clone()).collect(),
+        sector_size,
+        used: used.iter().map(|c| c.data.clone()).collect(),
         skipped: skipped.clone(),
         reconciled: Default::default(),
     };
-    let engine = Engine::new(
-        claimed,
-        generation,
-        size,
-        report.sector_size,
-        timeout,
-        skipped,
-        runtime,
-    );
-    // Before any queue opens: no I/O is served until the replicas agree.
+    let engine = Engine::new(used, record, size, sector_size, timeout, skipped, runtime);
+    // Before any queue opens: no I/O is served until the replicas agree. Every member
+    // holds every acknowledged write, so any of them is a sound source.
     report.reconciled = recovery::reconcile(&engine)?;
     if report.reconciled.regions > 0 {
         let r = &report.reconciled;
@@ -119,7 +170,63 @@ pub fn start(replicas: &[ReplicaAddr], timeout: Duration) -> Result<(Arc<Engine>
             "reconciled the replicas where writes may have been in flight"
         );
     }
-    Ok((Arc::new(engine), report))
+    let engine = Arc::new(engine);
+    keeper::spawn(&engine);
+    Ok((engine, report))
+}
+
+/// Proposes `record` (following `previous`) to `targets`, then commits it on those
+/// that stored the proposal if the proposal counted; returns who committed it.
+fn commit(
+    runtime: &tokio::runtime::Runtime,
+    targets: &[(String, String)],
+    previous: Option<&membership::Record>,
+    record: &membership::Record,
+    timeout: Duration,
+) -> (BTreeSet<String>, Vec<(String, String)>) {
+    let (proposed, mut refused) = keeper::store(runtime, targets, record, false, timeout);
+    if !membership::counts(previous, record, &proposed) {
+        return (BTreeSet::new(), refused);
+    }
+    let holders: Vec<(String, String)> = targets
+        .iter()
+        .filter(|(_, id)| proposed.contains(id))
+        .cloned()
+        .collect();
+    let (committed, more) = keeper::store(runtime, &holders, record, true, timeout);
+    refused.extend(more);
+    (committed, refused)
+}
+
+/// One control call to the replica at `control`, connect included, within `timeout`.
+fn call<T, F, Fut>(
+    runtime: &tokio::runtime::Runtime,
+    timeout: Duration,
+    control: &str,
+    f: F,
+) -> std::result::Result<T, String>
+where
+    F: FnOnce(ControlClient) -> Fut,
+    Fut: std::future::Future<Output = std::result::Result<T, tonic::Status>>,
+{
+    runtime.block_on(async {
+        let work = async {
+            let c = client::connect(control).await.map_err(|e| e.to_string())?;
+            f(c).await.map_err(|s| s.message().to_string())
+        };
+        match tokio::time::timeout(timeout, work).await {
+            Ok(r) => r,
+            Err(_) => Err(format!("no answer within {timeout:?}")),
+        }
+    })
+}
+
+fn with_skipped(why: String, skipped: &[(String, String)]) -> String {
+    if skipped.is_empty() {
+        why
+    } else {
+        format!("{why}; {}", describe(skipped))
+    }
 }
 
 fn describe(skipped: &[(String, String)]) -> String {

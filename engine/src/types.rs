@@ -50,6 +50,10 @@ pub enum IoError {
     /// A newer engine has taken over the volume.
     #[error("a newer engine has taken over this volume; this engine is fenced")]
     Fenced,
+    /// A replica was dropped and the drop could not be recorded on a majority of the
+    /// replicas: nothing more is acknowledged.
+    #[error("the volume is faulted: {0}")]
+    Faulted(String),
 }
 
 /// Why the engine failed.
@@ -125,6 +129,10 @@ pub enum ChainOp {
 pub struct StartReport {
     /// Generation this engine claimed the replicas with.
     pub generation: u64,
+    /// The volume's identity.
+    pub volume: String,
+    /// This engine's identity.
+    pub engine: String,
     /// Volume size in bytes.
     pub size: u64,
     /// Sector size in bytes.

@@ -157,7 +157,10 @@ async fn the_control_service_claims_fences_snapshots_and_switches_modes() {
     let mut ctl = ReplicaControlClient::connect(d.control.clone()).await.unwrap();
 
     let info = ctl
-        .claim(ClaimRequest { generation: 3 })
+        .claim(ClaimRequest {
+            generation: 3,
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
@@ -233,7 +236,13 @@ async fn the_control_service_claims_fences_snapshots_and_switches_modes() {
         .await
         .unwrap_err();
     assert_eq!(missing.code(), tonic::Code::NotFound);
-    let stale = ctl.claim(ClaimRequest { generation: 2 }).await.unwrap_err();
+    let stale = ctl
+        .claim(ClaimRequest {
+            generation: 2,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
     assert_eq!(stale.code(), tonic::Code::FailedPrecondition);
     assert!(stale.message().contains("older"), "{}", stale.message());
     let bad_mode = ctl

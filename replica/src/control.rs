@@ -15,14 +15,16 @@ use horn_proto::control::{
     BlocksData, BlocksRequest, ChecksumsReply, ChecksumsRequest, ClaimRequest, ClearIntentsRequest,
     DeleteSnapshotRequest, ExpandRequest, FinishSyncReply, FinishSyncRequest, InfoReply, InfoRequest,
     IntentsReply, IntentsRequest, Layer, LayerBlocksReply, LayerBlocksRequest, LayerStream, LayerZerosReply,
-    LayerZerosRequest, Mode as WireMode, PurgeReply, PurgeRequest, ReadLayerRequest, ReleaseRequest,
-    RevertRequest, SetModeRequest, SnapshotRequest, SyncFromRequest, SyncReply, WriteBlocksReply,
+    LayerZerosRequest, Member, Membership, MembershipRequest, Mode as WireMode, PurgeReply, PurgeRequest,
+    ReadLayerRequest, ReleaseRequest, RevertRequest, SalvageRequest, SetModeRequest, SnapshotRequest,
+    SyncFromRequest, SyncReply, WriteBlocksReply,
 };
 use tonic::{Request, Response, Status};
 
 use crate::admission::Access;
 use crate::error::ReplicaError;
 use crate::handle::ServerHandle;
+use crate::membership::Record;
 use crate::meta::BLOCK_SIZE;
 use crate::replica::Replica;
 use crate::state::Mode;
@@ -78,6 +80,8 @@ pub fn to_status(e: ReplicaError) -> Status {
         ReplicaError::StaleGeneration { .. }
         | ReplicaError::SnapshotRemoved(_)
         | ReplicaError::ChainFull(_)
+        | ReplicaError::Membership(_)
+        | ReplicaError::Refused(_)
         | ReplicaError::InvalidOperation(_) => Status::failed_precondition(msg),
         ReplicaError::Locked { .. } | ReplicaError::Unavailable(_) => Status::unavailable(msg),
         _ => Status::internal(msg),
@@ -172,7 +176,44 @@ pub fn info_reply(r: &Replica) -> Result<InfoReply, ReplicaError> {
         sync_done: 0,
         sync_total: 0,
         sync_copied: 0,
+        id: r.id().to_string(),
+        volume: r.volume().unwrap_or_default().to_string(),
+        holder: r.holder().unwrap_or_default().to_string(),
+        record: r.record().map(record_to_wire),
     })
+}
+
+/// A membership record as the control service sends it.
+pub fn record_to_wire(r: &Record) -> Membership {
+    let members = |m: &std::collections::BTreeMap<String, String>| {
+        m.iter()
+            .map(|(id, name)| Member {
+                id: id.clone(),
+                name: name.clone(),
+            })
+            .collect()
+    };
+    Membership {
+        volume: r.volume.clone(),
+        generation: r.generation,
+        version: r.version,
+        engine: r.engine.clone(),
+        rw: members(&r.rw),
+        wo: members(&r.wo),
+    }
+}
+
+/// A membership record from the wire.
+pub fn record_from_wire(m: Membership) -> Record {
+    let members = |v: Vec<Member>| v.into_iter().map(|m| (m.id, m.name)).collect();
+    Record {
+        volume: m.volume,
+        generation: m.generation,
+        version: m.version,
+        engine: m.engine,
+        rw: members(m.rw),
+        wo: members(m.wo),
+    }
 }
 
 #[tonic::async_trait]
@@ -187,10 +228,51 @@ impl ReplicaControl for ControlService {
     }
 
     async fn claim(&self, req: Request<ClaimRequest>) -> Result<Response<InfoReply>, Status> {
-        let g = req.into_inner().generation;
+        let req = req.into_inner();
         self.run(move |r| {
-            r.set_generation(g)?;
+            if req.engine.is_empty() {
+                r.set_generation(req.generation)?;
+            } else {
+                let volume = (!req.volume.is_empty()).then_some(req.volume.as_str());
+                r.claim(req.generation, &req.engine, volume)?;
+            }
             r.set_dirty(true)?;
+            info_reply(r)
+        })
+        .await
+    }
+
+    async fn record_membership(
+        &self,
+        req: Request<MembershipRequest>,
+    ) -> Result<Response<InfoReply>, Status> {
+        let req = req.into_inner();
+        let commit = req.commit;
+        let record = req
+            .record
+            .ok_or_else(|| Status::invalid_argument("a membership request needs a record"))?;
+        let record = record_from_wire(record);
+        if record.volume.is_empty() || record.engine.is_empty() || record.rw.is_empty() {
+            return Err(Status::invalid_argument(
+                "a membership record needs a volume, an engine and at least one RW member",
+            ));
+        }
+        self.run(move |r| {
+            r.record_membership(record, commit)?;
+            info_reply(r)
+        })
+        .await
+    }
+
+    async fn salvage(&self, req: Request<SalvageRequest>) -> Result<Response<InfoReply>, Status> {
+        let req = req.into_inner();
+        self.run(move |r| {
+            let record = r.salvage((req.above_generation, req.above_version), &req.name)?;
+            tracing::warn!(
+                generation = record.generation,
+                volume = %record.volume,
+                "salvaged: this replica is now the only RW member of its volume"
+            );
             info_reply(r)
         })
         .await

@@ -159,6 +159,14 @@ pub enum ReplicaError {
     #[error("{0}")]
     Unavailable(String),
 
+    /// A claim or a membership record the replica's membership rules refuse.
+    #[error(transparent)]
+    Membership(#[from] crate::membership::Refused),
+
+    /// A request the replica refuses as it stands (with the reason).
+    #[error("{0}")]
+    Refused(String),
+
     /// The chain has as many layers as the index can address.
     #[error("the snapshot chain has reached its limit of {0} layers: delete and purge snapshots first")]
     ChainFull(usize),
@@ -174,7 +182,7 @@ impl ReplicaError {
             ReplicaError::OutOfRange { .. } => Status::OutOfRange,
             ReplicaError::Misaligned { .. } => Status::Misaligned,
             ReplicaError::InvalidOperation(_) => Status::BadRequest,
-            ReplicaError::StaleGeneration { .. } => Status::StaleGeneration,
+            ReplicaError::StaleGeneration { .. } | ReplicaError::Membership(_) => Status::StaleGeneration,
             ReplicaError::Unavailable(_) => Status::Unavailable,
             _ => Status::IoError,
         }

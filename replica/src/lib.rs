@@ -24,7 +24,8 @@
 //!
 //! 1. Leaves: [`error`], [`crash`]; the format's files and structures: [`extent`] (byte
 //!    extents, block runs), [`meta`] (`volume.json`), [`state`] (`engine.json`),
-//!    [`zeros`] (zero-extent logs), [`intent`] (`intent.bits`), [`index`] (the extent
+//!    [`zeros`] (zero-extent logs), [`membership`] (the volume's membership record
+//!    and the replica's rules for claims and records), [`intent`] (`intent.bits`), [`index`] (the extent
 //!    index), [`layer`] (one layer file's descriptors).
 //! 2. Rules and engines that know nothing of each other: `io.rs` (`OpRing`, the I/O
 //!    engine: the ring, the op and entry slabs, completions; no layer, no index),
@@ -74,6 +75,7 @@ pub mod index;
 pub mod intent;
 mod io;
 pub mod layer;
+pub mod membership;
 pub mod meta;
 pub mod replica;
 pub mod server;

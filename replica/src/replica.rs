@@ -31,6 +31,7 @@ use crate::error::{ReplicaError, Result};
 use crate::extent::{BlockRun, Extent};
 use crate::intent::IntentLog;
 use crate::io::{Completion, Landing, OpKind, OpRing, Target, INTERNAL_TAG};
+use crate::membership::{self, Record};
 use crate::meta::{self, layer_path, VolumeMeta, BLOCK_SIZE};
 use crate::state::{EngineState, Mode};
 use crate::sync_plan::SyncPlan;
@@ -96,7 +97,12 @@ impl Replica {
         let lock = lock_dir(&dir)?;
         let recovered = recover(&dir)?;
         let (size, head) = (recovered.meta.size, recovered.meta.head);
-        let engine = EngineState::load(&dir)?;
+        let mut engine = EngineState::load(&dir)?;
+        if engine.id.is_empty() {
+            // A new replica, or one from before identities: it gets its identity now.
+            engine.id = membership::new_id();
+            engine.store(&dir)?;
+        }
         let intent = IntentLog::open(&dir, size)?;
         let ring = OpRing::for_thread(&dir)
             .map_err(|e| ReplicaError::io("io_uring setup", layer_path(&dir, head), e))?;
@@ -141,7 +147,8 @@ impl Replica {
         self.engine.dirty
     }
 
-    /// Records a new replica-set generation, durably; an older one is refused.
+    /// Records a new replica-set generation, durably; an older one is refused. (The
+    /// claim of an engine without an identity: tools and tests.)
     pub fn set_generation(&mut self, generation: u64) -> Result<()> {
         if generation < self.engine.generation {
             return Err(ReplicaError::StaleGeneration {
@@ -152,10 +159,99 @@ impl Replica {
         if generation != self.engine.generation {
             self.store_engine(EngineState {
                 generation,
-                ..self.engine
+                ..self.engine.clone()
             })?;
         }
         Ok(())
+    }
+
+    /// The replica's own identity.
+    pub fn id(&self) -> &str {
+        &self.engine.id
+    }
+
+    /// The volume this replica belongs to (`None` while blank).
+    pub fn volume(&self) -> Option<&str> {
+        self.engine.volume.as_deref()
+    }
+
+    /// The identity of the engine holding the claim.
+    pub fn holder(&self) -> Option<&str> {
+        self.engine.engine.as_deref()
+    }
+
+    /// The newest membership record an engine gave this replica.
+    pub fn record(&self) -> Option<&Record> {
+        self.engine.record.as_ref()
+    }
+
+    /// An engine claims the replica, durably ([`membership::check_claim`]). A blank
+    /// replica stays blank: it joins a volume with the first record committed on it.
+    pub fn claim(&mut self, generation: u64, engine: &str, volume: Option<&str>) -> Result<()> {
+        membership::check_claim(&self.engine.standing(), generation, engine, volume)?;
+        let next = EngineState {
+            generation,
+            engine: Some(engine.to_string()),
+            ..self.engine.clone()
+        };
+        if next != self.engine {
+            self.store_engine(next)?;
+        }
+        Ok(())
+    }
+
+    /// Stores a membership record from the engine holding the claim, durably
+    /// ([`membership::check_record`]): proposed, or (`commit`) as the membership.
+    pub fn record_membership(&mut self, record: Record, commit: bool) -> Result<()> {
+        membership::check_record(&self.engine.standing(), &record)?;
+        let next = if commit {
+            EngineState {
+                volume: Some(record.volume.clone()),
+                pending: self.engine.pending.clone().filter(|p| p.epoch() > record.epoch()),
+                record: Some(record),
+                ..self.engine.clone()
+            }
+        } else {
+            EngineState {
+                pending: Some(record),
+                ..self.engine.clone()
+            }
+        };
+        self.store_engine(next)
+    }
+
+    /// Makes this replica the only RW member of its volume, with a record newer than
+    /// `above` (an operator's salvage: every other replica is rebuilt from this one).
+    /// Refused for a blank replica.
+    pub fn salvage(&mut self, above: (u64, u64), name: &str) -> Result<Record> {
+        let Some(volume) = self.engine.volume.clone() else {
+            return Err(ReplicaError::Refused(
+                "this replica is blank: it holds no volume's data to salvage".into(),
+            ));
+        };
+        let generation = above
+            .0
+            .max(self.engine.generation)
+            .checked_add(1)
+            .filter(|g| *g <= membership::MAX_GENERATION)
+            .ok_or_else(|| ReplicaError::Refused("the generation is at its maximum".into()))?;
+        let engine = format!("salvage-{}", membership::new_id());
+        let record = Record {
+            volume,
+            generation,
+            version: 0,
+            engine: engine.clone(),
+            rw: [(self.engine.id.clone(), name.to_string())].into(),
+            wo: Default::default(),
+        };
+        self.store_engine(EngineState {
+            generation,
+            engine: Some(engine),
+            record: Some(record.clone()),
+            pending: None,
+            ..self.engine.clone()
+        })?;
+        Ok(record)
     }
 
     /// Read-write, or write-only while being rebuilt.
@@ -166,7 +262,10 @@ impl Replica {
     /// Sets the mode, durably.
     pub fn set_mode(&mut self, mode: Mode) -> Result<()> {
         if mode != self.engine.mode {
-            self.store_engine(EngineState { mode, ..self.engine })?;
+            self.store_engine(EngineState {
+                mode,
+                ..self.engine.clone()
+            })?;
         }
         Ok(())
     }
@@ -178,7 +277,10 @@ impl Replica {
             self.flush()?;
         }
         if dirty != self.engine.dirty {
-            self.store_engine(EngineState { dirty, ..self.engine })?;
+            self.store_engine(EngineState {
+                dirty,
+                ..self.engine.clone()
+            })?;
         }
         Ok(())
     }

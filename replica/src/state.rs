@@ -8,14 +8,22 @@
 //! orderly close: a dirty replica after a crash may differ from its peers where writes
 //! were in flight. The **mode** is `rw`, or `wo` while the replica is being rebuilt:
 //! it takes writes but refuses reads, because it may lack data its peers have; it is
-//! durable so a rebuilding replica that restarts still refuses reads. Same encoding as `volume.json` (JSON line, CRC-32C line), replaced
-//! atomically. A missing file means generation 0, clean.
+//! durable so a rebuilding replica that restarts still refuses reads.
+//!
+//! It also holds the replica's place in its volume's membership
+//! ([`crate::membership`]): the replica's own identity (given at creation), the volume
+//! it belongs to (none while blank), the identity of the engine holding the claim, and
+//! the newest membership record an engine gave it.
+//!
+//! Same encoding as `volume.json` (JSON line, CRC-32C line), replaced atomically. A
+//! missing file means generation 0, clean, blank.
 
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
 use crate::error::{ReplicaError, Result};
+use crate::membership::{Record, Standing};
 use crate::meta::{verify_checksum, with_checksum, write_atomically};
 
 /// File name inside the replica directory.
@@ -33,8 +41,24 @@ pub enum Mode {
 }
 
 /// The replica's engine-facing state.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EngineState {
+    /// The replica's own identity (empty in files written before identities: one is
+    /// given at the next open).
+    #[serde(default)]
+    pub id: String,
+    /// The volume this replica belongs to; `None` while blank.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume: Option<String>,
+    /// Identity of the engine holding the claim at `generation`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub engine: Option<String>,
+    /// The newest membership record an engine committed on this replica.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub record: Option<Record>,
+    /// A newer record proposed and not (yet) committed: no start trusts it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending: Option<Record>,
     /// Highest replica-set generation seen.
     pub generation: u64,
     /// An engine holds the replica open (or crashed while it did).
@@ -59,6 +83,16 @@ impl EngineState {
         };
         let body = verify_checksum(&text).map_err(corrupt)?;
         serde_json::from_slice(body).map_err(|e| corrupt(format!("not valid engine state JSON: {e}")))
+    }
+
+    /// The replica's side of membership.
+    pub fn standing(&self) -> Standing {
+        Standing {
+            volume: self.volume.clone(),
+            generation: self.generation,
+            engine: self.engine.clone(),
+            record: self.record.clone(),
+        }
     }
 
     /// Replaces the state atomically and durably.

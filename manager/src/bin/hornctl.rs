@@ -240,6 +240,21 @@ enum ReplicaCmd {
         #[arg(long, value_parser = parse_size)]
         size: u64,
     },
+    /// Make this replica the only RW member of its volume, knowing that writes only
+    /// the other replicas held are lost: the next engine serves from it and the others
+    /// are rebuilt from it. For when a start is refused because too few of the
+    /// replicas holding every acknowledged write can come back.
+    Salvage {
+        #[command(flatten)]
+        dir: Dir,
+        /// The highest generation any replica of the volume shows (`hornctl replica
+        /// info`): the salvage goes above it.
+        #[arg(long, default_value_t = 0)]
+        above: u64,
+        /// The replica's data address, for messages.
+        #[arg(long, default_value = "salvaged")]
+        name: String,
+    },
     /// List allocated extents: of the whole chain, of one layer, or changed between two.
     Extents {
         #[command(flatten)]
@@ -295,6 +310,20 @@ fn run(cmd: ReplicaCmd) -> Result<()> {
                 .with_context(|| format!("cannot create replica {}", dir.dir.display()))?
                 .close()?;
             println!("created replica {} ({})", dir.dir.display(), human_bytes(size));
+        }
+        ReplicaCmd::Salvage { dir, above, name } => {
+            let mut r = open(&dir)?;
+            let record = r
+                .salvage((above, u64::MAX), &name)
+                .with_context(|| format!("cannot salvage replica {}", dir.dir.display()))?;
+            r.close()?;
+            println!(
+                "replica {} is now the only RW member of volume {} (generation {}): the next \
+                 engine serves from it; rebuild the others from it",
+                dir.dir.display(),
+                record.volume,
+                record.generation
+            );
         }
         ReplicaCmd::Info { dir, json } => {
             let info = open(&dir)?.info()?;

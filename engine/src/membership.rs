@@ -1,0 +1,342 @@
+//! The membership rules of a volume's engine, without I/O: which replicas a start may
+//! serve from, and when a change of membership counts.
+//!
+//! The authority standalone is the replicas themselves (`horn_replica::membership`
+//! holds the record and the replica's side). The rules, with their proof sketch in
+//! `docs/engine.md`:
+//!
+//! 1. **Start**: the engine first *claims* every replica it reaches, with a generation
+//!    above every one it saw (a claim fences older engines out of that replica for
+//!    good), and only then reads the records the claims returned. It takes the newest
+//!    record among them as the base; it may serve only if it claimed a strict majority
+//!    of the base's RW members, and then exactly those serve RW. Every other replica
+//!    (blank, of another volume, WO or dropped in the base) is left out, to be rebuilt.
+//!    A volume's first start (no record anywhere) needs every listed replica, blank.
+//! 2. **Changes** (the start's own record, a replica dropped, a rebuilt one added or
+//!    promoted): a new record counts once at least half (rounded up) of the previous
+//!    record's RW members have stored it; until then nothing is acknowledged on its
+//!    strength. Members that fail to store it are dropped in the next record. A change
+//!    that cannot reach that many leaves the volume faulted: it fails I/O rather than
+//!    acknowledge a write a later start might not find.
+//!
+//! Why these two numbers: any strict majority of a record's RW members (a start) and
+//! any half of them rounded up (a change) share a replica. So a start either sees the
+//! change (that replica holds it) or fenced the replica before the change reached it
+//! (the change then cannot count, and its engine faults): no engine acknowledges a
+//! write that a later start would not find, and two engines never both acknowledge.
+//!
+//! What it costs: failures one after another leave the volume going down to its last
+//! replica (3 → 2 → 1), but two of three replicas lost at once, or a partition that
+//! leaves the engine with one of three, fault it: the other side may be a new engine.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+pub use horn_replica::membership::{new_id, Record};
+
+/// A claimed replica, as the start sees it.
+#[derive(Debug, Clone)]
+pub struct Candidate {
+    /// The replica's own identity.
+    pub id: String,
+    /// Its data address (for messages and records).
+    pub name: String,
+    /// The volume it belongs to (`None`: blank).
+    pub volume: Option<String>,
+    /// The newest record it holds.
+    pub record: Option<Record>,
+    /// Its own mode is WO: a rebuild of it has not finished, so it may lack data.
+    pub rebuilding: bool,
+}
+
+/// What a start may do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    /// The volume's identity (a new one at a volume's first start).
+    pub volume: String,
+    /// The newest record found; `None` at a volume's first start.
+    pub base: Option<Record>,
+    /// Candidates (by index) that serve RW.
+    pub rw: Vec<usize>,
+    /// Candidates left out, and why.
+    pub left_out: Vec<(usize, String)>,
+}
+
+impl Plan {
+    /// The first record of the engine at `generation`, identity `engine`.
+    pub fn first_record(&self, candidates: &[Candidate], generation: u64, engine: &str) -> Record {
+        Record {
+            volume: self.volume.clone(),
+            generation,
+            version: 0,
+            engine: engine.to_string(),
+            rw: self
+                .rw
+                .iter()
+                .map(|&i| (candidates[i].id.clone(), candidates[i].name.clone()))
+                .collect(),
+            wo: BTreeMap::new(),
+        }
+    }
+}
+
+/// Decides a start from the replicas claimed. `listed` is how many replicas the engine
+/// was given; `new_volume` names the volume should this be its first start.
+pub fn plan_start(listed: usize, claimed: &[Candidate], new_volume: &str) -> Result<Plan, String> {
+    let base = claimed
+        .iter()
+        .filter_map(|c| c.record.as_ref())
+        .max_by_key(|r| r.epoch())
+        .cloned();
+    let Some(base) = base else {
+        return plan_creation(listed, claimed, new_volume);
+    };
+    let mut rw = Vec::new();
+    let mut left_out = Vec::new();
+    for (i, c) in claimed.iter().enumerate() {
+        let why = match &c.volume {
+            Some(v) if *v != base.volume => Some(format!("it belongs to another volume ({v})")),
+            None => Some("it is blank: it holds none of this volume's data".to_string()),
+            _ if c.rebuilding => Some(REBUILDING.to_string()),
+            _ if base.rw.contains_key(&c.id) => None,
+            _ if base.wo.contains_key(&c.id) => Some(format!(
+                "it was still being rebuilt in the newest membership record ({})",
+                describe(&base)
+            )),
+            _ => Some(format!(
+                "it is not RW in the newest membership record ({}): it missed acknowledged writes",
+                describe(&base)
+            )),
+        };
+        match why {
+            None => rw.push(i),
+            Some(why) => left_out.push((i, why)),
+        }
+    }
+    if rw.len() < base.majority() {
+        let have: BTreeSet<&str> = rw.iter().map(|&i| claimed[i].id.as_str()).collect();
+        let missing: Vec<&str> = base
+            .rw
+            .iter()
+            .filter(|(id, _)| !have.contains(id.as_str()))
+            .map(|(_, name)| name.as_str())
+            .collect();
+        return Err(format!(
+            "only {} of the {} replicas that hold every acknowledged write ({}) answered; a start \
+             needs {} of them. Missing: {}. Bring them back, or, knowing what is lost, salvage the \
+             volume from one replica (`hornctl replica salvage`)",
+            rw.len(),
+            base.rw.len(),
+            describe(&base),
+            base.majority(),
+            missing.join(", ")
+        ));
+    }
+    Ok(Plan {
+        volume: base.volume.clone(),
+        base: Some(base),
+        rw,
+        left_out,
+    })
+}
+
+fn plan_creation(listed: usize, claimed: &[Candidate], new_volume: &str) -> Result<Plan, String> {
+    let volumes: BTreeSet<&str> = claimed.iter().filter_map(|c| c.volume.as_deref()).collect();
+    if volumes.len() > 1 {
+        return Err(format!(
+            "the replicas hold no membership record and belong to different volumes ({})",
+            volumes.into_iter().collect::<Vec<_>>().join(", ")
+        ));
+    }
+    if claimed.len() < listed {
+        return Err(format!(
+            "no replica holds a membership record, so this is the volume's first start, and that \
+             needs every replica listed; {} of {} answered",
+            claimed.len(),
+            listed
+        ));
+    }
+    let (rw, rebuilding): (Vec<usize>, Vec<usize>) =
+        (0..claimed.len()).partition(|&i| !claimed[i].rebuilding);
+    if rw.is_empty() {
+        return Err(format!("every replica is still being rebuilt ({REBUILDING})"));
+    }
+    Ok(Plan {
+        volume: volumes
+            .into_iter()
+            .next()
+            .map_or_else(|| new_volume.to_string(), str::to_string),
+        base: None,
+        rw,
+        left_out: rebuilding
+            .into_iter()
+            .map(|i| (i, REBUILDING.to_string()))
+            .collect(),
+    })
+}
+
+const REBUILDING: &str = "its own mode is WO: a rebuild of it did not finish, so it may lack data";
+
+/// The record after `failed` (identities) are dropped from `current`.
+pub fn without(current: &Record, failed: &[String]) -> Record {
+    let mut next = successor(current);
+    for id in failed {
+        next.rw.remove(id);
+        next.wo.remove(id);
+    }
+    next
+}
+
+/// The record after `id` (named `name`) joins `current` as WO for a rebuild.
+pub fn with_rebuilding(current: &Record, id: &str, name: &str) -> Record {
+    let mut next = successor(current);
+    next.rw.remove(id);
+    next.wo.insert(id.to_string(), name.to_string());
+    next
+}
+
+/// The record after the rebuilt `id` turns RW in `current`.
+pub fn with_promoted(current: &Record, id: &str) -> Record {
+    let mut next = successor(current);
+    if let Some(name) = next.wo.remove(id) {
+        next.rw.insert(id.to_string(), name);
+    }
+    next
+}
+
+fn successor(current: &Record) -> Record {
+    Record {
+        version: current
+            .version
+            .checked_add(1)
+            .expect("a record's version counts changes within one engine's life: it cannot reach 2^64"),
+        ..current.clone()
+    }
+}
+
+/// Does a new record count, given the replicas (identities) that stored it? `previous`
+/// is the record it follows: half its RW members, rounded up, must have stored it
+/// (`None` for a volume's first record, which every member of `next` must store).
+pub fn counts(previous: Option<&Record>, next: &Record, stored: &BTreeSet<String>) -> bool {
+    match previous {
+        Some(p) => p.rw.keys().filter(|id| stored.contains(*id)).count() >= half(p),
+        None => next.rw.keys().all(|id| stored.contains(id)),
+    }
+}
+
+/// At least half of a record's RW members, rounded up: the replicas a change needs.
+pub fn half(r: &Record) -> usize {
+    r.rw.len().div_ceil(2)
+}
+
+/// A record in words: its generation, version and RW members' names.
+pub fn describe(r: &Record) -> String {
+    format!(
+        "generation {} version {}, RW: {}",
+        r.generation,
+        r.version,
+        r.rw.values().cloned().collect::<Vec<_>>().join(", ")
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(g: u64, v: u64, rw: &[&str]) -> Record {
+        Record {
+            volume: "vol".into(),
+            generation: g,
+            version: v,
+            engine: format!("e{g}"),
+            rw: rw.iter().map(|s| (s.to_string(), format!("addr-{s}"))).collect(),
+            wo: BTreeMap::new(),
+        }
+    }
+
+    fn cand(id: &str, record: Option<Record>) -> Candidate {
+        Candidate {
+            id: id.into(),
+            name: format!("addr-{id}"),
+            volume: record.as_ref().map(|r| r.volume.clone()),
+            record,
+            rebuilding: false,
+        }
+    }
+
+    #[test]
+    fn a_start_takes_the_newest_record_and_only_its_rw_members() {
+        let old = rec(3, 0, &["a", "b", "c"]);
+        let new = rec(3, 1, &["a", "b"]);
+        let c = vec![
+            cand("a", Some(new.clone())),
+            cand("b", Some(new)),
+            cand("c", Some(old)),
+        ];
+        let plan = plan_start(3, &c, "x").unwrap();
+        assert_eq!(plan.rw, vec![0, 1]);
+        assert_eq!(plan.left_out.len(), 1);
+        assert!(
+            plan.left_out[0].1.contains("missed acknowledged writes"),
+            "{:?}",
+            plan.left_out
+        );
+    }
+
+    #[test]
+    fn a_start_without_a_majority_of_the_newest_rw_members_is_refused_and_names_them() {
+        let new = rec(3, 1, &["a", "b"]);
+        let c = vec![cand("a", Some(new)), cand("c", Some(rec(3, 0, &["a", "b", "c"])))];
+        let err = plan_start(3, &c, "x").unwrap_err();
+        assert!(err.contains("Missing: addr-b"), "{err}");
+        // The stale replica alone: its own record wants a majority of three.
+        let c = vec![cand("c", Some(rec(3, 0, &["a", "b", "c"])))];
+        assert!(plan_start(3, &c, "x").is_err());
+    }
+
+    #[test]
+    fn blank_and_foreign_replicas_never_serve() {
+        let r = rec(2, 0, &["a", "b"]);
+        let mut foreign = cand("f", None);
+        foreign.volume = Some("other".into());
+        let c = vec![
+            cand("a", Some(r.clone())),
+            cand("b", Some(r)),
+            cand("n", None),
+            foreign,
+        ];
+        let plan = plan_start(4, &c, "x").unwrap();
+        assert_eq!(plan.rw, vec![0, 1]);
+        assert!(plan.left_out[0].1.contains("blank"));
+        assert!(plan.left_out[1].1.contains("another volume"));
+    }
+
+    #[test]
+    fn a_first_start_needs_every_listed_replica() {
+        let c = vec![cand("a", None), cand("b", None)];
+        let plan = plan_start(2, &c, "new").unwrap();
+        assert_eq!((plan.volume.as_str(), plan.rw.len()), ("new", 2));
+        assert!(plan_start(3, &c, "new").is_err());
+    }
+
+    #[test]
+    fn a_change_counts_with_a_majority_of_the_previous_rw_members() {
+        let e = rec(4, 0, &["a", "b", "c"]);
+        let n = without(&e, &["c".to_string()]);
+        assert_eq!(n.version, 1);
+        let stored = |ids: &[&str]| ids.iter().map(|s| s.to_string()).collect::<BTreeSet<_>>();
+        assert!(counts(Some(&e), &n, &stored(&["a", "b"])));
+        assert!(!counts(Some(&e), &n, &stored(&["a"])));
+        // From two, one is half: a drop counts on the survivor alone.
+        let n2 = without(&n, &["b".to_string()]);
+        assert!(counts(Some(&n), &n2, &stored(&["a"])));
+        // The last one cannot be dropped.
+        let n3 = without(&n2, &["a".to_string()]);
+        assert!(!counts(Some(&n2), &n3, &stored(&[])));
+        // A rebuilt replica restores the margin.
+        let w = with_rebuilding(&n, "d", "addr-d");
+        let p = with_promoted(&w, "d");
+        assert_eq!(p.rw.len(), 3);
+        assert!(counts(None, &rec(1, 0, &["a"]), &stored(&["a"])));
+        assert!(!counts(None, &rec(1, 0, &["a", "b"]), &stored(&["a"])));
+    }
+}

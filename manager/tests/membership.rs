@@ -1,0 +1,401 @@
+//! Durable membership and strict fencing, against real replica processes: a replica
+//! that missed acknowledged writes (dropped, sat out, or blank) never serves again
+//! until it is rebuilt; a start that reaches too few of the replicas holding every
+//! acknowledged write is refused; two engines never both acknowledge; a claim needs a
+//! strictly newer, bounded generation. Each test fails on the engine before durable
+//! membership (issue 15), and ends with a verify of the replicas that serve.
+
+mod common;
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::Daemon;
+use horn_engine::replica_set::Mode;
+use horn_engine::{ReplicaAddr, Volume};
+use horn_proto::control::replica_control_client::ReplicaControlClient;
+use horn_proto::control::{ClaimRequest, Member, Membership, MembershipRequest};
+
+const BLOCK: u64 = 4096;
+const BLOCKS: u64 = 96;
+const TIMEOUT: Duration = Duration::from_secs(3);
+
+struct Replicas {
+    daemons: Vec<Option<Daemon>>,
+    dirs: Vec<PathBuf>,
+    _tmp: tempfile::TempDir,
+}
+
+impl Replicas {
+    fn start(n: usize) -> Replicas {
+        let tmp = tempfile::tempdir().unwrap();
+        let dirs: Vec<PathBuf> = (0..n).map(|i| tmp.path().join(format!("r{i}"))).collect();
+        let daemons = dirs
+            .iter()
+            .map(|d| Some(Daemon::start(d, &["--size", "16M"]).unwrap()))
+            .collect();
+        Replicas {
+            daemons,
+            dirs,
+            _tmp: tmp,
+        }
+    }
+
+    fn addr(&self, i: usize) -> ReplicaAddr {
+        self.daemons[i].as_ref().expect("running").replica_addr()
+    }
+
+    fn addrs(&self, which: &[usize]) -> Vec<ReplicaAddr> {
+        which.iter().map(|&i| self.addr(i)).collect()
+    }
+
+    fn kill(&mut self, i: usize) {
+        let d = self.daemons[i].take().expect("running");
+        d.signal(libc::SIGKILL);
+        drop(d);
+    }
+
+    fn restart(&mut self, i: usize) {
+        assert!(self.daemons[i].is_none());
+        self.daemons[i] = Some(Daemon::start(&self.dirs[i], &[]).unwrap());
+    }
+
+    /// Wipes replica `i`'s directory and serves a blank replica there, as on an
+    /// unmounted disk's mount point.
+    fn blank(&mut self, i: usize) {
+        if self.daemons[i].is_some() {
+            self.kill(i);
+        }
+        std::fs::remove_dir_all(&self.dirs[i]).unwrap();
+        self.daemons[i] = Some(Daemon::start(&self.dirs[i], &["--size", "16M"]).unwrap());
+    }
+}
+
+fn write_all(v: &mut Volume, pattern: u8) {
+    for b in 0..BLOCKS {
+        v.write_at(b * BLOCK, &[pattern ^ b as u8; BLOCK as usize])
+            .unwrap();
+    }
+    v.flush().unwrap();
+}
+
+/// Reads every block through the engine (reads spread over the RW replicas) and
+/// counts the blocks that do not hold `pattern`.
+fn wrong_reads(v: &mut Volume, pattern: u8) -> usize {
+    let mut wrong = 0;
+    let mut buf = vec![0u8; BLOCK as usize];
+    for _ in 0..2 {
+        for b in 0..BLOCKS {
+            v.read_at(b * BLOCK, &mut buf).unwrap();
+            if buf.iter().any(|&x| x != pattern ^ b as u8) {
+                wrong += 1;
+            }
+        }
+    }
+    wrong
+}
+
+fn verified(v: &mut Volume) {
+    let report = v.verify(|_, _| {}).unwrap();
+    assert!(
+        report.differences.is_empty(),
+        "the serving replicas differ: {report:?}"
+    );
+}
+
+fn skipped_reason<'a>(report: &'a horn_engine::StartReport, addr: &ReplicaAddr) -> &'a str {
+    report
+        .skipped
+        .iter()
+        .find(|(r, _)| *r == addr.data)
+        .map(|(_, why)| why.as_str())
+        .unwrap_or_else(|| panic!("{} was not left out: {report:?}", addr.data))
+}
+
+#[test]
+fn a_replica_dropped_under_writes_stays_out_after_a_clean_restart() {
+    let mut r = Replicas::start(3);
+    let (mut v, _) = Volume::start(&r.addrs(&[0, 1, 2]), TIMEOUT).unwrap();
+    write_all(&mut v, 1);
+    r.kill(2);
+    write_all(&mut v, 2);
+    assert_eq!(v.replicas()[2].1, Mode::Err);
+    v.close().unwrap();
+    r.restart(2);
+    // The stale replica listed first, where reads and reconciliation used to look first.
+    let (mut v, report) = Volume::start(&r.addrs(&[2, 0, 1]), TIMEOUT).unwrap();
+    assert!(
+        skipped_reason(&report, &r.addr(2)).contains("missed acknowledged writes"),
+        "{report:?}"
+    );
+    assert_eq!(report.used, vec![r.addr(0).data, r.addr(1).data]);
+    assert_eq!(wrong_reads(&mut v, 2), 0);
+    verified(&mut v);
+}
+
+#[test]
+fn a_replica_that_sat_out_a_newer_engine_stays_out() {
+    let r = Replicas::start(3);
+    let (mut v, _) = Volume::start(&r.addrs(&[0, 1, 2]), TIMEOUT).unwrap();
+    write_all(&mut v, 1);
+    v.close().unwrap();
+    // A newer engine runs without replica 2 and closes cleanly.
+    let (mut v, _) = Volume::start(&r.addrs(&[0, 1]), TIMEOUT).unwrap();
+    write_all(&mut v, 2);
+    v.close().unwrap();
+    let (mut v, report) = Volume::start(&r.addrs(&[2, 0, 1]), TIMEOUT).unwrap();
+    assert!(
+        skipped_reason(&report, &r.addr(2)).contains("missed acknowledged writes"),
+        "{report:?}"
+    );
+    assert_eq!(wrong_reads(&mut v, 2), 0);
+    verified(&mut v);
+}
+
+#[test]
+fn a_blank_replica_in_a_members_place_never_serves() {
+    let mut r = Replicas::start(3);
+    let (mut v, _) = Volume::start(&r.addrs(&[0, 1, 2]), TIMEOUT).unwrap();
+    write_all(&mut v, 3);
+    v.close().unwrap();
+    r.blank(2);
+    let (mut v, report) = Volume::start(&r.addrs(&[2, 0, 1]), TIMEOUT).unwrap();
+    assert!(
+        skipped_reason(&report, &r.addr(2)).contains("blank"),
+        "{report:?}"
+    );
+    assert_eq!(wrong_reads(&mut v, 3), 0);
+    verified(&mut v);
+}
+
+#[test]
+fn a_start_that_reaches_too_few_current_replicas_is_refused_and_names_them() {
+    let mut r = Replicas::start(3);
+    let (mut v, _) = Volume::start(&r.addrs(&[0, 1, 2]), TIMEOUT).unwrap();
+    write_all(&mut v, 1);
+    r.kill(2);
+    write_all(&mut v, 4);
+    v.close().unwrap();
+    r.restart(2);
+    // Only the stale replica: refused, naming the two it needs.
+    let err = Volume::start(&r.addrs(&[2]), TIMEOUT).err().expect("refused");
+    let msg = err.to_string();
+    assert!(msg.contains("Missing"), "{msg}");
+    assert!(
+        msg.contains(&r.addr(0).data) && msg.contains(&r.addr(1).data),
+        "{msg}"
+    );
+    // The stale replica with one current one: one of two is not a majority.
+    assert!(Volume::start(&r.addrs(&[2, 0]), TIMEOUT).is_err());
+    // The refused starts gave the stale replica nothing to win with later.
+    let (mut v, report) = Volume::start(&r.addrs(&[2, 0, 1]), TIMEOUT).unwrap();
+    assert_eq!(report.used, vec![r.addr(0).data, r.addr(1).data], "{report:?}");
+    assert_eq!(wrong_reads(&mut v, 4), 0);
+    verified(&mut v);
+}
+
+#[test]
+fn two_failures_at_once_fault_the_volume_instead_of_acknowledging() {
+    let mut r = Replicas::start(3);
+    let (mut v, _) = Volume::start(&r.addrs(&[0, 1, 2]), TIMEOUT).unwrap();
+    write_all(&mut v, 1);
+    // One replica of three left: it cannot tell a crash of the other two from a new
+    // engine serving them, so it stops acknowledging.
+    r.kill(1);
+    r.kill(2);
+    let err = (0..BLOCKS)
+        .find_map(|b| v.write_at(b * BLOCK, &[9u8; BLOCK as usize]).err())
+        .expect("a write fails");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("faulted") || msg.contains("no healthy replica"),
+        "{msg}"
+    );
+    let err = v.write_at(0, &[9u8; BLOCK as usize]).unwrap_err();
+    assert!(err.to_string().contains("faulted"), "{err}");
+    drop(v);
+    // Nor does a new engine start from it alone.
+    assert!(Volume::start(&r.addrs(&[0]), TIMEOUT).is_err());
+}
+
+#[test]
+fn failures_one_after_another_go_down_to_the_last_replica() {
+    let mut r = Replicas::start(3);
+    let (mut v, _) = Volume::start(&r.addrs(&[0, 1, 2]), TIMEOUT).unwrap();
+    write_all(&mut v, 1);
+    r.kill(2);
+    write_all(&mut v, 2);
+    r.kill(1);
+    write_all(&mut v, 5);
+    v.close().unwrap();
+    r.restart(1);
+    r.restart(2);
+    let (mut v, report) = Volume::start(&r.addrs(&[1, 2, 0]), TIMEOUT).unwrap();
+    assert_eq!(report.used, vec![r.addr(0).data], "{report:?}");
+    assert_eq!(wrong_reads(&mut v, 5), 0);
+}
+
+#[test]
+fn engines_started_together_never_both_acknowledge() {
+    let r = Replicas::start(3);
+    let addrs = r.addrs(&[0, 1, 2]);
+    let rounds: u8 = 12;
+    let mut both = 0;
+    for round in 0..rounds {
+        // Each engine writes its own byte to every block; acknowledged writes are logged
+        // with the instant they were acknowledged.
+        let log: Arc<Mutex<Vec<(Instant, u64, u8)>>> = Arc::default();
+        let threads: Vec<_> = [0x40u8, 0x80u8]
+            .into_iter()
+            .map(|tag| {
+                let (addrs, log) = (addrs.clone(), log.clone());
+                let value = tag | round;
+                std::thread::spawn(move || {
+                    let Ok((mut v, _)) = Volume::start(&addrs, TIMEOUT) else {
+                        return 0;
+                    };
+                    let mut acked = 0;
+                    for b in 0..16u64 {
+                        if v.write_at(b * BLOCK, &[value; BLOCK as usize]).is_ok() {
+                            log.lock().unwrap().push((Instant::now(), b, value));
+                            acked += 1;
+                        }
+                    }
+                    let _ = v.close();
+                    acked
+                })
+            })
+            .collect();
+        let acked: Vec<usize> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+        if acked.iter().all(|&a| a > 0) {
+            both += 1;
+        }
+        // A replica the winner could not claim is left out (to be rebuilt): a start
+        // needs two of the three.
+        let (mut v, _) = Volume::start(&addrs, TIMEOUT).unwrap();
+        let mut log = log.lock().unwrap().clone();
+        log.sort();
+        let mut buf = vec![0u8; BLOCK as usize];
+        for b in 0..16u64 {
+            let Some(&(_, _, last)) = log.iter().rev().find(|(_, blk, _)| *blk == b) else {
+                continue;
+            };
+            v.read_at(b * BLOCK, &mut buf).unwrap();
+            assert_eq!(
+                buf[0], last,
+                "round {round}, block {b}: the last acknowledged write was lost ({log:?})"
+            );
+        }
+        verified(&mut v);
+        v.close().unwrap();
+    }
+    println!(
+        "rounds where both engines acknowledged some writes (one after the other fenced): {both} of {rounds}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claims_need_a_strictly_newer_bounded_generation_for_the_same_volume() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = Daemon::start(&tmp.path().join("r"), &["--size", "16M"]).unwrap();
+    let mut c = ReplicaControlClient::connect(d.control.clone()).await.unwrap();
+    let claim = |generation: u64, engine: &str, volume: &str| ClaimRequest {
+        generation,
+        engine: engine.into(),
+        volume: volume.into(),
+    };
+    let id = c
+        .claim(claim(7, "engine-a", "vol-1"))
+        .await
+        .unwrap()
+        .into_inner()
+        .id;
+    // The replica joins vol-1 with the first record committed on it.
+    let record = Membership {
+        volume: "vol-1".into(),
+        generation: 7,
+        version: 0,
+        engine: "engine-a".into(),
+        rw: vec![Member {
+            id,
+            name: d.addr.clone(),
+        }],
+        wo: vec![],
+    };
+    let request = |commit| MembershipRequest {
+        record: Some(record.clone()),
+        commit,
+    };
+    c.record_membership(request(false)).await.unwrap();
+    c.record_membership(request(true)).await.unwrap();
+    // Only forward.
+    let err = c.record_membership(request(true)).await.unwrap_err();
+    assert!(err.message().contains("not newer"), "{}", err.message());
+    // The same engine may repeat its claim; another engine at the same generation may not.
+    c.claim(claim(7, "engine-a", "vol-1")).await.unwrap();
+    let err = c.claim(claim(7, "engine-b", "vol-1")).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+    assert!(err.message().contains("does not exceed"), "{}", err.message());
+    // No generation that would leave nobody a next one.
+    let err = c.claim(claim(u64::MAX, "engine-b", "vol-1")).await.unwrap_err();
+    assert!(err.message().contains("beyond the largest"), "{}", err.message());
+    // A replica of one volume is never claimed for another.
+    let err = c.claim(claim(8, "engine-b", "vol-2")).await.unwrap_err();
+    assert!(
+        err.message().contains("belongs to volume vol-1"),
+        "{}",
+        err.message()
+    );
+    c.claim(claim(8, "engine-b", "vol-1")).await.unwrap();
+    // The old engine may no longer record anything.
+    let err = c.record_membership(request(true)).await.unwrap_err();
+    assert!(err.message().contains("held by engine-b"), "{}", err.message());
+}
+
+#[test]
+fn an_operator_salvages_a_volume_from_one_replica_knowingly() {
+    let mut r = Replicas::start(3);
+    let (mut v, _) = Volume::start(&r.addrs(&[0, 1, 2]), TIMEOUT).unwrap();
+    write_all(&mut v, 1);
+    v.close().unwrap();
+    // Two replicas are gone for good: a start from the third alone is refused.
+    r.kill(0);
+    r.kill(1);
+    assert!(Volume::start(&r.addrs(&[2]), TIMEOUT).is_err());
+    r.kill(2);
+    let salvage = |dir: &std::path::Path| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_hornctl"))
+            .args(["replica", "salvage"])
+            .arg(dir)
+            .args(["--above", "10"])
+            .output()
+            .unwrap()
+    };
+    let out = salvage(&r.dirs[2]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("only RW member"));
+    r.restart(2);
+    let (mut v, report) = Volume::start(&r.addrs(&[2]), TIMEOUT).unwrap();
+    assert!(report.generation > 11, "{report:?}");
+    assert_eq!(wrong_reads(&mut v, 1), 0);
+    v.close().unwrap();
+    // The others come back: they follow the salvaged one, left out to be rebuilt.
+    r.restart(0);
+    r.restart(1);
+    let (_v, report) = Volume::start(&r.addrs(&[0, 1, 2]), TIMEOUT).unwrap();
+    assert_eq!(report.used, vec![r.addr(2).data], "{report:?}");
+    // A blank replica has nothing to salvage.
+    let blank = tempfile::tempdir().unwrap();
+    horn_replica::Replica::create(blank.path().join("b"), 16 << 20, 512)
+        .unwrap()
+        .close()
+        .unwrap();
+    let out = salvage(&blank.path().join("b"));
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("blank"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
