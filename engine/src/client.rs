@@ -2,27 +2,74 @@
 //! way to turn a refusal into an error that names the replica, and [`Peer`], a
 //! connected replica with its addresses for messages.
 //!
-//! Every control call of the engine (claims, chain operations, reconciliation,
-//! verify, rebuild) connects through here, so a rule about them (a deadline, an
-//! identity) has one place to go.
+//! Every control call of the engine (claims, records, chain operations,
+//! reconciliation, verify, intent clearing, rebuild) connects through here, and every
+//! connection carries a deadline: the connect and each call on it end within
+//! [`Deadline`], so a hung replica costs the caller that long and no more. The caller
+//! then drops the replica (durably, through the keeper) and goes on.
+
+use std::time::Duration;
 
 use horn_proto::control::replica_control_client::ReplicaControlClient;
-use tonic::transport::Channel;
+use tonic::transport::{Channel, Endpoint};
 
 use crate::types::{Result, VolumeError};
 
 /// A replica's control client.
 pub(crate) type ControlClient = ReplicaControlClient<Channel>;
 
-/// Connects to a replica's control service.
-pub(crate) async fn connect(control: &str) -> Result<ControlClient> {
-    ReplicaControlClient::connect(format!("http://{control}"))
-        .await
-        .map_err(|e| VolumeError::Control {
-            replica: control.to_string(),
-            code: tonic::Code::Unavailable,
-            message: e.to_string(),
-        })
+/// How long a connect, and each call on the connection, may take.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Deadline {
+    /// A call that does one small thing (info, claim, record, intents, blocks): the
+    /// engine's replica timeout.
+    Call(Duration),
+    /// A chain operation, which may fold a large layer: four replica timeouts, at
+    /// least 10 s.
+    Chain(Duration),
+    /// A rebuild's transfer, which runs as long as the data takes: only the connect
+    /// has a deadline (its progress is watched through `Info` calls, which do).
+    Transfer(Duration),
+}
+
+impl Deadline {
+    fn connect(self) -> Duration {
+        match self {
+            Deadline::Call(t) | Deadline::Transfer(t) => t,
+            Deadline::Chain(t) => t,
+        }
+    }
+
+    fn call(self) -> Option<Duration> {
+        match self {
+            Deadline::Call(t) => Some(t),
+            Deadline::Chain(t) => Some((t * 4).max(Duration::from_secs(10))),
+            Deadline::Transfer(_) => None,
+        }
+    }
+}
+
+/// Connects to a replica's control service, within `deadline`.
+pub(crate) async fn connect(control: &str, deadline: Deadline) -> Result<ControlClient> {
+    let unavailable = |message: String| VolumeError::Control {
+        replica: control.to_string(),
+        code: tonic::Code::Unavailable,
+        message,
+    };
+    let mut endpoint = Endpoint::from_shared(format!("http://{control}"))
+        .map_err(|e| unavailable(format!("not a control address: {e}")))?
+        .connect_timeout(deadline.connect());
+    if let Some(t) = deadline.call() {
+        endpoint = endpoint.timeout(t);
+    }
+    match tokio::time::timeout(deadline.connect(), endpoint.connect()).await {
+        Ok(Ok(channel)) => Ok(ReplicaControlClient::new(channel)),
+        Ok(Err(e)) => Err(unavailable(e.to_string())),
+        Err(_) => Err(unavailable(format!(
+            "it did not accept a connection within {:?}",
+            deadline.connect()
+        ))),
+    }
 }
 
 /// Maps a replica's gRPC status to an engine error naming the replica.
@@ -36,6 +83,8 @@ pub(crate) fn control_err(replica: &str) -> impl FnOnce(tonic::Status) -> Volume
 
 /// A replica's control client, with its addresses for messages.
 pub(crate) struct Peer {
+    /// Index in the engine's replicas.
+    pub(crate) index: usize,
     /// Control address.
     pub(crate) control: String,
     /// Data address (the replica's name in reports).

@@ -160,8 +160,55 @@ fn engine_info(v: &Volume) -> EngineInfo {
     }
 }
 
+/// How each replica's chain differs from the first one's: snapshots it lacks or has
+/// beyond it, or that differ in parent or deletion, and replicas that did not answer.
+pub fn chain_differences(views: &[(String, std::result::Result<InfoReply, String>)]) -> Vec<String> {
+    type Shape = std::collections::BTreeMap<String, (String, bool)>;
+    let shape = |i: &InfoReply| -> Shape {
+        i.layers
+            .iter()
+            .filter(|l| !l.name.is_empty())
+            .map(|l| (l.name.clone(), (l.parent.clone(), l.removed)))
+            .collect()
+    };
+    let mut out = Vec::new();
+    let Some((first_name, first)) = views
+        .iter()
+        .find_map(|(n, v)| v.as_ref().ok().map(|i| (n, shape(i))))
+    else {
+        return views
+            .iter()
+            .map(|(n, v)| format!("{n}: {}", v.as_ref().err().cloned().unwrap_or_default()))
+            .collect();
+    };
+    for (name, view) in views {
+        let theirs = match view {
+            Ok(i) => shape(i),
+            Err(e) => {
+                out.push(format!("{name}: did not answer: {e}"));
+                continue;
+            }
+        };
+        for (snap, mine) in &first {
+            match theirs.get(snap) {
+                None => out.push(format!("{name}: lacks snapshot {snap} (which {first_name} has)")),
+                Some(t) if t != mine => out.push(format!(
+                    "{name}: snapshot {snap} differs (parent {:?}, deleted {}; {first_name}: parent {:?}, deleted {})",
+                    t.0, t.1, mine.0, mine.1
+                )),
+                _ => {}
+            }
+        }
+        for snap in theirs.keys().filter(|s| !first.contains_key(*s)) {
+            out.push(format!("{name}: has snapshot {snap}, which {first_name} lacks"));
+        }
+    }
+    out
+}
+
 fn snapshots(info: InfoReply) -> SnapshotList {
     SnapshotList {
+        differences: Vec::new(),
         snapshots: info
             .layers
             .into_iter()
@@ -209,7 +256,13 @@ impl EngineControl for EngineControlService {
         &self,
         _req: Request<ListSnapshotsRequest>,
     ) -> Result<Response<SnapshotList>, Status> {
-        self.run(|v| v.chain_op(ChainOp::Info).map(snapshots)).await
+        self.run(|v| {
+            let views = v.engine().chains();
+            let mut list = v.chain_op(ChainOp::Info).map(snapshots)?;
+            list.differences = chain_differences(&views);
+            Ok(list)
+        })
+        .await
     }
 
     async fn delete_snapshot(

@@ -23,16 +23,15 @@ use std::time::{Duration, Instant};
 
 use std::collections::HashMap;
 
-use horn_proto::control::replica_control_client::ReplicaControlClient;
 use horn_proto::control::{
     DeleteSnapshotRequest, ExpandRequest, InfoReply, InfoRequest, PurgeRequest, ReleaseRequest,
     RevertRequest, SnapshotRequest,
 };
 
-use crate::client::control_err;
+use crate::client::{self, control_err, Deadline};
 use crate::membership::Record;
 use crate::replica_set::{Mode, ReplicaConfig};
-use crate::types::{ChainOp, IoError, RebuildStatus, ReplicaAddr, Result, VolumeError};
+use crate::types::{ChainOp, RebuildStatus, ReplicaAddr, Result, VolumeError};
 
 /// One replica as the engine claimed it.
 #[derive(Debug)]
@@ -444,6 +443,12 @@ impl Engine {
     /// Runs a chain operation through the control service of every replica that has
     /// not failed; returns the first one's view of the chain. The caller has drained
     /// and flushed the volume where the operation needs it.
+    ///
+    /// It cannot half-happen: a refusal by the first replica (a bad name, a missing
+    /// snapshot) changes nothing anywhere and is returned; once one replica has done
+    /// its part, a replica that fails its part, or misses the call's deadline, no
+    /// longer matches the others and is dropped, durably (the keeper records it), to be
+    /// rebuilt. The operation fails only if no replica did it.
     pub(crate) fn run_chain_op(&self, op: &ChainOp) -> Result<InfoReply> {
         if let ChainOp::Expand(size) = *op {
             if size < self.size() {
@@ -454,70 +459,113 @@ impl Engine {
             }
         }
         let generation = self.generation;
+        let deadline = Deadline::Chain(self.timeout);
         let mut first = None;
+        let mut failures = Vec::new();
         for (i, r) in self.replicas().iter().enumerate() {
             if self.is_failed(i) {
                 continue;
             }
-            let url = format!("http://{}", r.control);
             let this_op = op.clone();
-            let info = self
-                .runtime
-                .block_on(async move {
-                    let mut c = ReplicaControlClient::connect(url)
-                        .await
-                        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
-                    let reply = match this_op {
-                        ChainOp::Info => c.info(InfoRequest {}).await?.into_inner(),
-                        ChainOp::Snapshot { name, labels } => c
-                            .snapshot(SnapshotRequest {
-                                generation,
-                                name,
-                                labels,
-                            })
-                            .await?
-                            .into_inner(),
-                        ChainOp::Delete(name) => c
-                            .delete_snapshot(DeleteSnapshotRequest { generation, name })
-                            .await?
-                            .into_inner(),
-                        ChainOp::Purge => {
-                            let p = c.purge(PurgeRequest { generation }).await?.into_inner();
-                            p.info.unwrap_or_default()
-                        }
-                        ChainOp::Revert(name) => {
-                            c.revert(RevertRequest { generation, name }).await?.into_inner()
-                        }
-                        ChainOp::Expand(size) => {
-                            c.expand(ExpandRequest { generation, size }).await?.into_inner()
-                        }
-                    };
-                    Ok::<_, tonic::Status>(reply)
-                })
-                .map_err(control_err(&r.control))?;
-            first.get_or_insert(info);
-            if matches!(op, ChainOp::Info) {
-                break;
+            let control = r.control.clone();
+            let info = self.runtime.block_on(async move {
+                let mut c = client::connect(&control, deadline)
+                    .await
+                    .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+                let reply = match this_op {
+                    ChainOp::Info => c.info(InfoRequest {}).await?.into_inner(),
+                    ChainOp::Snapshot { name, labels } => c
+                        .snapshot(SnapshotRequest {
+                            generation,
+                            name,
+                            labels,
+                        })
+                        .await?
+                        .into_inner(),
+                    ChainOp::Delete(name) => c
+                        .delete_snapshot(DeleteSnapshotRequest { generation, name })
+                        .await?
+                        .into_inner(),
+                    ChainOp::Purge => {
+                        let p = c.purge(PurgeRequest { generation }).await?.into_inner();
+                        p.info.unwrap_or_default()
+                    }
+                    ChainOp::Revert(name) => c.revert(RevertRequest { generation, name }).await?.into_inner(),
+                    ChainOp::Expand(size) => c.expand(ExpandRequest { generation, size }).await?.into_inner(),
+                };
+                Ok::<_, tonic::Status>(reply)
+            });
+            match info {
+                Ok(info) => {
+                    first.get_or_insert(info);
+                    if matches!(op, ChainOp::Info) {
+                        break;
+                    }
+                }
+                Err(s) if first.is_none() && is_refusal(s.code()) => {
+                    // Nothing was done anywhere: the request itself is wrong, or this
+                    // engine is fenced.
+                    return Err(control_err(&r.control)(s));
+                }
+                Err(s) => {
+                    let why = format!("its part of {} failed: {}", op.describe(), s.message());
+                    if self.mark_failed(i, &format!("replica {} failed: {why}", r.data)) {
+                        tracing::warn!(replica = %r.data, %why, "replica dropped: a chain operation failed on it");
+                    }
+                    failures.push(format!("{}: {}", r.data, s.message()));
+                }
             }
         }
-        let first = first.ok_or(VolumeError::Io(IoError::NoHealthyReplica))?;
+        let Some(first) = first else {
+            return Err(VolumeError::BadRequest(format!(
+                "{} failed on every replica: {}",
+                op.describe(),
+                failures.join("; ")
+            )));
+        };
         if let ChainOp::Expand(size) = *op {
-            // Every replica in the set now has the new size: I/O may use it.
+            // Every replica left in the set now has the new size: I/O may use it.
             self.size.store(size, Ordering::Release);
         }
         Ok(first)
     }
 
-    /// Releases every replica that has not failed (marks it clean).
+    /// Each live replica's chain (its `Info`), for comparing them; a replica that does
+    /// not answer within the deadline is named with its error.
+    pub fn chains(&self) -> Vec<(String, std::result::Result<InfoReply, String>)> {
+        let deadline = Deadline::Call(self.timeout);
+        self.replicas()
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| !self.is_failed(*i))
+            .map(|(_, r)| {
+                let control = r.control.clone();
+                let info = self.runtime.block_on(async move {
+                    let mut c = client::connect(&control, deadline)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    c.info(InfoRequest {})
+                        .await
+                        .map(|i| i.into_inner())
+                        .map_err(|s| s.message().to_string())
+                });
+                (r.data.clone(), info)
+            })
+            .collect()
+    }
+
+    /// Releases every replica that has not failed (marks it clean), each within the
+    /// deadline.
     pub(crate) fn release(&self) {
         let generation = self.generation;
+        let deadline = Deadline::Chain(self.timeout);
         for (i, r) in self.replicas().iter().enumerate() {
             if self.is_failed(i) {
                 continue;
             }
-            let url = format!("http://{}", r.control);
-            let released = self.runtime.block_on(async {
-                let mut c = ReplicaControlClient::connect(url)
+            let control = r.control.clone();
+            let released = self.runtime.block_on(async move {
+                let mut c = client::connect(&control, deadline)
                     .await
                     .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
                 c.release(ReleaseRequest { generation }).await
@@ -527,6 +575,19 @@ impl Engine {
             }
         }
     }
+}
+
+/// A refusal that every replica would give alike (the request is wrong, or the engine
+/// is fenced), as opposed to one replica failing.
+fn is_refusal(code: tonic::Code) -> bool {
+    matches!(
+        code,
+        tonic::Code::InvalidArgument
+            | tonic::Code::AlreadyExists
+            | tonic::Code::NotFound
+            | tonic::Code::FailedPrecondition
+            | tonic::Code::OutOfRange
+    )
 }
 
 /// Locks a mutex that guards plain data; a panic elsewhere does not poison its use.

@@ -38,7 +38,9 @@ pub(crate) fn store(
             let (wire, control, id) = (wire.clone(), control.clone(), id.clone());
             async move {
                 let call = async {
-                    let mut c = client::connect(&control).await.map_err(|e| e.to_string())?;
+                    let mut c = client::connect(&control, client::Deadline::Call(timeout))
+                        .await
+                        .map_err(|e| e.to_string())?;
                     c.record_membership(MembershipRequest {
                         record: Some(wire),
                         commit,

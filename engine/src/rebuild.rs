@@ -23,12 +23,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use horn_proto::control::replica_control_client::ReplicaControlClient;
 use horn_proto::control::{
     ClaimRequest, FinishSyncRequest, InfoRequest, Mode as WireMode, SetModeRequest, SyncFromRequest,
 };
 
-use crate::client::{connect, control_err};
+use crate::client::{connect, control_err, Deadline};
 use crate::engine::{ClaimedReplica, Engine};
 use crate::recovery::copy_blocks;
 use crate::replica_set::Mode;
@@ -73,7 +72,7 @@ pub fn add_replica(volume: &mut Volume, addr: ReplicaAddr) -> Result<()> {
         message: s.message().to_string(),
     };
     let info = engine.runtime().block_on(async {
-        let mut c = ReplicaControlClient::connect(format!("http://{}", addr.control))
+        let mut c = connect(&addr.control, Deadline::Call(engine.timeout()))
             .await
             .map_err(|e| tonic::Status::unavailable(format!("unreachable: {e}")))?;
         let info = c.info(InfoRequest {}).await?.into_inner();
@@ -221,8 +220,8 @@ fn sync_and_finish(engine: &Arc<Engine>, target: usize, snapshot: &str) -> Resul
         engine.update_rebuild(target, |st| st.source = src.data.clone());
         tracing::info!(replica = %t.data, source = %src.data, "rebuild: syncing layers");
         let result = rt.block_on(async {
-            let mut tc = connect(&t.control).await?;
-            let mut progress = connect(&t.control).await?;
+            let mut tc = connect(&t.control, Deadline::Transfer(engine.timeout())).await?;
+            let mut progress = connect(&t.control, Deadline::Call(engine.timeout())).await?;
             let call = tc.sync_from(SyncFromRequest {
                 generation: engine.generation(),
                 source: src.control.clone(),
@@ -256,7 +255,7 @@ fn sync_and_finish(engine: &Arc<Engine>, target: usize, snapshot: &str) -> Resul
             Err(e) => {
                 // Whose fault? A target that cannot answer its own Info is gone.
                 let target_alive = rt.block_on(async {
-                    connect(&t.control)
+                    connect(&t.control, Deadline::Call(engine.timeout()))
                         .await?
                         .info(InfoRequest {})
                         .await
@@ -275,13 +274,13 @@ fn sync_and_finish(engine: &Arc<Engine>, target: usize, snapshot: &str) -> Resul
     let generation = engine.generation();
     let finished = v.paused(false, |e| {
         rt.block_on(async {
-            let mut tc = connect(&t.control).await?;
+            let mut tc = connect(&t.control, Deadline::Chain(engine.timeout())).await?;
             let reply = tc
                 .finish_sync(FinishSyncRequest { generation })
                 .await
                 .map_err(control_err(&t.control))?
                 .into_inner();
-            let mut sc = connect(&src.control).await?;
+            let mut sc = connect(&src.control, Deadline::Call(engine.timeout())).await?;
             let mut suspects = reply.suspect_blocks.clone();
             suspects.sort_unstable();
             suspects.dedup();

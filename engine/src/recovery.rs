@@ -17,7 +17,7 @@
 
 use horn_proto::control::{BlocksData, BlocksRequest, ChecksumsRequest, ClearIntentsRequest, IntentsRequest};
 
-use crate::client::{connect, control_err, ControlClient, Peer};
+use crate::client::{connect, control_err, ControlClient, Deadline, Peer};
 use crate::engine::Engine;
 use crate::replica_set::Mode;
 use crate::types::{Difference, ReconcileReport, Result, VolumeError};
@@ -72,21 +72,37 @@ pub fn differing_runs(base: &[u64], other: &[u64]) -> Vec<(u64, u64)> {
     runs
 }
 
-/// Control clients of the replicas that have not failed, WO ones too if asked.
+/// Control clients of the replicas that have not failed, WO ones too if asked. A
+/// replica that does not accept a connection within the engine's timeout is dropped
+/// (the keeper records it) and left out.
 pub(crate) fn peers(engine: &Engine, with_wo: bool) -> Result<Vec<Peer>> {
     let mut out = Vec::new();
     for (i, r) in engine.replicas().iter().enumerate() {
         if engine.is_failed(i) || (r.mode() != Mode::Rw && !with_wo) {
             continue;
         }
-        let client = engine.runtime().block_on(connect(&r.control))?;
-        out.push(Peer {
-            control: r.control.clone(),
-            data: r.data.clone(),
-            client,
-        });
+        match engine
+            .runtime()
+            .block_on(connect(&r.control, Deadline::Call(engine.timeout())))
+        {
+            Ok(client) => out.push(Peer {
+                index: i,
+                control: r.control.clone(),
+                data: r.data.clone(),
+                client,
+            }),
+            Err(e) => drop_replica(engine, i, &r.data, &e.to_string()),
+        }
     }
     Ok(out)
+}
+
+/// Drops a replica that failed or missed a control call's deadline: the keeper
+/// records the drop before any queue acknowledges past it.
+pub(crate) fn drop_replica(engine: &Engine, index: usize, data: &str, why: &str) {
+    if engine.mark_failed(index, &format!("replica {data} failed a control call: {why}")) {
+        tracing::warn!(replica = %data, error = %why, "replica dropped: it failed a control call");
+    }
 }
 
 /// Makes the RW replicas identical where their write-intent records say they may
@@ -219,30 +235,43 @@ pub(crate) fn compare_range(
     Ok((names, diffs))
 }
 
-/// Write-intent regions marked on the replicas of `peers` (the most on any one).
-pub(crate) fn intents_marked(engine: &Engine, peers: &mut [Peer]) -> Result<u64> {
+/// Write-intent regions marked on the replicas of `peers` (the most on any one). A
+/// replica that fails the call or misses its deadline is dropped and leaves `peers`.
+pub(crate) fn intents_marked(engine: &Engine, peers: &mut Vec<Peer>) -> Result<u64> {
     let mut most = 0;
-    for Peer { control, client, .. } in peers.iter_mut() {
-        let reply = engine
-            .runtime()
-            .block_on(client.intents(IntentsRequest {}))
-            .map_err(control_err(control))?
-            .into_inner();
-        most = most.max(reply.regions.len() as u64);
-    }
+    peers.retain_mut(
+        |p| match engine.runtime().block_on(p.client.intents(IntentsRequest {})) {
+            Ok(reply) => {
+                most = most.max(reply.into_inner().regions.len() as u64);
+                true
+            }
+            Err(s) => {
+                drop_replica(engine, p.index, &p.data, s.message());
+                false
+            }
+        },
+    );
     Ok(most)
 }
 
 /// Unmarks the write-intent regions on the replicas of `peers`. The caller has
-/// paused the volume with nothing in flight.
-pub(crate) fn clear_intents(engine: &Engine, peers: &mut [Peer]) -> Result<()> {
+/// paused the volume with nothing in flight. A replica that fails or misses the
+/// deadline (a hung disk) is dropped, not waited for: the pause ends within one
+/// deadline per replica.
+pub(crate) fn clear_intents(engine: &Engine, peers: &mut Vec<Peer>) -> Result<()> {
     let generation = engine.generation();
-    for Peer { control, client, .. } in peers.iter_mut() {
-        engine
+    peers.retain_mut(|p| {
+        match engine
             .runtime()
-            .block_on(client.clear_intents(ClearIntentsRequest { generation }))
-            .map_err(control_err(control))?;
-    }
+            .block_on(p.client.clear_intents(ClearIntentsRequest { generation }))
+        {
+            Ok(_) => true,
+            Err(s) => {
+                drop_replica(engine, p.index, &p.data, s.message());
+                false
+            }
+        }
+    });
     Ok(())
 }
 

@@ -211,7 +211,9 @@ where
 {
     runtime.block_on(async {
         let work = async {
-            let c = client::connect(control).await.map_err(|e| e.to_string())?;
+            let c = client::connect(control, client::Deadline::Call(timeout))
+                .await
+                .map_err(|e| e.to_string())?;
             f(c).await.map_err(|s| s.message().to_string())
         };
         match tokio::time::timeout(timeout, work).await {

@@ -124,6 +124,20 @@ pub enum ChainOp {
     Expand(u64),
 }
 
+impl ChainOp {
+    /// The operation in words, for messages.
+    pub fn describe(&self) -> String {
+        match self {
+            ChainOp::Info => "reading the chain".into(),
+            ChainOp::Snapshot { name, .. } => format!("snapshot {name:?}"),
+            ChainOp::Delete(name) => format!("deleting snapshot {name:?}"),
+            ChainOp::Purge => "the purge".into(),
+            ChainOp::Revert(name) => format!("the revert to {name:?}"),
+            ChainOp::Expand(size) => format!("the expansion to {size} bytes"),
+        }
+    }
+}
+
 /// What starting the volume found.
 #[derive(Debug, Clone)]
 pub struct StartReport {

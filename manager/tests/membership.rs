@@ -399,3 +399,105 @@ fn an_operator_salvages_a_volume_from_one_replica_knowingly() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn a_hung_replica_costs_intent_clearing_one_deadline_and_is_dropped_durably() {
+    let r = Replicas::start(3);
+    let timeout = Duration::from_secs(1);
+    let (mut v, _) = Volume::start(&r.addrs(&[0, 1, 2]), timeout).unwrap();
+    write_all(&mut v, 1);
+    r.daemons[2].as_ref().unwrap().signal(libc::SIGSTOP);
+    let t = Instant::now();
+    v.clean_intents().unwrap();
+    let took = t.elapsed();
+    assert!(
+        took < Duration::from_secs(5),
+        "intent clearing waited {took:?} on a hung replica"
+    );
+    write_all(&mut v, 2);
+    assert_eq!(v.replicas()[2].1, Mode::Err);
+    v.close().unwrap();
+    r.daemons[2].as_ref().unwrap().signal(libc::SIGCONT);
+    let (mut v, report) = Volume::start(&r.addrs(&[2, 0, 1]), TIMEOUT).unwrap();
+    assert!(
+        skipped_reason(&report, &r.addr(2)).contains("missed"),
+        "{report:?}"
+    );
+    assert_eq!(wrong_reads(&mut v, 2), 0);
+    verified(&mut v);
+}
+
+#[test]
+fn a_chain_operation_that_fails_on_one_replica_drops_it_durably() {
+    let r = Replicas::start(3);
+    let (mut v, _) = Volume::start(&r.addrs(&[0, 1, 2]), TIMEOUT).unwrap();
+    write_all(&mut v, 1);
+    // The third replica already has a snapshot of that name: its part will fail.
+    let generation = v.generation();
+    let control = r.daemons[2].as_ref().unwrap().control.clone();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut c = horn_proto::control::replica_control_client::ReplicaControlClient::connect(control)
+            .await
+            .unwrap();
+        c.snapshot(horn_proto::control::SnapshotRequest {
+            generation,
+            name: "s".into(),
+            labels: Default::default(),
+        })
+        .await
+        .unwrap();
+    });
+    v.snapshot("s").unwrap();
+    assert_eq!(
+        v.replicas()[2].1,
+        Mode::Err,
+        "the replica whose part failed is dropped"
+    );
+    write_all(&mut v, 2);
+    v.close().unwrap();
+    let (mut v, report) = Volume::start(&r.addrs(&[2, 0, 1]), TIMEOUT).unwrap();
+    assert!(
+        skipped_reason(&report, &r.addr(2)).contains("missed"),
+        "{report:?}"
+    );
+    assert_eq!(wrong_reads(&mut v, 2), 0);
+    verified(&mut v);
+    // A refusal every replica would give changes nothing and drops nobody.
+    let err = v.snapshot("s").unwrap_err();
+    assert!(err.to_string().contains("exists"), "{err}");
+    assert!(v.replicas().iter().all(|(_, m)| *m == Mode::Rw));
+}
+
+#[test]
+fn listing_snapshots_says_where_the_replicas_chains_differ() {
+    let r = Replicas::start(2);
+    let (v, _) = Volume::start(&r.addrs(&[0, 1]), TIMEOUT).unwrap();
+    let generation = v.generation();
+    let control = r.daemons[1].as_ref().unwrap().control.clone();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut c = horn_proto::control::replica_control_client::ReplicaControlClient::connect(control)
+            .await
+            .unwrap();
+        c.snapshot(horn_proto::control::SnapshotRequest {
+            generation,
+            name: "only-here".into(),
+            labels: Default::default(),
+        })
+        .await
+        .unwrap();
+    });
+    let differences = horn_engine::control::chain_differences(&v.engine().chains());
+    assert_eq!(differences.len(), 1, "{differences:?}");
+    assert!(
+        differences[0].contains("has snapshot only-here"),
+        "{differences:?}"
+    );
+}

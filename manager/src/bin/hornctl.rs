@@ -614,6 +614,12 @@ fn run_engine(addr: String, json: bool, cmd: EngineCmd) -> Result<()> {
                     .map_err(status)?
                     .into_inner();
                 print_snapshots(&list, json)?;
+                if !json && !list.differences.is_empty() {
+                    eprintln!("warning: the replicas' chains differ:");
+                    for d in &list.differences {
+                        eprintln!("  {d}");
+                    }
+                }
             }
             EngineCmd::Delete { name } => {
                 c.delete_snapshot(EngineDeleteRequest { name: name.clone() })
