@@ -265,6 +265,17 @@ pub fn serve_engine(
     if let Some(t) = ublk_thread {
         let id = device.load(Ordering::SeqCst);
         if id >= 0 {
+            if let Some(why) = horn_ublk::device::in_use(id as u32) {
+                // Never pull a device out from under a filesystem. The process ends
+                // as a crash would: the driver holds the device (user recovery) and
+                // queues its I/O until a new engine attaches; the replicas stay
+                // claimed, and the next engine reconciles them.
+                println!(
+                    "hornd engine: stopped; /dev/ublkb{id} stays ({why}): `hornctl ublk recover {id}` \
+                     serves it again"
+                );
+                std::process::exit(0);
+            }
             if let Err(e) = horn_ublk::device::stop(id as u32) {
                 tracing::warn!(error = %e, "stopping the ublk device");
             }

@@ -323,6 +323,13 @@ pub fn delete(id: u32) -> Result<()> {
     stop(id)
 }
 
+/// Why device `id`'s block device is in use (mounted, or held open exclusively), if
+/// it is: such a device is never removed by its own server's stop.
+pub fn in_use(id: u32) -> Option<String> {
+    let ctrl = UblkCtrl::new_simple(id as i32).ok()?;
+    busy(&ctrl.get_bdev_path())
+}
+
 /// Is process `pid` running? A zombie (dead, not yet reaped by its parent) is not.
 fn pid_alive(pid: i32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
