@@ -22,14 +22,13 @@ use crate::client;
 use crate::engine::Engine;
 use crate::membership::{self, Record};
 
-/// Stores `record` (proposed, or committed) on the replicas `targets` (control
+/// Stores `record` on the replicas `targets` (control
 /// address, identity) in parallel, each within `timeout`; returns the identities that
 /// stored it, and why the others did not.
 pub(crate) fn store(
     runtime: &tokio::runtime::Runtime,
     targets: &[(String, String)],
     record: &Record,
-    commit: bool,
     timeout: Duration,
 ) -> (BTreeSet<String>, Vec<(String, String)>) {
     let wire = record_to_wire(record);
@@ -41,12 +40,9 @@ pub(crate) fn store(
                     let mut c = client::connect(&control, client::Deadline::Call(timeout))
                         .await
                         .map_err(|e| e.to_string())?;
-                    c.record_membership(MembershipRequest {
-                        record: Some(wire),
-                        commit,
-                    })
-                    .await
-                    .map_err(|s| s.message().to_string())?;
+                    c.record_membership(MembershipRequest { record: Some(wire) })
+                        .await
+                        .map_err(|s| s.message().to_string())?;
                     Ok::<_, String>(())
                 };
                 let r = match tokio::time::timeout(timeout, call).await {
@@ -87,28 +83,16 @@ pub(crate) fn store(
 pub(crate) fn change(engine: &Engine, make: impl FnOnce(&Record) -> Record) -> Result<Record, String> {
     let mut current = engine.record_lock();
     let next = make(&current);
+    let witnesses = membership::witnesses(&next);
     let replicas = engine.replicas();
     let targets: Vec<(String, String)> = replicas
         .iter()
         .enumerate()
-        .filter(|(i, r)| {
-            !engine.is_failed(*i) && (next.rw.contains_key(&r.id) || next.wo.contains_key(&r.id))
-        })
+        .filter(|(i, r)| !engine.is_failed(*i) && witnesses.contains(&r.id))
         .map(|(_, r)| (r.control.clone(), r.id.clone()))
         .collect();
-    // Proposed, then committed: each must count. A start trusts committed records only.
-    let (mut stored, mut refused) = store(engine.runtime(), &targets, &next, false, engine.timeout());
-    if membership::counts(Some(&current), &next, &stored) {
-        let proposed: Vec<(String, String)> = targets
-            .iter()
-            .filter(|(_, id)| stored.contains(id))
-            .cloned()
-            .collect();
-        let (committed, more) = store(engine.runtime(), &proposed, &next, true, engine.timeout());
-        stored = committed;
-        refused.extend(more);
-    }
-    if !membership::counts(Some(&current), &next, &stored) {
+    let (stored, refused) = store(engine.runtime(), &targets, &next, engine.timeout());
+    if !membership::counts(&next, &stored) {
         let why = format!(
             "a change of membership to ({}) was stored by {} of the {} replicas that must \
              agree ({} needed){}",

@@ -9,9 +9,11 @@
 //!    above every one it saw (a claim fences older engines out of that replica for
 //!    good), and only then reads the records the claims returned. It takes the newest
 //!    record among them as the base; it may serve only if it claimed a strict majority
-//!    of the base's RW members, and then exactly those serve RW. Every other replica
-//!    (blank, of another volume, WO or dropped in the base) is left out, to be rebuilt.
-//!    A volume's first start (no record anywhere) needs every listed replica, blank.
+//!    of the base's RW members *and* of the RW members of the record the base follows
+//!    (the base may be a change that never counted), and then the base's RW members it
+//!    claimed serve RW. Every other replica (blank, of another volume, WO or dropped in
+//!    the base) is left out, to be rebuilt. A volume's first start (no record anywhere)
+//!    needs every listed replica, blank.
 //! 2. **Changes** (the start's own record, a replica dropped, a rebuilt one added or
 //!    promoted): a new record counts once at least half (rounded up) of the previous
 //!    record's RW members have stored it; until then nothing is acknowledged on its
@@ -19,11 +21,15 @@
 //!    that cannot reach that many leaves the volume faulted: it fails I/O rather than
 //!    acknowledge a write a later start might not find.
 //!
-//! Why these two numbers: any strict majority of a record's RW members (a start) and
-//! any half of them rounded up (a change) share a replica. So a start either sees the
+//! Why these numbers: any strict majority of a record's RW members (a start) and any
+//! half of them rounded up (a change) share a replica. So a start either sees the
 //! change (that replica holds it) or fenced the replica before the change reached it
 //! (the change then cannot count, and its engine faults): no engine acknowledges a
-//! write that a later start would not find, and two engines never both acknowledge.
+//! write that a later start would not find, and two engines never both acknowledge. A
+//! change stored by too few to count is still seen by later starts (as in Paxos, a
+//! start adopts the newest record it finds); asking a majority of the members before
+//! it too keeps an engine cut off with one replica from leaving a record that a later
+//! start with that replica alone would trust.
 //!
 //! What it costs: failures one after another leave the volume going down to its last
 //! replica (3 → 2 → 1), but two of three replicas lost at once, or a partition that
@@ -75,6 +81,17 @@ impl Plan {
                 .map(|&i| (candidates[i].id.clone(), candidates[i].name.clone()))
                 .collect(),
             wo: BTreeMap::new(),
+            // The base may never have counted: this record must reach what it had to
+            // reach, and its RW members.
+            after: self
+                .base
+                .as_ref()
+                .map(|b| {
+                    std::iter::once(b.rw.clone())
+                        .chain(b.after.iter().cloned())
+                        .collect()
+                })
+                .unwrap_or_default(),
         }
     }
 }
@@ -112,23 +129,42 @@ pub fn plan_start(listed: usize, claimed: &[Candidate], new_volume: &str) -> Res
             Some(why) => left_out.push((i, why)),
         }
     }
-    if rw.len() < base.majority() {
+    // A strict majority of the record's RW members, and of each set it had to reach
+    // to count: it may have been stored by too few to count, and a start must still
+    // meet every replica a counted change could have reached.
+    let claimed_ids: BTreeSet<&str> = claimed.iter().map(|c| c.id.as_str()).collect();
+    let short_after = base
+        .after
+        .iter()
+        .any(|set| set.keys().filter(|id| claimed_ids.contains(id.as_str())).count() < set.len() / 2 + 1);
+    if rw.len() < base.majority() || short_after {
         let have: BTreeSet<&str> = rw.iter().map(|&i| claimed[i].id.as_str()).collect();
-        let missing: Vec<&str> = base
+        let missing: BTreeSet<&str> = base
             .rw
             .iter()
             .filter(|(id, _)| !have.contains(id.as_str()))
+            .chain(
+                base.after
+                    .iter()
+                    .flatten()
+                    .filter(|(id, _)| !claimed_ids.contains(id.as_str())),
+            )
             .map(|(_, name)| name.as_str())
             .collect();
         return Err(format!(
-            "only {} of the {} replicas that hold every acknowledged write ({}) answered; a start \
-             needs {} of them. Missing: {}. Bring them back, or, knowing what is lost, salvage the \
-             volume from one replica (`hornctl replica salvage`)",
+            "only {} of the {} replicas that hold every acknowledged write ({}) answered; a \
+             start needs {} of them{}. Missing: {}. Bring them back, or, knowing what is lost, \
+             salvage the volume from one replica (`hornctl replica salvage`)",
             rw.len(),
             base.rw.len(),
             describe(&base),
             base.majority(),
-            missing.join(", ")
+            if short_after {
+                ", and a majority of the replicas the record had to reach"
+            } else {
+                ""
+            },
+            missing.into_iter().collect::<Vec<_>>().join(", ")
         ));
     }
     Ok(Plan {
@@ -209,18 +245,31 @@ fn successor(current: &Record) -> Record {
             .version
             .checked_add(1)
             .expect("a record's version counts changes within one engine's life: it cannot reach 2^64"),
+        after: vec![current.rw.clone()],
         ..current.clone()
     }
 }
 
-/// Does a new record count, given the replicas (identities) that stored it? `previous`
-/// is the record it follows: half its RW members, rounded up, must have stored it
-/// (`None` for a volume's first record, which every member of `next` must store).
-pub fn counts(previous: Option<&Record>, next: &Record, stored: &BTreeSet<String>) -> bool {
-    match previous {
-        Some(p) => p.rw.keys().filter(|id| stored.contains(*id)).count() >= half(p),
-        None => next.rw.keys().all(|id| stored.contains(id)),
+/// Does a record count, given the replicas (identities) that stored it? Half (rounded
+/// up) of each set in its `after` must have stored it; a volume's first record (no
+/// `after`), every RW member.
+pub fn counts(next: &Record, stored: &BTreeSet<String>) -> bool {
+    if next.after.is_empty() {
+        return next.rw.keys().all(|id| stored.contains(id));
     }
+    next.after
+        .iter()
+        .all(|set| set.keys().filter(|id| stored.contains(*id)).count() >= set.len().div_ceil(2))
+}
+
+/// Every replica a record must reach a share of (its members and its `after` sets).
+pub fn witnesses(next: &Record) -> BTreeSet<String> {
+    next.rw
+        .keys()
+        .chain(next.wo.keys())
+        .chain(next.after.iter().flat_map(|s| s.keys()))
+        .cloned()
+        .collect()
 }
 
 /// At least half of a record's RW members, rounded up: the replicas a change needs.
@@ -250,6 +299,7 @@ mod tests {
             engine: format!("e{g}"),
             rw: rw.iter().map(|s| (s.to_string(), format!("addr-{s}"))).collect(),
             wo: BTreeMap::new(),
+            after: Vec::new(),
         }
     }
 
@@ -324,19 +374,19 @@ mod tests {
         let n = without(&e, &["c".to_string()]);
         assert_eq!(n.version, 1);
         let stored = |ids: &[&str]| ids.iter().map(|s| s.to_string()).collect::<BTreeSet<_>>();
-        assert!(counts(Some(&e), &n, &stored(&["a", "b"])));
-        assert!(!counts(Some(&e), &n, &stored(&["a"])));
+        assert!(counts(&n, &stored(&["a", "b"])));
+        assert!(!counts(&n, &stored(&["a"])));
         // From two, one is half: a drop counts on the survivor alone.
         let n2 = without(&n, &["b".to_string()]);
-        assert!(counts(Some(&n), &n2, &stored(&["a"])));
+        assert!(counts(&n2, &stored(&["a"])));
         // The last one cannot be dropped.
         let n3 = without(&n2, &["a".to_string()]);
-        assert!(!counts(Some(&n2), &n3, &stored(&[])));
+        assert!(!counts(&n3, &stored(&[])));
         // A rebuilt replica restores the margin.
         let w = with_rebuilding(&n, "d", "addr-d");
         let p = with_promoted(&w, "d");
         assert_eq!(p.rw.len(), 3);
-        assert!(counts(None, &rec(1, 0, &["a"]), &stored(&["a"])));
-        assert!(!counts(None, &rec(1, 0, &["a", "b"]), &stored(&["a"])));
+        assert!(counts(&rec(1, 0, &["a"]), &stored(&["a"])));
+        assert!(!counts(&rec(1, 0, &["a", "b"]), &stored(&["a"])));
     }
 }

@@ -8,7 +8,6 @@
 //! where their write-intent records say a crash may have left them apart
 //! ([`crate::recovery::reconcile`]); only then may queues open.
 
-use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -107,12 +106,15 @@ pub fn start(replicas: &[ReplicaAddr], timeout: Duration) -> Result<(Arc<Engine>
     // The new generation's first record counts once a majority of the base's RW
     // members (every member, at a volume's first start) have stored it.
     let mut record = plan.first_record(&candidates, generation, &engine_id);
-    let targets: Vec<(String, String)> = members
-        .iter()
-        .map(|&i| (claimed[i].0.control.clone(), candidates[i].id.clone()))
+    // Stored on every claimed replica the record must reach a share of: its members,
+    // and the members of the sets its base had to reach (left out or not).
+    let witnesses = membership::witnesses(&record);
+    let targets: Vec<(String, String)> = (0..claimed.len())
+        .filter(|&i| witnesses.contains(&candidates[i].id))
+        .map(|i| (claimed[i].0.control.clone(), candidates[i].id.clone()))
         .collect();
-    let (stored, refused) = commit(&runtime, &targets, plan.base.as_ref(), &record, timeout);
-    if !membership::counts(plan.base.as_ref(), &record, &stored) {
+    let (stored, refused) = keeper::store(&runtime, &targets, &record, timeout);
+    if !membership::counts(&record, &stored) {
         return Err(VolumeError::NoReplica(format!(
             "too few replicas stored the new membership record ({})",
             describe(&refused)
@@ -127,8 +129,8 @@ pub fn start(replicas: &[ReplicaAddr], timeout: Duration) -> Result<(Arc<Engine>
     if !not_stored.is_empty() {
         // A member that did not store it is dropped before anything is served.
         let next = membership::without(&record, &not_stored);
-        let (again, more) = commit(&runtime, &targets, Some(&record), &next, timeout);
-        if !membership::counts(Some(&record), &next, &again) {
+        let (again, more) = keeper::store(&runtime, &targets, &next, timeout);
+        if !membership::counts(&next, &again) {
             return Err(VolumeError::NoReplica(format!(
                 "too few replicas stored the new membership record ({})",
                 describe(&more)
@@ -173,29 +175,6 @@ pub fn start(replicas: &[ReplicaAddr], timeout: Duration) -> Result<(Arc<Engine>
     let engine = Arc::new(engine);
     keeper::spawn(&engine);
     Ok((engine, report))
-}
-
-/// Proposes `record` (following `previous`) to `targets`, then commits it on those
-/// that stored the proposal if the proposal counted; returns who committed it.
-fn commit(
-    runtime: &tokio::runtime::Runtime,
-    targets: &[(String, String)],
-    previous: Option<&membership::Record>,
-    record: &membership::Record,
-    timeout: Duration,
-) -> (BTreeSet<String>, Vec<(String, String)>) {
-    let (proposed, mut refused) = keeper::store(runtime, targets, record, false, timeout);
-    if !membership::counts(previous, record, &proposed) {
-        return (BTreeSet::new(), refused);
-    }
-    let holders: Vec<(String, String)> = targets
-        .iter()
-        .filter(|(_, id)| proposed.contains(id))
-        .cloned()
-        .collect();
-    let (committed, more) = keeper::store(runtime, &holders, record, true, timeout);
-    refused.extend(more);
-    (committed, refused)
 }
 
 /// One control call to the replica at `control`, connect included, within `timeout`.

@@ -311,7 +311,7 @@ async fn claims_need_a_strictly_newer_bounded_generation_for_the_same_volume() {
         .unwrap()
         .into_inner()
         .id;
-    // The replica joins vol-1 with the first record committed on it.
+    // The replica joins vol-1 with the first record stored on it.
     let record = Membership {
         volume: "vol-1".into(),
         generation: 7,
@@ -322,15 +322,14 @@ async fn claims_need_a_strictly_newer_bounded_generation_for_the_same_volume() {
             name: d.addr.clone(),
         }],
         wo: vec![],
+        after: vec![],
     };
-    let request = |commit| MembershipRequest {
+    let request = || MembershipRequest {
         record: Some(record.clone()),
-        commit,
     };
-    c.record_membership(request(false)).await.unwrap();
-    c.record_membership(request(true)).await.unwrap();
+    c.record_membership(request()).await.unwrap();
     // Only forward.
-    let err = c.record_membership(request(true)).await.unwrap_err();
+    let err = c.record_membership(request()).await.unwrap_err();
     assert!(err.message().contains("not newer"), "{}", err.message());
     // The same engine may repeat its claim; another engine at the same generation may not.
     c.claim(claim(7, "engine-a", "vol-1")).await.unwrap();
@@ -349,7 +348,7 @@ async fn claims_need_a_strictly_newer_bounded_generation_for_the_same_volume() {
     );
     c.claim(claim(8, "engine-b", "vol-1")).await.unwrap();
     // The old engine may no longer record anything.
-    let err = c.record_membership(request(true)).await.unwrap_err();
+    let err = c.record_membership(request()).await.unwrap_err();
     assert!(err.message().contains("held by engine-b"), "{}", err.message());
 }
 

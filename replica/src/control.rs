@@ -15,9 +15,9 @@ use horn_proto::control::{
     BlocksData, BlocksRequest, ChecksumsReply, ChecksumsRequest, ClaimRequest, ClearIntentsRequest,
     DeleteSnapshotRequest, ExpandRequest, FinishSyncReply, FinishSyncRequest, InfoReply, InfoRequest,
     IntentsReply, IntentsRequest, Layer, LayerBlocksReply, LayerBlocksRequest, LayerStream, LayerZerosReply,
-    LayerZerosRequest, Member, Membership, MembershipRequest, Mode as WireMode, PurgeReply, PurgeRequest,
-    ReadLayerRequest, ReleaseRequest, RevertRequest, SalvageRequest, SetModeRequest, SnapshotRequest,
-    SyncFromRequest, SyncReply, WriteBlocksReply,
+    LayerZerosRequest, Member, MemberSet, Membership, MembershipRequest, Mode as WireMode, PurgeReply,
+    PurgeRequest, ReadLayerRequest, ReleaseRequest, RevertRequest, SalvageRequest, SetModeRequest,
+    SnapshotRequest, SyncFromRequest, SyncReply, WriteBlocksReply,
 };
 use tonic::{Request, Response, Status};
 
@@ -200,6 +200,11 @@ pub fn record_to_wire(r: &Record) -> Membership {
         engine: r.engine.clone(),
         rw: members(&r.rw),
         wo: members(&r.wo),
+        after: r
+            .after
+            .iter()
+            .map(|m| MemberSet { members: members(m) })
+            .collect(),
     }
 }
 
@@ -213,6 +218,7 @@ pub fn record_from_wire(m: Membership) -> Record {
         engine: m.engine,
         rw: members(m.rw),
         wo: members(m.wo),
+        after: m.after.into_iter().map(|s| members(s.members)).collect(),
     }
 }
 
@@ -246,9 +252,8 @@ impl ReplicaControl for ControlService {
         &self,
         req: Request<MembershipRequest>,
     ) -> Result<Response<InfoReply>, Status> {
-        let req = req.into_inner();
-        let commit = req.commit;
         let record = req
+            .into_inner()
             .record
             .ok_or_else(|| Status::invalid_argument("a membership request needs a record"))?;
         let record = record_from_wire(record);
@@ -258,7 +263,7 @@ impl ReplicaControl for ControlService {
             ));
         }
         self.run(move |r| {
-            r.record_membership(record, commit)?;
+            r.record_membership(record)?;
             info_reply(r)
         })
         .await

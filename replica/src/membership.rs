@@ -15,10 +15,7 @@
 //!   (or the same generation from the same engine, which repeats a claim it made), below
 //!   [`MAX_GENERATION`], for the replica's own volume (a blank replica takes any);
 //! - [`check_record`]: a record is taken only from the engine holding the claim, for
-//!   the replica's volume, and only if it is newer than the one committed. An engine
-//!   first *proposes* a record, and *commits* it once enough replicas stored the
-//!   proposal; a start trusts committed records only, so a change that never counted
-//!   (an engine cut off with too few replicas) misleads no later start.
+//!   the replica's volume, and only if it is newer than the one stored.
 
 use std::collections::BTreeMap;
 
@@ -46,6 +43,13 @@ pub struct Record {
     /// Replicas being rebuilt (they take writes and serve no reads), likewise.
     #[serde(default)]
     pub wo: BTreeMap<String, String>,
+    /// The member sets this record must be stored by half of (rounded up) to count:
+    /// the RW members of the record it follows and, for an engine's first record,
+    /// the sets its base had to reach too (the base may never have counted). A start
+    /// that finds this record needs a strict majority of each. Empty for a volume's
+    /// first record (which every RW member must store).
+    #[serde(default)]
+    pub after: Vec<BTreeMap<String, String>>,
 }
 
 impl Record {
@@ -69,7 +73,7 @@ pub struct Standing {
     pub generation: u64,
     /// Identity of that engine (`None` before any claim with one).
     pub engine: Option<String>,
-    /// The newest membership record committed.
+    /// The newest membership record stored.
     pub record: Option<Record>,
 }
 
@@ -237,6 +241,7 @@ mod tests {
             engine: "a".into(),
             rw: [("x".to_string(), "addr".to_string())].into(),
             wo: BTreeMap::new(),
+            after: Vec::new(),
         };
         assert!(check_record(&s, &r).is_ok());
         s.record = Some(r.clone());

@@ -201,23 +201,14 @@ impl Replica {
     }
 
     /// Stores a membership record from the engine holding the claim, durably
-    /// ([`membership::check_record`]): proposed, or (`commit`) as the membership.
-    pub fn record_membership(&mut self, record: Record, commit: bool) -> Result<()> {
+    /// ([`membership::check_record`]).
+    pub fn record_membership(&mut self, record: Record) -> Result<()> {
         membership::check_record(&self.engine.standing(), &record)?;
-        let next = if commit {
-            EngineState {
-                volume: Some(record.volume.clone()),
-                pending: self.engine.pending.clone().filter(|p| p.epoch() > record.epoch()),
-                record: Some(record),
-                ..self.engine.clone()
-            }
-        } else {
-            EngineState {
-                pending: Some(record),
-                ..self.engine.clone()
-            }
-        };
-        self.store_engine(next)
+        self.store_engine(EngineState {
+            volume: Some(record.volume.clone()),
+            record: Some(record),
+            ..self.engine.clone()
+        })
     }
 
     /// Makes this replica the only RW member of its volume, with a record newer than
@@ -243,12 +234,12 @@ impl Replica {
             engine: engine.clone(),
             rw: [(self.engine.id.clone(), name.to_string())].into(),
             wo: Default::default(),
+            after: Vec::new(),
         };
         self.store_engine(EngineState {
             generation,
             engine: Some(engine),
             record: Some(record.clone()),
-            pending: None,
             ..self.engine.clone()
         })?;
         Ok(record)

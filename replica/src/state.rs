@@ -53,12 +53,9 @@ pub struct EngineState {
     /// Identity of the engine holding the claim at `generation`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub engine: Option<String>,
-    /// The newest membership record an engine committed on this replica.
+    /// The newest membership record an engine stored on this replica.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub record: Option<Record>,
-    /// A newer record proposed and not (yet) committed: no start trusts it.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub pending: Option<Record>,
     /// Highest replica-set generation seen.
     pub generation: u64,
     /// An engine holds the replica open (or crashed while it did).
