@@ -433,7 +433,7 @@ impl Sim {
         let deposed = self
             .engines
             .iter()
-            .any(|o| o.alive && o.generation > self.engines[e].generation);
+            .any(|o| o.generation > self.engines[e].generation);
         if deposed {
             // A newer engine serves the volume and this one has not written since, so it
             // has not learned it is fenced: its reads may be stale (see the module doc).
