@@ -81,6 +81,8 @@ impl Token {
 
 struct Slot {
     tag: u64,
+    /// A change's offset (its key in `changes`).
+    change: Option<u64>,
     buf: Option<IoBuf>,
     fua: bool,
     /// Socket operations pointing into `buf`.
@@ -107,6 +109,13 @@ pub struct EngineQueue {
     slots: BTreeMap<IoId, Slot>,
     reqs: BTreeMap<ReqId, (IoId, usize)>,
     held: VecDeque<Held>,
+    /// Changes (writes, discards, write-zeroes) in flight, by (offset, I/O): their
+    /// ends. A change that overlaps one waits in `ordered`, so that every replica
+    /// applies overlapping changes in the order they were submitted.
+    changes: BTreeMap<(u64, u64), u64>,
+    /// Changes waiting for an overlapping one to complete, in submission order (each
+    /// is counted in flight already).
+    ordered: VecDeque<Held>,
     ready: VecDeque<VolumeCompletion>,
     entries: Vec<squeue::Entry>,
     wake_buf: Box<u64>,
@@ -166,6 +175,8 @@ impl EngineQueue {
             slots: BTreeMap::new(),
             reqs: BTreeMap::new(),
             held: VecDeque::new(),
+            changes: BTreeMap::new(),
+            ordered: VecDeque::new(),
             ready: VecDeque::new(),
             entries: Vec::new(),
             wake_buf: Box::new(0),
@@ -255,12 +266,12 @@ impl EngineQueue {
 
     /// I/Os submitted and not yet taken with [`EngineQueue::pop_completion`].
     pub fn in_flight(&self) -> usize {
-        self.slots.len() + self.held.len() + self.ready.len()
+        self.slots.len() + self.held.len() + self.ordered.len() + self.ready.len()
     }
 
     /// I/Os the replicas still owe (held ones excluded).
     pub fn pending(&self) -> usize {
-        self.slots.len() + self.held.len()
+        self.slots.len() + self.held.len() + self.ordered.len()
     }
 
     /// Socket and file operations still in the kernel.
@@ -373,6 +384,61 @@ impl EngineQueue {
         }
         self.sync_failures();
         self.sync_membership();
+        let held = Held {
+            kind,
+            offset,
+            len,
+            buf,
+            tag,
+            fua,
+        };
+        if is_change(kind) && self.overlaps_change(offset, len, self.ordered.len()) {
+            self.ordered.push_back(held);
+            return;
+        }
+        self.start(held);
+    }
+
+    /// Does `[offset, offset + len)` overlap a change in flight, or one of the first
+    /// `waiting` changes waiting in order?
+    fn overlaps_change(&self, offset: u64, len: u64, waiting: usize) -> bool {
+        let end = offset + len;
+        let in_flight = self
+            .changes
+            .range((offset.saturating_sub(MAX_CHANGE_LEN), 0)..(end, 0))
+            .any(|(&(start, _), &stop)| start < end && stop > offset);
+        in_flight
+            || self
+                .ordered
+                .iter()
+                .take(waiting)
+                .any(|h| h.offset < end && h.offset + h.len > offset)
+    }
+
+    /// Starts the changes waiting in order whose overlaps have completed.
+    fn start_ordered(&mut self) {
+        let mut i = 0;
+        while i < self.ordered.len() {
+            let h = &self.ordered[i];
+            if self.overlaps_change(h.offset, h.len, i) {
+                i += 1;
+                continue;
+            }
+            let h = self.ordered.remove(i).expect("in range");
+            self.start(h);
+        }
+    }
+
+    /// Hands an admitted I/O (counted in flight) to the replica set.
+    fn start(&mut self, h: Held) {
+        let Held {
+            kind,
+            offset,
+            len,
+            buf,
+            tag,
+            fua,
+        } = h;
         let (offset, len) = if kind == IoKind::Flush {
             (0, 0)
         } else {
@@ -386,6 +452,9 @@ impl EngineQueue {
                 len: len as u32,
             },
         );
+        if is_change(kind) {
+            self.changes.insert((offset, io.0), offset + len);
+        }
         self.slots.insert(
             io,
             Slot {
@@ -394,6 +463,7 @@ impl EngineQueue {
                 fua: fua && kind == IoKind::Write,
                 refs: 0,
                 result: None,
+                change: is_change(kind).then_some(offset),
             },
         );
         self.run_actions();
@@ -423,6 +493,9 @@ impl EngineQueue {
         self.run_actions();
         self.sync_failures();
         self.sync_membership();
+        if !self.ordered.is_empty() {
+            self.start_ordered();
+        }
         if !self.held.is_empty() && !self.engine.is_paused() {
             let held: Vec<Held> = self.held.drain(..).collect();
             for h in held {
@@ -495,6 +568,10 @@ impl EngineQueue {
             .is_some_and(|s| s.result.is_some() && s.refs == 0);
         if done {
             let slot = self.slots.remove(&io).expect("checked");
+            if let Some(offset) = slot.change {
+                let removed = self.changes.remove(&(offset, io.0));
+                debug_assert!(removed.is_some(), "change {io:?} left the overlap map twice");
+            }
             let before = self.shared.in_flight.fetch_sub(1, Ordering::SeqCst);
             debug_assert!(
                 before > 0,
@@ -589,6 +666,14 @@ impl Drop for EngineQueue {
             let _ = op.replica.finish(op.planned, false);
         }
     }
+}
+
+/// The longest change: overlap lookups start this far before a range.
+const MAX_CHANGE_LEN: u64 = u32::MAX as u64;
+
+/// Writes, discards and write-zeroes change the volume; reads and flushes do not.
+fn is_change(kind: IoKind) -> bool {
+    matches!(kind, IoKind::Write | IoKind::Discard | IoKind::WriteZeroes)
 }
 
 /// What a replica's answer means to the replica set.

@@ -262,12 +262,18 @@ impl Sim {
         self.engines[e].generation = generation;
         self.engines[e].record = record;
         self.engines[e].alive = true;
-        // Reconciliation: the members are made identical, from the first.
+        // Reconciliation: the members are made identical, from the first. A member it
+        // cannot reach is dropped, as the engine's keeper records it.
         let members = self.rw_members(e);
         let reachable: Vec<usize> = members
             .iter()
             .copied()
             .filter(|&r| self.connected(e, r))
+            .collect();
+        let unreachable: Vec<usize> = members
+            .iter()
+            .copied()
+            .filter(|r| !reachable.contains(r))
             .collect();
         if let Some(&src) = reachable.first() {
             // The copies land, and every member flushes before its intent records are
@@ -282,6 +288,10 @@ impl Sim {
                 self.replicas[src].id
             ));
         }
+        if !unreachable.is_empty() && !self.drop_members(e, &unreachable) {
+            return;
+        }
+        let members = self.rw_members(e);
         self.log.push(format!(
             "{id} started at g{generation} with {:?}",
             members.iter().map(|&r| &self.replicas[r].id).collect::<Vec<_>>()
