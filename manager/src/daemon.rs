@@ -177,9 +177,14 @@ pub fn serve_engine(
     hosted: Option<HostedReplicaOptions>,
 ) -> Result<()> {
     let stop_signals = block_stop_signals()?;
-    if ublk.is_some() {
+    if let Some(opts) = &ublk {
         horn_ublk::check_available()?;
         own_mount_namespace()?;
+        // Before any claim: a recovery that cannot happen must not fence the engine
+        // that still serves the device.
+        if let Some(id) = opts.recover {
+            horn_ublk::device::check_recoverable(id)?;
+        }
     }
     let mut replicas = replicas;
     let hosted = match hosted {

@@ -36,3 +36,12 @@ wait_gone() {
         for _ in $(seq 200); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
     done
 }
+
+# engine_pid ID: the pid of the engine serving ublk device ID (from `hornctl ublk list`).
+engine_pid() {
+    hornctl ublk list --json | python3 -c '
+import json, sys
+devices = json.load(sys.stdin)
+devices = devices if isinstance(devices, list) else devices.get("devices", [])
+print(next((d["pid"] for d in devices if d["id"] == int(sys.argv[1])), ""))' "$1"
+}

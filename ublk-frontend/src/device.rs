@@ -162,19 +162,9 @@ pub fn serve(
                 .map_err(driver("creating the ublk device"))?
         }
         Some(id) => {
+            check_recoverable(id)?;
             let old = UblkCtrl::new_simple(id as i32).map_err(|_| UblkError::NoDevice(id))?;
             let info = old.dev_info();
-            if info.flags & sys::UBLK_F_USER_RECOVERY as u64 == 0 {
-                return Err(UblkError::BadOptions(format!(
-                    "ublk device {id} was not made for recovery; delete it and add it again"
-                )));
-            }
-            if info.ublksrv_pid > 0 && pid_alive(info.ublksrv_pid) {
-                return Err(UblkError::Busy(
-                    id,
-                    format!("its server (pid {}) is still running", info.ublksrv_pid),
-                ));
-            }
             let copy_flag = info.flags & sys::UBLK_F_USER_COPY as u64;
             if opts.copy == CopyMode::Buffer && copy_flag != 0 {
                 return Err(UblkError::BadOptions(format!(
@@ -321,6 +311,26 @@ pub fn delete(id: u32) -> Result<()> {
         return Err(UblkError::Busy(id, holder));
     }
     stop(id)
+}
+
+/// Can device `id` take a new server: it exists, was made for recovery, and its
+/// server is gone? Checked before an engine claims the replicas, so that a recovery
+/// that cannot happen never fences the engine still serving the device.
+pub fn check_recoverable(id: u32) -> Result<()> {
+    let old = UblkCtrl::new_simple(id as i32).map_err(|_| UblkError::NoDevice(id))?;
+    let info = old.dev_info();
+    if info.flags & sys::UBLK_F_USER_RECOVERY as u64 == 0 {
+        return Err(UblkError::BadOptions(format!(
+            "ublk device {id} was not made for recovery; delete it and add it again"
+        )));
+    }
+    if info.ublksrv_pid > 0 && pid_alive(info.ublksrv_pid) {
+        return Err(UblkError::Busy(
+            id,
+            format!("its server (pid {}) is still running", info.ublksrv_pid),
+        ));
+    }
+    Ok(())
 }
 
 /// Why device `id`'s block device is in use (mounted, or held open exclusively), if

@@ -8,7 +8,7 @@ fio --name=verify --filename="$DEV" --ioengine=io_uring --direct=1 --rw=randwrit
     --iodepth=32 --size=96M --verify=crc32c --do_verify=1 --verify_fatal=1 --output=fio.out &
 fio_pid=$!
 sleep 3
-engine=$(hornctl ublk list --json | grep -o '"pid":[0-9]*' | head -1 | cut -d: -f2)
+engine=$(engine_pid "$DEV_ID")
 [ -n "$engine" ] && [ "$engine" -gt 0 ] || { echo "no engine pid in: $(hornctl ublk list --json)"; exit 1; }
 kill -9 "$engine"
 wait_gone "$engine"
