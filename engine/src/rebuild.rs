@@ -269,7 +269,6 @@ fn sync_and_finish(engine: &Arc<Engine>, target: usize, snapshot: &str) -> Resul
         }
     };
     // Install under a pause, from a queue of this thread's own.
-    let src = replicas[source].clone();
     let mut v = Volume::open(engine)?;
     let generation = engine.generation();
     let finished = v.paused(false, |e| {
@@ -280,18 +279,45 @@ fn sync_and_finish(engine: &Arc<Engine>, target: usize, snapshot: &str) -> Resul
                 .await
                 .map_err(control_err(&t.control))?
                 .into_inner();
-            let mut sc = connect(&src.control, Deadline::Call(engine.timeout())).await?;
             let mut suspects = reply.suspect_blocks.clone();
             suspects.sort_unstable();
             suspects.dedup();
-            copy_blocks(
-                (&mut sc, &src.control),
-                (&mut tc, &t.control),
-                &suspects,
-                generation,
-            )
-            .await?;
-            Ok::<_, VolumeError>(reply.suspect_blocks.len())
+            // Under the pause every healthy RW replica holds the suspects' current
+            // data, so a source that died since the copy hands over to another.
+            let mut last = None;
+            for s in std::iter::once(source).chain((0..replicas.len()).filter(|&i| {
+                i != source && i != target && !e.is_failed(i) && replicas[i].mode() == Mode::Rw
+            })) {
+                let sr = &replicas[s];
+                let copied = async {
+                    let mut sc = connect(&sr.control, Deadline::Call(engine.timeout())).await?;
+                    copy_blocks(
+                        (&mut sc, &sr.control),
+                        (&mut tc, &t.control),
+                        &suspects,
+                        generation,
+                    )
+                    .await
+                }
+                .await;
+                match copied {
+                    Ok(()) => {
+                        engine.update_rebuild(target, |st| st.source = sr.data.clone());
+                        return Ok::<_, VolumeError>(reply.suspect_blocks.len());
+                    }
+                    Err(err) => {
+                        let target_alive = tc.info(InfoRequest {}).await.is_ok();
+                        if !target_alive {
+                            return Err(err);
+                        }
+                        tracing::warn!(source = %sr.data, error = %err, "rebuild: the source failed while copying suspects; trying another");
+                        last = Some(err);
+                    }
+                }
+            }
+            Err(last.unwrap_or_else(|| {
+                VolumeError::BadRequest("no healthy replica is left to copy from".into())
+            }))
         })
         .and_then(|n| {
             // RW in the membership, durably, before it serves a read: a crash before

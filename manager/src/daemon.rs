@@ -369,7 +369,55 @@ fn own_mount_namespace() -> Result<()> {
             return Err(std::io::Error::last_os_error()).context("cannot make / a slave mount");
         }
     }
+    // Where the host's mounts are private (no propagation), this namespace's copies of
+    // filesystems on ublk devices would outlive their unmount on the host and keep
+    // those devices busy forever (a recovered engine would pin its own device's
+    // filesystem). The engine uses none of them: let go of each.
+    let mountinfo =
+        std::fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
+    for target in ublk_mount_points(&mountinfo).into_iter().rev() {
+        let Ok(path) = std::ffi::CString::new(target.clone()) else {
+            continue;
+        };
+        // SAFETY: umount2 reads a NUL-terminated path we own; MNT_DETACH affects only
+        // this process's own mount namespace.
+        if unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) } != 0 {
+            tracing::warn!(mount = %target, error = %std::io::Error::last_os_error(), "could not let go of a ublk filesystem in the engine's mount namespace");
+        }
+    }
     Ok(())
+}
+
+/// Mount points (in mount order) of filesystems on ublk block devices, from the text
+/// of `/proc/self/mountinfo` (octal escapes such as `\040` decoded).
+fn ublk_mount_points(mountinfo: &str) -> Vec<String> {
+    mountinfo
+        .lines()
+        .filter_map(|line| {
+            let (fields, after) = line.split_once(" - ")?;
+            let source = after.split_whitespace().nth(1)?;
+            let target = fields.split_whitespace().nth(4)?;
+            source
+                .starts_with("/dev/ublkb")
+                .then(|| unescape_mount_field(target))
+        })
+        .collect()
+}
+
+fn unescape_mount_field(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Blocks SIGINT and SIGTERM in this thread (and the threads it starts) and returns
@@ -454,4 +502,21 @@ fn spawn_control_service(
             });
         })?;
     Ok(thread)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ublk_filesystems_are_found_in_mountinfo() {
+        let mountinfo = "\
+22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw
+98 22 259:0 / /var/tmp/a\\040b/mnt rw,relatime - ext4 /dev/ublkb0 rw
+99 22 259:1 / /srv/data rw - xfs /dev/ublkb12 rw
+100 22 0:50 / /proc rw - proc proc rw
+";
+        assert_eq!(ublk_mount_points(mountinfo), ["/var/tmp/a b/mnt", "/srv/data"]);
+        assert!(ublk_mount_points("garbage without separator\n").is_empty());
+    }
 }

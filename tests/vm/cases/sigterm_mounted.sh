@@ -24,4 +24,11 @@ umount mnt
 # The unmounted device goes as any other (the kernel may take a moment to let go of
 # the filesystem's exclusive hold).
 for _ in $(seq 20); do hornctl ublk del "$DEV_ID" 2>del.err && break; sleep 0.5; done
-[ ! -b "$DEV" ] || { echo "$DEV stayed after hornctl ublk del: $(cat del.err)"; grep ublkb /proc/mounts; exit 1; }
+if [ -b "$DEV" ]; then
+    echo "$DEV stayed after hornctl ublk del: $(cat del.err)"
+    grep ublkb /proc/mounts || echo "(not in /proc/mounts)"
+    echo "holders: $(ls /sys/block/$(basename "$DEV")/holders 2>&1)"
+    for p in /proc/[0-9]*; do ls -l "$p/fd" 2>/dev/null | grep -q "$DEV" && echo "held by $(cat "$p/comm") (${p#/proc/})"; done
+    hornctl ublk list
+    exit 1
+fi
