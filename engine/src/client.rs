@@ -11,12 +11,30 @@
 use std::time::Duration;
 
 use horn_proto::control::replica_control_client::ReplicaControlClient;
+use horn_proto::control::ENGINE_HEADER;
+use tonic::metadata::AsciiMetadataValue;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::types::{Result, VolumeError};
 
-/// A replica's control client.
-pub(crate) type ControlClient = ReplicaControlClient<Channel>;
+/// A replica's control client; every call names the engine making it.
+pub(crate) type ControlClient = ReplicaControlClient<InterceptedService<Channel, Named>>;
+
+/// Puts the engine's identity in every call's [`ENGINE_HEADER`]: a replica takes calls
+/// at its own generation only from the engine holding the claim at it.
+#[derive(Clone)]
+pub(crate) struct Named(AsciiMetadataValue);
+
+impl tonic::service::Interceptor for Named {
+    fn call(
+        &mut self,
+        mut req: tonic::Request<()>,
+    ) -> std::result::Result<tonic::Request<()>, tonic::Status> {
+        req.metadata_mut().insert(ENGINE_HEADER, self.0.clone());
+        Ok(req)
+    }
+}
 
 /// How long a connect, and each call on the connection, may take.
 #[derive(Debug, Clone, Copy)]
@@ -49,13 +67,18 @@ impl Deadline {
     }
 }
 
-/// Connects to a replica's control service, within `deadline`.
-pub(crate) async fn connect(control: &str, deadline: Deadline) -> Result<ControlClient> {
+/// Connects to a replica's control service as engine `engine`, within `deadline`.
+pub(crate) async fn connect(control: &str, engine: &str, deadline: Deadline) -> Result<ControlClient> {
     let unavailable = |message: String| VolumeError::Control {
         replica: control.to_string(),
         code: tonic::Code::Unavailable,
         message,
     };
+    let named = AsciiMetadataValue::try_from(engine).map_err(|_| VolumeError::Control {
+        replica: control.to_string(),
+        code: tonic::Code::InvalidArgument,
+        message: format!("the engine identity {engine:?} is not printable ASCII"),
+    })?;
     let mut endpoint = Endpoint::from_shared(format!("http://{control}"))
         .map_err(|e| unavailable(format!("not a control address: {e}")))?
         .connect_timeout(deadline.connect());
@@ -63,7 +86,7 @@ pub(crate) async fn connect(control: &str, deadline: Deadline) -> Result<Control
         endpoint = endpoint.timeout(t);
     }
     match tokio::time::timeout(deadline.connect(), endpoint.connect()).await {
-        Ok(Ok(channel)) => Ok(ReplicaControlClient::new(channel)),
+        Ok(Ok(channel)) => Ok(ReplicaControlClient::with_interceptor(channel, Named(named))),
         Ok(Err(e)) => Err(unavailable(e.to_string())),
         Err(_) => Err(unavailable(format!(
             "it did not accept a connection within {:?}",

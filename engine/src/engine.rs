@@ -467,9 +467,9 @@ impl Engine {
                 continue;
             }
             let this_op = op.clone();
-            let control = r.control.clone();
+            let (control, engine_id) = (r.control.clone(), self.engine_id.clone());
             let info = self.runtime.block_on(async move {
-                let mut c = client::connect(&control, deadline)
+                let mut c = client::connect(&control, &engine_id, deadline)
                     .await
                     .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
                 let reply = match this_op {
@@ -539,9 +539,9 @@ impl Engine {
             .enumerate()
             .filter(|(i, _)| !self.is_failed(*i))
             .map(|(_, r)| {
-                let control = r.control.clone();
+                let (control, engine_id) = (r.control.clone(), self.engine_id.clone());
                 let info = self.runtime.block_on(async move {
-                    let mut c = client::connect(&control, deadline)
+                    let mut c = client::connect(&control, &engine_id, deadline)
                         .await
                         .map_err(|e| e.to_string())?;
                     c.info(InfoRequest {})
@@ -563,9 +563,9 @@ impl Engine {
             if self.is_failed(i) {
                 continue;
             }
-            let control = r.control.clone();
+            let (control, engine_id) = (r.control.clone(), self.engine_id.clone());
             let released = self.runtime.block_on(async move {
-                let mut c = client::connect(&control, deadline)
+                let mut c = client::connect(&control, &engine_id, deadline)
                     .await
                     .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
                 c.release(ReleaseRequest { generation }).await

@@ -35,9 +35,10 @@ pub(crate) fn store(
     let results = runtime.block_on(async {
         let calls = targets.iter().map(|(control, id)| {
             let (wire, control, id) = (wire.clone(), control.clone(), id.clone());
+            let engine = record.engine.clone();
             async move {
                 let call = async {
-                    let mut c = client::connect(&control, client::Deadline::Call(timeout))
+                    let mut c = client::connect(&control, &engine, client::Deadline::Call(timeout))
                         .await
                         .map_err(|e| e.to_string())?;
                     c.record_membership(MembershipRequest { record: Some(wire) })

@@ -155,7 +155,7 @@ impl EngineQueue {
         let mut conns = Vec::new();
         let mut unreachable = Vec::new();
         for (i, r) in replicas.iter().enumerate() {
-            let (conn, why) = Conn::connect(&r.data, engine.is_failed(i));
+            let (conn, why) = Conn::connect(&r.data, engine.is_failed(i), engine);
             if let Some(why) = why {
                 unreachable.push((i, why));
             }
@@ -218,7 +218,7 @@ impl EngineQueue {
         let replicas = self.engine.replicas();
         for (i, r) in replicas.iter().enumerate() {
             if i >= self.conns.len() {
-                let (conn, why) = Conn::connect(&r.data, self.engine.is_failed(i));
+                let (conn, why) = Conn::connect(&r.data, self.engine.is_failed(i), &self.engine);
                 self.conns.push(conn);
                 let id = self.set.add_replica(ReplicaConfig {
                     mode: Mode::Wo,

@@ -72,9 +72,13 @@ pub fn add_replica(volume: &mut Volume, addr: ReplicaAddr) -> Result<()> {
         message: s.message().to_string(),
     };
     let info = engine.runtime().block_on(async {
-        let mut c = connect(&addr.control, Deadline::Call(engine.timeout()))
-            .await
-            .map_err(|e| tonic::Status::unavailable(format!("unreachable: {e}")))?;
+        let mut c = connect(
+            &addr.control,
+            engine.engine_id(),
+            Deadline::Call(engine.timeout()),
+        )
+        .await
+        .map_err(|e| tonic::Status::unavailable(format!("unreachable: {e}")))?;
         let info = c.info(InfoRequest {}).await?.into_inner();
         if info.size != engine.size() || info.sector_size != engine.sector_size() {
             return Err(tonic::Status::invalid_argument(format!(
@@ -220,8 +224,14 @@ fn sync_and_finish(engine: &Arc<Engine>, target: usize, snapshot: &str) -> Resul
         engine.update_rebuild(target, |st| st.source = src.data.clone());
         tracing::info!(replica = %t.data, source = %src.data, "rebuild: syncing layers");
         let result = rt.block_on(async {
-            let mut tc = connect(&t.control, Deadline::Transfer(engine.timeout())).await?;
-            let mut progress = connect(&t.control, Deadline::Call(engine.timeout())).await?;
+            let mut tc = connect(
+                &t.control,
+                engine.engine_id(),
+                Deadline::Transfer(engine.timeout()),
+            )
+            .await?;
+            let mut progress =
+                connect(&t.control, engine.engine_id(), Deadline::Call(engine.timeout())).await?;
             let call = tc.sync_from(SyncFromRequest {
                 generation: engine.generation(),
                 source: src.control.clone(),
@@ -255,7 +265,7 @@ fn sync_and_finish(engine: &Arc<Engine>, target: usize, snapshot: &str) -> Resul
             Err(e) => {
                 // Whose fault? A target that cannot answer its own Info is gone.
                 let target_alive = rt.block_on(async {
-                    connect(&t.control, Deadline::Call(engine.timeout()))
+                    connect(&t.control, engine.engine_id(), Deadline::Call(engine.timeout()))
                         .await?
                         .info(InfoRequest {})
                         .await
@@ -273,7 +283,7 @@ fn sync_and_finish(engine: &Arc<Engine>, target: usize, snapshot: &str) -> Resul
     let generation = engine.generation();
     let finished = v.paused(false, |e| {
         rt.block_on(async {
-            let mut tc = connect(&t.control, Deadline::Chain(engine.timeout())).await?;
+            let mut tc = connect(&t.control, engine.engine_id(), Deadline::Chain(engine.timeout())).await?;
             let reply = tc
                 .finish_sync(FinishSyncRequest { generation })
                 .await
@@ -290,7 +300,7 @@ fn sync_and_finish(engine: &Arc<Engine>, target: usize, snapshot: &str) -> Resul
             })) {
                 let sr = &replicas[s];
                 let copied = async {
-                    let mut sc = connect(&sr.control, Deadline::Call(engine.timeout())).await?;
+                    let mut sc = connect(&sr.control, engine.engine_id(), Deadline::Call(engine.timeout())).await?;
                     copy_blocks(
                         (&mut sc, &sr.control),
                         (&mut tc, &t.control),

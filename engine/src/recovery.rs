@@ -81,10 +81,11 @@ pub(crate) fn peers(engine: &Engine, with_wo: bool) -> Result<Vec<Peer>> {
         if engine.is_failed(i) || (r.mode() != Mode::Rw && !with_wo) {
             continue;
         }
-        match engine
-            .runtime()
-            .block_on(connect(&r.control, Deadline::Call(engine.timeout())))
-        {
+        match engine.runtime().block_on(connect(
+            &r.control,
+            engine.engine_id(),
+            Deadline::Call(engine.timeout()),
+        )) {
             Ok(client) => out.push(Peer {
                 index: i,
                 control: r.control.clone(),

@@ -39,7 +39,7 @@ pub fn start(replicas: &[ReplicaAddr], timeout: Duration) -> Result<(Arc<Engine>
     // What each replica holds, to pick a generation above all and the volume to claim.
     let mut infos = Vec::new();
     for r in replicas {
-        match call(&runtime, timeout, &r.control, |mut c| async move {
+        match call(&runtime, timeout, (&r.control, &engine_id), |mut c| async move {
             c.info(InfoRequest {}).await.map(|i| i.into_inner())
         }) {
             Ok(i) => infos.push((r.clone(), i)),
@@ -68,7 +68,7 @@ pub fn start(replicas: &[ReplicaAddr], timeout: Duration) -> Result<(Arc<Engine>
             engine: engine_id.clone(),
             volume: volume.clone(),
         };
-        match call(&runtime, timeout, &r.control, |mut c| async move {
+        match call(&runtime, timeout, (&r.control, &engine_id), |mut c| async move {
             c.claim(request).await.map(|i| i.into_inner())
         }) {
             Ok(info) => claimed.push((r, info)),
@@ -177,11 +177,12 @@ pub fn start(replicas: &[ReplicaAddr], timeout: Duration) -> Result<(Arc<Engine>
     Ok((engine, report))
 }
 
-/// One control call to the replica at `control`, connect included, within `timeout`.
+/// One control call to the replica at `control` as engine `engine`, connect
+/// included, within `timeout`.
 fn call<T, F, Fut>(
     runtime: &tokio::runtime::Runtime,
     timeout: Duration,
-    control: &str,
+    (control, engine): (&str, &str),
     f: F,
 ) -> std::result::Result<T, String>
 where
@@ -190,7 +191,7 @@ where
 {
     runtime.block_on(async {
         let work = async {
-            let c = client::connect(control, client::Deadline::Call(timeout))
+            let c = client::connect(control, engine, client::Deadline::Call(timeout))
                 .await
                 .map_err(|e| e.to_string())?;
             f(c).await.map_err(|s| s.message().to_string())

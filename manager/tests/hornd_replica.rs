@@ -9,11 +9,13 @@ use common::Daemon;
 
 use horn_proto::client::BlockingClient;
 use horn_proto::control::replica_control_client::ReplicaControlClient;
+use horn_proto::control::ENGINE_HEADER;
 use horn_proto::control::{
     ClaimRequest, InfoRequest, Mode, ReleaseRequest, RevertRequest, SetModeRequest, SnapshotRequest,
 };
 use horn_proto::wire::{Header, Op, Status};
 use horn_replica::Replica;
+use tonic::transport::Endpoint;
 
 #[test]
 fn serves_the_data_wire_and_stops_cleanly_on_sigterm() {
@@ -154,11 +156,34 @@ fn a_missing_replica_or_a_bad_address_is_a_clear_error() {
 async fn the_control_service_claims_fences_snapshots_and_switches_modes() {
     let tmp = tempfile::tempdir().unwrap();
     let d = Daemon::start(&tmp.path().join("r"), &["--size", "8M"]).unwrap();
-    let mut ctl = ReplicaControlClient::connect(d.control.clone()).await.unwrap();
+    let channel = Endpoint::from_shared(d.control.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    // Every call names its engine, as an engine's do.
+    let named = |engine: &'static str| {
+        move |mut req: tonic::Request<()>| {
+            req.metadata_mut().insert(ENGINE_HEADER, engine.parse().unwrap());
+            Ok(req)
+        }
+    };
+    let mut ctl = ReplicaControlClient::with_interceptor(channel.clone(), named("engine-a"));
+    let mut other = ReplicaControlClient::with_interceptor(channel.clone(), named("engine-b"));
+    let mut unnamed = ReplicaControlClient::new(channel);
 
+    let err = unnamed
+        .claim(ClaimRequest {
+            generation: 3,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert!(err.message().contains("names its engine"), "{err}");
     let info = ctl
         .claim(ClaimRequest {
             generation: 3,
+            engine: "engine-a".into(),
             ..Default::default()
         })
         .await
@@ -167,17 +192,42 @@ async fn the_control_service_claims_fences_snapshots_and_switches_modes() {
     assert_eq!((info.generation, info.dirty, info.size), (3, true, 8 << 20));
     assert_eq!(info.mode, Mode::Rw as i32);
 
+    // At the claim's generation only the engine holding it is admitted, on the data
+    // wire and on the control service.
     let addr = d.addr.clone();
     let data = tokio::task::spawn_blocking(move || {
+        let mut foreign = BlockingClient::connect(&addr, Duration::from_secs(10)).unwrap();
+        let unnamed = foreign.write(1, 0, &[1u8; 4096], 3).unwrap();
+        assert_eq!(foreign.hello(2, "engine-b", 3).unwrap().0.status, Status::Ok);
+        let named_b = foreign.write(3, 0, &[1u8; 4096], 3).unwrap();
         let mut c = BlockingClient::connect(&addr, Duration::from_secs(10)).unwrap();
-        let stale = c.write(1, 0, &[1u8; 4096], 2).unwrap().0.status;
-        let ok = c.write(2, 0, &[1u8; 4096], 3).unwrap().0.status;
-        (stale, ok, c)
+        assert_eq!(c.hello(4, "engine-a", 3).unwrap().0.status, Status::Ok);
+        let stale = c.write(5, 0, &[1u8; 4096], 2).unwrap().0.status;
+        let ok = c.write(6, 0, &[1u8; 4096], 3).unwrap().0.status;
+        (unnamed, named_b, stale, ok, c)
     })
     .await
     .unwrap();
-    assert_eq!((data.0, data.1), (Status::StaleGeneration, Status::Ok));
-    let mut c = data.2;
+    for (h, message) in [&data.0, &data.1] {
+        assert_eq!(h.status, Status::StaleGeneration);
+        let message = String::from_utf8_lossy(message);
+        assert!(message.contains("belongs to engine engine-a"), "{message}");
+    }
+    assert_eq!((data.2, data.3), (Status::StaleGeneration, Status::Ok));
+    let mut c = data.4;
+    let err = other
+        .set_mode(SetModeRequest {
+            generation: 3,
+            mode: Mode::Wo as i32,
+        })
+        .await
+        .unwrap_err();
+    assert!(err.message().contains("belongs to engine engine-a"), "{err}");
+    let err = unnamed
+        .release(ReleaseRequest { generation: 3 })
+        .await
+        .unwrap_err();
+    assert!(err.message().contains("not to an unnamed sender"), "{err}");
 
     let snap = SnapshotRequest {
         generation: 3,
@@ -239,12 +289,13 @@ async fn the_control_service_claims_fences_snapshots_and_switches_modes() {
     let stale = ctl
         .claim(ClaimRequest {
             generation: 2,
+            engine: "engine-a".into(),
             ..Default::default()
         })
         .await
         .unwrap_err();
     assert_eq!(stale.code(), tonic::Code::FailedPrecondition);
-    assert!(stale.message().contains("older"), "{}", stale.message());
+    assert!(stale.message().contains("does not exceed"), "{}", stale.message());
     let bad_mode = ctl
         .set_mode(SetModeRequest {
             generation: 3,

@@ -434,15 +434,13 @@ fn a_chain_operation_that_fails_on_one_replica_drops_it_durably() {
     write_all(&mut v, 1);
     // The third replica already has a snapshot of that name: its part will fail.
     let generation = v.generation();
-    let control = r.daemons[2].as_ref().unwrap().control.clone();
+    let daemon = r.daemons[2].as_ref().unwrap();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
     rt.block_on(async {
-        let mut c = horn_proto::control::replica_control_client::ReplicaControlClient::connect(control)
-            .await
-            .unwrap();
+        let mut c = daemon.control_as_holder().await;
         c.snapshot(horn_proto::control::SnapshotRequest {
             generation,
             name: "s".into(),
@@ -477,15 +475,13 @@ fn listing_snapshots_says_where_the_replicas_chains_differ() {
     let r = Replicas::start(2);
     let (v, _) = Volume::start(&r.addrs(&[0, 1]), TIMEOUT).unwrap();
     let generation = v.generation();
-    let control = r.daemons[1].as_ref().unwrap().control.clone();
+    let daemon = r.daemons[1].as_ref().unwrap();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
     rt.block_on(async {
-        let mut c = horn_proto::control::replica_control_client::ReplicaControlClient::connect(control)
-            .await
-            .unwrap();
+        let mut c = daemon.control_as_holder().await;
         c.snapshot(horn_proto::control::SnapshotRequest {
             generation,
             name: "only-here".into(),

@@ -247,9 +247,20 @@ fn a_replica_left_write_only_by_a_cut_rebuild_is_rebuilt_where_it_stands() {
         .build()
         .unwrap();
     rt.block_on(async {
-        let mut c = ReplicaControlClient::connect(b.control.clone()).await.unwrap();
+        let channel = tonic::transport::Endpoint::from_shared(b.control.clone())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut c = ReplicaControlClient::with_interceptor(channel, |mut req: tonic::Request<()>| {
+            let name = "an-engine".parse().unwrap();
+            req.metadata_mut()
+                .insert(horn_proto::control::ENGINE_HEADER, name);
+            Ok(req)
+        });
         c.claim(horn_proto::control::ClaimRequest {
             generation,
+            engine: "an-engine".into(),
             ..Default::default()
         })
         .await

@@ -291,7 +291,7 @@ fn a_write_that_reached_one_replica_only_is_copied_at_start_and_only_its_region_
     let offset = 5 * REGION_SIZE + 12 * BLOCK;
     let data = block_bytes(offset / BLOCK, 7);
     let (h, msg) = cluster.daemons[0]
-        .client()
+        .client_as_holder()
         .write(1, offset, &data, generation)
         .unwrap();
     assert_eq!(h.status, Status::Ok, "{}", String::from_utf8_lossy(&msg));
@@ -344,7 +344,7 @@ fn hornctl_verify_reports_identical_replicas_and_the_offset_of_a_difference() {
     };
     let offset = 3 * REGION_SIZE + 40 * BLOCK;
     let (h, _) = cluster.daemons[1]
-        .client()
+        .client_as_holder()
         .write(1, offset, &[0xee; BLOCK as usize], generation)
         .unwrap();
     assert_eq!(h.status, Status::Ok);

@@ -48,6 +48,15 @@ impl BlockingClient {
         self.recv()
     }
 
+    /// Names the engine sending on this connection ([`Op::Hello`]): a replica claimed
+    /// by a named engine takes I/O at the claim's generation only from it.
+    pub fn hello(&mut self, id: u64, engine: &str, generation: u64) -> io::Result<(Header, Vec<u8>)> {
+        self.call(
+            &Header::request(Op::Hello, id, 0, engine.len() as u32, generation),
+            engine.as_bytes(),
+        )
+    }
+
     /// Writes `data` at `offset`.
     pub fn write(
         &mut self,

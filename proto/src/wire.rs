@@ -20,6 +20,8 @@ pub const HEADER_LEN: usize = 40;
 pub const MAX_IO_LEN: u32 = 8 << 20;
 /// Largest error message a reply may carry.
 pub const MAX_MESSAGE_LEN: u32 = 4096;
+/// Longest engine identity a [`Op::Hello`] may carry.
+pub const MAX_IDENTITY_LEN: u32 = 128;
 /// Bit set in the op byte of a reply.
 const REPLY_BIT: u8 = 0x80;
 
@@ -39,6 +41,11 @@ pub enum Op {
     WriteZeroes = 5,
     /// Do nothing but answer (liveness and round-trip time).
     Ping = 6,
+    /// Name the engine that sends on this connection: the payload is its identity
+    /// (UTF-8, 1 to [`MAX_IDENTITY_LEN`] bytes). A replica claimed by a named engine
+    /// takes reads, writes, flushes and discards at the claim's generation only on a
+    /// connection that has named that engine.
+    Hello = 7,
 }
 
 impl Op {
@@ -50,6 +57,7 @@ impl Op {
             4 => Op::Discard,
             5 => Op::WriteZeroes,
             6 => Op::Ping,
+            7 => Op::Hello,
             _ => return None,
         })
     }
@@ -215,7 +223,7 @@ impl Header {
     /// Bytes of payload that follow this header on the wire.
     pub fn payload_len(&self) -> usize {
         match (self.reply, self.op) {
-            (false, Op::Write) => self.length as usize,
+            (false, Op::Write | Op::Hello) => self.length as usize,
             (false, _) => 0,
             (true, _) => self.length as usize,
         }
@@ -314,8 +322,9 @@ impl Header {
                 });
             }
         } else {
-            if self.length != 0 {
-                return bad_len(0);
+            let max = if self.op == Op::Hello { MAX_IDENTITY_LEN } else { 0 };
+            if self.length > max || (self.op == Op::Hello && self.length == 0) {
+                return bad_len(max);
             }
             if self.offset != 0 {
                 return Err(WireError::BadOffset {
@@ -389,10 +398,28 @@ mod tests {
             Header::request(Op::Read, 1, 0, 512, 9),
             Header::request(Op::Flush, 2, 0, 0, 9),
             Header::request(Op::Ping, 3, 0, 0, 0),
+            Header::request(Op::Hello, 4, 0, 16, 9),
             Header::reply_to(&write_req(), Status::StaleGeneration, 40, 4),
         ] {
             assert_eq!(Header::decode(&h.encode()), Ok(h));
         }
+    }
+
+    #[test]
+    fn a_hello_carries_a_bounded_identity() {
+        assert_eq!(Header::request(Op::Hello, 1, 0, 16, 2).payload_len(), 16);
+        for bad in [0, MAX_IDENTITY_LEN + 1] {
+            let h = Header::request(Op::Hello, 1, 0, bad, 2);
+            assert!(
+                matches!(Header::decode(&h.encode()), Err(WireError::BadLength { .. })),
+                "{bad}"
+            );
+        }
+        let at = Header::request(Op::Hello, 1, 4096, 16, 2);
+        assert!(matches!(
+            Header::decode(&at.encode()),
+            Err(WireError::BadOffset { .. })
+        ));
     }
 
     #[test]

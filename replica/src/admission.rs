@@ -7,7 +7,11 @@
 //! 1. the **generation fence**: a request of an older generation than the replica's is
 //!    refused, since a newer engine owns the replica; one of a newer generation is
 //!    refused until its engine has claimed the replica (a ping or a control call
-//!    excepted: a new engine reaches a replica, and claims it, through those);
+//!    excepted: a new engine reaches a replica, and claims it, through those); one of
+//!    the replica's own generation is refused unless it comes from the engine holding
+//!    the claim (its identity: a data-wire connection names it with a `Hello`, a
+//!    control call in its `horn-engine` header), so that two engines that reached the
+//!    same generation on different replicas can never both write to one;
 //! 2. a **write-only** replica (being rebuilt) refuses reads: it may lack data;
 //! 3. the store refuses I/O off the sector size or past the end;
 //! 4. **intent before write**: a write, discard or write-zeroes marks its write-intent
@@ -49,6 +53,18 @@ pub(crate) enum Access {
     Control,
 }
 
+/// Who sends a request, as far as the replica can tell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Caller<'a> {
+    /// An engine that named itself: a data-wire connection after its `Hello`, or a
+    /// control call with the `horn-engine` header.
+    Named(&'a str),
+    /// A sender that did not name itself.
+    Unnamed,
+    /// The engine in this process that opened the replica and hosts it.
+    Host,
+}
+
 /// Why a data request was refused before it reached the store's I/O.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum Refusal {
@@ -68,6 +84,16 @@ pub(crate) enum Refusal {
         /// The request's.
         given: u64,
     },
+    /// The request's generation is the replica's, but another engine holds the claim.
+    #[error("generation {generation} on this replica belongs to engine {holder}, not to {caller}: another engine owns this replica")]
+    Foreign {
+        /// The replica's (and the request's) generation.
+        generation: u64,
+        /// The engine holding the claim.
+        holder: String,
+        /// Who sent the request.
+        caller: String,
+    },
     /// A read from a replica that is write-only while it is rebuilt.
     #[error("the replica is write-only while it is rebuilt: read from another replica")]
     WriteOnly,
@@ -76,15 +102,48 @@ pub(crate) enum Refusal {
     Store(#[from] ReplicaError),
 }
 
-/// The generation fence and the mode rule for `access` from an engine holding
-/// generation `given`, on a replica at generation `current` in `mode`.
-pub(crate) fn fence(current: u64, mode: Mode, given: u64, access: Access) -> Result<(), Refusal> {
+/// The replica's side of the fence: its generation, the engine holding the claim at
+/// it (none before the first claim), and its mode.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Holder<'a> {
+    pub(crate) generation: u64,
+    pub(crate) engine: Option<&'a str>,
+    pub(crate) mode: Mode,
+}
+
+/// The generation fence and the mode rule for `access` from `caller`, an engine
+/// holding generation `given`, on a replica standing as `holder`.
+pub(crate) fn fence(
+    holder: Holder<'_>,
+    caller: Caller<'_>,
+    given: u64,
+    access: Access,
+) -> Result<(), Refusal> {
+    let current = holder.generation;
     if given < current {
         return Err(Refusal::Stale { current, given });
     }
     if given > current && !matches!(access, Access::Ping | Access::Control) {
         return Err(Refusal::Unclaimed { current, given });
     }
+    if given == current && access != Access::Ping {
+        if let Some(engine) = holder.engine.filter(|e| !e.is_empty()) {
+            let named = match caller {
+                Caller::Host => None,
+                Caller::Named(n) if n == engine => None,
+                Caller::Named(n) => Some(n.to_string()),
+                Caller::Unnamed => Some("an unnamed sender".to_string()),
+            };
+            if let Some(caller) = named {
+                return Err(Refusal::Foreign {
+                    generation: current,
+                    holder: engine.to_string(),
+                    caller,
+                });
+            }
+        }
+    }
+    let mode = holder.mode;
     if matches!(access, Access::Read { .. }) && mode == Mode::Wo {
         return Err(Refusal::WriteOnly);
     }
@@ -95,7 +154,7 @@ impl Refusal {
     /// The data wire's status for the refusal (its message is the `Display` text).
     pub(crate) fn wire_status(&self) -> Status {
         match self {
-            Refusal::Stale { .. } => Status::StaleGeneration,
+            Refusal::Stale { .. } | Refusal::Foreign { .. } => Status::StaleGeneration,
             Refusal::Unclaimed { .. } | Refusal::WriteOnly => Status::Unavailable,
             Refusal::Store(e) => e.wire_status(),
         }
@@ -109,6 +168,7 @@ impl From<Refusal> for ReplicaError {
         match r {
             Refusal::Stale { current, given } => ReplicaError::StaleGeneration { current, given },
             Refusal::Unclaimed { .. } | Refusal::WriteOnly => ReplicaError::Unavailable(r.to_string()),
+            Refusal::Foreign { .. } => ReplicaError::Refused(r.to_string()),
             Refusal::Store(e) => e,
         }
     }
@@ -121,30 +181,68 @@ mod tests {
     const READ: Access = Access::Read { offset: 0, len: 4096 };
     const WRITE: Access = Access::Change { offset: 0, len: 4096 };
 
+    /// The fence of a replica at `current` in `mode` claimed by engine "a", for a
+    /// request from "a".
+    fn fence_a(current: u64, mode: Mode, given: u64, access: Access) -> Result<(), Refusal> {
+        let holder = Holder {
+            generation: current,
+            engine: Some("a"),
+            mode,
+        };
+        fence(holder, Caller::Named("a"), given, access)
+    }
+
+    #[test]
+    fn at_the_replicas_generation_only_the_claim_holder_is_admitted() {
+        let holder = Holder {
+            generation: 5,
+            engine: Some("a"),
+            mode: Mode::Rw,
+        };
+        for access in [READ, WRITE, Access::Flush, Access::Control] {
+            assert!(fence(holder, Caller::Named("a"), 5, access).is_ok());
+            assert!(fence(holder, Caller::Host, 5, access).is_ok());
+            for caller in [Caller::Named("b"), Caller::Unnamed] {
+                let e = fence(holder, caller, 5, access).unwrap_err();
+                assert!(matches!(e, Refusal::Foreign { generation: 5, .. }), "{e}");
+                assert_eq!(e.wire_status(), Status::StaleGeneration);
+            }
+            // A newer engine still reaches the replica to claim it.
+            assert!(fence(holder, Caller::Named("b"), 6, Access::Control).is_ok());
+        }
+        assert!(fence(holder, Caller::Unnamed, 5, Access::Ping).is_ok());
+        // Before any named claim, anyone at the replica's generation is admitted.
+        let unclaimed = Holder {
+            engine: None,
+            ..holder
+        };
+        assert!(fence(unclaimed, Caller::Unnamed, 5, WRITE).is_ok());
+    }
+
     #[test]
     fn older_generations_are_fenced_and_newer_ones_must_claim_first_but_may_ping_or_call() {
         for access in [Access::Ping, READ, WRITE, Access::Flush, Access::Control] {
             assert!(matches!(
-                fence(5, Mode::Rw, 4, access),
+                fence_a(5, Mode::Rw, 4, access),
                 Err(Refusal::Stale { current: 5, given: 4 })
             ));
-            assert!(fence(5, Mode::Rw, 5, access).is_ok());
+            assert!(fence_a(5, Mode::Rw, 5, access).is_ok());
         }
         for access in [READ, WRITE, Access::Flush] {
             assert!(matches!(
-                fence(5, Mode::Rw, 6, access),
+                fence_a(5, Mode::Rw, 6, access),
                 Err(Refusal::Unclaimed { current: 5, given: 6 })
             ));
         }
-        assert!(fence(5, Mode::Rw, 6, Access::Ping).is_ok());
-        assert!(fence(5, Mode::Rw, 6, Access::Control).is_ok());
+        assert!(fence_a(5, Mode::Rw, 6, Access::Ping).is_ok());
+        assert!(fence_a(5, Mode::Rw, 6, Access::Control).is_ok());
     }
 
     #[test]
     fn a_write_only_replica_refuses_reads_alone() {
-        assert!(matches!(fence(5, Mode::Wo, 5, READ), Err(Refusal::WriteOnly)));
+        assert!(matches!(fence_a(5, Mode::Wo, 5, READ), Err(Refusal::WriteOnly)));
         for access in [Access::Ping, WRITE, Access::Flush, Access::Control] {
-            assert!(fence(5, Mode::Wo, 5, access).is_ok());
+            assert!(fence_a(5, Mode::Wo, 5, access).is_ok());
         }
     }
 

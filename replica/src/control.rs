@@ -17,11 +17,11 @@ use horn_proto::control::{
     IntentsReply, IntentsRequest, Layer, LayerBlocksReply, LayerBlocksRequest, LayerStream, LayerZerosReply,
     LayerZerosRequest, Member, MemberSet, Membership, MembershipRequest, Mode as WireMode, PurgeReply,
     PurgeRequest, ReadLayerRequest, ReleaseRequest, RevertRequest, SalvageRequest, SetModeRequest,
-    SnapshotRequest, SyncFromRequest, SyncReply, WriteBlocksReply,
+    SnapshotRequest, SyncFromRequest, SyncReply, WriteBlocksReply, ENGINE_HEADER,
 };
 use tonic::{Request, Response, Status};
 
-use crate::admission::Access;
+use crate::admission::{Access, Caller};
 use crate::error::ReplicaError;
 use crate::handle::ServerHandle;
 use crate::membership::Record;
@@ -137,10 +137,21 @@ fn intents_reply(r: &Replica) -> IntentsReply {
     }
 }
 
-/// Refuses a call from an engine older than the replica's generation, by the data
-/// path's own fence ([`crate::admission`]).
-fn check_generation(r: &mut Replica, generation: u64) -> Result<(), ReplicaError> {
-    r.admit(generation, Access::Control).map_err(ReplicaError::from)
+/// Refuses a call from an engine older than the replica's generation, or from one
+/// that is not the claim's holder at it, by the data path's own fence
+/// ([`crate::admission`]).
+fn check_generation(r: &mut Replica, generation: u64, caller: Option<&str>) -> Result<(), ReplicaError> {
+    let caller = caller.map_or(Caller::Unnamed, Caller::Named);
+    r.admit(generation, caller, Access::Control)
+        .map_err(ReplicaError::from)
+}
+
+/// The engine a control call names in its [`ENGINE_HEADER`], if it names one.
+fn caller_of<T>(req: &Request<T>) -> Option<String> {
+    req.metadata()
+        .get(ENGINE_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
 }
 
 /// The replica as the service reports it.
@@ -235,13 +246,14 @@ impl ReplicaControl for ControlService {
 
     async fn claim(&self, req: Request<ClaimRequest>) -> Result<Response<InfoReply>, Status> {
         let req = req.into_inner();
+        if req.engine.is_empty() {
+            return Err(Status::invalid_argument(
+                "a claim names its engine (ClaimRequest.engine)",
+            ));
+        }
         self.run(move |r| {
-            if req.engine.is_empty() {
-                r.set_generation(req.generation)?;
-            } else {
-                let volume = (!req.volume.is_empty()).then_some(req.volume.as_str());
-                r.claim(req.generation, &req.engine, volume)?;
-            }
+            let volume = (!req.volume.is_empty()).then_some(req.volume.as_str());
+            r.claim(req.generation, &req.engine, volume)?;
             r.set_dirty(true)?;
             info_reply(r)
         })
@@ -284,9 +296,10 @@ impl ReplicaControl for ControlService {
     }
 
     async fn release(&self, req: Request<ReleaseRequest>) -> Result<Response<InfoReply>, Status> {
+        let caller = caller_of(&req);
         let g = req.into_inner().generation;
         self.run(move |r| {
-            check_generation(r, g)?;
+            check_generation(r, g, caller.as_deref())?;
             r.set_dirty(false)?;
             info_reply(r)
         })
@@ -294,6 +307,7 @@ impl ReplicaControl for ControlService {
     }
 
     async fn set_mode(&self, req: Request<SetModeRequest>) -> Result<Response<InfoReply>, Status> {
+        let caller = caller_of(&req);
         let req = req.into_inner();
         let mode = match WireMode::try_from(req.mode) {
             Ok(WireMode::Rw) => Mode::Rw,
@@ -306,7 +320,7 @@ impl ReplicaControl for ControlService {
             }
         };
         self.run(move |r| {
-            check_generation(r, req.generation)?;
+            check_generation(r, req.generation, caller.as_deref())?;
             r.set_mode(mode)?;
             info_reply(r)
         })
@@ -314,9 +328,10 @@ impl ReplicaControl for ControlService {
     }
 
     async fn snapshot(&self, req: Request<SnapshotRequest>) -> Result<Response<InfoReply>, Status> {
+        let caller = caller_of(&req);
         let req = req.into_inner();
         self.run(move |r| {
-            check_generation(r, req.generation)?;
+            check_generation(r, req.generation, caller.as_deref())?;
             let labels: BTreeMap<String, String> = req.labels.into_iter().collect();
             r.snapshot(&req.name, &labels)?;
             info_reply(r)
@@ -328,9 +343,10 @@ impl ReplicaControl for ControlService {
         &self,
         req: Request<DeleteSnapshotRequest>,
     ) -> Result<Response<InfoReply>, Status> {
+        let caller = caller_of(&req);
         let req = req.into_inner();
         self.run(move |r| {
-            check_generation(r, req.generation)?;
+            check_generation(r, req.generation, caller.as_deref())?;
             r.delete_snapshot(&req.name)?;
             info_reply(r)
         })
@@ -338,9 +354,10 @@ impl ReplicaControl for ControlService {
     }
 
     async fn purge(&self, req: Request<PurgeRequest>) -> Result<Response<PurgeReply>, Status> {
+        let caller = caller_of(&req);
         let g = req.into_inner().generation;
         self.run(move |r| {
-            check_generation(r, g)?;
+            check_generation(r, g, caller.as_deref())?;
             let report = r.purge()?;
             Ok(PurgeReply {
                 purged: report.purged,
@@ -356,9 +373,10 @@ impl ReplicaControl for ControlService {
     }
 
     async fn revert(&self, req: Request<RevertRequest>) -> Result<Response<InfoReply>, Status> {
+        let caller = caller_of(&req);
         let req = req.into_inner();
         self.run(move |r| {
-            check_generation(r, req.generation)?;
+            check_generation(r, req.generation, caller.as_deref())?;
             r.revert(&req.name)?;
             info_reply(r)
         })
@@ -366,9 +384,10 @@ impl ReplicaControl for ControlService {
     }
 
     async fn expand(&self, req: Request<ExpandRequest>) -> Result<Response<InfoReply>, Status> {
+        let caller = caller_of(&req);
         let req = req.into_inner();
         self.run(move |r| {
-            check_generation(r, req.generation)?;
+            check_generation(r, req.generation, caller.as_deref())?;
             r.expand(req.size)?;
             info_reply(r)
         })
@@ -409,9 +428,10 @@ impl ReplicaControl for ControlService {
     }
 
     async fn write_blocks(&self, req: Request<BlocksData>) -> Result<Response<WriteBlocksReply>, Status> {
+        let caller = caller_of(&req);
         let req = req.into_inner();
         self.run(move |r| {
-            check_generation(r, req.generation)?;
+            check_generation(r, req.generation, caller.as_deref())?;
             check_range_len(req.data.len() as u64, MAX_RANGE)?;
             if req.data.len() as u64 != req.blocks.len() as u64 * BLOCK_SIZE {
                 return Err(ReplicaError::InvalidOperation(format!(
@@ -442,9 +462,10 @@ impl ReplicaControl for ControlService {
         &self,
         req: Request<ClearIntentsRequest>,
     ) -> Result<Response<IntentsReply>, Status> {
+        let caller = caller_of(&req);
         let g = req.into_inner().generation;
         self.run(move |r| {
-            check_generation(r, g)?;
+            check_generation(r, g, caller.as_deref())?;
             r.clear_intents()?;
             Ok(intents_reply(r))
         })
@@ -518,8 +539,10 @@ impl ReplicaControl for ControlService {
     }
 
     async fn sync_from(&self, req: Request<SyncFromRequest>) -> Result<Response<SyncReply>, Status> {
+        let caller = caller_of(&req);
         let req = req.into_inner();
-        self.run(move |r| check_generation(r, req.generation)).await?;
+        self.run(move |r| check_generation(r, req.generation, caller.as_deref()))
+            .await?;
         if self.sync.running.swap(true, Ordering::AcqRel) {
             return Err(Status::failed_precondition(
                 "a sync into this replica is already running",
@@ -550,6 +573,7 @@ impl ReplicaControl for ControlService {
         &self,
         req: Request<FinishSyncRequest>,
     ) -> Result<Response<FinishSyncReply>, Status> {
+        let caller = caller_of(&req);
         let g = req.into_inner().generation;
         let plan = self
             .sync
@@ -559,7 +583,7 @@ impl ReplicaControl for ControlService {
             .take()
             .ok_or_else(|| Status::failed_precondition("no finished sync awaits installing"))?;
         self.run(move |r| {
-            check_generation(r, g)?;
+            check_generation(r, g, caller.as_deref())?;
             let suspect_blocks = r.install_synced(&plan)?;
             r.set_mode(Mode::Rw)?;
             Ok(FinishSyncReply {

@@ -23,7 +23,7 @@ use std::path::{Path, PathBuf};
 
 use io_uring::{opcode, types};
 
-use crate::admission::{self, Access, Refusal};
+use crate::admission::{self, Access, Caller, Refusal};
 use crate::chain::{
     lock_dir, recover, LayerExtents, PurgeReport, ReadPiece, ReplicaInfo, SnapshotChain, WritePath,
 };
@@ -147,8 +147,9 @@ impl Replica {
         self.engine.dirty
     }
 
-    /// Records a new replica-set generation, durably; an older one is refused. (The
-    /// claim of an engine without an identity: tools and tests.)
+    /// Records a new replica-set generation, durably, held by no named engine; an
+    /// older one is refused. (For tools and tests in this process: over the control
+    /// service every claim names its engine.)
     pub fn set_generation(&mut self, generation: u64) -> Result<()> {
         if generation < self.engine.generation {
             return Err(ReplicaError::StaleGeneration {
@@ -159,6 +160,7 @@ impl Replica {
         if generation != self.engine.generation {
             self.store_engine(EngineState {
                 generation,
+                engine: None,
                 ..self.engine.clone()
             })?;
         }
@@ -283,12 +285,22 @@ impl Replica {
         Ok(())
     }
 
-    /// Admits a data request from an engine holding `generation`, as both doors do
+    /// Admits a data request from `caller`, an engine holding `generation`, as both doors do
     /// (the data wire and an in-process engine; see [`crate::admission`]): the
     /// generation fence and the mode rule, then the store's range check, and for a
     /// change its write-intent mark, durably, before any of its data may reach the disk.
-    pub(crate) fn admit(&mut self, generation: u64, access: Access) -> std::result::Result<(), Refusal> {
-        admission::fence(self.engine.generation, self.engine.mode, generation, access)?;
+    pub(crate) fn admit(
+        &mut self,
+        generation: u64,
+        caller: Caller<'_>,
+        access: Access,
+    ) -> std::result::Result<(), Refusal> {
+        let holder = admission::Holder {
+            generation: self.engine.generation,
+            engine: self.engine.engine.as_deref(),
+            mode: self.engine.mode,
+        };
+        admission::fence(holder, caller, generation, access)?;
         match access {
             Access::Read { offset, len } => self.chain.check_io(offset, len)?,
             Access::Change { offset, len } => {

@@ -22,7 +22,7 @@ use horn_proto::batch::{Message, SendBatch, TwoPartRecv};
 use horn_proto::wire::{Header, Op, Status, FLAG_FUA, HEADER_LEN};
 use io_uring::{opcode, types};
 
-use crate::admission::Access;
+use crate::admission::{Access, Caller};
 use crate::error::Result;
 use crate::handle::Command;
 pub use crate::handle::ServerHandle;
@@ -97,6 +97,8 @@ struct Conn {
     ops: usize,
     /// No more requests are read; the connection closes once its work is done.
     closing: bool,
+    /// The engine this connection named in its `Hello`, if it did.
+    engine: Option<String>,
 }
 
 impl Conn {
@@ -263,6 +265,7 @@ impl DataServer {
                 raw_in_flight: 0,
                 ops: 0,
                 closing: false,
+                engine: None,
             };
             let id = match self.free_conns.pop() {
                 Some(i) => {
@@ -384,13 +387,40 @@ impl DataServer {
 
     fn dispatch(&mut self, id: u32, h: Header, payload: Option<IoBuf>) -> Result<()> {
         let (off, len) = (h.offset, h.length as u64);
+        if h.op == Op::Hello {
+            let named = payload
+                .as_ref()
+                .map(|b| std::str::from_utf8(b.as_slice()).map(str::to_string));
+            return match named {
+                Some(Ok(engine)) if !engine.is_empty() => {
+                    self.conn(id).engine = Some(engine);
+                    let reply = Header::reply_to(&h, Status::Ok, 0, self.replica.generation());
+                    self.queue_send(id, Outgoing::new(reply, Payload::None))
+                }
+                _ => {
+                    self.conn(id).closing = true;
+                    self.reply_error(
+                        id,
+                        &h,
+                        Status::BadRequest,
+                        "a hello names its engine in UTF-8".into(),
+                    )
+                }
+            };
+        }
         let access = match h.op {
+            Op::Hello => unreachable!("answered above"),
             Op::Ping => Access::Ping,
             Op::Read => Access::Read { offset: off, len },
             Op::Write | Op::Discard | Op::WriteZeroes => Access::Change { offset: off, len },
             Op::Flush => Access::Flush,
         };
-        if let Err(refusal) = self.replica.admit(h.generation, access) {
+        let conn = &self.conns[id as usize];
+        let caller = match conn.as_ref().and_then(|c| c.engine.as_deref()) {
+            Some(engine) => Caller::Named(engine),
+            None => Caller::Unnamed,
+        };
+        if let Err(refusal) = self.replica.admit(h.generation, caller, access) {
             return self.reply_error(id, &h, refusal.wire_status(), refusal.to_string());
         }
         match h.op {
@@ -406,7 +436,7 @@ impl DataServer {
                 };
                 return self.reply(id, &h, result, None);
             }
-            Op::Read | Op::Write | Op::Flush => {}
+            Op::Read | Op::Write | Op::Flush | Op::Hello => {}
         }
         let slot = Pending {
             conn: id,

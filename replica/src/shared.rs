@@ -36,7 +36,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use crate::admission::Access;
+use crate::admission::{Access, Caller};
 use crate::error::{ReplicaError, Result};
 use crate::extent::BlockRun;
 use crate::replica::Replica;
@@ -174,7 +174,7 @@ impl SharedReplica {
     pub fn plan_read(&self, generation: u64, offset: u64, buf: &mut [u8]) -> Result<Option<LocalIo>> {
         let mut r = self.lock();
         let len = buf.len() as u64;
-        r.admit(generation, Access::Read { offset, len })?;
+        r.admit(generation, Caller::Host, Access::Read { offset, len })?;
         let mut pieces = std::mem::take(&mut r.pieces);
         pieces.clear();
         r.chain.segments(offset, len, |p| pieces.push(p));
@@ -221,7 +221,7 @@ impl SharedReplica {
     pub fn plan_write(&self, generation: u64, offset: u64, data: &[u8]) -> Result<Option<LocalIo>> {
         let mut r = self.lock();
         let len = data.len() as u64;
-        r.admit(generation, Access::Change { offset, len })?;
+        r.admit(generation, Caller::Host, Access::Change { offset, len })?;
         let Some(blocks) = r.prepare_write(offset, data)? else {
             return Ok(None);
         };
@@ -248,7 +248,7 @@ impl SharedReplica {
     /// before it is durable.
     pub fn plan_flush(&self, generation: u64) -> Result<LocalIo> {
         let mut r = self.lock();
-        r.admit(generation, Access::Flush)?;
+        r.admit(generation, Caller::Host, Access::Flush)?;
         let held = r.chain.head().file_for(false)?;
         r.external_io_started();
         Ok(LocalIo {
@@ -268,7 +268,7 @@ impl SharedReplica {
     /// there (`zeroes`), on the caller's thread.
     pub fn discard(&self, generation: u64, offset: u64, len: u64, zeroes: bool) -> Result<()> {
         let mut r = self.lock();
-        r.admit(generation, Access::Change { offset, len })?;
+        r.admit(generation, Caller::Host, Access::Change { offset, len })?;
         if zeroes {
             r.write_zeroes(offset, len)
         } else {

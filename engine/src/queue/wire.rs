@@ -2,7 +2,7 @@
 //! `writev` straight from the I/Os' buffers, replies received and parsed, read data
 //! received straight into the waiting I/O's buffer (docs/wire-protocol.md).
 
-use std::net::TcpStream;
+use std::net::{TcpStream, ToSocketAddrs};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
@@ -13,6 +13,7 @@ use horn_uring::IoBuf;
 use io_uring::{opcode, types};
 
 use super::{reply_for, EngineQueue, KIND_RECV, KIND_SEND};
+use crate::engine::Engine;
 use crate::replica_set::{IoId, IoKind, IoRequest, Reply, ReqId};
 
 /// A request on its way out.
@@ -81,19 +82,16 @@ pub(super) struct Conn {
 }
 
 impl Conn {
-    /// A connection to the replica at `data` (none for a replica already failed), and
-    /// why it could not be made.
-    pub(super) fn connect(data: &str, failed: bool) -> (Conn, Option<String>) {
+    /// A connection to the replica at `data` (none for a replica already failed),
+    /// named as `engine`'s, and why it could not be made.
+    pub(super) fn connect(data: &str, failed: bool, engine: &Engine) -> (Conn, Option<String>) {
         let (stream, local, why) = match SharedReplica::hosted(data) {
             _ if failed => (None, None, None),
             Ok(Some(r)) => (None, Some(r), None),
             Err(e) => (None, None, Some(e.to_string())),
-            Ok(None) => match TcpStream::connect(data) {
-                Ok(s) => {
-                    let _ = s.set_nodelay(true);
-                    (Some(s), None, None)
-                }
-                Err(e) => (None, None, Some(format!("its data wire is unreachable: {e}"))),
+            Ok(None) => match hello(data, engine) {
+                Ok(s) => (Some(s), None, None),
+                Err(why) => (None, None, Some(why)),
             },
         };
         let closed = stream.is_none() && local.is_none();
@@ -117,6 +115,41 @@ impl Conn {
     fn fd(&self) -> i32 {
         self.stream.as_ref().map_or(-1, |s| s.as_raw_fd())
     }
+}
+
+/// Connects to a replica's data wire and names the engine (`Hello`), waiting for the
+/// answer within the engine's timeout: a replica claimed by another engine at the
+/// same generation then refuses every request on the connection.
+fn hello(data: &str, engine: &Engine) -> std::result::Result<TcpStream, String> {
+    use std::io::{Read, Write};
+    let unreachable = |e: std::io::Error| format!("its data wire is unreachable: {e}");
+    let addr = data
+        .to_socket_addrs()
+        .map_err(unreachable)?
+        .next()
+        .ok_or_else(|| format!("its data address {data} resolves to nothing"))?;
+    let mut s = TcpStream::connect_timeout(&addr, engine.timeout()).map_err(unreachable)?;
+    let _ = s.set_nodelay(true);
+    let id = engine.engine_id().as_bytes();
+    let h = Header::request(Op::Hello, 0, 0, id.len() as u32, engine.generation());
+    s.set_read_timeout(Some(engine.timeout())).map_err(unreachable)?;
+    let mut reply = [0u8; HEADER_LEN];
+    s.write_all(&h.encode())
+        .and_then(|()| s.write_all(id))
+        .and_then(|()| s.read_exact(&mut reply))
+        .map_err(|e| format!("it did not answer the engine's hello: {e}"))?;
+    let reply = Header::decode(&reply).map_err(|e| format!("its answer to the hello is malformed: {e}"))?;
+    if reply.status != Status::Ok {
+        let mut message = vec![0u8; reply.payload_len()];
+        let _ = s.read_exact(&mut message);
+        return Err(format!(
+            "it refused the engine's hello ({}): {}",
+            reply.status,
+            String::from_utf8_lossy(&message)
+        ));
+    }
+    s.set_read_timeout(None).map_err(unreachable)?;
+    Ok(s)
 }
 
 impl EngineQueue {

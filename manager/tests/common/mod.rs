@@ -9,6 +9,22 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use horn_proto::client::BlockingClient;
+use horn_proto::control::replica_control_client::ReplicaControlClient;
+use horn_proto::control::{InfoRequest, ENGINE_HEADER};
+use tonic::metadata::AsciiMetadataValue;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+
+/// Names an engine in every control call's `horn-engine` header.
+#[derive(Clone)]
+pub struct Named(pub AsciiMetadataValue);
+
+impl tonic::service::Interceptor for Named {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        req.metadata_mut().insert(ENGINE_HEADER, self.0.clone());
+        Ok(req)
+    }
+}
 
 pub mod iscsi;
 
@@ -64,6 +80,46 @@ impl Daemon {
     /// A data-wire client.
     pub fn client(&self) -> BlockingClient {
         BlockingClient::connect(&self.addr, Duration::from_secs(10)).unwrap()
+    }
+
+    /// A data-wire client that names itself as the engine holding the replica's claim,
+    /// as a test standing in for that engine must (a replica admits no one else at
+    /// its generation).
+    pub fn client_as_holder(&self) -> BlockingClient {
+        let holder = self.holder();
+        let mut c = self.client();
+        let (h, msg) = c.hello(0, &holder, 0).unwrap();
+        assert_eq!(
+            h.status,
+            horn_proto::wire::Status::Ok,
+            "{}",
+            String::from_utf8_lossy(&msg)
+        );
+        c
+    }
+
+    /// A control client whose calls name the engine holding the replica's claim.
+    pub async fn control_as_holder(&self) -> ReplicaControlClient<InterceptedService<Channel, Named>> {
+        let channel = Endpoint::from_shared(self.control.clone())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut plain = ReplicaControlClient::new(channel.clone());
+        let holder = plain.info(InfoRequest {}).await.unwrap().into_inner().holder;
+        ReplicaControlClient::with_interceptor(channel, Named(holder.parse().unwrap()))
+    }
+
+    /// The engine holding the replica's claim, from its `Info`.
+    pub fn holder(&self) -> String {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(async {
+                let mut c = ReplicaControlClient::connect(self.control.clone()).await.unwrap();
+                c.info(InfoRequest {}).await.unwrap().into_inner().holder
+            })
     }
 
     /// Sends a signal.
