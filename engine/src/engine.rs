@@ -31,6 +31,7 @@ use horn_proto::control::{
 use crate::client::{self, control_err, Deadline};
 use crate::membership::Record;
 use crate::replica_set::{Mode, ReplicaConfig};
+use crate::stripes::Stripes;
 use crate::types::{ChainOp, RebuildStatus, ReplicaAddr, Result, VolumeError};
 
 /// One replica as the engine claimed it.
@@ -137,6 +138,9 @@ pub struct Engine {
     failure_reasons: Mutex<Vec<Option<String>>>,
     paused: AtomicBool,
     queues: Mutex<Vec<Arc<QueueShared>>>,
+    /// Which queue may have changes in flight where (overlapping changes across
+    /// queues wait for each other).
+    stripes: Stripes,
     /// One chain operation at a time.
     chain: Mutex<()>,
     rebuilds: Mutex<Rebuilds>,
@@ -183,6 +187,7 @@ impl Engine {
             failure_epoch: AtomicU64::new(0),
             paused: AtomicBool::new(false),
             queues: Mutex::new(Vec::new()),
+            stripes: Stripes::default(),
             chain: Mutex::new(()),
             rebuilds: Mutex::default(),
             runtime,
@@ -380,7 +385,13 @@ impl Engine {
         *pending = false;
     }
 
-    fn wake_queues(&self) {
+    /// Which queue may have changes in flight where.
+    pub(crate) fn stripes(&self) -> &Stripes {
+        &self.stripes
+    }
+
+    /// Wakes every queue's loop (a change one of them waits for may start).
+    pub(crate) fn wake_queues(&self) {
         for q in lock(&self.queues).iter() {
             q.wake();
         }

@@ -9,7 +9,7 @@
 //! 1. [`types`]: the vocabulary (addresses, errors, reports, chain operations);
 //! 2. [`replica_set`]: the replication rules, without I/O; [`membership`]: the
 //!    membership rules (which replicas a start may serve from, when a change counts),
-//!    without I/O;
+//!    without I/O; [`stripes`]: which queue may have changes in flight where;
 //! 3. `client`: the replicas' control services as the engine calls them;
 //! 4. [`engine`]: what a volume's queues share: the claimed replicas, the generation,
 //!    the membership record in force, which replicas failed, and the pause gate for
@@ -37,6 +37,8 @@ pub mod types;
 pub mod replica_set;
 
 pub mod membership;
+
+pub mod stripes;
 
 mod client;
 

@@ -41,6 +41,7 @@ use io_uring::{opcode, squeue, types};
 
 use crate::engine::{Engine, QueueShared};
 use crate::replica_set::{Action, IoId, IoKind, IoRequest, Mode, ReplicaConfig, ReplicaSet, Reply, ReqId};
+use crate::stripes::Released;
 use crate::types::{IoError, Result, VolumeCompletion, VolumeError};
 
 use local::LocalOp;
@@ -111,11 +112,15 @@ pub struct EngineQueue {
     held: VecDeque<Held>,
     /// Changes (writes, discards, write-zeroes) in flight, by (offset, I/O): their
     /// ends. A change that overlaps one waits in `ordered`, so that every replica
-    /// applies overlapping changes in the order they were submitted.
+    /// applies overlapping changes in the order they were submitted. Each holds its
+    /// stripes in the engine's [`crate::stripes::Stripes`], so that another queue's
+    /// overlapping change waits too.
     changes: BTreeMap<(u64, u64), u64>,
-    /// Changes waiting for an overlapping one to complete, in submission order (each
-    /// is counted in flight already).
+    /// Changes waiting for an overlapping one (of this queue or another) to complete,
+    /// in submission order (each is counted in flight already).
     ordered: VecDeque<Held>,
+    /// This queue's name in the engine's stripes.
+    stripe_owner: u32,
     ready: VecDeque<VolumeCompletion>,
     entries: Vec<squeue::Entry>,
     wake_buf: Box<u64>,
@@ -177,6 +182,7 @@ impl EngineQueue {
             held: VecDeque::new(),
             changes: BTreeMap::new(),
             ordered: VecDeque::new(),
+            stripe_owner: engine.stripes().new_owner(),
             ready: VecDeque::new(),
             entries: Vec::new(),
             wake_buf: Box::new(0),
@@ -392,11 +398,20 @@ impl EngineQueue {
             tag,
             fua,
         };
-        if is_change(kind) && self.overlaps_change(offset, len, self.ordered.len()) {
+        if is_change(kind) && !self.may_start_change(offset, len, self.ordered.len()) {
             self.ordered.push_back(held);
             return;
         }
         self.start(held);
+    }
+
+    /// May a change of `[offset, offset + len)` start now, ahead of all but the first
+    /// `waiting` changes waiting in order? Not while it overlaps one of this queue's
+    /// (in flight, or waiting ahead of it); otherwise when this queue takes its stripes
+    /// (another queue's overlapping change in flight holds them).
+    fn may_start_change(&self, offset: u64, len: u64, waiting: usize) -> bool {
+        !self.overlaps_change(offset, len, waiting)
+            && self.engine.stripes().try_acquire(self.stripe_owner, offset, len)
     }
 
     /// Does `[offset, offset + len)` overlap a change in flight, or one of the first
@@ -420,7 +435,7 @@ impl EngineQueue {
         let mut i = 0;
         while i < self.ordered.len() {
             let h = &self.ordered[i];
-            if self.overlaps_change(h.offset, h.len, i) {
+            if !self.may_start_change(h.offset, h.len, i) {
                 i += 1;
                 continue;
             }
@@ -571,6 +586,9 @@ impl EngineQueue {
             if let Some(offset) = slot.change {
                 let removed = self.changes.remove(&(offset, io.0));
                 debug_assert!(removed.is_some(), "change {io:?} left the overlap map twice");
+                if let Some(end) = removed {
+                    self.release_stripes(offset, end);
+                }
             }
             let before = self.shared.in_flight.fetch_sub(1, Ordering::SeqCst);
             debug_assert!(
@@ -624,9 +642,22 @@ impl EngineQueue {
         self.entries.push(entry);
     }
 
+    /// Gives back a finished change's stripes; wakes the queues when another waits
+    /// for one of them.
+    fn release_stripes(&mut self, offset: u64, end: u64) {
+        if self.engine.stripes().release(offset, end - offset) == Released::Waited {
+            self.engine.wake_queues();
+        }
+    }
+
     /// Closes every connection and leaves the engine; the driver must then wait until
     /// [`EngineQueue::raw_in_flight`] is zero before dropping the queue.
     pub fn shutdown(&mut self) -> usize {
+        // Changes that never finish give their stripes back, or other queues would
+        // wait for them forever.
+        for ((offset, _), end) in std::mem::take(&mut self.changes) {
+            self.release_stripes(offset, end);
+        }
         for i in 0..self.conns.len() {
             self.close_conn(i);
         }
@@ -660,10 +691,13 @@ impl EngineQueue {
 impl Drop for EngineQueue {
     /// Lets in-process replicas know of I/Os a driver dropped without waiting for
     /// (their writes count as never made), so their chain operations are not refused
-    /// for ever.
+    /// for ever, and gives back the stripes of changes that will never finish.
     fn drop(&mut self) {
         for op in self.local_ops.drain(..).flatten() {
             let _ = op.replica.finish(op.planned, false);
+        }
+        for ((offset, _), end) in std::mem::take(&mut self.changes) {
+            self.release_stripes(offset, end);
         }
     }
 }

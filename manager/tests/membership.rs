@@ -546,6 +546,79 @@ fn overlapping_writes_in_flight_land_in_submission_order_on_every_replica() {
     verified(&mut v);
 }
 
+#[test]
+fn overlapping_writes_from_two_queues_leave_every_replica_the_same() {
+    use horn_engine::replica_set::IoKind;
+    use horn_replica::IoBuf;
+    // As above, with the writes coming from two queues at once: each queue has its
+    // own connections, so only the engine's stripes order them across queues.
+    let r = Replicas::start(2);
+    let tmp = tempfile::tempdir().unwrap();
+    let (_hosted, local) =
+        horn_manager::daemon::HostedReplica::start(&horn_manager::daemon::HostedReplicaOptions {
+            dir: tmp.path().join("hosted"),
+            control: "127.0.0.1:0".into(),
+            size: Some(16 << 20),
+            sector_size: 512,
+            cache: horn_replica::CacheMode::Direct,
+        })
+        .unwrap();
+    let mut addrs = r.addrs(&[0, 1]);
+    addrs.insert(0, local);
+    let (mut v, _) = Volume::start(&addrs, TIMEOUT).unwrap();
+    let seed = seed();
+    let rounds = 500u32;
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(2));
+    // One replica process stops and goes on, again and again (well within the
+    // timeout): while it is stopped both queues' writes pile up on its connections,
+    // and it takes them in its own order, not in the order the others saw them.
+    let stopped = r.daemons[1].as_ref().unwrap().child.id() as i32;
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stopper = {
+        let done = done.clone();
+        std::thread::spawn(move || {
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                // SAFETY: kill takes no pointers; the pid is our child's.
+                unsafe { libc::kill(stopped, libc::SIGSTOP) };
+                std::thread::sleep(std::time::Duration::from_millis(3));
+                // SAFETY: as above.
+                unsafe { libc::kill(stopped, libc::SIGCONT) };
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+        })
+    };
+    let writers: Vec<_> = (0..2u64)
+        .map(|q| {
+            let (engine, barrier) = (v.engine().clone(), barrier.clone());
+            std::thread::spawn(move || {
+                let mut v = Volume::open(&engine).unwrap();
+                let mut rng = rand::rngs::SmallRng::seed_from_u64(seed ^ (q + 1));
+                let mut out = Vec::new();
+                for round in 0..rounds {
+                    barrier.wait();
+                    for i in 0..8u32 {
+                        let blocks = rng.gen_range(1..=8u64);
+                        let first = rng.gen_range(0..=16 - blocks);
+                        let mut buf = IoBuf::zeroed((blocks * BLOCK) as usize);
+                        buf.as_mut_slice().fill((round * 16 + q as u32 * 8 + i) as u8 | 1);
+                        v.submit(IoKind::Write, first * BLOCK, blocks * BLOCK, Some(buf), i as u64);
+                    }
+                    out.clear();
+                    v.reap(8, &mut out).unwrap();
+                    assert!(out.iter().all(|c| c.result.is_ok()));
+                }
+                v.close().unwrap();
+            })
+        })
+        .collect();
+    for w in writers {
+        w.join().unwrap();
+    }
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    stopper.join().unwrap();
+    verified(&mut v);
+}
+
 /// The seed of a randomised test: `HORN_TEST_SEED`, or a fresh one (printed).
 fn seed() -> u64 {
     let seed = std::env::var("HORN_TEST_SEED")
