@@ -63,7 +63,7 @@ pub mod frontend;
 
 pub use engine::Engine;
 pub use queue::{EngineQueue, Token};
-pub use start::start;
+pub use start::{start, start_pinned};
 pub use types::{
     ChainOp, Difference, IoError, RebuildState, RebuildStatus, ReconcileReport, ReplicaAddr, Result,
     StartReport, VerifyReport, VolumeCompletion, VolumeError, MAX_DIFFERENCES,

@@ -27,6 +27,18 @@ use crate::{keeper, recovery};
 /// the members, and returns the engine the volume's queues will share, with what the
 /// start found. A replica that misses a request for `timeout` is dropped once I/O runs.
 pub fn start(replicas: &[ReplicaAddr], timeout: Duration) -> Result<(Arc<Engine>, StartReport)> {
+    start_pinned(replicas, timeout, None)
+}
+
+/// [`start`], pinned to volume `pin` when given: the start is refused, before any
+/// claim, unless the newest membership record among the replicas is that volume's, so
+/// that replicas whose disks are not mounted (blank directories) never become a new,
+/// empty volume in its place.
+pub fn start_pinned(
+    replicas: &[ReplicaAddr],
+    timeout: Duration,
+    pin: Option<&str>,
+) -> Result<(Arc<Engine>, StartReport)> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -59,6 +71,27 @@ pub fn start(replicas: &[ReplicaAddr], timeout: Duration) -> Result<(Arc<Engine>
         .max_by_key(|r| (r.generation, r.version))
         .map(|r| r.volume.clone())
         .unwrap_or_default();
+    if let Some(pin) = pin.filter(|p| *p != volume) {
+        let held: Vec<String> = infos
+            .iter()
+            .map(|(r, i)| match i.volume.as_str() {
+                "" => format!("{} is blank", r.data),
+                v => format!("{} holds volume {v}", r.data),
+            })
+            .collect();
+        return Err(VolumeError::NoReplica(with_skipped(
+            format!(
+                "the start is pinned to volume {pin}, and no membership record of it was found ({}). \
+                 A pinned start never makes a new volume: check that the replicas' disks are mounted",
+                if held.is_empty() {
+                    "no replica answered".to_string()
+                } else {
+                    held.join("; ")
+                }
+            ),
+            &skipped,
+        )));
+    }
     // Claims first: from here no older engine can change these replicas, so the
     // records the claims return are the ones to decide by.
     let mut claimed = Vec::new();

@@ -38,7 +38,17 @@ pub struct Volume {
 impl Volume {
     /// Claims the replicas and opens the volume's first queue on this thread.
     pub fn start(replicas: &[ReplicaAddr], timeout: Duration) -> Result<(Volume, StartReport)> {
-        let (engine, report) = crate::start::start(replicas, timeout)?;
+        Volume::start_pinned(replicas, timeout, None)
+    }
+
+    /// [`Volume::start`], refused unless the replicas hold volume `pin` when it is
+    /// given ([`crate::start::start_pinned`]).
+    pub fn start_pinned(
+        replicas: &[ReplicaAddr],
+        timeout: Duration,
+        pin: Option<&str>,
+    ) -> Result<(Volume, StartReport)> {
+        let (engine, report) = crate::start::start_pinned(replicas, timeout, pin)?;
         let v = Volume::open(&engine)?;
         Ok((v, report))
     }

@@ -162,15 +162,26 @@ impl HostedReplica {
     }
 }
 
-/// Serves a volume's engine on `replicas` (and on the replica it `hosted` in its own
+/// The replicas an engine starts on, and what it asks of them.
+#[derive(Debug, Clone)]
+pub struct EngineStart {
+    /// The replicas' addresses.
+    pub replicas: Vec<ReplicaAddr>,
+    /// Start only if the replicas hold this volume (`hornd engine --volume`): never
+    /// make a new, empty volume out of blank replicas (disks not mounted).
+    pub volume: Option<String>,
+    /// How long a replica may take to answer before it is dropped.
+    pub timeout: Duration,
+}
+
+/// Serves a volume's engine on `start`'s replicas (and on the replica it `hosted` in its own
 /// process, if any) until SIGINT or SIGTERM: holds the volume open and serves the
 /// engine control service at `control`; with `ublk`, also serves the volume as a ublk
 /// block device. On stop, deletes the device, flushes and
 /// releases the replicas. Prints `hornd engine: ...` lines once serving.
 pub fn serve_engine(
-    replicas: Vec<ReplicaAddr>,
+    start: EngineStart,
     control: String,
-    timeout: Duration,
     clean_intents_every: Duration,
     ublk: Option<horn_ublk::UblkOptions>,
     iscsi: Option<IscsiOptions>,
@@ -186,7 +197,11 @@ pub fn serve_engine(
             horn_ublk::device::check_recoverable(id)?;
         }
     }
-    let mut replicas = replicas;
+    let EngineStart {
+        mut replicas,
+        volume: pin,
+        timeout,
+    } = start;
     let hosted = match hosted {
         Some(opts) => {
             let (h, addr) = HostedReplica::start(&opts)?;
@@ -195,7 +210,7 @@ pub fn serve_engine(
         }
         None => None,
     };
-    let started = Volume::start(&replicas, timeout).context("cannot start the engine");
+    let started = Volume::start_pinned(&replicas, timeout, pin.as_deref()).context("cannot start the engine");
     let (mut volume, report) = match started {
         Ok(v) => v,
         Err(e) => {
@@ -228,7 +243,8 @@ pub fn serve_engine(
     )));
     let grpc = serve_control_until_signal(listener, routes, stop_signals, move || handle.stop())?;
     println!(
-        "hornd engine: volume of {} on {} replicas (generation {}), control on {control_addr}",
+        "hornd engine: volume {} of {} on {} replicas (generation {}), control on {control_addr}",
+        report.volume,
         human_bytes(report.size),
         report.used.len(),
         report.generation

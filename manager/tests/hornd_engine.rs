@@ -123,3 +123,30 @@ fn hornctl_says_so_when_no_engine_answers_and_hornd_engine_when_no_replica_does(
         text(&out)
     );
 }
+
+#[test]
+fn hornd_engine_pinned_to_its_volume_refuses_blank_replicas_in_its_place() {
+    let tmp = tempfile::tempdir().unwrap();
+    let start = |name: &str| Daemon::start(&tmp.path().join(name), &["--size", "16M"]).unwrap();
+    let (a, b) = (start("a"), start("b"));
+    let engine = EngineDaemon::start(&[&a, &b]).unwrap();
+    // "hornd engine: volume ID of 16.0 MiB on 2 replicas ..."
+    let id = engine.first_line.split_whitespace().nth(3).unwrap().to_string();
+    assert_eq!(id.len(), 32, "{}", engine.first_line);
+    drop(engine);
+    // Pinned to its volume, the same replicas start again.
+    let engine = EngineDaemon::start_with(&[&a, &b], &["--volume", &id]).unwrap();
+    assert!(engine.first_line.contains(&id), "{}", engine.first_line);
+    drop(engine);
+    // Blank replicas in their place (the disks not mounted) are refused, named.
+    let (c, d) = (start("c"), start("d"));
+    let err = EngineDaemon::start_with(&[&c, &d], &["--volume", &id])
+        .err()
+        .expect("a pinned start on blank replicas is refused");
+    assert!(err.contains(&format!("pinned to volume {id}")), "{err}");
+    assert!(err.contains(&format!("{} is blank", c.addr)), "{err}");
+    assert!(err.contains("disks are mounted"), "{err}");
+    // Nothing was claimed on them: unpinned, they make a new volume.
+    let engine = EngineDaemon::start(&[&c, &d]).unwrap();
+    assert!(!engine.first_line.contains(&id), "{}", engine.first_line);
+}

@@ -58,6 +58,11 @@ enum Command {
         /// and `--control`); repeat for each.
         #[arg(long = "replica", required_unless_present = "host_replica")]
         replicas: Vec<horn_engine::ReplicaAddr>,
+        /// Start only if the replicas hold this volume (its ID, as `hornd engine`
+        /// prints it at start): replicas whose disks are not mounted are then refused,
+        /// never made into a new, empty volume.
+        #[arg(long)]
+        volume: Option<String>,
         /// Host the replica in this directory inside the engine's process: its reads
         /// and writes run on the engine's own rings, with no socket or process hop
         /// (the replica on the engine's node). Its control service is served at
@@ -185,6 +190,7 @@ fn main() -> ExitCode {
         } => serve_replica(dir, listen, control, size, sector_size, cache),
         Command::Engine {
             replicas,
+            volume,
             host_replica,
             host_replica_control,
             host_replica_size,
@@ -253,9 +259,12 @@ fn main() -> ExitCode {
                         }
                     });
                     serve_engine(
-                        replicas,
+                        horn_manager::daemon::EngineStart {
+                            replicas,
+                            volume,
+                            timeout: std::time::Duration::from_secs(timeout),
+                        },
                         control,
-                        std::time::Duration::from_secs(timeout),
                         std::time::Duration::from_secs(clean_intents_every),
                         ublk,
                         iscsi,

@@ -168,8 +168,13 @@ pub struct EngineDaemon {
 impl EngineDaemon {
     /// Starts one on `replicas`, its control service on a port the kernel chooses.
     pub fn start(replicas: &[&Daemon]) -> Result<EngineDaemon, String> {
+        EngineDaemon::start_with(replicas, &[])
+    }
+
+    /// [`EngineDaemon::start`] with more `hornd engine` arguments.
+    pub fn start_with(replicas: &[&Daemon], args: &[&str]) -> Result<EngineDaemon, String> {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_hornd"));
-        cmd.args(["engine", "--control", "127.0.0.1:0"]);
+        cmd.args(["engine", "--control", "127.0.0.1:0"]).args(args);
         for r in replicas {
             cmd.arg("--replica")
                 .arg(format!("{},{}", r.addr, r.control.trim_start_matches("http://")));
