@@ -86,6 +86,9 @@ struct UblkEngine {
     /// Directory for the daemon's log (`ublk-NAME.log`).
     #[arg(long, default_value = "/run/horn")]
     log_dir: PathBuf,
+    /// Start only if the replicas hold this volume (`hornd engine --volume`).
+    #[arg(long)]
+    volume: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -785,6 +788,7 @@ fn start_engine(engine: &UblkEngine, args: &[String]) -> Result<String> {
         name,
         control,
         log_dir,
+        volume,
     } = engine;
     use std::os::unix::process::CommandExt;
 
@@ -806,6 +810,9 @@ fn start_engine(engine: &UblkEngine, args: &[String]) -> Result<String> {
     .args(args);
     for r in replicas {
         cmd.args(["--replica", r]);
+    }
+    if let Some(volume) = volume {
+        cmd.args(["--volume", volume]);
     }
     if let Some(dir) = host_replica {
         cmd.arg("--host-replica").arg(dir);

@@ -17,7 +17,16 @@ kill -TERM "$engine"
 wait_gone "$engine"
 [ -b "$DEV" ] || { echo "$DEV was removed under a mounted filesystem"; exit 1; }
 mountpoint -q mnt || { echo "the filesystem on $DEV went away"; exit 1; }
-hornctl ublk recover "$DEV_ID" "${REPLICAS[@]}" --name mounted --control 127.0.0.1:0 --log-dir "$PWD"
+# A recovery pinned to another volume is refused before it claims anything; pinned to
+# this one (the ID the engine printed), it attaches.
+volume=$(grep -o 'hornd engine: volume [0-9a-f]\{32\}' ublk-mounted.log | head -1 | awk '{print $4}')
+[ -n "$volume" ] || { echo "no volume ID in: $(cat ublk-mounted.log)"; exit 1; }
+if hornctl ublk recover "$DEV_ID" "${REPLICAS[@]}" --name mounted --control 127.0.0.1:0 --log-dir "$PWD" \
+    --volume 00000000000000000000000000000000 2>pin.err; then
+    echo "a recovery pinned to another volume attached"; exit 1
+fi
+grep -q "pinned to volume" pin.err ublk-mounted.log || { echo "unexpected refusal: $(cat pin.err)"; exit 1; }
+hornctl ublk recover "$DEV_ID" "${REPLICAS[@]}" --name mounted --control 127.0.0.1:0 --log-dir "$PWD" --volume "$volume"
 echo 3 > /proc/sys/vm/drop_caches
 [ "$(md5sum < mnt/data)" = "$sum" ] || { echo "the file changed across the SIGTERM"; exit 1; }
 umount mnt
