@@ -650,14 +650,18 @@ impl EngineQueue {
         }
     }
 
-    /// Closes every connection and leaves the engine; the driver must then wait until
-    /// [`EngineQueue::raw_in_flight`] is zero before dropping the queue.
-    pub fn shutdown(&mut self) -> usize {
-        // Changes that never finish give their stripes back, or other queues would
-        // wait for them forever.
+    /// Gives back the stripes of changes that will never finish (the queue is going),
+    /// or other queues would wait for them forever.
+    fn abandon_changes(&mut self) {
         for ((offset, _), end) in std::mem::take(&mut self.changes) {
             self.release_stripes(offset, end);
         }
+    }
+
+    /// Closes every connection and leaves the engine; the driver must then wait until
+    /// [`EngineQueue::raw_in_flight`] is zero before dropping the queue.
+    pub fn shutdown(&mut self) -> usize {
+        self.abandon_changes();
         for i in 0..self.conns.len() {
             self.close_conn(i);
         }
@@ -696,9 +700,7 @@ impl Drop for EngineQueue {
         for op in self.local_ops.drain(..).flatten() {
             let _ = op.replica.finish(op.planned, false);
         }
-        for ((offset, _), end) in std::mem::take(&mut self.changes) {
-            self.release_stripes(offset, end);
-        }
+        self.abandon_changes();
     }
 }
 

@@ -243,15 +243,13 @@ mod tests {
             .map(|t| {
                 let (s, markers) = (s.clone(), markers.clone());
                 std::thread::spawn(move || {
+                    use rand::{Rng, SeedableRng};
                     let me = s.new_owner();
-                    let mut x = seed ^ (t + 1).wrapping_mul(0x2545_f491_4f6c_dd1d);
+                    let mut rng = rand::rngs::SmallRng::seed_from_u64(seed ^ (t + 1));
                     let mut held = 0u64;
                     for _ in 0..20_000 {
-                        x ^= x << 13;
-                        x ^= x >> 7;
-                        x ^= x << 17;
-                        let first = x % 60;
-                        let n = 1 + (x >> 8) % 4;
+                        let first = rng.gen_range(0..60u64);
+                        let n = rng.gen_range(1..=4u64);
                         if !s.try_acquire(me, first * STRIPE, n * STRIPE) {
                             continue;
                         }

@@ -502,22 +502,7 @@ fn listing_snapshots_says_where_the_replicas_chains_differ() {
 fn overlapping_writes_in_flight_land_in_submission_order_on_every_replica() {
     use horn_engine::replica_set::IoKind;
     use horn_replica::IoBuf;
-    // Two replica processes, and one hosted in this process (its file writes go on
-    // the queue's own ring, where two in flight complete in either order).
-    let r = Replicas::start(2);
-    let tmp = tempfile::tempdir().unwrap();
-    let (_hosted, local) =
-        horn_manager::daemon::HostedReplica::start(&horn_manager::daemon::HostedReplicaOptions {
-            dir: tmp.path().join("hosted"),
-            control: "127.0.0.1:0".into(),
-            size: Some(16 << 20),
-            sector_size: 512,
-            cache: horn_replica::CacheMode::Direct,
-        })
-        .unwrap();
-    let mut addrs = r.addrs(&[0, 1]);
-    addrs.insert(0, local);
-    let (mut v, _) = Volume::start(&addrs, TIMEOUT).unwrap();
+    let (_r, _hosted, _tmp, mut v) = two_processes_and_one_hosted();
     let mut rng = rand::rngs::SmallRng::seed_from_u64(seed());
     let mut expected = vec![0u8; 64 << 10];
     let mut out = Vec::new();
@@ -552,20 +537,7 @@ fn overlapping_writes_from_two_queues_leave_every_replica_the_same() {
     use horn_replica::IoBuf;
     // As above, with the writes coming from two queues at once: each queue has its
     // own connections, so only the engine's stripes order them across queues.
-    let r = Replicas::start(2);
-    let tmp = tempfile::tempdir().unwrap();
-    let (_hosted, local) =
-        horn_manager::daemon::HostedReplica::start(&horn_manager::daemon::HostedReplicaOptions {
-            dir: tmp.path().join("hosted"),
-            control: "127.0.0.1:0".into(),
-            size: Some(16 << 20),
-            sector_size: 512,
-            cache: horn_replica::CacheMode::Direct,
-        })
-        .unwrap();
-    let mut addrs = r.addrs(&[0, 1]);
-    addrs.insert(0, local);
-    let (mut v, _) = Volume::start(&addrs, TIMEOUT).unwrap();
+    let (r, _hosted, _tmp, mut v) = two_processes_and_one_hosted();
     let seed = seed();
     let rounds = 500u32;
     let barrier = std::sync::Arc::new(std::sync::Barrier::new(2));
@@ -617,6 +589,31 @@ fn overlapping_writes_from_two_queues_leave_every_replica_the_same() {
     done.store(true, std::sync::atomic::Ordering::Relaxed);
     stopper.join().unwrap();
     verified(&mut v);
+}
+
+/// A volume on two replica processes and one replica hosted in this process (its file
+/// writes go on the queue's own ring, where two in flight complete in either order).
+fn two_processes_and_one_hosted() -> (
+    Replicas,
+    horn_manager::daemon::HostedReplica,
+    tempfile::TempDir,
+    Volume,
+) {
+    let r = Replicas::start(2);
+    let tmp = tempfile::tempdir().unwrap();
+    let (hosted, local) =
+        horn_manager::daemon::HostedReplica::start(&horn_manager::daemon::HostedReplicaOptions {
+            dir: tmp.path().join("hosted"),
+            control: "127.0.0.1:0".into(),
+            size: Some(16 << 20),
+            sector_size: 512,
+            cache: horn_replica::CacheMode::Direct,
+        })
+        .unwrap();
+    let mut addrs = r.addrs(&[0, 1]);
+    addrs.insert(0, local);
+    let (v, _) = Volume::start(&addrs, TIMEOUT).unwrap();
+    (r, hosted, tmp, v)
 }
 
 /// The seed of a randomised test: `HORN_TEST_SEED`, or a fresh one (printed).

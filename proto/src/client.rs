@@ -1,5 +1,6 @@
-//! A blocking data-wire client: one request at a time or pipelined by hand. For tools
-//! and tests; the engine's data path has its own ring-driven connections.
+//! A blocking data-wire client: one request at a time or pipelined by hand. For tools,
+//! tests, and the engine's hello on a new connection; the engine's data path then
+//! has its own ring-driven connections.
 
 use std::io::{self, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
@@ -15,10 +16,21 @@ pub struct BlockingClient {
 impl BlockingClient {
     /// Connects, with `timeout` on every read.
     pub fn connect(addr: impl ToSocketAddrs, timeout: Duration) -> io::Result<Self> {
-        let stream = TcpStream::connect(addr)?;
+        BlockingClient::over(TcpStream::connect(addr)?, timeout)
+    }
+
+    /// Uses a connected `stream`, with `timeout` on every read.
+    pub fn over(stream: TcpStream, timeout: Duration) -> io::Result<Self> {
         stream.set_nodelay(true)?;
         stream.set_read_timeout(Some(timeout))?;
         Ok(BlockingClient { stream })
+    }
+
+    /// The connection, reads without a timeout again (for a caller that goes on with
+    /// it on its own terms, such as the engine's ring after its hello).
+    pub fn into_stream(self) -> io::Result<TcpStream> {
+        self.stream.set_read_timeout(None)?;
+        Ok(self.stream)
     }
 
     /// The socket, for tests that need to send raw bytes.

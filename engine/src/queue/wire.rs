@@ -7,6 +7,7 @@ use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
 use horn_proto::batch::{Message, SendBatch, TwoPartRecv};
+use horn_proto::client::BlockingClient;
 use horn_proto::wire::{Header, Op, Status, FLAG_FUA, HEADER_LEN};
 use horn_replica::shared::SharedReplica;
 use horn_uring::IoBuf;
@@ -121,35 +122,25 @@ impl Conn {
 /// answer within the engine's timeout: a replica claimed by another engine at the
 /// same generation then refuses every request on the connection.
 fn hello(data: &str, engine: &Engine) -> std::result::Result<TcpStream, String> {
-    use std::io::{Read, Write};
     let unreachable = |e: std::io::Error| format!("its data wire is unreachable: {e}");
     let addr = data
         .to_socket_addrs()
         .map_err(unreachable)?
         .next()
         .ok_or_else(|| format!("its data address {data} resolves to nothing"))?;
-    let mut s = TcpStream::connect_timeout(&addr, engine.timeout()).map_err(unreachable)?;
-    let _ = s.set_nodelay(true);
-    let id = engine.engine_id().as_bytes();
-    let h = Header::request(Op::Hello, 0, 0, id.len() as u32, engine.generation());
-    s.set_read_timeout(Some(engine.timeout())).map_err(unreachable)?;
-    let mut reply = [0u8; HEADER_LEN];
-    s.write_all(&h.encode())
-        .and_then(|()| s.write_all(id))
-        .and_then(|()| s.read_exact(&mut reply))
+    let s = TcpStream::connect_timeout(&addr, engine.timeout()).map_err(unreachable)?;
+    let mut c = BlockingClient::over(s, engine.timeout()).map_err(unreachable)?;
+    let (reply, message) = c
+        .hello(0, engine.engine_id(), engine.generation())
         .map_err(|e| format!("it did not answer the engine's hello: {e}"))?;
-    let reply = Header::decode(&reply).map_err(|e| format!("its answer to the hello is malformed: {e}"))?;
     if reply.status != Status::Ok {
-        let mut message = vec![0u8; reply.payload_len()];
-        let _ = s.read_exact(&mut message);
         return Err(format!(
             "it refused the engine's hello ({}): {}",
             reply.status,
             String::from_utf8_lossy(&message)
         ));
     }
-    s.set_read_timeout(None).map_err(unreachable)?;
-    Ok(s)
+    c.into_stream().map_err(unreachable)
 }
 
 impl EngineQueue {
