@@ -566,13 +566,19 @@ fn overlapping_writes_from_two_queues_leave_every_replica_the_same() {
                 let mut v = Volume::open(&engine).unwrap();
                 let mut rng = rand::rngs::SmallRng::seed_from_u64(seed ^ (q + 1));
                 let mut out = Vec::new();
+                // Each block's last acknowledged write from this queue: (round, value).
+                let mut last = [None::<(u32, u8)>; 16];
                 for round in 0..rounds {
                     barrier.wait();
                     for i in 0..8u32 {
                         let blocks = rng.gen_range(1..=8u64);
                         let first = rng.gen_range(0..=16 - blocks);
+                        let value = (round * 16 + q as u32 * 8 + i) as u8 | 1;
                         let mut buf = IoBuf::zeroed((blocks * BLOCK) as usize);
-                        buf.as_mut_slice().fill((round * 16 + q as u32 * 8 + i) as u8 | 1);
+                        buf.as_mut_slice().fill(value);
+                        for b in first..first + blocks {
+                            last[b as usize] = Some((round, value));
+                        }
                         v.submit(IoKind::Write, first * BLOCK, blocks * BLOCK, Some(buf), i as u64);
                     }
                     out.clear();
@@ -580,14 +586,34 @@ fn overlapping_writes_from_two_queues_leave_every_replica_the_same() {
                     assert!(out.iter().all(|c| c.result.is_ok()));
                 }
                 v.close().unwrap();
+                last
             })
         })
         .collect();
-    for w in writers {
-        w.join().unwrap();
-    }
+    let lasts: Vec<_> = writers.into_iter().map(|w| w.join().unwrap()).collect();
     done.store(true, std::sync::atomic::Ordering::Relaxed);
     stopper.join().unwrap();
+    // Every block holds the last acknowledged write to it: the one of the later round,
+    // or either queue's when both wrote it last in the same round (they raced).
+    let mut got = vec![0u8; 16 * BLOCK as usize];
+    v.read_at(0, &mut got).unwrap();
+    for (b, data) in got.chunks(BLOCK as usize).enumerate() {
+        let latest = lasts.iter().filter_map(|l| l[b]).map(|(r, _)| r).max();
+        let allowed: Vec<u8> = match latest {
+            Some(round) => lasts
+                .iter()
+                .filter_map(|l| l[b])
+                .filter(|&(r, _)| r == round)
+                .map(|(_, v)| v)
+                .collect(),
+            None => vec![0],
+        };
+        assert!(
+            allowed.iter().any(|&a| data.iter().all(|&x| x == a)),
+            "block {b} holds {:?}, not the last acknowledged write to it (one of {allowed:?})",
+            &data[..4]
+        );
+    }
     verified(&mut v);
 }
 
