@@ -144,6 +144,15 @@ pub struct Engine {
     /// One chain operation at a time.
     chain: Mutex<()>,
     rebuilds: Mutex<Rebuilds>,
+    /// Until when (`CLOCK_BOOTTIME` nanoseconds) reads may be handed back: the read
+    /// lease ([`crate::lease`]).
+    lease_until: AtomicU64,
+    /// A queue holds a read back for want of a lease: wake it when the lease runs again.
+    lease_waiters: AtomicBool,
+    /// Set when the engine releases its replicas: no more renewals.
+    leases_closed: AtomicBool,
+    /// Held by the lease thread through each round of renewals.
+    lease_round: Mutex<()>,
     runtime: tokio::runtime::Runtime,
 }
 
@@ -190,6 +199,10 @@ impl Engine {
             stripes: Stripes::default(),
             chain: Mutex::new(()),
             rebuilds: Mutex::default(),
+            lease_until: AtomicU64::new(0),
+            lease_waiters: AtomicBool::new(false),
+            leases_closed: AtomicBool::new(false),
+            lease_round: Mutex::new(()),
             runtime,
         }
     }
@@ -385,6 +398,34 @@ impl Engine {
         *pending = false;
     }
 
+    /// May a read that has returned be handed back now: does the read lease run?
+    pub(crate) fn reads_leased(&self) -> bool {
+        boottime_ns() < self.lease_until.load(Ordering::SeqCst)
+    }
+
+    /// A queue holds a read back until the lease runs again: [`Engine::reads_leased`]
+    /// checked after this sees any extension, or the extension wakes the queue.
+    pub(crate) fn wait_for_lease(&self) {
+        self.lease_waiters.store(true, Ordering::SeqCst);
+    }
+
+    /// The lease runs until `until` (`CLOCK_BOOTTIME` ns), if that is later than it did.
+    pub(crate) fn extend_lease(&self, until: u64) {
+        self.lease_until.fetch_max(until, Ordering::SeqCst);
+        if self.lease_waiters.swap(false, Ordering::SeqCst) {
+            self.wake_queues();
+        }
+    }
+
+    /// The lease thread's round: held while renewals are under way.
+    pub(crate) fn lease_round(&self) -> MutexGuard<'_, ()> {
+        lock(&self.lease_round)
+    }
+
+    pub(crate) fn leases_closed(&self) -> bool {
+        self.leases_closed.load(Ordering::SeqCst)
+    }
+
     /// Which queue may have changes in flight where.
     pub(crate) fn stripes(&self) -> &Stripes {
         &self.stripes
@@ -568,6 +609,9 @@ impl Engine {
     /// Releases every replica that has not failed (marks it clean), each within the
     /// deadline.
     pub(crate) fn release(&self) {
+        // No renewal may follow a release: the lease ends with it.
+        self.leases_closed.store(true, Ordering::SeqCst);
+        drop(self.lease_round());
         let generation = self.generation;
         let deadline = Deadline::Chain(self.timeout);
         for (i, r) in self.replicas().iter().enumerate() {
@@ -599,6 +643,19 @@ fn is_refusal(code: tonic::Code) -> bool {
             | tonic::Code::FailedPrecondition
             | tonic::Code::OutOfRange
     )
+}
+
+/// Nanoseconds on `CLOCK_BOOTTIME`, the read lease's clock ([`crate::lease`]): it goes
+/// on while the machine sleeps.
+pub(crate) fn boottime_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec into the live local `ts`.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+    assert_eq!(rc, 0, "CLOCK_BOOTTIME is unavailable");
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// Locks a mutex that guards plain data; a panic elsewhere does not poison its use.

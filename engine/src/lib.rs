@@ -15,6 +15,8 @@
 //!    the membership record in force, which replicas failed, and the pause gate for
 //!    chain operations; then `keeper`: storing membership records on the replicas,
 //!    and the thread that records each drop before any queue acknowledges past it;
+//!    and `lease`: the read lease, renewed by a thread of its own, without which no
+//!    read is handed back;
 //! 5. [`queue`]: one queue's replica connections and I/Os, turned into io_uring
 //!    entries for whichever ring the queue's thread runs ([`EngineQueue`]);
 //! 6. `ring`: a queue driven on a ring of the engine's own (over `horn_uring`);
@@ -45,6 +47,7 @@ mod client;
 pub mod engine;
 
 mod keeper;
+mod lease;
 
 pub mod queue;
 

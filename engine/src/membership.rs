@@ -277,6 +277,15 @@ pub fn half(r: &Record) -> usize {
     r.rw.len().div_ceil(2)
 }
 
+/// Does a read lease granted by `granted` (identities) hold off every newer engine
+/// while it runs? A start needs a strict majority of the record in force's RW members
+/// (or of a newer record's, which only this engine writes while it holds its claims),
+/// and any such majority shares a member with half of them rounded up.
+pub fn leased(r: &Record, granted: &BTreeSet<String>) -> bool {
+    let held = r.rw.keys().filter(|id| granted.contains(*id)).count();
+    held > 0 && held >= half(r)
+}
+
 /// A record in words: its generation, version and RW members' names.
 pub fn describe(r: &Record) -> String {
     format!(

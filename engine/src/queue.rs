@@ -86,6 +86,8 @@ struct Slot {
     change: Option<u64>,
     buf: Option<IoBuf>,
     fua: bool,
+    /// A read: handed back only while the engine's read lease runs.
+    read: bool,
     /// Socket operations pointing into `buf`.
     refs: usize,
     result: Option<Result<()>>,
@@ -121,7 +123,10 @@ pub struct EngineQueue {
     ordered: VecDeque<Held>,
     /// This queue's name in the engine's stripes.
     stripe_owner: u32,
-    ready: VecDeque<VolumeCompletion>,
+    /// Finished I/Os, each with whether it is a read that needs the read lease.
+    ready: VecDeque<(VolumeCompletion, bool)>,
+    /// A read is held back for want of the read lease ([`crate::lease`]).
+    awaiting_lease: bool,
     entries: Vec<squeue::Entry>,
     wake_buf: Box<u64>,
     wake_posted: bool,
@@ -184,6 +189,7 @@ impl EngineQueue {
             ordered: VecDeque::new(),
             stripe_owner: engine.stripes().new_owner(),
             ready: VecDeque::new(),
+            awaiting_lease: false,
             entries: Vec::new(),
             wake_buf: Box::new(0),
             wake_posted: false,
@@ -300,21 +306,32 @@ impl EngineQueue {
 
     /// Puts a completion back at the front, for the next [`EngineQueue::pop_completion`].
     pub(crate) fn push_front_completion(&mut self, c: VolumeCompletion) {
-        self.ready.push_front(c);
+        self.ready.push_front((c, false));
     }
 
     /// A finished I/O, if any. While a replica's drop is not yet recorded in the
     /// volume's membership ([`crate::keeper`]) none is handed back, since it may be a
     /// write the dropped replica missed; once the volume is faulted, each is handed
-    /// back failed.
+    /// back failed. A read is handed back only while the read lease runs: without it a
+    /// newer engine may have written since the replica served it ([`crate::lease`]).
     pub fn pop_completion(&mut self) -> Option<VolumeCompletion> {
         if !self.engine.drops_settled() {
             return None;
         }
-        let mut c = self.ready.pop_front()?;
+        let (mut c, read) = self.ready.pop_front()?;
         if self.engine.is_faulted() && c.result.is_ok() {
             c.result = Err(self.faulted_error());
+        } else if read && c.result.is_ok() && !self.engine.reads_leased() {
+            // Asked to be woken first, then checked again: either this sees a renewal
+            // or the renewal wakes the queue.
+            self.engine.wait_for_lease();
+            if !self.engine.reads_leased() {
+                self.awaiting_lease = true;
+                self.ready.push_front((c, read));
+                return None;
+            }
         }
+        self.awaiting_lease = false;
         Some(c)
     }
 
@@ -325,9 +342,16 @@ impl EngineQueue {
     /// How long the driver may wait before calling [`EngineQueue::tick`].
     pub fn next_deadline(&self) -> Option<Duration> {
         let now = self.now();
-        self.set
+        let deadline = self
+            .set
             .next_deadline()
-            .map(|d| Duration::from_nanos(d.saturating_sub(now)))
+            .map(|d| Duration::from_nanos(d.saturating_sub(now)));
+        if self.awaiting_lease {
+            // A renewal wakes the queue; this only bounds a missed wake-up.
+            let soon = Duration::from_millis(50);
+            return Some(deadline.map_or(soon, |d| d.min(soon)));
+        }
+        deadline
     }
 
     fn now(&self) -> u64 {
@@ -367,11 +391,14 @@ impl EngineQueue {
             false => Ok(()),
         });
         if let Err(e) = checked {
-            self.ready.push_back(VolumeCompletion {
-                tag,
-                result: Err(e),
-                buf,
-            });
+            self.ready.push_back((
+                VolumeCompletion {
+                    tag,
+                    result: Err(e),
+                    buf,
+                },
+                false,
+            ));
             return;
         }
         // Seen by a coordinator pausing the volume, or we see its pause (engine.rs).
@@ -476,6 +503,7 @@ impl EngineQueue {
                 tag,
                 buf,
                 fua: fua && kind == IoKind::Write,
+                read: kind == IoKind::Read,
                 refs: 0,
                 result: None,
                 change: is_change(kind).then_some(offset),
@@ -595,11 +623,14 @@ impl EngineQueue {
                 before > 0,
                 "I/O {io:?} left the queue's in-flight count, which was already 0"
             );
-            self.ready.push_back(VolumeCompletion {
-                tag: slot.tag,
-                result: slot.result.expect("checked"),
-                buf: slot.buf,
-            });
+            self.ready.push_back((
+                VolumeCompletion {
+                    tag: slot.tag,
+                    result: slot.result.expect("checked"),
+                    buf: slot.buf,
+                },
+                slot.read,
+            ));
         }
     }
 

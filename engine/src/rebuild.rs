@@ -103,6 +103,7 @@ pub fn add_replica(volume: &mut Volume, addr: ReplicaAddr) -> Result<()> {
                 generation,
                 engine: engine.engine_id().to_string(),
                 volume: engine.volume_id().to_string(),
+                lease_ms: crate::lease::lease_ms(),
             })
             .await?
             .into_inner();

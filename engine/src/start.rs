@@ -11,7 +11,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use horn_proto::control::{ClaimRequest, InfoRequest};
+use horn_proto::control::{ClaimRequest, InfoReply, InfoRequest, LEASE_LEFT_HEADER};
 use horn_replica::control::record_from_wire;
 use horn_replica::membership::MAX_GENERATION;
 
@@ -20,7 +20,7 @@ use crate::engine::{ClaimedReplica, Engine};
 use crate::membership::{self, Candidate};
 use crate::replica_set::Mode;
 use crate::types::{ReplicaAddr, Result, StartReport, VolumeError};
-use crate::{keeper, recovery};
+use crate::{keeper, lease, recovery};
 
 /// Claims `replicas` for a new engine, decides by the membership rules which of them
 /// serve ([`crate::membership::plan_start`]), records the new membership, reconciles
@@ -93,21 +93,59 @@ pub fn start_pinned(
         )));
     }
     // Claims first: from here no older engine can change these replicas, so the
-    // records the claims return are the ones to decide by.
+    // records the claims return are the ones to decide by. Each claim asks for a read
+    // lease; the lease counts from the earliest claim that was granted.
     let mut claimed = Vec::new();
+    let mut leased_since = u64::MAX;
     for (r, _) in infos {
         let request = ClaimRequest {
             generation,
             engine: engine_id.clone(),
             volume: volume.clone(),
+            lease_ms: lease::lease_ms(),
         };
-        match call(&runtime, timeout, (&r.control, &engine_id), |mut c| async move {
-            c.claim(request).await.map(|i| i.into_inner())
-        }) {
-            Ok(info) => claimed.push((r, info)),
+        match claim(&runtime, timeout, &r, &engine_id, request) {
+            Ok((info, sent)) => {
+                leased_since = leased_since.min(sent);
+                claimed.push((r, info));
+            }
             Err(e) => skipped.push((r.data.clone(), format!("claim refused: {e}"))),
         }
     }
+    let controls: Vec<String> = claimed.iter().map(|(r, _)| r.control.clone()).collect();
+    let started = serve(
+        runtime,
+        replicas.len(),
+        claimed,
+        skipped,
+        (generation, &engine_id),
+        timeout,
+        leased_since,
+    );
+    if let Err(e) = &started {
+        // What was claimed is not served: the next engine need not wait for the leases.
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build();
+        if let Ok(runtime) = runtime {
+            lease::give_up(&runtime, &controls, generation, &engine_id, timeout);
+        }
+        tracing::debug!(error = %e, "the start failed after its claims; their leases were given up");
+    }
+    started
+}
+
+/// The rest of a start, once the replicas are claimed: which of them serve, the new
+/// generation's first record, the engine with its lease, reconciliation.
+#[allow(clippy::too_many_arguments)]
+fn serve(
+    runtime: tokio::runtime::Runtime,
+    listed: usize,
+    claimed: Vec<(ReplicaAddr, InfoReply)>,
+    mut skipped: Vec<(String, String)>,
+    (generation, engine_id): (u64, &str),
+    timeout: Duration,
+    leased_since: u64,
+) -> Result<(Arc<Engine>, StartReport)> {
+    let engine_id = engine_id.to_string();
     let candidates: Vec<Candidate> = claimed
         .iter()
         .map(|(r, i)| Candidate {
@@ -118,7 +156,7 @@ pub fn start_pinned(
             rebuilding: i.mode == horn_proto::control::Mode::Wo as i32,
         })
         .collect();
-    let plan = membership::plan_start(replicas.len(), &candidates, &membership::new_id())
+    let plan = membership::plan_start(listed, &candidates, &membership::new_id())
         .map_err(|why| VolumeError::NoReplica(with_skipped(why, &skipped)))?;
     for (i, why) in &plan.left_out {
         skipped.push((claimed[*i].0.data.clone(), format!("left out: {why}")));
@@ -190,7 +228,21 @@ pub fn start_pinned(
         skipped: skipped.clone(),
         reconciled: Default::default(),
     };
-    let engine = Engine::new(used, record, size, sector_size, timeout, skipped, runtime);
+    let granted = record.rw.keys().cloned().collect();
+    let lease_holds = membership::leased(&record, &granted);
+    let engine = Arc::new(Engine::new(
+        used,
+        record,
+        size,
+        sector_size,
+        timeout,
+        skipped,
+        runtime,
+    ));
+    if lease_holds {
+        engine.extend_lease(leased_since.saturating_add(lease::LEASE_TRUSTED.as_nanos() as u64));
+    }
+    lease::spawn(&engine);
     // Before any queue opens: no I/O is served until the replicas agree. Every member
     // holds every acknowledged write, so any of them is a sound source.
     report.reconciled = recovery::reconcile(&engine)?;
@@ -205,9 +257,72 @@ pub fn start_pinned(
             "reconciled the replicas where writes may have been in flight"
         );
     }
-    let engine = Arc::new(engine);
     keeper::spawn(&engine);
     Ok((engine, report))
+}
+
+/// Claims replica `r` with `request`; returns what it holds and when the granted claim
+/// was sent (its lease counts from then). While another engine's read lease runs on
+/// it, waits for the lease to lapse, polling; an engine that keeps renewing it is still
+/// running, and the claim is refused.
+fn claim(
+    runtime: &tokio::runtime::Runtime,
+    timeout: Duration,
+    r: &ReplicaAddr,
+    engine_id: &str,
+    request: ClaimRequest,
+) -> std::result::Result<(InfoReply, u64), String> {
+    let mut waiting: Option<(std::time::Instant, Duration)> = None;
+    loop {
+        let sent = lease::now_ns();
+        let request = request.clone();
+        let answer = runtime.block_on(async {
+            let work = async {
+                let mut c = client::connect(&r.control, engine_id, client::Deadline::Call(timeout))
+                    .await
+                    .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+                c.claim(request).await.map(|i| i.into_inner())
+            };
+            tokio::time::timeout(timeout, work).await.unwrap_or_else(|_| {
+                Err(tonic::Status::deadline_exceeded(format!(
+                    "no answer within {timeout:?}"
+                )))
+            })
+        });
+        let status = match answer {
+            Ok(info) => return Ok((info, sent)),
+            Err(s) => s,
+        };
+        let left = status
+            .metadata()
+            .get(LEASE_LEFT_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+            .map(Duration::from_millis);
+        let Some(left) = left else {
+            return Err(status.message().to_string());
+        };
+        let (since, limit) = *waiting.get_or_insert_with(|| {
+            tracing::info!(
+                replica = %r.data,
+                left_ms = left.as_millis() as u64,
+                "another engine's read lease runs on this replica; waiting for it to lapse"
+            );
+            (std::time::Instant::now(), left + lease::RENEW_EVERY)
+        });
+        if since.elapsed() > limit {
+            return Err(format!(
+                "{}; it was renewed while this engine waited {:.1?}: that engine is still running \
+                 (stop it, or cut it off, first)",
+                status.message(),
+                since.elapsed()
+            ));
+        }
+        std::thread::sleep(
+            left.min(Duration::from_millis(200))
+                .max(Duration::from_millis(10)),
+        );
+    }
 }
 
 /// One control call to the replica at `control` as engine `engine`, connect

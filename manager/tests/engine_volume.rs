@@ -181,17 +181,40 @@ fn with_every_replica_gone_io_fails_promptly_with_a_clear_error() {
 }
 
 #[test]
-fn an_engine_with_an_older_generation_is_fenced() {
+fn a_running_engine_keeps_its_replicas_and_a_crashed_ones_lease_lapses() {
     let cluster = Cluster::start(2);
     let mut old = cluster.volume(Duration::from_secs(8));
     old.write_at(0, &[1u8; 4096]).unwrap();
+    // The old engine renews its read lease: a second engine cannot depose it (it may
+    // be serving reads), and says why.
+    let err = Volume::start(&cluster.addrs(), Duration::from_secs(8))
+        .map(|_| ())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("holds a read lease") && err.contains("still running"),
+        "{err}"
+    );
+    old.write_at(0, &[2u8; 4096]).unwrap();
+    // Crashed (dropped without closing): its lease lapses, and the next engine waits
+    // for that, then fences it.
+    let generation = old.generation();
+    drop(old);
+    let waited = std::time::Instant::now();
     let mut new = cluster.volume(Duration::from_secs(8));
-    assert!(new.generation() > old.generation());
-    let err = old.write_at(0, &[9u8; 4096]).unwrap_err();
-    assert!(matches!(err, VolumeError::Io(IoError::Fenced)), "{err}");
+    let waited = waited.elapsed();
+    println!("the next engine waited {waited:.1?} for the crashed one's lease");
+    assert!(waited < Duration::from_secs(6), "{waited:?}");
+    assert!(new.generation() > generation);
     let mut b = vec![0u8; 4096];
     new.read_at(0, &mut b).unwrap();
-    assert_eq!(b, vec![1u8; 4096], "the fenced engine's write reached no replica");
+    assert_eq!(b, vec![2u8; 4096]);
+    // Closed in order, it gives its lease up: the next start does not wait.
+    new.close().unwrap();
+    let at = std::time::Instant::now();
+    let next = cluster.volume(Duration::from_secs(8));
+    assert!(at.elapsed() < Duration::from_secs(2), "{:?}", at.elapsed());
+    next.close().unwrap();
 }
 
 #[test]

@@ -305,6 +305,7 @@ async fn claims_need_a_strictly_newer_bounded_generation_for_the_same_volume() {
         generation,
         engine: engine.into(),
         volume: volume.into(),
+        lease_ms: 0,
     };
     let id = c
         .claim(claim(7, "engine-a", "vol-1"))

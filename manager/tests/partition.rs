@@ -3,8 +3,10 @@
 //! (where the first engine runs) and, for two of them, to a fourth namespace (where a
 //! second engine runs). The links from the first engine to two replicas are cut; the
 //! second engine serves those two. The first engine, left with one replica of three,
-//! must stop acknowledging (before durable membership it went on, alone: split brain);
-//! after the links heal, a new engine serves the second engine's writes.
+//! must stop acknowledging (before durable membership it went on, alone: split brain)
+//! and must serve no read from its last replica once the second engine has written
+//! (before read leases it served the old data); after the links heal, a new engine
+//! serves the second engine's writes.
 //!
 //! Needs root and `ip netns`; without them it says why and passes without running.
 
@@ -181,7 +183,10 @@ fn an_engine_cut_off_with_one_replica_of_three_stops_acknowledging() {
     let _replicas: Vec<NsReplica> = (0..3)
         .map(|i| NsReplica::start(&net.ns(&format!("r{i}")), &dirs[i]))
         .collect();
-    let here: Vec<ReplicaAddr> = (0..3).map(|i| addr(&format!("10.77.{i}.2"))).collect();
+    // Replica 0 is on the first engine's node (data locality): it serves that engine's
+    // reads.
+    let mut here: Vec<ReplicaAddr> = (0..3).map(|i| addr(&format!("10.77.{i}.2"))).collect();
+    here[0].local = true;
     let timeout = Duration::from_secs(1);
     let (mut first, _) = Volume::start(&here, timeout).unwrap();
     write_all(&mut first, 1).unwrap();
@@ -203,6 +208,29 @@ fn an_engine_cut_off_with_one_replica_of_three_stops_acknowledging() {
         v.close().unwrap();
     });
     second.join().unwrap();
+
+    // The first engine has not written since it was cut off, so no write has told it
+    // that it is deposed. It must not serve reads from the one replica it still reaches:
+    // that replica holds the first engine's data, which the second has overwritten.
+    // (Before read leases it did, for every block.) A read either fails or returns the
+    // second engine's data.
+    let mut buf = vec![0u8; BLOCK as usize];
+    let (mut stale, mut failed) = (0, 0);
+    for b in 0..BLOCKS {
+        match first.read_at(b * BLOCK, &mut buf) {
+            Ok(()) if buf.iter().all(|&x| x == 1 ^ b as u8) => stale += 1,
+            Ok(()) => assert!(
+                buf.iter().all(|&x| x == 2 ^ b as u8),
+                "block {b} read neither engine's data"
+            ),
+            Err(_) => failed += 1,
+        }
+    }
+    println!("the deposed engine's reads: {stale} stale, {failed} failed, of {BLOCKS}");
+    assert_eq!(
+        stale, 0,
+        "the deposed engine served {stale} stale reads of {BLOCKS} ({failed} failed)"
+    );
 
     // The first engine must not acknowledge another write.
     let outcome = write_all(&mut first, 3);

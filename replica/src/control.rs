@@ -16,15 +16,16 @@ use horn_proto::control::{
     DeleteSnapshotRequest, ExpandRequest, FinishSyncReply, FinishSyncRequest, InfoReply, InfoRequest,
     IntentsReply, IntentsRequest, Layer, LayerBlocksReply, LayerBlocksRequest, LayerStream, LayerZerosReply,
     LayerZerosRequest, Member, MemberSet, Membership, MembershipRequest, Mode as WireMode, PurgeReply,
-    PurgeRequest, ReadLayerRequest, ReleaseRequest, RevertRequest, SalvageRequest, SetModeRequest,
-    SnapshotRequest, SyncFromRequest, SyncReply, WriteBlocksReply, ENGINE_HEADER,
+    PurgeRequest, ReadLayerRequest, ReleaseRequest, RenewLeaseReply, RenewLeaseRequest, RevertRequest,
+    SalvageRequest, SetModeRequest, SnapshotRequest, SyncFromRequest, SyncReply, WriteBlocksReply,
+    ENGINE_HEADER, LEASE_LEFT_HEADER,
 };
 use tonic::{Request, Response, Status};
 
 use crate::admission::{Access, Caller};
 use crate::error::ReplicaError;
 use crate::handle::ServerHandle;
-use crate::membership::Record;
+use crate::membership::{Record, Refused};
 use crate::meta::BLOCK_SIZE;
 use crate::replica::Replica;
 use crate::state::Mode;
@@ -70,6 +71,14 @@ impl ControlService {
 pub fn to_status(e: ReplicaError) -> Status {
     let msg = e.to_string();
     match e {
+        ReplicaError::Membership(Refused::Leased { left_ms, .. }) => {
+            // Not a refusal for good: the claimant waits for the lease to lapse.
+            let mut status = Status::unavailable(msg);
+            if let Ok(v) = left_ms.to_string().parse() {
+                status.metadata_mut().insert(LEASE_LEFT_HEADER, v);
+            }
+            status
+        }
         ReplicaError::NoSuchSnapshot(_) => Status::not_found(msg),
         ReplicaError::SnapshotExists(_) => Status::already_exists(msg),
         ReplicaError::InvalidName { .. }
@@ -146,6 +155,32 @@ fn check_generation(r: &mut Replica, generation: u64, caller: Option<&str>) -> R
         .map_err(ReplicaError::from)
 }
 
+/// Is `engine`, at `generation`, the holder of the replica's claim? A newer engine's
+/// claim (or a claim by another at the same generation) deposes it: refused as stale,
+/// for good. A replica behind the engine (replaced, or reset) is not the one it
+/// claimed: refused as unavailable.
+fn check_holder(r: &Replica, generation: u64, engine: &str) -> Result<(), ReplicaError> {
+    let current = r.generation();
+    if generation < current {
+        return Err(ReplicaError::StaleGeneration {
+            current,
+            given: generation,
+        });
+    }
+    if generation > current {
+        return Err(ReplicaError::Unavailable(format!(
+            "this replica is at generation {current}, below the engine's {generation}: it is not the replica that engine claimed"
+        )));
+    }
+    match r.holder() {
+        Some(holder) if holder == engine => Ok(()),
+        holder => Err(ReplicaError::Refused(format!(
+            "generation {current} on this replica belongs to engine {}, not to {engine}: another engine owns this replica",
+            holder.unwrap_or("(unnamed)")
+        ))),
+    }
+}
+
 /// The engine a control call names in its [`ENGINE_HEADER`], if it names one.
 fn caller_of<T>(req: &Request<T>) -> Option<String> {
     req.metadata()
@@ -190,6 +225,8 @@ pub fn info_reply(r: &Replica) -> Result<InfoReply, ReplicaError> {
         id: r.id().to_string(),
         volume: r.volume().unwrap_or_default().to_string(),
         holder: r.holder().unwrap_or_default().to_string(),
+        lease_holder: r.lease().map(|(e, _)| e.to_string()).unwrap_or_default(),
+        lease_left_ms: r.lease().map_or(0, |(_, left)| left),
         record: r.record().map(record_to_wire),
     })
 }
@@ -253,7 +290,7 @@ impl ReplicaControl for ControlService {
         }
         self.run(move |r| {
             let volume = (!req.volume.is_empty()).then_some(req.volume.as_str());
-            r.claim(req.generation, &req.engine, volume)?;
+            r.claim(req.generation, &req.engine, volume, req.lease_ms)?;
             r.set_dirty(true)?;
             info_reply(r)
         })
@@ -284,6 +321,14 @@ impl ReplicaControl for ControlService {
     async fn salvage(&self, req: Request<SalvageRequest>) -> Result<Response<InfoReply>, Status> {
         let req = req.into_inner();
         self.run(move |r| {
+            // A running replica may be serving an engine that holds its read lease:
+            // salvage waits for it to lapse (offline, on a stopped replica, none runs).
+            if let Some((holder, left_ms)) = r.lease() {
+                return Err(ReplicaError::Membership(Refused::Leased {
+                    holder: holder.to_string(),
+                    left_ms,
+                }));
+            }
             let record = r.salvage((req.above_generation, req.above_version), &req.name)?;
             tracing::warn!(
                 generation = record.generation,
@@ -301,7 +346,29 @@ impl ReplicaControl for ControlService {
         self.run(move |r| {
             check_generation(r, g, caller.as_deref())?;
             r.set_dirty(false)?;
+            // Closed in order: the next engine need not wait for this one's lease.
+            if let Some(engine) = caller.as_deref().filter(|c| r.holder() == Some(*c)) {
+                r.renew_lease(engine, 0)?;
+            }
             info_reply(r)
+        })
+        .await
+    }
+
+    async fn renew_lease(
+        &self,
+        req: Request<RenewLeaseRequest>,
+    ) -> Result<Response<RenewLeaseReply>, Status> {
+        let Some(caller) = caller_of(&req) else {
+            return Err(Status::invalid_argument(format!(
+                "a lease renewal names its engine (the {ENGINE_HEADER} header)"
+            )));
+        };
+        let req = req.into_inner();
+        self.run(move |r| {
+            check_holder(r, req.generation, &caller)?;
+            r.renew_lease(&caller, req.lease_ms)?;
+            Ok(RenewLeaseReply {})
         })
         .await
     }

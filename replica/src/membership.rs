@@ -15,7 +15,12 @@
 //!   (or the same generation from the same engine, which repeats a claim it made), below
 //!   [`MAX_GENERATION`], for the replica's own volume (a blank replica takes any);
 //! - [`check_record`]: a record is taken only from the engine holding the claim, for
-//!   the replica's volume, and only if it is newer than the one stored.
+//!   the replica's volume, and only if it is newer than the one stored;
+//! - the **read lease**: a claim grants its engine a [`Lease`], renewed while the
+//!   engine runs, and no other engine's claim is taken until it lapses. An engine
+//!   serves reads only while a share of its RW members hold its lease, so an engine
+//!   that a newer one has deposed stops serving reads before the newer one can have
+//!   written anything (`docs/engine.md`, "Read leases").
 
 use std::collections::BTreeMap;
 
@@ -25,6 +30,20 @@ use serde::{Deserialize, Serialize};
 /// always representable, and nobody can fence a replica for ever by claiming
 /// `u64::MAX`.
 pub const MAX_GENERATION: u64 = 1 << 62;
+
+/// The longest read lease a replica grants: a claim or renewal asking for more is
+/// refused, so no engine can keep a replica from every other for long.
+pub const MAX_LEASE_MS: u64 = 60_000;
+
+/// A read lease the replica granted: until `until` (milliseconds on the replica's own
+/// monotonic clock) it takes no claim from an engine other than `engine`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    /// The engine holding it.
+    pub engine: String,
+    /// When it lapses, on the replica's clock.
+    pub until: u64,
+}
 
 /// A volume's membership, as one engine recorded it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -75,6 +94,9 @@ pub struct Standing {
     pub engine: Option<String>,
     /// The newest membership record stored.
     pub record: Option<Record>,
+    /// The read lease granted last (kept in memory only; after a restart the replica
+    /// assumes its holder's lease was just renewed).
+    pub lease: Option<Lease>,
 }
 
 /// Why a claim or a record was refused.
@@ -113,6 +135,14 @@ pub enum Refused {
         /// The replica's generation.
         current: u64,
     },
+    /// Another engine holds a read lease on the replica: it may be serving reads.
+    #[error("engine {holder} holds a read lease on this replica for another {left_ms} ms (it may still be serving reads); a claim by another engine waits for it to lapse")]
+    Leased {
+        /// The engine holding the lease.
+        holder: String,
+        /// How long it has left.
+        left_ms: u64,
+    },
     /// A record not newer than the one stored.
     #[error("membership record {given:?} is not newer than this replica's {stored:?}")]
     NotNewerRecord {
@@ -124,8 +154,16 @@ pub enum Refused {
 }
 
 /// Checks a claim by engine `engine` at `generation` for `volume` (`None`: the engine
-/// does not know the volume yet, as at a volume's first start).
-pub fn check_claim(s: &Standing, generation: u64, engine: &str, volume: Option<&str>) -> Result<(), Refused> {
+/// does not know the volume yet, as at a volume's first start), at `now` on the
+/// replica's clock. A claim that would otherwise be taken waits while another engine's
+/// read lease runs ([`Refused::Leased`]).
+pub fn check_claim(
+    s: &Standing,
+    now: u64,
+    generation: u64,
+    engine: &str,
+    volume: Option<&str>,
+) -> Result<(), Refused> {
     if generation > MAX_GENERATION {
         return Err(Refused::TooLarge(generation));
     }
@@ -139,7 +177,13 @@ pub fn check_claim(s: &Standing, generation: u64, engine: &str, volume: Option<&
     }
     let same_engine = s.engine.as_deref() == Some(engine);
     if generation > s.generation || (generation == s.generation && same_engine) {
-        Ok(())
+        match leased_to_another(s, now, engine) {
+            Some(lease) => Err(Refused::Leased {
+                holder: lease.engine.clone(),
+                left_ms: lease.until - now,
+            }),
+            None => Ok(()),
+        }
     } else {
         Err(Refused::NotNewer {
             current: s.generation,
@@ -147,6 +191,11 @@ pub fn check_claim(s: &Standing, generation: u64, engine: &str, volume: Option<&
             holder: s.engine.clone().unwrap_or_else(|| "(unnamed)".into()),
         })
     }
+}
+
+/// The read lease another engine than `engine` holds at `now`, if one runs.
+pub fn leased_to_another<'a>(s: &'a Standing, now: u64, engine: &str) -> Option<&'a Lease> {
+    s.lease.as_ref().filter(|l| l.until > now && l.engine != engine)
 }
 
 /// Checks a membership record against the replica's standing.
@@ -204,31 +253,57 @@ mod tests {
             generation: g,
             engine: Some(e.into()),
             record: None,
+            lease: None,
         }
     }
 
     #[test]
     fn claims_need_a_strictly_newer_generation_unless_the_same_engine_repeats_one() {
         let s = held(5, "a");
-        assert!(check_claim(&s, 6, "b", Some("v")).is_ok());
-        assert!(check_claim(&s, 5, "a", Some("v")).is_ok());
+        assert!(check_claim(&s, 0, 6, "b", Some("v")).is_ok());
+        assert!(check_claim(&s, 0, 5, "a", Some("v")).is_ok());
         assert!(matches!(
-            check_claim(&s, 5, "b", Some("v")),
+            check_claim(&s, 0, 5, "b", Some("v")),
             Err(Refused::NotNewer { .. })
         ));
         assert!(matches!(
-            check_claim(&s, 4, "a", Some("v")),
+            check_claim(&s, 0, 4, "a", Some("v")),
             Err(Refused::NotNewer { .. })
         ));
         assert_eq!(
-            check_claim(&s, u64::MAX, "b", None),
+            check_claim(&s, 0, u64::MAX, "b", None),
             Err(Refused::TooLarge(u64::MAX))
         );
         assert!(matches!(
-            check_claim(&s, 6, "b", Some("w")),
+            check_claim(&s, 0, 6, "b", Some("w")),
             Err(Refused::OtherVolume { .. })
         ));
-        assert!(check_claim(&Standing::default(), 1, "b", Some("w")).is_ok());
+        assert!(check_claim(&Standing::default(), 0, 1, "b", Some("w")).is_ok());
+    }
+
+    #[test]
+    fn a_running_lease_holds_off_every_other_engines_claim_until_it_lapses() {
+        let mut s = held(5, "a");
+        s.lease = Some(Lease {
+            engine: "a".into(),
+            until: 1000,
+        });
+        // The holder repeats its claim; another engine waits, however new its
+        // generation, and is told how long.
+        assert!(check_claim(&s, 999, 5, "a", Some("v")).is_ok());
+        assert_eq!(
+            check_claim(&s, 400, 9, "b", Some("v")),
+            Err(Refused::Leased {
+                holder: "a".into(),
+                left_ms: 600
+            })
+        );
+        assert!(check_claim(&s, 1000, 9, "b", Some("v")).is_ok());
+        // A claim refused for good is refused as such, lease or not.
+        assert!(matches!(
+            check_claim(&s, 400, 4, "b", Some("v")),
+            Err(Refused::NotNewer { .. })
+        ));
     }
 
     #[test]

@@ -20,6 +20,7 @@
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 use io_uring::{opcode, types};
 
@@ -31,7 +32,7 @@ use crate::error::{ReplicaError, Result};
 use crate::extent::{BlockRun, Extent};
 use crate::intent::IntentLog;
 use crate::io::{Completion, Landing, OpKind, OpRing, Target, INTERNAL_TAG};
-use crate::membership::{self, Record};
+use crate::membership::{self, Lease, Record, Standing};
 use crate::meta::{self, layer_path, VolumeMeta, BLOCK_SIZE};
 use crate::state::{EngineState, Mode};
 use crate::sync_plan::SyncPlan;
@@ -53,6 +54,10 @@ pub struct Replica {
     /// Reused by `submit_read` (and a shared replica's planned reads) so the hot path
     /// does not allocate.
     pub(crate) pieces: Vec<ReadPiece>,
+    /// The read lease granted last (in memory: see [`Replica::open`]).
+    lease: Option<Lease>,
+    /// The replica's clock for leases: milliseconds since it was opened.
+    opened: Instant,
     _lock: File,
 }
 
@@ -103,6 +108,16 @@ impl Replica {
             engine.id = membership::new_id();
             engine.store(&dir)?;
         }
+        // A lease does not survive a restart, but its holder may have renewed it just
+        // before, and may still be serving reads: an engine that held the replica open
+        // keeps it from other engines' claims for a whole lease from now.
+        let lease = (engine.dirty && engine.lease_ms > 0)
+            .then(|| engine.engine.clone())
+            .flatten()
+            .map(|holder| Lease {
+                engine: holder,
+                until: engine.lease_ms,
+            });
         let intent = IntentLog::open(&dir, size)?;
         let ring = OpRing::for_thread(&dir)
             .map_err(|e| ReplicaError::io("io_uring setup", layer_path(&dir, head), e))?;
@@ -113,6 +128,8 @@ impl Replica {
             intent,
             external_in_flight: 0,
             pieces: Vec::new(),
+            lease,
+            opened: Instant::now(),
             _lock: lock,
         })
     }
@@ -161,6 +178,7 @@ impl Replica {
             self.store_engine(EngineState {
                 generation,
                 engine: None,
+                lease_ms: 0,
                 ..self.engine.clone()
             })?;
         }
@@ -187,19 +205,69 @@ impl Replica {
         self.engine.record.as_ref()
     }
 
-    /// An engine claims the replica, durably ([`membership::check_claim`]). A blank
-    /// replica stays blank: it joins a volume with the first record committed on it.
-    pub fn claim(&mut self, generation: u64, engine: &str, volume: Option<&str>) -> Result<()> {
-        membership::check_claim(&self.engine.standing(), generation, engine, volume)?;
+    /// The replica's clock for leases, in milliseconds.
+    fn now_ms(&self) -> u64 {
+        self.opened.elapsed().as_millis() as u64
+    }
+
+    /// The replica's side of membership, with the lease it granted.
+    fn standing(&self) -> Standing {
+        Standing {
+            lease: self.lease.clone(),
+            ..self.engine.standing()
+        }
+    }
+
+    /// An engine claims the replica, durably ([`membership::check_claim`]), and is
+    /// granted a read lease of `lease_ms` (none for 0). Refused while another engine's
+    /// lease runs. A blank replica stays blank: it joins a volume with the first record
+    /// committed on it.
+    pub fn claim(
+        &mut self,
+        generation: u64,
+        engine: &str,
+        volume: Option<&str>,
+        lease_ms: u64,
+    ) -> Result<()> {
+        check_lease_length(lease_ms)?;
+        let now = self.now_ms();
+        membership::check_claim(&self.standing(), now, generation, engine, volume)?;
         let next = EngineState {
             generation,
             engine: Some(engine.to_string()),
+            lease_ms,
             ..self.engine.clone()
         };
         if next != self.engine {
             self.store_engine(next)?;
         }
+        self.grant(engine, lease_ms, now);
         Ok(())
+    }
+
+    /// The engine holding the claim renews its read lease for `lease_ms` from now (0
+    /// gives it up). The caller has checked that `engine` holds the claim.
+    pub fn renew_lease(&mut self, engine: &str, lease_ms: u64) -> Result<()> {
+        check_lease_length(lease_ms)?;
+        let now = self.now_ms();
+        self.grant(engine, lease_ms, now);
+        Ok(())
+    }
+
+    fn grant(&mut self, engine: &str, lease_ms: u64, now: u64) {
+        self.lease = (lease_ms > 0).then(|| Lease {
+            engine: engine.to_string(),
+            until: now + lease_ms,
+        });
+    }
+
+    /// The engine holding a read lease that still runs, and the milliseconds it has left.
+    pub fn lease(&self) -> Option<(&str, u64)> {
+        let now = self.now_ms();
+        self.lease
+            .as_ref()
+            .filter(|l| l.until > now)
+            .map(|l| (l.engine.as_str(), l.until - now))
     }
 
     /// Stores a membership record from the engine holding the claim, durably
@@ -222,6 +290,7 @@ impl Replica {
                 "this replica is blank: it holds no volume's data to salvage".into(),
             ));
         };
+
         let generation = above
             .0
             .max(self.engine.generation)
@@ -242,6 +311,7 @@ impl Replica {
             generation,
             engine: Some(engine),
             record: Some(record.clone()),
+            lease_ms: 0,
             ..self.engine.clone()
         })?;
         Ok(record)
@@ -691,4 +761,15 @@ impl Replica {
     pub fn allocated_extents(&mut self, of: Option<&str>) -> Result<Vec<Extent>> {
         self.changed_extents(None, of)
     }
+}
+
+/// A lease no longer than [`membership::MAX_LEASE_MS`].
+fn check_lease_length(lease_ms: u64) -> Result<()> {
+    if lease_ms > membership::MAX_LEASE_MS {
+        return Err(ReplicaError::InvalidOperation(format!(
+            "a read lease of {lease_ms} ms is longer than the {} ms a replica grants",
+            membership::MAX_LEASE_MS
+        )));
+    }
+    Ok(())
 }

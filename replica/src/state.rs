@@ -13,7 +13,8 @@
 //! It also holds the replica's place in its volume's membership
 //! ([`crate::membership`]): the replica's own identity (given at creation), the volume
 //! it belongs to (none while blank), the identity of the engine holding the claim, and
-//! the newest membership record an engine gave it.
+//! the newest membership record an engine gave it, and how long a read lease its
+//! holder asked for.
 //!
 //! Same encoding as `volume.json` (JSON line, CRC-32C line), replaced atomically. A
 //! missing file means generation 0, clean, blank.
@@ -63,6 +64,15 @@ pub struct EngineState {
     /// Read-write, or write-only while being rebuilt.
     #[serde(default)]
     pub mode: Mode,
+    /// The read lease the holder's claim asked for, in milliseconds: after a restart
+    /// while an engine held the replica open, no other engine's claim is taken for
+    /// this long (the holder's last renewal may have been just before the restart).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub lease_ms: u64,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
 }
 
 impl EngineState {
@@ -89,6 +99,7 @@ impl EngineState {
             generation: self.generation,
             engine: self.engine.clone(),
             record: self.record.clone(),
+            lease: None,
         }
     }
 
