@@ -9,10 +9,10 @@ use common::Daemon;
 
 use horn_proto::client::BlockingClient;
 use horn_proto::control::replica_control_client::ReplicaControlClient;
-use horn_proto::control::ENGINE_HEADER;
 use horn_proto::control::{
     ClaimRequest, InfoRequest, Mode, ReleaseRequest, RevertRequest, SetModeRequest, SnapshotRequest,
 };
+use horn_proto::control::{RenewLeaseRequest, ENGINE_HEADER, LEASE_LEFT_HEADER};
 use horn_proto::wire::{Header, Op, Status};
 use horn_replica::Replica;
 use tonic::transport::Endpoint;
@@ -314,4 +314,94 @@ async fn the_control_service_claims_fences_snapshots_and_switches_modes() {
     let info = ctl.info(InfoRequest {}).await.unwrap().into_inner();
     assert_eq!((info.generation, info.dirty), (3, false));
     d.signal(libc::SIGTERM);
+}
+
+/// Read leases as a replica process keeps them: a claim grants one; another engine's
+/// claim waits for it (told how long), however new its generation; only the holder
+/// renews it; once it lapses the other engine claims, and the old holder's renewal is
+/// refused as deposed. A replica killed while an engine held it open keeps other
+/// claims off for the lease's length after it restarts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_lease_holds_off_other_claims_until_it_lapses_even_across_a_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("r");
+    let mut d = Daemon::start(&dir, &["--size", "8M"]).unwrap();
+    let named = |engine: &'static str| {
+        move |mut req: tonic::Request<()>| {
+            req.metadata_mut().insert(ENGINE_HEADER, engine.parse().unwrap());
+            Ok(req)
+        }
+    };
+    let connect =
+        |control: String| async move { Endpoint::from_shared(control).unwrap().connect().await.unwrap() };
+    let channel = connect(d.control.clone()).await;
+    let mut a = ReplicaControlClient::with_interceptor(channel.clone(), named("engine-a"));
+    let mut b = ReplicaControlClient::with_interceptor(channel.clone(), named("engine-b"));
+    let claim = |generation: u64, engine: &str, lease_ms: u64| ClaimRequest {
+        generation,
+        engine: engine.into(),
+        volume: String::new(),
+        lease_ms,
+    };
+    let renew = |generation: u64, lease_ms: u64| RenewLeaseRequest { generation, lease_ms };
+
+    let info = a.claim(claim(3, "engine-a", 1500)).await.unwrap().into_inner();
+    assert_eq!(info.lease_holder, "engine-a");
+    assert!(
+        info.lease_left_ms > 1000 && info.lease_left_ms <= 1500,
+        "{info:?}"
+    );
+    let err = b.claim(claim(9, "engine-b", 1500)).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err}");
+    assert!(err.message().contains("holds a read lease"), "{err}");
+    let left: u64 = err
+        .metadata()
+        .get(LEASE_LEFT_HEADER)
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(left > 0 && left <= 1500, "{left}");
+    // Only the holder renews, at its own generation.
+    let err = b.renew_lease(renew(3, 1500)).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err}");
+    a.renew_lease(renew(3, 1500)).await.unwrap();
+    let err = a.renew_lease(renew(3, 600_000)).await.unwrap_err();
+    assert!(err.message().contains("longer than"), "{err}");
+    // Lapsed: the other engine claims, and the old holder is deposed.
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    b.claim(claim(9, "engine-b", 2000)).await.unwrap();
+    let err = a.renew_lease(renew(3, 1500)).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err}");
+    assert!(err.message().contains("newer engine"), "{err}");
+
+    // Killed while engine-b held it open (a claim marks it so): after the restart,
+    // another engine's claim waits a whole lease.
+    d.signal(libc::SIGKILL);
+    d.wait_output();
+    let mut d = Daemon::start(&dir, &[]).unwrap();
+    let restarted = std::time::Instant::now();
+    let channel = connect(d.control.clone()).await;
+    let mut c = ReplicaControlClient::with_interceptor(channel.clone(), named("engine-c"));
+    let err = c.claim(claim(10, "engine-c", 2000)).await.unwrap_err();
+    assert!(err.message().contains("engine-b holds a read lease"), "{err}");
+    while c.claim(claim(10, "engine-c", 2000)).await.is_err() {
+        assert!(
+            restarted.elapsed() < Duration::from_secs(5),
+            "the guard never lapsed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        restarted.elapsed() >= Duration::from_millis(1500),
+        "{:?}",
+        restarted.elapsed()
+    );
+    // Giving the lease up (0) lets the next engine in at once.
+    c.renew_lease(renew(10, 0)).await.unwrap();
+    let mut e = ReplicaControlClient::with_interceptor(channel, named("engine-e"));
+    e.claim(claim(11, "engine-e", 2000)).await.unwrap();
+    d.signal(libc::SIGTERM);
+    d.wait_output();
 }

@@ -6,6 +6,7 @@ mod common;
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, Command, Stdio};
+use std::time::Duration;
 
 use common::iscsi::{Chap, Initiator};
 use common::Daemon;
@@ -364,9 +365,7 @@ fn mutations_of_a_recorded_session_never_crash_the_target() {
             }
         }
         let mut i = Initiator::connect(&t.addr);
-        i.sock
-            .set_read_timeout(Some(std::time::Duration::from_secs(2)))
-            .unwrap();
+        i.sock.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
         let _ = i.sock.write_all(&bytes);
         let _ = i.sock.shutdown(std::net::Shutdown::Write);
         while i.recv().is_some() {}
@@ -490,4 +489,71 @@ fn compare_and_write_is_atomic_across_sessions() {
         BUMPS * SESSIONS as u64,
         "every successful COMPARE AND WRITE counted once"
     );
+}
+
+/// A stopped engine (SIGSTOP) that a newer engine deposed meanwhile serves no stale
+/// read when it goes on (SIGCONT), although the replica it reads from (its local one)
+/// was never claimed by the newer engine and still holds the old data: its read lease
+/// lapsed while it was stopped, so it holds the read back, and its next renewal finds
+/// it deposed. Without read leases it returned the old data.
+#[test]
+fn a_stopped_engine_deposed_meanwhile_serves_no_stale_read_when_it_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = replicas(dir.path(), 3);
+    let spec = |d: &Daemon, local: bool| {
+        format!(
+            "{},{}{}",
+            d.addr,
+            d.control.trim_start_matches("http://"),
+            if local { ",local" } else { "" }
+        )
+    };
+    let specs = [spec(&r[0], true), spec(&r[1], false), spec(&r[2], false)];
+    let mut args = Vec::new();
+    for s in &specs {
+        args.extend(["--replica", s.as_str()]);
+    }
+    let t = start_target(&[], &args).unwrap();
+    let mut i = Initiator::login(&t.addr, IQN, None).unwrap();
+    let old = pattern(1, 64 * 1024);
+    assert_eq!(i.write10(0, &old).status, 0);
+    assert!(i.read10(0, 128).data == old);
+
+    // SIGSTOP: the engine neither renews nor serves.
+    // SAFETY: kill takes no pointers; the pid is our child's.
+    unsafe { libc::kill(t.child.id() as i32, libc::SIGSTOP) };
+    // A newer engine on the other two replicas (a majority): it waits for the
+    // stopped engine's leases to lapse, claims them and overwrites the data.
+    let started = std::time::Instant::now();
+    let (mut newer, report) = horn_engine::Volume::start(
+        &[r[1].replica_addr(), r[2].replica_addr()],
+        Duration::from_secs(3),
+    )
+    .unwrap();
+    println!(
+        "the newer engine started after {:.1?} (the stopped engine's lease lapsed)",
+        started.elapsed()
+    );
+    assert_eq!(report.used.len(), 2, "{report:?}");
+    let new = pattern(2, 64 * 1024);
+    newer.write_at(0, &new).unwrap();
+    newer.flush().unwrap();
+
+    // SIGCONT: the old engine reads from its local replica, which holds the old data.
+    // SAFETY: as above.
+    unsafe { libc::kill(t.child.id() as i32, libc::SIGCONT) };
+    let back = i.read10(0, 128);
+    assert!(
+        back.data != old,
+        "the deposed engine served the data the newer engine had overwritten"
+    );
+    assert!(
+        back.status != 0 || back.data == new,
+        "status {} and data that is neither engine's",
+        back.status
+    );
+    println!("the deposed engine's read: status {}", back.status);
+    let log = std::fs::read_to_string(&t.log).unwrap_or_default();
+    assert!(log.contains("deposed"), "{log}");
+    newer.close().unwrap();
 }
