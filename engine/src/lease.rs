@@ -24,8 +24,8 @@
 //! after the read returned succeeds (the replica served it before the renewal arrived,
 //! when no newer engine could hold the replica), or the volume faults. A renewal that
 //! a replica refuses because a newer engine holds its claim faults the volume at once
-//! ("deposed"); a replica that renews nothing for the replica timeout is dropped, like
-//! one that misses an I/O's deadline.
+//! ("deposed"); a replica that renews nothing for the replica timeout (and at least a
+//! lease) is dropped, like one that misses an I/O's deadline.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Weak};
@@ -120,7 +120,9 @@ fn renew(weak: Weak<Engine>) {
                     }
                     Renewal::Failed(why) => {
                         let silent = Duration::from_nanos(sent.saturating_sub(since));
-                        if silent > engine.timeout() {
+                        // No sooner than a lease: one slow round on a busy machine
+                        // is not a failed replica.
+                        if silent > engine.timeout().max(READ_LEASE) {
                             engine.mark_failed(
                                 *i,
                                 &format!(

@@ -212,8 +212,10 @@ fn a_running_engine_keeps_its_replicas_and_a_crashed_ones_lease_lapses() {
     // Closed in order, it gives its lease up: the next start does not wait.
     new.close().unwrap();
     let at = std::time::Instant::now();
-    let next = cluster.volume(Duration::from_secs(8));
+    let mut next = cluster.volume(Duration::from_secs(8));
     assert!(at.elapsed() < Duration::from_secs(2), "{:?}", at.elapsed());
+    let report = next.verify(|_, _| {}).unwrap();
+    assert!(report.differences.is_empty(), "{report:?}");
     next.close().unwrap();
 }
 

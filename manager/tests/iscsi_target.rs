@@ -555,5 +555,7 @@ fn a_stopped_engine_deposed_meanwhile_serves_no_stale_read_when_it_goes_on() {
     println!("the deposed engine's read: status {}", back.status);
     let log = std::fs::read_to_string(&t.log).unwrap_or_default();
     assert!(log.contains("deposed"), "{log}");
+    let report = newer.verify(|_, _| {}).unwrap();
+    assert!(report.differences.is_empty(), "{report:?}");
     newer.close().unwrap();
 }
