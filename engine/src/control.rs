@@ -133,6 +133,8 @@ fn engine_info(v: &Volume) -> EngineInfo {
             })
             .collect(),
         skipped: v.skipped().iter().map(|(r, why)| format!("{r}: {why}")).collect(),
+        faulted: v.engine().faulted().unwrap_or_default(),
+        read_lease_left_ms: v.engine().read_lease_left().as_millis() as u64,
         rebuilds: v
             .engine()
             .rebuilds()

@@ -403,6 +403,12 @@ impl Engine {
         boottime_ns() < self.lease_until.load(Ordering::SeqCst)
     }
 
+    /// How long the read lease runs from now (zero: lapsed).
+    pub fn read_lease_left(&self) -> Duration {
+        let until = self.lease_until.load(Ordering::SeqCst);
+        Duration::from_nanos(until.saturating_sub(boottime_ns()))
+    }
+
     /// A queue holds a read back until the lease runs again: [`Engine::reads_leased`]
     /// checked after this sees any extension, or the extension wakes the queue.
     pub(crate) fn wait_for_lease(&self) {

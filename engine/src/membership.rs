@@ -323,6 +323,21 @@ mod tests {
     }
 
     #[test]
+    fn a_lease_needs_half_of_the_rw_members_rounded_up() {
+        let ids = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<BTreeSet<String>>();
+        let three = rec(4, 0, &["a", "b", "c"]);
+        assert!(!leased(&three, &ids(&["a"])));
+        assert!(leased(&three, &ids(&["a", "c"])));
+        let two = rec(4, 1, &["a", "b"]);
+        assert!(leased(&two, &ids(&["b"])));
+        // Only RW members count, and nobody's grant is no lease.
+        let mut with_wo = three.clone();
+        with_wo.wo.insert("d".into(), "d".into());
+        assert!(!leased(&with_wo, &ids(&["a", "d"])));
+        assert!(!leased(&rec(4, 0, &[]), &ids(&[])));
+    }
+
+    #[test]
     fn a_start_takes_the_newest_record_and_only_its_rw_members() {
         let old = rec(3, 0, &["a", "b", "c"]);
         let new = rec(3, 1, &["a", "b"]);

@@ -7,6 +7,11 @@
 //! missed the last engine's writes). The replicas it claims are then made identical
 //! where their write-intent records say a crash may have left them apart
 //! ([`crate::recovery::reconcile`]); only then may queues open.
+//!
+//! Each claim asks for a read lease ([`crate::lease`]). A replica on which another
+//! engine's lease still runs refuses the claim with the time left; the start waits
+//! for it to lapse, and gives up on a lease that keeps being renewed (its engine is
+//! running). A start that fails after its claims gives their leases up.
 
 use std::sync::Arc;
 use std::time::Duration;

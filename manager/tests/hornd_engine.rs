@@ -38,6 +38,13 @@ fn hornctl_shows_the_engines_replicas_and_manages_snapshots_and_size_through_it(
         "{t}"
     );
     assert_eq!(t.matches(" RW").count(), 2, "{t}");
+    // The engine renews its read lease; the volume is not faulted.
+    assert!(t.contains("read lease: ") && t.contains(" ms left"), "{t}");
+    let out = engine.hornctl(&["--json", "info"]);
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let left = info["read_lease_left_ms"].as_u64().unwrap();
+    assert!(left > 0 && left <= 3000, "{info}");
+    assert!(info["faulted"].is_null(), "{info}");
 
     let out = engine.hornctl(&["snapshot", "nightly", "--label", "kind=cron"]);
     assert!(out.status.success(), "{}", text(&out));

@@ -542,6 +542,8 @@ fn run_engine(addr: String, json: bool, cmd: EngineCmd) -> Result<()> {
                             "size": info.size, "sector_size": info.sector_size,
                             "generation": info.generation, "replicas": replicas, "skipped": info.skipped,
                             "rebuilds": info.rebuilds.iter().map(rebuild_json).collect::<Vec<_>>(),
+                            "faulted": (!info.faulted.is_empty()).then_some(&info.faulted),
+                            "read_lease_left_ms": info.read_lease_left_ms,
                         })
                     );
                     return Ok(());
@@ -559,6 +561,13 @@ fn run_engine(addr: String, json: bool, cmd: EngineCmd) -> Result<()> {
                     .map(|r| vec![r.address.clone(), r.mode.clone()])
                     .collect();
                 print!("{}", table(&["REPLICA", "MODE"], &rows));
+                if !info.faulted.is_empty() {
+                    println!("FAULTED (every I/O fails): {}", info.faulted);
+                } else if info.read_lease_left_ms == 0 {
+                    println!("read lease lapsed: reads wait until half the RW replicas renew it");
+                } else {
+                    println!("read lease: {} ms left", info.read_lease_left_ms);
+                }
                 for s in &info.skipped {
                     println!("left out at start: {s}");
                 }
