@@ -84,6 +84,14 @@ fn main() -> anyhow::Result<()> {
             listen,
             control,
             cache,
-        } => horn_manager::daemon::serve_replica(dir, listen, control, Some(size), 512, cache),
+        } => horn_manager::daemon::serve_replica(
+            dir,
+            listen,
+            control,
+            Some(size),
+            512,
+            cache,
+            Default::default(),
+        ),
     }
 }

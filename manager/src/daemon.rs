@@ -20,7 +20,8 @@ use nix::sys::signal::{SigSet, Signal};
 use crate::format::human_bytes;
 
 /// Serves one replica directory (created with `size` if it holds none) on the data
-/// wire at `listen` and the control service at `control` until SIGINT or SIGTERM.
+/// wire at `listen` (its clients held to `limits`) and the control service at
+/// `control` until SIGINT or SIGTERM.
 /// Prints `hornd replica: serving DIR on ADDR, control on ADDR` once serving.
 pub fn serve_replica(
     dir: PathBuf,
@@ -29,6 +30,7 @@ pub fn serve_replica(
     size: Option<u64>,
     sector_size: u32,
     cache: horn_replica::CacheMode,
+    limits: horn_replica::server::Limits,
 ) -> Result<()> {
     // Before any thread starts, so that only the signal waiter receives them.
     let stop_signals = block_stop_signals()?;
@@ -39,7 +41,7 @@ pub fn serve_replica(
     let control_listener =
         TcpListener::bind(&control).with_context(|| format!("cannot listen on {control} for control"))?;
     let control_addr = control_listener.local_addr()?;
-    let server = DataServer::new(replica, listener)?;
+    let server = DataServer::with_limits(replica, listener, limits)?;
     let handle = server.handle();
     let routes = tonic::service::Routes::new(ReplicaControlServer::new(ControlService::new(handle.clone())));
     let grpc = serve_control_until_signal(control_listener, routes, stop_signals, move || handle.stop())?;

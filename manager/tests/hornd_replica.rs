@@ -405,3 +405,128 @@ async fn a_read_lease_holds_off_other_claims_until_it_lapses_even_across_a_resta
     d.signal(libc::SIGTERM);
     d.wait_output();
 }
+
+/// A process's resident memory, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// How many sockets a process has open (its other descriptors come and go with its
+/// runtimes' threads).
+fn open_files(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter(|target| target.to_string_lossy().starts_with("socket:"))
+        .count()
+}
+
+/// The abuse from issue 16: one connection sends 8 MiB read requests and never reads
+/// the replies. Before the caps, the replica read every request, read its data and
+/// queued the reply, and grew by 8 MiB a request (7 MiB to 8.4 GiB in 25 s). Now it
+/// stops reading the connection once its unanswered requests hold 32 MiB, so the
+/// client's own sends stall, the replica's memory stays flat, and other clients are
+/// served meanwhile.
+#[test]
+fn a_client_that_never_reads_its_replies_holds_a_bounded_amount_of_memory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = Daemon::start(&tmp.path().join("r"), &["--size", "64M"]).unwrap();
+    let pid = d.child.id();
+    let before = rss_kib(pid);
+    let mut abuser = std::net::TcpStream::connect(&d.addr).unwrap();
+    abuser.set_write_timeout(Some(Duration::from_secs(2))).unwrap();
+    let len = horn_proto::wire::MAX_IO_LEN;
+    // 400 requests would hold 3.2 GiB: their headers fit in the sockets' buffers, so
+    // they are all sent, and only the replica's caps keep it from reading them all.
+    let mut sent = 0u64;
+    for i in 0..400u64 {
+        let h = Header::request(Op::Read, i, (i % 8) * len as u64, len, 0);
+        if std::io::Write::write_all(&mut abuser, &h.encode()).is_err() {
+            break;
+        }
+        sent += 1;
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let grown_mib = rss_kib(pid).saturating_sub(before) / 1024;
+    println!("{sent} read requests of 8 MiB sent, no reply read; the replica grew by {grown_mib} MiB");
+    assert!(grown_mib < 128, "the replica grew by {grown_mib} MiB");
+    // Another client is served meanwhile.
+    let mut c = d.client();
+    let (h, _) = c.call(&Header::request(Op::Ping, 1, 0, 0, 0), &[]).unwrap();
+    assert_eq!(h.status, Status::Ok);
+    let (h, data) = c.read(2, 0, 4096, 0).unwrap();
+    assert_eq!((h.status, data.len()), (Status::Ok, 4096));
+    // The abuser gives up: its connection goes, and so does what it held.
+    let files = open_files(pid);
+    drop(abuser);
+    let gone = std::time::Instant::now();
+    while open_files(pid) >= files {
+        assert!(
+            gone.elapsed() < Duration::from_secs(10),
+            "the connection was never closed"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Connections over `--max-connections` are closed as they are accepted; those
+/// within are served, and once some close, new ones are taken again. Thousands of
+/// connections that end leave the count of open sockets where it started.
+#[test]
+fn connections_over_the_limit_are_closed_and_ended_ones_leave_no_descriptor() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = Daemon::start(&tmp.path().join("r"), &["--size", "8M", "--max-connections", "8"]).unwrap();
+    let pid = d.child.id();
+    let ping = |c: &mut BlockingClient| {
+        c.call(&Header::request(Op::Ping, 7, 0, 0, 0), &[])
+            .map(|(h, _)| h.status)
+    };
+    let baseline = open_files(pid);
+    let mut held: Vec<BlockingClient> = (0..8).map(|_| d.client()).collect();
+    for c in &mut held {
+        assert_eq!(ping(c).unwrap(), Status::Ok);
+    }
+    let mut over = d.client();
+    assert!(ping(&mut over).is_err(), "a ninth connection was served");
+    for c in &mut held {
+        assert_eq!(ping(c).unwrap(), Status::Ok);
+    }
+    held.truncate(4);
+    std::thread::sleep(Duration::from_millis(200));
+    let mut again = d.client();
+    assert_eq!(ping(&mut again).unwrap(), Status::Ok);
+    drop((held, over, again));
+    // Connections that end in every way: at once, after a ping, after half a header.
+    for i in 0..3000u64 {
+        let mut s = std::net::TcpStream::connect(&d.addr).unwrap();
+        match i % 3 {
+            0 => {}
+            1 => {
+                let mut c = BlockingClient::over(s, Duration::from_secs(5)).unwrap();
+                assert_eq!(ping(&mut c).unwrap(), Status::Ok);
+            }
+            _ => {
+                let h = Header::request(Op::Ping, i, 0, 0, 0).encode();
+                std::io::Write::write_all(&mut s, &h[..10]).unwrap();
+            }
+        }
+    }
+    let settled = std::time::Instant::now();
+    while open_files(pid) > baseline {
+        assert!(
+            settled.elapsed() < Duration::from_secs(10),
+            "{} sockets open, {baseline} before",
+            open_files(pid)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    println!(
+        "3,000 ended connections later: {} sockets open, {baseline} before",
+        open_files(pid)
+    );
+}

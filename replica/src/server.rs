@@ -13,6 +13,15 @@
 //! Control operations (generation, snapshots, info) come from other threads through a
 //! [`ServerHandle`] (`handle.rs`): each is a closure run on the loop thread between
 //! I/Os, with the replica in hand.
+//!
+//! **What a client may hold** ([`Limits`]). A connection's unanswered requests (read,
+//! reply not yet sent) and the bytes of buffers they hold (a read's data, a write's
+//! payload) are capped: over either cap, the server reads no further request from the
+//! connection until replies have gone out. A client that sends read requests and never
+//! reads the replies therefore holds at most one cap's worth of memory, and the
+//! socket's own buffers do the rest of the pushing back. Connections beyond
+//! [`Limits::connections`] are closed as they are accepted. An accept that fails for
+//! want of descriptors or memory is retried after a pause, not in a busy loop.
 
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd};
@@ -36,12 +45,53 @@ const TAG_RECV: u64 = 2 << KIND_SHIFT;
 const TAG_SEND: u64 = 3 << KIND_SHIFT;
 const TAG_STORE: u64 = 4 << KIND_SHIFT;
 const TAG_WAKE: u64 = 5 << KIND_SHIFT;
+/// The pause before an accept is tried again after it failed for want of resources.
+const TAG_ACCEPT_RETRY: u64 = 6 << KIND_SHIFT;
 const INDEX_MASK: u64 = (1 << KIND_SHIFT) - 1;
+
+/// How long a failed accept waits before it is tried again.
+const ACCEPT_RETRY: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// What the server lets its clients hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Connections served at once; one more is closed as soon as it is accepted.
+    pub connections: usize,
+    /// Requests a connection may have unanswered (received, reply not yet sent).
+    pub requests_per_connection: usize,
+    /// Bytes of read data and write payload a connection's unanswered requests may
+    /// hold (one request may take it past the cap: at most 8 MiB).
+    pub bytes_per_connection: usize,
+}
+
+impl Default for Limits {
+    /// 64 connections (an engine opens one per queue), 1,024 requests and 32 MiB per
+    /// connection: 2 GiB at worst for a replica, and far more than an engine's queue
+    /// keeps in flight at 4 KiB (its depth) or needs at 1 MiB to keep a disk busy.
+    fn default() -> Limits {
+        Limits {
+            connections: 64,
+            requests_per_connection: 1024,
+            bytes_per_connection: 32 << 20,
+        }
+    }
+}
+
+/// The bytes a request holds until it is answered: a read's data, a write's payload.
+fn holds(req: &Header) -> usize {
+    match req.op {
+        Op::Read => req.length as usize,
+        _ => req.payload_len(),
+    }
+}
 
 /// A reply waiting to be sent.
 struct Outgoing {
     header: [u8; HEADER_LEN],
     payload: Payload,
+    /// The bytes its request held (`None`: the reply to no counted request, as the
+    /// refusal of a malformed one).
+    answers: Option<usize>,
 }
 
 enum Payload {
@@ -51,10 +101,12 @@ enum Payload {
 }
 
 impl Outgoing {
-    fn new(header: Header, payload: Payload) -> Box<Outgoing> {
+    /// The reply to `req` (counted when it was received).
+    fn answer(req: &Header, header: Header, payload: Payload) -> Box<Outgoing> {
         Box::new(Outgoing {
             header: header.encode(),
             payload,
+            answers: Some(holds(req)),
         })
     }
 }
@@ -99,6 +151,11 @@ struct Conn {
     closing: bool,
     /// The engine this connection named in its `Hello`, if it did.
     engine: Option<String>,
+    /// Requests received and not yet answered, and the bytes they hold.
+    unanswered: usize,
+    held: usize,
+    /// Over a cap: no request is read until replies have gone out.
+    paused: bool,
 }
 
 impl Conn {
@@ -137,11 +194,25 @@ pub struct DataServer {
     handle: ServerHandle,
     wake_buf: Box<[u8; 8]>,
     stopping: bool,
+    limits: Limits,
+    /// Connections open now.
+    live: usize,
+    /// The pause of a failed accept, while it runs (the kernel reads it).
+    accept_retry: Box<types::Timespec>,
+    /// Connections refused since the last warning (warned once per burst).
+    refused: u64,
 }
 
 impl DataServer {
-    /// A server for `replica` on `listener` (already bound).
+    /// A server for `replica` on `listener` (already bound), with the default
+    /// [`Limits`].
     pub fn new(replica: Replica, listener: TcpListener) -> Result<DataServer> {
+        Self::with_limits(replica, listener, Limits::default())
+    }
+
+    /// A server for `replica` on `listener` (already bound) that lets its clients hold
+    /// at most `limits`.
+    pub fn with_limits(replica: Replica, listener: TcpListener, limits: Limits) -> Result<DataServer> {
         let (handle, inbox) = ServerHandle::for_loop(replica.dir())?;
         Ok(DataServer {
             replica,
@@ -154,6 +225,14 @@ impl DataServer {
             handle,
             wake_buf: Box::new([0; 8]),
             stopping: false,
+            limits,
+            live: 0,
+            accept_retry: Box::new(
+                types::Timespec::new()
+                    .sec(ACCEPT_RETRY.as_secs())
+                    .nsec(ACCEPT_RETRY.subsec_nanos()),
+            ),
+            refused: 0,
         })
     }
 
@@ -222,6 +301,8 @@ impl DataServer {
             TAG_SEND => self.on_send(index, c.raw)?,
             TAG_STORE => self.on_store(index, c)?,
             TAG_WAKE => self.on_wake()?,
+            TAG_ACCEPT_RETRY if !self.stopping => self.post_accept()?,
+            TAG_ACCEPT_RETRY => {}
             _ => unreachable!("tag {:#x} was not issued by the server", c.tag),
         }
         Ok(())
@@ -249,7 +330,27 @@ impl DataServer {
             return Ok(());
         }
         if res < 0 {
-            tracing::warn!(error = %std::io::Error::from_raw_os_error(-res), "accept failed");
+            let error = std::io::Error::from_raw_os_error(-res);
+            if matches!(-res, libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM) {
+                // Out of descriptors or memory: try again after a pause, not at once.
+                tracing::warn!(%error, retry_in = ?ACCEPT_RETRY, "accept failed for want of resources");
+                let entry = opcode::Timeout::new(&*self.accept_retry).build();
+                // SAFETY: the timespec is boxed and owned by the server, which outlives
+                // the ring's entries (it reaps them all before it ends).
+                return unsafe { self.replica.submit_raw(entry, TAG_ACCEPT_RETRY) };
+            }
+            tracing::warn!(%error, "accept failed");
+        } else if self.live >= self.limits.connections {
+            // SAFETY: the kernel just created this descriptor for us; closing it is ours.
+            drop(unsafe { TcpStream::from_raw_fd(res) });
+            self.refused += 1;
+            if self.refused == 1 || self.refused.is_power_of_two() {
+                tracing::warn!(
+                    limit = self.limits.connections,
+                    refused = self.refused,
+                    "a connection over the limit was closed"
+                );
+            }
         } else {
             // SAFETY: the kernel just created this descriptor for us.
             let stream = unsafe { TcpStream::from_raw_fd(res) };
@@ -266,7 +367,12 @@ impl DataServer {
                 ops: 0,
                 closing: false,
                 engine: None,
+                unanswered: 0,
+                held: 0,
+                paused: false,
             };
+            self.live += 1;
+            self.refused = 0;
             let id = match self.free_conns.pop() {
                 Some(i) => {
                     self.conns[i as usize] = Some(conn);
@@ -289,8 +395,16 @@ impl DataServer {
     }
 
     fn post_recv(&mut self, id: u32) -> Result<()> {
+        let limits = self.limits;
         let conn = self.conn(id);
         if conn.closing {
+            return Ok(());
+        }
+        // Between requests, over a cap: read nothing more until replies go out.
+        if conn.incoming.is_none()
+            && (conn.unanswered >= limits.requests_per_connection || conn.held >= limits.bytes_per_connection)
+        {
+            conn.paused = true;
             return Ok(());
         }
         let fd = types::Fd(conn.stream.as_raw_fd());
@@ -351,6 +465,9 @@ impl DataServer {
         let raw = *conn.header;
         match Header::decode(&raw) {
             Ok(h) if !h.reply => {
+                // Counted until its reply has gone out.
+                conn.unanswered += 1;
+                conn.held += holds(&h);
                 let len = h.payload_len();
                 if len > 0 {
                     conn.incoming = Some(Incoming {
@@ -375,14 +492,22 @@ impl DataServer {
         let req_id = u64::from_le_bytes(raw[8..16].try_into().expect("8 bytes"));
         let req = Header::request(Op::Ping, req_id, 0, 0, 0);
         self.conn(id).closing = true;
-        self.reply_error(id, &req, Status::BadRequest, why)
+        let mut out = self.error_reply(&req, Status::BadRequest, why);
+        // It answers no request that was counted: the header did not decode.
+        out.answers = None;
+        self.queue_send(id, out)
     }
 
     fn reply_error(&mut self, id: u32, req: &Header, status: Status, message: String) -> Result<()> {
+        let out = self.error_reply(req, status, message);
+        self.queue_send(id, out)
+    }
+
+    fn error_reply(&self, req: &Header, status: Status, message: String) -> Box<Outgoing> {
         let mut msg = message.into_bytes();
         msg.truncate(horn_proto::wire::MAX_MESSAGE_LEN as usize);
         let h = Header::reply_to(req, status, msg.len() as u32, self.replica.generation());
-        self.queue_send(id, Outgoing::new(h, Payload::Message(msg)))
+        Outgoing::answer(req, h, Payload::Message(msg))
     }
 
     fn dispatch(&mut self, id: u32, h: Header, payload: Option<IoBuf>) -> Result<()> {
@@ -395,7 +520,7 @@ impl DataServer {
                 Some(Ok(engine)) if !engine.is_empty() => {
                     self.conn(id).engine = Some(engine);
                     let reply = Header::reply_to(&h, Status::Ok, 0, self.replica.generation());
-                    self.queue_send(id, Outgoing::new(reply, Payload::None))
+                    self.queue_send(id, Outgoing::answer(&h, reply, Payload::None))
                 }
                 _ => {
                     self.conn(id).closing = true;
@@ -426,7 +551,7 @@ impl DataServer {
         match h.op {
             Op::Ping => {
                 let reply = Header::reply_to(&h, Status::Ok, 0, self.replica.generation());
-                return self.queue_send(id, Outgoing::new(reply, Payload::None));
+                return self.queue_send(id, Outgoing::answer(&h, reply, Payload::None));
             }
             Op::Discard | Op::WriteZeroes => {
                 let result = if h.op == Op::Discard {
@@ -498,7 +623,7 @@ impl DataServer {
                 let len = data.as_ref().map_or(0, IoBuf::len) as u32;
                 let h = Header::reply_to(req, Status::Ok, len, self.replica.generation());
                 let payload = data.map_or(Payload::None, Payload::Data);
-                self.queue_send(id, Outgoing::new(h, payload))
+                self.queue_send(id, Outgoing::answer(req, h, payload))
             }
             Err(e) => self.reply_error(id, req, e.wire_status(), e.to_string()),
         }
@@ -526,14 +651,31 @@ impl DataServer {
     fn on_send(&mut self, id: u32, res: i32) -> Result<()> {
         let conn = self.conn(id);
         conn.raw_ended();
+        let Conn {
+            out,
+            unanswered,
+            held,
+            ..
+        } = conn;
+        let mut answered = |m: Box<Outgoing>| {
+            if let Some(bytes) = m.answers {
+                *unanswered -= 1;
+                *held -= bytes;
+            }
+        };
         if res < 0 {
             tracing::debug!(error = %std::io::Error::from_raw_os_error(-res), "send failed; closing");
+            out.take_all().for_each(&mut answered);
             conn.closing = true;
-            conn.out.take_all().for_each(drop);
             return self.maybe_close(id);
         }
-        conn.out.sent(res as usize, drop);
-        if !conn.out.is_idle() {
+        out.sent(res as usize, answered);
+        if conn.paused {
+            // Replies went out: read requests again if the connection is under its caps.
+            conn.paused = false;
+            self.post_recv(id)?;
+        }
+        if !self.conn(id).out.is_idle() {
             return self.start_send(id);
         }
         self.maybe_close(id)
@@ -546,6 +688,7 @@ impl DataServer {
             let _ = conn.stream.shutdown(std::net::Shutdown::Both);
             self.conns[id as usize] = None;
             self.free_conns.push(id);
+            self.live -= 1;
         }
         Ok(())
     }

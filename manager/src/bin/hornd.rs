@@ -49,6 +49,11 @@ enum Command {
         /// Sector size when creating: 512 or 4096.
         #[arg(long, default_value_t = 512)]
         sector_size: u32,
+        /// Data-wire connections served at once; more are closed as they are
+        /// accepted. (Each connection may also hold at most 1,024 unanswered requests
+        /// and 32 MiB of their data: over that, its next requests wait.)
+        #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=65536))]
+        max_connections: u32,
     },
     /// Serve a volume's engine on its replicas until SIGINT or SIGTERM: claims them,
     /// holds the volume open, and serves the engine control service (snapshots and
@@ -187,7 +192,19 @@ fn main() -> ExitCode {
             size,
             sector_size,
             cache,
-        } => serve_replica(dir, listen, control, size, sector_size, cache),
+            max_connections,
+        } => serve_replica(
+            dir,
+            listen,
+            control,
+            size,
+            sector_size,
+            cache,
+            horn_replica::server::Limits {
+                connections: max_connections as usize,
+                ..Default::default()
+            },
+        ),
         Command::Engine {
             replicas,
             volume,
