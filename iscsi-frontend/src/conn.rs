@@ -48,9 +48,22 @@ fn write_pdu(sock: &mut TcpStream, bhs: &Bhs, data: &[u8], digests: Digests) -> 
     Ok(())
 }
 
-/// Serves one connection until the initiator logs out or it drops.
-pub fn serve(target: Arc<Target>, mut sock: TcpStream) -> Result<()> {
+/// Serves one connection until the initiator logs out or it drops. A connection over
+/// the target's limit (`busy`) gets its first login request answered "out of
+/// resources", and is closed.
+pub fn serve(target: Arc<Target>, mut sock: TcpStream, busy: bool) -> Result<()> {
     sock.set_nodelay(true)?;
+    if busy {
+        sock.set_read_timeout(Some(Duration::from_secs(5)))?;
+        let (req, _) = read_pdu(&mut sock, Digests::default(), 64 * 1024)?;
+        let mut seq = Seq {
+            stat_sn: 0,
+            exp_cmd_sn: req.cmd_sn(),
+        };
+        let mut bhs = Login::new(target.info.clone()).busy(&req).bhs;
+        seq.stamp(&mut bhs, true);
+        return write_pdu(&mut sock, &bhs, &[], Digests::default());
+    }
     // Login may not take forever.
     sock.set_read_timeout(Some(Duration::from_secs(30)))?;
     let mut login = Login::new(target.info.clone());

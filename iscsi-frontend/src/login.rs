@@ -77,6 +77,8 @@ pub mod status {
     pub const INVALID: (u8, u8) = (2, 11);
     /// Initiator error (malformed text and the like).
     pub const INITIATOR_ERROR: (u8, u8) = (2, 0);
+    /// Target error: out of resources (the target serves its most connections).
+    pub const OUT_OF_RESOURCES: (u8, u8) = (3, 2);
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -261,6 +263,16 @@ impl Login {
             data: Vec::new(),
             outcome: Outcome::Failed,
         }
+    }
+
+    /// Refuses a login because the target already serves its most connections
+    /// (status "out of resources": the initiator may try again later).
+    pub fn busy(&self, req: &Bhs) -> Step {
+        self.fail(
+            req,
+            status::OUT_OF_RESOURCES,
+            "the target serves its most connections",
+        )
     }
 
     /// Handles one login request; `tsih` is the session handle to give on success.

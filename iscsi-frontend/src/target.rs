@@ -1,8 +1,9 @@
 //! The target: its name, LUN and engine, its sessions, and the connections it serves
 //! (the listener that accepts them is `listener.rs`).
 
+use std::collections::HashMap;
 use std::net::TcpStream;
-use std::sync::atomic::{AtomicBool, AtomicU16, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -75,6 +76,10 @@ impl Sessions {
     }
 }
 
+/// Connections a target serves at once unless told otherwise: each is a thread, with
+/// up to the largest burst of write data waiting.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 64;
+
 /// One target with one LUN (0): the volume.
 pub struct Target {
     /// Name, address, authentication, negotiation offer.
@@ -86,8 +91,12 @@ pub struct Target {
     /// Sessions in the full feature phase.
     pub sessions: Sessions,
     tsih: AtomicU16,
-    /// Every connection's socket, to shut them down on stop.
-    pub(crate) conns: Mutex<Vec<TcpStream>>,
+    /// Every open connection's socket, by a number of its own, to shut them down on
+    /// stop; a connection leaves it when it ends.
+    pub(crate) conns: Mutex<HashMap<u64, TcpStream>>,
+    pub(crate) next_conn: AtomicU64,
+    /// Connections served at once; one more is answered "out of resources" at login.
+    pub max_connections: usize,
     /// Set by [`Target::stop`]: new connections are refused.
     pub(crate) stopping: AtomicBool,
 }
@@ -113,16 +122,24 @@ impl Target {
             engine,
             sessions: Sessions::default(),
             tsih: AtomicU16::new(1),
-            conns: Mutex::new(Vec::new()),
+            conns: Mutex::new(HashMap::new()),
+            next_conn: AtomicU64::new(0),
+            max_connections: DEFAULT_MAX_CONNECTIONS,
             stopping: AtomicBool::new(false),
         }
+    }
+
+    /// The same target, serving at most `n` connections at once.
+    pub fn with_max_connections(mut self, n: usize) -> Target {
+        self.max_connections = n;
+        self
     }
 
     /// Ends every connection and waits (up to `grace`) for their sessions to finish:
     /// their tasks are dropped and their engine queues closed.
     pub fn stop(&self, grace: Duration) {
         self.stopping.store(true, Ordering::SeqCst);
-        for c in self.conns.lock().unwrap().drain(..) {
+        for (_, c) in self.conns.lock().unwrap().drain() {
             let _ = c.shutdown(std::net::Shutdown::Both);
         }
         let until = Instant::now() + grace;

@@ -328,6 +328,8 @@ pub struct IscsiOptions {
     pub auth: horn_iscsi::login::Auth,
     /// Serve the LUN read-only.
     pub read_only: bool,
+    /// Connections served at once (one more is refused at login, "out of resources").
+    pub max_connections: usize,
 }
 
 fn start_iscsi(
@@ -343,13 +345,16 @@ fn start_iscsi(
         (Some(_), None) => "CHAP",
         _ => "no authentication",
     };
-    let target = Arc::new(horn_iscsi::target::Target::new(
-        engine,
-        opts.iqn.clone(),
-        addr.to_string(),
-        opts.auth,
-        opts.read_only,
-    ));
+    let target = Arc::new(
+        horn_iscsi::target::Target::new(
+            engine,
+            opts.iqn.clone(),
+            addr.to_string(),
+            opts.auth,
+            opts.read_only,
+        )
+        .with_max_connections(opts.max_connections),
+    );
     let t = target.clone();
     std::thread::Builder::new()
         .name("iscsi-listen".into())

@@ -416,16 +416,6 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap()
 }
 
-/// How many sockets a process has open (its other descriptors come and go with its
-/// runtimes' threads).
-fn open_files(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .unwrap()
-        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
-        .filter(|target| target.to_string_lossy().starts_with("socket:"))
-        .count()
-}
-
 /// The abuse from issue 16: one connection sends 8 MiB read requests and never reads
 /// the replies. Before the caps, the replica read every request, read its data and
 /// queued the reply, and grew by 8 MiB a request (7 MiB to 8.4 GiB in 25 s). Now it
@@ -462,10 +452,10 @@ fn a_client_that_never_reads_its_replies_holds_a_bounded_amount_of_memory() {
     let (h, data) = c.read(2, 0, 4096, 0).unwrap();
     assert_eq!((h.status, data.len()), (Status::Ok, 4096));
     // The abuser gives up: its connection goes, and so does what it held.
-    let files = open_files(pid);
+    let files = common::open_sockets(pid);
     drop(abuser);
     let gone = std::time::Instant::now();
-    while open_files(pid) >= files {
+    while common::open_sockets(pid) >= files {
         assert!(
             gone.elapsed() < Duration::from_secs(10),
             "the connection was never closed"
@@ -486,7 +476,7 @@ fn connections_over_the_limit_are_closed_and_ended_ones_leave_no_descriptor() {
         c.call(&Header::request(Op::Ping, 7, 0, 0, 0), &[])
             .map(|(h, _)| h.status)
     };
-    let baseline = open_files(pid);
+    let baseline = common::open_sockets(pid);
     let mut held: Vec<BlockingClient> = (0..8).map(|_| d.client()).collect();
     for c in &mut held {
         assert_eq!(ping(c).unwrap(), Status::Ok);
@@ -516,17 +506,7 @@ fn connections_over_the_limit_are_closed_and_ended_ones_leave_no_descriptor() {
             }
         }
     }
-    let settled = std::time::Instant::now();
-    while open_files(pid) > baseline {
-        assert!(
-            settled.elapsed() < Duration::from_secs(10),
-            "{} sockets open, {baseline} before",
-            open_files(pid)
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    println!(
-        "3,000 ended connections later: {} sockets open, {baseline} before",
-        open_files(pid)
-    );
+    let open = common::wait_for_sockets(pid, baseline);
+    assert_eq!(open, baseline, "{open} sockets open, {baseline} before");
+    println!("3,000 ended connections later: {open} sockets open, {baseline} before");
 }

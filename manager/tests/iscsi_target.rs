@@ -559,3 +559,119 @@ fn a_stopped_engine_deposed_meanwhile_serves_no_stale_read_when_it_goes_on() {
     assert!(report.differences.is_empty(), "{report:?}");
     newer.close().unwrap();
 }
+
+/// Connections that end in every state before a session (at once, after garbage, with
+/// a PDU cut short, after a refused login) leave no descriptor behind. Before, each
+/// stayed open on the target's side in CLOSE-WAIT for good (18 → 979 open files after
+/// 1,000 of them), until the process ran out of descriptors.
+#[test]
+fn connections_that_end_before_a_session_leave_no_descriptor() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = replicas(dir.path(), 1);
+    let t = start_target(&[&r[0]], &[]).unwrap();
+    let pid = t.child.id();
+    // One session first: the sockets it leaves (the engine's to its replica) stay.
+    let mut i = Initiator::login(&t.addr, IQN, None).unwrap();
+    assert_eq!(i.write10(0, &pattern(5, 4096)).status, 0);
+    let baseline = common::open_sockets(pid);
+    for n in 0..1000u32 {
+        let mut s = std::net::TcpStream::connect(&t.addr).unwrap();
+        match n % 4 {
+            0 => {}
+            1 => s.write_all(&[0xa5; 48]).unwrap(),
+            2 => {
+                let mut login = Bhs::new(op::LOGIN, 0x87);
+                login.set_u32(16, n);
+                s.write_all(&login.0[..20]).unwrap();
+            }
+            _ => {
+                assert!(Initiator::login(&t.addr, "iqn.2026-11.io.horn:nobody", None).is_err());
+            }
+        }
+    }
+    let open = common::wait_for_sockets(pid, baseline);
+    println!("1,000 connections ended before a session: {open} sockets open, {baseline} before");
+    assert_eq!(open, baseline);
+    // The target still serves.
+    assert!(i.read10(0, 8).data == pattern(5, 4096));
+    assert!(Initiator::login(&t.addr, IQN, None).is_ok());
+}
+
+/// Past `--max-connections`, a login is refused with "out of resources" (3/2) and the
+/// connection closed; once a session ends, a new login is taken.
+#[test]
+fn logins_past_the_connection_limit_are_refused_out_of_resources() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = replicas(dir.path(), 1);
+    let t = start_target(&[&r[0]], &["--max-connections", "2"]).unwrap();
+    let mut a = Initiator::login(&t.addr, IQN, None).unwrap();
+    let _b = Initiator::login(&t.addr, IQN, None).unwrap();
+    assert_eq!(
+        Initiator::login(&t.addr, IQN, None).err(),
+        Some((3, 2)),
+        "a third login past a limit of 2"
+    );
+    a.logout();
+    drop(a);
+    let since = std::time::Instant::now();
+    loop {
+        match Initiator::login(&t.addr, IQN, None) {
+            Ok(_) => break,
+            Err(e) => {
+                assert_eq!(e, (3, 2));
+                assert!(
+                    since.elapsed() < Duration::from_secs(10),
+                    "the ended session's slot never freed"
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+}
+
+/// With the process out of descriptors, accepts fail; the listener logs, waits and
+/// goes on, and serves again once descriptors are free. Before, the first EMFILE ended
+/// the listener for good while the engine kept running.
+#[test]
+fn the_listener_survives_running_out_of_descriptors() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = replicas(dir.path(), 1);
+    let t = start_target(&[&r[0]], &[]).unwrap();
+    let pid = t.child.id();
+    let prlimit = |n: usize| {
+        Command::new("prlimit")
+            .args(["--pid", &pid.to_string(), &format!("--nofile={n}:")])
+            .status()
+    };
+    // Its soft limit, to give back.
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let soft: usize = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(3))
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    // Below every descriptor it has: every new one, an accept's too, fails with EMFILE.
+    match prlimit(3) {
+        Ok(s) if s.success() => {}
+        other => {
+            println!("SKIPPED: prlimit could not lower the target's descriptor limit: {other:?}");
+            return;
+        }
+    }
+    let waiting: Vec<std::net::TcpStream> = (0..5)
+        .map(|_| std::net::TcpStream::connect(&t.addr).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(prlimit(soft).unwrap().success());
+    drop(waiting);
+    // A listener that ended would leave this login unanswered (the kernel still
+    // completes the connection): the initiator's read would time out.
+    let mut i = Initiator::login(&t.addr, IQN, None).unwrap();
+    assert_eq!(i.write10(0, &pattern(9, 4096)).status, 0);
+    let log = std::fs::read_to_string(&t.log).unwrap_or_default();
+    assert!(
+        log.contains("accept failed"),
+        "no accept failed for want of descriptors: {log}"
+    );
+}

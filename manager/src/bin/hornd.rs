@@ -137,6 +137,11 @@ enum Command {
         /// iscsi: the target's IQN (default: iqn.2026-11.io.horn:NAME).
         #[arg(long)]
         iqn: Option<String>,
+        /// iscsi: connections served at once; one more is refused at login with
+        /// "out of resources" (status 3/2) and closed.
+        #[arg(long, default_value_t = horn_iscsi::target::DEFAULT_MAX_CONNECTIONS as u32,
+              value_parser = clap::value_parser!(u32).range(1..=4096))]
+        max_connections: u32,
         /// iscsi: initiators must log in with CHAP as this user...
         #[arg(long, requires = "chap_secret_file")]
         chap_user: Option<String>,
@@ -227,6 +232,7 @@ fn main() -> ExitCode {
             copy,
             listen,
             iqn,
+            max_connections,
             chap_user,
             chap_secret_file,
             mutual_user,
@@ -252,6 +258,7 @@ fn main() -> ExitCode {
                             mutual: secret(mutual_user, mutual_secret_file)?,
                         },
                         read_only,
+                        max_connections: max_connections as usize,
                     }))
                 })(),
                 _ => Ok(None),

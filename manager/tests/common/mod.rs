@@ -214,3 +214,26 @@ impl Drop for EngineDaemon {
         let _ = self.child.wait();
     }
 }
+
+/// How many sockets process `pid` has open (its other descriptors come and go with its
+/// runtimes' threads).
+pub fn open_sockets(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter(|target| target.to_string_lossy().starts_with("socket:"))
+        .count()
+}
+
+/// Waits up to 10 s for process `pid` to have at most `n` sockets open; the count it
+/// had when it stopped waiting.
+pub fn wait_for_sockets(pid: u32, n: usize) -> usize {
+    let since = std::time::Instant::now();
+    loop {
+        let open = open_sockets(pid);
+        if open <= n || since.elapsed() > Duration::from_secs(10) {
+            return open;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
