@@ -1,6 +1,8 @@
 //! `hornctl ublk` and `hornd engine --frontend ublk` where they cannot work: clear
 //! errors, nothing claimed. (The devices themselves are tested in tests/vm/.)
 
+mod common;
+
 use std::process::Command;
 
 fn run(bin: &str, args: &[&str]) -> (bool, String) {
@@ -14,8 +16,9 @@ fn run(bin: &str, args: &[&str]) -> (bool, String) {
 #[test]
 fn without_ublk_the_commands_say_how_to_get_it() {
     if std::path::Path::new("/dev/ublk-control").exists() {
-        eprintln!(
-            "SKIPPED without_ublk_the_commands_say_how_to_get_it: this host has ublk (tests/vm covers it)"
+        common::skip(
+            "without_ublk_the_commands_say_how_to_get_it",
+            "this host has ublk (tests/vm covers it)",
         );
         return;
     }

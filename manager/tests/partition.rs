@@ -8,7 +8,9 @@
 //! (before read leases it served the old data); after the links heal, a new engine
 //! serves the second engine's writes.
 //!
-//! Needs root and `ip netns`; without them it says why and passes without running.
+//! Needs root and `ip netns`; without them it says why and is counted as skipped.
+
+mod common;
 
 use std::fs::File;
 use std::io::{BufRead, BufReader};
@@ -168,13 +170,19 @@ fn write_all(v: &mut Volume, pattern: u8) -> Result<(), horn_engine::VolumeError
 #[test]
 fn an_engine_cut_off_with_one_replica_of_three_stops_acknowledging() {
     if unsafe { libc::geteuid() } != 0 {
-        println!("SKIPPED: the partition test needs root (network namespaces); CI runs it as root");
+        common::skip(
+            "an_engine_cut_off_with_one_replica_of_three_stops_acknowledging",
+            "the partition test needs root (network namespaces); CI runs it as root",
+        );
         return;
     }
     let net = match Net::build() {
         Ok(n) => n,
         Err(e) => {
-            println!("SKIPPED: network namespaces are not available here: {e}");
+            common::skip(
+                "an_engine_cut_off_with_one_replica_of_three_stops_acknowledging",
+                &format!("network namespaces are not available here: {e}"),
+            );
             return;
         }
     };

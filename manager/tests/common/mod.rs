@@ -237,3 +237,16 @@ pub fn wait_for_sockets(pid: u32, n: usize) -> usize {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// Skips the test that calls it, saying why: printed, and counted as skipped (not
+/// passed) by `scripts/test`, which names a file in `HORN_SKIP_LOG` for such lines.
+pub fn skip(test: &str, reason: &str) {
+    let line = format!("SKIPPED {test}: {reason}");
+    eprintln!("{line}");
+    if let Ok(path) = std::env::var("HORN_SKIP_LOG") {
+        use std::io::Write;
+        if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
+            let _ = writeln!(f, "{line}");
+        }
+    }
+}
