@@ -21,7 +21,7 @@ use crate::scsi::{self, Command, Lun, Nexus, Response};
 use crate::text::Params;
 
 /// Largest expected data transfer accepted for one command.
-const MAX_TRANSFER: u32 = 16 << 20;
+const MAX_TRANSFER: u32 = scsi::MAX_TRANSFER;
 /// Most bytes of write buffers a connection keeps for data still to come.
 const MAX_WAITING_DATA: usize = 64 << 20;
 

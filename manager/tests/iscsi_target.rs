@@ -678,3 +678,45 @@ fn the_listener_survives_running_out_of_descriptors() {
         "no accept failed for want of descriptors: {log}"
     );
 }
+
+/// A transfer longer than the MAXIMUM TRANSFER LENGTH the Block Limits page advertises
+/// gets ILLEGAL REQUEST, INVALID FIELD IN CDB (before, a read between the page's 8 MiB
+/// and 16 MiB reached the engine and failed as a MEDIUM ERROR), and one at the limit
+/// goes through.
+#[test]
+fn transfers_past_the_advertised_maximum_are_invalid_fields_in_the_cdb() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = replicas(dir.path(), 1);
+    let t = start_target(&[&r[0]], &[]).unwrap();
+    let mut i = Initiator::login(&t.addr, IQN, None).unwrap();
+    // Block Limits: MAXIMUM TRANSFER LENGTH, in 512-byte blocks.
+    let vpd = i.command(&[0x12, 0x01, 0xb0, 0, 64, 0], &[], 64);
+    assert_eq!(vpd.status, 0);
+    let max_blocks = u32::from_be_bytes(vpd.data[8..12].try_into().unwrap());
+    assert_eq!(max_blocks, (8 << 20) / 512, "the page advertises 8 MiB");
+    let cdb16 = |op: u8, blocks: u32| {
+        let mut c = [0u8; 16];
+        c[0] = op;
+        c[10..14].copy_from_slice(&blocks.to_be_bytes());
+        c
+    };
+    let illegal = |r: &common::iscsi::Reply| {
+        (
+            r.status,
+            r.sense.get(2).map(|k| k & 0x0f),
+            r.sense.get(12).copied(),
+        )
+    };
+    let over = max_blocks + 8192;
+    let read = i.command(&cdb16(0x88, over), &[], over * 512);
+    assert_eq!(illegal(&read), (2, Some(0x05), Some(0x24)), "READ(16) of 12 MiB");
+    let write = i.command(&cdb16(0x8a, over), &pattern(3, 4096), 0);
+    assert_eq!(
+        illegal(&write),
+        (2, Some(0x05), Some(0x24)),
+        "WRITE(16) naming 12 MiB"
+    );
+    // At the limit, it goes through.
+    let read = i.command(&cdb16(0x88, max_blocks), &[], max_blocks * 512);
+    assert_eq!((read.status, read.data.len()), (0, 8 << 20));
+}

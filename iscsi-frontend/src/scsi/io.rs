@@ -13,7 +13,7 @@ use super::opcode::{self, Medium};
 use super::{status, Lun, Response, Sense};
 
 /// Largest transfer in bytes (the data wire's largest I/O).
-pub(super) const MAX_TRANSFER: u32 = 8 << 20;
+pub const MAX_TRANSFER: u32 = 8 << 20;
 /// Largest COMPARE AND WRITE, in blocks.
 pub(super) const MAX_COMPARE_AND_WRITE: u8 = 255;
 /// Most descriptors in one UNMAP.
@@ -175,6 +175,14 @@ impl<V: BlockVolume> Lun<V> {
         }
     }
 
+    /// Checks that `n` blocks move in one command: at most [`MAX_TRANSFER`] bytes, the
+    /// MAXIMUM TRANSFER LENGTH the Block Limits page advertises. Past it: ILLEGAL
+    /// REQUEST, INVALID FIELD IN CDB, before any buffer is allocated.
+    fn transfer(&self, n: u64) -> Option<Response> {
+        (n > (MAX_TRANSFER / self.info.block_size) as u64)
+            .then(|| Response::check(Sense::INVALID_FIELD_IN_CDB))
+    }
+
     /// SYNCHRONIZE CACHE(10) and (16): the whole volume is flushed, whatever range
     /// is named.
     pub(super) async fn sync_cache(&self, cdb: &[u8; 16]) -> Response {
@@ -227,7 +235,7 @@ impl<V: BlockVolume> Lun<V> {
             Ok(e) => (e.lba, e.blocks),
             Err(r) => return r,
         };
-        if let Some(r) = self.range(lba, n) {
+        if let Some(r) = self.range(lba, n).or_else(|| self.transfer(n)) {
             return r;
         }
         if n == 0 {
@@ -245,7 +253,7 @@ impl<V: BlockVolume> Lun<V> {
         if self.info.read_only {
             return Err(Response::check(Sense::WRITE_PROTECTED));
         }
-        if let Some(r) = self.range(lba, blocks) {
+        if let Some(r) = self.range(lba, blocks).or_else(|| self.transfer(blocks)) {
             return Err(r);
         }
         // The transport delivers at most its expected transfer length: when that is
@@ -310,7 +318,7 @@ impl<V: BlockVolume> Lun<V> {
             Ok(e) => (e.lba, e.blocks, e.flags),
             Err(r) => return r,
         };
-        if let Some(r) = self.range(lba, n) {
+        if let Some(r) = self.range(lba, n).or_else(|| self.transfer(n)) {
             return r;
         }
         let bytchk = (flags >> 1) & 0x03;

@@ -32,7 +32,7 @@ use horn_uring::IoBuf;
 use opcode::{self as op, service_action as sa, Medium, RunsPast};
 
 pub use cdb::data_out_len;
-pub use io::{Wake, WriteRanges};
+pub use io::{Wake, WriteRanges, MAX_TRANSFER};
 pub use reservations::{pr_type, PersistentReservation, Registration, Reservations};
 pub use sense::{status, Response, Sense};
 pub use unit::{LoggedIn, LunInfo};
