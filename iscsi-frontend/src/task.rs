@@ -6,7 +6,7 @@
 //! the LUN, polled after each batch of completions; Task Management Functions abort
 //! and reset them. Answers go to the connection's [`Outbox`].
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::rc::Rc;
@@ -58,8 +58,15 @@ pub(crate) struct Tasks {
     nexus: Rc<Nexus>,
     running: Vec<Task>,
     transfers: HashMap<u32, Transfer>,
+    /// Tasks whose data transfer ended before all its data came (aborted, failed), the
+    /// newest [`ENDED_KEPT`]: Data-Out still in flight for them is dropped quietly;
+    /// Data-Out for any other unknown task gets a Reject.
+    ended: VecDeque<u32>,
     next_ttt: u32,
 }
+
+/// How many ended transfers are remembered.
+const ENDED_KEPT: usize = 256;
 
 impl Tasks {
     /// No commands yet, for `nexus` on `lun`.
@@ -69,6 +76,7 @@ impl Tasks {
             nexus,
             running: Vec::new(),
             transfers: HashMap::new(),
+            ended: VecDeque::new(),
             next_ttt: 1,
         }
     }
@@ -82,7 +90,24 @@ impl Tasks {
     /// engine queue.
     pub(crate) fn clear(&mut self) {
         self.running.clear();
-        self.transfers.clear();
+        self.end_all_transfers();
+    }
+
+    /// A transfer ends before its data has all come: later Data-Out for it is dropped.
+    fn end_transfer(&mut self, itt: u32) -> Option<Transfer> {
+        let t = self.transfers.remove(&itt)?;
+        if self.ended.len() == ENDED_KEPT {
+            self.ended.pop_front();
+        }
+        self.ended.push_back(itt);
+        Some(t)
+    }
+
+    fn end_all_transfers(&mut self) {
+        let itts: Vec<u32> = self.transfers.keys().copied().collect();
+        for itt in itts {
+            self.end_transfer(itt);
+        }
     }
 
     /// A SCSI Command PDU (`data`: its immediate data): answered at once, started, or
@@ -205,8 +230,13 @@ impl Tasks {
         let ttt = bhs.u32_at(20);
         let offset = bhs.u32_at(40) as usize;
         let Some(t) = self.transfers.get_mut(&itt) else {
-            // Data for a task that was aborted, or never was.
-            tracing::debug!(itt, "Data-Out for no task");
+            if self.ended.contains(&itt) {
+                // Still in flight when its task ended (aborted, failed): dropped.
+                tracing::debug!(itt, "Data-Out for a task that has ended");
+            } else {
+                tracing::debug!(itt, "Data-Out for no task; rejected");
+                out.reject(bhs, reject::INVALID_FIELD);
+            }
             return;
         };
         if bhs.u32_at(36) != t.data_sn {
@@ -217,7 +247,7 @@ impl Tasks {
                 expected = t.data_sn,
                 "Data-Out out of DataSN order"
             );
-            let t = self.transfers.remove(&itt).unwrap();
+            let t = self.end_transfer(itt).expect("found above");
             let edtl = t.buf.len() as u32;
             let resp = Response::check(scsi::Sense::DATA_PHASE_ERROR);
             out.respond(params, itt, edtl, None, resp);
@@ -231,7 +261,7 @@ impl Tasks {
             t.solicited
         };
         if end > t.buf.len() || end > allowed || (ttt != RESERVED_TAG && ttt != t.ttt) {
-            self.transfers.remove(&itt);
+            self.end_transfer(itt);
             out.reject(bhs, reject::INVALID_FIELD);
             return;
         }
@@ -299,13 +329,13 @@ impl Tasks {
                 // Aborted here, or already answered (or never seen): either way the
                 // function is complete.
                 self.running.retain(|t| t.itt != referenced);
-                self.transfers.remove(&referenced);
+                self.end_transfer(referenced);
                 0
             }
             // ABORT TASK SET, CLEAR TASK SET, LUN RESET, TARGET WARM RESET
             2 | 4 | 5 | 6 => {
                 self.running.clear();
-                self.transfers.clear();
+                self.end_all_transfers();
                 if function == 5 || function == 6 {
                     self.lun.info.reservations.lock().unwrap().reserve6 = None;
                     self.lun.info.prevent.lock().unwrap().clear();
@@ -321,7 +351,7 @@ impl Tasks {
             // TARGET COLD RESET: answered, then the connection is closed.
             7 => {
                 self.running.clear();
-                self.transfers.clear();
+                self.end_all_transfers();
                 self.lun.info.reservations.lock().unwrap().reserve6 = None;
                 self.lun.info.prevent.lock().unwrap().clear();
                 self.lun.info.reset(scsi::Sense::RESET_OCCURRED);

@@ -139,10 +139,13 @@ fn malformed_pdus_get_a_reject_or_a_closed_connection_and_write_nothing() {
     let (rej, data) = i.recv().expect("a Reject");
     assert_eq!((rej.opcode(), rej.0[2]), (op::REJECT, 0x05));
     assert_eq!(data[0] & 0x3f, 0x1f);
-    // Data-Out for a task that does not exist: ignored.
+    // Data-Out for a task that never was: Reject, "invalid PDU field" (it was ignored).
     let mut d = Bhs::new(op::DATA_OUT, 0x80);
     d.set_u32(16, 0xdead).set_u32(20, 0xffff_ffff);
     i.send(&d, &[0xee; 512]);
+    let (rej, data) = i.recv().expect("a Reject");
+    assert_eq!((rej.opcode(), rej.0[2]), (op::REJECT, 0x09));
+    assert_eq!(u32::from_be_bytes(data[16..20].try_into().unwrap()), 0xdead);
     // Immediate data longer than the expected transfer: Reject, nothing written.
     let mut cdb = [0u8; 10];
     cdb[0] = 0x2a;
@@ -393,27 +396,27 @@ fn writes_waiting_for_data_are_bounded_with_task_set_full() {
     let r = replicas(dir.path(), 1);
     let t = start_target(&[&r[0]], &[]).unwrap();
     let mut i = Initiator::login(&t.addr, IQN, None).unwrap();
-    // WRITE(10) of 16 MiB each, whose data never comes: the target asks for it (R2T)
-    // and keeps a buffer for each, up to its bound of 64 MiB.
+    // WRITE(10) of 8 MiB each (the largest transfer), whose data never comes: the
+    // target asks for it (R2T) and keeps a buffer for each, up to its bound of 64 MiB.
     let mut cdb = [0u8; 10];
     cdb[0] = 0x2a;
-    cdb[7..9].copy_from_slice(&32768u16.to_be_bytes());
+    cdb[7..9].copy_from_slice(&16384u16.to_be_bytes());
     let mut itts = Vec::new();
-    for _ in 0..5 {
-        let b = i.command_pdu(&cdb, 16 << 20, false, true);
+    for _ in 0..9 {
+        let b = i.command_pdu(&cdb, 8 << 20, false, true);
         itts.push(b.itt());
         i.send(&b, &[]);
     }
-    let fifth = itts[4];
+    let ninth = itts[8];
     loop {
         let (p, _) = i.recv().expect("the target answers");
         if p.opcode() == op::R2T {
-            assert!(itts[..4].contains(&p.itt()), "R2Ts only for the first four");
+            assert!(itts[..8].contains(&p.itt()), "R2Ts only for the first eight");
             continue;
         }
         assert_eq!(
             (p.opcode(), p.itt(), p.0[3]),
-            (op::SCSI_RESP, fifth, 0x28),
+            (op::SCSI_RESP, ninth, 0x28),
             "TASK SET FULL"
         );
         break;
