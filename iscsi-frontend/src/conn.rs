@@ -79,11 +79,27 @@ pub fn serve(target: Arc<Target>, mut sock: TcpStream, busy: bool) -> Result<()>
         let step = login.step(&req, &data, target.new_tsih());
         let mut bhs = step.bhs;
         seq.stamp(&mut bhs, true);
+        let peer = sock.peer_addr().ok().map(|a| a.ip());
+        if let (Outcome::Failed, Some(ip)) = (&step.outcome, peer) {
+            if (bhs.0[36], bhs.0[37]) == crate::login::status::AUTH_FAILED {
+                // Guesses from one address are answered ever more slowly.
+                let delay = target.auth_failed(ip);
+                if !delay.is_zero() {
+                    tracing::warn!(%ip, ?delay, "repeated failed CHAP logins; answering late");
+                    std::thread::sleep(delay);
+                }
+            }
+        }
         write_pdu(&mut sock, &bhs, &step.data, Digests::default())?;
         match step.outcome {
             Outcome::Continue => {}
             Outcome::Failed => return Ok(()),
-            Outcome::Complete(n) => break *n,
+            Outcome::Complete(n) => {
+                if let Some(ip) = peer {
+                    target.auth_succeeded(ip);
+                }
+                break *n;
+            }
         }
     };
     sock.set_read_timeout(None)?;

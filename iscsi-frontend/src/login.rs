@@ -33,6 +33,9 @@ pub struct Auth {
     pub chap: Option<ChapSecret>,
     /// The target proves this one to initiators that ask (mutual CHAP); only with `chap`.
     pub mutual: Option<ChapSecret>,
+    /// Discovery sessions must authenticate too (with `chap`); otherwise anyone may
+    /// list the target.
+    pub discovery: bool,
 }
 
 /// The target as login sees it.
@@ -347,7 +350,7 @@ impl Login {
                     let wants_chap = self.target.auth.chap.is_some();
                     let normal = self.session_type != Some(SessionType::Discovery);
                     let offered: Vec<&str> = v.split(',').collect();
-                    let chosen = if wants_chap && normal {
+                    let chosen = if wants_chap && (normal || self.target.auth.discovery) {
                         offered.contains(&"CHAP").then_some("CHAP")
                     } else {
                         offered.contains(&"None").then_some("None")
@@ -387,7 +390,8 @@ impl Login {
             }
         }
         // CHAP must be finished before leaving the security stage.
-        let auth_needed = session_type == SessionType::Normal && self.target.auth.chap.is_some();
+        let auth_needed = (session_type == SessionType::Normal || self.target.auth.discovery)
+            && self.target.auth.chap.is_some();
         let mut go = transit;
         if self.stage == OPERATIONAL && auth_needed && self.chap != ChapState::Done {
             return self.fail(req, status::AUTH_FAILED, "the target requires CHAP");
@@ -463,7 +467,11 @@ impl Login {
                 let name = get("CHAP_N").ok_or("expected CHAP_N")?;
                 let resp = get("CHAP_R").and_then(binary).ok_or("expected CHAP_R")?;
                 let want = chap_response(id, secret.secret.as_bytes(), &challenge);
-                if name != secret.user || resp != want {
+                // Both checked, the response in constant time: how long the check takes
+                // tells nothing of how much of a guess was right.
+                let name_ok = name == secret.user;
+                let resp_ok = equal_in_constant_time(&resp, &want);
+                if !(name_ok & resp_ok) {
                     return Err(format!("wrong CHAP name or secret from {name:?}"));
                 }
                 match (get("CHAP_I"), get("CHAP_C")) {
@@ -496,8 +504,27 @@ impl Login {
     }
 }
 
+/// Are `a` and `b` equal? Every byte is compared, whatever the first difference.
+fn equal_in_constant_time(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    let diff = a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y));
+    std::hint::black_box(diff) == 0
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn constant_time_equality_is_equality() {
+        use super::equal_in_constant_time as eq;
+        assert!(eq(b"", b""));
+        assert!(eq(&[1, 2, 3], &[1, 2, 3]));
+        assert!(!eq(&[1, 2, 3], &[1, 2, 4]));
+        assert!(!eq(&[1, 2, 3], &[0, 2, 3]));
+        assert!(!eq(&[1, 2], &[1, 2, 3]));
+    }
+
     use super::*;
 
     fn target(auth: Auth) -> TargetInfo {
@@ -552,6 +579,7 @@ mod tests {
 
     fn chap_login(secret: &str, mutual: bool) -> Outcome {
         let auth = Auth {
+            discovery: false,
             chap: Some(ChapSecret {
                 user: "u".into(),
                 secret: "twelve-bytes".into(),
@@ -601,6 +629,7 @@ mod tests {
     #[test]
     fn chap_cannot_be_skipped() {
         let auth = Auth {
+            discovery: false,
             chap: Some(ChapSecret {
                 user: "u".into(),
                 secret: "twelve-bytes".into(),
@@ -652,6 +681,7 @@ mod tests {
                 (proptest::array::uniform32(proptest::num::u8::ANY),
                  proptest::collection::vec(proptest::num::u8::ANY, 0..200)), 1..5)) {
             let mut l = Login::new(target(Auth {
+                discovery: false,
                 chap: Some(ChapSecret { user: "u".into(), secret: "twelve-bytes".into() }),
                 mutual: None,
             }));

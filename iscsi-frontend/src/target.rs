@@ -2,7 +2,7 @@
 //! (the listener that accepts them is `listener.rs`).
 
 use std::collections::HashMap;
-use std::net::TcpStream;
+use std::net::{IpAddr, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -99,7 +99,18 @@ pub struct Target {
     pub max_connections: usize,
     /// Set by [`Target::stop`]: new connections are refused.
     pub(crate) stopping: AtomicBool,
+    /// Failed CHAP logins by initiator address: how many in a row, and the last one.
+    auth_failures: Mutex<HashMap<IpAddr, (u32, Instant)>>,
 }
+
+/// Failed CHAP logins from one address forgiven before the answers slow down.
+const FREE_AUTH_FAILURES: u32 = 2;
+/// The slowest answer to a failed CHAP login.
+const MAX_AUTH_DELAY: Duration = Duration::from_secs(8);
+/// A run of failures is forgotten after this long without one.
+const AUTH_FAILURES_KEPT: Duration = Duration::from_secs(600);
+/// Addresses whose failures are remembered at once.
+const AUTH_FAILURE_ADDRESSES: usize = 4096;
 
 impl Target {
     /// A target named `iqn` serving `engine`'s volume.
@@ -126,7 +137,44 @@ impl Target {
             next_conn: AtomicU64::new(0),
             max_connections: DEFAULT_MAX_CONNECTIONS,
             stopping: AtomicBool::new(false),
+            auth_failures: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// A CHAP login from `ip` failed: how long to wait before answering it. The first
+    /// [`FREE_AUTH_FAILURES`] in a row cost nothing; each after doubles the wait, from
+    /// 250 ms up to [`MAX_AUTH_DELAY`], so guessing a secret is slow.
+    pub fn auth_failed(&self, ip: IpAddr) -> Duration {
+        let mut failures = self.auth_failures.lock().unwrap();
+        let now = Instant::now();
+        if failures.len() >= AUTH_FAILURE_ADDRESSES && !failures.contains_key(&ip) {
+            failures.retain(|_, (_, last)| now.duration_since(*last) < AUTH_FAILURES_KEPT);
+            if failures.len() >= AUTH_FAILURE_ADDRESSES {
+                // Still full: forget the address failing longest ago.
+                if let Some(oldest) = failures
+                    .iter()
+                    .min_by_key(|(_, (_, last))| *last)
+                    .map(|(ip, _)| *ip)
+                {
+                    failures.remove(&oldest);
+                }
+            }
+        }
+        let entry = failures.entry(ip).or_insert((0, now));
+        if now.duration_since(entry.1) >= AUTH_FAILURES_KEPT {
+            entry.0 = 0;
+        }
+        entry.0 += 1;
+        entry.1 = now;
+        match entry.0.checked_sub(FREE_AUTH_FAILURES + 1) {
+            None => Duration::ZERO,
+            Some(n) => (Duration::from_millis(250) * 2u32.saturating_pow(n.min(16))).min(MAX_AUTH_DELAY),
+        }
+    }
+
+    /// A login from `ip` succeeded: its failures are forgotten.
+    pub fn auth_succeeded(&self, ip: IpAddr) {
+        self.auth_failures.lock().unwrap().remove(&ip);
     }
 
     /// The same target, serving at most `n` connections at once.

@@ -723,3 +723,61 @@ fn transfers_past_the_advertised_maximum_are_invalid_fields_in_the_cdb() {
     let read = i.command(&cdb16(0x88, max_blocks), &[], max_blocks * 512);
     assert_eq!((read.status, read.data.len()), (0, 8 << 20));
 }
+
+/// CHAP against guessing: after two failed logins in a row from one address, each
+/// failure is answered later (250 ms, 500 ms, ... up to 8 s); a good login clears the
+/// count. With `--discovery-auth`, a discovery session must authenticate too (without
+/// it, anyone may list the target).
+#[test]
+fn chap_guesses_are_answered_ever_later_and_discovery_can_require_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = replicas(dir.path(), 1);
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, "initiator-secret-1").unwrap();
+    let t = start_target(
+        &[&r[0]],
+        &[
+            "--chap-user",
+            "alice",
+            "--chap-secret-file",
+            secret.to_str().unwrap(),
+            "--discovery-auth",
+        ],
+    )
+    .unwrap();
+    let chap = |secret| {
+        Some(Chap {
+            user: "alice",
+            secret,
+            mutual: None,
+        })
+    };
+    let mut took = Vec::new();
+    for _ in 0..5 {
+        let at = std::time::Instant::now();
+        assert_eq!(
+            Initiator::login(&t.addr, IQN, chap("a-wrong-guess-00")).err(),
+            Some((2, 1))
+        );
+        took.push(at.elapsed());
+    }
+    println!("five wrong CHAP logins answered after {took:?}");
+    assert!(
+        took[0] < Duration::from_millis(200) && took[1] < Duration::from_millis(200),
+        "{took:?}"
+    );
+    assert!(took[2] >= Duration::from_millis(250), "{took:?}");
+    assert!(took[4] >= Duration::from_millis(1000), "{took:?}");
+    // The right secret still logs in (after its own wait is served); then the count
+    // starts over.
+    Initiator::login(&t.addr, IQN, chap("initiator-secret-1")).unwrap();
+    let at = std::time::Instant::now();
+    assert_eq!(
+        Initiator::login(&t.addr, IQN, chap("a-wrong-guess-00")).err(),
+        Some((2, 1))
+    );
+    assert!(at.elapsed() < Duration::from_millis(200), "{:?}", at.elapsed());
+    // Discovery: refused without CHAP, taken with it.
+    assert_eq!(Initiator::login_discovery(&t.addr, None).err(), Some((2, 1)));
+    Initiator::login_discovery(&t.addr, chap("initiator-secret-1")).unwrap();
+}

@@ -154,6 +154,10 @@ enum Command {
         /// ...with the secret in this file.
         #[arg(long, requires = "mutual_user")]
         mutual_secret_file: Option<PathBuf>,
+        /// iscsi: discovery sessions must log in with CHAP too (by default anyone
+        /// may list the target).
+        #[arg(long, requires = "chap_user")]
+        discovery_auth: bool,
     },
 }
 
@@ -235,6 +239,7 @@ fn main() -> ExitCode {
             max_connections,
             chap_user,
             chap_secret_file,
+            discovery_auth,
             mutual_user,
             mutual_secret_file,
         } => {
@@ -256,6 +261,7 @@ fn main() -> ExitCode {
                         auth: horn_iscsi::login::Auth {
                             chap: secret(chap_user, chap_secret_file)?,
                             mutual: secret(mutual_user, mutual_secret_file)?,
+                            discovery: discovery_auth,
                         },
                         read_only,
                         max_connections: max_connections as usize,

@@ -166,14 +166,27 @@ impl Initiator {
 
     /// Logs in to `target`; Err((class, detail)) when refused.
     pub fn login(addr: &str, target: &str, chap: Option<Chap>) -> Result<Initiator, (u8, u8)> {
+        Self::login_to(addr, Some(target), chap)
+    }
+
+    /// Logs in to a discovery session (SendTargets), with CHAP when given.
+    pub fn login_discovery(addr: &str, chap: Option<Chap>) -> Result<Initiator, (u8, u8)> {
+        Self::login_to(addr, None, chap)
+    }
+
+    /// A normal session with `target`, or a discovery session (`None`).
+    fn login_to(addr: &str, target: Option<&str>, chap: Option<Chap>) -> Result<Initiator, (u8, u8)> {
         let mut i = Initiator::connect(addr);
         let name = ("InitiatorName", "iqn.2026-11.io.horn:test-initiator".to_string());
         let status = |r: &Bhs| (r.0[36], r.0[37]);
-        let mut keys = vec![
-            name.clone(),
-            ("SessionType", "Normal".into()),
-            ("TargetName", target.into()),
-        ];
+        let mut keys = vec![name.clone()];
+        match target {
+            Some(target) => {
+                keys.push(("SessionType", "Normal".into()));
+                keys.push(("TargetName", target.into()));
+            }
+            None => keys.push(("SessionType", "Discovery".into())),
+        }
         match &chap {
             None => {
                 keys.push(("AuthMethod", "None".into()));
@@ -219,20 +232,20 @@ impl Initiator {
                 }
             }
         }
-        let (r, _) = i.login_pdu(
-            1,
-            3,
-            true,
-            &[
-                ("HeaderDigest", "None".into()),
-                ("DataDigest", "None".into()),
-                ("ImmediateData", "Yes".into()),
+        let mut operational = vec![
+            ("HeaderDigest", "None".to_string()),
+            ("DataDigest", "None".into()),
+            ("MaxRecvDataSegmentLength", "262144".into()),
+        ];
+        if target.is_some() {
+            operational.extend([
+                ("ImmediateData", "Yes".to_string()),
                 ("InitialR2T", "No".into()),
-                ("MaxRecvDataSegmentLength", "262144".into()),
                 ("FirstBurstLength", "262144".into()),
                 ("MaxBurstLength", "1048576".into()),
-            ],
-        );
+            ]);
+        }
+        let (r, _) = i.login_pdu(1, 3, true, &operational);
         if status(&r) != (0, 0) {
             return Err(status(&r));
         }
