@@ -566,6 +566,10 @@ impl ReplicaControl for ControlService {
     }
 
     async fn read_layer(&self, req: Request<ReadLayerRequest>) -> Result<Response<LayerStream>, Status> {
+        // The stream listens where the asker reached this service, not everywhere.
+        let bind = req
+            .local_addr()
+            .map_or(std::net::IpAddr::from([127, 0, 0, 1]), |a| a.ip());
         let req = req.into_inner();
         if req.offsets.len() != req.lengths.len() {
             return Err(Status::invalid_argument("offsets and lengths differ in number"));
@@ -582,7 +586,7 @@ impl ReplicaControl for ControlService {
             )));
         }
         let ranges: Vec<(u64, u64)> = req.offsets.into_iter().zip(req.lengths).collect();
-        let (port, token) = crate::sync::serve_ranges(&path, ranges).map_err(to_status)?;
+        let (port, token) = crate::sync::serve_ranges(bind, &path, ranges).map_err(to_status)?;
         Ok(Response::new(LayerStream {
             port: port as u32,
             token: token.to_vec(),

@@ -49,15 +49,19 @@ pub use crate::sync_plan::{
 
 /// How long a source waits for the asker to connect to a layer stream.
 const STREAM_ACCEPT: std::time::Duration = std::time::Duration::from_secs(10);
+/// How long a connection to a layer stream has to present its token.
+const TOKEN_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// Source side of a layer stream: listens on a port of its own, and on a thread sends
-/// `ranges` of the file at `path` (sendfile: page cache to socket, no copy through
-/// user space) to the first connection that presents the token. Returns the port and
-/// the token.
-pub fn serve_ranges(path: &Path, ranges: Vec<(u64, u64)>) -> Result<(u16, [u8; 16])> {
+/// Source side of a layer stream: listens on a port of its own at `bind` (the address
+/// the asker reached the control service on), and on a thread sends `ranges` of the
+/// file at `path` (sendfile: page cache to socket, no copy through user space) to the
+/// first connection that presents the token. A connection without it (a stray, a port
+/// scan) is dropped and the stream waits on for the real one. Returns the port and the
+/// token.
+pub fn serve_ranges(bind: std::net::IpAddr, path: &Path, ranges: Vec<(u64, u64)>) -> Result<(u16, [u8; 16])> {
     let file = File::open(path).map_err(|e| ReplicaError::io("open", path, e))?;
     let listener =
-        std::net::TcpListener::bind("0.0.0.0:0").map_err(|e| ReplicaError::io("listen for", path, e))?;
+        std::net::TcpListener::bind((bind, 0)).map_err(|e| ReplicaError::io("listen for", path, e))?;
     let port = listener
         .local_addr()
         .map_err(|e| ReplicaError::io("listen for", path, e))?
@@ -92,23 +96,28 @@ fn send_ranges(
     let deadline = std::time::Instant::now() + STREAM_ACCEPT;
     let mut conn = loop {
         match listener.accept() {
-            Ok((c, _)) => break c,
+            Ok((mut c, peer)) => {
+                c.set_nonblocking(false)?;
+                c.set_read_timeout(Some(TOKEN_WAIT))?;
+                let mut given = [0u8; 16];
+                match c.read_exact(&mut given) {
+                    Ok(()) if &given == token => break c,
+                    _ => tracing::warn!(%peer, "a connection to a layer stream without its token; dropped"),
+                }
+            }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && std::time::Instant::now() < deadline => {
                 std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "no connection presented the stream's token in time",
+                ));
             }
             Err(e) => return Err(e),
         }
     };
-    conn.set_nonblocking(false)?;
     conn.set_read_timeout(Some(STREAM_ACCEPT))?;
-    let mut given = [0u8; 16];
-    conn.read_exact(&mut given)?;
-    if &given != token {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::PermissionDenied,
-            "wrong token",
-        ));
-    }
     for &(offset, len) in ranges {
         let mut off = offset as libc::off_t;
         let end = offset + len;
@@ -346,4 +355,36 @@ pub fn pull(handle: &ServerHandle, source: &str, state: &SyncState) -> Result<Sy
     }
     crate::meta::sync_dir(&dir)?;
     Ok(plan)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+
+    use super::*;
+
+    /// Strays that connect first (one says nothing, one sends a wrong token) are
+    /// dropped, and the stream goes to the connection with the token. Before, the first
+    /// connection took the stream, and a wrong token ended the rebuild.
+    #[test]
+    fn a_layer_stream_goes_to_the_token_not_to_whoever_connects_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("layer");
+        let data: Vec<u8> = (0..64 * 1024u32).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&path, &data).unwrap();
+        let localhost = std::net::IpAddr::from([127, 0, 0, 1]);
+        let (port, token) = serve_ranges(localhost, &path, vec![(4096, 8192), (0, 100)]).unwrap();
+        let silent = TcpStream::connect((localhost, port)).unwrap();
+        let mut wrong = TcpStream::connect((localhost, port)).unwrap();
+        wrong.write_all(&[0u8; 16]).unwrap();
+        let mut real = TcpStream::connect((localhost, port)).unwrap();
+        real.write_all(&token).unwrap();
+        let mut got = Vec::new();
+        real.read_to_end(&mut got).unwrap();
+        let mut want = data[4096..4096 + 8192].to_vec();
+        want.extend_from_slice(&data[..100]);
+        assert!(got == want, "the stream sent {} bytes, not the ranges", got.len());
+        drop(silent);
+    }
 }
