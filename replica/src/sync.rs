@@ -94,7 +94,7 @@ fn send_ranges(
     use std::io::Read;
     listener.set_nonblocking(true)?;
     let deadline = std::time::Instant::now() + STREAM_ACCEPT;
-    let mut conn = loop {
+    let conn = loop {
         match listener.accept() {
             Ok((mut c, peer)) => {
                 c.set_nonblocking(false)?;
