@@ -10,6 +10,8 @@ use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 
 use horn_engine::frontend::QueueVolume;
@@ -17,13 +19,44 @@ use horn_uring::IoBuf;
 
 use crate::outbox::Outbox;
 use crate::pdu::{op, reject, Bhs, RESERVED_TAG};
-use crate::scsi::{self, Command, Lun, Nexus, Response};
+use crate::scsi::{self, Command, Lun, LunInfo, Nexus, Response};
 use crate::text::Params;
 
 /// Largest expected data transfer accepted for one command.
 const MAX_TRANSFER: u32 = scsi::MAX_TRANSFER;
 /// Most bytes of write buffers a connection keeps for data still to come.
 const MAX_WAITING_DATA: usize = 64 << 20;
+/// Most bytes of such buffers all the LUN's connections keep together.
+const MAX_WAITING_DATA_TOTAL: usize = 256 << 20;
+
+/// A share of the LUN's budget for write data still to come, given back when dropped
+/// (the write has its data, or ended).
+struct Reserved {
+    info: Arc<LunInfo>,
+    bytes: usize,
+}
+
+impl Reserved {
+    /// `bytes` of the budget, if they fit under its cap.
+    fn take(info: &Arc<LunInfo>, bytes: usize) -> Option<Reserved> {
+        info.waiting_data
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |held| {
+                held.checked_add(bytes)
+                    .filter(|&total| total <= MAX_WAITING_DATA_TOTAL)
+            })
+            .ok()
+            .map(|_| Reserved {
+                info: info.clone(),
+                bytes,
+            })
+    }
+}
+
+impl Drop for Reserved {
+    fn drop(&mut self) {
+        self.info.waiting_data.fetch_sub(self.bytes, Ordering::SeqCst);
+    }
+}
 
 /// A write waiting for its data.
 struct Transfer {
@@ -41,6 +74,8 @@ struct Transfer {
     unsolicited_end: usize,
     /// DataSN expected next (from 0 in each sequence).
     data_sn: u32,
+    /// Its share of the LUN's budget for waiting data (none when it waits for nothing).
+    _reserved: Option<Reserved>,
 }
 
 /// A command running on the LUN.
@@ -146,15 +181,20 @@ impl Tasks {
                 );
                 return;
             }
-            // Writes waiting for their data hold buffers: past a bound, new ones are
-            // turned away with TASK SET FULL, so an initiator cannot make the target
-            // allocate without limit. (A write whose data all came with it waits for
-            // nothing, and is not counted.)
+            // Writes waiting for their data hold buffers: past a bound per connection,
+            // or past the LUN's across connections, new ones are turned away with TASK
+            // SET FULL, so initiators cannot make the target allocate without limit. (A
+            // write whose data all came with it waits for nothing, and is not counted.)
             let waits = data.len() < edtl as usize;
-            if waits
+            let over_connection = waits
                 && self.transfers.values().map(|t| t.buf.len()).sum::<usize>() + edtl as usize
-                    > MAX_WAITING_DATA
-            {
+                    > MAX_WAITING_DATA;
+            let reserved = if waits && !over_connection {
+                Reserved::take(&self.lun.info, edtl as usize)
+            } else {
+                None
+            };
+            if waits && reserved.is_none() {
                 out.respond(
                     params,
                     itt,
@@ -184,6 +224,7 @@ impl Tasks {
                 ttt,
                 unsolicited_end,
                 data_sn: 0,
+                _reserved: reserved,
             };
             if t.received == edtl as usize {
                 self.start(itt, edtl, cdb, Some(t.buf));

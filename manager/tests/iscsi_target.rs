@@ -423,6 +423,58 @@ fn writes_waiting_for_data_are_bounded_with_task_set_full() {
     }
 }
 
+/// Across connections too: four sessions hold 64 MiB of waiting writes each, the
+/// LUN's budget of 256 MiB; a fifth session's first waiting write gets TASK SET FULL
+/// (before, each connection had its own 64 MiB and nothing bounded them together), and
+/// once a session ends its share is free again.
+#[test]
+fn waiting_write_data_is_bounded_across_connections() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = replicas(dir.path(), 1);
+    let t = start_target(&[&r[0]], &[]).unwrap();
+    let mut cdb = [0u8; 10];
+    cdb[0] = 0x2a;
+    cdb[7..9].copy_from_slice(&16384u16.to_be_bytes());
+    // Sends `n` 8 MiB writes whose data never comes; how many the target asked data for.
+    let hold = |i: &mut Initiator, n: usize| -> usize {
+        let mut itts = Vec::new();
+        for _ in 0..n {
+            let b = i.command_pdu(&cdb, 8 << 20, false, true);
+            itts.push(b.itt());
+            i.send(&b, &[]);
+        }
+        let (mut asked, mut answered) = (std::collections::BTreeSet::new(), 0);
+        while asked.len() + answered < n {
+            let (p, _) = i.recv().expect("the target answers");
+            if p.opcode() == op::R2T {
+                asked.insert(p.itt());
+            } else {
+                assert_eq!((p.opcode(), p.0[3]), (op::SCSI_RESP, 0x28), "TASK SET FULL");
+                answered += 1;
+            }
+        }
+        asked.len()
+    };
+    let mut sessions: Vec<Initiator> = (0..4)
+        .map(|_| Initiator::login(&t.addr, IQN, None).unwrap())
+        .collect();
+    for s in &mut sessions {
+        assert_eq!(hold(s, 8), 8, "within a session's 64 MiB and the LUN's 256 MiB");
+    }
+    let mut fifth = Initiator::login(&t.addr, IQN, None).unwrap();
+    assert_eq!(hold(&mut fifth, 1), 0, "the LUN's budget is spent");
+    // A session ends: its writes, and their share, go.
+    sessions.pop().unwrap().logout();
+    let since = std::time::Instant::now();
+    while hold(&mut fifth, 1) == 0 {
+        assert!(
+            since.elapsed() < Duration::from_secs(10),
+            "the ended session's share never came back"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// COMPARE AND WRITE(16) of one block at `lba`: `expect` must be there for `new` to
 /// replace it.
 fn compare_and_write(i: &mut Initiator, lba: u64, expect: &[u8], new: &[u8]) -> common::iscsi::Reply {

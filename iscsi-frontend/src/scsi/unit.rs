@@ -33,6 +33,9 @@ pub struct LunInfo {
     pub attention: AtomicBool,
     /// Block ranges being written, from every session.
     pub writing: WriteRanges,
+    /// Bytes of buffers that writes of every session hold while they wait for their
+    /// data (the transport's budget across connections).
+    pub waiting_data: std::sync::atomic::AtomicUsize,
 }
 
 /// A nexus logged in to the LUN.
@@ -64,6 +67,7 @@ impl LunInfo {
             nexuses: Mutex::new(Vec::new()),
             attention: AtomicBool::new(false),
             writing: WriteRanges::default(),
+            waiting_data: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 
