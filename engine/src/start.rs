@@ -281,18 +281,8 @@ fn claim(
     loop {
         let sent = lease::now_ns();
         let request = request.clone();
-        let answer = runtime.block_on(async {
-            let work = async {
-                let mut c = client::connect(&r.control, engine_id, client::Deadline::Call(timeout))
-                    .await
-                    .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
-                c.claim(request).await.map(|i| i.into_inner())
-            };
-            tokio::time::timeout(timeout, work).await.unwrap_or_else(|_| {
-                Err(tonic::Status::deadline_exceeded(format!(
-                    "no answer within {timeout:?}"
-                )))
-            })
+        let answer = call_status(runtime, timeout, (&r.control, engine_id), |mut c| async move {
+            c.claim(request).await.map(|i| i.into_inner())
         });
         let status = match answer {
             Ok(info) => return Ok((info, sent)),
@@ -331,13 +321,28 @@ fn claim(
 }
 
 /// One control call to the replica at `control` as engine `engine`, connect
-/// included, within `timeout`.
+/// included, within `timeout`; a refusal as its message.
 fn call<T, F, Fut>(
+    runtime: &tokio::runtime::Runtime,
+    timeout: Duration,
+    replica: (&str, &str),
+    f: F,
+) -> std::result::Result<T, String>
+where
+    F: FnOnce(ControlClient) -> Fut,
+    Fut: std::future::Future<Output = std::result::Result<T, tonic::Status>>,
+{
+    call_status(runtime, timeout, replica, f).map_err(|s| s.message().to_string())
+}
+
+/// [`call`], with a refusal as the replica's whole status (its code and metadata, as
+/// a claim refused for a running lease carries the time left).
+fn call_status<T, F, Fut>(
     runtime: &tokio::runtime::Runtime,
     timeout: Duration,
     (control, engine): (&str, &str),
     f: F,
-) -> std::result::Result<T, String>
+) -> std::result::Result<T, tonic::Status>
 where
     F: FnOnce(ControlClient) -> Fut,
     Fut: std::future::Future<Output = std::result::Result<T, tonic::Status>>,
@@ -346,13 +351,14 @@ where
         let work = async {
             let c = client::connect(control, engine, client::Deadline::Call(timeout))
                 .await
-                .map_err(|e| e.to_string())?;
-            f(c).await.map_err(|s| s.message().to_string())
+                .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+            f(c).await
         };
-        match tokio::time::timeout(timeout, work).await {
-            Ok(r) => r,
-            Err(_) => Err(format!("no answer within {timeout:?}")),
-        }
+        tokio::time::timeout(timeout, work).await.unwrap_or_else(|_| {
+            Err(tonic::Status::deadline_exceeded(format!(
+                "no answer within {timeout:?}"
+            )))
+        })
     })
 }
 

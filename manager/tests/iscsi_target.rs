@@ -465,14 +465,11 @@ fn waiting_write_data_is_bounded_across_connections() {
     assert_eq!(hold(&mut fifth, 1), 0, "the LUN's budget is spent");
     // A session ends: its writes, and their share, go.
     sessions.pop().unwrap().logout();
-    let since = std::time::Instant::now();
-    while hold(&mut fifth, 1) == 0 {
-        assert!(
-            since.elapsed() < Duration::from_secs(10),
-            "the ended session's share never came back"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    common::eventually(
+        Duration::from_secs(10),
+        "the ended session's share never came back",
+        || hold(&mut fifth, 1) > 0,
+    );
 }
 
 /// COMPARE AND WRITE(16) of one block at `lba`: `expect` must be there for `new` to
@@ -668,20 +665,17 @@ fn logins_past_the_connection_limit_are_refused_out_of_resources() {
     );
     a.logout();
     drop(a);
-    let since = std::time::Instant::now();
-    loop {
-        match Initiator::login(&t.addr, IQN, None) {
-            Ok(_) => break,
+    common::eventually(
+        Duration::from_secs(10),
+        "the ended session's slot never freed",
+        || match Initiator::login(&t.addr, IQN, None) {
+            Ok(_) => true,
             Err(e) => {
                 assert_eq!(e, (3, 2));
-                assert!(
-                    since.elapsed() < Duration::from_secs(10),
-                    "the ended session's slot never freed"
-                );
-                std::thread::sleep(Duration::from_millis(50));
+                false
             }
-        }
-    }
+        },
+    );
 }
 
 /// With the process out of descriptors, accepts fail; the listener logs, waits and

@@ -250,3 +250,13 @@ pub fn skip(test: &str, reason: &str) {
         }
     }
 }
+
+/// Polls `done` every 50 ms until it holds; fails the test with `what` if it has not
+/// within `within`.
+pub fn eventually(within: Duration, what: &str, mut done: impl FnMut() -> bool) {
+    let since = std::time::Instant::now();
+    while !done() {
+        assert!(since.elapsed() < within, "{what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
