@@ -607,6 +607,10 @@ fn a_stopped_engine_deposed_meanwhile_serves_no_stale_read_when_it_goes_on() {
     println!("the deposed engine's read: status {}", back.status);
     let log = std::fs::read_to_string(&t.log).unwrap_or_default();
     assert!(log.contains("deposed"), "{log}");
+    // Every write the newer engine acknowledged reads back, and its replicas agree.
+    let mut back = vec![0u8; new.len()];
+    newer.read_at(0, &mut back).unwrap();
+    assert!(back == new, "the newer engine's acknowledged write was lost");
     let report = newer.verify(|_, _| {}).unwrap();
     assert!(report.differences.is_empty(), "{report:?}");
     newer.close().unwrap();
