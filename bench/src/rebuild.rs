@@ -55,18 +55,16 @@ pub struct RebuildArgs {
 
 const TIMEOUT: Duration = Duration::from_secs(30);
 
-fn wait_rebuild(v: &Volume, data: &str) -> Result<RebuildStatus> {
+fn wait_rebuild(v: &Volume, id: u64) -> Result<RebuildStatus> {
     loop {
         let s = v
             .engine()
-            .rebuilds()
-            .into_iter()
-            .find(|r| r.replica == data)
+            .rebuild(id)
             .context("the engine lists no rebuild of the replica it just added")?;
         match &s.state {
             RebuildState::Syncing => std::thread::sleep(Duration::from_millis(10)),
             RebuildState::Done => return Ok(s),
-            RebuildState::Failed(why) => bail!("the rebuild of {data} failed: {why}"),
+            RebuildState::Failed(why) => bail!("the rebuild of {} failed: {why}", s.replica),
         }
     }
 }
@@ -181,8 +179,8 @@ pub fn run(args: RebuildArgs) -> Result<()> {
         // SAFETY: sync takes no arguments; it starts each measurement with no dirty
         // pages left by the one before.
         unsafe { libc::sync() };
-        add_replica(&mut v, fresh.addr.clone())?;
-        let full = wait_rebuild(&v, &fresh.addr.data)?;
+        let rebuild = add_replica(&mut v, fresh.addr.clone())?;
+        let full = wait_rebuild(&v, rebuild)?;
         runs.push(round2(full.rate() / (1 << 20) as f64));
         if best.as_ref().is_none_or(|s| full.rate() > s.rate()) {
             best = Some(full);
@@ -248,8 +246,8 @@ pub fn run(args: RebuildArgs) -> Result<()> {
     for c in out.drain(..) {
         c.result?;
     }
-    add_replica(&mut v, b.addr.clone())?;
-    let delta = wait_rebuild(&v, &b.addr.data)?;
+    let rebuild = add_replica(&mut v, b.addr.clone())?;
+    let delta = wait_rebuild(&v, rebuild)?;
     let r = json!({
         "part": "delta",
         "size_bytes": size,
@@ -274,8 +272,8 @@ pub fn run(args: RebuildArgs) -> Result<()> {
     std::thread::sleep(Duration::from_secs(args.load_seconds));
     let before = (done.load(Ordering::Relaxed) - n0) as f64 / t0.elapsed().as_secs_f64();
     let (n1, t1) = (done.load(Ordering::Relaxed), Instant::now());
-    add_replica(&mut v, c.addr.clone())?;
-    let loaded = wait_rebuild(&v, &c.addr.data)?;
+    let rebuild = add_replica(&mut v, c.addr.clone())?;
+    let loaded = wait_rebuild(&v, rebuild)?;
     let during = (done.load(Ordering::Relaxed) - n1) as f64 / t1.elapsed().as_secs_f64();
     stop.store(true, Ordering::Relaxed);
     writer.join().expect("the writer thread")?;

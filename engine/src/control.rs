@@ -10,9 +10,9 @@ use std::time::{Duration, Instant};
 use horn_proto::control::InfoReply;
 use horn_proto::engine_control::engine_control_server::EngineControl;
 use horn_proto::engine_control::{
-    AddReplicaRequest, Difference, EngineDeleteRequest, EngineExpandRequest, EngineInfo, EngineInfoRequest,
-    EnginePurgeRequest, EngineRevertRequest, EngineSnapshotRequest, ListSnapshotsRequest, RebuildStatus,
-    ReplicaStatus, Snapshot, SnapshotList, VerifyReply, VerifyRequest,
+    AddReplicaReply, AddReplicaRequest, Difference, EngineDeleteRequest, EngineExpandRequest, EngineInfo,
+    EngineInfoRequest, EnginePurgeRequest, EngineRevertRequest, EngineSnapshotRequest, ListSnapshotsRequest,
+    RebuildStatus, ReplicaStatus, Snapshot, SnapshotList, VerifyReply, VerifyRequest,
 };
 use tonic::{Request, Response, Status};
 
@@ -119,19 +119,7 @@ fn engine_info(v: &Volume) -> EngineInfo {
         size: v.size(),
         sector_size: v.sector_size(),
         generation: v.generation(),
-        replicas: v
-            .replicas()
-            .into_iter()
-            .map(|(address, mode)| ReplicaStatus {
-                address,
-                mode: match mode {
-                    Mode::Rw => "RW",
-                    Mode::Wo => "WO",
-                    Mode::Err => "ERR",
-                }
-                .into(),
-            })
-            .collect(),
+        replicas: replica_rows(v.replicas(), v.engine().failure_reasons()),
         skipped: v.skipped().iter().map(|(r, why)| format!("{r}: {why}")).collect(),
         faulted: v.engine().faulted().unwrap_or_default(),
         read_lease_left_ms: v.engine().read_lease_left().as_millis() as u64,
@@ -146,6 +134,7 @@ fn engine_info(v: &Volume) -> EngineInfo {
                     RebuildState::Failed(why) => ("failed", why.clone()),
                 };
                 RebuildStatus {
+                    id: r.id,
                     replica: r.replica.clone(),
                     source: r.source.clone(),
                     state: state.into(),
@@ -160,6 +149,32 @@ fn engine_info(v: &Volume) -> EngineInfo {
             })
             .collect(),
     }
+}
+
+/// One row per replica the engine has held, in its order. A replica re-added at an
+/// address (after it failed) gets a new row; the earlier ones are marked superseded,
+/// so a listing can show each replica once and its history on request.
+fn replica_rows(modes: Vec<(String, Mode)>, failures: Vec<Option<String>>) -> Vec<ReplicaStatus> {
+    let mut rows: Vec<ReplicaStatus> = modes
+        .into_iter()
+        .enumerate()
+        .map(|(i, (address, mode))| ReplicaStatus {
+            address,
+            mode: match mode {
+                Mode::Rw => "RW",
+                Mode::Wo => "WO",
+                Mode::Err => "ERR",
+            }
+            .into(),
+            failure: failures.get(i).cloned().flatten().unwrap_or_default(),
+            superseded: false,
+        })
+        .collect();
+    for i in 0..rows.len() {
+        let later = rows[i + 1..].iter().any(|r| r.address == rows[i].address);
+        rows[i].superseded = later;
+    }
+    rows
 }
 
 /// How each replica's chain differs from the first one's: snapshots it lacks or has
@@ -307,15 +322,21 @@ impl EngineControl for EngineControlService {
         .await
     }
 
-    async fn add_replica(&self, req: Request<AddReplicaRequest>) -> Result<Response<EngineInfo>, Status> {
+    async fn add_replica(
+        &self,
+        req: Request<AddReplicaRequest>,
+    ) -> Result<Response<AddReplicaReply>, Status> {
         let addr: ReplicaAddr = req
             .into_inner()
             .replica
             .parse()
             .map_err(Status::invalid_argument)?;
         self.run(move |v| {
-            rebuild::add_replica(v, addr)?;
-            Ok(engine_info(v))
+            let rebuild_id = rebuild::add_replica(v, addr)?;
+            Ok(AddReplicaReply {
+                rebuild_id,
+                info: Some(engine_info(v)),
+            })
         })
         .await
     }

@@ -21,8 +21,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
-use std::collections::HashMap;
-
 use horn_proto::control::{
     DeleteSnapshotRequest, ExpandRequest, InfoReply, InfoRequest, PurgeRequest, ReleaseRequest,
     RevertRequest, SnapshotRequest,
@@ -156,10 +154,12 @@ pub struct Engine {
     runtime: tokio::runtime::Runtime,
 }
 
-/// The rebuilds of an engine (kept after they end, for `info`).
+/// The rebuilds of an engine (kept after they end, for `info`), in the order they
+/// began; each has its own id, so a replica rebuilt twice has two.
 #[derive(Debug, Default)]
 struct Rebuilds {
-    by_replica: HashMap<usize, RebuildStatus>,
+    /// The replica's index and the rebuild's status.
+    all: Vec<(usize, RebuildStatus)>,
     running: bool,
 }
 
@@ -234,8 +234,9 @@ impl Engine {
         replicas.len() - 1
     }
 
-    /// Records that a rebuild of replica `i` begins; refused while another runs.
-    pub(crate) fn begin_rebuild(&self, status: RebuildStatus, i: usize) -> Result<()> {
+    /// Records that a rebuild of replica `i` begins, and gives it its id (from 1);
+    /// refused while another runs.
+    pub(crate) fn begin_rebuild(&self, mut status: RebuildStatus, i: usize) -> Result<u64> {
         let mut r = lock(&self.rebuilds);
         if r.running {
             return Err(VolumeError::BadRequest(
@@ -243,12 +244,15 @@ impl Engine {
             ));
         }
         r.running = true;
-        r.by_replica.insert(i, status);
-        Ok(())
+        status.id = r.all.len() as u64 + 1;
+        let id = status.id;
+        r.all.push((i, status));
+        Ok(id)
     }
 
-    pub(crate) fn update_rebuild(&self, i: usize, f: impl FnOnce(&mut RebuildStatus)) {
-        if let Some(s) = lock(&self.rebuilds).by_replica.get_mut(&i) {
+    /// Changes the status of rebuild `id`.
+    pub(crate) fn update_rebuild(&self, id: u64, f: impl FnOnce(&mut RebuildStatus)) {
+        if let Some((_, s)) = lock(&self.rebuilds).all.iter_mut().find(|(_, s)| s.id == id) {
             f(s);
         }
     }
@@ -262,12 +266,18 @@ impl Engine {
         lock(&self.rebuilds).running
     }
 
-    /// Every rebuild this engine ran or runs, in replica order.
+    /// Every rebuild this engine ran or runs, in the order they began.
     pub fn rebuilds(&self) -> Vec<RebuildStatus> {
-        let r = lock(&self.rebuilds);
-        let mut v: Vec<(usize, RebuildStatus)> = r.by_replica.iter().map(|(i, s)| (*i, s.clone())).collect();
-        v.sort_by_key(|(i, _)| *i);
-        v.into_iter().map(|(_, s)| s).collect()
+        lock(&self.rebuilds).all.iter().map(|(_, s)| s.clone()).collect()
+    }
+
+    /// Rebuild `id` (see [`crate::rebuild::add_replica`]).
+    pub fn rebuild(&self, id: u64) -> Option<RebuildStatus> {
+        lock(&self.rebuilds)
+            .all
+            .iter()
+            .find(|(_, s)| s.id == id)
+            .map(|(_, s)| s.clone())
     }
 
     /// A rebuilt replica holds everything: it serves reads from now on.

@@ -15,7 +15,8 @@
 //! 4. Paused again: the new replica installs the synced layers under its head
 //!    (`FinishSync`); the blocks that partial writes touched while it lacked the layers
 //!    below are copied whole from the source; then the replica turns RW and the
-//!    rebuild snapshot is marked deleted (a purge folds it away).
+//!    rebuild snapshot is deleted and purged (folded into the head), so later
+//!    rebuilds do not read through it.
 //!
 //! Chain operations (snapshot, delete, purge, revert, expand) are refused while a
 //! rebuild runs.
@@ -37,10 +38,10 @@ use crate::{keeper, membership};
 
 /// Adds replica `addr` to the running volume and starts rebuilding it in the
 /// background; returns once it is in the set, WO, and the rebuild snapshot is
-/// taken. A replica already in the set as WO (a rebuild
+/// taken, with the rebuild's id. A replica already in the set as WO (a rebuild
 /// an engine restart cut short) is rebuilt where it stands. Follow it with
-/// [`Engine::rebuilds`].
-pub fn add_replica(volume: &mut Volume, addr: ReplicaAddr) -> Result<()> {
+/// [`Engine::rebuild`].
+pub fn add_replica(volume: &mut Volume, addr: ReplicaAddr) -> Result<u64> {
     if let Err(e) = horn_replica::SharedReplica::hosted(&addr.data) {
         return Err(VolumeError::BadRequest(e.to_string()));
     }
@@ -147,6 +148,7 @@ pub fn add_replica(volume: &mut Volume, addr: ReplicaAddr) -> Result<()> {
         }
     })?;
     let status = RebuildStatus {
+        id: 0,
         replica: addr.data.clone(),
         source: String::new(),
         state: RebuildState::Syncing,
@@ -157,11 +159,18 @@ pub fn add_replica(volume: &mut Volume, addr: ReplicaAddr) -> Result<()> {
         started: std::time::Instant::now(),
         elapsed: None,
     };
-    engine.begin_rebuild(status, joined)?;
+    let rebuild = engine.begin_rebuild(status, joined)?;
     let thread_engine = engine.clone();
-    let spawned = std::thread::Builder::new()
-        .name("rebuild".into())
-        .spawn(move || run(thread_engine, joined, snapshot));
+    let spawned = std::thread::Builder::new().name("rebuild".into()).spawn(move || {
+        run(
+            thread_engine,
+            Rebuild {
+                id: rebuild,
+                target: joined,
+            },
+            snapshot,
+        )
+    });
     if let Err(e) = spawned {
         engine.end_rebuild();
         engine.mark_failed(joined, "the rebuild thread could not start");
@@ -170,33 +179,55 @@ pub fn add_replica(volume: &mut Volume, addr: ReplicaAddr) -> Result<()> {
             source: e,
         });
     }
-    Ok(())
+    Ok(rebuild)
 }
 
-/// Runs a rebuild of replica `target` (joined, WO, snapshot taken) to its end, on
-/// the calling thread.
-fn run(engine: Arc<Engine>, target: usize, snapshot: String) {
-    let outcome = sync_and_finish(&engine, target, &snapshot);
-    engine.update_rebuild(target, |s| {
+/// A rebuild under way: its id, and the index of the replica it rebuilds.
+#[derive(Clone, Copy)]
+struct Rebuild {
+    id: u64,
+    target: usize,
+}
+
+/// Runs `rebuild` (its replica joined, WO, the snapshot taken) to its end, on the
+/// calling thread.
+fn run(engine: Arc<Engine>, rebuild: Rebuild, snapshot: String) {
+    let target = rebuild.target;
+    let outcome = sync_and_finish(&engine, rebuild);
+    let replica = engine.replicas()[target].data.clone();
+    match &outcome {
+        Ok(()) => tracing::info!(%replica, "rebuild done: the replica is RW"),
+        Err(e) => {
+            tracing::error!(%replica, error = %e, "rebuild failed");
+            engine.mark_failed(target, &format!("its rebuild failed: {e}"));
+        }
+    }
+    discard_snapshot(&engine, &snapshot);
+    engine.update_rebuild(rebuild.id, |s| {
         s.elapsed = Some(s.started.elapsed());
         match &outcome {
             Ok(()) => s.state = RebuildState::Done,
             Err(e) => s.state = RebuildState::Failed(e.to_string()),
         }
     });
-    match outcome {
-        Ok(()) => {
-            tracing::info!(replica = %engine.replicas()[target].data, "rebuild done: the replica is RW")
-        }
-        Err(e) => {
-            tracing::error!(replica = %engine.replicas()[target].data, error = %e, "rebuild failed");
-            engine.mark_failed(target, &format!("its rebuild failed: {e}"));
-        }
-    }
     engine.end_rebuild();
 }
 
-fn sync_and_finish(engine: &Arc<Engine>, target: usize, snapshot: &str) -> Result<()> {
+/// Deletes and purges the rebuild snapshot, whatever became of the rebuild, so that
+/// the next rebuild does not read through it (the purge also folds away snapshots the
+/// operator deleted).
+fn discard_snapshot(engine: &Engine, snapshot: &str) {
+    match engine
+        .run_chain_op(&ChainOp::Delete(snapshot.to_string()))
+        .and_then(|_| engine.run_chain_op(&ChainOp::Purge))
+    {
+        Ok(_) => tracing::info!(snapshot, "rebuild: the rebuild snapshot is purged"),
+        Err(e) => tracing::warn!(snapshot, error = %e, "rebuild: could not purge the rebuild snapshot"),
+    }
+}
+
+fn sync_and_finish(engine: &Arc<Engine>, rebuild: Rebuild) -> Result<()> {
+    let Rebuild { id, target } = rebuild;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -222,7 +253,7 @@ fn sync_and_finish(engine: &Arc<Engine>, target: usize, snapshot: &str) -> Resul
         };
         tried.push(s);
         let src = replicas[s].clone();
-        engine.update_rebuild(target, |st| st.source = src.data.clone());
+        engine.update_rebuild(id, |st| st.source = src.data.clone());
         tracing::info!(replica = %t.data, source = %src.data, "rebuild: syncing layers");
         let result = rt.block_on(async {
             let mut tc = connect(
@@ -244,7 +275,7 @@ fn sync_and_finish(engine: &Arc<Engine>, target: usize, snapshot: &str) -> Resul
                     _ = tokio::time::sleep(Duration::from_millis(250)) => {
                         if let Ok(i) = progress.info(InfoRequest {}).await {
                             let i = i.into_inner();
-                            engine.update_rebuild(target, |st| {
+                            engine.update_rebuild(id, |st| {
                                 st.done = i.sync_done;
                                 st.total = i.sync_total;
                                 st.copied = i.sync_copied;
@@ -256,7 +287,7 @@ fn sync_and_finish(engine: &Arc<Engine>, target: usize, snapshot: &str) -> Resul
         });
         match result {
             Ok(reply) => {
-                engine.update_rebuild(target, |st| {
+                engine.update_rebuild(id, |st| {
                     st.done = reply.bytes_total;
                     st.total = reply.bytes_total;
                     st.copied = reply.bytes_copied;
@@ -313,7 +344,7 @@ fn sync_and_finish(engine: &Arc<Engine>, target: usize, snapshot: &str) -> Resul
                 .await;
                 match copied {
                     Ok(()) => {
-                        engine.update_rebuild(target, |st| st.source = sr.data.clone());
+                        engine.update_rebuild(id, |st| st.source = sr.data.clone());
                         return Ok::<_, VolumeError>(reply.suspect_blocks.len());
                     }
                     Err(err) => {
@@ -341,7 +372,7 @@ fn sync_and_finish(engine: &Arc<Engine>, target: usize, snapshot: &str) -> Resul
     });
     let suspects = match finished {
         Ok(n) => {
-            engine.update_rebuild(target, |st| st.suspects = n as u64);
+            engine.update_rebuild(id, |st| st.suspects = n as u64);
             n
         }
         Err(e) => {
@@ -350,8 +381,5 @@ fn sync_and_finish(engine: &Arc<Engine>, target: usize, snapshot: &str) -> Resul
         }
     };
     tracing::info!(replica = %t.data, suspects, "rebuild: layers installed, the replica is RW");
-    if let Err(e) = engine.run_chain_op(&ChainOp::Delete(snapshot.to_string())) {
-        tracing::warn!(snapshot, error = %e, "rebuild: could not mark the rebuild snapshot deleted");
-    }
     v.close()
 }

@@ -215,6 +215,8 @@ pub enum RebuildState {
 /// One rebuild's progress, for `hornctl engine info` and `add-replica`.
 #[derive(Debug, Clone)]
 pub struct RebuildStatus {
+    /// This engine's number for the rebuild, from 1 in the order they began.
+    pub id: u64,
     /// The replica being rebuilt (data address).
     pub replica: String,
     /// The replica it copies from (data address).

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{Daemon, EngineDaemon};
+use common::{eventually, Daemon, EngineDaemon};
 use horn_engine::rebuild::add_replica;
 use horn_engine::replica_set::{IoKind, Mode};
 use horn_engine::{RebuildState, RebuildStatus};
@@ -38,16 +38,11 @@ fn fill(v: &mut Volume, from: u64, to: u64, tag: u8) {
     }
 }
 
-/// Waits for the rebuild of `data` to end and returns its last status.
-fn wait_rebuild(v: &Volume, data: &str) -> RebuildStatus {
+/// Waits for rebuild `id` to end and returns its last status.
+fn wait_rebuild(v: &Volume, id: u64) -> RebuildStatus {
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        let s = v
-            .engine()
-            .rebuilds()
-            .into_iter()
-            .find(|r| r.replica == data)
-            .expect("a rebuild of the replica");
+        let s = v.engine().rebuild(id).expect("the rebuild is listed");
         if s.state != RebuildState::Syncing {
             return s;
         }
@@ -162,11 +157,11 @@ fn a_replica_added_under_random_writes_is_rebuilt_online_with_its_snapshots() {
         std::thread::spawn(move || write_until(q, stop, 42))
     };
     std::thread::sleep(Duration::from_millis(200));
-    add_replica(&mut v, c.replica_addr()).unwrap();
+    let rebuild = add_replica(&mut v, c.replica_addr()).unwrap();
     // Chain operations wait for the rebuild.
     let e = v.snapshot("during").unwrap_err();
     assert!(e.to_string().contains("being rebuilt"), "{e}");
-    let status = wait_rebuild(&v, &c.addr);
+    let status = wait_rebuild(&v, rebuild);
     std::thread::sleep(Duration::from_millis(200));
     stop.store(true, Ordering::Relaxed);
     let model = writer.join().unwrap();
@@ -195,7 +190,11 @@ fn a_replica_added_under_random_writes_is_rebuilt_online_with_its_snapshots() {
     for s in ["s1", "s2"] {
         assert!(names.contains(&s.to_string()), "{names:?}");
     }
-    // The rebuild snapshot is marked deleted; chain operations work again.
+    // The rebuild snapshot is purged everywhere; chain operations work again.
+    for d in [&a, &b, &c] {
+        let names = snapshot_names(d);
+        assert!(!names.iter().any(|n| n.starts_with("rebuild-")), "{names:?}");
+    }
     v.snapshot("after").unwrap();
     v.close().unwrap();
 }
@@ -217,8 +216,8 @@ fn a_replica_that_was_away_copies_only_the_blocks_that_changed() {
         v.write_at(blk * 4096, &[9; 4096]).unwrap();
     }
     let b = Daemon::start(&tmp.path().join("b"), &[]).unwrap();
-    add_replica(&mut v, b.replica_addr()).unwrap();
-    let status = wait_rebuild(&v, &b.addr);
+    let rebuild = add_replica(&mut v, b.replica_addr()).unwrap();
+    let status = wait_rebuild(&v, rebuild);
     assert_eq!(status.state, RebuildState::Done, "{status:?}");
     assert!(
         status.copied <= changed * 4096,
@@ -279,8 +278,8 @@ fn a_replica_left_write_only_by_a_cut_rebuild_is_rebuilt_where_it_stands() {
     let (mut v, report) = Volume::start(&[a.replica_addr(), b.replica_addr()], TIMEOUT).unwrap();
     assert_eq!(v.replicas().len(), 1, "{report:?}");
     assert!(report.skipped[0].1.contains("blank"), "{report:?}");
-    add_replica(&mut v, b.replica_addr()).unwrap();
-    let status = wait_rebuild(&v, &b.addr);
+    let rebuild = add_replica(&mut v, b.replica_addr()).unwrap();
+    let status = wait_rebuild(&v, rebuild);
     assert_eq!(status.state, RebuildState::Done, "{status:?}");
     assert_eq!(v.replicas()[1].1, Mode::Rw);
     assert_identical(&mut v, 2);
@@ -297,14 +296,14 @@ fn the_source_dying_mid_rebuild_hands_over_to_another() {
     let c = replica(&tmp.path().join("c"));
     let (mut v, _) = Volume::start(&[a.replica_addr(), b.replica_addr()], TIMEOUT).unwrap();
     fill(&mut v, 0, SIZE, 5);
-    add_replica(&mut v, c.replica_addr()).unwrap();
+    let rebuild = add_replica(&mut v, c.replica_addr()).unwrap();
     // Kill the source as soon as the new replica has copied something from it.
     wait_copying(&c);
     a.signal(libc::SIGKILL);
     let _ = a.child.wait();
     // Writes go on meanwhile (and find the source gone).
     fill(&mut v, 0, 4 << 20, 6);
-    let status = wait_rebuild(&v, &c.addr);
+    let status = wait_rebuild(&v, rebuild);
     assert_eq!(status.state, RebuildState::Done, "{status:?}");
     assert_eq!(status.source, b.addr, "{status:?}");
     assert_eq!(v.replicas()[0].1, Mode::Err);
@@ -320,12 +319,12 @@ fn the_new_replica_dying_mid_rebuild_leaves_the_volume_healthy() {
     let mut c = replica(&tmp.path().join("c"));
     let (mut v, _) = Volume::start(&[a.replica_addr(), b.replica_addr()], TIMEOUT).unwrap();
     fill(&mut v, 0, SIZE, 5);
-    add_replica(&mut v, c.replica_addr()).unwrap();
+    let rebuild = add_replica(&mut v, c.replica_addr()).unwrap();
     wait_copying(&c);
     c.signal(libc::SIGKILL);
     let _ = c.child.wait();
     fill(&mut v, 0, 4 << 20, 6);
-    let status = wait_rebuild(&v, &c.addr);
+    let status = wait_rebuild(&v, rebuild);
     assert!(matches!(status.state, RebuildState::Failed(_)), "{status:?}");
     assert_eq!(v.replicas()[2].1, Mode::Err);
     assert_identical(&mut v, 2);
@@ -372,6 +371,116 @@ fn hornctl_add_replica_shows_progress_and_refuses_bad_replicas() {
     assert_eq!(v["replicas"][1]["address"].as_str(), Some(b.addr.as_str()));
     assert_eq!(v["replicas"][1]["mode"].as_str(), Some("RW"));
     assert_eq!(v["rebuilds"][0]["state"].as_str(), Some("done"));
+    let out = engine.hornctl(&["verify"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+}
+
+/// `hornctl engine --json info`, parsed.
+fn info_json(engine: &EngineDaemon, extra: &[&str]) -> serde_json::Value {
+    let out = engine.hornctl(&[&["--json", "info"], extra].concat());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn a_replica_rebuilt_again_is_followed_listed_once_and_leaves_no_rebuild_snapshot() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = replica(&tmp.path().join("a"));
+    let b = replica(&tmp.path().join("b"));
+    let c_dir = tmp.path().join("c");
+    let mut c = replica(&c_dir);
+    // Data for the rebuilds to copy, written by an engine that then closes.
+    let (mut v, _) = Volume::start(&[a.replica_addr(), b.replica_addr()], TIMEOUT).unwrap();
+    fill(&mut v, 0, SIZE, 1);
+    v.close().unwrap();
+    let engine = EngineDaemon::start(&[&a, &b]).unwrap();
+    let arg = |d: &Daemon| format!("{},{}", d.addr, d.control.trim_start_matches("http://"));
+    let (c_addr, c_control) = (
+        c.addr.clone(),
+        c.control.trim_start_matches("http://").to_string(),
+    );
+
+    // Rebuild 1 fails: c dies while it copies.
+    let out = engine.hornctl(&["add-replica", "--no-wait", &arg(&c)]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    wait_copying(&c);
+    c.signal(libc::SIGKILL);
+    let _ = c.child.wait();
+    eventually(Duration::from_secs(60), "rebuild 1 fails", || {
+        info_json(&engine, &[])["rebuilds"][0]["state"] == "failed"
+    });
+
+    // c comes back at the same address; rebuild 2 is followed, not rebuild 1's
+    // failure.
+    drop(c);
+    let c = Daemon::start(&c_dir, &["--listen", &c_addr, "--control", &c_control]).unwrap();
+    let out = engine.hornctl(&["add-replica", &arg(&c)]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains(&format!("rebuilt {c_addr} from")), "{text}");
+
+    // Rebuild 3 after c fails again, this time once it is RW: the earlier rebuild
+    // snapshots are gone, so it reads through no more than the volume's data.
+    let mut c = c;
+    c.signal(libc::SIGKILL);
+    let _ = c.child.wait();
+    // It grants no more lease renewals: the engine drops it.
+    eventually(Duration::from_secs(60), "c is dropped", || {
+        info_json(&engine, &[])["replicas"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["address"] == c_addr.as_str() && r["mode"] == "ERR")
+    });
+    drop(c);
+    let c = Daemon::start(&c_dir, &["--listen", &c_addr, "--control", &c_control]).unwrap();
+    let out = engine.hornctl(&["--json", "add-replica", &arg(&c)]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let last: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&out.stdout).lines().last().unwrap()).unwrap();
+    assert_eq!(last["id"], 3, "{last}");
+    assert_eq!(last["state"], "done", "{last}");
+    assert!(last["bytes_total"].as_u64().unwrap() <= SIZE, "{last}");
+
+    // Each replica once by default, RW; the history lists c's three incarnations.
+    let info = info_json(&engine, &[]);
+    let rows = info["replicas"].as_array().unwrap();
+    assert_eq!(rows.len(), 3, "{info}");
+    assert!(rows.iter().all(|r| r["mode"] == "RW"), "{info}");
+    assert_eq!(info["rebuilds"].as_array().unwrap().len(), 1, "{info}");
+    let history = info_json(&engine, &["--history"]);
+    let c_rows: Vec<_> = history["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["address"] == c_addr.as_str())
+        .collect();
+    assert_eq!(c_rows.len(), 3, "{history}");
+    assert!(
+        c_rows[..2]
+            .iter()
+            .all(|r| r["mode"] == "ERR" && r["superseded"] == true),
+        "{history}"
+    );
+    assert!(
+        c_rows[0]["failure"].as_str().unwrap().contains("rebuild"),
+        "{history}"
+    );
+    assert_eq!(history["rebuilds"].as_array().unwrap().len(), 3, "{history}");
+    let text = String::from_utf8_lossy(&engine.hornctl(&["info"]).stdout).into_owned();
+    assert_eq!(
+        text.matches(c_addr.as_str()).count(),
+        2,
+        "the row and the rebuild line: {text}"
+    );
+    for d in [&a, &b, &c] {
+        let names = snapshot_names(d);
+        assert!(!names.iter().any(|n| n.starts_with("rebuild-")), "{names:?}");
+    }
     let out = engine.hornctl(&["verify"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
 }

@@ -16,8 +16,8 @@ use horn_manager::format::{human_bytes, labels, layer_state, parse_size, table, 
 use horn_proto::engine_control::engine_control_client::EngineControlClient;
 use horn_proto::engine_control::{
     AddReplicaRequest, EngineDeleteRequest, EngineExpandRequest, EngineInfoRequest, EnginePurgeRequest,
-    EngineRevertRequest, EngineSnapshotRequest, ListSnapshotsRequest, RebuildStatus, SnapshotList,
-    VerifyRequest,
+    EngineRevertRequest, EngineSnapshotRequest, ListSnapshotsRequest, RebuildStatus, ReplicaStatus,
+    SnapshotList, VerifyRequest,
 };
 use horn_replica::{Extent, Replica};
 
@@ -131,7 +131,12 @@ enum UblkCmd {
 #[derive(Subcommand)]
 enum EngineCmd {
     /// The volume's size, generation, and replicas with their modes.
-    Info,
+    Info {
+        /// Also list the replicas a later one at the same address replaced, and every
+        /// rebuild (by default: each replica once, with its last rebuild).
+        #[arg(long)]
+        history: bool,
+    },
     /// Snapshot the volume on every replica (I/O is paused and flushed first).
     Snapshot {
         /// Snapshot name: 1-63 of A-Z a-z 0-9 . _ -
@@ -472,7 +477,7 @@ fn print_snapshots(list: &SnapshotList, json: bool) -> Result<()> {
 
 fn rebuild_json(r: &RebuildStatus) -> serde_json::Value {
     serde_json::json!({
-        "replica": r.replica, "source": r.source, "state": r.state, "error": r.error,
+        "id": r.id, "replica": r.replica, "source": r.source, "state": r.state, "error": r.error,
         "bytes_done": r.bytes_done, "bytes_total": r.bytes_total, "bytes_copied": r.bytes_copied,
         "rate_bytes_per_second": r.rate_bytes_per_second,
         "eta_seconds": (r.eta_seconds >= 0.0).then_some(r.eta_seconds),
@@ -528,20 +533,33 @@ fn run_engine(addr: String, json: bool, cmd: EngineCmd) -> Result<()> {
             .with_context(|| format!("cannot reach the engine at {addr} (is `hornd engine` running?)"))?;
         let status = |s: tonic::Status| anyhow::anyhow!("{}", s.message());
         match cmd {
-            EngineCmd::Info => {
+            EngineCmd::Info { history } => {
                 let info = c.info(EngineInfoRequest {}).await.map_err(status)?.into_inner();
+                let replicas: Vec<&ReplicaStatus> =
+                    info.replicas.iter().filter(|r| history || !r.superseded).collect();
+                // By default each replica's last rebuild only.
+                let rebuilds: Vec<&RebuildStatus> = info
+                    .rebuilds
+                    .iter()
+                    .filter(|r| history || !info.rebuilds.iter().any(|l| l.replica == r.replica && l.id > r.id))
+                    .collect();
                 if json {
-                    let replicas: Vec<serde_json::Value> = info
-                        .replicas
+                    let replicas: Vec<serde_json::Value> = replicas
                         .iter()
-                        .map(|r| serde_json::json!({"address": r.address, "mode": r.mode}))
+                        .map(|r| {
+                            serde_json::json!({
+                                "address": r.address, "mode": r.mode,
+                                "failure": (!r.failure.is_empty()).then_some(&r.failure),
+                                "superseded": r.superseded,
+                            })
+                        })
                         .collect();
                     println!(
                         "{}",
                         serde_json::json!({
                             "size": info.size, "sector_size": info.sector_size,
                             "generation": info.generation, "replicas": replicas, "skipped": info.skipped,
-                            "rebuilds": info.rebuilds.iter().map(rebuild_json).collect::<Vec<_>>(),
+                            "rebuilds": rebuilds.iter().map(|r| rebuild_json(r)).collect::<Vec<_>>(),
                             "faulted": (!info.faulted.is_empty()).then_some(&info.faulted),
                             "read_lease_left_ms": info.read_lease_left_ms,
                         })
@@ -555,12 +573,22 @@ fn run_engine(addr: String, json: bool, cmd: EngineCmd) -> Result<()> {
                     info.sector_size,
                     info.generation
                 );
-                let rows: Vec<Vec<String>> = info
-                    .replicas
+                let rows: Vec<Vec<String>> = replicas
                     .iter()
-                    .map(|r| vec![r.address.clone(), r.mode.clone()])
+                    .map(|r| {
+                        let mut why = r.failure.clone();
+                        if r.superseded {
+                            why = format!("(replaced) {why}");
+                        }
+                        vec![r.address.clone(), r.mode.clone(), why]
+                    })
                     .collect();
-                print!("{}", table(&["REPLICA", "MODE"], &rows));
+                if rows.iter().all(|r| r[2].is_empty()) {
+                    let rows: Vec<Vec<String>> = rows.into_iter().map(|r| r[..2].to_vec()).collect();
+                    print!("{}", table(&["REPLICA", "MODE"], &rows));
+                } else {
+                    print!("{}", table(&["REPLICA", "MODE", "FAILURE"], &rows));
+                }
                 if !info.faulted.is_empty() {
                     println!("FAULTED (every I/O fails): {}", info.faulted);
                 } else if info.read_lease_left_ms == 0 {
@@ -571,16 +599,23 @@ fn run_engine(addr: String, json: bool, cmd: EngineCmd) -> Result<()> {
                 for s in &info.skipped {
                     println!("left out at start: {s}");
                 }
-                for r in &info.rebuilds {
-                    println!("{}", rebuild_line(r));
+                for r in rebuilds {
+                    if history {
+                        println!("rebuild {}: {}", r.id, rebuild_line(r));
+                    } else {
+                        println!("{}", rebuild_line(r));
+                    }
                 }
             }
             EngineCmd::AddReplica { replica, no_wait } => {
-                c.add_replica(AddReplicaRequest {
-                    replica: replica.clone(),
-                })
-                .await
-                .map_err(status)?;
+                let rebuild = c
+                    .add_replica(AddReplicaRequest {
+                        replica: replica.clone(),
+                    })
+                    .await
+                    .map_err(status)?
+                    .into_inner()
+                    .rebuild_id;
                 let data = replica.split(',').next().unwrap_or_default().to_string();
                 if !json {
                     println!("replica {data} joined the volume write-only; rebuilding");
@@ -592,8 +627,8 @@ fn run_engine(addr: String, json: bool, cmd: EngineCmd) -> Result<()> {
                 loop {
                     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
                     let info = c.info(EngineInfoRequest {}).await.map_err(status)?.into_inner();
-                    let Some(r) = info.rebuilds.iter().find(|r| r.replica == data) else {
-                        anyhow::bail!("the engine reports no rebuild of {data}");
+                    let Some(r) = info.rebuilds.iter().find(|r| r.id == rebuild) else {
+                        anyhow::bail!("the engine reports no rebuild {rebuild} (of {data}); was it restarted?");
                     };
                     if json {
                         println!("{}", rebuild_json(r));
