@@ -444,7 +444,12 @@ fn a_replica_rebuilt_again_is_followed_listed_once_and_leaves_no_rebuild_snapsho
         serde_json::from_str(String::from_utf8_lossy(&out.stdout).lines().last().unwrap()).unwrap();
     assert_eq!(last["id"], 3, "{last}");
     assert_eq!(last["state"], "done", "{last}");
-    assert!(last["bytes_total"].as_u64().unwrap() <= SIZE, "{last}");
+    // It went through the volume's data about once (layer files round up to the
+    // filesystem's extents), not once per earlier rebuild.
+    assert!(
+        last["bytes_total"].as_u64().unwrap() <= SIZE + (1 << 20),
+        "{last}"
+    );
 
     // Each replica once by default, RW; the history lists c's three incarnations.
     let info = info_json(&engine, &[]);

@@ -36,6 +36,16 @@ fn hornctl(dir: &Path, args: &[&str], crash_at: Option<&str>) -> std::process::O
 /// s1 holds `a`s, s2 adds `b`s and zeroes 64 KiB of s1's data, the head adds `c`s and
 /// a 512-byte write inside a block s1 holds (so the head got a whole block).
 fn prepare(dir: &Path) -> State {
+    prepare_with(dir, true)
+}
+
+/// [`prepare`], but the head holds less than s2: only the 512-byte write and 64 KiB
+/// zeroed inside s2's `b`s (a purge of s2 then folds the head down into s2).
+fn prepare_small_head(dir: &Path) -> State {
+    prepare_with(dir, false)
+}
+
+fn prepare_with(dir: &Path, big_head: bool) -> State {
     let mut r = Replica::create(dir, SIZE, 512).unwrap();
     let mut v = vec![0u8; SIZE as usize];
     let mut snaps = BTreeMap::new();
@@ -49,8 +59,13 @@ fn prepare(dir: &Path) -> State {
     v[..65536].fill(0);
     r.snapshot("s2", &BTreeMap::new()).unwrap();
     snaps.insert("s2".to_string(), (v.clone(), false));
-    r.write_at(MIB as u64, &vec![b'c'; MIB]).unwrap();
-    v[MIB..2 * MIB].fill(b'c');
+    if big_head {
+        r.write_at(MIB as u64, &vec![b'c'; MIB]).unwrap();
+        v[MIB..2 * MIB].fill(b'c');
+    } else {
+        r.discard(MIB as u64, 65536).unwrap();
+        v[MIB..MIB + 65536].fill(0);
+    }
     r.write_at(65536 + 4096 + 512, &[b'x'; 512]).unwrap();
     v[65536 + 4096 + 512..65536 + 4096 + 1024].fill(b'x');
     r.close().unwrap();
@@ -97,6 +112,10 @@ struct Case {
 }
 
 fn run_case(case: &Case) {
+    run_case_on(case, prepare)
+}
+
+fn run_case_on(case: &Case, prepare: fn(&Path) -> State) {
     for point in case.points {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("replica");
@@ -220,6 +239,27 @@ fn purge_into_the_head_survives_a_kill_at_every_step() {
             s
         },
     });
+}
+
+#[test]
+fn purge_of_the_head_into_its_snapshot_survives_a_kill_at_every_step() {
+    run_case_on(
+        &Case {
+            args: &["purge"],
+            deleted: &["s2"],
+            points: &[
+                "purge:copying",
+                "purge:copied",
+                "meta:before-rename",
+                "purge:committed",
+            ],
+            after: |mut s| {
+                s.snaps.remove("s2");
+                s
+            },
+        },
+        prepare_small_head,
+    );
 }
 
 #[test]

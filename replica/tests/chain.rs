@@ -172,6 +172,66 @@ fn discard_and_purge_give_space_back() {
 }
 
 #[test]
+fn a_small_head_over_a_large_deleted_snapshot_is_folded_down_into_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut r = Replica::create(dir.path(), 32 * MIB, 512).unwrap();
+    r.write_at(0, &vec![1u8; 16 * MIB as usize]).unwrap();
+    r.snapshot("base", &no_labels()).unwrap();
+    r.snapshot("big", &no_labels()).unwrap();
+    let ids = |r: &Replica| -> Vec<(Option<String>, u64)> {
+        r.info()
+            .unwrap()
+            .layers
+            .iter()
+            .map(|l| (l.name.clone(), l.id))
+            .collect()
+    };
+    // "big" holds 16 MiB over "base" (which holds zeros there), the head 4 KiB, a
+    // 512-byte write, and a discard.
+    r.write_at(16 * MIB, &vec![2u8; 16 * MIB as usize]).unwrap();
+    r.snapshot("big2", &no_labels()).unwrap();
+    r.write_at(8 * MIB, &[3u8; 4096]).unwrap();
+    r.write_at(20 * MIB + 512, &[4u8; 512]).unwrap();
+    r.discard(24 * MIB, 64 * 1024).unwrap();
+    r.flush().unwrap();
+    let big2 = ids(&r)
+        .iter()
+        .find(|(n, _)| n.as_deref() == Some("big2"))
+        .unwrap()
+        .1;
+    r.delete_snapshot("big2").unwrap();
+    let report = r.purge().unwrap();
+    assert_eq!(report.purged, vec!["big2".to_string()]);
+    // The snapshot's layer became the head: nothing of its 16 MiB was copied.
+    let after = ids(&r);
+    assert_eq!(after.last(), Some(&(None, big2)), "{after:?}");
+    let mut expect = vec![1u8; 32 * MIB as usize];
+    expect[16 * MIB as usize..].fill(2);
+    expect[8 * MIB as usize..8 * MIB as usize + 4096].fill(3);
+    expect[20 * MIB as usize + 512..20 * MIB as usize + 1024].fill(4);
+    expect[24 * MIB as usize..24 * MIB as usize + 65536].fill(0);
+    let check = |r: &mut Replica, expect: &[u8]| {
+        let mut got = vec![0u8; 32 * MIB as usize];
+        r.read_at(0, &mut got).unwrap();
+        assert!(got == expect, "the volume reads differently after the purge");
+    };
+    check(&mut r, &expect);
+    // The new head takes writes and discards, and keeps them across a reopen.
+    r.write_at(0, &[5u8; 4096]).unwrap();
+    r.discard(16 * MIB, 4096).unwrap();
+    expect[..4096].fill(5);
+    expect[16 * MIB as usize..16 * MIB as usize + 4096].fill(0);
+    check(&mut r, &expect);
+    r.close().unwrap();
+    let mut r = Replica::open(dir.path()).unwrap();
+    check(&mut r, &expect);
+    r.revert("big").unwrap();
+    let mut big = vec![1u8; 32 * MIB as usize];
+    big[16 * MIB as usize..].fill(0);
+    check(&mut r, &big);
+}
+
+#[test]
 fn revert_keeps_newer_snapshots_as_a_branch_and_purge_explains_what_it_keeps() {
     let dir = tempfile::tempdir().unwrap();
     let mut r = Replica::create(dir.path(), 4 * MIB, 512).unwrap();

@@ -28,7 +28,7 @@ use crate::extent::{data_extents, merge, subtract, Extent};
 use crate::layer::LayerFile;
 use crate::meta::{
     self, check_size, layer_path, validate_label, validate_name, zeros_path, LayerMeta, VolumeMeta,
-    MAX_CHAIN_LAYERS,
+    BLOCK_SIZE, MAX_CHAIN_LAYERS,
 };
 use crate::sync_plan::{link_layer, SyncPlan};
 use crate::zeros;
@@ -156,6 +156,9 @@ impl SnapshotChain {
             let name = meta::display_name(self.meta.layer(id).expect("candidate exists"));
             let in_chain = self.layers.iter().any(|l| l.id == id);
             match child {
+                Some(head) if head == self.meta.head && self.head_is_cheaper_to_fold(id)? => {
+                    self.fold_head_into_parent(id, head)?
+                }
                 Some(child) => self.fold_into_child(id, child)?,
                 None => self.drop_leaf(id)?,
             }
@@ -243,6 +246,84 @@ impl SnapshotChain {
             self.zero_log = log;
         }
         Ok(())
+    }
+
+    /// Does the head hold fewer bytes than [`SnapshotChain::fold_into_child`] would
+    /// copy out of its removed parent `parent`? Then the head goes down into the
+    /// parent instead: after a rebuild, say, the parent holds the whole volume and the
+    /// head only the writes since. Only when the parent has the volume's size (no
+    /// expansion since it was taken): the parent's file then needs no growing.
+    fn head_is_cheaper_to_fold(&self, parent: u64) -> Result<bool> {
+        let head = self.meta.head;
+        let size = self.meta.size;
+        if self.meta.layer(parent).expect("exists").size != size {
+            return Ok(false);
+        }
+        let bytes = |v: &[Extent]| v.iter().map(|e| e.len).sum::<u64>();
+        let path = layer_path(&self.dir, head);
+        let hfile = File::open(&path).map_err(|e| ReplicaError::io("open", &path, e))?;
+        let head_data = bytes(&data_extents(&hfile, &path, size)?);
+        let path = layer_path(&self.dir, parent);
+        let pfile = File::open(&path).map_err(|e| ReplicaError::io("open", &path, e))?;
+        let pdata = data_extents(&pfile, &path, size)?;
+        let into_child = bytes(&subtract(&pdata, &layer_ownership(&self.dir, head, size)?));
+        Ok(head_data < into_child)
+    }
+
+    /// Copies what the head holds (data and zero extents) into its removed parent
+    /// `parent`, which then becomes the head; the old head is dropped. Every step
+    /// before the commit leaves reads unchanged: the parent changes only where the
+    /// head shadows it.
+    fn fold_head_into_parent(&mut self, parent: u64, head: u64) -> Result<()> {
+        let size = self.meta.size;
+        let ppath = layer_path(&self.dir, parent);
+        let hpath = layer_path(&self.dir, head);
+        let hfile = File::open(&hpath).map_err(|e| ReplicaError::io("open", &hpath, e))?;
+        let hdata = data_extents(&hfile, &hpath, size)?;
+        let hzeros = subtract(&zeros::load(&zeros_path(&self.dir, head), size)?, &hdata);
+        let pfile = OpenOptions::new()
+            .write(true)
+            .open(&ppath)
+            .map_err(|e| ReplicaError::io("open", &ppath, e))?;
+        for e in &hdata {
+            copy_range(&hfile, &pfile, *e, &hpath, &ppath)?;
+            crash::point("purge:copying");
+        }
+        // Where the head reads zeros, so does the new head: no data under them.
+        for e in &hzeros {
+            crate::sync_plan::punch(&pfile, &ppath, e.offset / BLOCK_SIZE, e.len / BLOCK_SIZE)?;
+        }
+        pfile
+            .sync_all()
+            .map_err(|e| ReplicaError::io("fsync", &ppath, e))?;
+        let pzeros = zeros::load(&zeros_path(&self.dir, parent), size)?;
+        let mut all = subtract(&pzeros, &hdata);
+        all.extend(hzeros);
+        let name = zeros_path(&self.dir, parent);
+        let fname = name
+            .file_name()
+            .expect("has a name")
+            .to_string_lossy()
+            .into_owned();
+        zeros::rewrite(&self.dir, &fname, &merge(all))?;
+        crash::point("purge:copied");
+
+        let mut m = self.meta.clone();
+        m.layers.retain(|l| l.id != head);
+        let p = m.layer_mut(parent).expect("exists");
+        p.name = None;
+        p.created = None;
+        p.labels.clear();
+        p.removed = false;
+        m.head = parent;
+        m.store(&self.dir)?;
+        crash::point("purge:committed");
+        self.meta = m;
+        self.layers.clear(); // close the old head's descriptors before removing it
+        unlink_if_present(&hpath)?;
+        unlink_if_present(&zeros_path(&self.dir, head))?;
+        meta::sync_dir(&self.dir)?;
+        self.reload()
     }
 
     /// The id of snapshot `name`, which a revert may go back to.
