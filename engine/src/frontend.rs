@@ -271,3 +271,65 @@ where
     })?;
     Ok(out)
 }
+
+/// Logs failed I/Os without flooding the log: when a volume faults, every I/O fails,
+/// thousands a second. The first failure is logged with its error; the ones after it
+/// within [`FailureLog::EVERY`] are only counted, and the next failure past that logs
+/// one line with the count and its own error. Lock-free: frontends call it from any
+/// queue.
+#[derive(Debug, Default)]
+pub struct FailureLog {
+    /// When the last line went out (`CLOCK_BOOTTIME` ms; 0: never).
+    last_ms: std::sync::atomic::AtomicU64,
+    /// Failures counted since, not logged.
+    unlogged: std::sync::atomic::AtomicU64,
+}
+
+impl FailureLog {
+    /// At most one line per this.
+    pub const EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
+    /// Notes that `what` failed with `error`; logs it, or counts it for the next line.
+    /// Returns whether it logged.
+    pub fn failed(&self, what: &str, error: &dyn std::fmt::Display) -> bool {
+        use std::sync::atomic::Ordering;
+        let now = (crate::engine::boottime_ns() / 1_000_000).max(1);
+        let last = self.last_ms.load(Ordering::Relaxed);
+        let due = last == 0 || now.saturating_sub(last) >= Self::EVERY.as_millis() as u64;
+        if due
+            && self
+                .last_ms
+                .compare_exchange(last, now, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
+        {
+            match self.unlogged.swap(0, Ordering::AcqRel) {
+                0 => tracing::warn!(error = %error, "{what} failed"),
+                n => tracing::warn!(
+                    error = %error,
+                    "{what} failed, and {n} more I/Os failed since the last such line"
+                ),
+            }
+            return true;
+        }
+        self.unlogged.fetch_add(1, Ordering::Relaxed);
+        false
+    }
+}
+
+#[cfg(test)]
+mod failure_log_tests {
+    use super::FailureLog;
+
+    #[test]
+    fn a_storm_of_failures_logs_one_line_then_counts() {
+        let log = FailureLog::default();
+        assert!(log.failed("read", &"faulted"));
+        let logged = (0..10_000).filter(|_| log.failed("read", &"faulted")).count();
+        assert_eq!(logged, 0);
+        assert_eq!(log.unlogged.load(std::sync::atomic::Ordering::Relaxed), 10_000);
+        // Past the interval the next failure logs, with the count, which starts over.
+        log.last_ms.store(1, std::sync::atomic::Ordering::Relaxed);
+        assert!(log.failed("read", &"faulted"));
+        assert_eq!(log.unlogged.load(std::sync::atomic::Ordering::Relaxed), 0);
+    }
+}

@@ -14,3 +14,5 @@
 
 pub mod daemon;
 pub mod format;
+pub mod logfile;
+pub mod supervise;

@@ -366,12 +366,25 @@ async fn a_read_lease_holds_off_other_claims_until_it_lapses_even_across_a_resta
     // Only the holder renews, at its own generation.
     let err = b.renew_lease(renew(3, 1500)).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err}");
+    let renewed = std::time::Instant::now();
     a.renew_lease(renew(3, 1500)).await.unwrap();
     let err = a.renew_lease(renew(3, 600_000)).await.unwrap_err();
     assert!(err.message().contains("longer than"), "{err}");
-    // Lapsed: the other engine claims, and the old holder is deposed.
-    tokio::time::sleep(Duration::from_millis(1600)).await;
-    b.claim(claim(9, "engine-b", 2000)).await.unwrap();
+    // Refused while the renewed lease runs; once it lapses, the other engine claims,
+    // and the old holder is deposed.
+    while let Err(e) = b.claim(claim(9, "engine-b", 2000)).await {
+        assert!(e.message().contains("holds a read lease"), "{e}");
+        assert!(
+            renewed.elapsed() < Duration::from_secs(5),
+            "the lease never lapsed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        renewed.elapsed() >= Duration::from_millis(1500),
+        "claimed {:?} after a 1500 ms renewal",
+        renewed.elapsed()
+    );
     let err = a.renew_lease(renew(3, 1500)).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err}");
     assert!(err.message().contains("newer engine"), "{err}");
@@ -441,7 +454,10 @@ fn a_client_that_never_reads_its_replies_holds_a_bounded_amount_of_memory() {
         }
         sent += 1;
     }
-    std::thread::sleep(Duration::from_millis(500));
+    // The replica has stopped reading the connection: requests wait in its socket.
+    common::eventually(Duration::from_secs(10), "the replica read every request", || {
+        common::unread_bytes(&d.addr) > 0
+    });
     let grown_mib = rss_kib(pid).saturating_sub(before) / 1024;
     println!("{sent} read requests of 8 MiB sent, no reply read; the replica grew by {grown_mib} MiB");
     assert!(grown_mib < 128, "the replica grew by {grown_mib} MiB");
@@ -482,9 +498,20 @@ fn connections_over_the_limit_are_closed_and_ended_ones_leave_no_descriptor() {
         assert_eq!(ping(c).unwrap(), Status::Ok);
     }
     held.truncate(4);
-    std::thread::sleep(Duration::from_millis(200));
-    let mut again = d.client();
-    assert_eq!(ping(&mut again).unwrap(), Status::Ok);
+    // Once the replica has seen those close, a new connection is served.
+    let mut again = None;
+    common::eventually(
+        Duration::from_secs(10),
+        "no connection served after four closed",
+        || {
+            let mut c = d.client();
+            let served = matches!(ping(&mut c), Ok(Status::Ok));
+            if served {
+                again = Some(c);
+            }
+            served
+        },
+    );
     drop((held, over, again));
     // Connections that end in every way: at once, after a ping, after half a header.
     for i in 0..3000u64 {

@@ -718,7 +718,16 @@ fn the_listener_survives_running_out_of_descriptors() {
     let waiting: Vec<std::net::TcpStream> = (0..5)
         .map(|_| std::net::TcpStream::connect(&t.addr).unwrap())
         .collect();
-    std::thread::sleep(Duration::from_millis(500));
+    // The listener meets the limit (and logs it) before it is lifted.
+    common::eventually(
+        Duration::from_secs(10),
+        "the listener never ran out of descriptors",
+        || {
+            std::fs::read_to_string(&t.log)
+                .unwrap_or_default()
+                .contains("accept failed")
+        },
+    );
     assert!(prlimit(soft).unwrap().success());
     drop(waiting);
     // A listener that ended would leave this login unanswered (the kernel still

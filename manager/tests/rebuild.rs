@@ -7,7 +7,7 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -95,8 +95,9 @@ fn snapshot_names(d: &Daemon) -> Vec<String> {
 }
 
 /// Random writes on their own queue until `stop`: 4 KiB ones, and 512-byte ones that
-/// land inside blocks older layers hold. Returns the model: sector -> byte.
-fn write_until(mut q: Volume, stop: Arc<AtomicBool>, seed: u64) -> BTreeMap<u64, u8> {
+/// land inside blocks older layers hold, counted in `acked` as they are acknowledged.
+/// Returns the model: sector -> byte.
+fn write_until(mut q: Volume, stop: Arc<AtomicBool>, acked: Arc<AtomicU64>, seed: u64) -> BTreeMap<u64, u8> {
     let mut rng = SmallRng::seed_from_u64(seed);
     let mut model = BTreeMap::new();
     let mut pending: BTreeMap<u64, (u64, u64, u8)> = BTreeMap::new();
@@ -133,6 +134,7 @@ fn write_until(mut q: Volume, stop: Arc<AtomicBool>, seed: u64) -> BTreeMap<u64,
             for s in sector..sector + n {
                 model.insert(s, val);
             }
+            acked.fetch_add(1, Ordering::Relaxed);
         }
     }
 }
@@ -151,18 +153,26 @@ fn a_replica_added_under_random_writes_is_rebuilt_online_with_its_snapshots() {
     fill(&mut v, 40 << 20, 64 << 20, 3);
 
     let stop = Arc::new(AtomicBool::new(false));
+    let acked = Arc::new(AtomicU64::new(0));
     let writer = {
         let q = v.open_queue().unwrap();
-        let stop = stop.clone();
-        std::thread::spawn(move || write_until(q, stop, 42))
+        let (stop, acked) = (stop.clone(), acked.clone());
+        std::thread::spawn(move || write_until(q, stop, acked, 42))
     };
-    std::thread::sleep(Duration::from_millis(200));
+    // The writes are under way before the replica joins, and go on after it is RW.
+    let writes = || acked.load(Ordering::Relaxed);
+    eventually(Duration::from_secs(30), "the writer acknowledged nothing", || {
+        writes() >= 200
+    });
     let rebuild = add_replica(&mut v, c.replica_addr()).unwrap();
     // Chain operations wait for the rebuild.
     let e = v.snapshot("during").unwrap_err();
     assert!(e.to_string().contains("being rebuilt"), "{e}");
     let status = wait_rebuild(&v, rebuild);
-    std::thread::sleep(Duration::from_millis(200));
+    let after = writes();
+    eventually(Duration::from_secs(30), "no write after the rebuild", || {
+        writes() >= after + 200
+    });
     stop.store(true, Ordering::Relaxed);
     let model = writer.join().unwrap();
     assert_eq!(status.state, RebuildState::Done, "{status:?}");

@@ -16,7 +16,7 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{Daemon, EngineDaemon};
+use common::{eventually, Daemon, EngineDaemon};
 use horn_engine::replica_set::IoKind;
 use horn_engine::{ReplicaAddr, Volume, VolumeCompletion};
 use horn_proto::wire::Status;
@@ -226,14 +226,28 @@ fn an_engine_killed_mid_write_stream_many_times_leaves_identical_replicas_with_e
                 break;
             }
         }
-        std::thread::sleep(Duration::from_millis(rng.gen_range(200..1200)));
+        // Let it acknowledge a random number of block writes first.
+        let target = rng.gen_range(100..3000);
+        let acked_lines =
+            || std::fs::read(&log_path).map_or(0, |t| t.iter().filter(|&&c| c == b'\n').count());
+        eventually(
+            Duration::from_secs(120),
+            "the writer stopped acknowledging writes",
+            || acked_lines() >= target,
+        );
         // Every other time one replica is stalled (SIGSTOP) for the last moments, as a
         // slow replica is, and dies with the engine (the node went down): the writes
-        // waiting in its socket are lost to it while the others hold them.
+        // waiting in its socket are lost to it while the others hold them. Killed once
+        // some wait there (or, if the engine sent it nothing more, after 2 s).
         let stalled = (cycle % 2 == 1).then(|| rng.gen_range(0..cluster.daemons.len()));
         if let Some(k) = stalled {
             cluster.daemons[k].signal(libc::SIGSTOP);
-            std::thread::sleep(Duration::from_millis(150));
+            let since = std::time::Instant::now();
+            while common::unread_bytes(&cluster.daemons[k].addr) == 0
+                && since.elapsed() < Duration::from_secs(2)
+            {
+                std::thread::sleep(Duration::from_millis(5));
+            }
         }
         child.kill().unwrap();
         child.wait().unwrap();

@@ -22,6 +22,7 @@
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
+use horn_engine::frontend::FailureLog;
 use horn_engine::replica_set::IoKind;
 use horn_engine::{Engine, EngineQueue, Token, VolumeError};
 use horn_uring::IoBuf;
@@ -90,6 +91,8 @@ struct QueueServer {
     timer: Ticker,
     /// User copies of commands' data, to push.
     copies: Vec<squeue::Entry>,
+    /// Failed commands, logged a line per burst.
+    failures: FailureLog,
 }
 
 impl QueueServer {
@@ -112,6 +115,7 @@ impl QueueServer {
             lens: vec![0; dev.dev_info.queue_depth as usize],
             timer: Ticker::new(TICK)?,
             copies: Vec::new(),
+            failures: FailureLog::default(),
         })
     }
 
@@ -223,11 +227,11 @@ impl QueueServer {
             let res = match &c.result {
                 Ok(()) => self.lens[tag as usize],
                 Err(VolumeError::BadRequest(why)) => {
-                    tracing::warn!(%why, "block request refused");
+                    self.failures.failed("a block request", why);
                     -libc::EINVAL
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, "block I/O failed");
+                    self.failures.failed("block I/O", e);
                     -libc::EIO
                 }
             };

@@ -196,7 +196,7 @@ impl<V: BlockVolume> Lun<V> {
         match self.volume.flush().await {
             Ok(()) => Response::good(),
             Err(e) => {
-                tracing::warn!(error = %e, "SYNCHRONIZE CACHE failed");
+                self.info.failures.failed("SYNCHRONIZE CACHE", &e);
                 Response::check(Sense::WRITE_ERROR)
             }
         }
@@ -223,7 +223,9 @@ impl<V: BlockVolume> Lun<V> {
         match res {
             Ok(()) => Ok(buf),
             Err(e) => {
-                tracing::warn!(error = %e, lba, blocks = n, "read failed");
+                self.info
+                    .failures
+                    .failed(&format!("a read of {n} blocks at LBA {lba}"), &e);
                 Err(Response::check(Sense::READ_ERROR))
             }
         }
@@ -280,7 +282,7 @@ impl<V: BlockVolume> Lun<V> {
         match res {
             Ok(()) => Ok(buf),
             Err(e) => {
-                tracing::warn!(error = %e, lba, "write failed");
+                self.info.failures.failed(&format!("a write at LBA {lba}"), &e);
                 Err(Response::check(Sense::WRITE_ERROR))
             }
         }
@@ -410,7 +412,7 @@ impl<V: BlockVolume> Lun<V> {
         match res {
             Ok(()) => Response::good(),
             Err(e) => {
-                tracing::warn!(error = %e, "WRITE SAME failed");
+                self.info.failures.failed("WRITE SAME", &e);
                 Response::check(Sense::WRITE_ERROR)
             }
         }
@@ -450,7 +452,7 @@ impl<V: BlockVolume> Lun<V> {
         let bs = self.info.block_size as u64;
         for (lba, n) in ranges.into_iter().filter(|(_, n)| *n > 0) {
             if let Err(e) = self.volume.discard(lba * bs, n * bs).await {
-                tracing::warn!(error = %e, "UNMAP failed");
+                self.info.failures.failed("UNMAP", &e);
                 return Response::check(Sense::WRITE_ERROR);
             }
         }

@@ -36,6 +36,8 @@ pub struct LunInfo {
     /// Bytes of buffers that writes of every session hold while they wait for their
     /// data (the transport's budget across connections).
     pub waiting_data: std::sync::atomic::AtomicUsize,
+    /// Failed I/Os, logged a line per burst (a faulted volume fails every one).
+    pub failures: horn_engine::frontend::FailureLog,
 }
 
 /// A nexus logged in to the LUN.
@@ -68,6 +70,7 @@ impl LunInfo {
             attention: AtomicBool::new(false),
             writing: WriteRanges::default(),
             waiting_data: std::sync::atomic::AtomicUsize::new(0),
+            failures: Default::default(),
         }
     }
 

@@ -45,6 +45,10 @@ enum Command {
         /// Print JSON instead of tables.
         #[arg(long, global = true)]
         json: bool,
+        /// Seconds to wait for the engine to answer a call (a verify gets longer, by
+        /// the volume's size); past it, the command fails naming the engine.
+        #[arg(long, global = true, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+        timeout: u64,
         #[command(subcommand)]
         cmd: EngineCmd,
     },
@@ -83,9 +87,14 @@ struct UblkEngine {
     /// Address for the engine's control service.
     #[arg(long, default_value = "127.0.0.1:9600")]
     control: String,
-    /// Directory for the daemon's log (`ublk-NAME.log`).
-    #[arg(long, default_value = "/run/horn")]
+    /// Directory for the daemon's log (`ublk-NAME.log`, appended to and rotated at
+    /// 16 MiB; on disk, so it outlives a reboot).
+    #[arg(long, default_value = "/var/log/horn")]
     log_dir: PathBuf,
+    /// Run the engine on its own, without `hornd supervise` starting it again (and
+    /// reattaching it to the device) when it dies.
+    #[arg(long)]
+    no_supervise: bool,
     /// Start only if the replicas hold this volume (`hornd engine --volume`).
     #[arg(long)]
     volume: Option<String>,
@@ -523,15 +532,38 @@ fn rebuild_line(r: &RebuildStatus) -> String {
     }
 }
 
-fn run_engine(addr: String, json: bool, cmd: EngineCmd) -> Result<()> {
+/// A client of the engine at `addr` whose calls fail after `timeout`.
+async fn engine_client(
+    addr: &str,
+    timeout: std::time::Duration,
+) -> Result<EngineControlClient<tonic::transport::Channel>> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .with_context(|| format!("{addr} is not an address"))?
+        .connect_timeout(std::time::Duration::from_secs(5))
+        .timeout(timeout)
+        .connect()
+        .await
+        .with_context(|| format!("cannot reach the engine at {addr} (is `hornd engine` running?)"))?;
+    Ok(EngineControlClient::new(channel))
+}
+
+fn run_engine(addr: String, json: bool, timeout: u64, cmd: EngineCmd) -> Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     rt.block_on(async move {
-        let mut c = EngineControlClient::connect(format!("http://{addr}"))
-            .await
-            .with_context(|| format!("cannot reach the engine at {addr} (is `hornd engine` running?)"))?;
-        let status = |s: tonic::Status| anyhow::anyhow!("{}", s.message());
+        let timeout = std::time::Duration::from_secs(timeout);
+        let mut c = engine_client(&addr, timeout).await?;
+        let status = |s: tonic::Status| {
+            if s.message().contains("Timeout expired") {
+                anyhow::anyhow!(
+                    "the engine at {addr} did not answer within {} s (--timeout)",
+                    timeout.as_secs()
+                )
+            } else {
+                anyhow::anyhow!("{}", s.message())
+            }
+        };
         match cmd {
             EngineCmd::Info { history } => {
                 let info = c.info(EngineInfoRequest {}).await.map_err(status)?.into_inner();
@@ -697,6 +729,9 @@ fn run_engine(addr: String, json: bool, cmd: EngineCmd) -> Result<()> {
                 );
             }
             EngineCmd::Verify => {
+                // Reading every replica whole takes time: 1 s more per 32 MiB.
+                let size = c.info(EngineInfoRequest {}).await.map_err(status)?.into_inner().size;
+                let mut c = engine_client(&addr, timeout + std::time::Duration::from_secs(size >> 25)).await?;
                 let r = c.verify(VerifyRequest {}).await.map_err(status)?.into_inner();
                 if json {
                     let diffs: Vec<serde_json::Value> = r
@@ -812,7 +847,7 @@ fn run_ublk(json: bool, cmd: UblkCmd) -> Result<()> {
                 (None, false) => anyhow::bail!("name a device id, or --all"),
             };
             for id in ids {
-                horn_ublk::delete(id)?;
+                delete_device(id)?;
                 println!("deleted /dev/ublkb{id}");
             }
         }
@@ -820,8 +855,32 @@ fn run_ublk(json: bool, cmd: UblkCmd) -> Result<()> {
     Ok(())
 }
 
-/// Starts `hornd engine --frontend ublk ARGS` in its own process group, logging to
-/// `log_dir/ublk-NAME.log`, and waits for it to name its device.
+/// Deletes ublk device `id`, failing with a message rather than hanging when its
+/// engine does not exit: the driver removes the device only once its server has
+/// closed it. (Leaving the process ends the wait the driver was in.)
+fn delete_device(id: u32) -> Result<()> {
+    const WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+    let pid = horn_ublk::list()?.into_iter().find(|d| d.id == id).map(|d| d.pid);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(horn_ublk::delete(id));
+    });
+    match rx.recv_timeout(WAIT) {
+        Ok(done) => Ok(done?),
+        Err(_) => anyhow::bail!(
+            "/dev/ublkb{id} is stopped, but its engine{} has not exited after {} s, so the driver \
+             has not removed it yet (it will once the engine exits; see the engine's log)",
+            pid.filter(|&p| p > 0)
+                .map(|p| format!(" (pid {p})"))
+                .unwrap_or_default(),
+            WAIT.as_secs()
+        ),
+    }
+}
+
+/// Starts `hornd engine --frontend ublk ARGS` in its own process group, under `hornd
+/// supervise` unless `--no-supervise`, appending to `log_dir/ublk-NAME.log`, and
+/// waits for it to name its device.
 fn start_engine(engine: &UblkEngine, args: &[String]) -> Result<String> {
     let UblkEngine {
         replicas,
@@ -832,16 +891,24 @@ fn start_engine(engine: &UblkEngine, args: &[String]) -> Result<String> {
         name,
         control,
         log_dir,
+        no_supervise,
         volume,
     } = engine;
     use std::os::unix::process::CommandExt;
 
-    std::fs::create_dir_all(log_dir).with_context(|| format!("cannot create {}", log_dir.display()))?;
     let log_path = log_dir.join(format!("ublk-{name}.log"));
-    let log =
-        std::fs::File::create(&log_path).with_context(|| format!("cannot create {}", log_path.display()))?;
+    let log = horn_manager::logfile::open_append(&log_path)?;
+    // What this start writes begins here: earlier runs' lines stay above it.
+    let from = log.metadata().map_or(0, |m| m.len());
     let hornd = std::env::current_exe()?.with_file_name("hornd");
     let mut cmd = std::process::Command::new(&hornd);
+    if !no_supervise {
+        cmd.arg("--log-file")
+            .arg(&log_path)
+            .args(["supervise", "--"])
+            .arg(&hornd);
+    }
+    cmd.arg("--log-file").arg(&log_path);
     cmd.args([
         "engine",
         "--frontend",
@@ -873,9 +940,18 @@ fn start_engine(engine: &UblkEngine, args: &[String]) -> Result<String> {
         .process_group(0)
         .spawn()
         .with_context(|| format!("cannot start {}", hornd.display()))?;
+    let since_start = || {
+        use std::io::{Read, Seek};
+        let mut text = String::new();
+        if let Ok(mut f) = std::fs::File::open(&log_path) {
+            let _ = f.seek(std::io::SeekFrom::Start(from));
+            let _ = f.read_to_string(&mut text);
+        }
+        text
+    };
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     loop {
-        let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+        let text = since_start();
         if let Some(path) = text
             .lines()
             .find_map(|l| l.strip_prefix("hornd engine: serving /dev/"))
@@ -890,7 +966,9 @@ fn start_engine(engine: &UblkEngine, args: &[String]) -> Result<String> {
             );
         }
         if std::time::Instant::now() > deadline {
-            let _ = child.kill();
+            // SAFETY: kill takes no pointers; the group is the one the child leads.
+            unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
+            let _ = child.wait();
             anyhow::bail!(
                 "hornd engine did not serve a device within 60 s; its log: {}",
                 log_path.display()
@@ -911,7 +989,12 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Replica(cmd) => run(cmd),
-        Command::Engine { engine, json, cmd } => run_engine(engine, json, cmd),
+        Command::Engine {
+            engine,
+            json,
+            timeout,
+            cmd,
+        } => run_engine(engine, json, timeout, cmd),
         Command::Ublk { json, cmd } => run_ublk(json, cmd),
     };
     match result {

@@ -18,6 +18,18 @@ use horn_manager::format::parse_size;
 #[derive(Parser)]
 #[command(name = "hornd", version, about = "Horn's daemons")]
 struct Cli {
+    /// Append the daemon's output (its log, every line it prints) to this file instead
+    /// of standard output and error, rotated by size. For `supervise`: where it notes
+    /// each start and end of its child.
+    #[arg(long, global = true, value_name = "PATH")]
+    log_file: Option<PathBuf>,
+    /// Rotate the log file past this size (`PATH` becomes `PATH.1`, ...).
+    #[arg(long, global = true, default_value = "16M", value_parser = parse_size)]
+    log_max_size: u64,
+    /// Rotated log files kept.
+    #[arg(long, global = true, default_value_t = horn_manager::logfile::DEFAULT_KEEP,
+          value_parser = clap::value_parser!(u32).range(1..=100))]
+    log_keep: u32,
     #[command(subcommand)]
     command: Command,
 }
@@ -54,6 +66,18 @@ enum Command {
         /// and 32 MiB of their data: over that, its next requests wait.)
         #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=65536))]
         max_connections: u32,
+    },
+    /// Run a daemon and start it again when it dies (killed, crashed): not when it
+    /// exits cleanly or is stopped with SIGTERM/SIGINT, which the supervisor passes on.
+    /// A first run exiting with a failure within 10 s is not retried; after 10 quick failures in a row
+    /// it gives up. `hornctl ublk add` runs its engine under one.
+    Supervise {
+        /// Restarts in a row (each run shorter than 60 s) before giving up.
+        #[arg(long, default_value_t = 10)]
+        max_restarts: u32,
+        /// The daemon's command line, after `--`.
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
     },
     /// Serve a volume's engine on its replicas until SIGINT or SIGTERM: claims them,
     /// holds the volume open, and serves the engine control service (snapshots and
@@ -185,6 +209,27 @@ fn read_secret(path: &std::path::Path) -> anyhow::Result<String> {
     Ok(s)
 }
 
+/// The ublk device an engine of volume `name` left when it died, to reattach to
+/// (user recovery) instead of making a new one: so the same `hornd engine` command,
+/// run again by a supervisor or by hand, brings the device back. A device of that
+/// volume still served by a live engine is refused.
+fn adopt_device(name: &str) -> anyhow::Result<Option<u32>> {
+    // Without ublk here, serving fails later with the reason.
+    let Ok(devices) = horn_ublk::list() else {
+        return Ok(None);
+    };
+    let Some(d) = devices.into_iter().find(|d| d.volume == name) else {
+        return Ok(None);
+    };
+    horn_ublk::device::check_recoverable(d.id)
+        .map_err(|e| anyhow::anyhow!("volume {name} already has a ublk device, {}: {e}", d.path))?;
+    eprintln!(
+        "hornd engine: volume {name} has {} (state {}) from an engine that died: reattaching to it",
+        d.path, d.state
+    );
+    Ok(Some(d.id))
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -193,7 +238,34 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let result = match Cli::parse().command {
+    let cli = Cli::parse();
+    if let (Some(path), false) = (&cli.log_file, matches!(cli.command, Command::Supervise { .. })) {
+        let rotation = horn_manager::logfile::Rotation {
+            max_bytes: cli.log_max_size,
+            keep: cli.log_keep,
+        };
+        if let Err(e) = horn_manager::logfile::redirect(path, rotation) {
+            eprintln!("hornd: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    }
+    let result = match cli.command {
+        Command::Supervise {
+            max_restarts,
+            command,
+        } => {
+            let policy = horn_manager::supervise::Policy {
+                max_restarts,
+                ..Default::default()
+            };
+            return match horn_manager::supervise::run(&command, &policy, cli.log_file) {
+                Ok(status) => ExitCode::from(status.code().map_or(1, |c| c.clamp(0, 255) as u8)),
+                Err(e) => {
+                    eprintln!("hornd supervise: {e:#}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
         Command::Replica {
             dir,
             listen,
@@ -274,7 +346,11 @@ fn main() -> ExitCode {
                     "--max-io {max_io} is over the 8 MiB the data wire carries"
                 )),
                 (_, Err(e)) => Err(e),
-                (Some(max_io_bytes), Ok(iscsi)) => {
+                (Some(max_io_bytes), Ok(iscsi)) => (|| {
+                    let recover = match (frontend, recover, id) {
+                        (Some(Frontend::Ublk), None, None) => adopt_device(&name)?,
+                        _ => recover,
+                    };
                     let ublk = frontend.filter(|f| matches!(f, Frontend::Ublk)).map(|_| {
                         let defaults = horn_ublk::UblkOptions::default();
                         horn_ublk::UblkOptions {
@@ -306,7 +382,7 @@ fn main() -> ExitCode {
                             cache: host_replica_cache,
                         }),
                     )
-                }
+                })(),
             }
         }
     };

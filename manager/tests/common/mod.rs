@@ -225,6 +225,27 @@ pub fn open_sockets(pid: u32) -> usize {
         .count()
 }
 
+/// Bytes that arrived on established TCP connections to local `addr` (IP:PORT) and
+/// wait unread (the receive queues in /proc/net/tcp): a stopped or capped server's
+/// backlog.
+pub fn unread_bytes(addr: &str) -> u64 {
+    let port = addr
+        .rsplit_once(':')
+        .and_then(|(_, p)| p.parse::<u16>().ok())
+        .unwrap();
+    let text = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    text.lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let local_port = u16::from_str_radix(f.get(1)?.rsplit_once(':')?.1, 16).ok()?;
+            let established = *f.get(3)? == "01";
+            let rx = u64::from_str_radix(f.get(4)?.split_once(':')?.1, 16).ok()?;
+            (local_port == port && established).then_some(rx)
+        })
+        .sum()
+}
+
 /// Waits up to 10 s for process `pid` to have at most `n` sockets open; the count it
 /// had when it stopped waiting.
 pub fn wait_for_sockets(pid: u32, n: usize) -> usize {
