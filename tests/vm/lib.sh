@@ -45,3 +45,28 @@ devices = json.load(sys.stdin)
 devices = devices if isinstance(devices, list) else devices.get("devices", [])
 print(next((d["pid"] for d in devices if d["id"] == int(sys.argv[1])), ""))' "$1"
 }
+
+# wait_written BYTES: waits until the device has completed BYTES of writes (its block
+# statistics), so a fault comes while a run is under way, not after a guessed sleep.
+wait_written() {
+    local want=$(( $(numfmt --from=iec "$1") / 512 )) sectors=0
+    for _ in $(seq 1200); do
+        sectors=$(awk '{ print $7 }' "/sys/block/${DEV#/dev/}/stat" 2>/dev/null || echo 0)
+        [ "${sectors:-0}" -ge "$want" ] && return 0
+        sleep 0.1
+    done
+    echo "only $((sectors * 512)) bytes written to $DEV in 120 s (waited for $1)"
+    return 1
+}
+
+# del_device: deletes DEV (within 60 s) and waits until its engine has exited and the
+# device node is gone, so the next step finds the replicas released.
+del_device() {
+    local pid
+    pid=$(engine_pid "$DEV_ID")
+    timeout 60 hornctl ublk del "$DEV_ID"
+    [ -n "$pid" ] && [ "$pid" -gt 0 ] && wait_gone "$pid"
+    for _ in $(seq 100); do [ -b "$DEV" ] || break; sleep 0.1; done
+    [ ! -b "$DEV" ] || { echo "$DEV still exists after del"; return 1; }
+    ! { [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; } || { echo "engine $pid still runs after del"; return 1; }
+}

@@ -19,4 +19,4 @@ cat dd2.err
 grep -qi "input/output error" dd2.err || { echo "expected EIO"; exit 1; }
 [ "$took" -lt 30 ] || { echo "took $took s"; exit 1; }
 echo "failed with EIO in $took s"
-hornctl ublk del "$DEV_ID"
+del_device

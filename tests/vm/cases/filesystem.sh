@@ -14,10 +14,7 @@ sync
 if hornctl ublk del "$DEV_ID" 2>del.err; then echo "deleting a mounted device succeeded"; exit 1; fi
 grep -q "in use" del.err || { echo "unexpected refusal: $(cat del.err)"; exit 1; }
 umount mnt
-hornctl ublk del "$DEV_ID"
-for _ in $(seq 100); do [ -b "$DEV" ] || break; sleep 0.1; done
-[ ! -b "$DEV" ] || { echo "$DEV still exists after del"; exit 1; }
-sleep 1
+del_device
 
 add_device fs-again
 fsck.ext4 -n -f "$DEV"
@@ -25,4 +22,4 @@ mount "$DEV" mnt
 (cd mnt && sha256sum --quiet -c ../sums)
 echo "all $(wc -l <sums) checksums match"
 umount mnt
-hornctl ublk del "$DEV_ID"
+del_device

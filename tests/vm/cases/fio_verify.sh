@@ -16,8 +16,7 @@ job=(--name=verify --ioengine=io_uring --direct=1 --rw=randwrite --bs=4k --iodep
     --verify=crc32c --verify_fatal=1)
 fio "${job[@]}" --filename="$DEV" --do_verify=1 --output=fio.out
 grep -E "err= *0" fio.out
-hornctl ublk del "$DEV_ID"
-sleep 1
+del_device
 add_device fio-again
 if grep -q "offered=.*user-copy" ublk-fio-again.log; then
     hornctl ublk list | grep -E "^$DEV_ID .* user "
@@ -33,4 +32,4 @@ fio --name=sizes --ioengine=io_uring --direct=1 --rw=randrw --bsrange=4k-1m --io
     --size=64M --offset=160M --verify=crc32c --verify_fatal=1 --do_verify=1 --filename="$DEV" \
     --output=fio3.out
 grep -E "err= *0" fio3.out
-hornctl ublk del "$DEV_ID"
+del_device

@@ -13,4 +13,4 @@ after=$(du -sk r1 | cut -f1)
 echo "replica 1 holds $before KiB before and $after KiB after fstrim"
 [ $((before - after)) -gt $((80 * 1024)) ] || { echo "fstrim gave back too little"; exit 1; }
 umount mnt
-hornctl ublk del "$DEV_ID"
+del_device

@@ -17,12 +17,10 @@ for cache in page direct; do
     grep -E "err= *0" "fio-$cache.out"
     control=$(sed -n 's/.*, control on \([0-9.:]*\).*/\1/p' "ublk-hosted-$cache.log" | head -1)
     hornctl engine --engine "$control" verify
-    hornctl ublk del "$DEV_ID"
-    sleep 1
+    del_device
     add_device "hosted-$cache-again" "${host[@]}"
     fio "${job[@]}" --verify_only --output="fio-$cache-2.out"
     grep -E "err= *0" "fio-$cache-2.out"
-    hornctl ublk del "$DEV_ID"
-    sleep 1
+    del_device
     cd ..
 done

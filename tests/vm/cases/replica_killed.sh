@@ -5,10 +5,10 @@ add_device kill
 fio --name=verify --filename="$DEV" --ioengine=io_uring --direct=1 --rw=randwrite --bs=4k \
     --iodepth=32 --size=128M --verify=crc32c --do_verify=1 --verify_fatal=1 --output=fio.out &
 fio_pid=$!
-sleep 3
+wait_written 16M
 kill -9 "${REPLICA_PIDS[1]}"
 echo "killed replica 2 during the writes"
 wait "$fio_pid"
 grep -E "err= *0" fio.out
 hornctl ublk list
-hornctl ublk del "$DEV_ID"
+del_device
