@@ -840,3 +840,27 @@ fn chap_guesses_are_answered_ever_later_and_discovery_can_require_it() {
     assert_eq!(Initiator::login_discovery(&t.addr, None).err(), Some((2, 1)));
     Initiator::login_discovery(&t.addr, chap("initiator-secret-1")).unwrap();
 }
+
+/// A volume that has lost every replica fails every I/O. The log gets a line per
+/// burst of failures, with a count, not one per I/O (before: a line per read).
+#[test]
+fn a_storm_of_failed_ios_logs_a_line_per_burst_not_per_io() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = replicas(dir.path(), 1);
+    let t = start_target(&[&r[0]], &[]).unwrap();
+    let mut i = Initiator::login(&t.addr, IQN, None).unwrap();
+    assert_eq!(i.write10(0, &pattern(1, 4096)).status, 0);
+    r[0].signal(libc::SIGKILL);
+    let failed = (0..2000).filter(|_| i.read10(0, 8).status != 0).count();
+    assert!(failed >= 1990, "only {failed} of 2000 reads failed");
+    let log = std::fs::read_to_string(&t.log).unwrap_or_default();
+    let lines = log
+        .lines()
+        .filter(|l| l.contains("a read of 8 blocks at LBA 0 failed"))
+        .count();
+    println!("{failed} reads failed; {lines} log lines about them");
+    assert!(
+        (1..=3).contains(&lines),
+        "{lines} lines for {failed} failed reads:\n{log}"
+    );
+}
