@@ -72,6 +72,13 @@ enum Command {
 }
 
 fn main() -> anyhow::Result<()> {
+    // Quiet unless asked (HORN_LOG=info): the figures go to stdout, progress to stderr.
+    if let Ok(filter) = tracing_subscriber::EnvFilter::try_from_env("HORN_LOG") {
+        tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .init();
+    }
     match Cli::parse().command {
         Command::Store(args) => store::run(args),
         Command::Volume(args) => volume::run(args),

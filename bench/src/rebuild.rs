@@ -69,6 +69,22 @@ fn wait_rebuild(v: &Volume, id: u64) -> Result<RebuildStatus> {
     }
 }
 
+/// Waits until the engine has dropped replica `data` (it was killed).
+fn wait_dropped(v: &Volume, data: &str) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !v
+        .replicas()
+        .iter()
+        .any(|(d, m)| d == data && *m == horn_engine::replica_set::Mode::Err)
+    {
+        if Instant::now() > deadline {
+            bail!("the engine did not drop {data} within 60 s of its end");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
 /// Writes the whole volume, 1 MiB at a time, 8 in flight; each MiB differs.
 fn fill(v: &mut Volume, size: u64) -> Result<()> {
     let mut out: Vec<VolumeCompletion> = Vec::new();
@@ -168,12 +184,15 @@ pub fn run(args: RebuildArgs) -> Result<()> {
     let mut best: Option<RebuildStatus> = None;
     let (mut runs, mut cp_runs) = (Vec::new(), Vec::new());
     let (mut cp_best, mut cp_bytes) = (f64::MAX, 0);
-    let mut b = None;
+    let mut b: Option<ReplicaProcess> = None;
     for rep in 0..args.repeat {
         eprintln!("full rebuild {}", rep + 1);
-        if rep > 0 {
-            v.close()?;
-            v = Volume::start(std::slice::from_ref(&a.addr), TIMEOUT)?.0;
+        // The replica the last round rebuilt goes: the engine drops it (durably), and
+        // the volume has `a` alone again.
+        if let Some(old) = b.take() {
+            let data = old.addr.data.clone();
+            drop(old);
+            wait_dropped(&v, &data)?;
         }
         let fresh = ReplicaProcess::start(&scratch.path().join(format!("b{rep}")), size)?;
         // SAFETY: sync takes no arguments; it starts each measurement with no dirty
@@ -195,9 +214,7 @@ pub fn run(args: RebuildArgs) -> Result<()> {
             (cp_best, cp_bytes) = (secs, bytes);
         }
         // The last one stays, for the delta rebuild.
-        if let Some(old) = b.replace(fresh) {
-            drop(old);
-        }
+        b = Some(fresh);
     }
     let b = b.expect("at least one repetition");
     let full = best.expect("at least one repetition");
@@ -222,10 +239,12 @@ pub fn run(args: RebuildArgs) -> Result<()> {
     });
     emit(&args, &result);
 
-    // 2. Delta: b away while 1% changes.
+    // 2. Delta: b away (killed, dropped) while 1% changes, then back on its directory.
     eprintln!("delta rebuild after 1% changed");
-    v.close()?;
-    let (mut v, _) = Volume::start(std::slice::from_ref(&a.addr), TIMEOUT)?;
+    let b_dir = scratch.path().join(format!("b{}", args.repeat - 1));
+    let b_data = b.addr.data.clone();
+    drop(b);
+    wait_dropped(&v, &b_data)?;
     let mut rng = SmallRng::seed_from_u64(3);
     let changed = size / 100 / 4096;
     let mut out = Vec::new();
@@ -246,6 +265,7 @@ pub fn run(args: RebuildArgs) -> Result<()> {
     for c in out.drain(..) {
         c.result?;
     }
+    let b = ReplicaProcess::start(&b_dir, size)?;
     let rebuild = add_replica(&mut v, b.addr.clone())?;
     let delta = wait_rebuild(&v, rebuild)?;
     let r = json!({

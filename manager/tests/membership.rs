@@ -652,3 +652,26 @@ fn seed() -> u64 {
     println!("seed {seed} (HORN_TEST_SEED={seed} reruns it)");
     seed
 }
+
+/// A replica stopped with SIGTERM answers "stopped" while it shuts down. The engine
+/// drops it and goes on; before, it took the answer for a newer engine's refusal of its
+/// read lease and faulted the whole volume ("deposed").
+#[test]
+fn a_replica_stopped_with_sigterm_is_dropped_and_does_not_fault_the_volume() {
+    let r = Replicas::start(3);
+    let (mut v, _) = Volume::start(&r.addrs(&[0, 1, 2]), TIMEOUT).unwrap();
+    v.write_at(0, &[7u8; 4096]).unwrap();
+    v.flush().unwrap();
+    r.daemons[1].as_ref().unwrap().signal(libc::SIGTERM);
+    common::eventually(
+        Duration::from_secs(30),
+        "the stopped replica was never dropped",
+        || v.replicas()[1].1 == Mode::Err,
+    );
+    assert_eq!(v.engine().faulted(), None, "the volume faulted");
+    v.write_at(4096, &[8u8; 4096]).unwrap();
+    let mut back = [0u8; 8192];
+    v.read_at(0, &mut back).unwrap();
+    assert!(back[..4096].iter().all(|&b| b == 7) && back[4096..].iter().all(|&b| b == 8));
+    v.close().unwrap();
+}

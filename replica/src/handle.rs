@@ -92,7 +92,9 @@ impl ServerHandle {
         let cmd: Command = Box::new(move |r| {
             let _ = reply_tx.send(f(r));
         });
-        let stopped = || ReplicaError::InvalidOperation("the replica server has stopped".into());
+        // Going away, not refusing: callers treat it as a replica that does not answer
+        // (an engine must not take it for a newer engine's refusal).
+        let stopped = || ReplicaError::Unavailable("the replica server has stopped".into());
         tx.send(Some(cmd)).map_err(|_| stopped())?;
         waker.wake();
         reply_rx.recv().map_err(|_| stopped())
