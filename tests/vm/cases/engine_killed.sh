@@ -6,9 +6,9 @@ source "$HORN_REPO/tests/vm/lib.sh"
 start_replicas 3 256M
 add_device upgrade --no-supervise
 fio --name=verify --filename="$DEV" --ioengine=io_uring --direct=1 --rw=randwrite --bs=4k \
-    --iodepth=32 --size=96M --verify=crc32c --do_verify=1 --verify_fatal=1 --output=fio.out &
+    --iodepth=32 --size=48M --verify=crc32c --do_verify=1 --verify_fatal=1 --output=fio.out &
 fio_pid=$!
-wait_written 16M
+wait_written 8M
 engine=$(engine_pid "$DEV_ID")
 [ -n "$engine" ] && [ "$engine" -gt 0 ] || { echo "no engine pid in: $(hornctl ublk list --json)"; exit 1; }
 kill -9 "$engine"

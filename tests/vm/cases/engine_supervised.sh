@@ -9,9 +9,9 @@ first=$(engine_pid "$DEV_ID")
 supervisor=$(pgrep -f "hornd --log-file $PWD/ublk-supervised.log supervise")
 [ -n "$supervisor" ] || { echo "no supervisor runs"; ps -ef | grep hornd; exit 1; }
 fio --name=verify --filename="$DEV" --ioengine=io_uring --direct=1 --rw=randwrite --bs=4k \
-    --iodepth=32 --size=96M --verify=crc32c --do_verify=1 --verify_fatal=1 --output=fio.out &
+    --iodepth=32 --size=48M --verify=crc32c --do_verify=1 --verify_fatal=1 --output=fio.out &
 fio_pid=$!
-wait_written 16M
+wait_written 8M
 kill -9 "$first"
 echo "engine $first killed during the writes"
 now=""
