@@ -373,6 +373,16 @@ impl Login {
                     )
                 }
                 _ => match self.params.negotiate(&self.target.offer, &k, &v) {
+                    // The initiator's MaxRecvDataSegmentLength is a declaration: out of
+                    // range, it cannot be answered Reject, since the target declares the
+                    // same key itself and a key twice in a response is a protocol error.
+                    Answer::Reply(a) if a == "Reject" && k == "MaxRecvDataSegmentLength" => {
+                        return self.fail(
+                            req,
+                            status::INITIATOR_ERROR,
+                            &format!("{k}={v} is outside 512 to 16777215"),
+                        )
+                    }
                     Answer::Reply(a) => reply.push((k, a)),
                     Answer::Silent => {}
                     Answer::NotOperational => reply.push((k, "NotUnderstood".into())),
@@ -642,6 +652,23 @@ mod tests {
         let mut keys = BASE.to_vec();
         keys.push(("AuthMethod", "None"));
         assert_eq!(l.step(&req(0, 1, true), &kv(&keys), 1).outcome, Outcome::Failed);
+    }
+
+    #[test]
+    fn an_out_of_range_segment_length_fails_the_login_rather_than_declare_the_key_twice() {
+        // Found by the iscsi_login_text fuzz target: the initiator's value was answered
+        // Reject, and the target's own declaration followed in the same response.
+        let mut l = Login::new(target(Auth::default()));
+        let mut keys = BASE.to_vec();
+        keys.push(("MaxRecvDataSegmentLength", "12"));
+        let s = l.step(&req(1, 3, true), &kv(&keys), 1);
+        assert!(
+            text::parse(&s.data).is_ok(),
+            "a key twice: {:?}",
+            String::from_utf8_lossy(&s.data)
+        );
+        assert_eq!(s.outcome, Outcome::Failed);
+        assert_eq!((s.bhs.0[36], s.bhs.0[37]), status::INITIATOR_ERROR);
     }
 
     #[test]
