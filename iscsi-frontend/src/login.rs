@@ -162,7 +162,9 @@ fn hex(bytes: &[u8]) -> String {
 /// Decodes a CHAP binary value: `0x` hex or `0b` base64 (§6.1).
 fn binary(v: &str) -> Option<Vec<u8>> {
     if let Some(h) = v.strip_prefix("0x").or_else(|| v.strip_prefix("0X")) {
-        if h.len() % 2 == 1 || h.is_empty() {
+        // Hex digits only, checked before slicing: a multi-byte character would put a
+        // two-byte slice off a character boundary.
+        if h.len() % 2 == 1 || h.is_empty() || !h.bytes().all(|b| b.is_ascii_hexdigit()) {
             return None;
         }
         (0..h.len())
@@ -634,6 +636,41 @@ mod tests {
         assert!(matches!(chap_login("twelve-bytes", true), Outcome::Complete(_)));
         assert_eq!(chap_login("wrong-secret", false), Outcome::Failed);
         assert_eq!(chap_login("wrong-secret", true), Outcome::Failed);
+    }
+
+    #[test]
+    fn a_chap_value_that_is_not_ascii_hex_is_refused_without_a_panic() {
+        // Found by the iscsi_login_text fuzz target: hex was sliced two bytes at a
+        // time, and a multi-byte character panicked the connection's thread.
+        assert_eq!(binary("0x0011223344556677889\u{de}abbccddeeff"), None);
+        assert_eq!(binary("0x+f+f"), None, "a sign is not a hex digit");
+        assert_eq!(binary("0x00ff"), Some(vec![0, 0xff]));
+        let auth = Auth {
+            discovery: false,
+            chap: Some(ChapSecret {
+                user: "u".into(),
+                secret: "twelve-bytes".into(),
+            }),
+            mutual: None,
+        };
+        let mut l = Login::new(target(auth));
+        let mut keys = BASE.to_vec();
+        keys.push(("AuthMethod", "CHAP"));
+        assert_eq!(
+            l.step(&req(0, 1, false), &kv(&keys), 1).outcome,
+            Outcome::Continue
+        );
+        assert_eq!(
+            l.step(&req(0, 1, false), &kv(&[("CHAP_A", "5")]), 1).outcome,
+            Outcome::Continue
+        );
+        let answer = [
+            ("CHAP_N", "u"),
+            ("CHAP_R", "0x0011223344556677889\u{de}abbccddeeff"),
+        ];
+        let s = l.step(&req(0, 1, true), &kv(&answer), 1);
+        assert_eq!(s.outcome, Outcome::Failed);
+        assert_eq!((s.bhs.0[36], s.bhs.0[37]), status::AUTH_FAILED);
     }
 
     #[test]
