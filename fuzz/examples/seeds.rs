@@ -904,9 +904,10 @@ fn files(seeds: &Seeds) {
     bad[16] ^= 0xff;
     put(&zeros_dir, "bad_first_record", &with(0, &bad));
 
-    for (name, regions, marks) in [
-        ("one_page", 64u64, vec![0u64, 5, 63]),
-        ("two_pages", 40_000, vec![0, 32_704, 39_999]),
+    // Mode bit 2: a region count around one page of bits (32,704 - 512 + the u16).
+    for (name, regions, marks, large) in [
+        ("one_page", 63u64, vec![0u64, 5, 62], 0u8),
+        ("two_pages", 32_900, vec![0, 32_704, 32_899], 4),
     ] {
         let d = horn_fuzz::fresh_dir("seeds-intent");
         let mut log = IntentLog::open(&d, regions * REGION_SIZE).unwrap();
@@ -915,21 +916,30 @@ fn files(seeds: &Seeds) {
         }
         drop(log);
         let bytes = std::fs::read(d.join(horn_replica::intent::INTENT_FILE)).unwrap();
-        let prefix = (regions as u16).to_le_bytes();
-        put(&intent_dir, name, &[[2u8].as_slice(), &prefix, &bytes].concat());
+        let pick = if large != 0 {
+            regions - (32_704 - 512)
+        } else {
+            regions - 1
+        };
+        let prefix = (pick as u16).to_le_bytes();
+        put(
+            &intent_dir,
+            name,
+            &[[2 | large].as_slice(), &prefix, &bytes].concat(),
+        );
         let mut torn = bytes.clone();
         torn[4096 + 100] ^= 1;
         put(
             &intent_dir,
             &format!("{name}_torn"),
-            &[[2u8].as_slice(), &prefix, &torn].concat(),
+            &[[2 | large].as_slice(), &prefix, &torn].concat(),
         );
         let mut cut = bytes;
         cut.truncate(4096 + 2048);
         put(
             &intent_dir,
             &format!("{name}_cut"),
-            &[[3u8].as_slice(), &prefix, &cut].concat(),
+            &[[3 | large].as_slice(), &prefix, &cut].concat(),
         );
     }
 }
