@@ -162,7 +162,9 @@ fn hex(bytes: &[u8]) -> String {
 /// Decodes a CHAP binary value: `0x` hex or `0b` base64 (§6.1).
 fn binary(v: &str) -> Option<Vec<u8>> {
     if let Some(h) = v.strip_prefix("0x").or_else(|| v.strip_prefix("0X")) {
-        if h.len() % 2 == 1 || h.is_empty() {
+        // Hex digits only, checked before slicing: a multi-byte character would put a
+        // two-byte slice off a character boundary.
+        if h.len() % 2 == 1 || h.is_empty() || !h.bytes().all(|b| b.is_ascii_hexdigit()) {
             return None;
         }
         (0..h.len())
@@ -373,6 +375,16 @@ impl Login {
                     )
                 }
                 _ => match self.params.negotiate(&self.target.offer, &k, &v) {
+                    // The initiator's MaxRecvDataSegmentLength is a declaration: out of
+                    // range, it cannot be answered Reject, since the target declares the
+                    // same key itself and a key twice in a response is a protocol error.
+                    Answer::Reply(a) if a == "Reject" && k == "MaxRecvDataSegmentLength" => {
+                        return self.fail(
+                            req,
+                            status::INITIATOR_ERROR,
+                            &format!("{k}={v} is outside 512 to 16777215"),
+                        )
+                    }
                     Answer::Reply(a) => reply.push((k, a)),
                     Answer::Silent => {}
                     Answer::NotOperational => reply.push((k, "NotUnderstood".into())),
@@ -627,6 +639,41 @@ mod tests {
     }
 
     #[test]
+    fn a_chap_value_that_is_not_ascii_hex_is_refused_without_a_panic() {
+        // Found by the iscsi_login_text fuzz target: hex was sliced two bytes at a
+        // time, and a multi-byte character panicked the connection's thread.
+        assert_eq!(binary("0x0011223344556677889\u{de}abbccddeeff"), None);
+        assert_eq!(binary("0x+f+f"), None, "a sign is not a hex digit");
+        assert_eq!(binary("0x00ff"), Some(vec![0, 0xff]));
+        let auth = Auth {
+            discovery: false,
+            chap: Some(ChapSecret {
+                user: "u".into(),
+                secret: "twelve-bytes".into(),
+            }),
+            mutual: None,
+        };
+        let mut l = Login::new(target(auth));
+        let mut keys = BASE.to_vec();
+        keys.push(("AuthMethod", "CHAP"));
+        assert_eq!(
+            l.step(&req(0, 1, false), &kv(&keys), 1).outcome,
+            Outcome::Continue
+        );
+        assert_eq!(
+            l.step(&req(0, 1, false), &kv(&[("CHAP_A", "5")]), 1).outcome,
+            Outcome::Continue
+        );
+        let answer = [
+            ("CHAP_N", "u"),
+            ("CHAP_R", "0x0011223344556677889\u{de}abbccddeeff"),
+        ];
+        let s = l.step(&req(0, 1, true), &kv(&answer), 1);
+        assert_eq!(s.outcome, Outcome::Failed);
+        assert_eq!((s.bhs.0[36], s.bhs.0[37]), status::AUTH_FAILED);
+    }
+
+    #[test]
     fn chap_cannot_be_skipped() {
         let auth = Auth {
             discovery: false,
@@ -642,6 +689,23 @@ mod tests {
         let mut keys = BASE.to_vec();
         keys.push(("AuthMethod", "None"));
         assert_eq!(l.step(&req(0, 1, true), &kv(&keys), 1).outcome, Outcome::Failed);
+    }
+
+    #[test]
+    fn an_out_of_range_segment_length_fails_the_login_rather_than_declare_the_key_twice() {
+        // Found by the iscsi_login_text fuzz target: the initiator's value was answered
+        // Reject, and the target's own declaration followed in the same response.
+        let mut l = Login::new(target(Auth::default()));
+        let mut keys = BASE.to_vec();
+        keys.push(("MaxRecvDataSegmentLength", "12"));
+        let s = l.step(&req(1, 3, true), &kv(&keys), 1);
+        assert!(
+            text::parse(&s.data).is_ok(),
+            "a key twice: {:?}",
+            String::from_utf8_lossy(&s.data)
+        );
+        assert_eq!(s.outcome, Outcome::Failed);
+        assert_eq!((s.bhs.0[36], s.bhs.0[37]), status::INITIATOR_ERROR);
     }
 
     #[test]
