@@ -445,7 +445,7 @@ fn unescape_mount_field(s: &str) -> String {
 
 /// Blocks SIGINT and SIGTERM in this thread (and the threads it starts) and returns
 /// them for a waiter thread: only that thread then receives them.
-fn block_stop_signals() -> Result<SigSet> {
+pub(crate) fn block_stop_signals() -> Result<SigSet> {
     let mut stop_signals = SigSet::empty();
     stop_signals.add(Signal::SIGINT);
     stop_signals.add(Signal::SIGTERM);

@@ -29,7 +29,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use nix::sys::signal::{SigSet, Signal};
 
 /// How a supervisor behaves.
 #[derive(Debug, Clone)]
@@ -120,12 +119,7 @@ pub fn run(command: &[String], policy: &Policy, log: Option<PathBuf>) -> Result<
         }
     };
     // Stop signals go to one thread, which passes them on to the child.
-    let mut stop_signals = SigSet::empty();
-    stop_signals.add(Signal::SIGINT);
-    stop_signals.add(Signal::SIGTERM);
-    stop_signals
-        .thread_block()
-        .context("cannot block SIGINT/SIGTERM")?;
+    let stop_signals = crate::daemon::block_stop_signals()?;
     let child_pid = Arc::new(AtomicI32::new(0));
     let stopping = Arc::new(AtomicBool::new(false));
     {

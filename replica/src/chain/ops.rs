@@ -220,13 +220,7 @@ impl SnapshotChain {
         if !new_zeros.is_empty() {
             let mut all = zeros::load(&zeros_path(&self.dir, child), csize)?;
             all.extend(new_zeros);
-            let name = zeros_path(&self.dir, child);
-            let fname = name
-                .file_name()
-                .expect("has a name")
-                .to_string_lossy()
-                .into_owned();
-            zeros::rewrite(&self.dir, &fname, &merge(all))?;
+            self.rewrite_zeros(child, all)?;
         }
         crash::point("purge:copied");
 
@@ -299,13 +293,7 @@ impl SnapshotChain {
         let pzeros = zeros::load(&zeros_path(&self.dir, parent), size)?;
         let mut all = subtract(&pzeros, &hdata);
         all.extend(hzeros);
-        let name = zeros_path(&self.dir, parent);
-        let fname = name
-            .file_name()
-            .expect("has a name")
-            .to_string_lossy()
-            .into_owned();
-        zeros::rewrite(&self.dir, &fname, &merge(all))?;
+        self.rewrite_zeros(parent, all)?;
         crash::point("purge:copied");
 
         let mut m = self.meta.clone();
@@ -324,6 +312,17 @@ impl SnapshotChain {
         unlink_if_present(&zeros_path(&self.dir, head))?;
         meta::sync_dir(&self.dir)?;
         self.reload()
+    }
+
+    /// Replaces layer `id`'s zero-extent log with `extents` (merged), atomically.
+    fn rewrite_zeros(&self, id: u64, extents: Vec<Extent>) -> Result<()> {
+        let path = zeros_path(&self.dir, id);
+        let name = path
+            .file_name()
+            .expect("has a name")
+            .to_string_lossy()
+            .into_owned();
+        zeros::rewrite(&self.dir, &name, &merge(extents))
     }
 
     /// The id of snapshot `name`, which a revert may go back to.
