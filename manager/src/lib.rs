@@ -3,9 +3,12 @@
 //! Today this crate holds the daemons' bodies ([`daemon`], behind `hornd`: a replica
 //! server, an engine with its ublk or iSCSI frontend), what `hornctl` needs to manage
 //! replica directories and engines, and the formatting shared by Horn's command-line
-//! output: byte sizes and times for people, JSON for scripts. The control plane (the
-//! manager's volumes, nodes and scheduling, health, recurring jobs, backups) lands
-//! here with its issues; replication, rebuild and reconciliation stay in the engine.
+//! output: byte sizes and times for people, JSON for scripts. The control plane lands
+//! here piece by piece: the [`store`] that keeps the manager's specs (compare-and-swap,
+//! revisions, leases, watches; an embedded database file by default) and the
+//! [`scheduler`] that places replicas (pure rules, property-tested) are in; the
+//! manager's objects, its API, the node agent and the reconciler follow. Replication,
+//! rebuild and reconciliation of data stay in the engine.
 //!
 //! It must never hold data-path logic: it calls `horn-replica` and `horn-engine` and
 //! turns their typed errors into messages at the edge.
@@ -15,4 +18,6 @@
 pub mod daemon;
 pub mod format;
 pub mod logfile;
+pub mod scheduler;
+pub mod store;
 pub mod supervise;
