@@ -18,6 +18,7 @@
 pub mod daemon;
 pub mod format;
 pub mod logfile;
+pub mod model;
 pub mod scheduler;
 pub mod store;
 pub mod supervise;

@@ -1,0 +1,701 @@
+//! The manager's objects as it keeps them in its [`Store`]: the *specs* (what should
+//! exist), checked before they are written, and [`Specs`], the typed access to them
+//! with compare-and-swap on every change.
+//!
+//! Keys: `volumes/NAME`, `nodes/NAME`, `replicas/VOLUME/ID` and `settings`; values
+//! are JSON. Runtime state (what runs, replica modes, rebuild progress, node
+//! readiness) is not here: the node agents report it and the manager rebuilds it
+//! after a restart.
+
+use std::collections::BTreeSet;
+
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+
+use crate::scheduler;
+use crate::store::{Expect, Revision, Store, StoreError, Txn};
+
+/// How a volume is served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Frontend {
+    /// A block device, `/dev/ublkbN`, on the attached node.
+    Ublk,
+    /// An iSCSI target on the attached node.
+    Iscsi,
+}
+
+/// Where a volume's data should be relative to its consumer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DataLocality {
+    /// No preference.
+    #[default]
+    Disabled,
+    /// Keep a replica on the attached node when one can be placed there.
+    BestEffort,
+    /// One replica, on the attached node only.
+    StrictLocal,
+}
+
+/// A volume: what the user asked for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct VolumeSpec {
+    /// The volume's name (1 to 63 of `A-Z a-z 0-9 . _ -`).
+    pub name: String,
+    /// Its size in bytes: a multiple of 4096, at most 64 TiB.
+    pub size: u64,
+    /// How many replicas it keeps.
+    pub replicas: u32,
+    /// Its logical sector size: 512 or 4096.
+    pub sector_size: u32,
+    /// How it is served when attached.
+    pub frontend: Frontend,
+    /// Where its data should be.
+    #[serde(default)]
+    pub data_locality: DataLocality,
+    /// Tags a node must carry to hold a replica.
+    #[serde(default)]
+    pub node_selector: BTreeSet<String>,
+    /// Tags a disk must carry to hold a replica.
+    #[serde(default)]
+    pub disk_selector: BTreeSet<String>,
+    /// The node it should be attached to, if any.
+    #[serde(default)]
+    pub attached_to: Option<String>,
+}
+
+/// The most replicas a volume may ask for.
+pub const MAX_REPLICAS: u32 = 16;
+
+impl VolumeSpec {
+    /// Checks the spec on its own; the error says what to change.
+    pub fn check(&self) -> Result<(), String> {
+        check_name("volume", &self.name)?;
+        horn_replica::meta::check_size(self.size).map_err(|why| format!("size {}: {why}", self.size))?;
+        if self.sector_size != 512 && self.sector_size != 4096 {
+            return Err(format!("sector size {} is not 512 or 4096", self.sector_size));
+        }
+        if self.replicas == 0 || self.replicas > MAX_REPLICAS {
+            return Err(format!(
+                "{} replicas: a volume has 1 to {MAX_REPLICAS}",
+                self.replicas
+            ));
+        }
+        if self.data_locality == DataLocality::StrictLocal && self.replicas != 1 {
+            return Err(format!(
+                "strict-local data locality keeps one replica, on the attached node; this volume asks for {}",
+                self.replicas
+            ));
+        }
+        for t in self.node_selector.iter().chain(&self.disk_selector) {
+            check_name("tag", t)?;
+        }
+        Ok(())
+    }
+}
+
+/// A disk of a node: a directory on a filesystem where replicas live.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct DiskSpec {
+    /// The directory (absolute).
+    pub path: String,
+    /// Its tags.
+    #[serde(default)]
+    pub tags: BTreeSet<String>,
+    /// Bytes kept out of Horn's reach.
+    #[serde(default)]
+    pub reserved: u64,
+    /// Whether new replicas may be placed on it.
+    pub allow_scheduling: bool,
+}
+
+/// A node: a machine running `hornd node`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct NodeSpec {
+    /// The node's name.
+    pub name: String,
+    /// The address its agent serves at.
+    pub address: String,
+    /// Its zone (empty: none).
+    #[serde(default)]
+    pub zone: String,
+    /// Its tags.
+    #[serde(default)]
+    pub tags: BTreeSet<String>,
+    /// Cordoned: no new replicas or engines are placed on it.
+    #[serde(default)]
+    pub cordoned: bool,
+    /// Its disks.
+    #[serde(default)]
+    pub disks: Vec<DiskSpec>,
+}
+
+impl NodeSpec {
+    /// Checks the spec on its own.
+    pub fn check(&self) -> Result<(), String> {
+        check_name("node", &self.name)?;
+        if self.address.parse::<std::net::SocketAddr>().is_err() {
+            return Err(format!(
+                "node {}: address {:?} is not IP:PORT",
+                self.name, self.address
+            ));
+        }
+        if !self.zone.is_empty() {
+            check_name("zone", &self.zone)?;
+        }
+        for t in self.tags.iter().chain(self.disks.iter().flat_map(|d| &d.tags)) {
+            check_name("tag", t)?;
+        }
+        let mut paths = BTreeSet::new();
+        for d in &self.disks {
+            if !d.path.starts_with('/') {
+                return Err(format!(
+                    "node {}: disk path {:?} is not absolute",
+                    self.name, d.path
+                ));
+            }
+            if !paths.insert(d.path.as_str()) {
+                return Err(format!("node {}: disk {} is listed twice", self.name, d.path));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A replica of a volume, placed on a node's disk.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct ReplicaSpec {
+    /// The replica's id, unique within its volume.
+    pub id: String,
+    /// Its volume.
+    pub volume: String,
+    /// Where it lives.
+    pub node: String,
+    /// The disk's path on that node.
+    pub disk: String,
+}
+
+/// The cluster-wide settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Settings {
+    /// The scheduler's rules.
+    #[serde(flatten)]
+    pub scheduling: scheduler::Settings,
+    /// Seconds a failed replica is given to come back (then rebuilt by delta) before a
+    /// new one is scheduled elsewhere.
+    pub replica_replenishment_wait_secs: u64,
+    /// Seconds a node's lease lasts without renewal before it is marked down.
+    pub node_lease_secs: u64,
+}
+
+impl Default for Settings {
+    fn default() -> Settings {
+        Settings {
+            scheduling: scheduler::Settings::default(),
+            replica_replenishment_wait_secs: 60,
+            node_lease_secs: 15,
+        }
+    }
+}
+
+/// Names of volumes, nodes, zones and tags: the same rule as snapshot names, as they
+/// end up in paths and command lines too.
+fn check_name(what: &str, name: &str) -> Result<(), String> {
+    horn_replica::meta::validate_name(name).map_err(|e| format!("{what} name: {e}"))
+}
+
+/// A spec as read, with the revision to hand back when changing it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Versioned<T> {
+    /// The spec.
+    pub spec: T,
+    /// The revision that last wrote it.
+    pub revision: Revision,
+}
+
+/// What the typed spec access refuses.
+#[derive(Debug, thiserror::Error)]
+pub enum SpecError {
+    /// The spec is not valid.
+    #[error("{0}")]
+    Invalid(String),
+    /// An object of that name exists already.
+    #[error("{kind} {name} exists already")]
+    Exists {
+        /// volume, node...
+        kind: &'static str,
+        /// Its name.
+        name: String,
+    },
+    /// No object of that name.
+    #[error("no {kind} is named {name}")]
+    NotFound {
+        /// volume, node...
+        kind: &'static str,
+        /// The name asked for.
+        name: String,
+    },
+    /// The operation is refused in the object's present state.
+    #[error("{0}")]
+    Refused(String),
+    /// The store failed or refused (a conflict: read again and retry).
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A stored value does not decode.
+    #[error("the stored {key} is corrupt: {why}")]
+    Corrupt {
+        /// Its key.
+        key: String,
+        /// The decoder's complaint.
+        why: String,
+    },
+}
+
+fn volume_key(name: &str) -> String {
+    format!("volumes/{name}")
+}
+
+fn node_key(name: &str) -> String {
+    format!("nodes/{name}")
+}
+
+fn replica_key(volume: &str, id: &str) -> String {
+    format!("replicas/{volume}/{id}")
+}
+
+const SETTINGS_KEY: &str = "settings";
+
+/// Typed, checked access to the specs in a [`Store`].
+pub struct Specs<S: Store> {
+    store: S,
+}
+
+impl<S: Store> Specs<S> {
+    /// Specs kept in `store`.
+    pub fn new(store: S) -> Specs<S> {
+        Specs { store }
+    }
+
+    /// The store underneath (for watches).
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
+    fn read<T: DeserializeOwned>(&self, key: &str) -> Result<Option<Versioned<T>>, SpecError> {
+        let Some(entry) = self.store.get(key)? else {
+            return Ok(None);
+        };
+        let spec = serde_json::from_slice(&entry.value).map_err(|e| SpecError::Corrupt {
+            key: key.to_string(),
+            why: e.to_string(),
+        })?;
+        Ok(Some(Versioned {
+            spec,
+            revision: entry.revision,
+        }))
+    }
+
+    fn read_all<T: DeserializeOwned>(&self, prefix: &str) -> Result<Vec<Versioned<T>>, SpecError> {
+        let (_, entries) = self.store.list(prefix)?;
+        entries
+            .into_iter()
+            .map(|(key, e)| {
+                let spec = serde_json::from_slice(&e.value).map_err(|err| SpecError::Corrupt {
+                    key,
+                    why: err.to_string(),
+                })?;
+                Ok(Versioned {
+                    spec,
+                    revision: e.revision,
+                })
+            })
+            .collect()
+    }
+
+    fn json<T: Serialize>(spec: &T) -> Vec<u8> {
+        serde_json::to_vec(spec).expect("specs always serialise")
+    }
+
+    /// Creates a volume; refused if the name is taken or the spec is invalid.
+    pub fn create_volume(&self, spec: &VolumeSpec) -> Result<Revision, SpecError> {
+        spec.check().map_err(SpecError::Invalid)?;
+        let key = volume_key(&spec.name);
+        match self
+            .store
+            .commit(Txn::new().check(&key, Expect::Absent).put(&key, Self::json(spec)))
+        {
+            Err(StoreError::Conflict { .. }) => Err(SpecError::Exists {
+                kind: "volume",
+                name: spec.name.clone(),
+            }),
+            other => Ok(other?),
+        }
+    }
+
+    /// The volume named `name`.
+    pub fn volume(&self, name: &str) -> Result<Versioned<VolumeSpec>, SpecError> {
+        self.read(&volume_key(name))?.ok_or_else(|| SpecError::NotFound {
+            kind: "volume",
+            name: name.to_string(),
+        })
+    }
+
+    /// Every volume, by name.
+    pub fn volumes(&self) -> Result<Vec<Versioned<VolumeSpec>>, SpecError> {
+        self.read_all("volumes/")
+    }
+
+    /// Replaces a volume's spec read at `revision` with `spec` (same name), after
+    /// checking that the change is allowed: no shrinking, no change of sector size.
+    pub fn update_volume(&self, spec: &VolumeSpec, revision: Revision) -> Result<Revision, SpecError> {
+        spec.check().map_err(SpecError::Invalid)?;
+        let old = self.volume(&spec.name)?;
+        if spec.size < old.spec.size {
+            return Err(SpecError::Refused(format!(
+                "volume {} cannot shrink from {} to {} bytes",
+                spec.name, old.spec.size, spec.size
+            )));
+        }
+        if spec.sector_size != old.spec.sector_size {
+            return Err(SpecError::Refused(format!(
+                "volume {}: the sector size cannot change once data is written",
+                spec.name
+            )));
+        }
+        let key = volume_key(&spec.name);
+        Ok(self.store.commit(
+            Txn::new()
+                .check(&key, Expect::At(revision))
+                .put(&key, Self::json(spec)),
+        )?)
+    }
+
+    /// Deletes a volume and its replicas' specs; refused while it is attached.
+    pub fn delete_volume(&self, name: &str) -> Result<Revision, SpecError> {
+        let v = self.volume(name)?;
+        if let Some(node) = &v.spec.attached_to {
+            return Err(SpecError::Refused(format!(
+                "volume {name} is attached to node {node}: detach it first"
+            )));
+        }
+        let mut txn = Txn::new()
+            .check(volume_key(name), Expect::At(v.revision))
+            .delete(volume_key(name));
+        for r in self.replicas(name)? {
+            txn = txn
+                .check(replica_key(name, &r.spec.id), Expect::At(r.revision))
+                .delete(replica_key(name, &r.spec.id));
+        }
+        Ok(self.store.commit(txn)?)
+    }
+
+    /// Registers a node or replaces its spec (an agent registers at every start).
+    pub fn put_node(&self, spec: &NodeSpec) -> Result<Revision, SpecError> {
+        spec.check().map_err(SpecError::Invalid)?;
+        Ok(self
+            .store
+            .commit(Txn::new().put(node_key(&spec.name), Self::json(spec)))?)
+    }
+
+    /// The node named `name`.
+    pub fn node(&self, name: &str) -> Result<Versioned<NodeSpec>, SpecError> {
+        self.read(&node_key(name))?.ok_or_else(|| SpecError::NotFound {
+            kind: "node",
+            name: name.to_string(),
+        })
+    }
+
+    /// Every node, by name.
+    pub fn nodes(&self) -> Result<Vec<Versioned<NodeSpec>>, SpecError> {
+        self.read_all("nodes/")
+    }
+
+    /// Records a replica of `spec.volume` placed by the scheduler, if the volume is
+    /// still as read at `volume_revision` and the node exists.
+    pub fn add_replica(&self, spec: &ReplicaSpec, volume_revision: Revision) -> Result<Revision, SpecError> {
+        check_name("replica", &spec.id).map_err(SpecError::Invalid)?;
+        let node = self.node(&spec.node)?;
+        if !node.spec.disks.iter().any(|d| d.path == spec.disk) {
+            return Err(SpecError::Invalid(format!(
+                "node {} has no disk {}",
+                spec.node, spec.disk
+            )));
+        }
+        let key = replica_key(&spec.volume, &spec.id);
+        Ok(self.store.commit(
+            Txn::new()
+                .check(volume_key(&spec.volume), Expect::At(volume_revision))
+                .check(node_key(&spec.node), Expect::At(node.revision))
+                .check(&key, Expect::Absent)
+                .put(&key, Self::json(spec)),
+        )?)
+    }
+
+    /// The replicas of `volume`, by id.
+    pub fn replicas(&self, volume: &str) -> Result<Vec<Versioned<ReplicaSpec>>, SpecError> {
+        self.read_all(&format!("replicas/{volume}/"))
+    }
+
+    /// The settings (the defaults until someone changes them).
+    pub fn settings(&self) -> Result<Versioned<Settings>, SpecError> {
+        Ok(self.read(SETTINGS_KEY)?.unwrap_or(Versioned {
+            spec: Settings::default(),
+            revision: 0,
+        }))
+    }
+
+    /// Replaces the settings read at `revision` (0: never written).
+    pub fn put_settings(&self, settings: &Settings, revision: Revision) -> Result<Revision, SpecError> {
+        let s = &settings.scheduling;
+        if s.over_provisioning_percent == 0 || s.over_provisioning_percent > 1000 {
+            return Err(SpecError::Invalid(format!(
+                "over-provisioning {}%: give 1 to 1000",
+                s.over_provisioning_percent
+            )));
+        }
+        if s.minimal_available_percent > 100 {
+            return Err(SpecError::Invalid(format!(
+                "minimal available {}%: give 0 to 100",
+                s.minimal_available_percent
+            )));
+        }
+        if settings.node_lease_secs == 0 {
+            return Err(SpecError::Invalid(
+                "a node lease of 0 s would mark every node down".into(),
+            ));
+        }
+        let expect = if revision == 0 {
+            Expect::Absent
+        } else {
+            Expect::At(revision)
+        };
+        Ok(self.store.commit(
+            Txn::new()
+                .check(SETTINGS_KEY, expect)
+                .put(SETTINGS_KEY, Self::json(settings)),
+        )?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::embedded::EmbeddedStore;
+
+    fn specs() -> (tempfile::TempDir, Specs<EmbeddedStore>) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(dir.path().join("specs.redb")).unwrap();
+        (dir, Specs::new(store))
+    }
+
+    fn volume(name: &str) -> VolumeSpec {
+        VolumeSpec {
+            name: name.into(),
+            size: 1 << 30,
+            replicas: 3,
+            sector_size: 512,
+            frontend: Frontend::Ublk,
+            data_locality: DataLocality::Disabled,
+            node_selector: BTreeSet::new(),
+            disk_selector: BTreeSet::new(),
+            attached_to: None,
+        }
+    }
+
+    fn node(name: &str) -> NodeSpec {
+        NodeSpec {
+            name: name.into(),
+            address: "10.0.0.1:9700".into(),
+            zone: String::new(),
+            tags: BTreeSet::new(),
+            cordoned: false,
+            disks: vec![DiskSpec {
+                path: "/var/lib/horn".into(),
+                tags: BTreeSet::new(),
+                reserved: 0,
+                allow_scheduling: true,
+            }],
+        }
+    }
+
+    #[test]
+    fn bad_volume_specs_are_refused_with_what_to_change_and_nothing_is_written() {
+        let (_d, s) = specs();
+        let cases: Vec<(VolumeSpec, &str)> = vec![
+            (
+                VolumeSpec {
+                    size: 1000,
+                    ..volume("a")
+                },
+                "multiple of 4096",
+            ),
+            (
+                VolumeSpec {
+                    size: 0,
+                    ..volume("a")
+                },
+                "cannot be empty",
+            ),
+            (
+                VolumeSpec {
+                    replicas: 0,
+                    ..volume("a")
+                },
+                "1 to 16",
+            ),
+            (
+                VolumeSpec {
+                    sector_size: 1024,
+                    ..volume("a")
+                },
+                "not 512 or 4096",
+            ),
+            (
+                VolumeSpec {
+                    name: "a/b".into(),
+                    ..volume("a")
+                },
+                "volume name",
+            ),
+            (
+                VolumeSpec {
+                    data_locality: DataLocality::StrictLocal,
+                    ..volume("a")
+                },
+                "keeps one replica",
+            ),
+        ];
+        for (spec, says) in cases {
+            let err = s.create_volume(&spec).unwrap_err().to_string();
+            assert!(err.contains(says), "{spec:?}: {err}");
+        }
+        assert!(s.volumes().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_duplicate_name_a_shrink_and_deleting_an_attached_volume_are_refused() {
+        let (_d, s) = specs();
+        s.create_volume(&volume("data")).unwrap();
+        let err = s.create_volume(&volume("data")).unwrap_err();
+        assert_eq!(err.to_string(), "volume data exists already");
+        let v = s.volume("data").unwrap();
+        let smaller = VolumeSpec {
+            size: 1 << 29,
+            ..v.spec.clone()
+        };
+        assert!(s
+            .update_volume(&smaller, v.revision)
+            .unwrap_err()
+            .to_string()
+            .contains("cannot shrink"));
+        let attached = VolumeSpec {
+            attached_to: Some("n1".into()),
+            size: 2 << 30,
+            ..v.spec.clone()
+        };
+        let r = s.update_volume(&attached, v.revision).unwrap();
+        // A second writer that read the old revision loses.
+        let other = VolumeSpec {
+            size: 3 << 30,
+            ..v.spec.clone()
+        };
+        assert!(matches!(
+            s.update_volume(&other, v.revision),
+            Err(SpecError::Store(StoreError::Conflict { .. }))
+        ));
+        assert!(s
+            .delete_volume("data")
+            .unwrap_err()
+            .to_string()
+            .contains("detach it first"));
+        s.update_volume(&v.spec.clone(), r).unwrap_err(); // shrinking back is refused too
+        let detached = VolumeSpec {
+            attached_to: None,
+            ..attached
+        };
+        s.update_volume(&detached, r).unwrap();
+        s.delete_volume("data").unwrap();
+        assert!(matches!(s.volume("data"), Err(SpecError::NotFound { .. })));
+    }
+
+    #[test]
+    fn replicas_are_recorded_against_the_volume_and_node_as_read_and_go_with_the_volume() {
+        let (_d, s) = specs();
+        s.create_volume(&volume("data")).unwrap();
+        s.put_node(&node("n1")).unwrap();
+        let v = s.volume("data").unwrap();
+        let r = ReplicaSpec {
+            id: "r1".into(),
+            volume: "data".into(),
+            node: "n1".into(),
+            disk: "/var/lib/horn".into(),
+        };
+        s.add_replica(&r, v.revision).unwrap();
+        assert!(
+            s.add_replica(&r, v.revision).is_err(),
+            "a replica id is used once"
+        );
+        let elsewhere = ReplicaSpec {
+            disk: "/nope".into(),
+            id: "r2".into(),
+            ..r.clone()
+        };
+        assert!(s
+            .add_replica(&elsewhere, v.revision)
+            .unwrap_err()
+            .to_string()
+            .contains("has no disk /nope"));
+        // The volume changed since it was read: the placement is refused.
+        let v2 = VolumeSpec {
+            size: 2 << 30,
+            ..v.spec.clone()
+        };
+        s.update_volume(&v2, v.revision).unwrap();
+        let late = ReplicaSpec { id: "r3".into(), ..r };
+        assert!(s.add_replica(&late, v.revision).is_err());
+        assert_eq!(s.replicas("data").unwrap().len(), 1);
+        s.delete_volume("data").unwrap();
+        assert!(s.replicas("data").unwrap().is_empty());
+    }
+
+    #[test]
+    fn settings_default_until_written_and_bad_ones_are_refused() {
+        let (_d, s) = specs();
+        let cur = s.settings().unwrap();
+        assert_eq!(cur.spec, Settings::default());
+        let mut bad = cur.spec.clone();
+        bad.scheduling.over_provisioning_percent = 0;
+        assert!(s.put_settings(&bad, cur.revision).is_err());
+        let mut good = cur.spec.clone();
+        good.replica_replenishment_wait_secs = 0;
+        let r = s.put_settings(&good, cur.revision).unwrap();
+        assert_eq!(
+            s.settings().unwrap(),
+            Versioned {
+                spec: good.clone(),
+                revision: r
+            }
+        );
+        assert!(s.put_settings(&good, 0).is_err(), "a stale writer loses");
+    }
+
+    #[test]
+    fn bad_node_specs_are_refused() {
+        let (_d, s) = specs();
+        let mut n = node("n1");
+        n.address = "somewhere".into();
+        assert!(s.put_node(&n).unwrap_err().to_string().contains("not IP:PORT"));
+        let mut n = node("n1");
+        n.disks.push(n.disks[0].clone());
+        assert!(s.put_node(&n).unwrap_err().to_string().contains("listed twice"));
+        let mut n = node("n1");
+        n.disks[0].path = "relative".into();
+        assert!(s.put_node(&n).unwrap_err().to_string().contains("not absolute"));
+        assert!(s.nodes().unwrap().is_empty());
+    }
+}
