@@ -516,8 +516,9 @@ impl Login {
     }
 }
 
-/// Are `a` and `b` equal? Every byte is compared, whatever the first difference.
-fn equal_in_constant_time(a: &[u8], b: &[u8]) -> bool {
+/// Are `a` and `b` equal? Every byte is compared, whatever the first difference. (The
+/// manager checks its cluster token with it too.)
+pub fn equal_in_constant_time(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() {
         return false;
     }

@@ -443,6 +443,41 @@ fn unescape_mount_field(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// Serves the manager (`proto/manager.proto`) at `listen` with its specs in `data`
+/// (the store file and the cluster identity `hornctl cluster init` wrote there) until
+/// SIGINT or SIGTERM. Prints `hornd manager: ...` once serving.
+pub fn serve_manager(data: PathBuf, listen: String) -> Result<()> {
+    use crate::api::{authenticate, ClusterIdentity, ManagerService, Service};
+    let stop_signals = block_stop_signals()?;
+    let identity = ClusterIdentity::load(&data)?;
+    let path = crate::api::store_path(&data);
+    let store = crate::store::embedded::EmbeddedStore::open(&path)?;
+    let listener = TcpListener::bind(&listen).with_context(|| format!("cannot listen on {listen}"))?;
+    let addr = listener.local_addr()?;
+    let service = Service(std::sync::Arc::new(ManagerService::new(store, &identity, &path)));
+    let routes = tonic::service::Routes::new(
+        horn_proto::manager_api::manager_server::ManagerServer::with_interceptor(
+            service,
+            authenticate(identity.token.clone()),
+        ),
+    );
+    let (stopped_tx, stopped) = std::sync::mpsc::channel();
+    let grpc = serve_control_until_signal(listener, routes, stop_signals, move || {
+        let _ = stopped_tx.send(());
+    })?;
+    println!(
+        "hornd manager: cluster {} on {addr}, specs in {}",
+        identity.id,
+        path.display()
+    );
+    let _ = stopped.recv();
+    if grpc.join().is_err() {
+        tracing::warn!("the manager service thread panicked");
+    }
+    println!("hornd manager: stopped");
+    Ok(())
+}
+
 /// Blocks SIGINT and SIGTERM in this thread (and the threads it starts) and returns
 /// them for a waiter thread: only that thread then receives them.
 pub(crate) fn block_stop_signals() -> Result<SigSet> {

@@ -15,6 +15,8 @@
 
 #![warn(missing_docs)]
 
+pub mod api;
+pub mod ctl;
 pub mod daemon;
 pub mod format;
 pub mod logfile;

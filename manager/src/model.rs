@@ -375,6 +375,40 @@ impl<S: Store> Specs<S> {
         )?)
     }
 
+    /// Creates a volume together with its replicas' placements, in one transaction:
+    /// refused if the name is taken, or if any node in `nodes` (name, revision read)
+    /// changed since the placements were computed from it.
+    pub fn create_volume_placed(
+        &self,
+        spec: &VolumeSpec,
+        replicas: &[ReplicaSpec],
+        nodes: &[(String, Revision)],
+    ) -> Result<Revision, SpecError> {
+        spec.check().map_err(SpecError::Invalid)?;
+        let key = volume_key(&spec.name);
+        let mut txn = Txn::new().check(&key, Expect::Absent).put(&key, Self::json(spec));
+        for (node, revision) in nodes {
+            txn = txn.check(node_key(node), Expect::At(*revision));
+        }
+        for r in replicas {
+            check_name("replica", &r.id).map_err(SpecError::Invalid)?;
+            let rk = replica_key(&spec.name, &r.id);
+            txn = txn.check(&rk, Expect::Absent).put(rk, Self::json(r));
+        }
+        match self.store.commit(txn) {
+            Err(StoreError::Conflict { key: k, .. }) if k == key => Err(SpecError::Exists {
+                kind: "volume",
+                name: spec.name.clone(),
+            }),
+            other => Ok(other?),
+        }
+    }
+
+    /// Every replica of every volume.
+    pub fn all_replicas(&self) -> Result<Vec<Versioned<ReplicaSpec>>, SpecError> {
+        self.read_all("replicas/")
+    }
+
     /// Deletes a volume and its replicas' specs; refused while it is attached.
     pub fn delete_volume(&self, name: &str) -> Result<Revision, SpecError> {
         let v = self.volume(name)?;
@@ -408,6 +442,31 @@ impl<S: Store> Specs<S> {
             kind: "node",
             name: name.to_string(),
         })
+    }
+
+    /// Cordons or uncordons node `name` (read, changed, written if unchanged since:
+    /// retried a few times against concurrent writers).
+    pub fn set_cordoned(&self, name: &str, cordoned: bool) -> Result<Versioned<NodeSpec>, SpecError> {
+        let mut tries = 0;
+        loop {
+            let mut n = self.node(name)?;
+            n.spec.cordoned = cordoned;
+            let key = node_key(name);
+            match self.store.commit(
+                Txn::new()
+                    .check(&key, Expect::At(n.revision))
+                    .put(&key, Self::json(&n.spec)),
+            ) {
+                Ok(revision) => {
+                    return Ok(Versioned {
+                        spec: n.spec,
+                        revision,
+                    })
+                }
+                Err(StoreError::Conflict { .. }) if tries < 5 => tries += 1,
+                Err(e) => return Err(e.into()),
+            }
+        }
     }
 
     /// Every node, by name.

@@ -4,6 +4,7 @@
 //! replica must not be served by a running process meanwhile; the store's lock refuses
 //! it if it is). `hornctl engine ...` talks to a running engine's control service.
 //! `hornctl ublk ...` serves volumes as ublk block devices and lists and deletes them.
+//! `hornctl cluster|volume|node ...` talk to the manager (`hornd manager`).
 //! Tables for people, `--json` for scripts.
 
 use std::collections::BTreeMap;
@@ -51,6 +52,27 @@ enum Command {
         timeout: u64,
         #[command(subcommand)]
         cmd: EngineCmd,
+    },
+    /// The cluster's identity and the manager's state (`hornd manager`).
+    Cluster {
+        #[command(flatten)]
+        manager: horn_manager::ctl::ManagerAddr,
+        #[command(subcommand)]
+        cmd: horn_manager::ctl::ClusterCmd,
+    },
+    /// Volumes kept by the manager: create, list, show, delete.
+    Volume {
+        #[command(flatten)]
+        manager: horn_manager::ctl::ManagerAddr,
+        #[command(subcommand)]
+        cmd: horn_manager::ctl::VolumeCmd,
+    },
+    /// The manager's nodes: list, show, cordon.
+    Node {
+        #[command(flatten)]
+        manager: horn_manager::ctl::ManagerAddr,
+        #[command(subcommand)]
+        cmd: horn_manager::ctl::NodeCmd,
     },
     /// Serve volumes as ublk block devices on this machine (root, kernel with ublk_drv).
     Ublk {
@@ -996,6 +1018,9 @@ fn main() -> ExitCode {
             cmd,
         } => run_engine(engine, json, timeout, cmd),
         Command::Ublk { json, cmd } => run_ublk(json, cmd),
+        Command::Cluster { manager, cmd } => horn_manager::ctl::run_cluster(manager, cmd),
+        Command::Volume { manager, cmd } => horn_manager::ctl::run_volume(manager, cmd),
+        Command::Node { manager, cmd } => horn_manager::ctl::run_node(manager, cmd),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

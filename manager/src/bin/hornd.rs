@@ -5,8 +5,9 @@
 //! volume's engine on its replicas, with the engine control service
 //! (`proto/engine.proto`), and a frontend: `--frontend ublk` as a block device
 //! (`/dev/ublkbN`), `--frontend iscsi` as an iSCSI target; `--host-replica DIR` hosts
-//! the local replica in the engine's own process. (The manager and the CSI driver
-//! arrive as subcommands with their issues.)
+//! the local replica in the engine's own process. `hornd manager` serves the control
+//! plane's volumes and nodes (`proto/manager.proto`). (The node agent and the CSI
+//! driver arrive as subcommands with their issues.)
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -66,6 +67,18 @@ enum Command {
         /// and 32 MiB of their data: over that, its next requests wait.)
         #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=65536))]
         max_connections: u32,
+    },
+    /// Serve the manager: the cluster's volumes, nodes and their placement, for
+    /// `hornctl` (`proto/manager.proto`), until SIGINT or SIGTERM. Every call must
+    /// carry the cluster token that `hornctl cluster init --data DIR` wrote.
+    Manager {
+        /// The manager's directory: its cluster identity and its store
+        /// (`manager.redb`).
+        #[arg(long, default_value = "/var/lib/horn")]
+        data: PathBuf,
+        /// Address for the manager's service.
+        #[arg(long, default_value = horn_manager::api::DEFAULT_MANAGER)]
+        listen: String,
     },
     /// Run a daemon and start it again when it dies (killed, crashed): not when it
     /// exits cleanly or is stopped with SIGTERM/SIGINT, which the supervisor passes on.
@@ -286,6 +299,7 @@ fn main() -> ExitCode {
                 ..Default::default()
             },
         ),
+        Command::Manager { data, listen } => horn_manager::daemon::serve_manager(data, listen),
         Command::Engine {
             replicas,
             volume,

@@ -1,0 +1,624 @@
+//! The manager's gRPC service (`proto/manager.proto`): volumes and nodes for `hornctl`
+//! and, later, the CSI driver and the node agents.
+//!
+//! Every call must carry the cluster token ([`ClusterIdentity`], written by
+//! `hornctl cluster init`); [`authenticate`] refuses the others before the service
+//! sees them. Specs go through [`Specs`] (checked, compare-and-swap); placements come
+//! from the [`scheduler`]; what agents measure (disk capacity and free space) is kept
+//! in memory, never in the store: after a restart it arrives again with the agents'
+//! next registration. A node is ready while its lease in the store is renewed.
+
+use std::collections::BTreeMap;
+use std::io::Write as _;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use horn_proto::manager_api as pb;
+use horn_proto::manager_api::manager_server::Manager;
+use tonic::{Request, Response, Status};
+
+use crate::model::{DataLocality, DiskSpec, Frontend, NodeSpec, ReplicaSpec, SpecError, Specs, VolumeSpec};
+use crate::scheduler::{self, DiskView, Locality, NodeView};
+use crate::store::{LeaseId, Store, StoreError, Txn};
+
+/// The cluster's id and token, in files of the manager's data directory.
+#[derive(Debug, Clone)]
+pub struct ClusterIdentity {
+    /// A random id naming the cluster.
+    pub id: String,
+    /// The token every call must carry.
+    pub token: String,
+}
+
+const ID_FILE: &str = "cluster-id";
+
+/// Where `hornd manager` listens, and `hornctl` calls, by default.
+pub const DEFAULT_MANAGER: &str = "127.0.0.1:9400";
+/// The token's file name in the manager's data directory (mode 0600).
+pub const TOKEN_FILE: &str = "cluster-token";
+
+fn random_hex(bytes: usize) -> std::io::Result<String> {
+    let mut buf = vec![0u8; bytes];
+    std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut buf)?;
+    Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+impl ClusterIdentity {
+    /// Creates a new cluster identity in `dir`; refused if one is there already (a
+    /// second init would lock every client of the first out).
+    pub fn init(dir: &Path) -> anyhow::Result<ClusterIdentity> {
+        use anyhow::Context;
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        let token_path = dir.join(TOKEN_FILE);
+        if token_path.exists() {
+            anyhow::bail!(
+                "{} exists: this directory holds a cluster already (its token is there)",
+                token_path.display()
+            );
+        }
+        let identity = ClusterIdentity {
+            id: random_hex(8)?,
+            token: random_hex(32)?,
+        };
+        std::fs::write(dir.join(ID_FILE), format!("{}\n", identity.id))
+            .with_context(|| format!("cannot write {}", dir.join(ID_FILE).display()))?;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&token_path)
+            .with_context(|| format!("cannot create {}", token_path.display()))?;
+        writeln!(f, "{}", identity.token)?;
+        f.sync_all()?;
+        Ok(identity)
+    }
+
+    /// The identity `hornctl cluster init` wrote in `dir`.
+    pub fn load(dir: &Path) -> anyhow::Result<ClusterIdentity> {
+        let read = |name: &str| -> anyhow::Result<String> {
+            let path = dir.join(name);
+            let text = std::fs::read_to_string(&path).map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot read {}: {e}; run `hornctl cluster init --data {}` first",
+                    path.display(),
+                    dir.display()
+                )
+            })?;
+            let t = text.trim().to_string();
+            if t.is_empty() {
+                anyhow::bail!("{} is empty", path.display());
+            }
+            Ok(t)
+        };
+        Ok(ClusterIdentity {
+            id: read(ID_FILE)?,
+            token: read(TOKEN_FILE)?,
+        })
+    }
+}
+
+/// Refuses a call that does not carry `token` as `authorization: Bearer TOKEN`.
+pub fn authenticate(token: String) -> impl Fn(Request<()>) -> Result<Request<()>, Status> + Clone {
+    let want = format!("Bearer {token}");
+    move |req: Request<()>| {
+        let given = req
+            .metadata()
+            .get(pb::AUTHORIZATION)
+            .map(|v| v.as_bytes().to_vec())
+            .unwrap_or_default();
+        if given.is_empty() {
+            return Err(Status::unauthenticated(
+                "the call carries no cluster token (hornctl reads it from --token-file or HORN_TOKEN)",
+            ));
+        }
+        if !horn_iscsi::login::equal_in_constant_time(&given, want.as_bytes()) {
+            return Err(Status::unauthenticated("the cluster token is wrong"));
+        }
+        Ok(req)
+    }
+}
+
+/// What a node's agent measured of a disk.
+#[derive(Debug, Clone, Copy, Default)]
+struct Measured {
+    capacity: u64,
+    available: u64,
+}
+
+/// The manager's service over a store.
+pub struct ManagerService<S: Store + 'static> {
+    specs: Arc<Specs<S>>,
+    cluster_id: String,
+    store_path: String,
+    /// Disk measurements by (node, path), as last reported.
+    measured: Mutex<BTreeMap<(String, String), Measured>>,
+    /// Each node's lease in the store.
+    leases: Mutex<BTreeMap<String, LeaseId>>,
+}
+
+fn lease_key(node: &str) -> String {
+    format!("leases/nodes/{node}")
+}
+
+fn to_status(e: SpecError) -> Status {
+    match &e {
+        SpecError::Invalid(_) => Status::invalid_argument(e.to_string()),
+        SpecError::Exists { .. } => Status::already_exists(e.to_string()),
+        SpecError::NotFound { .. } => Status::not_found(e.to_string()),
+        SpecError::Refused(_) => Status::failed_precondition(e.to_string()),
+        SpecError::Store(StoreError::Conflict { .. }) => Status::aborted(e.to_string()),
+        SpecError::Store(StoreError::Invalid(_)) => Status::invalid_argument(e.to_string()),
+        _ => Status::internal(e.to_string()),
+    }
+}
+
+fn parse_frontend(s: &str) -> Result<Frontend, Status> {
+    match s {
+        "" | "ublk" => Ok(Frontend::Ublk),
+        "iscsi" => Ok(Frontend::Iscsi),
+        other => Err(Status::invalid_argument(format!(
+            "frontend {other:?}: give ublk or iscsi"
+        ))),
+    }
+}
+
+fn frontend_name(f: Frontend) -> &'static str {
+    match f {
+        Frontend::Ublk => "ublk",
+        Frontend::Iscsi => "iscsi",
+    }
+}
+
+fn parse_locality(s: &str) -> Result<DataLocality, Status> {
+    match s {
+        "" | "disabled" => Ok(DataLocality::Disabled),
+        "best-effort" => Ok(DataLocality::BestEffort),
+        "strict-local" => Ok(DataLocality::StrictLocal),
+        other => Err(Status::invalid_argument(format!(
+            "data locality {other:?}: give disabled, best-effort or strict-local"
+        ))),
+    }
+}
+
+fn locality_name(l: DataLocality) -> &'static str {
+    match l {
+        DataLocality::Disabled => "disabled",
+        DataLocality::BestEffort => "best-effort",
+        DataLocality::StrictLocal => "strict-local",
+    }
+}
+
+impl<S: Store + 'static> ManagerService<S> {
+    /// A service over `store` (kept at `store_path`, for `ClusterInfo`).
+    pub fn new(store: S, identity: &ClusterIdentity, store_path: &Path) -> ManagerService<S> {
+        ManagerService {
+            specs: Arc::new(Specs::new(store)),
+            cluster_id: identity.id.clone(),
+            store_path: store_path.display().to_string(),
+            measured: Mutex::new(BTreeMap::new()),
+            leases: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    fn is_ready(&self, node: &str) -> Result<bool, Status> {
+        Ok(self
+            .specs
+            .store()
+            .get(&lease_key(node))
+            .map_err(|e| Status::internal(e.to_string()))?
+            .is_some())
+    }
+
+    /// The cluster as the scheduler sees it: each node with its disks, what its agent
+    /// measured of them, and the sizes of the replicas scheduled on each; with each
+    /// node's revision, to check at commit.
+    fn cluster_view(&self) -> Result<ClusterView, Status> {
+        let nodes = self.specs.nodes().map_err(to_status)?;
+        let sizes: BTreeMap<String, u64> = self
+            .specs
+            .volumes()
+            .map_err(to_status)?
+            .into_iter()
+            .map(|v| (v.spec.name, v.spec.size))
+            .collect();
+        let mut scheduled: BTreeMap<(String, String), u64> = BTreeMap::new();
+        for r in self.specs.all_replicas().map_err(to_status)? {
+            let size = sizes.get(&r.spec.volume).copied().unwrap_or(0);
+            *scheduled.entry((r.spec.node, r.spec.disk)).or_default() += size;
+        }
+        let measured = self.measured.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let mut views = Vec::new();
+        let mut revisions = Vec::new();
+        for n in nodes {
+            let ready = self.is_ready(&n.spec.name)?;
+            let disks = n
+                .spec
+                .disks
+                .iter()
+                .map(|d| {
+                    let key = (n.spec.name.clone(), d.path.clone());
+                    let m = measured.get(&key).copied().unwrap_or_default();
+                    DiskView {
+                        id: d.path.clone(),
+                        tags: d.tags.clone(),
+                        schedulable: d.allow_scheduling,
+                        capacity: m.capacity,
+                        available: m.available,
+                        reserved: d.reserved,
+                        scheduled: scheduled.get(&key).copied().unwrap_or(0),
+                    }
+                })
+                .collect();
+            revisions.push((n.spec.name.clone(), n.revision));
+            views.push(NodeView {
+                name: n.spec.name.clone(),
+                zone: n.spec.zone.clone(),
+                tags: n.spec.tags.clone(),
+                schedulable: ready && !n.spec.cordoned,
+                disks,
+            });
+        }
+        Ok(ClusterView {
+            nodes: views,
+            revisions,
+        })
+    }
+
+    fn volume_reply(&self, name: &str) -> Result<pb::Volume, Status> {
+        let v = self.specs.volume(name).map_err(to_status)?;
+        let placements = self
+            .specs
+            .replicas(name)
+            .map_err(to_status)?
+            .into_iter()
+            .map(|r| pb::ReplicaPlacement {
+                id: r.spec.id,
+                node: r.spec.node,
+                disk: r.spec.disk,
+            })
+            .collect();
+        let s = v.spec;
+        Ok(pb::Volume {
+            state: if s.attached_to.is_some() {
+                "attached"
+            } else {
+                "detached"
+            }
+            .into(),
+            // Engines under the manager come with the node agents; until then nothing
+            // is known of a volume's health.
+            robustness: "unknown".into(),
+            name: s.name,
+            size: s.size,
+            replicas: s.replicas,
+            sector_size: s.sector_size,
+            frontend: frontend_name(s.frontend).into(),
+            data_locality: locality_name(s.data_locality).into(),
+            node_selector: s.node_selector.into_iter().collect(),
+            disk_selector: s.disk_selector.into_iter().collect(),
+            attached_to: s.attached_to.unwrap_or_default(),
+            placements,
+            revision: v.revision,
+        })
+    }
+
+    fn node_reply(&self, spec: NodeSpec) -> Result<pb::Node, Status> {
+        let view = self
+            .cluster_view()?
+            .nodes
+            .into_iter()
+            .find(|n| n.name == spec.name);
+        let ready = self.is_ready(&spec.name)?;
+        Ok(pb::Node {
+            state: if ready { "ready" } else { "down" }.into(),
+            disks: spec
+                .disks
+                .iter()
+                .map(|d| {
+                    let dv = view
+                        .as_ref()
+                        .and_then(|v| v.disks.iter().find(|x| x.id == d.path));
+                    pb::Disk {
+                        path: d.path.clone(),
+                        tags: d.tags.iter().cloned().collect(),
+                        reserved: d.reserved,
+                        allow_scheduling: d.allow_scheduling,
+                        capacity: dv.map_or(0, |x| x.capacity),
+                        available: dv.map_or(0, |x| x.available),
+                        scheduled: dv.map_or(0, |x| x.scheduled),
+                    }
+                })
+                .collect(),
+            name: spec.name,
+            address: spec.address,
+            zone: spec.zone,
+            tags: spec.tags.into_iter().collect(),
+            cordoned: spec.cordoned,
+        })
+    }
+
+    /// Runs `f` off the async runtime: the store's calls block (they fsync).
+    async fn blocking<T: Send + 'static>(
+        self: &Arc<Self>,
+        f: impl FnOnce(&Self) -> Result<T, Status> + Send + 'static,
+    ) -> Result<Response<T>, Status> {
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || f(&me))
+            .await
+            .map_err(|e| Status::internal(format!("the call panicked: {e}")))?
+            .map(Response::new)
+    }
+}
+
+/// The cluster as the scheduler sees it, and each node's revision as read.
+struct ClusterView {
+    nodes: Vec<NodeView>,
+    /// (node, revision): a placement is committed only if its nodes are unchanged.
+    revisions: Vec<(String, crate::store::Revision)>,
+}
+
+/// The service as tonic serves it: an `Arc` so that calls can run on blocking threads.
+pub struct Service<S: Store + 'static>(pub Arc<ManagerService<S>>);
+
+#[tonic::async_trait]
+impl<S: Store + 'static> Manager for Service<S> {
+    async fn cluster_info(
+        &self,
+        _: Request<pb::ClusterInfoRequest>,
+    ) -> Result<Response<pb::ClusterInfoReply>, Status> {
+        self.0
+            .blocking(|m| {
+                let (revision, _) = m
+                    .specs
+                    .store()
+                    .list("settings")
+                    .map_err(|e| Status::internal(e.to_string()))?;
+                Ok(pb::ClusterInfoReply {
+                    cluster_id: m.cluster_id.clone(),
+                    store: m.store_path.clone(),
+                    revision,
+                    nodes: m.specs.nodes().map_err(to_status)?.len() as u32,
+                    volumes: m.specs.volumes().map_err(to_status)?.len() as u32,
+                })
+            })
+            .await
+    }
+
+    async fn create_volume(
+        &self,
+        req: Request<pb::CreateVolumeRequest>,
+    ) -> Result<Response<pb::Volume>, Status> {
+        let r = req.into_inner();
+        let spec = VolumeSpec {
+            name: r.name,
+            size: r.size,
+            replicas: r.replicas,
+            sector_size: if r.sector_size == 0 { 512 } else { r.sector_size },
+            frontend: parse_frontend(&r.frontend)?,
+            data_locality: parse_locality(&r.data_locality)?,
+            node_selector: r.node_selector.into_iter().collect(),
+            disk_selector: r.disk_selector.into_iter().collect(),
+            attached_to: None,
+        };
+        spec.check().map_err(Status::invalid_argument)?;
+        if spec.data_locality == DataLocality::StrictLocal {
+            return Err(Status::failed_precondition(
+                "a strict-local volume's replica is placed on the node it is attached to: create it at attach time (not yet supported)",
+            ));
+        }
+        self.0
+            .blocking(move |m| {
+                if m.specs.volume(&spec.name).is_ok() {
+                    return Err(to_status(SpecError::Exists {
+                        kind: "volume",
+                        name: spec.name.clone(),
+                    }));
+                }
+                let settings = m.specs.settings().map_err(to_status)?.spec;
+                let ClusterView {
+                    nodes: views,
+                    revisions,
+                } = m.cluster_view()?;
+                let placed = scheduler::place_all(
+                    &views,
+                    &scheduler::Request {
+                        size: spec.size,
+                        node_selector: &spec.node_selector,
+                        disk_selector: &spec.disk_selector,
+                        existing: &[],
+                        locality: Locality::Disabled,
+                    },
+                    spec.replicas as usize,
+                    &settings.scheduling,
+                )
+                .map_err(|e| Status::failed_precondition(format!("volume {}: {e}", spec.name)))?;
+                let replicas: Vec<ReplicaSpec> = placed
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, p)| ReplicaSpec {
+                        id: format!("r{}", i + 1),
+                        volume: spec.name.clone(),
+                        node: p.node,
+                        disk: p.disk,
+                    })
+                    .collect();
+                let used: Vec<(String, u64)> = revisions
+                    .into_iter()
+                    .filter(|(n, _)| replicas.iter().any(|r| &r.node == n))
+                    .collect();
+                m.specs.create_volume_placed(&spec, &replicas, &used).map_err(to_status)?;
+                tracing::info!(volume = %spec.name, size = spec.size, replicas = ?replicas.iter().map(|r| &r.node).collect::<Vec<_>>(), "volume created");
+                m.volume_reply(&spec.name)
+            })
+            .await
+    }
+
+    async fn get_volume(&self, req: Request<pb::VolumeRef>) -> Result<Response<pb::Volume>, Status> {
+        let name = req.into_inner().name;
+        self.0.blocking(move |m| m.volume_reply(&name)).await
+    }
+
+    async fn list_volumes(
+        &self,
+        _: Request<pb::ListVolumesRequest>,
+    ) -> Result<Response<pb::VolumeList>, Status> {
+        self.0
+            .blocking(|m| {
+                let names: Vec<String> = m
+                    .specs
+                    .volumes()
+                    .map_err(to_status)?
+                    .into_iter()
+                    .map(|v| v.spec.name)
+                    .collect();
+                let volumes = names
+                    .iter()
+                    .map(|n| m.volume_reply(n))
+                    .collect::<Result<_, _>>()?;
+                Ok(pb::VolumeList { volumes })
+            })
+            .await
+    }
+
+    async fn delete_volume(
+        &self,
+        req: Request<pb::VolumeRef>,
+    ) -> Result<Response<pb::DeleteVolumeReply>, Status> {
+        let name = req.into_inner().name;
+        self.0
+            .blocking(move |m| {
+                m.specs.delete_volume(&name).map_err(to_status)?;
+                tracing::info!(volume = %name, "volume deleted");
+                Ok(pb::DeleteVolumeReply {})
+            })
+            .await
+    }
+
+    async fn register_node(&self, req: Request<pb::Node>) -> Result<Response<pb::Node>, Status> {
+        let n = req.into_inner();
+        self.0
+            .blocking(move |m| {
+                let spec = NodeSpec {
+                    name: n.name.clone(),
+                    address: n.address,
+                    zone: n.zone,
+                    tags: n.tags.into_iter().collect(),
+                    // A re-registration keeps the operator's cordon.
+                    cordoned: m.specs.node(&n.name).map(|old| old.spec.cordoned).unwrap_or(false),
+                    disks: n
+                        .disks
+                        .iter()
+                        .map(|d| DiskSpec {
+                            path: d.path.clone(),
+                            tags: d.tags.iter().cloned().collect(),
+                            reserved: d.reserved,
+                            allow_scheduling: d.allow_scheduling,
+                        })
+                        .collect(),
+                };
+                spec.check().map_err(Status::invalid_argument)?;
+                for d in &n.disks {
+                    if d.available > d.capacity {
+                        return Err(Status::invalid_argument(format!(
+                            "node {}: disk {} has {} B free of {} B",
+                            n.name, d.path, d.available, d.capacity
+                        )));
+                    }
+                }
+                let settings = m.specs.settings().map_err(to_status)?.spec;
+                let store = m.specs.store();
+                let lease = store
+                    .grant_lease(Duration::from_secs(settings.node_lease_secs))
+                    .map_err(|e| Status::internal(e.to_string()))?;
+                m.specs.put_node(&spec).map_err(to_status)?;
+                store
+                    .commit(Txn::new().put_leased(lease_key(&spec.name), spec.address.clone(), lease))
+                    .map_err(|e| Status::internal(e.to_string()))?;
+                let old = m
+                    .leases
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(spec.name.clone(), lease);
+                if let Some(old) = old {
+                    // Its key now lives under the new lease; the old one just ends.
+                    let _ = store.revoke(old);
+                }
+                {
+                    let mut measured = m.measured.lock().unwrap_or_else(|p| p.into_inner());
+                    measured.retain(|(node, _), _| node != &spec.name);
+                    for d in &n.disks {
+                        measured.insert(
+                            (spec.name.clone(), d.path.clone()),
+                            Measured {
+                                capacity: d.capacity,
+                                available: d.available,
+                            },
+                        );
+                    }
+                }
+                tracing::info!(node = %spec.name, address = %spec.address, disks = spec.disks.len(), "node registered");
+                m.node_reply(spec)
+            })
+            .await
+    }
+
+    async fn node_heartbeat(&self, req: Request<pb::NodeRef>) -> Result<Response<pb::Node>, Status> {
+        let name = req.into_inner().name;
+        self.0
+            .blocking(move |m| {
+                let lease = m.leases.lock().unwrap_or_else(|p| p.into_inner()).get(&name).copied();
+                let renewed = lease.is_some_and(|l| m.specs.store().keep_alive(l).is_ok());
+                if !renewed {
+                    return Err(Status::not_found(format!(
+                        "node {name} has no lease (never registered with this manager, or it lapsed): register again"
+                    )));
+                }
+                let spec = m.specs.node(&name).map_err(to_status)?.spec;
+                m.node_reply(spec)
+            })
+            .await
+    }
+
+    async fn get_node(&self, req: Request<pb::NodeRef>) -> Result<Response<pb::Node>, Status> {
+        let name = req.into_inner().name;
+        self.0
+            .blocking(move |m| {
+                let spec = m.specs.node(&name).map_err(to_status)?.spec;
+                m.node_reply(spec)
+            })
+            .await
+    }
+
+    async fn list_nodes(&self, _: Request<pb::ListNodesRequest>) -> Result<Response<pb::NodeList>, Status> {
+        self.0
+            .blocking(|m| {
+                let nodes = m
+                    .specs
+                    .nodes()
+                    .map_err(to_status)?
+                    .into_iter()
+                    .map(|n| m.node_reply(n.spec))
+                    .collect::<Result<_, _>>()?;
+                Ok(pb::NodeList { nodes })
+            })
+            .await
+    }
+
+    async fn cordon_node(&self, req: Request<pb::CordonRequest>) -> Result<Response<pb::Node>, Status> {
+        let r = req.into_inner();
+        self.0
+            .blocking(move |m| {
+                let n = m.specs.set_cordoned(&r.name, r.cordoned).map_err(to_status)?;
+                tracing::info!(node = %r.name, cordoned = r.cordoned, "node cordon changed");
+                m.node_reply(n.spec)
+            })
+            .await
+    }
+}
+
+/// Where `hornd manager` keeps its files.
+pub fn store_path(data: &Path) -> PathBuf {
+    data.join("manager.redb")
+}

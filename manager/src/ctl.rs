@@ -1,0 +1,476 @@
+//! `hornctl cluster|volume|node`: the manager's commands, as `hornctl` parses and runs
+//! them. Tables for people, `--json` for scripts; every call carries the cluster token.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Args, Subcommand};
+use horn_proto::manager_api as pb;
+use horn_proto::manager_api::manager_client::ManagerClient;
+use serde_json::json;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+
+use crate::api::{ClusterIdentity, DEFAULT_MANAGER, TOKEN_FILE};
+use crate::format::{human_bytes, parse_size, table};
+
+/// Where the manager is and how to prove the cluster's token.
+#[derive(Args, Debug, Clone)]
+pub struct ManagerAddr {
+    /// The manager's address (`hornd manager --listen`).
+    #[arg(long, global = true, env = "HORN_MANAGER", default_value = DEFAULT_MANAGER)]
+    pub manager: String,
+    /// The file holding the cluster token (`hornctl cluster init` writes it). The
+    /// `HORN_TOKEN` variable, if set, is used instead.
+    #[arg(
+        long,
+        global = true,
+        env = "HORN_TOKEN_FILE",
+        default_value = "/var/lib/horn/cluster-token"
+    )]
+    pub token_file: PathBuf,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+/// `hornctl cluster ...`
+#[derive(Subcommand, Debug)]
+pub enum ClusterCmd {
+    /// Create the cluster's identity (its id and token) in the manager's directory,
+    /// before the first `hornd manager --data DIR`. Refused if one is there.
+    Init {
+        /// The manager's directory.
+        #[arg(long, default_value = "/var/lib/horn")]
+        data: PathBuf,
+    },
+    /// The cluster's id, store and object counts.
+    Info,
+}
+
+/// `hornctl volume ...`
+#[derive(Subcommand, Debug)]
+pub enum VolumeCmd {
+    /// Create a volume and place its replicas on distinct nodes.
+    Create {
+        /// The volume's name: 1-63 of A-Z a-z 0-9 . _ -
+        name: String,
+        /// Its size (a multiple of 4096; K, M, G, T units).
+        #[arg(long, value_parser = parse_size)]
+        size: u64,
+        /// How many replicas.
+        #[arg(long, default_value_t = 3)]
+        replicas: u32,
+        /// 512 or 4096.
+        #[arg(long, default_value_t = 512)]
+        sector_size: u32,
+        /// ublk or iscsi.
+        #[arg(long, default_value = "ublk")]
+        frontend: String,
+        /// disabled, best-effort or strict-local.
+        #[arg(long, default_value = "disabled")]
+        data_locality: String,
+        /// A tag every replica's node must carry; repeat for more.
+        #[arg(long = "node-selector")]
+        node_selector: Vec<String>,
+        /// A tag every replica's disk must carry; repeat for more.
+        #[arg(long = "disk-selector")]
+        disk_selector: Vec<String>,
+    },
+    /// Every volume.
+    List,
+    /// One volume with its replicas' placements.
+    Info {
+        /// The volume's name.
+        name: String,
+    },
+    /// Delete a volume (refused while it is attached).
+    Delete {
+        /// The volume's name.
+        name: String,
+    },
+}
+
+/// `hornctl node ...`
+#[derive(Subcommand, Debug)]
+pub enum NodeCmd {
+    /// Every node with its state and disks.
+    List,
+    /// One node with its disks.
+    Info {
+        /// The node's name.
+        name: String,
+    },
+    /// Place no new replicas on the node.
+    Cordon {
+        /// The node's name.
+        name: String,
+    },
+    /// Let new replicas be placed on the node again.
+    Uncordon {
+        /// The node's name.
+        name: String,
+    },
+}
+
+type Client = ManagerClient<InterceptedService<Channel, TokenInterceptor>>;
+
+/// Adds the cluster token to every call.
+#[derive(Clone)]
+pub struct TokenInterceptor(tonic::metadata::MetadataValue<tonic::metadata::Ascii>);
+
+impl tonic::service::Interceptor for TokenInterceptor {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        req.metadata_mut().insert(pb::AUTHORIZATION, self.0.clone());
+        Ok(req)
+    }
+}
+
+fn token(addr: &ManagerAddr) -> Result<String> {
+    if let Ok(t) = std::env::var("HORN_TOKEN") {
+        return Ok(t.trim().to_string());
+    }
+    let text = std::fs::read_to_string(&addr.token_file).with_context(|| {
+        format!(
+            "cannot read the cluster token from {} (--token-file, HORN_TOKEN_FILE or HORN_TOKEN)",
+            addr.token_file.display()
+        )
+    })?;
+    Ok(text.trim().to_string())
+}
+
+/// A client of the manager at `addr.manager` that sends the cluster token.
+pub async fn connect(addr: &ManagerAddr) -> Result<Client> {
+    let token = token(addr)?;
+    let value = format!("Bearer {token}")
+        .parse()
+        .context("the cluster token is not printable ASCII")?;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", addr.manager))
+        .with_context(|| format!("{:?} is not an address", addr.manager))?
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(30))
+        .connect()
+        .await
+        .with_context(|| {
+            format!(
+                "cannot reach the manager at {} (--manager, HORN_MANAGER)",
+                addr.manager
+            )
+        })?;
+    Ok(ManagerClient::with_interceptor(channel, TokenInterceptor(value)))
+}
+
+/// The message of a refused call, with the manager named.
+fn refused(addr: &ManagerAddr) -> impl Fn(tonic::Status) -> anyhow::Error + '_ {
+    move |s| anyhow::anyhow!("the manager at {}: {}", addr.manager, s.message())
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
+}
+
+/// Runs `hornctl cluster CMD`.
+pub fn run_cluster(addr: ManagerAddr, cmd: ClusterCmd) -> Result<()> {
+    match cmd {
+        ClusterCmd::Init { data } => {
+            let id = ClusterIdentity::init(&data)?;
+            if addr.json {
+                println!(
+                    "{}",
+                    json!({ "cluster_id": id.id, "token_file": data.join(TOKEN_FILE) })
+                );
+            } else {
+                println!(
+                    "cluster {} created; its token is in {} (keep it secret: it opens every call)",
+                    id.id,
+                    data.join(TOKEN_FILE).display()
+                );
+            }
+            Ok(())
+        }
+        ClusterCmd::Info => runtime()?.block_on(async {
+            let mut c = connect(&addr).await?;
+            let i = c
+                .cluster_info(pb::ClusterInfoRequest {})
+                .await
+                .map_err(refused(&addr))?
+                .into_inner();
+            if addr.json {
+                println!(
+                    "{}",
+                    json!({ "cluster_id": i.cluster_id, "store": i.store, "revision": i.revision,
+                            "nodes": i.nodes, "volumes": i.volumes })
+                );
+            } else {
+                println!(
+                    "cluster {}: {} nodes, {} volumes; specs in {} (revision {})",
+                    i.cluster_id, i.nodes, i.volumes, i.store, i.revision
+                );
+            }
+            Ok(())
+        }),
+    }
+}
+
+fn volume_json(v: &pb::Volume) -> serde_json::Value {
+    json!({
+        "name": v.name, "size": v.size, "replicas": v.replicas, "sector_size": v.sector_size,
+        "frontend": v.frontend, "data_locality": v.data_locality,
+        "node_selector": v.node_selector, "disk_selector": v.disk_selector,
+        "attached_to": (!v.attached_to.is_empty()).then_some(&v.attached_to),
+        "state": v.state, "robustness": v.robustness, "revision": v.revision,
+        "placements": v.placements.iter().map(|p| json!({ "id": p.id, "node": p.node, "disk": p.disk })).collect::<Vec<_>>(),
+    })
+}
+
+fn volume_row(v: &pb::Volume) -> Vec<String> {
+    vec![
+        v.name.clone(),
+        human_bytes(v.size),
+        v.replicas.to_string(),
+        v.frontend.clone(),
+        v.state.clone(),
+        v.robustness.clone(),
+        if v.attached_to.is_empty() {
+            "-".into()
+        } else {
+            v.attached_to.clone()
+        },
+        v.placements
+            .iter()
+            .map(|p| p.node.as_str())
+            .collect::<Vec<_>>()
+            .join(","),
+    ]
+}
+
+const VOLUME_HEADER: [&str; 8] = [
+    "NAME",
+    "SIZE",
+    "REPLICAS",
+    "FRONTEND",
+    "STATE",
+    "ROBUSTNESS",
+    "ATTACHED",
+    "NODES",
+];
+
+/// Runs `hornctl volume CMD`.
+pub fn run_volume(addr: ManagerAddr, cmd: VolumeCmd) -> Result<()> {
+    runtime()?.block_on(async {
+        let mut c = connect(&addr).await?;
+        match cmd {
+            VolumeCmd::Create {
+                name,
+                size,
+                replicas,
+                sector_size,
+                frontend,
+                data_locality,
+                node_selector,
+                disk_selector,
+            } => {
+                let v = c
+                    .create_volume(pb::CreateVolumeRequest {
+                        name,
+                        size,
+                        replicas,
+                        sector_size,
+                        frontend,
+                        data_locality,
+                        node_selector,
+                        disk_selector,
+                    })
+                    .await
+                    .map_err(refused(&addr))?
+                    .into_inner();
+                if addr.json {
+                    println!("{}", volume_json(&v));
+                } else {
+                    println!(
+                        "volume {} created: {}, replicas on {}",
+                        v.name,
+                        human_bytes(v.size),
+                        v.placements
+                            .iter()
+                            .map(|p| format!("{}:{}", p.node, p.disk))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    );
+                }
+            }
+            VolumeCmd::List => {
+                let list = c
+                    .list_volumes(pb::ListVolumesRequest {})
+                    .await
+                    .map_err(refused(&addr))?
+                    .into_inner();
+                if addr.json {
+                    println!(
+                        "{}",
+                        json!(list.volumes.iter().map(volume_json).collect::<Vec<_>>())
+                    );
+                } else {
+                    let rows: Vec<_> = list.volumes.iter().map(volume_row).collect();
+                    print!("{}", table(&VOLUME_HEADER, &rows));
+                }
+            }
+            VolumeCmd::Info { name } => {
+                let v = c
+                    .get_volume(pb::VolumeRef { name })
+                    .await
+                    .map_err(refused(&addr))?
+                    .into_inner();
+                if addr.json {
+                    println!("{}", volume_json(&v));
+                } else {
+                    print!("{}", table(&VOLUME_HEADER, &[volume_row(&v)]));
+                    println!();
+                    let rows: Vec<_> = v
+                        .placements
+                        .iter()
+                        .map(|p| vec![p.id.clone(), p.node.clone(), p.disk.clone()])
+                        .collect();
+                    print!("{}", table(&["REPLICA", "NODE", "DISK"], &rows));
+                }
+            }
+            VolumeCmd::Delete { name } => {
+                c.delete_volume(pb::VolumeRef { name: name.clone() })
+                    .await
+                    .map_err(refused(&addr))?;
+                if addr.json {
+                    println!("{}", json!({ "deleted": name }));
+                } else {
+                    println!("volume {name} deleted");
+                }
+            }
+        }
+        Ok(())
+    })
+}
+
+fn node_json(n: &pb::Node) -> serde_json::Value {
+    json!({
+        "name": n.name, "address": n.address, "zone": n.zone, "tags": n.tags,
+        "cordoned": n.cordoned, "state": n.state,
+        "disks": n.disks.iter().map(|d| json!({
+            "path": d.path, "tags": d.tags, "reserved": d.reserved,
+            "allow_scheduling": d.allow_scheduling, "capacity": d.capacity,
+            "available": d.available, "scheduled": d.scheduled,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn print_nodes(nodes: &[pb::Node], json_out: bool) {
+    if json_out {
+        println!("{}", json!(nodes.iter().map(node_json).collect::<Vec<_>>()));
+        return;
+    }
+    let rows: Vec<_> = nodes
+        .iter()
+        .map(|n| {
+            vec![
+                n.name.clone(),
+                n.state.clone(),
+                if n.cordoned { "yes" } else { "no" }.into(),
+                if n.zone.is_empty() {
+                    "-".into()
+                } else {
+                    n.zone.clone()
+                },
+                n.address.clone(),
+                n.disks.len().to_string(),
+                human_bytes(n.disks.iter().map(|d| d.scheduled).sum()),
+                human_bytes(n.disks.iter().map(|d| d.available).sum()),
+            ]
+        })
+        .collect();
+    print!(
+        "{}",
+        table(
+            &[
+                "NAME",
+                "STATE",
+                "CORDONED",
+                "ZONE",
+                "ADDRESS",
+                "DISKS",
+                "SCHEDULED",
+                "FREE"
+            ],
+            &rows
+        )
+    );
+}
+
+/// Runs `hornctl node CMD`.
+pub fn run_node(addr: ManagerAddr, cmd: NodeCmd) -> Result<()> {
+    runtime()?.block_on(async {
+        let mut c = connect(&addr).await?;
+        let nodes = match cmd {
+            NodeCmd::List => {
+                c.list_nodes(pb::ListNodesRequest {})
+                    .await
+                    .map_err(refused(&addr))?
+                    .into_inner()
+                    .nodes
+            }
+            NodeCmd::Info { name } => vec![c
+                .get_node(pb::NodeRef { name })
+                .await
+                .map_err(refused(&addr))?
+                .into_inner()],
+            NodeCmd::Cordon { name } => vec![c
+                .cordon_node(pb::CordonRequest { name, cordoned: true })
+                .await
+                .map_err(refused(&addr))?
+                .into_inner()],
+            NodeCmd::Uncordon { name } => vec![c
+                .cordon_node(pb::CordonRequest {
+                    name,
+                    cordoned: false,
+                })
+                .await
+                .map_err(refused(&addr))?
+                .into_inner()],
+        };
+        print_nodes(&nodes, addr.json);
+        if !addr.json && nodes.len() == 1 {
+            let rows: Vec<_> = nodes[0]
+                .disks
+                .iter()
+                .map(|d| {
+                    vec![
+                        d.path.clone(),
+                        if d.allow_scheduling { "yes" } else { "no" }.into(),
+                        d.tags.join(","),
+                        human_bytes(d.capacity),
+                        human_bytes(d.available),
+                        human_bytes(d.reserved),
+                        human_bytes(d.scheduled),
+                    ]
+                })
+                .collect();
+            println!();
+            print!(
+                "{}",
+                table(
+                    &[
+                        "DISK",
+                        "SCHEDULING",
+                        "TAGS",
+                        "CAPACITY",
+                        "FREE",
+                        "RESERVED",
+                        "SCHEDULED"
+                    ],
+                    &rows
+                )
+            );
+        }
+        Ok(())
+    })
+}

@@ -1,0 +1,333 @@
+//! `hornd manager` as a child process, driven by `hornctl` and by a gRPC client that
+//! registers nodes as their agents will: the cluster token, placement across nodes,
+//! refusals that change nothing, node leases, and specs that outlive a SIGKILL.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+use horn_proto::manager_api as pb;
+use horn_proto::manager_api::manager_client::ManagerClient;
+
+/// A running `hornd manager`.
+struct ManagerDaemon {
+    child: Child,
+    addr: String,
+}
+
+impl ManagerDaemon {
+    fn start(data: &Path, listen: &str) -> ManagerDaemon {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_hornd"))
+            .args(["manager", "--data"])
+            .arg(data)
+            .args(["--listen", listen])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.as_mut().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        // "hornd manager: cluster ID on ADDR, specs in PATH"
+        let addr = line
+            .split_once(" on ")
+            .and_then(|(_, rest)| rest.split_once(','))
+            .map(|(a, _)| a.to_string());
+        match addr {
+            Some(addr) => ManagerDaemon { child, addr },
+            None => {
+                let out = child.wait_with_output().unwrap();
+                panic!(
+                    "hornd manager did not start: {line}{}",
+                    String::from_utf8_lossy(&out.stderr)
+                )
+            }
+        }
+    }
+
+    fn kill(&mut self) {
+        // SAFETY: kill takes no pointers; the pid is our child's (reaped below).
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGKILL) };
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for ManagerDaemon {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn hornctl(data: &Path, manager: &str, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_hornctl"))
+        .args(args)
+        .args(["--manager", manager, "--token-file"])
+        .arg(data.join("cluster-token"))
+        .env_remove("HORN_TOKEN")
+        .output()
+        .unwrap()
+}
+
+fn ok(out: Output) -> String {
+    assert!(
+        out.status.success(),
+        "failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn refused(out: Output) -> String {
+    assert!(
+        !out.status.success(),
+        "succeeded: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8(out.stderr).unwrap()
+}
+
+fn json(out: Output) -> serde_json::Value {
+    serde_json::from_str(&ok(out)).unwrap()
+}
+
+/// Registers node `name` with one 100 GiB disk (half free), as its agent would.
+async fn register(addr: &str, token: &str, name: &str, zone: &str) -> pb::Node {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let bearer: tonic::metadata::AsciiMetadataValue = format!("Bearer {token}").parse().unwrap();
+    let mut c = ManagerClient::with_interceptor(channel, move |mut req: tonic::Request<()>| {
+        req.metadata_mut().insert(pb::AUTHORIZATION, bearer.clone());
+        Ok(req)
+    });
+    c.register_node(pb::Node {
+        name: name.into(),
+        address: format!("127.0.0.1:{}", 9700 + name.len()),
+        zone: zone.into(),
+        tags: vec![],
+        cordoned: false,
+        disks: vec![pb::Disk {
+            path: "/var/lib/horn".into(),
+            tags: vec![],
+            reserved: 0,
+            allow_scheduling: true,
+            capacity: 100 << 30,
+            available: 50 << 30,
+            scheduled: 0,
+        }],
+        state: String::new(),
+    })
+    .await
+    .unwrap()
+    .into_inner()
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+#[test]
+fn volumes_are_placed_on_distinct_nodes_and_bad_requests_change_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path();
+    ok(hornctl(
+        data,
+        "127.0.0.1:1",
+        &["cluster", "init", "--data", data.to_str().unwrap()],
+    ));
+    // A second init would lock out every client of the first.
+    assert!(refused(hornctl(
+        data,
+        "127.0.0.1:1",
+        &["cluster", "init", "--data", data.to_str().unwrap()]
+    ))
+    .contains("holds a cluster already"));
+    let token = std::fs::read_to_string(data.join("cluster-token"))
+        .unwrap()
+        .trim()
+        .to_string();
+    let mgr = ManagerDaemon::start(data, "127.0.0.1:0");
+    let a = mgr.addr.as_str();
+    let rt = rt();
+    for (n, zone) in [("n1", "a"), ("n2", "a"), ("n3", "b")] {
+        let node = rt.block_on(register(a, &token, n, zone));
+        assert_eq!(node.state, "ready");
+    }
+
+    let created = json(hornctl(
+        data,
+        a,
+        &["volume", "create", "data", "--size", "10G", "--json"],
+    ));
+    let nodes: std::collections::BTreeSet<_> = created["placements"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["node"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(nodes.len(), 3, "three replicas on three nodes: {created}");
+
+    // Each refusal says why and leaves the cluster as it was.
+    let before = ok(hornctl(data, a, &["volume", "list", "--json"]));
+    let e = refused(hornctl(data, a, &["volume", "create", "data", "--size", "1G"]));
+    assert!(e.contains("volume data exists already"), "{e}");
+    let e = refused(hornctl(data, a, &["volume", "create", "odd", "--size", "1000"]));
+    assert!(e.contains("multiple of 4096"), "{e}");
+    let e = refused(hornctl(
+        data,
+        a,
+        &["volume", "create", "four", "--size", "1G", "--replicas", "4"],
+    ));
+    assert!(
+        e.contains("node n1: holds a replica of the volume already"),
+        "{e}"
+    );
+    let e = refused(hornctl(data, a, &["volume", "create", "huge", "--size", "60G"]));
+    assert!(e.contains("would leave less than"), "{e}");
+    let e = refused(hornctl(
+        data,
+        a,
+        &["volume", "create", "x", "--size", "1G", "--frontend", "nbd"],
+    ));
+    assert!(e.contains("give ublk or iscsi"), "{e}");
+    let e = refused(hornctl(data, a, &["volume", "info", "nope"]));
+    assert!(e.contains("no volume is named nope"), "{e}");
+    assert_eq!(ok(hornctl(data, a, &["volume", "list", "--json"])), before);
+
+    // Scheduled bytes count against the disks: each has 10 GiB scheduled now.
+    let n1 = json(hornctl(data, a, &["node", "info", "n1", "--json"]));
+    assert_eq!(n1[0]["disks"][0]["scheduled"], 10u64 << 30);
+
+    // A cordoned node gets no new replica: two replicas of a new volume avoid it.
+    ok(hornctl(data, a, &["node", "cordon", "n1"]));
+    let v = json(hornctl(
+        data,
+        a,
+        &[
+            "volume",
+            "create",
+            "two",
+            "--size",
+            "1G",
+            "--replicas",
+            "2",
+            "--json",
+        ],
+    ));
+    assert!(!v.to_string().contains("\"n1\""), "{v}");
+    let e = refused(hornctl(data, a, &["volume", "create", "three", "--size", "1G"]));
+    assert!(e.contains("node n1: not ready or cordoned"), "{e}");
+    ok(hornctl(data, a, &["node", "uncordon", "n1"]));
+
+    let table = ok(hornctl(data, a, &["volume", "list"]));
+    assert!(table.starts_with("NAME"), "{table}");
+    assert!(table.contains("data") && table.contains("10.0 GiB"), "{table}");
+    ok(hornctl(data, a, &["volume", "delete", "two"]));
+    let n2 = json(hornctl(data, a, &["node", "info", "n2", "--json"]));
+    assert_eq!(
+        n2[0]["disks"][0]["scheduled"],
+        10u64 << 30,
+        "the deleted volume's bytes are returned"
+    );
+}
+
+#[test]
+fn calls_without_the_cluster_token_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path();
+    ok(hornctl(
+        data,
+        "127.0.0.1:1",
+        &["cluster", "init", "--data", data.to_str().unwrap()],
+    ));
+    let mgr = ManagerDaemon::start(data, "127.0.0.1:0");
+    let wrong = dir.path().join("wrong-token");
+    std::fs::write(&wrong, "0123456789abcdef\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_hornctl"))
+        .args(["volume", "list", "--manager", &mgr.addr, "--token-file"])
+        .arg(&wrong)
+        .env_remove("HORN_TOKEN")
+        .output()
+        .unwrap();
+    assert!(refused(out).contains("the cluster token is wrong"));
+    // A client that sends no token at all.
+    let e = rt().block_on(async {
+        let mut c = ManagerClient::connect(format!("http://{}", mgr.addr))
+            .await
+            .unwrap();
+        c.list_volumes(pb::ListVolumesRequest {}).await.unwrap_err()
+    });
+    assert_eq!(e.code(), tonic::Code::Unauthenticated);
+    assert!(
+        e.message().contains("carries no cluster token"),
+        "{}",
+        e.message()
+    );
+    // A manager without an identity does not start.
+    let empty = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_hornd"))
+        .args(["manager", "--data"])
+        .arg(empty.path())
+        .args(["--listen", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("run `hornctl cluster init --data"));
+}
+
+#[test]
+fn specs_outlive_a_sigkill_and_a_node_without_heartbeats_goes_down() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path();
+    ok(hornctl(
+        data,
+        "127.0.0.1:1",
+        &["cluster", "init", "--data", data.to_str().unwrap()],
+    ));
+    let token = std::fs::read_to_string(data.join("cluster-token"))
+        .unwrap()
+        .trim()
+        .to_string();
+    let mut mgr = ManagerDaemon::start(data, "127.0.0.1:0");
+    let rt = rt();
+    for n in ["n1", "n2"] {
+        rt.block_on(register(&mgr.addr, &token, n, ""));
+    }
+    ok(hornctl(
+        data,
+        &mgr.addr,
+        &["volume", "create", "kept", "--size", "1G", "--replicas", "2"],
+    ));
+    let before = json(hornctl(data, &mgr.addr, &["volume", "info", "kept", "--json"]));
+    mgr.kill();
+
+    let mgr = ManagerDaemon::start(data, "127.0.0.1:0");
+    let after = json(hornctl(data, &mgr.addr, &["volume", "info", "kept", "--json"]));
+    assert_eq!(
+        after, before,
+        "the volume and its placements come back as they were"
+    );
+    // The nodes are known, and their leases (restored with a full time to live at the
+    // restart) lapse without heartbeats: the default lease is 15 s.
+    let nodes = json(hornctl(data, &mgr.addr, &["node", "list", "--json"]));
+    assert_eq!(nodes.as_array().unwrap().len(), 2);
+    common::eventually(Duration::from_secs(25), "the nodes to go down", || {
+        let nodes = json(hornctl(data, &mgr.addr, &["node", "list", "--json"]));
+        nodes.as_array().unwrap().iter().all(|n| n["state"] == "down")
+    });
+    let e = refused(hornctl(
+        data,
+        &mgr.addr,
+        &["volume", "create", "late", "--size", "1G", "--replicas", "1"],
+    ));
+    assert!(e.contains("not ready or cordoned"), "{e}");
+}
