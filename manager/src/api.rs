@@ -336,6 +336,7 @@ impl<S: Store + 'static> ManagerService<S> {
             zone: spec.zone,
             tags: spec.tags.into_iter().collect(),
             cordoned: spec.cordoned,
+            lease_secs: self.specs.settings().map_err(to_status)?.spec.node_lease_secs as u32,
         })
     }
 

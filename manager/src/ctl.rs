@@ -114,7 +114,8 @@ pub enum NodeCmd {
     },
 }
 
-type Client = ManagerClient<InterceptedService<Channel, TokenInterceptor>>;
+/// An authenticated client of the manager.
+pub type Client = ManagerClient<InterceptedService<Channel, TokenInterceptor>>;
 
 /// Adds the cluster token to every call.
 #[derive(Clone)]
@@ -127,7 +128,8 @@ impl tonic::service::Interceptor for TokenInterceptor {
     }
 }
 
-fn token(addr: &ManagerAddr) -> Result<String> {
+/// The cluster token: `HORN_TOKEN`, or the contents of `addr.token_file`.
+pub fn token(addr: &ManagerAddr) -> Result<String> {
     if let Ok(t) = std::env::var("HORN_TOKEN") {
         return Ok(t.trim().to_string());
     }
@@ -142,22 +144,21 @@ fn token(addr: &ManagerAddr) -> Result<String> {
 
 /// A client of the manager at `addr.manager` that sends the cluster token.
 pub async fn connect(addr: &ManagerAddr) -> Result<Client> {
-    let token = token(addr)?;
+    connect_with(&addr.manager, &token(addr)?).await
+}
+
+/// A client of the manager at `manager` that sends `token` on every call.
+pub async fn connect_with(manager: &str, token: &str) -> Result<Client> {
     let value = format!("Bearer {token}")
         .parse()
         .context("the cluster token is not printable ASCII")?;
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", addr.manager))
-        .with_context(|| format!("{:?} is not an address", addr.manager))?
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{manager}"))
+        .with_context(|| format!("{manager:?} is not an address"))?
         .connect_timeout(Duration::from_secs(5))
         .timeout(Duration::from_secs(30))
         .connect()
         .await
-        .with_context(|| {
-            format!(
-                "cannot reach the manager at {} (--manager, HORN_MANAGER)",
-                addr.manager
-            )
-        })?;
+        .with_context(|| format!("cannot reach the manager at {manager} (--manager, HORN_MANAGER)"))?;
     Ok(ManagerClient::with_interceptor(channel, TokenInterceptor(value)))
 }
 

@@ -478,6 +478,23 @@ pub fn serve_manager(data: PathBuf, listen: String) -> Result<()> {
     Ok(())
 }
 
+/// Runs the node agent ([`crate::agent`]) until SIGINT or SIGTERM.
+pub fn serve_node(cfg: crate::agent::AgentConfig) -> Result<()> {
+    let stop_signals = block_stop_signals()?;
+    let (stop_tx, stop) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            if let Ok(sig) = stop_signals.wait() {
+                tracing::info!(signal = ?sig, "stopping");
+            }
+            let _ = stop_tx.send(());
+        })?;
+    crate::agent::run(cfg, stop)?;
+    println!("hornd node: stopped");
+    Ok(())
+}
+
 /// Blocks SIGINT and SIGTERM in this thread (and the threads it starts) and returns
 /// them for a waiter thread: only that thread then receives them.
 pub(crate) fn block_stop_signals() -> Result<SigSet> {

@@ -15,6 +15,7 @@
 
 #![warn(missing_docs)]
 
+pub mod agent;
 pub mod api;
 pub mod ctl;
 pub mod daemon;

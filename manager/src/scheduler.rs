@@ -30,6 +30,8 @@
 use std::collections::BTreeSet;
 use std::fmt;
 
+use crate::format::human_bytes;
+
 /// Whether a spreading rule must hold or is only preferred.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -117,16 +119,21 @@ impl DiskView {
         let allowance = self.allowance(settings);
         if self.scheduled as u128 + size as u128 > allowance as u128 {
             return Some(format!(
-                "{} B scheduled + {size} B would pass its allowance of {allowance} B \
-                 (over-provisioning {}%)",
-                self.scheduled, settings.over_provisioning_percent
+                "{} scheduled + {} would pass its allowance of {} (over-provisioning {}%)",
+                human_bytes(self.scheduled),
+                human_bytes(size),
+                human_bytes(allowance),
+                settings.over_provisioning_percent
             ));
         }
         let floor = self.minimal_free(settings);
         if self.available < size || self.available - size < floor {
             return Some(format!(
-                "{} B free - {size} B would leave less than {floor} B ({}% of its capacity)",
-                self.available, settings.minimal_available_percent
+                "{} free - {} would leave less than {} ({}% of its capacity)",
+                human_bytes(self.available),
+                human_bytes(size),
+                human_bytes(floor),
+                settings.minimal_available_percent
             ));
         }
         None

@@ -123,6 +123,7 @@ async fn register(addr: &str, token: &str, name: &str, zone: &str) -> pb::Node {
             scheduled: 0,
         }],
         state: String::new(),
+        lease_secs: 0,
     })
     .await
     .unwrap()
@@ -330,4 +331,90 @@ fn specs_outlive_a_sigkill_and_a_node_without_heartbeats_goes_down() {
         &["volume", "create", "late", "--size", "1G", "--replicas", "1"],
     ));
     assert!(e.contains("not ready or cordoned"), "{e}");
+}
+
+#[test]
+fn a_node_agent_registers_its_disks_keeps_its_lease_and_is_down_once_killed() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path();
+    ok(hornctl(
+        data,
+        "127.0.0.1:1",
+        &["cluster", "init", "--data", data.to_str().unwrap()],
+    ));
+    let mgr = ManagerDaemon::start(data, "127.0.0.1:0");
+    let disk = dir.path().join("disk1");
+    let agent = |name: &str| {
+        Command::new(env!("CARGO_BIN_EXE_hornd"))
+            .args([
+                "node",
+                "--manager",
+                &mgr.addr,
+                "--name",
+                name,
+                "--zone",
+                "z1",
+                "--tag",
+                "storage",
+            ])
+            .arg("--token-file")
+            .arg(data.join("cluster-token"))
+            .arg("--disk")
+            .arg(format!("{}:ssd", disk.display()))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let state = |name: &str| {
+        let nodes = json(hornctl(data, &mgr.addr, &["node", "list", "--json"]));
+        nodes
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["name"] == name)
+            .cloned()
+    };
+    let mut a = agent("n1");
+    let mut line = String::new();
+    BufReader::new(a.stdout.as_mut().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(line.contains("n1 registered"), "{line}");
+    let n1 = state("n1").unwrap();
+    assert_eq!(n1["state"], "ready");
+    assert_eq!(n1["zone"], "z1");
+    assert_eq!(n1["disks"][0]["tags"], serde_json::json!(["ssd"]));
+    let capacity = n1["disks"][0]["capacity"].as_u64().unwrap();
+    let free = n1["disks"][0]["available"].as_u64().unwrap();
+    assert!(capacity > 0 && free <= capacity, "measured {free} of {capacity}");
+    // Heartbeats keep it ready past the 15 s lease: checked every second for 17 s.
+    let since = std::time::Instant::now();
+    while since.elapsed() < Duration::from_secs(17) {
+        assert_eq!(state("n1").unwrap()["state"], "ready", "at {:?}", since.elapsed());
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    // Killed, it goes down once its lease lapses.
+    // SAFETY: kill takes no pointers; the pid is our child's (reaped below).
+    unsafe { libc::kill(a.id() as i32, libc::SIGKILL) };
+    let _ = a.wait();
+    common::eventually(Duration::from_secs(20), "n1 to go down", || {
+        state("n1").unwrap()["state"] == "down"
+    });
+    // Started again, it is ready again; SIGTERM ends it cleanly.
+    let b = agent("n1");
+    common::eventually(Duration::from_secs(10), "n1 to be ready again", || {
+        state("n1").unwrap()["state"] == "ready"
+    });
+    // SAFETY: as above.
+    unsafe { libc::kill(b.id() as i32, libc::SIGTERM) };
+    let out = b.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("hornd node: stopped"));
+    // A disk that is not absolute is refused at the command line.
+    let out = Command::new(env!("CARGO_BIN_EXE_hornd"))
+        .args(["node", "--manager", &mgr.addr, "--disk", "relative"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("give an absolute path"));
 }

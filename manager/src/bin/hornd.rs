@@ -6,8 +6,9 @@
 //! (`proto/engine.proto`), and a frontend: `--frontend ublk` as a block device
 //! (`/dev/ublkbN`), `--frontend iscsi` as an iSCSI target; `--host-replica DIR` hosts
 //! the local replica in the engine's own process. `hornd manager` serves the control
-//! plane's volumes and nodes (`proto/manager.proto`). (The node agent and the CSI
-//! driver arrive as subcommands with their issues.)
+//! plane's volumes and nodes (`proto/manager.proto`); `hornd node` is the node agent
+//! that registers a machine and its disks with it. (The CSI driver arrives as a
+//! subcommand with its issue.)
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -79,6 +80,32 @@ enum Command {
         /// Address for the manager's service.
         #[arg(long, default_value = horn_manager::api::DEFAULT_MANAGER)]
         listen: String,
+    },
+    /// Run the node agent: register this machine and its disks with the manager and
+    /// keep its lease, until SIGINT or SIGTERM.
+    Node {
+        /// The manager's address.
+        #[arg(long, env = "HORN_MANAGER", default_value = horn_manager::api::DEFAULT_MANAGER)]
+        manager: String,
+        /// The file holding the cluster token (`hornctl cluster init` wrote it on the
+        /// manager's machine).
+        #[arg(long, env = "HORN_TOKEN_FILE", default_value = "/var/lib/horn/cluster-token")]
+        token_file: PathBuf,
+        /// The node's name (default: the host name).
+        #[arg(long)]
+        name: Option<String>,
+        /// The address this node is reached at, IP:PORT.
+        #[arg(long, default_value = "127.0.0.1:9700")]
+        address: String,
+        /// The node's zone.
+        #[arg(long, default_value = "")]
+        zone: String,
+        /// A tag of the node; repeat for more.
+        #[arg(long = "tag")]
+        tags: Vec<String>,
+        /// A disk: a directory for replicas, PATH or PATH:TAG,TAG; repeat for more.
+        #[arg(long = "disk", default_value = "/var/lib/horn/disk")]
+        disks: Vec<horn_manager::agent::AgentDisk>,
     },
     /// Run a daemon and start it again when it dies (killed, crashed): not when it
     /// exits cleanly or is stopped with SIGTERM/SIGINT, which the supervisor passes on.
@@ -300,6 +327,35 @@ fn main() -> ExitCode {
             },
         ),
         Command::Manager { data, listen } => horn_manager::daemon::serve_manager(data, listen),
+        Command::Node {
+            manager,
+            token_file,
+            name,
+            address,
+            zone,
+            tags,
+            disks,
+        } => (|| {
+            let token = std::fs::read_to_string(&token_file).map_err(|e| {
+                anyhow::anyhow!("cannot read the cluster token from {}: {e}", token_file.display())
+            })?;
+            let name = match name {
+                Some(n) => n,
+                None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+                    .map_err(|e| anyhow::anyhow!("cannot read the host name ({e}): give --name"))?
+                    .trim()
+                    .to_string(),
+            };
+            horn_manager::daemon::serve_node(horn_manager::agent::AgentConfig {
+                manager,
+                token: token.trim().to_string(),
+                name,
+                address,
+                zone,
+                tags: tags.into_iter().collect(),
+                disks,
+            })
+        })(),
         Command::Engine {
             replicas,
             volume,

@@ -1,0 +1,199 @@
+//! The node agent (`hornd node`): one per machine. It registers the node and its
+//! disks with the manager (capacity and free space measured with statvfs), renews the
+//! node's lease well within its time to live, and registers again when the manager
+//! has lost it (a manager restart past the lease, a long partition). Running the
+//! replica and engine instances the manager asks for comes next (issue 17).
+//!
+//! The agent never decides anything about placement; it reports what it sees and
+//! keeps the lease alive. If the manager cannot be reached it keeps trying, every
+//! second, and says so in its log.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use horn_proto::manager_api as pb;
+
+use crate::ctl::{connect_with, Client};
+
+/// A disk the agent reports: a directory, with tags.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentDisk {
+    /// The directory (created if missing).
+    pub path: PathBuf,
+    /// Its tags.
+    pub tags: BTreeSet<String>,
+}
+
+impl std::str::FromStr for AgentDisk {
+    type Err = String;
+
+    /// `PATH` or `PATH:TAG,TAG`.
+    fn from_str(s: &str) -> Result<AgentDisk, String> {
+        let (path, tags) = match s.split_once(':') {
+            Some((p, t)) => (
+                p,
+                t.split(',')
+                    .filter(|t| !t.is_empty())
+                    .map(str::to_string)
+                    .collect(),
+            ),
+            None => (s, BTreeSet::new()),
+        };
+        if !path.starts_with('/') {
+            return Err(format!(
+                "disk {path:?}: give an absolute path (PATH or PATH:TAG,TAG)"
+            ));
+        }
+        Ok(AgentDisk {
+            path: PathBuf::from(path),
+            tags,
+        })
+    }
+}
+
+/// What the agent says of its node.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// The manager's address.
+    pub manager: String,
+    /// The cluster token.
+    pub token: String,
+    /// The node's name.
+    pub name: String,
+    /// The address the node's agent serves at (reported to the manager).
+    pub address: String,
+    /// Its zone (empty: none).
+    pub zone: String,
+    /// Its tags.
+    pub tags: BTreeSet<String>,
+    /// Its disks.
+    pub disks: Vec<AgentDisk>,
+}
+
+/// Capacity and free space of the filesystem holding `path`, in bytes.
+fn measure(path: &std::path::Path) -> Result<(u64, u64)> {
+    let st = nix::sys::statvfs::statvfs(path)
+        .with_context(|| format!("cannot measure disk {}", path.display()))?;
+    let unit = st.fragment_size();
+    Ok((st.blocks() * unit, st.blocks_available() * unit))
+}
+
+fn registration(cfg: &AgentConfig) -> Result<pb::Node> {
+    let mut disks = Vec::new();
+    for d in &cfg.disks {
+        std::fs::create_dir_all(&d.path)
+            .with_context(|| format!("cannot create disk directory {}", d.path.display()))?;
+        let (capacity, available) = measure(&d.path)?;
+        disks.push(pb::Disk {
+            path: d.path.display().to_string(),
+            tags: d.tags.iter().cloned().collect(),
+            reserved: 0,
+            allow_scheduling: true,
+            capacity,
+            available,
+            scheduled: 0,
+        });
+    }
+    Ok(pb::Node {
+        name: cfg.name.clone(),
+        address: cfg.address.clone(),
+        zone: cfg.zone.clone(),
+        tags: cfg.tags.iter().cloned().collect(),
+        cordoned: false,
+        disks,
+        state: String::new(),
+        lease_secs: 0,
+    })
+}
+
+/// How long to wait before the next heartbeat: a third of the lease, at least 1 s.
+fn heartbeat_every(lease_secs: u32) -> Duration {
+    Duration::from_millis((u64::from(lease_secs) * 1000 / 3).max(1000))
+}
+
+/// Registers the node and keeps its lease until `stop` receives (or its sender goes).
+/// A registration the manager refuses (a bad disk, a bad name) ends the agent with
+/// that error; an unreachable manager is retried.
+pub fn run(cfg: AgentConfig, stop: Receiver<()>) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let mut client: Option<Client> = None;
+    let mut registered = false;
+    let mut wait = Duration::ZERO;
+    loop {
+        match stop.recv_timeout(wait) {
+            Ok(()) | Err(RecvTimeoutError::Disconnected) => return Ok(()),
+            Err(RecvTimeoutError::Timeout) => {}
+        }
+        wait = Duration::from_secs(1);
+        let c = match client.as_mut() {
+            Some(c) => c,
+            None => match rt.block_on(connect_with(&cfg.manager, &cfg.token)) {
+                Ok(c) => client.insert(c),
+                Err(e) => {
+                    tracing::warn!(error = %format!("{e:#}"), "the manager is unreachable; retrying");
+                    continue;
+                }
+            },
+        };
+        let reply = if registered {
+            rt.block_on(c.node_heartbeat(pb::NodeRef {
+                name: cfg.name.clone(),
+            }))
+        } else {
+            rt.block_on(c.register_node(registration(&cfg)?))
+        };
+        match reply {
+            Ok(node) => {
+                let node = node.into_inner();
+                if !registered {
+                    tracing::info!(node = %cfg.name, disks = node.disks.len(), lease_secs = node.lease_secs, "registered");
+                    println!("hornd node: {} registered with {}", cfg.name, cfg.manager);
+                }
+                registered = true;
+                wait = heartbeat_every(node.lease_secs);
+            }
+            Err(s) if s.code() == tonic::Code::NotFound && registered => {
+                tracing::warn!(node = %cfg.name, "the manager lost the node's lease; registering again");
+                registered = false;
+                wait = Duration::ZERO;
+            }
+            Err(s)
+                if matches!(
+                    s.code(),
+                    tonic::Code::InvalidArgument | tonic::Code::Unauthenticated | tonic::Code::AlreadyExists
+                ) =>
+            {
+                anyhow::bail!(
+                    "the manager at {} refused node {}: {}",
+                    cfg.manager,
+                    cfg.name,
+                    s.message()
+                );
+            }
+            Err(s) => {
+                tracing::warn!(error = %s.message(), "a call to the manager failed; retrying");
+                client = None;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn disks_parse_with_tags_and_must_be_absolute() {
+        let d: AgentDisk = "/mnt/nvme:ssd,fast".parse().unwrap();
+        assert_eq!(d.path, PathBuf::from("/mnt/nvme"));
+        assert_eq!(d.tags, BTreeSet::from(["fast".to_string(), "ssd".to_string()]));
+        assert!("relative".parse::<AgentDisk>().unwrap_err().contains("absolute"));
+        assert_eq!(heartbeat_every(15), Duration::from_secs(5));
+        assert_eq!(heartbeat_every(1), Duration::from_secs(1));
+    }
+}
