@@ -10,7 +10,9 @@
 //! `caller` picks the `horn-engine` header: none, `engine-a`, `engine-b` or empty.
 //! Left out: `SyncFrom` and `ReadLayer`, which open connections. Other kinds decode
 //! the bytes as one of the replies an engine reads from a replica, or as an engine
-//! control message.
+//! control message. At most 64 calls an input; an `Info` straight after another from
+//! the same caller is skipped (it reads the same replica: long runs had filled their
+//! corpus with such runs of `Info`, a third of the time spent).
 //!
 //! Checks:
 //! - every message that decodes re-encodes to bytes that decode to the same message;
@@ -197,6 +199,9 @@ struct Session {
     svc: ControlService,
     /// A call changed the replica: it is reopened at the end.
     changed: bool,
+    /// The caller of the last call, if it was an `Info`: an `Info` right after
+    /// another from the same caller reads the same replica and is skipped.
+    last_info: Option<Option<&'static str>>,
 }
 
 impl Session {
@@ -210,6 +215,7 @@ impl Session {
             shared,
             svc,
             changed: false,
+            last_info: None,
         }
     }
 
@@ -218,7 +224,12 @@ impl Session {
     }
 
     /// Makes `call` and checks what it did.
-    fn make(&mut self, call: Call, caller: Option<&str>) {
+    fn make(&mut self, call: Call, caller: Option<&'static str>) {
+        let repeated_info = matches!(call, Call::Info(_)) && self.last_info == Some(caller);
+        self.last_info = matches!(call, Call::Info(_)).then_some(caller);
+        if repeated_info {
+            return;
+        }
         let before = self.standing();
         let svc = &self.svc;
         let rt = runtime();
@@ -339,6 +350,7 @@ impl Session {
             shared,
             svc,
             changed,
+            last_info: _,
         } = self;
         drop(svc);
         if changed {
@@ -355,10 +367,16 @@ impl Session {
     }
 }
 
+/// Calls past this many in one input are not made: longer sequences add little that
+/// shorter ones in the corpus do not reach, and cost the run most of its executions.
+const MAX_CALLS: usize = 64;
+
 fuzz_target!(|data: &[u8]| {
     let mut session: Option<Session> = None;
     let mut input = Cursor::new(data);
-    while !input.is_empty() {
+    let mut calls = 0;
+    while !input.is_empty() && calls < MAX_CALLS {
+        calls += 1;
         let kind = input.u8();
         let caller = match input.u8() % 4 {
             0 => None,
