@@ -482,14 +482,9 @@ pub fn serve_manager(data: PathBuf, listen: String) -> Result<()> {
 pub fn serve_node(cfg: crate::agent::AgentConfig) -> Result<()> {
     let stop_signals = block_stop_signals()?;
     let (stop_tx, stop) = std::sync::mpsc::channel();
-    std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || {
-            if let Ok(sig) = stop_signals.wait() {
-                tracing::info!(signal = ?sig, "stopping");
-            }
-            let _ = stop_tx.send(());
-        })?;
+    on_stop_signal(stop_signals, move || {
+        let _ = stop_tx.send(());
+    })?;
     crate::agent::run(cfg, stop)?;
     println!("hornd node: stopped");
     Ok(())
@@ -517,16 +512,24 @@ fn serve_control_until_signal(
 ) -> Result<std::thread::JoinHandle<()>> {
     let (shutdown_tx, shutdown_rx) = tokio::sync::oneshot::channel::<()>();
     let grpc = spawn_control_service(listener, routes, shutdown_rx, true)?;
+    on_stop_signal(signals, move || {
+        let _ = shutdown_tx.send(());
+        on_stop();
+    })?;
+    Ok(grpc)
+}
+
+/// Calls `f` on a thread of its own once one of `signals` arrives.
+fn on_stop_signal(signals: SigSet, f: impl FnOnce() + Send + 'static) -> Result<()> {
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
             if let Ok(sig) = signals.wait() {
                 tracing::info!(signal = ?sig, "stopping");
             }
-            let _ = shutdown_tx.send(());
-            on_stop();
+            f();
         })?;
-    Ok(grpc)
+    Ok(())
 }
 
 /// Runs a gRPC service on its own tokio runtime thread until `shutdown`.

@@ -130,6 +130,15 @@ async fn register(addr: &str, token: &str, name: &str, zone: &str) -> pb::Node {
     .into_inner()
 }
 
+/// `hornctl cluster init --data DATA`.
+fn init(data: &Path) {
+    ok(hornctl(
+        data,
+        "127.0.0.1:1",
+        &["cluster", "init", "--data", data.to_str().unwrap()],
+    ));
+}
+
 fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -141,11 +150,7 @@ fn rt() -> tokio::runtime::Runtime {
 fn volumes_are_placed_on_distinct_nodes_and_bad_requests_change_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path();
-    ok(hornctl(
-        data,
-        "127.0.0.1:1",
-        &["cluster", "init", "--data", data.to_str().unwrap()],
-    ));
+    init(data);
     // A second init would lock out every client of the first.
     assert!(refused(hornctl(
         data,
@@ -246,11 +251,7 @@ fn volumes_are_placed_on_distinct_nodes_and_bad_requests_change_nothing() {
 fn calls_without_the_cluster_token_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path();
-    ok(hornctl(
-        data,
-        "127.0.0.1:1",
-        &["cluster", "init", "--data", data.to_str().unwrap()],
-    ));
+    init(data);
     let mgr = ManagerDaemon::start(data, "127.0.0.1:0");
     let wrong = dir.path().join("wrong-token");
     std::fs::write(&wrong, "0123456789abcdef\n").unwrap();
@@ -289,11 +290,7 @@ fn calls_without_the_cluster_token_are_refused() {
 fn specs_outlive_a_sigkill_and_a_node_without_heartbeats_goes_down() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path();
-    ok(hornctl(
-        data,
-        "127.0.0.1:1",
-        &["cluster", "init", "--data", data.to_str().unwrap()],
-    ));
+    init(data);
     let token = std::fs::read_to_string(data.join("cluster-token"))
         .unwrap()
         .trim()
@@ -337,11 +334,7 @@ fn specs_outlive_a_sigkill_and_a_node_without_heartbeats_goes_down() {
 fn a_node_agent_registers_its_disks_keeps_its_lease_and_is_down_once_killed() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path();
-    ok(hornctl(
-        data,
-        "127.0.0.1:1",
-        &["cluster", "init", "--data", data.to_str().unwrap()],
-    ));
+    init(data);
     let mgr = ManagerDaemon::start(data, "127.0.0.1:0");
     let disk = dir.path().join("disk1");
     let agent = |name: &str| {
