@@ -231,8 +231,12 @@ impl<S: Store + 'static> ManagerService<S> {
         let measured = self.measured.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let mut views = Vec::new();
         let mut revisions = Vec::new();
+        let mut ready_nodes = std::collections::BTreeSet::new();
         for n in nodes {
             let ready = self.is_ready(&n.spec.name)?;
+            if ready {
+                ready_nodes.insert(n.spec.name.clone());
+            }
             let disks = n
                 .spec
                 .disks
@@ -263,6 +267,7 @@ impl<S: Store + 'static> ManagerService<S> {
         Ok(ClusterView {
             nodes: views,
             revisions,
+            ready: ready_nodes,
         })
     }
 
@@ -305,39 +310,50 @@ impl<S: Store + 'static> ManagerService<S> {
     }
 
     fn node_reply(&self, spec: NodeSpec) -> Result<pb::Node, Status> {
-        let view = self
-            .cluster_view()?
-            .nodes
+        Ok(self.node_replies(vec![spec])?.remove(0))
+    }
+
+    /// The replies for `specs`, from one view of the cluster and one read of the
+    /// settings.
+    fn node_replies(&self, specs: Vec<NodeSpec>) -> Result<Vec<pb::Node>, Status> {
+        let view = self.cluster_view()?;
+        let lease_secs = self.specs.settings().map_err(to_status)?.spec.node_lease_secs as u32;
+        Ok(specs
             .into_iter()
-            .find(|n| n.name == spec.name);
-        let ready = self.is_ready(&spec.name)?;
-        Ok(pb::Node {
-            state: if ready { "ready" } else { "down" }.into(),
-            disks: spec
-                .disks
-                .iter()
-                .map(|d| {
-                    let dv = view
-                        .as_ref()
-                        .and_then(|v| v.disks.iter().find(|x| x.id == d.path));
-                    pb::Disk {
-                        path: d.path.clone(),
-                        tags: d.tags.iter().cloned().collect(),
-                        reserved: d.reserved,
-                        allow_scheduling: d.allow_scheduling,
-                        capacity: dv.map_or(0, |x| x.capacity),
-                        available: dv.map_or(0, |x| x.available),
-                        scheduled: dv.map_or(0, |x| x.scheduled),
+            .map(|spec| {
+                let nv = view.nodes.iter().find(|n| n.name == spec.name);
+                pb::Node {
+                    state: if view.ready.contains(&spec.name) {
+                        "ready"
+                    } else {
+                        "down"
                     }
-                })
-                .collect(),
-            name: spec.name,
-            address: spec.address,
-            zone: spec.zone,
-            tags: spec.tags.into_iter().collect(),
-            cordoned: spec.cordoned,
-            lease_secs: self.specs.settings().map_err(to_status)?.spec.node_lease_secs as u32,
-        })
+                    .into(),
+                    disks: spec
+                        .disks
+                        .iter()
+                        .map(|d| {
+                            let dv = nv.and_then(|v| v.disks.iter().find(|x| x.id == d.path));
+                            pb::Disk {
+                                path: d.path.clone(),
+                                tags: d.tags.iter().cloned().collect(),
+                                reserved: d.reserved,
+                                allow_scheduling: d.allow_scheduling,
+                                capacity: dv.map_or(0, |x| x.capacity),
+                                available: dv.map_or(0, |x| x.available),
+                                scheduled: dv.map_or(0, |x| x.scheduled),
+                            }
+                        })
+                        .collect(),
+                    name: spec.name,
+                    address: spec.address,
+                    zone: spec.zone,
+                    tags: spec.tags.into_iter().collect(),
+                    cordoned: spec.cordoned,
+                    lease_secs,
+                }
+            })
+            .collect())
     }
 
     /// Runs `f` off the async runtime: the store's calls block (they fsync).
@@ -358,6 +374,8 @@ struct ClusterView {
     nodes: Vec<NodeView>,
     /// (node, revision): a placement is committed only if its nodes are unchanged.
     revisions: Vec<(String, crate::store::Revision)>,
+    /// The nodes whose lease is current.
+    ready: std::collections::BTreeSet<String>,
 }
 
 /// The service as tonic serves it: an `Arc` so that calls can run on blocking threads.
@@ -421,6 +439,7 @@ impl<S: Store + 'static> Manager for Service<S> {
                 let ClusterView {
                     nodes: views,
                     revisions,
+                    ..
                 } = m.cluster_view()?;
                 let placed = scheduler::place_all(
                     &views,
@@ -595,13 +614,14 @@ impl<S: Store + 'static> Manager for Service<S> {
     async fn list_nodes(&self, _: Request<pb::ListNodesRequest>) -> Result<Response<pb::NodeList>, Status> {
         self.0
             .blocking(|m| {
-                let nodes = m
+                let specs = m
                     .specs
                     .nodes()
                     .map_err(to_status)?
                     .into_iter()
-                    .map(|n| m.node_reply(n.spec))
-                    .collect::<Result<_, _>>()?;
+                    .map(|n| n.spec)
+                    .collect();
+                let nodes = m.node_replies(specs)?;
                 Ok(pb::NodeList { nodes })
             })
             .await
