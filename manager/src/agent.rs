@@ -1,17 +1,22 @@
 //! The node agent (`hornd node`): one per machine. It registers the node and its
 //! disks with the manager (capacity and free space measured with statvfs), renews the
 //! node's lease well within its time to live, and registers again when the manager
-//! has lost it (a manager restart past the lease, a long partition). Running the
-//! replica and engine instances the manager asks for comes next (issue 17).
+//! has lost it (a manager restart past the lease, a long partition). Between
+//! renewals it reports the instances it runs and asks for its work (`SyncNode`, a
+//! call that waits for the work to change), and runs the replica and engine
+//! instances the work names ([`crate::instances`]).
 //!
 //! The agent never decides anything about placement; it reports what it sees and
-//! keeps the lease alive. If the manager cannot be reached it keeps trying, every
-//! second, and says so in its log.
+//! does what the manager's work says. It acts only on work from the cluster it first
+//! joined (the id is kept in its state directory): a node pointed at another
+//! manager's store by mistake does not delete its replicas. If the manager cannot be
+//! reached it keeps trying, every second, and says so in its log; its instances go on
+//! serving meanwhile.
 
 use std::collections::BTreeSet;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use horn_proto::manager_api as pb;
@@ -71,6 +76,29 @@ pub struct AgentConfig {
     pub tags: BTreeSet<String>,
     /// Its disks.
     pub disks: Vec<AgentDisk>,
+    /// Where it keeps its instances' records and logs, and the cluster's id.
+    pub state: PathBuf,
+    /// The `hornd` binary its instances run.
+    pub hornd: PathBuf,
+}
+
+/// The cluster id the agent joined, kept in `state/cluster-id`: work from another
+/// cluster is refused.
+fn check_cluster(state: &Path, id: &str) -> Result<()> {
+    let path = state.join("cluster-id");
+    match std::fs::read_to_string(&path) {
+        Ok(known) if known.trim() == id => Ok(()),
+        Ok(known) => anyhow::bail!(
+            "this node belongs to cluster {} ({}), and the manager serves cluster {id}: its work is refused (remove {} to join the new cluster)",
+            known.trim(),
+            path.display(),
+            path.display()
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::write(&path, format!("{id}\n")).with_context(|| format!("cannot write {}", path.display()))
+        }
+        Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
+    }
 }
 
 /// Capacity and free space of the filesystem holding `path`, in bytes.
@@ -114,15 +142,30 @@ fn heartbeat_every(lease_secs: u32) -> Duration {
     Duration::from_millis((u64::from(lease_secs) * 1000 / 3).max(1000))
 }
 
-/// Registers the node and keeps its lease until `stop` receives (or its sender goes).
-/// A registration the manager refuses (a bad disk, a bad name) ends the agent with
-/// that error; an unreachable manager is retried.
+/// Registers the node, keeps its lease and runs its work until `stop` receives (or
+/// its sender goes). A registration the manager refuses (a bad disk, a bad name) ends
+/// the agent with that error; an unreachable manager is retried.
 pub fn run(cfg: AgentConfig, stop: Receiver<()>) -> Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
+    std::fs::create_dir_all(&cfg.state).with_context(|| format!("cannot create {}", cfg.state.display()))?;
+    let ip = cfg
+        .address
+        .parse::<std::net::SocketAddr>()
+        .with_context(|| format!("--address {}: give IP:PORT", cfg.address))?
+        .ip();
+    let mut instances = crate::instances::Instances::open(
+        &cfg.state,
+        ip,
+        cfg.hornd.clone(),
+        cfg.disks.iter().map(|d| d.path.clone()).collect(),
+    )?;
     let mut client: Option<Client> = None;
     let mut registered = false;
+    let mut heartbeat_at = Instant::now();
+    let mut heartbeat = Duration::from_secs(1);
+    let mut seen = 0u64;
     let mut wait = Duration::ZERO;
     loop {
         match stop.recv_timeout(wait) {
@@ -140,40 +183,81 @@ pub fn run(cfg: AgentConfig, stop: Receiver<()>) -> Result<()> {
                 }
             },
         };
-        let reply = if registered {
-            rt.block_on(c.node_heartbeat(pb::NodeRef {
-                name: cfg.name.clone(),
-            }))
-        } else {
-            rt.block_on(c.register_node(registration(&cfg)?))
-        };
-        match reply {
-            Ok(node) => {
-                let node = node.into_inner();
-                if !registered {
-                    tracing::info!(node = %cfg.name, disks = node.disks.len(), lease_secs = node.lease_secs, "registered");
-                    println!("hornd node: {} registered with {}", cfg.name, cfg.manager);
+        if !registered || Instant::now() >= heartbeat_at {
+            let reply = if registered {
+                rt.block_on(c.node_heartbeat(pb::NodeRef {
+                    name: cfg.name.clone(),
+                }))
+            } else {
+                rt.block_on(c.register_node(registration(&cfg)?))
+            };
+            match reply {
+                Ok(node) => {
+                    let node = node.into_inner();
+                    if !registered {
+                        tracing::info!(node = %cfg.name, disks = node.disks.len(), lease_secs = node.lease_secs, "registered");
+                        println!("hornd node: {} registered with {}", cfg.name, cfg.manager);
+                    }
+                    registered = true;
+                    heartbeat = heartbeat_every(node.lease_secs);
+                    heartbeat_at = Instant::now() + heartbeat;
                 }
-                registered = true;
-                wait = heartbeat_every(node.lease_secs);
+                Err(s) if s.code() == tonic::Code::NotFound && registered => {
+                    tracing::warn!(node = %cfg.name, "the manager lost the node's lease; registering again");
+                    registered = false;
+                    wait = Duration::ZERO;
+                    continue;
+                }
+                Err(s)
+                    if matches!(
+                        s.code(),
+                        tonic::Code::InvalidArgument | tonic::Code::Unauthenticated | tonic::Code::AlreadyExists
+                    ) =>
+                {
+                    anyhow::bail!(
+                        "the manager at {} refused node {}: {}",
+                        cfg.manager,
+                        cfg.name,
+                        s.message()
+                    );
+                }
+                Err(s) => {
+                    tracing::warn!(error = %s.message(), "a call to the manager failed; retrying");
+                    client = None;
+                    continue;
+                }
             }
-            Err(s) if s.code() == tonic::Code::NotFound && registered => {
-                tracing::warn!(node = %cfg.name, "the manager lost the node's lease; registering again");
+        }
+        // Report, and wait for new work: briefly while an instance is starting (its
+        // state is news), else until the next heartbeat is due.
+        let settling = instances.settling();
+        let until_heartbeat = heartbeat_at.saturating_duration_since(Instant::now());
+        let wait_ms = if settling {
+            100
+        } else {
+            until_heartbeat.min(Duration::from_secs(2)).as_millis() as u32
+        };
+        let status = pb::NodeStatus {
+            node: cfg.name.clone(),
+            instances: instances.status(&rt),
+            seen_revision: seen,
+            wait_ms,
+        };
+        match rt.block_on(c.sync_node(status)) {
+            Ok(work) => {
+                let work = work.into_inner();
+                match check_cluster(&cfg.state, &work.cluster_id) {
+                    Ok(()) => {
+                        instances.apply(&work);
+                        seen = work.revision;
+                        wait = if settling { Duration::from_millis(100) } else { Duration::ZERO };
+                    }
+                    Err(e) => tracing::error!(error = %format!("{e:#}"), "work refused"),
+                }
+            }
+            Err(s) if s.code() == tonic::Code::NotFound => {
                 registered = false;
                 wait = Duration::ZERO;
-            }
-            Err(s)
-                if matches!(
-                    s.code(),
-                    tonic::Code::InvalidArgument | tonic::Code::Unauthenticated | tonic::Code::AlreadyExists
-                ) =>
-            {
-                anyhow::bail!(
-                    "the manager at {} refused node {}: {}",
-                    cfg.manager,
-                    cfg.name,
-                    s.message()
-                );
             }
             Err(s) => {
                 tracing::warn!(error = %s.message(), "a call to the manager failed; retrying");

@@ -8,7 +8,7 @@
 //! in memory, never in the store: after a restart it arrives again with the agents'
 //! next registration. A node is ready while its lease in the store is renewed.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write as _;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
@@ -19,6 +19,7 @@ use horn_proto::manager_api as pb;
 use horn_proto::manager_api::manager_server::Manager;
 use tonic::{Request, Response, Status};
 
+use crate::runtime::{self, Reports};
 use crate::model::{DataLocality, DiskSpec, Frontend, NodeSpec, ReplicaSpec, SpecError, Specs, VolumeSpec};
 use crate::scheduler::{self, DiskView, Locality, NodeView};
 use crate::store::{LeaseId, Store, StoreError, Txn};
@@ -136,7 +137,15 @@ pub struct ManagerService<S: Store + 'static> {
     measured: Mutex<BTreeMap<(String, String), Measured>>,
     /// Each node's lease in the store.
     leases: Mutex<BTreeMap<String, LeaseId>>,
+    /// What the agents last reported of their instances.
+    reports: Mutex<Reports>,
+    /// Bumped whenever a spec or a report changes: `SyncNode` calls waiting for new
+    /// work watch it.
+    changes: tokio::sync::watch::Sender<u64>,
 }
+
+/// The longest a `SyncNode` call waits for its node's work to change.
+const MAX_SYNC_WAIT: Duration = Duration::from_secs(10);
 
 fn lease_key(node: &str) -> String {
     format!("leases/nodes/{node}")
@@ -199,7 +208,43 @@ impl<S: Store + 'static> ManagerService<S> {
             store_path: store_path.display().to_string(),
             measured: Mutex::new(BTreeMap::new()),
             leases: Mutex::new(BTreeMap::new()),
+            reports: Mutex::new(Reports::default()),
+            changes: tokio::sync::watch::channel(0).0,
         }
+    }
+
+    /// Wakes the `SyncNode` calls waiting for a change.
+    fn changed(&self) {
+        self.changes.send_modify(|c| *c += 1);
+    }
+
+    fn reports(&self) -> Reports {
+        self.reports.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The nodes whose lease is current.
+    fn ready_nodes(&self) -> Result<BTreeSet<String>, Status> {
+        let mut ready = BTreeSet::new();
+        for n in self.specs.nodes().map_err(to_status)? {
+            if self.is_ready(&n.spec.name)? {
+                ready.insert(n.spec.name);
+            }
+        }
+        Ok(ready)
+    }
+
+    /// What `node` should run now.
+    fn node_work(&self, node: &str) -> Result<pb::NodeWork, Status> {
+        let volumes: Vec<VolumeSpec> = self.specs.volumes().map_err(to_status)?.into_iter().map(|v| v.spec).collect();
+        let replicas: Vec<ReplicaSpec> = self.specs.all_replicas().map_err(to_status)?.into_iter().map(|r| r.spec).collect();
+        Ok(runtime::node_work(
+            node,
+            &self.cluster_id,
+            &volumes,
+            &replicas,
+            &self.ready_nodes()?,
+            &self.reports(),
+        ))
     }
 
     fn is_ready(&self, node: &str) -> Result<bool, Status> {
@@ -282,19 +327,28 @@ impl<S: Store + 'static> ManagerService<S> {
                 id: r.spec.id,
                 node: r.spec.node,
                 disk: r.spec.disk,
+                ..Default::default()
+            })
+            .collect();
+        let specs: Vec<ReplicaSpec> = self.specs.replicas(name).map_err(to_status)?.into_iter().map(|r| r.spec).collect();
+        let st = runtime::volume_state(&v.spec, &specs, &self.ready_nodes()?, &self.reports());
+        let placements = placements
+            .into_iter()
+            .map(|mut p: pb::ReplicaPlacement| {
+                if let Some((state, mode, address)) = st.replicas.get(&p.id) {
+                    p.state = state.clone();
+                    p.mode = mode.clone();
+                    p.data_address = address.clone();
+                }
+                p
             })
             .collect();
         let s = v.spec;
         Ok(pb::Volume {
-            state: if s.attached_to.is_some() {
-                "attached"
-            } else {
-                "detached"
-            }
-            .into(),
-            // Engines under the manager come with the node agents; until then nothing
-            // is known of a volume's health.
-            robustness: "unknown".into(),
+            state: st.state.into(),
+            robustness: st.robustness.into(),
+            endpoint: st.endpoint,
+            message: st.message,
             name: s.name,
             size: s.size,
             replicas: s.replicas,
@@ -469,6 +523,7 @@ impl<S: Store + 'static> Manager for Service<S> {
                     .filter(|(n, _)| replicas.iter().any(|r| &r.node == n))
                     .collect();
                 m.specs.create_volume_placed(&spec, &replicas, &used).map_err(to_status)?;
+                m.changed();
                 tracing::info!(volume = %spec.name, size = spec.size, replicas = ?replicas.iter().map(|r| &r.node).collect::<Vec<_>>(), "volume created");
                 m.volume_reply(&spec.name)
             })
@@ -509,7 +564,13 @@ impl<S: Store + 'static> Manager for Service<S> {
         let name = req.into_inner().name;
         self.0
             .blocking(move |m| {
+                if m.volume_reply(&name)?.state == "detaching" {
+                    return Err(Status::failed_precondition(format!(
+                        "volume {name} is detaching: its engine still runs; try again once `hornctl volume info {name}` says detached"
+                    )));
+                }
                 m.specs.delete_volume(&name).map_err(to_status)?;
+                m.changed();
                 tracing::info!(volume = %name, "volume deleted");
                 Ok(pb::DeleteVolumeReply {})
             })
@@ -579,6 +640,7 @@ impl<S: Store + 'static> Manager for Service<S> {
                     }
                 }
                 tracing::info!(node = %spec.name, address = %spec.address, disks = spec.disks.len(), "node registered");
+                m.changed();
                 m.node_reply(spec)
             })
             .await
@@ -633,11 +695,116 @@ impl<S: Store + 'static> Manager for Service<S> {
             .blocking(move |m| {
                 let n = m.specs.set_cordoned(&r.name, r.cordoned).map_err(to_status)?;
                 tracing::info!(node = %r.name, cordoned = r.cordoned, "node cordon changed");
+                m.changed();
                 m.node_reply(n.spec)
             })
             .await
     }
+    async fn attach_volume(&self, req: Request<pb::AttachRequest>) -> Result<Response<pb::Volume>, Status> {
+        let r = req.into_inner();
+        self.0
+            .blocking(move |m| {
+                let v = m.specs.volume(&r.name).map_err(to_status)?;
+                match &v.spec.attached_to {
+                    Some(n) if *n == r.node => return m.volume_reply(&r.name),
+                    Some(n) => {
+                        return Err(Status::failed_precondition(format!(
+                            "volume {} is attached to node {n}: detach it first",
+                            r.name
+                        )))
+                    }
+                    None => {}
+                }
+                m.specs.node(&r.node).map_err(to_status)?;
+                if !m.is_ready(&r.node)? {
+                    return Err(Status::failed_precondition(format!(
+                        "node {} is down (its agent has not renewed its lease)",
+                        r.node
+                    )));
+                }
+                let state = m.volume_reply(&r.name)?;
+                if state.state == "detaching" {
+                    return Err(Status::failed_precondition(format!(
+                        "volume {} is still detaching: its engine runs on",
+                        r.name
+                    )));
+                }
+                if state.placements.iter().all(|p| p.state == "node down") {
+                    return Err(Status::failed_precondition(format!(
+                        "volume {}: every node holding one of its replicas is down",
+                        r.name
+                    )));
+                }
+                let mut spec = v.spec;
+                spec.attached_to = Some(r.node.clone());
+                m.specs.update_volume(&spec, v.revision).map_err(to_status)?;
+                m.changed();
+                tracing::info!(volume = %r.name, node = %r.node, "volume attached");
+                m.volume_reply(&r.name)
+            })
+            .await
+    }
+
+    async fn detach_volume(&self, req: Request<pb::VolumeRef>) -> Result<Response<pb::Volume>, Status> {
+        let name = req.into_inner().name;
+        self.0
+            .blocking(move |m| {
+                let v = m.specs.volume(&name).map_err(to_status)?;
+                if v.spec.attached_to.is_some() {
+                    let mut spec = v.spec;
+                    spec.attached_to = None;
+                    m.specs.update_volume(&spec, v.revision).map_err(to_status)?;
+                    m.changed();
+                    tracing::info!(volume = %name, "volume detached");
+                }
+                m.volume_reply(&name)
+            })
+            .await
+    }
+
+    async fn sync_node(&self, req: Request<pb::NodeStatus>) -> Result<Response<pb::NodeWork>, Status> {
+        let status = req.into_inner();
+        let node = status.node.clone();
+        let mut changes = self.0.changes.subscribe();
+        let first = {
+            let node = node.clone();
+            self.0
+                .blocking(move |m| {
+                    m.specs.node(&node).map_err(to_status)?;
+                    let changed = m
+                        .reports
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .put(&node, status.instances);
+                    if changed {
+                        m.changed();
+                    }
+                    m.node_work(&node)
+                })
+                .await?
+                .into_inner()
+        };
+        if first.revision != status.seen_revision || status.wait_ms == 0 {
+            return Ok(Response::new(first));
+        }
+        let wait = Duration::from_millis(status.wait_ms.into()).min(MAX_SYNC_WAIT);
+        let deadline = tokio::time::Instant::now() + wait;
+        // `changes` was subscribed before the work was computed: a change since wakes
+        // it (our own report's included, which costs one more look).
+        loop {
+            match tokio::time::timeout_at(deadline, changes.changed()).await {
+                Ok(Ok(())) => {}
+                _ => return Ok(Response::new(first)),
+            }
+            let node = node.clone();
+            let work = self.0.blocking(move |m| m.node_work(&node)).await?.into_inner();
+            if work.revision != status.seen_revision {
+                return Ok(Response::new(work));
+            }
+        }
+    }
 }
+
 
 /// Where `hornd manager` keeps its files.
 pub fn store_path(data: &Path) -> PathBuf {

@@ -85,10 +85,30 @@ pub enum VolumeCmd {
         /// The volume's name.
         name: String,
     },
-    /// Delete a volume (refused while it is attached).
+    /// Delete a volume (refused while it is attached): its replicas are stopped and
+    /// their files removed on every node.
     Delete {
         /// The volume's name.
         name: String,
+    },
+    /// Attach a volume to a node: the node's agent starts its engine there, served
+    /// through the volume's frontend. Waits until it is served (or --timeout).
+    Attach {
+        /// The volume's name.
+        name: String,
+        /// The node to serve it on.
+        node: String,
+        /// Seconds to wait for the volume to be served (0: do not wait).
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
+    },
+    /// Detach a volume: its engine is stopped cleanly. Waits until it is (or --timeout).
+    Detach {
+        /// The volume's name.
+        name: String,
+        /// Seconds to wait for the engine to stop (0: do not wait).
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
     },
 }
 
@@ -223,7 +243,13 @@ fn volume_json(v: &pb::Volume) -> serde_json::Value {
         "node_selector": v.node_selector, "disk_selector": v.disk_selector,
         "attached_to": (!v.attached_to.is_empty()).then_some(&v.attached_to),
         "state": v.state, "robustness": v.robustness, "revision": v.revision,
-        "placements": v.placements.iter().map(|p| json!({ "id": p.id, "node": p.node, "disk": p.disk })).collect::<Vec<_>>(),
+        "endpoint": (!v.endpoint.is_empty()).then_some(&v.endpoint),
+        "message": (!v.message.is_empty()).then_some(&v.message),
+        "placements": v.placements.iter().map(|p| json!({
+            "id": p.id, "node": p.node, "disk": p.disk, "state": p.state,
+            "mode": (!p.mode.is_empty()).then_some(&p.mode),
+            "data_address": (!p.data_address.is_empty()).then_some(&p.data_address),
+        })).collect::<Vec<_>>(),
     })
 }
 
@@ -328,14 +354,38 @@ pub fn run_volume(addr: ManagerAddr, cmd: VolumeCmd) -> Result<()> {
                 if addr.json {
                     println!("{}", volume_json(&v));
                 } else {
-                    print!("{}", table(&VOLUME_HEADER, &[volume_row(&v)]));
-                    println!();
-                    let rows: Vec<_> = v
-                        .placements
-                        .iter()
-                        .map(|p| vec![p.id.clone(), p.node.clone(), p.disk.clone()])
-                        .collect();
-                    print!("{}", table(&["REPLICA", "NODE", "DISK"], &rows));
+                    print_volume(&v);
+                }
+            }
+            VolumeCmd::Attach { name, node, timeout } => {
+                let v = c
+                    .attach_volume(pb::AttachRequest {
+                        name: name.clone(),
+                        node: node.clone(),
+                    })
+                    .await
+                    .map_err(refused(&addr))?
+                    .into_inner();
+                let v = wait_for(&mut c, &addr, v, timeout, "attached").await?;
+                if addr.json {
+                    println!("{}", volume_json(&v));
+                } else if v.state == "attached" {
+                    println!("volume {name} attached to {node}: {}", v.endpoint);
+                } else {
+                    println!("volume {name} is attaching to {node}: {}", v.message);
+                }
+            }
+            VolumeCmd::Detach { name, timeout } => {
+                let v = c
+                    .detach_volume(pb::VolumeRef { name: name.clone() })
+                    .await
+                    .map_err(refused(&addr))?
+                    .into_inner();
+                let v = wait_for(&mut c, &addr, v, timeout, "detached").await?;
+                if addr.json {
+                    println!("{}", volume_json(&v));
+                } else {
+                    println!("volume {name} {}", v.state);
                 }
             }
             VolumeCmd::Delete { name } => {
@@ -351,6 +401,59 @@ pub fn run_volume(addr: ManagerAddr, cmd: VolumeCmd) -> Result<()> {
         }
         Ok(())
     })
+}
+
+/// Polls the volume until its state is `want` or `timeout` seconds pass (then it is
+/// an error, naming the state it is in and why).
+async fn wait_for(c: &mut Client, addr: &ManagerAddr, mut v: pb::Volume, timeout: u64, want: &str) -> Result<pb::Volume> {
+    if timeout == 0 {
+        return Ok(v);
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(timeout);
+    while v.state != want {
+        if std::time::Instant::now() >= deadline {
+            anyhow::bail!(
+                "volume {} is still {} after {timeout} s{}",
+                v.name,
+                v.state,
+                if v.message.is_empty() { String::new() } else { format!(": {}", v.message) }
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        v = c
+            .get_volume(pb::VolumeRef { name: v.name.clone() })
+            .await
+            .map_err(refused(addr))?
+            .into_inner();
+    }
+    Ok(v)
+}
+
+fn print_volume(v: &pb::Volume) {
+    print!("{}", table(&VOLUME_HEADER, &[volume_row(v)]));
+    if !v.endpoint.is_empty() {
+        println!("endpoint: {}", v.endpoint);
+    }
+    if !v.message.is_empty() {
+        println!("{}: {}", v.state, v.message);
+    }
+    println!();
+    let dash = |s: &str| if s.is_empty() { "-".to_string() } else { s.to_string() };
+    let rows: Vec<_> = v
+        .placements
+        .iter()
+        .map(|p| {
+            vec![
+                p.id.clone(),
+                p.node.clone(),
+                p.disk.clone(),
+                dash(&p.state),
+                dash(&p.mode),
+                dash(&p.data_address),
+            ]
+        })
+        .collect();
+    print!("{}", table(&["REPLICA", "NODE", "DISK", "STATE", "MODE", "ADDRESS"], &rows));
 }
 
 fn node_json(n: &pb::Node) -> serde_json::Value {

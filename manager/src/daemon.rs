@@ -447,11 +447,22 @@ fn unescape_mount_field(s: &str) -> String {
 /// (the store file and the cluster identity `hornctl cluster init` wrote there) until
 /// SIGINT or SIGTERM. Prints `hornd manager: ...` once serving.
 pub fn serve_manager(data: PathBuf, listen: String) -> Result<()> {
+    let path = crate::api::store_path(&data);
+    let store = crate::store::embedded::EmbeddedStore::open(&path)?;
+    serve_manager_on(data, listen, store, || {})
+}
+
+/// [`serve_manager`] on an open store; `on_stop` runs when a stop signal arrives.
+fn serve_manager_on(
+    data: PathBuf,
+    listen: String,
+    store: crate::store::embedded::EmbeddedStore,
+    on_stop: impl FnOnce() + Send + 'static,
+) -> Result<()> {
     use crate::api::{authenticate, ClusterIdentity, ManagerService, Service};
     let stop_signals = block_stop_signals()?;
     let identity = ClusterIdentity::load(&data)?;
     let path = crate::api::store_path(&data);
-    let store = crate::store::embedded::EmbeddedStore::open(&path)?;
     let listener = TcpListener::bind(&listen).with_context(|| format!("cannot listen on {listen}"))?;
     let addr = listener.local_addr()?;
     let service = Service(std::sync::Arc::new(ManagerService::new(store, &identity, &path)));
@@ -463,6 +474,7 @@ pub fn serve_manager(data: PathBuf, listen: String) -> Result<()> {
     );
     let (stopped_tx, stopped) = std::sync::mpsc::channel();
     let grpc = serve_control_until_signal(listener, routes, stop_signals, move || {
+        on_stop();
         let _ = stopped_tx.send(());
     })?;
     println!(
@@ -475,6 +487,66 @@ pub fn serve_manager(data: PathBuf, listen: String) -> Result<()> {
         tracing::warn!("the manager service thread panicked");
     }
     println!("hornd manager: stopped");
+    Ok(())
+}
+
+/// Runs the manager and a node agent in one process (`hornd all-in-one`): creates the
+/// cluster in `data` at the first start, with soft node anti-affinity (one machine
+/// holds every replica), and gives the node the disk `data/disk`.
+pub fn serve_all_in_one(data: PathBuf, listen: String, name: String, address: String, hornd: PathBuf) -> Result<()> {
+    use crate::api::{ClusterIdentity, TOKEN_FILE};
+    let _ = block_stop_signals()?;
+    let path = crate::api::store_path(&data);
+    let fresh = !data.join(TOKEN_FILE).exists();
+    if fresh {
+        ClusterIdentity::init(&data)?;
+    }
+    let mut store = crate::store::embedded::EmbeddedStore::open(&path)?;
+    if fresh {
+        let specs = crate::model::Specs::new(store);
+        let current = specs.settings()?;
+        let mut settings = current.spec;
+        settings.scheduling.node_anti_affinity = crate::scheduler::AntiAffinity::Soft;
+        specs.put_settings(&settings, current.revision)?;
+        store = specs.into_store();
+        println!(
+            "hornd all-in-one: created cluster in {} (token in {}); replicas of a volume may share this node",
+            data.display(),
+            data.join(TOKEN_FILE).display()
+        );
+    }
+    let identity = ClusterIdentity::load(&data)?;
+    let manager = listen.clone();
+    let cfg = crate::agent::AgentConfig {
+        manager: if manager.starts_with("0.0.0.0:") {
+            manager.replacen("0.0.0.0", "127.0.0.1", 1)
+        } else {
+            manager
+        },
+        token: identity.token,
+        name,
+        address,
+        zone: String::new(),
+        tags: Default::default(),
+        disks: vec![crate::agent::AgentDisk {
+            path: data.join("disk"),
+            tags: Default::default(),
+        }],
+        state: data.join("node"),
+        hornd,
+    };
+    let (stop_tx, stop) = std::sync::mpsc::channel();
+    let agent = std::thread::Builder::new()
+        .name("agent".into())
+        .spawn(move || crate::agent::run(cfg, stop))?;
+    serve_manager_on(data, listen, store, move || {
+        let _ = stop_tx.send(());
+    })?;
+    match agent.join() {
+        Ok(r) => r?,
+        Err(_) => anyhow::bail!("the node agent panicked"),
+    }
+    println!("hornd all-in-one: stopped (the volumes' engines and replicas run on)");
     Ok(())
 }
 

@@ -281,6 +281,11 @@ impl<S: Store> Specs<S> {
         Specs { store }
     }
 
+    /// Gives the store back.
+    pub fn into_store(self) -> S {
+        self.store
+    }
+
     /// The store underneath (for watches).
     pub fn store(&self) -> &S {
         &self.store

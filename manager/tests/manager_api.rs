@@ -4,6 +4,8 @@
 
 mod common;
 
+use common::manager::{hornctl, init, json, ok, refused, ManagerDaemon};
+
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
@@ -11,89 +13,6 @@ use std::time::Duration;
 
 use horn_proto::manager_api as pb;
 use horn_proto::manager_api::manager_client::ManagerClient;
-
-/// A running `hornd manager`.
-struct ManagerDaemon {
-    child: Child,
-    addr: String,
-}
-
-impl ManagerDaemon {
-    fn start(data: &Path, listen: &str) -> ManagerDaemon {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_hornd"))
-            .args(["manager", "--data"])
-            .arg(data)
-            .args(["--listen", listen])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.as_mut().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        // "hornd manager: cluster ID on ADDR, specs in PATH"
-        let addr = line
-            .split_once(" on ")
-            .and_then(|(_, rest)| rest.split_once(','))
-            .map(|(a, _)| a.to_string());
-        match addr {
-            Some(addr) => ManagerDaemon { child, addr },
-            None => {
-                let out = child.wait_with_output().unwrap();
-                panic!(
-                    "hornd manager did not start: {line}{}",
-                    String::from_utf8_lossy(&out.stderr)
-                )
-            }
-        }
-    }
-
-    fn kill(&mut self) {
-        // SAFETY: kill takes no pointers; the pid is our child's (reaped below).
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGKILL) };
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for ManagerDaemon {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-fn hornctl(data: &Path, manager: &str, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_hornctl"))
-        .args(args)
-        .args(["--manager", manager, "--token-file"])
-        .arg(data.join("cluster-token"))
-        .env_remove("HORN_TOKEN")
-        .output()
-        .unwrap()
-}
-
-fn ok(out: Output) -> String {
-    assert!(
-        out.status.success(),
-        "failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
-fn refused(out: Output) -> String {
-    assert!(
-        !out.status.success(),
-        "succeeded: {}",
-        String::from_utf8_lossy(&out.stdout)
-    );
-    String::from_utf8(out.stderr).unwrap()
-}
-
-fn json(out: Output) -> serde_json::Value {
-    serde_json::from_str(&ok(out)).unwrap()
-}
 
 /// Registers node `name` with one 100 GiB disk (half free), as its agent would.
 async fn register(addr: &str, token: &str, name: &str, zone: &str) -> pb::Node {
@@ -131,14 +50,6 @@ async fn register(addr: &str, token: &str, name: &str, zone: &str) -> pb::Node {
 }
 
 /// `hornctl cluster init --data DATA`.
-fn init(data: &Path) {
-    ok(hornctl(
-        data,
-        "127.0.0.1:1",
-        &["cluster", "init", "--data", data.to_str().unwrap()],
-    ));
-}
-
 fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -354,6 +265,8 @@ fn a_node_agent_registers_its_disks_keeps_its_lease_and_is_down_once_killed() {
             .arg(data.join("cluster-token"))
             .arg("--disk")
             .arg(format!("{}:ssd", disk.display()))
+            .arg("--state")
+            .arg(data.join("node-state"))
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()

@@ -7,7 +7,8 @@
 //! (`/dev/ublkbN`), `--frontend iscsi` as an iSCSI target; `--host-replica DIR` hosts
 //! the local replica in the engine's own process. `hornd manager` serves the control
 //! plane's volumes and nodes (`proto/manager.proto`); `hornd node` is the node agent
-//! that registers a machine and its disks with it. (The CSI driver arrives as a
+//! that registers a machine and its disks with it and runs the replicas and engines
+//! placed there; `hornd all-in-one` is both, for one machine. (The CSI driver arrives as a
 //! subcommand with its issue.)
 
 use std::path::PathBuf;
@@ -106,6 +107,29 @@ enum Command {
         /// A disk: a directory for replicas, PATH or PATH:TAG,TAG; repeat for more.
         #[arg(long = "disk", default_value = "/var/lib/horn/disk")]
         disks: Vec<horn_manager::agent::AgentDisk>,
+        /// Where the agent keeps its instances' records and logs (a new agent adopts
+        /// the instances recorded there).
+        #[arg(long, default_value = "/var/lib/horn/node")]
+        state: PathBuf,
+    },
+    /// Run the manager and a node agent in one process, for one machine: the cluster
+    /// is created in DIR at the first start (its token in DIR/cluster-token, for
+    /// `hornctl --token-file`), replicas go to DIR/disk, and replicas of one volume
+    /// may share the node (soft node anti-affinity). Until SIGINT or SIGTERM; the
+    /// volumes' engines and replicas keep running after it.
+    AllInOne {
+        /// The directory for everything: store, token, disk, instances.
+        #[arg(long, default_value = "/var/lib/horn")]
+        data: PathBuf,
+        /// Address for the manager's service.
+        #[arg(long, default_value = horn_manager::api::DEFAULT_MANAGER)]
+        listen: String,
+        /// The node's name (default: the host name).
+        #[arg(long)]
+        name: Option<String>,
+        /// The node's address: its engines and replicas listen on its IP.
+        #[arg(long, default_value = "127.0.0.1:9700")]
+        address: String,
     },
     /// Run a daemon and start it again when it dies (killed, crashed): not when it
     /// exits cleanly or is stopped with SIGTERM/SIGINT, which the supervisor passes on.
@@ -270,6 +294,17 @@ fn adopt_device(name: &str) -> anyhow::Result<Option<u32>> {
     Ok(Some(d.id))
 }
 
+/// `name`, or the host name.
+fn node_name(name: Option<String>) -> anyhow::Result<String> {
+    Ok(match name {
+        Some(n) => n,
+        None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map_err(|e| anyhow::anyhow!("cannot read the host name ({e}): give --name"))?
+            .trim()
+            .to_string(),
+    })
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -335,26 +370,31 @@ fn main() -> ExitCode {
             zone,
             tags,
             disks,
+            state,
         } => (|| {
             let token = std::fs::read_to_string(&token_file).map_err(|e| {
                 anyhow::anyhow!("cannot read the cluster token from {}: {e}", token_file.display())
             })?;
-            let name = match name {
-                Some(n) => n,
-                None => std::fs::read_to_string("/proc/sys/kernel/hostname")
-                    .map_err(|e| anyhow::anyhow!("cannot read the host name ({e}): give --name"))?
-                    .trim()
-                    .to_string(),
-            };
             horn_manager::daemon::serve_node(horn_manager::agent::AgentConfig {
                 manager,
                 token: token.trim().to_string(),
-                name,
+                name: node_name(name)?,
                 address,
                 zone,
                 tags: tags.into_iter().collect(),
                 disks,
+                state,
+                hornd: std::env::current_exe()?,
             })
+        })(),
+        Command::AllInOne {
+            data,
+            listen,
+            name,
+            address,
+        } => (|| {
+            let name = node_name(name)?;
+            horn_manager::daemon::serve_all_in_one(data, listen, name, address, std::env::current_exe()?)
         })(),
         Command::Engine {
             replicas,

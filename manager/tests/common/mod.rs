@@ -27,6 +27,7 @@ impl tonic::service::Interceptor for Named {
 }
 
 pub mod iscsi;
+pub mod manager;
 
 /// A running `hornd replica`.
 pub struct Daemon {
