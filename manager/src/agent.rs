@@ -164,7 +164,6 @@ pub fn run(cfg: AgentConfig, stop: Receiver<()>) -> Result<()> {
     let mut client: Option<Client> = None;
     let mut registered = false;
     let mut heartbeat_at = Instant::now();
-    let mut heartbeat = Duration::from_secs(1);
     let mut seen = 0u64;
     let mut wait = Duration::ZERO;
     loop {
@@ -199,8 +198,7 @@ pub fn run(cfg: AgentConfig, stop: Receiver<()>) -> Result<()> {
                         println!("hornd node: {} registered with {}", cfg.name, cfg.manager);
                     }
                     registered = true;
-                    heartbeat = heartbeat_every(node.lease_secs);
-                    heartbeat_at = Instant::now() + heartbeat;
+                    heartbeat_at = Instant::now() + heartbeat_every(node.lease_secs);
                 }
                 Err(s) if s.code() == tonic::Code::NotFound && registered => {
                     tracing::warn!(node = %cfg.name, "the manager lost the node's lease; registering again");
@@ -211,7 +209,9 @@ pub fn run(cfg: AgentConfig, stop: Receiver<()>) -> Result<()> {
                 Err(s)
                     if matches!(
                         s.code(),
-                        tonic::Code::InvalidArgument | tonic::Code::Unauthenticated | tonic::Code::AlreadyExists
+                        tonic::Code::InvalidArgument
+                            | tonic::Code::Unauthenticated
+                            | tonic::Code::AlreadyExists
                     ) =>
                 {
                     anyhow::bail!(
@@ -250,7 +250,11 @@ pub fn run(cfg: AgentConfig, stop: Receiver<()>) -> Result<()> {
                     Ok(()) => {
                         instances.apply(&work);
                         seen = work.revision;
-                        wait = if settling { Duration::from_millis(100) } else { Duration::ZERO };
+                        wait = if settling {
+                            Duration::from_millis(100)
+                        } else {
+                            Duration::ZERO
+                        };
                     }
                     Err(e) => tracing::error!(error = %format!("{e:#}"), "work refused"),
                 }

@@ -19,8 +19,8 @@ use horn_proto::manager_api as pb;
 use horn_proto::manager_api::manager_server::Manager;
 use tonic::{Request, Response, Status};
 
-use crate::runtime::{self, Reports};
 use crate::model::{DataLocality, DiskSpec, Frontend, NodeSpec, ReplicaSpec, SpecError, Specs, VolumeSpec};
+use crate::runtime::{self, Reports};
 use crate::scheduler::{self, DiskView, Locality, NodeView};
 use crate::store::{LeaseId, Store, StoreError, Txn};
 
@@ -235,8 +235,20 @@ impl<S: Store + 'static> ManagerService<S> {
 
     /// What `node` should run now.
     fn node_work(&self, node: &str) -> Result<pb::NodeWork, Status> {
-        let volumes: Vec<VolumeSpec> = self.specs.volumes().map_err(to_status)?.into_iter().map(|v| v.spec).collect();
-        let replicas: Vec<ReplicaSpec> = self.specs.all_replicas().map_err(to_status)?.into_iter().map(|r| r.spec).collect();
+        let volumes: Vec<VolumeSpec> = self
+            .specs
+            .volumes()
+            .map_err(to_status)?
+            .into_iter()
+            .map(|v| v.spec)
+            .collect();
+        let replicas: Vec<ReplicaSpec> = self
+            .specs
+            .all_replicas()
+            .map_err(to_status)?
+            .into_iter()
+            .map(|r| r.spec)
+            .collect();
         Ok(runtime::node_work(
             node,
             &self.cluster_id,
@@ -318,7 +330,7 @@ impl<S: Store + 'static> ManagerService<S> {
 
     fn volume_reply(&self, name: &str) -> Result<pb::Volume, Status> {
         let v = self.specs.volume(name).map_err(to_status)?;
-        let placements = self
+        let placements: Vec<pb::ReplicaPlacement> = self
             .specs
             .replicas(name)
             .map_err(to_status)?
@@ -330,7 +342,13 @@ impl<S: Store + 'static> ManagerService<S> {
                 ..Default::default()
             })
             .collect();
-        let specs: Vec<ReplicaSpec> = self.specs.replicas(name).map_err(to_status)?.into_iter().map(|r| r.spec).collect();
+        let specs: Vec<ReplicaSpec> = self
+            .specs
+            .replicas(name)
+            .map_err(to_status)?
+            .into_iter()
+            .map(|r| r.spec)
+            .collect();
         let st = runtime::volume_state(&v.spec, &specs, &self.ready_nodes()?, &self.reports());
         let placements = placements
             .into_iter()
@@ -804,7 +822,6 @@ impl<S: Store + 'static> Manager for Service<S> {
         }
     }
 }
-
 
 /// Where `hornd manager` keeps its files.
 pub fn store_path(data: &Path) -> PathBuf {

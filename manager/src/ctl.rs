@@ -405,7 +405,13 @@ pub fn run_volume(addr: ManagerAddr, cmd: VolumeCmd) -> Result<()> {
 
 /// Polls the volume until its state is `want` or `timeout` seconds pass (then it is
 /// an error, naming the state it is in and why).
-async fn wait_for(c: &mut Client, addr: &ManagerAddr, mut v: pb::Volume, timeout: u64, want: &str) -> Result<pb::Volume> {
+async fn wait_for(
+    c: &mut Client,
+    addr: &ManagerAddr,
+    mut v: pb::Volume,
+    timeout: u64,
+    want: &str,
+) -> Result<pb::Volume> {
     if timeout == 0 {
         return Ok(v);
     }
@@ -416,7 +422,11 @@ async fn wait_for(c: &mut Client, addr: &ManagerAddr, mut v: pb::Volume, timeout
                 "volume {} is still {} after {timeout} s{}",
                 v.name,
                 v.state,
-                if v.message.is_empty() { String::new() } else { format!(": {}", v.message) }
+                if v.message.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {}", v.message)
+                }
             );
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -438,7 +448,13 @@ fn print_volume(v: &pb::Volume) {
         println!("{}: {}", v.state, v.message);
     }
     println!();
-    let dash = |s: &str| if s.is_empty() { "-".to_string() } else { s.to_string() };
+    let dash = |s: &str| {
+        if s.is_empty() {
+            "-".to_string()
+        } else {
+            s.to_string()
+        }
+    };
     let rows: Vec<_> = v
         .placements
         .iter()
@@ -453,7 +469,10 @@ fn print_volume(v: &pb::Volume) {
             ]
         })
         .collect();
-    print!("{}", table(&["REPLICA", "NODE", "DISK", "STATE", "MODE", "ADDRESS"], &rows));
+    print!(
+        "{}",
+        table(&["REPLICA", "NODE", "DISK", "STATE", "MODE", "ADDRESS"], &rows)
+    );
 }
 
 fn node_json(n: &pb::Node) -> serde_json::Value {

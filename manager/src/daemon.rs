@@ -493,7 +493,13 @@ fn serve_manager_on(
 /// Runs the manager and a node agent in one process (`hornd all-in-one`): creates the
 /// cluster in `data` at the first start, with soft node anti-affinity (one machine
 /// holds every replica), and gives the node the disk `data/disk`.
-pub fn serve_all_in_one(data: PathBuf, listen: String, name: String, address: String, hornd: PathBuf) -> Result<()> {
+pub fn serve_all_in_one(
+    data: PathBuf,
+    listen: String,
+    name: String,
+    address: String,
+    hornd: PathBuf,
+) -> Result<()> {
     use crate::api::{ClusterIdentity, TOKEN_FILE};
     let _ = block_stop_signals()?;
     let path = crate::api::store_path(&data);

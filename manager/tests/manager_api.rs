@@ -7,8 +7,7 @@ mod common;
 use common::manager::{hornctl, init, json, ok, refused, ManagerDaemon};
 
 use std::io::{BufRead, BufReader};
-use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use horn_proto::manager_api as pb;

@@ -1,0 +1,567 @@
+//! The instances a node agent runs: replica daemons (`hornd replica`) and volume
+//! engines (`hornd engine`), each under a `hornd supervise` of its own.
+//!
+//! - **Supervised.** The supervisor restarts a crashed daemon with the same command
+//!   line, so the same addresses (a replica keeps its ports, an engine serving ublk
+//!   reattaches to its device). A supervisor that gives up, or a daemon that cannot
+//!   start, is reported `failed` with the last line of its log, and started again
+//!   after a pause that grows to a minute.
+//! - **Outliving the agent.** Supervisors run in process groups of their own, so
+//!   an agent that stops, crashes or is upgraded leaves them serving. Each instance
+//!   has a directory, `STATE/instances/NAME/`, with its record (`instance.json`: the
+//!   command, addresses and the supervisor's pid) and its logs. A new agent reads the
+//!   records and adopts every supervisor still alive (its pid running a command line
+//!   that names the instance's directory); it starts again only those that are gone.
+//! - **Removed with their spec.** A replica that is no longer in the node's work (its
+//!   volume was deleted, or it was replaced) is stopped and its files removed; an
+//!   engine whose volume was detached is stopped with SIGTERM (it gives its replicas
+//!   up cleanly), then SIGKILL after 20 s.
+//!
+//! The agent never chooses what runs: [`Instances::apply`] follows the manager's work
+//! and [`Instances::status`] reports what runs.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use horn_proto::manager_api as pb;
+use serde::{Deserialize, Serialize};
+
+use crate::runtime::{ENGINE, REPLICA, RUNNING};
+
+const RECORD: &str = "instance.json";
+/// Where an instance's daemon writes its log, in its directory.
+pub const DAEMON_LOG: &str = "daemon.log";
+const SUPERVISOR_LOG: &str = "supervisor.log";
+
+/// What an instance is, as kept in its record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Record {
+    kind: String,
+    volume: String,
+    /// A replica's id (empty for an engine).
+    replica: String,
+    /// A replica's directory.
+    replica_dir: Option<PathBuf>,
+    /// A replica's data-wire address; unused for an engine.
+    data_address: String,
+    /// The control service's address.
+    control_address: String,
+    /// An engine's frontend, "iscsi" or "ublk".
+    frontend: String,
+    /// An iSCSI engine's portal and IQN.
+    portal: String,
+    iqn: String,
+    /// An engine's replicas when it started: id to (data, control) address.
+    replicas: BTreeMap<String, (String, String)>,
+    /// The `hornd supervise` command line.
+    command: Vec<String>,
+    /// The supervisor's pid (0: not started).
+    pid: u32,
+}
+
+/// An instance and what the agent knows of it.
+struct Instance {
+    dir: PathBuf,
+    record: Record,
+    /// The supervisor, when this agent started it (to reap it).
+    child: Option<Child>,
+    /// When it may be started again after failing, and the pause after the next failure.
+    retry_at: Option<Instant>,
+    pause: Duration,
+}
+
+/// The node's instances.
+pub struct Instances {
+    /// `STATE/instances`.
+    dir: PathBuf,
+    hornd: PathBuf,
+    ip: IpAddr,
+    /// The agent's disks: a replica's directory must be under one.
+    disks: Vec<PathBuf>,
+    by_name: BTreeMap<String, Instance>,
+}
+
+fn name_of(kind: &str, volume: &str, replica: &str) -> String {
+    if kind == ENGINE {
+        format!("engine-{volume}")
+    } else {
+        format!("replica-{volume}-{replica}")
+    }
+}
+
+/// Whether `pid` runs a command line that names `marker` (so a reused pid is not
+/// taken for the instance, and a zombie, whose command line is empty, is dead).
+fn alive(pid: u32, marker: &Path) -> bool {
+    if pid == 0 {
+        return false;
+    }
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    let marker = marker.as_os_str().as_encoded_bytes();
+    cmdline
+        .split(|&b| b == 0)
+        .any(|arg| arg.windows(marker.len()).any(|w| w == marker))
+}
+
+/// The last non-empty line of `path` (at most its last 4 KiB are read).
+fn last_line(path: &Path) -> String {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut f) = std::fs::File::open(path) else {
+        return String::new();
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let _ = f.seek(SeekFrom::Start(len.saturating_sub(4096)));
+    let mut buf = Vec::new();
+    let _ = f.read_to_end(&mut buf);
+    String::from_utf8_lossy(&buf)
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("")
+        .trim()
+        .to_string()
+}
+
+/// Whether something accepts connections at `addr`.
+fn listening(addr: &str) -> bool {
+    addr.parse::<SocketAddr>()
+        .is_ok_and(|a| TcpStream::connect_timeout(&a, Duration::from_millis(200)).is_ok())
+}
+
+impl Instances {
+    /// Reads the records under `state/instances` and adopts every supervisor still
+    /// running; the others are started again by the next [`Instances::apply`] that
+    /// still wants them.
+    pub fn open(state: &Path, ip: IpAddr, hornd: PathBuf, disks: Vec<PathBuf>) -> Result<Instances> {
+        let dir = state.join("instances");
+        std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        let mut by_name = BTreeMap::new();
+        for entry in std::fs::read_dir(&dir).with_context(|| format!("cannot read {}", dir.display()))? {
+            let entry = entry?;
+            let path = entry.path();
+            let record: Record = match std::fs::read(path.join(RECORD))
+                .map_err(anyhow::Error::from)
+                .and_then(|b| Ok(serde_json::from_slice(&b)?))
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!(dir = %path.display(), error = %e, "an instance directory without a readable record: left alone");
+                    continue;
+                }
+            };
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if alive(record.pid, &path) {
+                tracing::info!(instance = %name, pid = record.pid, "adopted a running instance");
+            } else {
+                tracing::info!(instance = %name, "an instance's supervisor is gone: it starts again if still wanted");
+            }
+            by_name.insert(
+                name,
+                Instance {
+                    dir: path,
+                    record,
+                    child: None,
+                    retry_at: None,
+                    pause: Duration::from_secs(1),
+                },
+            );
+        }
+        Ok(Instances {
+            dir,
+            hornd,
+            ip,
+            disks,
+            by_name,
+        })
+    }
+
+    /// How many instances the agent holds.
+    pub fn len(&self) -> usize {
+        self.by_name.len()
+    }
+
+    /// Whether it holds none.
+    pub fn is_empty(&self) -> bool {
+        self.by_name.is_empty()
+    }
+
+    /// The pids of the running supervisors, by instance name (for tests and logs).
+    pub fn pids(&mut self) -> BTreeMap<String, u32> {
+        let names: Vec<String> = self.by_name.keys().cloned().collect();
+        let mut out = BTreeMap::new();
+        for n in names {
+            if self.is_alive(&n) {
+                out.insert(n.clone(), self.by_name[&n].record.pid);
+            }
+        }
+        out
+    }
+
+    fn is_alive(&mut self, name: &str) -> bool {
+        let Some(i) = self.by_name.get_mut(name) else {
+            return false;
+        };
+        if let Some(c) = i.child.as_mut() {
+            if let Ok(Some(_)) = c.try_wait() {
+                i.child = None;
+                return false;
+            }
+        }
+        alive(i.record.pid, &i.dir)
+    }
+
+    /// A port on the node's address that nothing listens on and no record holds.
+    fn free_port(&self, taken: &mut BTreeSet<u16>) -> Result<String> {
+        for r in self.by_name.values() {
+            for a in [
+                &r.record.data_address,
+                &r.record.control_address,
+                &r.record.portal,
+            ] {
+                if let Ok(a) = a.parse::<SocketAddr>() {
+                    taken.insert(a.port());
+                }
+            }
+        }
+        for _ in 0..100 {
+            let l = TcpListener::bind((self.ip, 0))
+                .with_context(|| format!("cannot bind a port on {}", self.ip))?;
+            let port = l.local_addr()?.port();
+            if taken.insert(port) {
+                return Ok(SocketAddr::new(self.ip, port).to_string());
+            }
+        }
+        bail!("no free port on {}", self.ip)
+    }
+
+    /// Starts the instances `work` wants that do not run (new ones, and failed ones
+    /// whose pause has passed) and stops those it no longer wants.
+    pub fn apply(&mut self, work: &pb::NodeWork) {
+        let mut wanted = BTreeSet::new();
+        for r in &work.replicas {
+            let name = name_of(REPLICA, &r.volume, &r.id);
+            wanted.insert(name.clone());
+            if let Err(e) = self.ensure_replica(&name, r) {
+                tracing::warn!(instance = %name, error = %format!("{e:#}"), "cannot start a replica");
+            }
+        }
+        for e in &work.engines {
+            let name = name_of(ENGINE, &e.volume, "");
+            wanted.insert(name.clone());
+            if let Err(err) = self.ensure_engine(&name, e) {
+                tracing::warn!(instance = %name, error = %format!("{err:#}"), "cannot start an engine");
+            }
+        }
+        let unwanted: Vec<String> = self
+            .by_name
+            .keys()
+            .filter(|n| !wanted.contains(*n))
+            .cloned()
+            .collect();
+        // Engines first: a replica of a volume being detached and deleted at once
+        // outlives its engine.
+        let (engines, replicas): (Vec<String>, Vec<String>) = unwanted
+            .into_iter()
+            .partition(|n| self.by_name[n].record.kind == ENGINE);
+        for name in engines.into_iter().chain(replicas) {
+            if let Err(e) = self.remove(&name) {
+                tracing::warn!(instance = %name, error = %format!("{e:#}"), "cannot remove an instance");
+            }
+        }
+    }
+
+    fn ensure_replica(&mut self, name: &str, w: &pb::ReplicaWork) -> Result<()> {
+        if !self.by_name.contains_key(name) {
+            let disk = PathBuf::from(&w.disk);
+            if !self.disks.contains(&disk) {
+                bail!("disk {} is not one of this node's disks", w.disk);
+            }
+            let replica_dir = disk.join("replicas").join(format!("{}-{}", w.volume, w.id));
+            let mut taken = BTreeSet::new();
+            let data = self.free_port(&mut taken)?;
+            let control = self.free_port(&mut taken)?;
+            let dir = self.dir.join(name);
+            let command = vec![
+                "replica".to_string(),
+                "--dir".into(),
+                replica_dir.display().to_string(),
+                "--listen".into(),
+                data.clone(),
+                "--control".into(),
+                control.clone(),
+                "--size".into(),
+                w.size.to_string(),
+                "--sector-size".into(),
+                w.sector_size.to_string(),
+            ];
+            let record = Record {
+                kind: REPLICA.into(),
+                volume: w.volume.clone(),
+                replica: w.id.clone(),
+                replica_dir: Some(replica_dir),
+                data_address: data,
+                control_address: control,
+                frontend: String::new(),
+                portal: String::new(),
+                iqn: String::new(),
+                replicas: BTreeMap::new(),
+                command,
+                pid: 0,
+            };
+            self.create(name, dir, record)?;
+        }
+        self.start_if_down(name)
+    }
+
+    fn ensure_engine(&mut self, name: &str, w: &pb::EngineWork) -> Result<()> {
+        if !self.by_name.contains_key(name) {
+            let mut taken = BTreeSet::new();
+            let control = self.free_port(&mut taken)?;
+            let mut command = vec![
+                "engine".to_string(),
+                "--name".into(),
+                w.volume.clone(),
+                "--control".into(),
+                control.clone(),
+            ];
+            let mut replicas = BTreeMap::new();
+            for r in &w.replicas {
+                let local = if r.local { ",local" } else { "" };
+                command.push("--replica".into());
+                command.push(format!("{},{}{local}", r.data_address, r.control_address));
+                replicas.insert(r.id.clone(), (r.data_address.clone(), r.control_address.clone()));
+            }
+            let (mut portal, mut iqn) = (String::new(), String::new());
+            match w.frontend.as_str() {
+                "iscsi" => {
+                    portal = self.free_port(&mut taken)?;
+                    iqn = horn_iscsi::target::default_iqn(&w.volume);
+                    command.extend([
+                        "--frontend".into(),
+                        "iscsi".into(),
+                        "--listen".into(),
+                        portal.clone(),
+                        "--iqn".into(),
+                        iqn.clone(),
+                    ]);
+                }
+                "ublk" => command.extend(["--frontend".into(), "ublk".into()]),
+                other => bail!("frontend {other:?} is not one this agent knows"),
+            }
+            let record = Record {
+                kind: ENGINE.into(),
+                volume: w.volume.clone(),
+                replica: String::new(),
+                replica_dir: None,
+                data_address: String::new(),
+                control_address: control,
+                frontend: w.frontend.clone(),
+                portal,
+                iqn,
+                replicas,
+                command,
+                pid: 0,
+            };
+            self.create(name, self.dir.join(name), record)?;
+        }
+        self.start_if_down(name)
+    }
+
+    fn create(&mut self, name: &str, dir: PathBuf, record: Record) -> Result<()> {
+        std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        self.by_name.insert(
+            name.to_string(),
+            Instance {
+                dir,
+                record,
+                child: None,
+                retry_at: None,
+                pause: Duration::from_secs(1),
+            },
+        );
+        self.save(name)
+    }
+
+    fn save(&self, name: &str) -> Result<()> {
+        let i = &self.by_name[name];
+        let path = i.dir.join(RECORD);
+        let tmp = i.dir.join(format!("{RECORD}.tmp"));
+        std::fs::write(&tmp, serde_json::to_vec_pretty(&i.record)?)
+            .with_context(|| format!("cannot write {}", tmp.display()))?;
+        std::fs::rename(&tmp, &path).with_context(|| format!("cannot write {}", path.display()))?;
+        Ok(())
+    }
+
+    /// Starts the instance's supervisor unless it runs, or it failed and its pause
+    /// has not passed.
+    fn start_if_down(&mut self, name: &str) -> Result<()> {
+        if self.is_alive(name) {
+            return Ok(());
+        }
+        let hornd = self.hornd.clone();
+        let i = self.by_name.get_mut(name).expect("created above");
+        let now = Instant::now();
+        match i.retry_at {
+            Some(t) if t > now => return Ok(()),
+            // It ran a good while: the pause starts over.
+            Some(t) if now > t + Duration::from_secs(120) => i.pause = Duration::from_secs(1),
+            Some(_) => {
+                tracing::warn!(instance = %name, reason = %last_line(&i.dir.join(DAEMON_LOG)), "an instance had stopped: starting it again");
+                i.pause = (i.pause * 2).min(Duration::from_secs(60));
+            }
+            None => {}
+        }
+        i.retry_at = Some(now + i.pause);
+        let mut cmd = Command::new(&hornd);
+        cmd.arg("--log-file")
+            .arg(i.dir.join(SUPERVISOR_LOG))
+            .arg("supervise")
+            .arg("--")
+            .arg(&hornd)
+            .arg("--log-file")
+            .arg(i.dir.join(DAEMON_LOG))
+            .args(&i.record.command)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            // Its own group: the agent's end, or a signal to the agent's group, leaves
+            // it serving.
+            .process_group(0);
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("cannot run {}", hornd.display()))?;
+        i.record.pid = child.id();
+        i.child = Some(child);
+        tracing::info!(instance = %name, pid = i.record.pid, "started");
+        self.save(name)
+    }
+
+    /// Stops an instance and removes its directory (and a replica's files).
+    fn remove(&mut self, name: &str) -> Result<()> {
+        self.stop(name)?;
+        let i = self.by_name.remove(name).expect("present");
+        if let Some(d) = &i.record.replica_dir {
+            if d.exists() {
+                std::fs::remove_dir_all(d).with_context(|| format!("cannot remove {}", d.display()))?;
+            }
+        }
+        std::fs::remove_dir_all(&i.dir).with_context(|| format!("cannot remove {}", i.dir.display()))?;
+        tracing::info!(instance = %name, "removed");
+        Ok(())
+    }
+
+    /// SIGTERM to the supervisor (it passes it on and waits for its daemon), then
+    /// SIGKILL to its whole group after 20 s.
+    fn stop(&mut self, name: &str) -> Result<()> {
+        if !self.is_alive(name) {
+            return Ok(());
+        }
+        let pid = self.by_name[name].record.pid as i32;
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.is_alive(name) {
+            if Instant::now() >= deadline {
+                tracing::warn!(instance = %name, "did not stop within 20 s of SIGTERM: killing it");
+                let _ = nix::sys::signal::killpg(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+                std::thread::sleep(Duration::from_millis(200));
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        tracing::info!(instance = %name, "stopped");
+        Ok(())
+    }
+
+    /// Whether an instance has been started but does not serve yet (the agent then
+    /// looks again soon).
+    pub fn settling(&mut self) -> bool {
+        let names: Vec<String> = self.by_name.keys().cloned().collect();
+        names.into_iter().any(|n| {
+            self.is_alive(&n) && {
+                let r = &self.by_name[&n].record;
+                !listening(&r.control_address)
+            }
+        })
+    }
+
+    /// What runs, for the manager.
+    pub fn status(&mut self, rt: &tokio::runtime::Runtime) -> Vec<pb::InstanceStatus> {
+        let names: Vec<String> = self.by_name.keys().cloned().collect();
+        let ublk = horn_ublk::list().unwrap_or_default();
+        let mut out = Vec::new();
+        for n in names {
+            let up = self.is_alive(&n);
+            let i = &self.by_name[&n];
+            let r = &i.record;
+            let mut s = pb::InstanceStatus {
+                kind: r.kind.clone(),
+                volume: r.volume.clone(),
+                replica: r.replica.clone(),
+                data_address: r.data_address.clone(),
+                control_address: r.control_address.clone(),
+                ..Default::default()
+            };
+            if !up {
+                s.state = "failed".into();
+                s.message = last_line(&i.dir.join(DAEMON_LOG));
+            } else if !listening(&r.control_address) {
+                s.state = "starting".into();
+            } else {
+                s.state = RUNNING.into();
+            }
+            if r.kind == ENGINE && s.state == RUNNING {
+                s.endpoint = match r.frontend.as_str() {
+                    "iscsi" => format!("iscsi://{}/{}", r.portal, r.iqn),
+                    _ => ublk
+                        .iter()
+                        .find(|d| d.volume == r.volume)
+                        .map(|d| d.path.clone())
+                        .unwrap_or_default(),
+                };
+                match rt.block_on(engine_info(&r.control_address)) {
+                    Ok(info) => {
+                        for rs in info.replicas.iter().filter(|x| !x.superseded) {
+                            if let Some((id, _)) = r.replicas.iter().find(|(_, (d, _))| *d == rs.address) {
+                                s.replica_modes.insert(id.clone(), rs.mode.clone());
+                            }
+                        }
+                        s.faulted = info.faulted;
+                    }
+                    Err(e) => {
+                        s.state = "starting".into();
+                        s.message = format!("{e:#}");
+                    }
+                }
+                // A ublk engine serves once its device is there.
+                if r.frontend == "ublk" && s.endpoint.is_empty() && s.state == RUNNING {
+                    s.state = "starting".into();
+                    s.message = "waiting for its ublk device".into();
+                }
+            }
+            out.push(s);
+        }
+        out
+    }
+}
+
+/// The engine control service's `Info`, within a second.
+async fn engine_info(control: &str) -> Result<horn_proto::engine_control::EngineInfo> {
+    use horn_proto::engine_control::engine_control_client::EngineControlClient;
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{control}"))?
+        .connect_timeout(Duration::from_secs(1))
+        .timeout(Duration::from_secs(1));
+    let mut c = EngineControlClient::new(endpoint.connect().await?);
+    Ok(c.info(horn_proto::engine_control::EngineInfoRequest {})
+        .await
+        .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+        .into_inner())
+}

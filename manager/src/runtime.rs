@@ -1,0 +1,380 @@
+//! Runtime state: what the node agents report of the instances they run, and the rules
+//! that turn specs and those reports into each node's work and each volume's state.
+//!
+//! Nothing here is stored: the manager keeps the agents' last reports in memory, and
+//! after a restart it learns them again from the agents' next `SyncNode` calls. The
+//! functions are pure (specs, reports and the set of ready nodes in; work and states
+//! out), so the rules are tested without processes.
+//!
+//! The rules:
+//! - a node runs a replica instance for every replica spec placed on it;
+//! - the node a volume is attached to runs its engine, once every replica of it on a
+//!   ready node reports running (a first start needs them all, and an engine started
+//!   on fewer would only rebuild the rest at once); the engine is given the replicas
+//!   that run, and keeps running while its volume stays attached there;
+//! - a report from a node that is down counts for nothing.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::hash::{Hash, Hasher};
+
+use horn_proto::manager_api as pb;
+
+use crate::model::{Frontend, ReplicaSpec, VolumeSpec};
+
+/// Instance kinds, as reported.
+pub const REPLICA: &str = "replica";
+/// See [`REPLICA`].
+pub const ENGINE: &str = "engine";
+/// An instance that serves.
+pub const RUNNING: &str = "running";
+
+/// The agents' last reports, by node.
+#[derive(Debug, Default, Clone)]
+pub struct Reports {
+    by_node: BTreeMap<String, Vec<pb::InstanceStatus>>,
+}
+
+impl Reports {
+    /// Replaces `node`'s report; true if it differs from the last.
+    pub fn put(&mut self, node: &str, instances: Vec<pb::InstanceStatus>) -> bool {
+        let old = self.by_node.insert(node.to_string(), instances.clone());
+        old.as_ref() != Some(&instances)
+    }
+
+    /// `node`'s report of replica `id` of `volume`.
+    fn replica(&self, node: &str, volume: &str, id: &str) -> Option<&pb::InstanceStatus> {
+        self.by_node
+            .get(node)?
+            .iter()
+            .find(|i| i.kind == REPLICA && i.volume == volume && i.replica == id)
+    }
+
+    /// The engines of `volume` reported by the ready nodes, with their node.
+    fn engines<'a>(
+        &'a self,
+        volume: &'a str,
+        ready: &'a BTreeSet<String>,
+    ) -> impl Iterator<Item = (&'a str, &'a pb::InstanceStatus)> + 'a {
+        self.by_node
+            .iter()
+            .filter(|(n, _)| ready.contains(*n))
+            .flat_map(move |(n, is)| {
+                is.iter()
+                    .filter(move |i| i.kind == ENGINE && i.volume == volume)
+                    .map(move |i| (n.as_str(), i))
+            })
+    }
+}
+
+fn frontend_name(f: Frontend) -> &'static str {
+    match f {
+        Frontend::Ublk => "ublk",
+        Frontend::Iscsi => "iscsi",
+    }
+}
+
+/// What `node` should run, given every volume and replica spec, the ready nodes and
+/// the reports. Its `revision` is a digest of the rest: it changes when the work does.
+pub fn node_work(
+    node: &str,
+    cluster_id: &str,
+    volumes: &[VolumeSpec],
+    replicas: &[ReplicaSpec],
+    ready: &BTreeSet<String>,
+    reports: &Reports,
+) -> pb::NodeWork {
+    let by_name: BTreeMap<&str, &VolumeSpec> = volumes.iter().map(|v| (v.name.as_str(), v)).collect();
+    let mut work = pb::NodeWork {
+        cluster_id: cluster_id.to_string(),
+        revision: 0,
+        replicas: replicas
+            .iter()
+            .filter(|r| r.node == node)
+            .filter_map(|r| {
+                let v = by_name.get(r.volume.as_str())?;
+                Some(pb::ReplicaWork {
+                    volume: r.volume.clone(),
+                    id: r.id.clone(),
+                    disk: r.disk.clone(),
+                    size: v.size,
+                    sector_size: v.sector_size,
+                })
+            })
+            .collect(),
+        engines: Vec::new(),
+    };
+    for v in volumes.iter().filter(|v| v.attached_to.as_deref() == Some(node)) {
+        let mine: Vec<&ReplicaSpec> = replicas.iter().filter(|r| r.volume == v.name).collect();
+        let running: Vec<pb::EngineReplica> = mine
+            .iter()
+            .filter(|r| ready.contains(&r.node))
+            .filter_map(|r| {
+                let s = reports.replica(&r.node, &v.name, &r.id)?;
+                (s.state == RUNNING && !s.data_address.is_empty()).then(|| pb::EngineReplica {
+                    id: r.id.clone(),
+                    node: r.node.clone(),
+                    data_address: s.data_address.clone(),
+                    control_address: s.control_address.clone(),
+                    local: r.node == node,
+                })
+            })
+            .collect();
+        let on_ready = mine.iter().filter(|r| ready.contains(&r.node)).count();
+        let already = reports.engines(&v.name, ready).any(|(n, _)| n == node);
+        if running.is_empty() || (running.len() < on_ready && !already) {
+            continue;
+        }
+        work.engines.push(pb::EngineWork {
+            volume: v.name.clone(),
+            frontend: frontend_name(v.frontend).into(),
+            replicas: running,
+        });
+    }
+    work.revision = digest(&work);
+    work
+}
+
+fn digest(work: &pb::NodeWork) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    prost::Message::encode_to_vec(work).hash(&mut h);
+    // 0 means "nothing seen yet" to the agent.
+    h.finish().max(1)
+}
+
+/// A volume's runtime state, as `hornctl volume info` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeState {
+    /// detached, attaching, attached or detaching.
+    pub state: &'static str,
+    /// healthy, degraded, faulted, or unknown (detached).
+    pub robustness: &'static str,
+    /// Where it is served, while attached.
+    pub endpoint: String,
+    /// What an attaching volume waits for, or why it is faulted.
+    pub message: String,
+    /// Each replica's (state, mode, data address), by id.
+    pub replicas: BTreeMap<String, (String, String, String)>,
+}
+
+/// The state of volume `v` with replicas `replicas`.
+pub fn volume_state(
+    v: &VolumeSpec,
+    replicas: &[ReplicaSpec],
+    ready: &BTreeSet<String>,
+    reports: &Reports,
+) -> VolumeState {
+    let engines: Vec<(&str, &pb::InstanceStatus)> = reports.engines(&v.name, ready).collect();
+    let serving = engines
+        .iter()
+        .find(|(n, e)| Some(*n) == v.attached_to.as_deref() && e.state == RUNNING)
+        .map(|(_, e)| *e);
+    let mut out = VolumeState {
+        state: "detached",
+        robustness: "unknown",
+        endpoint: String::new(),
+        message: String::new(),
+        replicas: BTreeMap::new(),
+    };
+    for r in replicas {
+        let (state, address) = match reports.replica(&r.node, &v.name, &r.id) {
+            Some(s) if ready.contains(&r.node) => (s.state.clone(), s.data_address.clone()),
+            _ if !ready.contains(&r.node) => ("node down".to_string(), String::new()),
+            _ => ("unknown".to_string(), String::new()),
+        };
+        let mode = serving
+            .and_then(|e| e.replica_modes.get(&r.id).cloned())
+            .unwrap_or_default();
+        out.replicas.insert(r.id.clone(), (state, mode, address));
+    }
+    match (&v.attached_to, serving) {
+        (Some(_), Some(e)) => {
+            out.state = "attached";
+            out.endpoint = e.endpoint.clone();
+            let rw = out.replicas.values().filter(|(_, m, _)| m == "RW").count();
+            out.robustness = if !e.faulted.is_empty() || rw == 0 {
+                out.message = e.faulted.clone();
+                "faulted"
+            } else if rw >= v.replicas as usize {
+                "healthy"
+            } else {
+                "degraded"
+            };
+        }
+        (Some(node), None) => {
+            out.state = "attaching";
+            out.message = if !ready.contains(node) {
+                format!("node {node} is down")
+            } else if let Some((_, e)) = engines.iter().find(|(n, _)| n == node) {
+                format!("engine {}: {}", e.state, e.message)
+            } else {
+                let waiting: Vec<&str> = out
+                    .replicas
+                    .iter()
+                    .filter(|(_, (s, _, _))| s != RUNNING)
+                    .map(|(id, _)| id.as_str())
+                    .collect();
+                if waiting.is_empty() {
+                    format!("waiting for node {node} to start the engine")
+                } else {
+                    format!("waiting for replicas {} to run", waiting.join(", "))
+                }
+            };
+        }
+        (None, _) if !engines.is_empty() => out.state = "detaching",
+        (None, _) => {}
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::DataLocality;
+
+    fn volume(attached: Option<&str>) -> VolumeSpec {
+        VolumeSpec {
+            name: "v".into(),
+            size: 1 << 30,
+            replicas: 3,
+            sector_size: 512,
+            frontend: Frontend::Iscsi,
+            data_locality: DataLocality::Disabled,
+            node_selector: BTreeSet::new(),
+            disk_selector: BTreeSet::new(),
+            attached_to: attached.map(str::to_string),
+        }
+    }
+
+    fn replicas() -> Vec<ReplicaSpec> {
+        (1..=3)
+            .map(|i| ReplicaSpec {
+                id: format!("r{i}"),
+                volume: "v".into(),
+                node: format!("n{i}"),
+                disk: "/d".into(),
+            })
+            .collect()
+    }
+
+    fn running_replica(i: u32) -> pb::InstanceStatus {
+        pb::InstanceStatus {
+            kind: REPLICA.into(),
+            volume: "v".into(),
+            replica: format!("r{i}"),
+            state: RUNNING.into(),
+            data_address: format!("10.0.0.{i}:1000"),
+            control_address: format!("10.0.0.{i}:1001"),
+            ..Default::default()
+        }
+    }
+
+    fn engine(modes: &[(&str, &str)]) -> pb::InstanceStatus {
+        pb::InstanceStatus {
+            kind: ENGINE.into(),
+            volume: "v".into(),
+            state: RUNNING.into(),
+            endpoint: "iscsi://10.0.0.1:3260/iqn.x".into(),
+            replica_modes: modes
+                .iter()
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    fn all_ready() -> BTreeSet<String> {
+        ["n1", "n2", "n3"].into_iter().map(String::from).collect()
+    }
+
+    #[test]
+    fn every_node_runs_its_replicas_and_the_engine_waits_for_all_of_them() {
+        let v = [volume(Some("n1"))];
+        let rs = replicas();
+        let ready = all_ready();
+        let mut reports = Reports::default();
+        let w = node_work("n2", "c", &v, &rs, &ready, &reports);
+        assert_eq!(w.replicas.len(), 1);
+        assert_eq!(w.replicas[0].id, "r2");
+        assert!(w.engines.is_empty());
+        reports.put("n1", vec![running_replica(1)]);
+        reports.put("n2", vec![running_replica(2)]);
+        let before = node_work("n1", "c", &v, &rs, &ready, &reports);
+        assert!(before.engines.is_empty(), "r3 is not running yet");
+        assert_eq!(
+            volume_state(&v[0], &rs, &ready, &reports).message,
+            "waiting for replicas r3 to run"
+        );
+        reports.put("n3", vec![running_replica(3)]);
+        let after = node_work("n1", "c", &v, &rs, &ready, &reports);
+        assert_ne!(before.revision, after.revision);
+        assert_eq!(after.engines.len(), 1);
+        let e = &after.engines[0];
+        assert_eq!(e.replicas.len(), 3);
+        assert!(e.replicas.iter().find(|r| r.id == "r1").unwrap().local);
+        assert!(!e.replicas.iter().find(|r| r.id == "r2").unwrap().local);
+        assert_eq!(
+            after,
+            node_work("n1", "c", &v, &rs, &ready, &reports),
+            "the same work, the same revision"
+        );
+    }
+
+    #[test]
+    fn a_down_node_counts_for_nothing_and_a_running_engine_keeps_its_work() {
+        let v = [volume(Some("n1"))];
+        let rs = replicas();
+        let mut ready = all_ready();
+        ready.remove("n3");
+        let mut reports = Reports::default();
+        reports.put("n1", vec![running_replica(1)]);
+        reports.put("n2", vec![running_replica(2)]);
+        reports.put("n3", vec![running_replica(3)]);
+        let w = node_work("n1", "c", &v, &rs, &ready, &reports);
+        assert_eq!(w.engines[0].replicas.len(), 2, "r3's node is down");
+        // r2 fails while the engine runs: the engine stays in the work.
+        reports.put(
+            "n1",
+            vec![running_replica(1), engine(&[("r1", "RW"), ("r2", "ERR")])],
+        );
+        reports.put("n2", vec![]);
+        let w = node_work("n1", "c", &v, &rs, &ready, &reports);
+        assert_eq!(w.engines.len(), 1);
+        assert_eq!(w.engines[0].replicas.len(), 1);
+        let s = volume_state(&v[0], &rs, &ready, &reports);
+        assert_eq!((s.state, s.robustness), ("attached", "degraded"));
+        assert_eq!(s.replicas["r3"].0, "node down");
+    }
+
+    #[test]
+    fn volume_states_follow_the_engine() {
+        let rs = replicas();
+        let ready = all_ready();
+        let mut reports = Reports::default();
+        assert_eq!(
+            volume_state(&volume(None), &rs, &ready, &reports).state,
+            "detached"
+        );
+        let all_rw = engine(&[("r1", "RW"), ("r2", "RW"), ("r3", "RW")]);
+        reports.put("n1", vec![all_rw.clone()]);
+        let s = volume_state(&volume(Some("n1")), &rs, &ready, &reports);
+        assert_eq!((s.state, s.robustness), ("attached", "healthy"));
+        assert_eq!(s.endpoint, "iscsi://10.0.0.1:3260/iqn.x");
+        assert_eq!(
+            volume_state(&volume(None), &rs, &ready, &reports).state,
+            "detaching"
+        );
+        assert_eq!(
+            volume_state(&volume(Some("n2")), &rs, &ready, &reports).state,
+            "attaching"
+        );
+        let mut faulted = all_rw;
+        faulted.faulted = "deposed".into();
+        reports.put("n1", vec![faulted]);
+        let s = volume_state(&volume(Some("n1")), &rs, &ready, &reports);
+        assert_eq!((s.robustness, s.message.as_str()), ("faulted", "deposed"));
+        assert!(
+            !reports.put("n1", reports.by_node["n1"].clone()),
+            "an unchanged report"
+        );
+    }
+}

@@ -1,0 +1,256 @@
+//! Volumes served by node agents: `hornd manager` and three `hornd node` agents as
+//! child processes, each node on a loopback address of its own (127.0.0.11 to 13)
+//! with its own disk and state directory; the agents run the replicas and engines
+//! (`hornd supervise`, `hornd replica`, `hornd engine --frontend iscsi`) as real
+//! processes, and the volume is read and written through its iSCSI endpoint.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::iscsi::Initiator;
+use common::manager::{hornctl, init, json, ok, refused, ManagerDaemon};
+
+/// A `hornd node` agent, killed when dropped (its instances are not: they belong to
+/// the node, and the test removes them through the manager).
+struct Agent {
+    child: Child,
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn node_dir(data: &Path, n: u32) -> PathBuf {
+    data.join(format!("n{n}"))
+}
+
+fn start_agent(data: &Path, manager: &str, n: u32) -> Agent {
+    let dir = node_dir(data, n);
+    std::fs::create_dir_all(&dir).unwrap();
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("agent.log"))
+        .unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_hornd"))
+        .args(["node", "--manager", manager, "--name", &format!("n{n}")])
+        .args(["--address", &format!("127.0.0.{}:9700", 10 + n)])
+        .arg("--token-file")
+        .arg(data.join("cluster-token"))
+        .arg("--disk")
+        .arg(dir.join("disk"))
+        .arg("--state")
+        .arg(dir.join("state"))
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    Agent { child }
+}
+
+/// The supervisor pids in the node's instance records, by instance.
+fn recorded_pids(data: &Path, n: u32) -> Vec<(String, u64)> {
+    let dir = node_dir(data, n).join("state/instances");
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return Vec::new();
+    };
+    let mut out: Vec<(String, u64)> = entries
+        .filter_map(|e| {
+            let e = e.ok()?;
+            let r: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(e.path().join("instance.json")).ok()?).ok()?;
+            Some((e.file_name().to_string_lossy().into_owned(), r["pid"].as_u64()?))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// Kills every instance the nodes recorded (their supervisors' process groups), so
+/// that a failed test leaves no daemon behind.
+struct KillInstances<'a>(&'a Path);
+
+impl Drop for KillInstances<'_> {
+    fn drop(&mut self) {
+        for n in 1..=3 {
+            for (_, pid) in recorded_pids(self.0, n) {
+                // SAFETY: killpg takes no pointers; the group is the supervisor's own.
+                unsafe { libc::killpg(pid as i32, libc::SIGKILL) };
+            }
+        }
+    }
+}
+
+fn pid_alive(pid: u64) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| !c.is_empty())
+}
+
+/// (portal, iqn) of an `iscsi://PORTAL/IQN` endpoint.
+fn portal(endpoint: &str) -> (String, String) {
+    let rest = endpoint.strip_prefix("iscsi://").expect("an iSCSI endpoint");
+    let (p, iqn) = rest.split_once('/').unwrap();
+    (p.to_string(), iqn.to_string())
+}
+
+fn block(seed: u8, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
+
+#[test]
+fn agents_serve_a_volume_through_attach_detach_reattach_and_an_agent_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path();
+    init(data);
+    let mgr = ManagerDaemon::start(data, "127.0.0.1:0");
+    let _cleanup = KillInstances(data);
+    let a = &mgr.addr;
+    let mut agents: Vec<Agent> = (1..=3).map(|n| start_agent(data, a, n)).collect();
+    common::eventually(Duration::from_secs(20), "three ready nodes", || {
+        let nodes = json(hornctl(data, a, &["node", "list", "--json"]));
+        nodes
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|n| n["state"] == "ready")
+            .count()
+            == 3
+    });
+
+    let v = json(hornctl(
+        data,
+        a,
+        &[
+            "volume",
+            "create",
+            "v1",
+            "--size",
+            "64M",
+            "--replicas",
+            "3",
+            "--frontend",
+            "iscsi",
+            "--json",
+        ],
+    ));
+    assert_eq!(v["placements"].as_array().unwrap().len(), 3);
+    // Every node runs its replica: each replica reports its own node's address.
+    common::eventually(Duration::from_secs(30), "three running replicas", || {
+        let v = json(hornctl(data, a, &["volume", "info", "v1", "--json"]));
+        v["placements"].as_array().unwrap().iter().all(|p| {
+            p["state"] == "running"
+                && p["data_address"].as_str().is_some_and(|d| {
+                    d.starts_with(&format!(
+                        "127.0.0.{}:",
+                        10 + p["node"].as_str().unwrap()[1..].parse::<u32>().unwrap()
+                    ))
+                })
+        })
+    });
+
+    // Bad input changes nothing.
+    let e = refused(hornctl(data, a, &["volume", "attach", "v1", "n9"]));
+    assert!(e.contains("n9"), "{e}");
+    let e = refused(hornctl(data, a, &["volume", "attach", "nosuch", "n1"]));
+    assert!(e.contains("nosuch"), "{e}");
+
+    // Attached on n1: served by an engine on n1's address, healthy on three RW replicas.
+    let out = ok(hornctl(data, a, &["volume", "attach", "v1", "n1"]));
+    assert!(out.contains("attached to n1"), "{out}");
+    let v = json(hornctl(data, a, &["volume", "info", "v1", "--json"]));
+    assert_eq!(v["state"], "attached");
+    let endpoint = v["endpoint"].as_str().unwrap().to_string();
+    let (p1, iqn) = portal(&endpoint);
+    assert!(p1.starts_with("127.0.0.11:"), "{endpoint}");
+    common::eventually(Duration::from_secs(10), "a healthy volume", || {
+        let v = json(hornctl(data, a, &["volume", "info", "v1", "--json"]));
+        v["robustness"] == "healthy"
+            && v["placements"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|p| p["mode"] == "RW")
+    });
+    let e = refused(hornctl(data, a, &["volume", "attach", "v1", "n2"]));
+    assert!(e.contains("attached to node n1"), "{e}");
+    let e = refused(hornctl(data, a, &["volume", "delete", "v1"]));
+    assert!(e.contains("detach it first"), "{e}");
+
+    let first = block(1, 64 * 1024);
+    let mut s = Initiator::login(&p1, &iqn, None).expect("login to the attached volume");
+    assert_eq!(s.write10(0, &first).status, 0);
+    assert_eq!(s.write10(100_000, &first[..4096]).status, 0);
+
+    // The agent on n1 killed and started again: it adopts the engine and replica
+    // (the same supervisors run), and the session goes on.
+    let before = recorded_pids(data, 1);
+    assert_eq!(before.len(), 2, "n1 runs the engine and a replica: {before:?}");
+    agents.remove(0);
+    agents.insert(0, start_agent(data, a, 1));
+    let since = std::time::Instant::now();
+    while json(hornctl(data, a, &["node", "info", "n1", "--json"]))[0]["state"] != "ready" {
+        assert!(
+            since.elapsed() < Duration::from_secs(20),
+            "n1 is not ready again: {}",
+            std::fs::read_to_string(node_dir(data, 1).join("agent.log")).unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        recorded_pids(data, 1),
+        before,
+        "the new agent adopted its instances"
+    );
+    assert!(before.iter().all(|(_, p)| pid_alive(*p)));
+    let log = std::fs::read_to_string(node_dir(data, 1).join("agent.log")).unwrap();
+    assert_eq!(log.matches("adopted a running instance").count(), 2, "{log}");
+    let second = block(2, 8192);
+    assert_eq!(s.write10(200, &second).status, 0);
+    assert_eq!(s.read10(0, 128).data, first);
+    drop(s);
+
+    // Detached: the engine stops and its portal closes.
+    let out = ok(hornctl(data, a, &["volume", "detach", "v1"]));
+    assert!(out.contains("detached"), "{out}");
+    assert!(
+        std::net::TcpStream::connect(&p1).is_err(),
+        "the portal still accepts"
+    );
+    assert_eq!(recorded_pids(data, 1).len(), 1, "only the replica runs on n1");
+
+    // Attached on n2: everything acknowledged on n1 reads back there.
+    let out = ok(hornctl(data, a, &["volume", "attach", "v1", "n2"]));
+    assert!(out.contains("attached to n2"), "{out}");
+    let v = json(hornctl(data, a, &["volume", "info", "v1", "--json"]));
+    let (p2, iqn2) = portal(v["endpoint"].as_str().unwrap());
+    assert!(p2.starts_with("127.0.0.12:"), "{v}");
+    let mut s = Initiator::login(&p2, &iqn2, None).expect("login on n2");
+    assert_eq!(s.read10(0, 128).data, first);
+    assert_eq!(s.read10(100_000, 8).data, first[..4096]);
+    assert_eq!(s.read10(200, 16).data, second);
+    drop(s);
+
+    // Detached and deleted: every replica stops and its files go, on every node.
+    ok(hornctl(data, a, &["volume", "detach", "v1"]));
+    ok(hornctl(data, a, &["volume", "delete", "v1"]));
+    common::eventually(Duration::from_secs(20), "every instance removed", || {
+        (1..=3).all(|n| recorded_pids(data, n).is_empty())
+    });
+    for n in 1..=3 {
+        let replicas = node_dir(data, n).join("disk/replicas");
+        let left: Vec<_> = std::fs::read_dir(&replicas)
+            .map(|d| d.collect())
+            .unwrap_or_default();
+        assert!(left.is_empty(), "n{n} keeps {left:?}");
+    }
+    drop(agents);
+}
