@@ -248,7 +248,7 @@ pub fn run(cfg: AgentConfig, stop: Receiver<()>) -> Result<()> {
                 let work = work.into_inner();
                 match check_cluster(&cfg.state, &work.cluster_id) {
                     Ok(()) => {
-                        instances.apply(&work);
+                        instances.apply(&work, &rt);
                         seen = work.revision;
                         wait = if settling {
                             Duration::from_millis(100)

@@ -142,6 +142,9 @@ pub struct ManagerService<S: Store + 'static> {
     /// Bumped whenever a spec or a report changes: `SyncNode` calls waiting for new
     /// work watch it.
     changes: tokio::sync::watch::Sender<u64>,
+    /// Since when each failed replica (volume, id) has been failed, as the
+    /// reconciler saw it.
+    failed_since: Mutex<BTreeMap<(String, String), std::time::Instant>>,
 }
 
 /// The longest a `SyncNode` call waits for its node's work to change.
@@ -210,7 +213,119 @@ impl<S: Store + 'static> ManagerService<S> {
             leases: Mutex::new(BTreeMap::new()),
             reports: Mutex::new(Reports::default()),
             changes: tokio::sync::watch::channel(0).0,
+            failed_since: Mutex::new(BTreeMap::new()),
         }
+    }
+
+    /// Starts the reconciler: a thread that looks at every volume each second and
+    /// replaces the replicas that have been failed for the replenishment wait. It
+    /// ends when the service is dropped.
+    pub fn spawn_reconciler(self: &Arc<Self>) -> std::io::Result<()> {
+        let me = Arc::downgrade(self);
+        std::thread::Builder::new()
+            .name("reconciler".into())
+            .spawn(move || loop {
+                std::thread::sleep(Duration::from_secs(1));
+                let Some(m) = me.upgrade() else { return };
+                if let Err(e) = m.reconcile(std::time::Instant::now()) {
+                    tracing::warn!(error = %e.message(), "reconciling failed; trying again");
+                }
+            })?;
+        Ok(())
+    }
+
+    /// One pass of the reconciler at `now`. A replica counts as failed while
+    /// [`runtime::replica_failure`] says so; once it has been failed for the
+    /// `replica-replenishment-wait` setting, and its volume is served by an engine
+    /// with a replica RW ([`runtime::may_replace`]), a replacement is scheduled on
+    /// another eligible node in the same transaction that removes it. The engine's
+    /// agent then adds the new replica and the engine rebuilds it online. A replica
+    /// that comes back within the wait is not replaced: its agent adds it back, and
+    /// the rebuild copies only what it missed.
+    pub fn reconcile(&self, now: std::time::Instant) -> Result<(), Status> {
+        let settings = self.specs.settings().map_err(to_status)?.spec;
+        let wait = Duration::from_secs(settings.replica_replenishment_wait_secs);
+        let ready = self.ready_nodes()?;
+        let reports = self.reports();
+        let volumes = self.specs.volumes().map_err(to_status)?;
+        let mut failing = BTreeMap::new();
+        let mut due = Vec::new();
+        {
+            let mut since = self.failed_since.lock().unwrap_or_else(|p| p.into_inner());
+            for v in &volumes {
+                let replicas = self.specs.replicas(&v.spec.name).map_err(to_status)?;
+                for r in &replicas {
+                    let Some(why) = runtime::replica_failure(&v.spec, &r.spec, &ready, &reports) else {
+                        continue;
+                    };
+                    let key = (v.spec.name.clone(), r.spec.id.clone());
+                    let at = *since.entry(key.clone()).or_insert(now);
+                    failing.insert(key, ());
+                    if now.duration_since(at) >= wait && runtime::may_replace(&v.spec, &ready, &reports) {
+                        due.push((v.clone(), r.clone(), replicas.clone(), why));
+                    }
+                }
+            }
+            since.retain(|k, _| failing.contains_key(k));
+        }
+        for (v, old, replicas, why) in due {
+            let view = self.cluster_view()?;
+            let existing: Vec<scheduler::Placement> = replicas
+                .iter()
+                .map(|r| scheduler::Placement {
+                    node: r.spec.node.clone(),
+                    disk: r.spec.disk.clone(),
+                })
+                .collect();
+            let placed = scheduler::place(
+                &view.nodes,
+                &scheduler::Request {
+                    size: v.spec.size,
+                    node_selector: &v.spec.node_selector,
+                    disk_selector: &v.spec.disk_selector,
+                    existing: &existing,
+                    locality: Locality::Disabled,
+                },
+                &settings.scheduling,
+            );
+            let p = match placed {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::warn!(volume = %v.spec.name, replica = %old.spec.id, reason = %why, error = %e, "a failed replica cannot be replaced yet");
+                    continue;
+                }
+            };
+            let next = (1..)
+                .map(|i| format!("r{i}"))
+                .find(|id| replicas.iter().all(|r| &r.spec.id != id) && *id != old.spec.id)
+                .expect("an unused id");
+            let new = ReplicaSpec {
+                id: next,
+                volume: v.spec.name.clone(),
+                node: p.node.clone(),
+                disk: p.disk.clone(),
+            };
+            let node_revision = view
+                .revisions
+                .iter()
+                .find(|(n, _)| *n == p.node)
+                .map(|(_, r)| *r)
+                .unwrap_or(0);
+            match self.specs.replace_replica(&old, &new, v.revision, node_revision) {
+                Ok(_) => {
+                    tracing::info!(volume = %v.spec.name, failed = %old.spec.id, reason = %why, replacement = %new.id, node = %new.node, disk = %new.disk, "replaced a failed replica");
+                    self.failed_since
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&(v.spec.name.clone(), old.spec.id.clone()));
+                    self.changed();
+                }
+                Err(e) => {
+                    tracing::warn!(volume = %v.spec.name, error = %e, "replacing a replica lost a race; next pass")
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Wakes the `SyncNode` calls waiting for a change.
@@ -776,6 +891,47 @@ impl<S: Store + 'static> Manager for Service<S> {
                     tracing::info!(volume = %name, "volume detached");
                 }
                 m.volume_reply(&name)
+            })
+            .await
+    }
+
+    async fn get_settings(
+        &self,
+        _: Request<pb::GetSettingsRequest>,
+    ) -> Result<Response<pb::SettingsReply>, Status> {
+        self.0
+            .blocking(|m| {
+                let s = m.specs.settings().map_err(to_status)?;
+                Ok(pb::SettingsReply {
+                    settings: s.spec.to_pairs().into_iter().collect(),
+                    revision: s.revision,
+                })
+            })
+            .await
+    }
+
+    async fn update_settings(
+        &self,
+        req: Request<pb::UpdateSettingsRequest>,
+    ) -> Result<Response<pb::SettingsReply>, Status> {
+        let set = req.into_inner().set;
+        self.0
+            .blocking(move |m| {
+                let current = m.specs.settings().map_err(to_status)?;
+                let mut settings = current.spec;
+                for (k, v) in &set {
+                    settings.set(k, v).map_err(Status::invalid_argument)?;
+                }
+                let revision = m
+                    .specs
+                    .put_settings(&settings, current.revision)
+                    .map_err(to_status)?;
+                tracing::info!(changed = ?set, "settings changed");
+                m.changed();
+                Ok(pb::SettingsReply {
+                    settings: settings.to_pairs().into_iter().collect(),
+                    revision,
+                })
             })
             .await
     }

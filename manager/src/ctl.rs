@@ -112,6 +112,20 @@ pub enum VolumeCmd {
     },
 }
 
+/// `hornctl settings ...`
+#[derive(Subcommand, Debug)]
+pub enum SettingsCmd {
+    /// Every setting with its value.
+    List,
+    /// Change settings, all or none: `NAME=VALUE ...` (e.g.
+    /// `replica-replenishment-wait-secs=120 node-anti-affinity=soft`).
+    Set {
+        /// NAME=VALUE pairs.
+        #[arg(required = true)]
+        pairs: Vec<String>,
+    },
+}
+
 /// `hornctl node ...`
 #[derive(Subcommand, Debug)]
 pub enum NodeCmd {
@@ -473,6 +487,36 @@ fn print_volume(v: &pb::Volume) {
         "{}",
         table(&["REPLICA", "NODE", "DISK", "STATE", "MODE", "ADDRESS"], &rows)
     );
+}
+
+/// Runs `hornctl settings CMD`.
+pub fn run_settings(addr: ManagerAddr, cmd: SettingsCmd) -> Result<()> {
+    runtime()?.block_on(async {
+        let mut c = connect(&addr).await?;
+        let reply = match cmd {
+            SettingsCmd::List => c.get_settings(pb::GetSettingsRequest {}).await,
+            SettingsCmd::Set { pairs } => {
+                let mut set = std::collections::HashMap::new();
+                for p in pairs {
+                    let Some((k, v)) = p.split_once('=') else {
+                        anyhow::bail!("{p:?}: give NAME=VALUE");
+                    };
+                    set.insert(k.trim().to_string(), v.trim().to_string());
+                }
+                c.update_settings(pb::UpdateSettingsRequest { set }).await
+            }
+        }
+        .map_err(refused(&addr))?
+        .into_inner();
+        let sorted: std::collections::BTreeMap<_, _> = reply.settings.into_iter().collect();
+        if addr.json {
+            println!("{}", json!(sorted));
+        } else {
+            let rows: Vec<_> = sorted.into_iter().map(|(k, v)| vec![k, v]).collect();
+            print!("{}", table(&["SETTING", "VALUE"], &rows));
+        }
+        Ok(())
+    })
 }
 
 fn node_json(n: &pb::Node) -> serde_json::Value {

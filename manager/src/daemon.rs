@@ -465,7 +465,9 @@ fn serve_manager_on(
     let path = crate::api::store_path(&data);
     let listener = TcpListener::bind(&listen).with_context(|| format!("cannot listen on {listen}"))?;
     let addr = listener.local_addr()?;
-    let service = Service(std::sync::Arc::new(ManagerService::new(store, &identity, &path)));
+    let manager = std::sync::Arc::new(ManagerService::new(store, &identity, &path));
+    manager.spawn_reconciler()?;
+    let service = Service(manager);
     let routes = tonic::service::Routes::new(
         horn_proto::manager_api::manager_server::ManagerServer::with_interceptor(
             service,

@@ -73,6 +73,8 @@ struct Instance {
     /// When it may be started again after failing, and the pause after the next failure.
     retry_at: Option<Instant>,
     pause: Duration,
+    /// An engine's replicas this agent asked it to add, and when (one try each 10 s).
+    added: BTreeMap<String, Instant>,
 }
 
 /// The node's instances.
@@ -169,6 +171,7 @@ impl Instances {
                     child: None,
                     retry_at: None,
                     pause: Duration::from_secs(1),
+                    added: BTreeMap::new(),
                 },
             );
         }
@@ -242,7 +245,7 @@ impl Instances {
 
     /// Starts the instances `work` wants that do not run (new ones, and failed ones
     /// whose pause has passed) and stops those it no longer wants.
-    pub fn apply(&mut self, work: &pb::NodeWork) {
+    pub fn apply(&mut self, work: &pb::NodeWork, rt: &tokio::runtime::Runtime) {
         let mut wanted = BTreeSet::new();
         for r in &work.replicas {
             let name = name_of(REPLICA, &r.volume, &r.id);
@@ -256,6 +259,8 @@ impl Instances {
             wanted.insert(name.clone());
             if let Err(err) = self.ensure_engine(&name, e) {
                 tracing::warn!(instance = %name, error = %format!("{err:#}"), "cannot start an engine");
+            } else if let Err(err) = self.follow_replicas(&name, e, rt) {
+                tracing::warn!(instance = %name, error = %format!("{err:#}"), "cannot bring an engine's replicas in");
             }
         }
         let unwanted: Vec<String> = self
@@ -373,6 +378,56 @@ impl Instances {
         self.start_if_down(name)
     }
 
+    /// Asks a running engine to add (and rebuild) each replica of its work that it
+    /// does not hold RW or WO: a replacement placed since it started, or one of its
+    /// own that failed and runs again (a delta rebuild then copies what it missed).
+    fn follow_replicas(
+        &mut self,
+        name: &str,
+        w: &pb::EngineWork,
+        rt: &tokio::runtime::Runtime,
+    ) -> Result<()> {
+        if !self.is_alive(name) || !listening(&self.by_name[name].record.control_address) {
+            return Ok(());
+        }
+        let control = self.by_name[name].record.control_address.clone();
+        let info = rt.block_on(engine_info(&control))?;
+        let held = |data: &str| {
+            info.replicas
+                .iter()
+                .any(|r| !r.superseded && r.address == data && (r.mode == "RW" || r.mode == "WO"))
+        };
+        let now = Instant::now();
+        for r in &w.replicas {
+            if held(&r.data_address) {
+                continue;
+            }
+            let i = self.by_name.get_mut(name).expect("alive");
+            if i.added
+                .get(&r.id)
+                .is_some_and(|t| now < *t + Duration::from_secs(10))
+            {
+                continue;
+            }
+            i.added.insert(r.id.clone(), now);
+            let local = if r.local { ",local" } else { "" };
+            let spec = format!("{},{}{local}", r.data_address, r.control_address);
+            match rt.block_on(add_replica(&control, &spec)) {
+                Ok(id) => {
+                    tracing::info!(instance = %name, replica = %r.id, address = %r.data_address, rebuild = id, "replica added to the engine; rebuilding");
+                    i.record
+                        .replicas
+                        .insert(r.id.clone(), (r.data_address.clone(), r.control_address.clone()));
+                    self.save(name)?;
+                }
+                Err(e) => {
+                    tracing::warn!(instance = %name, replica = %r.id, error = %format!("{e:#}"), "the engine did not take the replica; trying again in 10 s")
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn create(&mut self, name: &str, dir: PathBuf, record: Record) -> Result<()> {
         std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
         self.by_name.insert(
@@ -383,6 +438,7 @@ impl Instances {
                 child: None,
                 retry_at: None,
                 pause: Duration::from_secs(1),
+                added: BTreeMap::new(),
             },
         );
         self.save(name)
@@ -551,6 +607,22 @@ impl Instances {
         }
         out
     }
+}
+
+/// The engine control service's `AddReplica`: the rebuild's id.
+async fn add_replica(control: &str, replica: &str) -> Result<u64> {
+    use horn_proto::engine_control::engine_control_client::EngineControlClient;
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{control}"))?
+        .connect_timeout(Duration::from_secs(1))
+        .timeout(Duration::from_secs(60));
+    let mut c = EngineControlClient::new(endpoint.connect().await?);
+    Ok(c.add_replica(horn_proto::engine_control::AddReplicaRequest {
+        replica: replica.to_string(),
+    })
+    .await
+    .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+    .into_inner()
+    .rebuild_id)
 }
 
 /// The engine control service's `Info`, within a second.

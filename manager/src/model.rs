@@ -7,7 +7,7 @@
 //! readiness) is not here: the node agents report it and the manager rebuilds it
 //! after a restart.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
@@ -191,6 +191,52 @@ pub struct Settings {
     pub replica_replenishment_wait_secs: u64,
     /// Seconds a node's lease lasts without renewal before it is marked down.
     pub node_lease_secs: u64,
+}
+
+impl Settings {
+    /// Every setting as text, by its name (`node-anti-affinity`, `node-lease-secs`, ...).
+    pub fn to_pairs(&self) -> BTreeMap<String, String> {
+        let value = serde_json::to_value(self).expect("settings always serialise");
+        value
+            .as_object()
+            .expect("settings are an object")
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.clone(),
+                    v.as_str().map_or_else(|| v.to_string(), str::to_string),
+                )
+            })
+            .collect()
+    }
+
+    /// Sets the setting `key` from text; an unknown key, or a value of the wrong
+    /// kind, is an error that says what is accepted. (Ranges are checked when the
+    /// settings are stored.)
+    pub fn set(&mut self, key: &str, text: &str) -> Result<(), String> {
+        let mut value = serde_json::to_value(&*self).expect("settings always serialise");
+        let map = value.as_object_mut().expect("settings are an object");
+        let Some(old) = map.get(key) else {
+            return Err(format!(
+                "no setting {key:?}; the settings are {}",
+                map.keys().cloned().collect::<Vec<_>>().join(", ")
+            ));
+        };
+        let new = if old.is_number() {
+            serde_json::Value::from(
+                text.parse::<u64>()
+                    .map_err(|_| format!("{key} takes a whole number, not {text:?}"))?,
+            )
+        } else {
+            serde_json::Value::from(text)
+        };
+        map.insert(key.to_string(), new);
+        *self = serde_json::from_value(value).map_err(|e| match key {
+            "node-anti-affinity" | "zone-anti-affinity" => format!("{key} is hard or soft, not {text:?}"),
+            _ => format!("{key}: {e}"),
+        })?;
+        Ok(())
+    }
 }
 
 impl Default for Settings {
@@ -500,6 +546,36 @@ impl<S: Store> Specs<S> {
         )?)
     }
 
+    /// Replaces replica `old` (as read) with `new` of the same volume in one
+    /// transaction, if the volume is still as read at `volume_revision` and `new`'s
+    /// node is unchanged since it was placed (`node_revision`).
+    pub fn replace_replica(
+        &self,
+        old: &Versioned<ReplicaSpec>,
+        new: &ReplicaSpec,
+        volume_revision: Revision,
+        node_revision: Revision,
+    ) -> Result<Revision, SpecError> {
+        check_name("replica", &new.id).map_err(SpecError::Invalid)?;
+        if old.spec.volume != new.volume {
+            return Err(SpecError::Invalid(format!(
+                "replica {} of {} cannot replace one of {}",
+                new.id, new.volume, old.spec.volume
+            )));
+        }
+        let old_key = replica_key(&old.spec.volume, &old.spec.id);
+        let key = replica_key(&new.volume, &new.id);
+        Ok(self.store.commit(
+            Txn::new()
+                .check(volume_key(&new.volume), Expect::At(volume_revision))
+                .check(node_key(&new.node), Expect::At(node_revision))
+                .check(&old_key, Expect::At(old.revision))
+                .check(&key, Expect::Absent)
+                .delete(old_key)
+                .put(&key, Self::json(new)),
+        )?)
+    }
+
     /// The replicas of `volume`, by id.
     pub fn replicas(&self, volume: &str) -> Result<Vec<Versioned<ReplicaSpec>>, SpecError> {
         self.read_all(&format!("replicas/{volume}/"))
@@ -528,10 +604,17 @@ impl<S: Store> Specs<S> {
                 s.minimal_available_percent
             )));
         }
-        if settings.node_lease_secs == 0 {
-            return Err(SpecError::Invalid(
-                "a node lease of 0 s would mark every node down".into(),
-            ));
+        if !(2..=3600).contains(&settings.node_lease_secs) {
+            return Err(SpecError::Invalid(format!(
+                "a node lease of {} s: give 2 to 3600 (the agent renews it every third)",
+                settings.node_lease_secs
+            )));
+        }
+        if settings.replica_replenishment_wait_secs > 7 * 86400 {
+            return Err(SpecError::Invalid(format!(
+                "a replica replenishment wait of {} s: give at most a week (604800)",
+                settings.replica_replenishment_wait_secs
+            )));
         }
         let expect = if revision == 0 {
             Expect::Absent

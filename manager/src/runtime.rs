@@ -134,6 +134,50 @@ pub fn node_work(
     work
 }
 
+/// Why replica `r` of volume `v` counts as failed now, if it does: its node is down,
+/// its daemon failed, or the engine serving the volume holds it as ERR. (A replica
+/// the engine does not hold at all, running, is being brought in by the agent.)
+pub fn replica_failure(
+    v: &VolumeSpec,
+    r: &ReplicaSpec,
+    ready: &BTreeSet<String>,
+    reports: &Reports,
+) -> Option<String> {
+    if !ready.contains(&r.node) {
+        return Some(format!("node {} is down", r.node));
+    }
+    if let Some(s) = reports.replica(&r.node, &v.name, &r.id) {
+        if s.state == "failed" {
+            return Some(format!("its daemon failed: {}", s.message));
+        }
+    }
+    let engine = serving_engine(v, ready, reports)?;
+    (engine.replica_modes.get(&r.id).map(String::as_str) == Some("ERR"))
+        .then(|| "the volume's engine dropped it".to_string())
+}
+
+/// The engine serving `v` on the node it is attached to, if one runs there.
+fn serving_engine<'a>(
+    v: &'a VolumeSpec,
+    ready: &'a BTreeSet<String>,
+    reports: &'a Reports,
+) -> Option<&'a pb::InstanceStatus> {
+    reports
+        .engines(&v.name, ready)
+        .find(|(n, e)| Some(*n) == v.attached_to.as_deref() && e.state == RUNNING)
+        .map(|(_, e)| e)
+}
+
+/// Whether a replica of `v` may be replaced now: the volume is served by an engine
+/// that holds a replica RW (the replacement's rebuild source) and is not faulted. A
+/// detached volume's replicas are never replaced: which of them hold every
+/// acknowledged write is known only to the replicas, and a replica replaced (its
+/// files removed) might be the only one that does.
+pub fn may_replace(v: &VolumeSpec, ready: &BTreeSet<String>, reports: &Reports) -> bool {
+    serving_engine(v, ready, reports)
+        .is_some_and(|e| e.faulted.is_empty() && e.replica_modes.values().any(|m| m == "RW"))
+}
+
 fn digest(work: &pb::NodeWork) -> u64 {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     prost::Message::encode_to_vec(work).hash(&mut h);

@@ -79,7 +79,7 @@ struct KillInstances<'a>(&'a Path);
 
 impl Drop for KillInstances<'_> {
     fn drop(&mut self) {
-        for n in 1..=3 {
+        for n in 1..=4 {
             for (_, pid) in recorded_pids(self.0, n) {
                 // SAFETY: killpg takes no pointers; the group is the supervisor's own.
                 unsafe { libc::killpg(pid as i32, libc::SIGKILL) };
@@ -252,5 +252,197 @@ fn agents_serve_a_volume_through_attach_detach_reattach_and_an_agent_restart() {
             .unwrap_or_default();
         assert!(left.is_empty(), "n{n} keeps {left:?}");
     }
+    drop(agents);
+}
+
+/// The pids whose parent is `pid`.
+fn children(pid: u64) -> Vec<u64> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(p) = e.file_name().to_string_lossy().parse::<u64>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) else {
+            continue;
+        };
+        // pid (comm) state ppid ...: comm may hold spaces, so split after its ')'.
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1));
+        if ppid.and_then(|x| x.parse::<u64>().ok()) == Some(pid) {
+            out.push(p);
+        }
+    }
+    out
+}
+
+fn volume(data: &Path, a: &str) -> serde_json::Value {
+    json(hornctl(data, a, &["volume", "info", "v2", "--json"]))
+}
+
+fn placement_ids(v: &serde_json::Value) -> Vec<String> {
+    v["placements"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+fn node_of(v: &serde_json::Value, id: &str) -> u32 {
+    let p = v["placements"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["id"] == id)
+        .unwrap();
+    p["node"].as_str().unwrap()[1..].parse().unwrap()
+}
+
+#[test]
+fn a_failed_replica_back_within_the_wait_is_reused_and_a_lost_nodes_is_replaced_and_rebuilt() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path();
+    init(data);
+    let mgr = ManagerDaemon::start(data, "127.0.0.1:0");
+    let _cleanup = KillInstances(data);
+    let a = &mgr.addr;
+    // Settings: bad ones are refused and change nothing; a short lease for this test.
+    let e = refused(hornctl(data, a, &["settings", "set", "nosuch=1"]));
+    assert!(e.contains("no setting \"nosuch\""), "{e}");
+    let e = refused(hornctl(
+        data,
+        a,
+        &[
+            "settings",
+            "set",
+            "node-lease-secs=0",
+            "replica-replenishment-wait-secs=5",
+        ],
+    ));
+    assert!(e.contains("give 2 to 3600"), "{e}");
+    let e = refused(hornctl(data, a, &["settings", "set", "node-anti-affinity=maybe"]));
+    assert!(e.contains("hard or soft"), "{e}");
+    let s = json(hornctl(data, a, &["settings", "list", "--json"]));
+    assert_eq!(s["replica-replenishment-wait-secs"], "60");
+    let s = json(hornctl(
+        data,
+        a,
+        &["settings", "set", "node-lease-secs=3", "--json"],
+    ));
+    assert_eq!(s["node-lease-secs"], "3");
+
+    let mut agents: Vec<Agent> = (1..=4).map(|n| start_agent(data, a, n)).collect();
+    common::eventually(Duration::from_secs(20), "four ready nodes", || {
+        let nodes = json(hornctl(data, a, &["node", "list", "--json"]));
+        nodes
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|n| n["state"] == "ready")
+            .count()
+            == 4
+    });
+    let v = json(hornctl(
+        data,
+        a,
+        &[
+            "volume",
+            "create",
+            "v2",
+            "--size",
+            "32M",
+            "--replicas",
+            "3",
+            "--frontend",
+            "iscsi",
+            "--json",
+        ],
+    ));
+    let home = node_of(&v, "r1");
+    ok(hornctl(data, a, &["volume", "attach", "v2", &format!("n{home}")]));
+    let v = volume(data, a);
+    let (p, iqn) = portal(v["endpoint"].as_str().unwrap());
+    let mut s = Initiator::login(&p, &iqn, None).expect("login");
+    let first = block(7, 32 * 1024);
+    assert_eq!(s.write10(0, &first).status, 0);
+    common::eventually(Duration::from_secs(10), "a healthy volume", || {
+        volume(data, a)["robustness"] == "healthy"
+    });
+
+    // r2's daemon killed: its supervisor starts it again within seconds, well within
+    // the 60 s wait, and the engine's agent adds it back: the same replica, rebuilt.
+    let n2 = node_of(&v, "r2");
+    let sup = recorded_pids(data, n2)
+        .into_iter()
+        .find(|(name, _)| name == "replica-v2-r2")
+        .unwrap()
+        .1;
+    let daemon = children(sup);
+    assert_eq!(daemon.len(), 1, "the supervisor runs one daemon");
+    // SAFETY: kill takes no pointers; the pid is the replica daemon's.
+    unsafe { libc::kill(daemon[0] as i32, libc::SIGKILL) };
+    let second = block(8, 16 * 1024);
+    assert_eq!(s.write10(64, &second).status, 0, "a write goes on without r2");
+    // The engine's agent adds it back (its log says so), and it turns RW again.
+    let agent_log = || std::fs::read_to_string(node_dir(data, home).join("agent.log")).unwrap();
+    common::eventually(Duration::from_secs(30), "r2 added back to the engine", || {
+        agent_log()
+            .lines()
+            .any(|l| l.contains("replica added to the engine; rebuilding") && l.contains("replica=r2"))
+    });
+    common::eventually(Duration::from_secs(30), "r2 back, RW", || {
+        let v = volume(data, a);
+        v["robustness"] == "healthy" && placement_ids(&v) == ["r1", "r2", "r3"]
+    });
+
+    // r3's node lost: its agent and instances killed. The engine goes on with two,
+    // the node goes down, and after the (now short) wait a replacement on the spare
+    // node is rebuilt online.
+    ok(hornctl(
+        data,
+        a,
+        &["settings", "set", "replica-replenishment-wait-secs=2"],
+    ));
+    let lost = node_of(&v, "r3");
+    agents[lost as usize - 1].child.kill().unwrap();
+    for (_, pid) in recorded_pids(data, lost) {
+        // SAFETY: killpg takes no pointers; the group is the supervisor's own.
+        unsafe { libc::killpg(pid as i32, libc::SIGKILL) };
+    }
+    let third = block(9, 16 * 1024);
+    assert_eq!(s.write10(128, &third).status, 0, "a write goes on without r3");
+    common::eventually(
+        Duration::from_secs(60),
+        "r3 replaced and the volume healthy again",
+        || {
+            let v = volume(data, a);
+            v["robustness"] == "healthy" && placement_ids(&v) == ["r1", "r2", "r4"]
+        },
+    );
+    let v = volume(data, a);
+    let spare = node_of(&v, "r4");
+    assert!(![home, n2, lost].contains(&spare), "r4 on n{spare}");
+    assert_eq!(
+        json(hornctl(data, a, &["node", "info", &format!("n{lost}"), "--json"]))[0]["state"],
+        "down"
+    );
+    // Everything acknowledged reads back, and keeps being written.
+    assert_eq!(s.read10(0, 64).data, first);
+    assert_eq!(s.read10(64, 32).data, second);
+    assert_eq!(s.read10(128, 32).data, third);
+    drop(s);
+
+    // The lost node's agent back: its stale replica is no longer wanted and goes.
+    agents[lost as usize - 1] = start_agent(data, a, lost);
+    common::eventually(Duration::from_secs(20), "the stale replica removed", || {
+        recorded_pids(data, lost).is_empty()
+            && std::fs::read_dir(node_dir(data, lost).join("disk/replicas")).map_or(true, |d| d.count() == 0)
+    });
+    ok(hornctl(data, a, &["volume", "detach", "v2"]));
+    ok(hornctl(data, a, &["volume", "delete", "v2"]));
+    common::eventually(Duration::from_secs(20), "every instance removed", || {
+        (1..=4).all(|n| recorded_pids(data, n).is_empty())
+    });
     drop(agents);
 }

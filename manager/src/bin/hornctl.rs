@@ -60,7 +60,14 @@ enum Command {
         #[command(subcommand)]
         cmd: horn_manager::ctl::ClusterCmd,
     },
-    /// Volumes kept by the manager: create, list, show, delete.
+    /// The cluster's settings (scheduling rules, replica replenishment wait, node lease).
+    Settings {
+        #[command(flatten)]
+        manager: horn_manager::ctl::ManagerAddr,
+        #[command(subcommand)]
+        cmd: horn_manager::ctl::SettingsCmd,
+    },
+    /// Volumes kept by the manager: create, list, show, attach, detach, delete.
     Volume {
         #[command(flatten)]
         manager: horn_manager::ctl::ManagerAddr,
@@ -1021,6 +1028,7 @@ fn main() -> ExitCode {
         Command::Cluster { manager, cmd } => horn_manager::ctl::run_cluster(manager, cmd),
         Command::Volume { manager, cmd } => horn_manager::ctl::run_volume(manager, cmd),
         Command::Node { manager, cmd } => horn_manager::ctl::run_node(manager, cmd),
+        Command::Settings { manager, cmd } => horn_manager::ctl::run_settings(manager, cmd),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
