@@ -120,8 +120,14 @@ pub fn node_work(
             })
             .collect();
         let on_ready = mine.iter().filter(|r| ready.contains(&r.node)).count();
-        let already = reports.engines(&v.name, ready).any(|(n, _)| n == node);
-        if running.is_empty() || (running.len() < on_ready && !already) {
+        // An engine this node runs for the volume stays in its work whatever the
+        // others report (after a manager restart they report one by one): only a
+        // detach stops it.
+        let already = reports
+            .by_node
+            .get(node)
+            .is_some_and(|is| is.iter().any(|i| i.kind == ENGINE && i.volume == v.name));
+        if !already && (running.is_empty() || running.len() < on_ready) {
             continue;
         }
         work.engines.push(pb::EngineWork {
@@ -387,6 +393,17 @@ mod tests {
         let s = volume_state(&v[0], &rs, &ready, &reports);
         assert_eq!((s.state, s.robustness), ("attached", "degraded"));
         assert_eq!(s.replicas["r3"].0, "node down");
+        // After a manager restart the engine's node may report before any replica's,
+        // and even while its own lease is being renewed: its engine stays.
+        let mut fresh = Reports::default();
+        fresh.put("n1", vec![engine(&[])]);
+        let w = node_work("n1", "c", &v, &rs, &BTreeSet::new(), &fresh);
+        assert_eq!(
+            w.engines.len(),
+            1,
+            "a running engine is never dropped from the work"
+        );
+        assert!(w.engines[0].replicas.is_empty());
     }
 
     #[test]
@@ -420,5 +437,40 @@ mod tests {
             !reports.put("n1", reports.by_node["n1"].clone()),
             "an unchanged report"
         );
+    }
+
+    #[test]
+    fn replicas_fail_by_node_daemon_or_engine_and_only_served_volumes_replace_them() {
+        let rs = replicas();
+        let v = volume(Some("n1"));
+        let mut ready = all_ready();
+        let mut reports = Reports::default();
+        let mut dead = running_replica(3);
+        dead.state = "failed".into();
+        dead.message = "disk gone".into();
+        reports.put(
+            "n1",
+            vec![running_replica(1), engine(&[("r1", "RW"), ("r2", "ERR")])],
+        );
+        reports.put("n2", vec![running_replica(2)]);
+        reports.put("n3", vec![dead]);
+        assert_eq!(replica_failure(&v, &rs[0], &ready, &reports), None);
+        assert_eq!(
+            replica_failure(&v, &rs[1], &ready, &reports).as_deref(),
+            Some("the volume's engine dropped it")
+        );
+        assert_eq!(
+            replica_failure(&v, &rs[2], &ready, &reports).as_deref(),
+            Some("its daemon failed: disk gone")
+        );
+        assert!(may_replace(&v, &ready, &reports));
+        assert!(!may_replace(&volume(None), &ready, &reports), "a detached volume");
+        ready.remove("n2");
+        assert_eq!(
+            replica_failure(&volume(None), &rs[1], &ready, &reports).as_deref(),
+            Some("node n2 is down")
+        );
+        reports.put("n1", vec![engine(&[("r1", "ERR"), ("r2", "ERR")])]);
+        assert!(!may_replace(&v, &ready, &reports), "no RW source");
     }
 }

@@ -110,9 +110,10 @@ fn agents_serve_a_volume_through_attach_detach_reattach_and_an_agent_restart() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path();
     init(data);
-    let mgr = ManagerDaemon::start(data, "127.0.0.1:0");
+    let mut mgr = ManagerDaemon::start(data, "127.0.0.1:0");
     let _cleanup = KillInstances(data);
-    let a = &mgr.addr;
+    let addr = mgr.addr.clone();
+    let a = &addr;
     let mut agents: Vec<Agent> = (1..=3).map(|n| start_agent(data, a, n)).collect();
     common::eventually(Duration::from_secs(20), "three ready nodes", || {
         let nodes = json(hornctl(data, a, &["node", "list", "--json"]));
@@ -216,6 +217,62 @@ fn agents_serve_a_volume_through_attach_detach_reattach_and_an_agent_restart() {
     let second = block(2, 8192);
     assert_eq!(s.write10(200, &second).status, 0);
     assert_eq!(s.read10(0, 128).data, first);
+
+    // The manager SIGKILLed while the volume is written, and started again on the same
+    // store and address: the volume never notices (every write goes on being
+    // acknowledged, the engine is the same process), and every object is there.
+    let volumes_before = json(hornctl(data, a, &["volume", "list", "--json"]));
+    let engine_before = recorded_pids(data, 1);
+    mgr.kill();
+    let mut lba = 1000;
+    let since = std::time::Instant::now();
+    while since.elapsed() < Duration::from_secs(2) {
+        assert_eq!(
+            s.write10(lba, &first[..4096]).status,
+            0,
+            "a write while the manager is down"
+        );
+        lba += 8;
+    }
+    mgr = ManagerDaemon::start(data, a);
+    for _ in 0..20 {
+        assert_eq!(
+            s.write10(lba, &first[..4096]).status,
+            0,
+            "a write after the restart"
+        );
+        lba += 8;
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    common::eventually(
+        Duration::from_secs(20),
+        "the volume attached and healthy again",
+        || {
+            let v = json(hornctl(data, a, &["volume", "info", "v1", "--json"]));
+            v["state"] == "attached" && v["robustness"] == "healthy"
+        },
+    );
+    let strip = |mut v: serde_json::Value| {
+        for x in v.as_array_mut().unwrap() {
+            x.as_object_mut().unwrap().remove("revision");
+        }
+        v
+    };
+    assert_eq!(
+        strip(json(hornctl(data, a, &["volume", "list", "--json"]))),
+        strip(volumes_before),
+        "the specs and the state after the restart"
+    );
+    assert_eq!(recorded_pids(data, 1), engine_before, "the same engine serves");
+    assert!(engine_before.iter().all(|(_, p)| pid_alive(*p)));
+    for i in 0..(lba - 1000) / 8 {
+        assert_eq!(
+            s.read10(1000 + i * 8, 8).data,
+            first[..4096],
+            "block {}",
+            1000 + i * 8
+        );
+    }
     drop(s);
 
     // Detached: the engine stops and its portal closes.
