@@ -234,7 +234,7 @@ fn agents_serve_a_volume_through_attach_detach_reattach_and_an_agent_restart() {
         );
         lba += 8;
     }
-    mgr = ManagerDaemon::start(data, a);
+    let _restarted = ManagerDaemon::start(data, a);
     for _ in 0..20 {
         assert_eq!(
             s.write10(lba, &first[..4096]).status,
