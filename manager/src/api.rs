@@ -328,6 +328,31 @@ impl<S: Store + 'static> ManagerService<S> {
         Ok(())
     }
 
+    /// The control address of the engine serving `volume`, or why there is none.
+    fn engine_of(&self, volume: &str) -> Result<(String, VolumeSpec), Status> {
+        let v = self.specs.volume(volume).map_err(to_status)?.spec;
+        let Some(node) = v.attached_to.clone() else {
+            return Err(Status::failed_precondition(format!(
+                "volume {volume} is detached: attach it first (`hornctl volume attach {volume} NODE`)"
+            )));
+        };
+        let reply = self.volume_reply(volume)?;
+        if reply.state != "attached" {
+            return Err(Status::failed_precondition(format!(
+                "volume {volume} is {} on node {node}: {}",
+                reply.state, reply.message
+            )));
+        }
+        let reports = self.reports();
+        let control = reports
+            .engine_on(&node, volume)
+            .map(|e| e.control_address.clone())
+            .ok_or_else(|| {
+                Status::failed_precondition(format!("volume {volume}: node {node} reports no engine"))
+            })?;
+        Ok((control, v))
+    }
+
     /// Wakes the `SyncNode` calls waiting for a change.
     fn changed(&self) {
         self.changes.send_modify(|c| *c += 1);
@@ -491,6 +516,7 @@ impl<S: Store + 'static> ManagerService<S> {
             node_selector: s.node_selector.into_iter().collect(),
             disk_selector: s.disk_selector.into_iter().collect(),
             attached_to: s.attached_to.unwrap_or_default(),
+            maintenance: s.maintenance,
             placements,
             revision: v.revision,
         })
@@ -565,6 +591,35 @@ struct ClusterView {
     ready: std::collections::BTreeSet<String>,
 }
 
+/// An engine's refusal, as the manager's: the same code, naming the volume.
+fn engine_refused(volume: &str) -> impl Fn(Status) -> Status + '_ {
+    move |s| Status::new(s.code(), format!("volume {volume}'s engine: {}", s.message()))
+}
+
+/// `a` as message `B`: for the manager's messages that carry the engine's fields
+/// under the same numbers (snapshots, verify), so either side's code serves both.
+pub(crate) fn rewire<A: prost::Message, B: prost::Message + Default>(a: &A) -> B {
+    B::decode(a.encode_to_vec().as_slice()).expect("the messages share their fields")
+}
+
+/// The engine control service at `control`, for a chain operation.
+async fn engine_client(
+    control: &str,
+) -> Result<
+    horn_proto::engine_control::engine_control_client::EngineControlClient<tonic::transport::Channel>,
+    Status,
+> {
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{control}"))
+        .map_err(|e| Status::internal(e.to_string()))?
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(300));
+    let channel = endpoint
+        .connect()
+        .await
+        .map_err(|e| Status::unavailable(format!("cannot reach the engine at {control}: {e}")))?;
+    Ok(horn_proto::engine_control::engine_control_client::EngineControlClient::new(channel))
+}
+
 /// The service as tonic serves it: an `Arc` so that calls can run on blocking threads.
 pub struct Service<S: Store + 'static>(pub Arc<ManagerService<S>>);
 
@@ -607,6 +662,7 @@ impl<S: Store + 'static> Manager for Service<S> {
             node_selector: r.node_selector.into_iter().collect(),
             disk_selector: r.disk_selector.into_iter().collect(),
             attached_to: None,
+            maintenance: false,
         };
         spec.check().map_err(Status::invalid_argument)?;
         if spec.data_locality == DataLocality::StrictLocal {
@@ -839,7 +895,20 @@ impl<S: Store + 'static> Manager for Service<S> {
             .blocking(move |m| {
                 let v = m.specs.volume(&r.name).map_err(to_status)?;
                 match &v.spec.attached_to {
-                    Some(n) if *n == r.node => return m.volume_reply(&r.name),
+                    Some(n) if *n == r.node && v.spec.maintenance == r.maintenance => {
+                        return m.volume_reply(&r.name)
+                    }
+                    Some(n) if *n == r.node => {
+                        return Err(Status::failed_precondition(format!(
+                            "volume {} is attached to node {n} {}: detach it first",
+                            r.name,
+                            if v.spec.maintenance {
+                                "in maintenance mode"
+                            } else {
+                                "with its frontend"
+                            }
+                        )))
+                    }
                     Some(n) => {
                         return Err(Status::failed_precondition(format!(
                             "volume {} is attached to node {n}: detach it first",
@@ -870,6 +939,7 @@ impl<S: Store + 'static> Manager for Service<S> {
                 }
                 let mut spec = v.spec;
                 spec.attached_to = Some(r.node.clone());
+                spec.maintenance = r.maintenance;
                 m.specs.update_volume(&spec, v.revision).map_err(to_status)?;
                 m.changed();
                 tracing::info!(volume = %r.name, node = %r.node, "volume attached");
@@ -886,6 +956,7 @@ impl<S: Store + 'static> Manager for Service<S> {
                 if v.spec.attached_to.is_some() {
                     let mut spec = v.spec;
                     spec.attached_to = None;
+                    spec.maintenance = false;
                     m.specs.update_volume(&spec, v.revision).map_err(to_status)?;
                     m.changed();
                     tracing::info!(volume = %name, "volume detached");
@@ -893,6 +964,150 @@ impl<S: Store + 'static> Manager for Service<S> {
                 m.volume_reply(&name)
             })
             .await
+    }
+
+    async fn snapshot_volume(
+        &self,
+        req: Request<pb::VolumeSnapshotRequest>,
+    ) -> Result<Response<pb::SnapshotList>, Status> {
+        let r = req.into_inner();
+        let volume = r.volume.clone();
+        let (control, _) = self.0.blocking(move |m| m.engine_of(&volume)).await?.into_inner();
+        let list = engine_client(&control)
+            .await?
+            .snapshot(horn_proto::engine_control::EngineSnapshotRequest {
+                name: r.name.clone(),
+                labels: r.labels,
+            })
+            .await
+            .map_err(engine_refused(&r.volume))?
+            .into_inner();
+        tracing::info!(volume = %r.volume, snapshot = %r.name, "snapshot taken");
+        Ok(Response::new(rewire(&list)))
+    }
+
+    async fn list_snapshots(
+        &self,
+        req: Request<pb::VolumeRef>,
+    ) -> Result<Response<pb::SnapshotList>, Status> {
+        let name = req.into_inner().name;
+        let volume = name.clone();
+        let (control, _) = self.0.blocking(move |m| m.engine_of(&volume)).await?.into_inner();
+        let list = engine_client(&control)
+            .await?
+            .list_snapshots(horn_proto::engine_control::ListSnapshotsRequest {})
+            .await
+            .map_err(engine_refused(&name))?
+            .into_inner();
+        Ok(Response::new(rewire(&list)))
+    }
+
+    async fn delete_snapshot(
+        &self,
+        req: Request<pb::VolumeSnapshotRef>,
+    ) -> Result<Response<pb::SnapshotList>, Status> {
+        let r = req.into_inner();
+        let volume = r.volume.clone();
+        let (control, _) = self.0.blocking(move |m| m.engine_of(&volume)).await?.into_inner();
+        let mut c = engine_client(&control).await?;
+        c.delete_snapshot(horn_proto::engine_control::EngineDeleteRequest { name: r.name.clone() })
+            .await
+            .map_err(engine_refused(&r.volume))?;
+        // The space comes back once the deleted layer is folded away.
+        let list = c
+            .purge(horn_proto::engine_control::EnginePurgeRequest {})
+            .await
+            .map_err(engine_refused(&r.volume))?
+            .into_inner();
+        tracing::info!(volume = %r.volume, snapshot = %r.name, "snapshot deleted and purged");
+        Ok(Response::new(rewire(&list)))
+    }
+
+    async fn revert_volume(
+        &self,
+        req: Request<pb::VolumeSnapshotRef>,
+    ) -> Result<Response<pb::SnapshotList>, Status> {
+        let r = req.into_inner();
+        let volume = r.volume.clone();
+        let (control, spec) = self.0.blocking(move |m| m.engine_of(&volume)).await?.into_inner();
+        if !spec.maintenance {
+            return Err(Status::failed_precondition(format!(
+                "volume {v} is attached with its frontend: a revert changes the data under every reader; detach it and attach it in maintenance mode (`hornctl volume attach {v} NODE --maintenance`) first",
+                v = r.volume
+            )));
+        }
+        let list = engine_client(&control)
+            .await?
+            .revert(horn_proto::engine_control::EngineRevertRequest { name: r.name.clone() })
+            .await
+            .map_err(engine_refused(&r.volume))?
+            .into_inner();
+        tracing::info!(volume = %r.volume, snapshot = %r.name, "volume reverted");
+        Ok(Response::new(rewire(&list)))
+    }
+
+    async fn expand_volume(&self, req: Request<pb::ExpandRequest>) -> Result<Response<pb::Volume>, Status> {
+        let r = req.into_inner();
+        let volume = r.volume.clone();
+        let (control, spec) = self.0.blocking(move |m| m.engine_of(&volume)).await?.into_inner();
+        if r.size < spec.size {
+            return Err(Status::failed_precondition(format!(
+                "volume {} cannot shrink from {} to {} bytes",
+                r.volume, spec.size, r.size
+            )));
+        }
+        if spec.frontend == Frontend::Ublk && !spec.maintenance && r.size > spec.size {
+            return Err(Status::failed_precondition(format!(
+                "volume {v} is served as a ublk device, which cannot grow while served (Horn does not resize a live ublk device; newer kernels have a command for it that Horn does not use yet): detach it, attach it with --maintenance, expand, and attach it again",
+                v = r.volume
+            )));
+        }
+        let mut grown = spec.clone();
+        grown.size = r.size;
+        grown.check().map_err(Status::invalid_argument)?;
+        if r.size > spec.size {
+            engine_client(&control)
+                .await?
+                .expand(horn_proto::engine_control::EngineExpandRequest { size: r.size })
+                .await
+                .map_err(engine_refused(&r.volume))?;
+        }
+        let name = r.volume.clone();
+        self.0
+            .blocking(move |m| {
+                // The engine has grown every replica; the spec follows (retried on a
+                // race with another change of the spec).
+                for _ in 0..10 {
+                    let v = m.specs.volume(&name).map_err(to_status)?;
+                    if v.spec.size >= r.size {
+                        break;
+                    }
+                    let mut s = v.spec;
+                    s.size = r.size;
+                    match m.specs.update_volume(&s, v.revision) {
+                        Ok(_) => break,
+                        Err(SpecError::Store(StoreError::Conflict { .. })) => continue,
+                        Err(e) => return Err(to_status(e)),
+                    }
+                }
+                m.changed();
+                tracing::info!(volume = %name, size = r.size, "volume expanded");
+                m.volume_reply(&name)
+            })
+            .await
+    }
+
+    async fn verify_volume(&self, req: Request<pb::VolumeRef>) -> Result<Response<pb::VerifyReply>, Status> {
+        let name = req.into_inner().name;
+        let volume = name.clone();
+        let (control, _) = self.0.blocking(move |m| m.engine_of(&volume)).await?.into_inner();
+        let reply = engine_client(&control)
+            .await?
+            .verify(horn_proto::engine_control::VerifyRequest {})
+            .await
+            .map_err(engine_refused(&name))?
+            .into_inner();
+        Ok(Response::new(rewire(&reply)))
     }
 
     async fn get_settings(

@@ -12,8 +12,16 @@ use serde_json::json;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
+use crate::api::rewire;
 use crate::api::{ClusterIdentity, DEFAULT_MANAGER, TOKEN_FILE};
-use crate::format::{human_bytes, parse_size, table};
+use crate::format::{human_bytes, parse_size, print_snapshots, print_verify, table};
+
+/// A `KEY=VALUE` label.
+pub fn parse_label(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("label {s:?} is not KEY=VALUE"))
+}
 
 /// Where the manager is and how to prove the cluster's token.
 #[derive(Args, Debug, Clone)]
@@ -101,6 +109,52 @@ pub enum VolumeCmd {
         /// Seconds to wait for the volume to be served (0: do not wait).
         #[arg(long, default_value_t = 60)]
         timeout: u64,
+        /// Maintenance mode: the engine runs without its frontend (for `revert`).
+        #[arg(long)]
+        maintenance: bool,
+    },
+    /// Take a snapshot of an attached volume on every replica (I/O paused and flushed).
+    Snapshot {
+        /// The volume's name.
+        name: String,
+        /// The snapshot's name.
+        snapshot: String,
+        /// A label, KEY=VALUE; repeat for more.
+        #[arg(long = "label", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
+    },
+    /// An attached volume's snapshots.
+    Snapshots {
+        /// The volume's name.
+        name: String,
+    },
+    /// Delete a snapshot of an attached volume and reclaim its space.
+    DeleteSnapshot {
+        /// The volume's name.
+        name: String,
+        /// The snapshot's name.
+        snapshot: String,
+    },
+    /// Revert a volume attached in maintenance mode to a snapshot (the data written
+    /// since is discarded).
+    Revert {
+        /// The volume's name.
+        name: String,
+        /// The snapshot's name.
+        snapshot: String,
+    },
+    /// Grow an attached volume online (never shrink).
+    Expand {
+        /// The volume's name.
+        name: String,
+        /// The new size (a multiple of 4096; K, M, G, T units).
+        #[arg(long, value_parser = parse_size)]
+        size: u64,
+    },
+    /// Compare an attached volume's RW replicas block by block; fails if they differ.
+    Verify {
+        /// The volume's name.
+        name: String,
     },
     /// Detach a volume: its engine is stopped cleanly. Waits until it is (or --timeout).
     Detach {
@@ -257,6 +311,7 @@ fn volume_json(v: &pb::Volume) -> serde_json::Value {
         "node_selector": v.node_selector, "disk_selector": v.disk_selector,
         "attached_to": (!v.attached_to.is_empty()).then_some(&v.attached_to),
         "state": v.state, "robustness": v.robustness, "revision": v.revision,
+        "maintenance": v.maintenance,
         "endpoint": (!v.endpoint.is_empty()).then_some(&v.endpoint),
         "message": (!v.message.is_empty()).then_some(&v.message),
         "placements": v.placements.iter().map(|p| json!({
@@ -303,6 +358,7 @@ const VOLUME_HEADER: [&str; 8] = [
 pub fn run_volume(addr: ManagerAddr, cmd: VolumeCmd) -> Result<()> {
     runtime()?.block_on(async {
         let mut c = connect(&addr).await?;
+        let revert = matches!(cmd, VolumeCmd::Revert { .. });
         match cmd {
             VolumeCmd::Create {
                 name,
@@ -371,11 +427,17 @@ pub fn run_volume(addr: ManagerAddr, cmd: VolumeCmd) -> Result<()> {
                     print_volume(&v);
                 }
             }
-            VolumeCmd::Attach { name, node, timeout } => {
+            VolumeCmd::Attach {
+                name,
+                node,
+                timeout,
+                maintenance,
+            } => {
                 let v = c
                     .attach_volume(pb::AttachRequest {
                         name: name.clone(),
                         node: node.clone(),
+                        maintenance,
                     })
                     .await
                     .map_err(refused(&addr))?
@@ -383,11 +445,92 @@ pub fn run_volume(addr: ManagerAddr, cmd: VolumeCmd) -> Result<()> {
                 let v = wait_for(&mut c, &addr, v, timeout, "attached").await?;
                 if addr.json {
                     println!("{}", volume_json(&v));
+                } else if v.state == "attached" && v.maintenance {
+                    println!("volume {name} attached to {node} in maintenance mode (no frontend)");
                 } else if v.state == "attached" {
                     println!("volume {name} attached to {node}: {}", v.endpoint);
                 } else {
                     println!("volume {name} is attaching to {node}: {}", v.message);
                 }
+            }
+            VolumeCmd::Snapshot {
+                name,
+                snapshot,
+                labels,
+            } => {
+                let list = c
+                    .snapshot_volume(pb::VolumeSnapshotRequest {
+                        volume: name.clone(),
+                        name: snapshot.clone(),
+                        labels: labels.into_iter().collect(),
+                    })
+                    .await
+                    .map_err(refused(&addr))?
+                    .into_inner();
+                chain_done(
+                    &list,
+                    addr.json,
+                    format!("snapshot {snapshot} of volume {name} taken on every replica"),
+                )?;
+            }
+            VolumeCmd::Snapshots { name } => {
+                let list = c
+                    .list_snapshots(pb::VolumeRef { name })
+                    .await
+                    .map_err(refused(&addr))?
+                    .into_inner();
+                print_snapshots(&rewire(&list), addr.json)?;
+                if !addr.json && !list.differences.is_empty() {
+                    eprintln!("warning: the replicas' chains differ:");
+                    for d in &list.differences {
+                        eprintln!("  {d}");
+                    }
+                }
+            }
+            VolumeCmd::DeleteSnapshot { name, snapshot } | VolumeCmd::Revert { name, snapshot } => {
+                let at = pb::VolumeSnapshotRef {
+                    volume: name.clone(),
+                    name: snapshot.clone(),
+                };
+                let (list, done) = if revert {
+                    (
+                        c.revert_volume(at).await,
+                        format!("volume {name} reverted to snapshot {snapshot}"),
+                    )
+                } else {
+                    (
+                        c.delete_snapshot(at).await,
+                        format!("snapshot {snapshot} of volume {name} deleted, its space reclaimed"),
+                    )
+                };
+                chain_done(&list.map_err(refused(&addr))?.into_inner(), addr.json, done)?;
+            }
+            VolumeCmd::Expand { name, size } => {
+                let v = c
+                    .expand_volume(pb::ExpandRequest {
+                        volume: name.clone(),
+                        size,
+                    })
+                    .await
+                    .map_err(refused(&addr))?
+                    .into_inner();
+                if addr.json {
+                    println!("{}", volume_json(&v));
+                } else {
+                    println!(
+                        "volume {name} expanded to {} ({} bytes)",
+                        human_bytes(v.size),
+                        v.size
+                    );
+                }
+            }
+            VolumeCmd::Verify { name } => {
+                let r = c
+                    .verify_volume(pb::VolumeRef { name })
+                    .await
+                    .map_err(refused(&addr))?
+                    .into_inner();
+                print_verify(&rewire(&r), addr.json)?;
             }
             VolumeCmd::Detach { name, timeout } => {
                 let v = c
@@ -415,6 +558,16 @@ pub fn run_volume(addr: ManagerAddr, cmd: VolumeCmd) -> Result<()> {
         }
         Ok(())
     })
+}
+
+/// A chain operation's result: the snapshot list with `--json`, else `done`.
+fn chain_done(list: &pb::SnapshotList, json: bool, done: String) -> Result<()> {
+    if json {
+        print_snapshots(&rewire(list), true)
+    } else {
+        println!("{done}");
+        Ok(())
+    }
 }
 
 /// Polls the volume until its state is `want` or `timeout` seconds pass (then it is

@@ -110,6 +110,89 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
     out
 }
 
+/// Prints an engine's snapshot list: a table, or JSON.
+pub fn print_snapshots(list: &horn_proto::engine_control::SnapshotList, json: bool) -> anyhow::Result<()> {
+    if json {
+        let rows: Vec<serde_json::Value> = list
+            .snapshots
+            .iter()
+            .map(|s| {
+                serde_json::json!({
+                    "name": s.name, "parent": s.parent, "created": s.created,
+                    "labels": s.labels, "removed": s.removed, "in_chain": s.in_chain,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string(&rows)?);
+        return Ok(());
+    }
+    let rows: Vec<Vec<String>> = list
+        .snapshots
+        .iter()
+        .map(|s| {
+            vec![
+                s.name.clone(),
+                if s.parent.is_empty() {
+                    "-".into()
+                } else {
+                    s.parent.clone()
+                },
+                utc_time(s.created),
+                layer_state(s.removed, s.in_chain).into(),
+                labels(&s.labels),
+            ]
+        })
+        .collect();
+    print!(
+        "{}",
+        table(&["NAME", "PARENT", "CREATED", "STATE", "LABELS"], &rows)
+    );
+    Ok(())
+}
+
+/// Prints what `Verify` found (a table of differences, or JSON) and fails if the
+/// replicas differ, saying how much.
+pub fn print_verify(r: &horn_proto::engine_control::VerifyReply, json: bool) -> anyhow::Result<()> {
+    if json {
+        let diffs: Vec<serde_json::Value> = r
+            .differences
+            .iter()
+            .map(|d| serde_json::json!({"offset": d.offset, "length": d.length, "replicas": d.replicas}))
+            .collect();
+        println!(
+            "{}",
+            serde_json::json!({
+                "bytes_compared": r.bytes_compared, "replicas": r.replicas,
+                "differing_bytes": r.differing_bytes, "differences": diffs,
+            })
+        );
+    } else if !r.differences.is_empty() {
+        let rows: Vec<Vec<String>> = r
+            .differences
+            .iter()
+            .map(|d| vec![d.offset.to_string(), d.length.to_string(), d.replicas.join(" ")])
+            .collect();
+        print!("{}", table(&["OFFSET", "LENGTH", "DIFFERS ON"], &rows));
+    }
+    if r.differing_bytes > 0 {
+        anyhow::bail!(
+            "the replicas differ in {} bytes of {} compared (against {})",
+            r.differing_bytes,
+            r.bytes_compared,
+            r.replicas.first().map_or("-", |s| s.as_str())
+        );
+    }
+    if !json {
+        println!(
+            "verified {} on {} replicas: identical ({})",
+            human_bytes(r.bytes_compared),
+            r.replicas.len(),
+            r.replicas.join(", ")
+        );
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

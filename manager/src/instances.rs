@@ -357,6 +357,8 @@ impl Instances {
                     ]);
                 }
                 "ublk" => command.extend(["--frontend".into(), "ublk".into()]),
+                // Maintenance: the control service only.
+                "none" => {}
                 other => bail!("frontend {other:?} is not one this agent knows"),
             }
             let record = Record {
@@ -577,6 +579,7 @@ impl Instances {
             if r.kind == ENGINE && s.state == RUNNING {
                 s.endpoint = match r.frontend.as_str() {
                     "iscsi" => format!("iscsi://{}/{}", r.portal, r.iqn),
+                    "none" => String::new(),
                     _ => ublk
                         .iter()
                         .find(|d| d.volume == r.volume)

@@ -63,6 +63,9 @@ pub struct VolumeSpec {
     /// The node it should be attached to, if any.
     #[serde(default)]
     pub attached_to: Option<String>,
+    /// Attached in maintenance mode: its engine serves no frontend.
+    #[serde(default)]
+    pub maintenance: bool,
 }
 
 /// The most replicas a volume may ask for.
@@ -651,6 +654,7 @@ mod tests {
             node_selector: BTreeSet::new(),
             disk_selector: BTreeSet::new(),
             attached_to: None,
+            maintenance: false,
         }
     }
 
@@ -742,6 +746,7 @@ mod tests {
             .contains("cannot shrink"));
         let attached = VolumeSpec {
             attached_to: Some("n1".into()),
+            maintenance: false,
             size: 2 << 30,
             ..v.spec.clone()
         };
@@ -763,6 +768,7 @@ mod tests {
         s.update_volume(&v.spec.clone(), r).unwrap_err(); // shrinking back is refused too
         let detached = VolumeSpec {
             attached_to: None,
+            maintenance: false,
             ..attached
         };
         s.update_volume(&detached, r).unwrap();

@@ -49,6 +49,14 @@ impl Reports {
             .find(|i| i.kind == REPLICA && i.volume == volume && i.replica == id)
     }
 
+    /// `node`'s report of the engine of `volume`.
+    pub fn engine_on(&self, node: &str, volume: &str) -> Option<&pb::InstanceStatus> {
+        self.by_node
+            .get(node)?
+            .iter()
+            .find(|i| i.kind == ENGINE && i.volume == volume)
+    }
+
     /// The engines of `volume` reported by the ready nodes, with their node.
     fn engines<'a>(
         &'a self,
@@ -132,7 +140,11 @@ pub fn node_work(
         }
         work.engines.push(pb::EngineWork {
             volume: v.name.clone(),
-            frontend: frontend_name(v.frontend).into(),
+            frontend: if v.maintenance {
+                "none".into()
+            } else {
+                frontend_name(v.frontend).into()
+            },
             replicas: running,
         });
     }
@@ -292,6 +304,7 @@ mod tests {
             node_selector: BTreeSet::new(),
             disk_selector: BTreeSet::new(),
             attached_to: attached.map(str::to_string),
+            maintenance: false,
         }
     }
 

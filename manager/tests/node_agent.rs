@@ -294,7 +294,92 @@ fn agents_serve_a_volume_through_attach_detach_reattach_and_an_agent_restart() {
     assert_eq!(s.read10(0, 128).data, first);
     assert_eq!(s.read10(100_000, 8).data, first[..4096]);
     assert_eq!(s.read10(200, 16).data, second);
+
+    // Chain operations through the manager: a snapshot, writes after it, an online
+    // expansion, a verify; a revert only in maintenance mode, and it brings back
+    // what the snapshot held.
+    let out = ok(hornctl(
+        data,
+        a,
+        &["volume", "snapshot", "v1", "s1", "--label", "by=test"],
+    ));
+    assert!(out.contains("snapshot s1 of volume v1 taken"), "{out}");
+    let snaps = json(hornctl(data, a, &["volume", "snapshots", "v1", "--json"]));
+    assert!(
+        snaps
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|x| x["name"] == "s1" && x["labels"]["by"] == "test"),
+        "{snaps}"
+    );
+    let later = block(3, 64 * 1024);
+    assert_eq!(s.write10(0, &later).status, 0);
+    let e = refused(hornctl(data, a, &["volume", "expand", "v1", "--size", "32M"]));
+    assert!(e.contains("cannot shrink"), "{e}");
+    let out = ok(hornctl(data, a, &["volume", "expand", "v1", "--size", "96M"]));
+    assert!(out.contains("expanded to 96.0 MiB"), "{out}");
+    // The session is told (UNIT ATTENTION, CAPACITY DATA HAS CHANGED), then reads the
+    // new capacity.
+    let ua = s.command(&[0x25, 0, 0, 0, 0, 0, 0, 0, 0, 0], &[], 8);
+    assert_eq!(ua.status, 2, "CHECK CONDITION");
+    assert_eq!(
+        (ua.sense[2] & 0x0f, ua.sense[12], ua.sense[13]),
+        (0x06, 0x2a, 0x09),
+        "{:?}",
+        ua.sense
+    );
+    let cap = s.command(&[0x25, 0, 0, 0, 0, 0, 0, 0, 0, 0], &[], 8);
+    assert_eq!(cap.status, 0);
+    assert_eq!(
+        u32::from_be_bytes(cap.data[..4].try_into().unwrap()),
+        (96 << 20) / 512 - 1,
+        "the LUN's last block"
+    );
+    assert_eq!(
+        json(hornctl(data, a, &["volume", "info", "v1", "--json"]))["size"],
+        96 << 20
+    );
+    let out = ok(hornctl(data, a, &["volume", "verify", "v1"]));
+    assert!(out.contains("identical"), "{out}");
+    let e = refused(hornctl(data, a, &["volume", "revert", "v1", "s1"]));
+    assert!(e.contains("maintenance mode"), "{e}");
     drop(s);
+    ok(hornctl(data, a, &["volume", "detach", "v1"]));
+    let out = ok(hornctl(
+        data,
+        a,
+        &["volume", "attach", "v1", "n2", "--maintenance"],
+    ));
+    assert!(out.contains("maintenance mode"), "{out}");
+    let v = json(hornctl(data, a, &["volume", "info", "v1", "--json"]));
+    assert_eq!(
+        (v["maintenance"].as_bool(), v["endpoint"].is_null()),
+        (Some(true), true),
+        "{v}"
+    );
+    let out = ok(hornctl(data, a, &["volume", "revert", "v1", "s1"]));
+    assert!(out.contains("reverted to snapshot s1"), "{out}");
+    ok(hornctl(data, a, &["volume", "detach", "v1"]));
+    ok(hornctl(data, a, &["volume", "attach", "v1", "n2"]));
+    let v = json(hornctl(data, a, &["volume", "info", "v1", "--json"]));
+    let (p2, iqn2) = portal(v["endpoint"].as_str().unwrap());
+    let mut s = Initiator::login(&p2, &iqn2, None).expect("login after the revert");
+    assert_eq!(
+        s.read10(0, 128).data,
+        first,
+        "the snapshot's data, not what was written after it"
+    );
+    drop(s);
+    let out = ok(hornctl(data, a, &["volume", "delete-snapshot", "v1", "s1"]));
+    assert!(out.contains("deleted"), "{out}");
+    let snaps = json(hornctl(data, a, &["volume", "snapshots", "v1", "--json"]));
+    assert!(
+        snaps.as_array().unwrap().iter().all(|x| x["name"] != "s1"),
+        "{snaps}"
+    );
+    let e = refused(hornctl(data, a, &["volume", "snapshot", "nosuch", "s2"]));
+    assert!(e.contains("nosuch"), "{e}");
 
     // Detached and deleted: every replica stops and its files go, on every node.
     ok(hornctl(data, a, &["volume", "detach", "v1"]));

@@ -75,6 +75,11 @@ impl<V: BlockVolume> Lun<V> {
         // dispatch below then answers INVALID OPERATION CODE.
         let (medium, runs_past) =
             opcode::describe(code).map_or((Medium::Reads, RunsPast::NOTHING), |d| (d.medium, d.runs_past));
+        // The volume may have grown (an online expansion) since the last command.
+        let size = self.volume.size();
+        if size != self.info.size() {
+            self.info.follow_size(size);
+        }
         // A unit attention is reported once, on the first command that may carry it.
         if !runs_past.unit_attention {
             if let Some(ua) = self.info.take_attention(cmd.nexus) {
@@ -145,12 +150,12 @@ mod tests {
 
     use super::*;
 
-    /// A volume whose every I/O succeeds at once, reading zeroes.
-    struct Instant;
+    /// A volume whose every I/O succeeds at once, reading zeroes; its size can grow.
+    struct Instant(std::cell::Cell<u64>);
 
     impl BlockVolume for Instant {
         fn size(&self) -> u64 {
-            1 << 20
+            self.0.get()
         }
         fn block_size(&self) -> u32 {
             512
@@ -172,27 +177,73 @@ mod tests {
         }
     }
 
-    /// Runs `cdb` on a fresh LUN over [`Instant`]; nothing it does waits.
-    fn run(cdb: [u8; 16]) -> Response {
-        let lun = Lun {
+    fn lun() -> Lun<Instant> {
+        Lun {
             info: Arc::new(LunInfo::new("vol", 1 << 20, 512, false)),
-            volume: Instant,
+            volume: Instant(std::cell::Cell::new(1 << 20)),
             wake: Arc::new(|| {}),
-        };
-        let nexus = Nexus {
+        }
+    }
+
+    fn nexus() -> Nexus {
+        Nexus {
             initiator: "iqn.2026-11.test:host".into(),
             isid: [0x80, 0, 0, 0, 0, 1],
-        };
+        }
+    }
+
+    /// Runs `cdb` on a fresh LUN over [`Instant`]; nothing it does waits.
+    fn run(cdb: [u8; 16]) -> Response {
+        run_on(&lun(), &nexus(), cdb)
+    }
+
+    /// Runs `cdb` on `lun`; nothing it does waits.
+    fn run_on(lun: &Lun<Instant>, nexus: &Nexus, cdb: [u8; 16]) -> Response {
         let command = Command {
             cdb: &cdb,
             data_out: None,
-            nexus: &nexus,
+            nexus,
         };
         let mut future = std::pin::pin!(lun.execute(command));
         match future.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
             Poll::Ready(r) => r,
             Poll::Pending => panic!("{:#04x} waited on a volume that never makes it wait", cdb[0]),
         }
+    }
+
+    #[test]
+    fn a_volume_that_grows_gives_every_nexus_a_capacity_unit_attention_and_its_new_size() {
+        let lun = lun();
+        let (a, mut b) = (nexus(), nexus());
+        b.isid[5] = 2;
+        lun.info.join(&a);
+        lun.info.join(&b);
+        let read_capacity = || {
+            let mut cdb = [0u8; 16];
+            cdb[0] = op::READ_CAPACITY_10;
+            cdb
+        };
+        assert_eq!(run_on(&lun, &a, read_capacity()).status, status::GOOD);
+        lun.volume.0.set(2 << 20);
+        for n in [&a, &b] {
+            let r = run_on(&lun, n, [0u8; 16]);
+            assert_eq!(r.status, status::CHECK_CONDITION);
+            assert_eq!(
+                r.sense,
+                Sense::CAPACITY_CHANGED.fixed(None),
+                "told once, to each nexus"
+            );
+            let r = run_on(&lun, n, read_capacity());
+            assert_eq!(r.status, status::GOOD);
+            let (data, len) = r.data.expect("READ CAPACITY has data");
+            assert_eq!(len, 8);
+            assert_eq!(data.as_slice()[..4], ((2u32 << 20) / 512 - 1).to_be_bytes());
+        }
+        assert_eq!(
+            run_on(&lun, &a, [0u8; 16]).status,
+            status::GOOD,
+            "no second attention"
+        );
     }
 
     #[test]

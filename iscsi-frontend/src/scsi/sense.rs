@@ -62,6 +62,8 @@ impl Sense {
     pub const RESET_OCCURRED: Sense = Sense::new(0x06, 0x29, 0x00);
     /// UNIT ATTENTION, BUS DEVICE RESET FUNCTION OCCURRED (a LUN reset).
     pub const LUN_RESET_OCCURRED: Sense = Sense::new(0x06, 0x29, 0x03);
+    /// UNIT ATTENTION, CAPACITY DATA HAS CHANGED (the volume was expanded).
+    pub const CAPACITY_CHANGED: Sense = Sense::new(0x06, 0x2a, 0x09);
     /// NOT READY, MEDIUM NOT PRESENT.
     pub const NO_MEDIUM: Sense = Sense::new(0x02, 0x3a, 0x00);
     /// ABORTED COMMAND, DATA PHASE ERROR.

@@ -3,7 +3,7 @@
 //! the unit attentions they have yet to be told of, and the block ranges being
 //! written.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use super::io::WriteRanges;
@@ -13,8 +13,8 @@ use super::{Nexus, Sense};
 /// What a LUN is, shared by every connection serving it.
 #[derive(Debug)]
 pub struct LunInfo {
-    /// Size in bytes.
-    pub size: u64,
+    /// Size in bytes: the volume's, followed as it grows ([`LunInfo::follow_size`]).
+    size: AtomicU64,
     /// Logical block size.
     pub block_size: u32,
     /// Read-only LUN.
@@ -59,7 +59,7 @@ impl LunInfo {
             h = (h ^ b as u64).wrapping_mul(0x0100_0000_01b3);
         }
         LunInfo {
-            size,
+            size: AtomicU64::new(size),
             block_size,
             read_only,
             serial: name.chars().filter(|c| c.is_ascii_graphic()).take(32).collect(),
@@ -116,8 +116,28 @@ impl LunInfo {
         ua
     }
 
+    /// Size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size.load(Ordering::Relaxed)
+    }
+
+    /// Takes the volume's size `now` (it grew: an online expansion). Every nexus is
+    /// told with a unit attention, CAPACITY DATA HAS CHANGED (SPC-4 §5.11), so that
+    /// initiators read the capacity again; one with an attention pending already
+    /// (a reset) keeps that one.
+    pub(super) fn follow_size(&self, now: u64) {
+        if self.size.swap(now, Ordering::SeqCst) == now {
+            return;
+        }
+        let mut v = self.nexuses.lock().unwrap();
+        for l in v.iter_mut() {
+            l.unit_attention.get_or_insert(Sense::CAPACITY_CHANGED);
+        }
+        self.attention.store(true, Ordering::SeqCst);
+    }
+
     /// The LUN's size in logical blocks.
     pub(super) fn blocks(&self) -> u64 {
-        self.size / self.block_size as u64
+        self.size() / self.block_size as u64
     }
 }

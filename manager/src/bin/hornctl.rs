@@ -18,7 +18,7 @@ use horn_proto::engine_control::engine_control_client::EngineControlClient;
 use horn_proto::engine_control::{
     AddReplicaRequest, EngineDeleteRequest, EngineExpandRequest, EngineInfoRequest, EnginePurgeRequest,
     EngineRevertRequest, EngineSnapshotRequest, ListSnapshotsRequest, RebuildStatus, ReplicaStatus,
-    SnapshotList, VerifyRequest,
+    VerifyRequest,
 };
 use horn_replica::{Extent, Replica};
 
@@ -180,7 +180,7 @@ enum EngineCmd {
         /// Snapshot name: 1-63 of A-Z a-z 0-9 . _ -
         name: String,
         /// A label KEY=VALUE; repeat for more.
-        #[arg(long = "label", value_parser = parse_label)]
+        #[arg(long = "label", value_parser = horn_manager::ctl::parse_label)]
         labels: Vec<(String, String)>,
     },
     /// List the volume's snapshots.
@@ -253,7 +253,7 @@ enum ReplicaCmd {
         /// Snapshot name: 1-63 of A-Z a-z 0-9 . _ -
         name: String,
         /// A label KEY=VALUE; repeat for more.
-        #[arg(long = "label", value_parser = parse_label)]
+        #[arg(long = "label", value_parser = horn_manager::ctl::parse_label)]
         labels: Vec<(String, String)>,
     },
     /// Mark snapshot NAME deleted; `purge` reclaims its space.
@@ -318,12 +318,6 @@ enum ReplicaCmd {
         #[arg(long)]
         json: bool,
     },
-}
-
-fn parse_label(s: &str) -> Result<(String, String), String> {
-    s.split_once('=')
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .ok_or_else(|| format!("label {s:?} is not KEY=VALUE"))
 }
 
 fn open(dir: &Dir) -> Result<Replica> {
@@ -474,45 +468,6 @@ fn run(cmd: ReplicaCmd) -> Result<()> {
     Ok(())
 }
 
-fn print_snapshots(list: &SnapshotList, json: bool) -> Result<()> {
-    if json {
-        let rows: Vec<serde_json::Value> = list
-            .snapshots
-            .iter()
-            .map(|s| {
-                serde_json::json!({
-                    "name": s.name, "parent": s.parent, "created": s.created,
-                    "labels": s.labels, "removed": s.removed, "in_chain": s.in_chain,
-                })
-            })
-            .collect();
-        println!("{}", serde_json::to_string(&rows)?);
-        return Ok(());
-    }
-    let rows: Vec<Vec<String>> = list
-        .snapshots
-        .iter()
-        .map(|s| {
-            vec![
-                s.name.clone(),
-                if s.parent.is_empty() {
-                    "-".into()
-                } else {
-                    s.parent.clone()
-                },
-                utc_time(s.created),
-                layer_state(s.removed, s.in_chain).into(),
-                labels(&s.labels),
-            ]
-        })
-        .collect();
-    print!(
-        "{}",
-        table(&["NAME", "PARENT", "CREATED", "STATE", "LABELS"], &rows)
-    );
-    Ok(())
-}
-
 fn rebuild_json(r: &RebuildStatus) -> serde_json::Value {
     serde_json::json!({
         "id": r.id, "replica": r.replica, "source": r.source, "state": r.state, "error": r.error,
@@ -596,13 +551,22 @@ fn run_engine(addr: String, json: bool, timeout: u64, cmd: EngineCmd) -> Result<
         match cmd {
             EngineCmd::Info { history } => {
                 let info = c.info(EngineInfoRequest {}).await.map_err(status)?.into_inner();
-                let replicas: Vec<&ReplicaStatus> =
-                    info.replicas.iter().filter(|r| history || !r.superseded).collect();
+                let replicas: Vec<&ReplicaStatus> = info
+                    .replicas
+                    .iter()
+                    .filter(|r| history || !r.superseded)
+                    .collect();
                 // By default each replica's last rebuild only.
                 let rebuilds: Vec<&RebuildStatus> = info
                     .rebuilds
                     .iter()
-                    .filter(|r| history || !info.rebuilds.iter().any(|l| l.replica == r.replica && l.id > r.id))
+                    .filter(|r| {
+                        history
+                            || !info
+                                .rebuilds
+                                .iter()
+                                .any(|l| l.replica == r.replica && l.id > r.id)
+                    })
                     .collect();
                 if json {
                     let replicas: Vec<serde_json::Value> = replicas
@@ -689,7 +653,9 @@ fn run_engine(addr: String, json: bool, timeout: u64, cmd: EngineCmd) -> Result<
                     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
                     let info = c.info(EngineInfoRequest {}).await.map_err(status)?.into_inner();
                     let Some(r) = info.rebuilds.iter().find(|r| r.id == rebuild) else {
-                        anyhow::bail!("the engine reports no rebuild {rebuild} (of {data}); was it restarted?");
+                        anyhow::bail!(
+                            "the engine reports no rebuild {rebuild} (of {data}); was it restarted?"
+                        );
                     };
                     if json {
                         println!("{}", rebuild_json(r));
@@ -721,7 +687,7 @@ fn run_engine(addr: String, json: bool, timeout: u64, cmd: EngineCmd) -> Result<
                     .await
                     .map_err(status)?
                     .into_inner();
-                print_snapshots(&list, json)?;
+                horn_manager::format::print_snapshots(&list, json)?;
                 if !json && !list.differences.is_empty() {
                     eprintln!("warning: the replicas' chains differ:");
                     for d in &list.differences {
@@ -737,7 +703,7 @@ fn run_engine(addr: String, json: bool, timeout: u64, cmd: EngineCmd) -> Result<
             }
             EngineCmd::Purge => {
                 let list = c.purge(EnginePurgeRequest {}).await.map_err(status)?.into_inner();
-                print_snapshots(&list, json)?;
+                horn_manager::format::print_snapshots(&list, json)?;
             }
             EngineCmd::Revert { name } => {
                 c.revert(EngineRevertRequest { name: name.clone() })
@@ -759,46 +725,16 @@ fn run_engine(addr: String, json: bool, timeout: u64, cmd: EngineCmd) -> Result<
             }
             EngineCmd::Verify => {
                 // Reading every replica whole takes time: 1 s more per 32 MiB.
-                let size = c.info(EngineInfoRequest {}).await.map_err(status)?.into_inner().size;
-                let mut c = engine_client(&addr, timeout + std::time::Duration::from_secs(size >> 25)).await?;
+                let size = c
+                    .info(EngineInfoRequest {})
+                    .await
+                    .map_err(status)?
+                    .into_inner()
+                    .size;
+                let mut c =
+                    engine_client(&addr, timeout + std::time::Duration::from_secs(size >> 25)).await?;
                 let r = c.verify(VerifyRequest {}).await.map_err(status)?.into_inner();
-                if json {
-                    let diffs: Vec<serde_json::Value> = r
-                        .differences
-                        .iter()
-                        .map(|d| serde_json::json!({"offset": d.offset, "length": d.length, "replicas": d.replicas}))
-                        .collect();
-                    println!(
-                        "{}",
-                        serde_json::json!({
-                            "bytes_compared": r.bytes_compared, "replicas": r.replicas,
-                            "differing_bytes": r.differing_bytes, "differences": diffs,
-                        })
-                    );
-                } else if !r.differences.is_empty() {
-                    let rows: Vec<Vec<String>> = r
-                        .differences
-                        .iter()
-                        .map(|d| vec![d.offset.to_string(), d.length.to_string(), d.replicas.join(" ")])
-                        .collect();
-                    print!("{}", table(&["OFFSET", "LENGTH", "DIFFERS ON"], &rows));
-                }
-                if r.differing_bytes > 0 {
-                    anyhow::bail!(
-                        "the replicas differ in {} bytes of {} compared (against {})",
-                        r.differing_bytes,
-                        r.bytes_compared,
-                        r.replicas.first().map_or("-", |s| s.as_str())
-                    );
-                }
-                if !json {
-                    println!(
-                        "verified {} on {} replicas: identical ({})",
-                        human_bytes(r.bytes_compared),
-                        r.replicas.len(),
-                        r.replicas.join(", ")
-                    );
-                }
+                horn_manager::format::print_verify(&r, json)?;
             }
         }
         Ok(())
