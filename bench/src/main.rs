@@ -9,11 +9,15 @@
 //!   index's memory for two write patterns; opening and using long snapshot chains.
 //! - `horn-bench volume`: a volume through its engine with 1 and 3 replicas as
 //!   separate processes on loopback, against fio on plain files.
+//! - `horn-bench cluster`: the time from `hornctl volume create` to a volume attached
+//!   and written, on a cluster of network namespaces (`horn-cluster`), against the
+//!   same daemons started by hand.
 //!
 //! Output: one JSON object per line with `--json`, a table otherwise. This crate
 //! depends on `rand` (random offsets) and `tempfile` (scratch directories); it must
 //! never be needed by anything that ships.
 
+mod cluster;
 mod cpu;
 mod fio;
 mod frontend;
@@ -54,6 +58,9 @@ enum Command {
     /// Rebuilds: a full one against cp --sparse=always of the same files, a delta one
     /// after 1% changed, and the foreground IOPS while one runs.
     Rebuild(rebuild::RebuildArgs),
+    /// Time from `hornctl volume create` to attached and writable, on a cluster of
+    /// network namespaces (root), against the same daemons started by hand.
+    Cluster(cluster::ClusterArgs),
     /// Serves one replica (what `hornd replica` does); the volume benchmark starts
     /// its replica processes with it.
     #[command(hide = true)]
@@ -85,6 +92,7 @@ fn main() -> anyhow::Result<()> {
         Command::Ublk(args) => ublk::run(args),
         Command::Iscsi(args) => iscsi::run(args),
         Command::Rebuild(args) => rebuild::run(args),
+        Command::Cluster(args) => cluster::run(args),
         Command::ServeReplica {
             dir,
             size,

@@ -230,7 +230,9 @@ pub fn run(cfg: AgentConfig, stop: Receiver<()>) -> Result<()> {
         }
         // Report, and wait for new work: briefly while an instance is starting (its
         // state is news), else until the next heartbeat is due.
-        let settling = instances.settling();
+        instances.reap();
+        let reported = instances.status(&rt);
+        let settling = reported.iter().any(|i| i.state == "starting" || i.state == "stopping");
         let until_heartbeat = heartbeat_at.saturating_duration_since(Instant::now());
         let wait_ms = if settling {
             100
@@ -239,7 +241,7 @@ pub fn run(cfg: AgentConfig, stop: Receiver<()>) -> Result<()> {
         };
         let status = pb::NodeStatus {
             node: cfg.name.clone(),
-            instances: instances.status(&rt),
+            instances: reported,
             seen_revision: seen,
             wait_ms,
         };

@@ -75,6 +75,8 @@ struct Instance {
     pause: Duration,
     /// An engine's replicas this agent asked it to add, and when (one try each 10 s).
     added: BTreeMap<String, Instant>,
+    /// Being stopped (no longer in the work): SIGTERM sent; SIGKILL at this time.
+    stopping: Option<Instant>,
 }
 
 /// The node's instances.
@@ -172,6 +174,7 @@ impl Instances {
                     retry_at: None,
                     pause: Duration::from_secs(1),
                     added: BTreeMap::new(),
+                    stopping: None,
                 },
             );
         }
@@ -250,6 +253,9 @@ impl Instances {
         for r in &work.replicas {
             let name = name_of(REPLICA, &r.volume, &r.id);
             wanted.insert(name.clone());
+            if self.is_stopping(&name) {
+                continue;
+            }
             if let Err(e) = self.ensure_replica(&name, r) {
                 tracing::warn!(instance = %name, error = %format!("{e:#}"), "cannot start a replica");
             }
@@ -257,6 +263,9 @@ impl Instances {
         for e in &work.engines {
             let name = name_of(ENGINE, &e.volume, "");
             wanted.insert(name.clone());
+            if self.is_stopping(&name) {
+                continue;
+            }
             if let Err(err) = self.ensure_engine(&name, e) {
                 tracing::warn!(instance = %name, error = %format!("{err:#}"), "cannot start an engine");
             } else if let Err(err) = self.follow_replicas(&name, e, rt) {
@@ -275,6 +284,34 @@ impl Instances {
             .into_iter()
             .partition(|n| self.by_name[n].record.kind == ENGINE);
         for name in engines.into_iter().chain(replicas) {
+            self.stop(&name);
+        }
+        self.reap();
+    }
+
+    /// Finishes the stops under way: an instance whose supervisor has exited is
+    /// removed (its directory, and a replica's files); one still running at its
+    /// deadline gets SIGKILL, its whole group.
+    pub fn reap(&mut self) {
+        let now = Instant::now();
+        let stopping: Vec<String> = self
+            .by_name
+            .iter()
+            .filter(|(_, i)| i.stopping.is_some())
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in stopping {
+            if self.is_alive(&name) {
+                let i = &self.by_name[&name];
+                if i.stopping.is_some_and(|t| now >= t) {
+                    tracing::warn!(instance = %name, "did not stop within 20 s of SIGTERM: killing it");
+                    let _ = nix::sys::signal::killpg(
+                        nix::unistd::Pid::from_raw(i.record.pid as i32),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+                continue;
+            }
             if let Err(e) = self.remove(&name) {
                 tracing::warn!(instance = %name, error = %format!("{e:#}"), "cannot remove an instance");
             }
@@ -441,6 +478,7 @@ impl Instances {
                 retry_at: None,
                 pause: Duration::from_secs(1),
                 added: BTreeMap::new(),
+                stopping: None,
             },
         );
         self.save(name)
@@ -500,9 +538,12 @@ impl Instances {
         self.save(name)
     }
 
-    /// Stops an instance and removes its directory (and a replica's files).
+    fn is_stopping(&self, name: &str) -> bool {
+        self.by_name.get(name).is_some_and(|i| i.stopping.is_some())
+    }
+
+    /// Removes a stopped instance's directory (and a replica's files).
     fn remove(&mut self, name: &str) -> Result<()> {
-        self.stop(name)?;
         let i = self.by_name.remove(name).expect("present");
         if let Some(d) = &i.record.replica_dir {
             if d.exists() {
@@ -510,45 +551,24 @@ impl Instances {
             }
         }
         std::fs::remove_dir_all(&i.dir).with_context(|| format!("cannot remove {}", i.dir.display()))?;
-        tracing::info!(instance = %name, "removed");
+        tracing::info!(instance = %name, "stopped and removed");
         Ok(())
     }
 
-    /// SIGTERM to the supervisor (it passes it on and waits for its daemon), then
-    /// SIGKILL to its whole group after 20 s.
-    fn stop(&mut self, name: &str) -> Result<()> {
-        if !self.is_alive(name) {
-            return Ok(());
+    /// Begins stopping an instance: SIGTERM to its supervisor (which passes it on
+    /// and waits for its daemon: an engine gives its replicas up cleanly). The agent
+    /// does not wait; [`Instances::reap`] finishes the stop.
+    fn stop(&mut self, name: &str) {
+        if self.is_stopping(name) {
+            return;
         }
-        let pid = self.by_name[name].record.pid as i32;
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while self.is_alive(name) {
-            if Instant::now() >= deadline {
-                tracing::warn!(instance = %name, "did not stop within 20 s of SIGTERM: killing it");
-                let _ = nix::sys::signal::killpg(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-                std::thread::sleep(Duration::from_millis(200));
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(50));
+        if self.is_alive(name) {
+            let pid = self.by_name[name].record.pid as i32;
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM);
+            tracing::info!(instance = %name, "stopping");
         }
-        tracing::info!(instance = %name, "stopped");
-        Ok(())
-    }
-
-    /// Whether an instance has been started but does not serve yet (the agent then
-    /// looks again soon).
-    pub fn settling(&mut self) -> bool {
-        let names: Vec<String> = self.by_name.keys().cloned().collect();
-        names.into_iter().any(|n| {
-            self.is_alive(&n) && {
-                let r = &self.by_name[&n].record;
-                !listening(&r.control_address)
-            }
-        })
+        let i = self.by_name.get_mut(name).expect("present");
+        i.stopping = Some(Instant::now() + Duration::from_secs(20));
     }
 
     /// What runs, for the manager.
@@ -568,7 +588,9 @@ impl Instances {
                 control_address: r.control_address.clone(),
                 ..Default::default()
             };
-            if !up {
+            if i.stopping.is_some() {
+                s.state = "stopping".into();
+            } else if !up {
                 s.state = "failed".into();
                 s.message = last_line(&i.dir.join(DAEMON_LOG));
             } else if !listening(&r.control_address) {
@@ -628,12 +650,13 @@ async fn add_replica(control: &str, replica: &str) -> Result<u64> {
     .rebuild_id)
 }
 
-/// The engine control service's `Info`, within a second.
+/// The engine control service's `Info`, within half a second (an engine still
+/// starting is asked again on the agent's next round, 100 ms later).
 async fn engine_info(control: &str) -> Result<horn_proto::engine_control::EngineInfo> {
     use horn_proto::engine_control::engine_control_client::EngineControlClient;
     let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{control}"))?
-        .connect_timeout(Duration::from_secs(1))
-        .timeout(Duration::from_secs(1));
+        .connect_timeout(Duration::from_millis(500))
+        .timeout(Duration::from_millis(500));
     let mut c = EngineControlClient::new(endpoint.connect().await?);
     Ok(c.info(horn_proto::engine_control::EngineInfoRequest {})
         .await
