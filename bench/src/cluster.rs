@@ -78,14 +78,29 @@ fn managed_round(c: &horn_cluster::Cluster, name: &str, size: u64) -> Result<f64
     let run = |args: &[&str]| -> Result<serde_json::Value> { c.json(args).map_err(anyhow::Error::msg) };
     let size = size.to_string();
     let start = Instant::now();
-    run(&["volume", "create", name, "--size", &size, "--replicas", "3", "--frontend", "iscsi"])?;
+    run(&[
+        "volume",
+        "create",
+        name,
+        "--size",
+        &size,
+        "--replicas",
+        "3",
+        "--frontend",
+        "iscsi",
+    ])?;
     let created = start.elapsed();
     let v = run(&["volume", "attach", name, "n1"])?;
     let attached = start.elapsed();
-    let endpoint = v["endpoint"].as_str().context("the attached volume has no endpoint")?;
+    let endpoint = v["endpoint"]
+        .as_str()
+        .context("the attached volume has no endpoint")?;
     first_write(&format!("{endpoint}/0"), Duration::from_secs(30))?;
     if std::env::var_os("HORN_BENCH_STEPS").is_some() {
-        eprintln!("    created {created:?}, attached {attached:?}, written {:?}", start.elapsed());
+        eprintln!(
+            "    created {created:?}, attached {attached:?}, written {:?}",
+            start.elapsed()
+        );
     }
     let took = start.elapsed().as_secs_f64();
     run(&["volume", "detach", name])?;
@@ -143,7 +158,10 @@ fn manual_round(c: &horn_cluster::Cluster, hornd: &Path, round: usize, size: u64
         ];
         replicas.push(by_hand(&c.net.ns(i), hornd, &args)?);
         flags.push("--replica".to_string());
-        flags.push(format!("{ip}:9500,{ip}:9501{}", if i == 1 { ",local" } else { "" }));
+        flags.push(format!(
+            "{ip}:9500,{ip}:9501{}",
+            if i == 1 { ",local" } else { "" }
+        ));
     }
     let ip = c.net.node_ip(1);
     let mut args: Vec<String> = vec!["engine".into(), "--name".into(), format!("p{round}")];
@@ -176,7 +194,9 @@ pub fn run(args: ClusterArgs) -> Result<()> {
     if args.rounds == 0 {
         bail!("--rounds must be at least 1");
     }
-    let hornd = horn_cluster::binaries().map_err(anyhow::Error::msg)?.join("hornd");
+    let hornd = horn_cluster::binaries()
+        .map_err(anyhow::Error::msg)?
+        .join("hornd");
     eprintln!("== a cluster of three nodes in network namespaces");
     let c = horn_cluster::Cluster::start(3).map_err(anyhow::Error::msg)?;
     let mut report = Report {

@@ -137,6 +137,23 @@ fn registration(cfg: &AgentConfig) -> Result<pb::Node> {
     })
 }
 
+/// Each disk's capacity and free space now; a disk that cannot be measured (its
+/// directory gone, its filesystem unmounted) is left out, and so cannot be scheduled.
+fn measured_disks(disks: &[PathBuf]) -> Vec<pb::Disk> {
+    disks
+        .iter()
+        .filter_map(|d| {
+            let (capacity, available) = measure(d).ok()?;
+            Some(pb::Disk {
+                path: d.display().to_string(),
+                capacity,
+                available,
+                ..Default::default()
+            })
+        })
+        .collect()
+}
+
 /// How long to wait before the next heartbeat: a third of the lease, at least 1 s.
 fn heartbeat_every(lease_secs: u32) -> Duration {
     Duration::from_millis((u64::from(lease_secs) * 1000 / 3).max(1000))
@@ -161,6 +178,7 @@ pub fn run(cfg: AgentConfig, stop: Receiver<()>) -> Result<()> {
         cfg.hornd.clone(),
         cfg.disks.iter().map(|d| d.path.clone()).collect(),
     )?;
+    let mut disks: Vec<PathBuf> = cfg.disks.iter().map(|d| d.path.clone()).collect();
     let mut client: Option<Client> = None;
     let mut registered = false;
     let mut heartbeat_at = Instant::now();
@@ -232,7 +250,9 @@ pub fn run(cfg: AgentConfig, stop: Receiver<()>) -> Result<()> {
         // state is news), else until the next heartbeat is due.
         instances.reap();
         let reported = instances.status(&rt);
-        let settling = reported.iter().any(|i| i.state == "starting" || i.state == "stopping");
+        let settling = reported
+            .iter()
+            .any(|i| i.state == "starting" || i.state == "stopping");
         let until_heartbeat = heartbeat_at.saturating_duration_since(Instant::now());
         let wait_ms = if settling {
             100
@@ -244,12 +264,26 @@ pub fn run(cfg: AgentConfig, stop: Receiver<()>) -> Result<()> {
             instances: reported,
             seen_revision: seen,
             wait_ms,
+            disks: measured_disks(&disks),
         };
         match rt.block_on(c.sync_node(status)) {
             Ok(work) => {
                 let work = work.into_inner();
                 match check_cluster(&cfg.state, &work.cluster_id) {
                     Ok(()) => {
+                        // The node's disks as the manager has them: the command line's
+                        // and those added with hornctl.
+                        let wanted: Vec<PathBuf> = work.disks.iter().map(PathBuf::from).collect();
+                        if !wanted.is_empty() && wanted != disks {
+                            for d in &wanted {
+                                if let Err(e) = std::fs::create_dir_all(d) {
+                                    tracing::warn!(disk = %d.display(), error = %e, "cannot create a disk directory");
+                                }
+                            }
+                            tracing::info!(disks = ?wanted, "the node's disks");
+                            disks = wanted;
+                            instances.set_disks(disks.clone());
+                        }
                         instances.apply(&work, &rt);
                         seen = work.revision;
                         wait = if settling {

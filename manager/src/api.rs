@@ -389,9 +389,19 @@ impl<S: Store + 'static> ManagerService<S> {
             .into_iter()
             .map(|r| r.spec)
             .collect();
+        let disks: Vec<String> = self
+            .specs
+            .node(node)
+            .map_err(to_status)?
+            .spec
+            .disks
+            .into_iter()
+            .map(|d| d.path)
+            .collect();
         Ok(runtime::node_work(
             node,
             &self.cluster_id,
+            &disks,
             &volumes,
             &replicas,
             &self.ready_nodes()?,
@@ -770,23 +780,32 @@ impl<S: Store + 'static> Manager for Service<S> {
         let n = req.into_inner();
         self.0
             .blocking(move |m| {
+                let old = m.specs.node(&n.name).ok().map(|o| o.spec);
+                let mut disks: Vec<DiskSpec> = n
+                    .disks
+                    .iter()
+                    .map(|d| DiskSpec {
+                        path: d.path.clone(),
+                        tags: d.tags.iter().cloned().collect(),
+                        reserved: d.reserved,
+                        allow_scheduling: d.allow_scheduling,
+                        added: false,
+                    })
+                    .collect();
+                // A re-registration keeps the disks the operator added with hornctl.
+                for d in old.iter().flat_map(|o| &o.disks).filter(|d| d.added) {
+                    if !disks.iter().any(|x| x.path == d.path) {
+                        disks.push(d.clone());
+                    }
+                }
                 let spec = NodeSpec {
                     name: n.name.clone(),
                     address: n.address,
                     zone: n.zone,
                     tags: n.tags.into_iter().collect(),
                     // A re-registration keeps the operator's cordon.
-                    cordoned: m.specs.node(&n.name).map(|old| old.spec.cordoned).unwrap_or(false),
-                    disks: n
-                        .disks
-                        .iter()
-                        .map(|d| DiskSpec {
-                            path: d.path.clone(),
-                            tags: d.tags.iter().cloned().collect(),
-                            reserved: d.reserved,
-                            allow_scheduling: d.allow_scheduling,
-                        })
-                        .collect(),
+                    cordoned: old.as_ref().is_some_and(|o| o.cordoned),
+                    disks,
                 };
                 spec.check().map_err(Status::invalid_argument)?;
                 for d in &n.disks {
@@ -948,11 +967,20 @@ impl<S: Store + 'static> Manager for Service<S> {
             .await
     }
 
-    async fn detach_volume(&self, req: Request<pb::VolumeRef>) -> Result<Response<pb::Volume>, Status> {
-        let name = req.into_inner().name;
+    async fn detach_volume(&self, req: Request<pb::DetachRequest>) -> Result<Response<pb::Volume>, Status> {
+        let pb::DetachRequest { name, force } = req.into_inner();
         self.0
             .blocking(move |m| {
                 let v = m.specs.volume(&name).map_err(to_status)?;
+                if let Some(node) = &v.spec.attached_to {
+                    let reports = m.reports();
+                    let busy = reports.engine_on(node, &name).map(|e| e.in_use.clone()).unwrap_or_default();
+                    if !busy.is_empty() && !force {
+                        return Err(Status::failed_precondition(format!(
+                            "volume {name} is in use on node {node}: {busy} (--force detaches anyway: its users get I/O errors)"
+                        )));
+                    }
+                }
                 if v.spec.attached_to.is_some() {
                     let mut spec = v.spec;
                     spec.attached_to = None;
@@ -1110,6 +1138,78 @@ impl<S: Store + 'static> Manager for Service<S> {
         Ok(Response::new(rewire(&reply)))
     }
 
+    async fn add_disk(&self, req: Request<pb::DiskRequest>) -> Result<Response<pb::Node>, Status> {
+        let r = req.into_inner();
+        self.0
+            .blocking(move |m| {
+                let n = m.specs.node(&r.node).map_err(to_status)?;
+                let mut spec = n.spec;
+                if spec.disks.iter().any(|d| d.path == r.path) {
+                    return Err(Status::already_exists(format!(
+                        "node {} has disk {} already",
+                        r.node, r.path
+                    )));
+                }
+                spec.disks.push(DiskSpec {
+                    path: r.path.clone(),
+                    tags: r.tags.into_iter().collect(),
+                    reserved: r.reserved,
+                    allow_scheduling: true,
+                    added: true,
+                });
+                spec.check().map_err(Status::invalid_argument)?;
+                m.specs.update_node(&spec, n.revision).map_err(to_status)?;
+                m.changed();
+                tracing::info!(node = %r.node, disk = %r.path, "disk added");
+                m.node_reply(spec)
+            })
+            .await
+    }
+
+    async fn remove_disk(&self, req: Request<pb::DiskRef>) -> Result<Response<pb::Node>, Status> {
+        let r = req.into_inner();
+        self.0
+            .blocking(move |m| {
+                let n = m.specs.node(&r.node).map_err(to_status)?;
+                let mut spec = n.spec;
+                let Some(disk) = spec.disks.iter().find(|d| d.path == r.path) else {
+                    return Err(Status::not_found(format!("node {} has no disk {}", r.node, r.path)));
+                };
+                if !disk.added {
+                    return Err(Status::failed_precondition(format!(
+                        "disk {} is on node {}'s agent's command line (--disk): remove it there and restart the agent",
+                        r.path, r.node
+                    )));
+                }
+                let on_it: Vec<String> = m
+                    .specs
+                    .all_replicas()
+                    .map_err(to_status)?
+                    .into_iter()
+                    .filter(|x| x.spec.node == r.node && x.spec.disk == r.path)
+                    .map(|x| format!("{} of {}", x.spec.id, x.spec.volume))
+                    .collect();
+                if !on_it.is_empty() {
+                    return Err(Status::failed_precondition(format!(
+                        "disk {} of node {} holds replicas ({}): delete their volumes, or let them be replaced elsewhere, first",
+                        r.path,
+                        r.node,
+                        on_it.join(", ")
+                    )));
+                }
+                spec.disks.retain(|d| d.path != r.path);
+                m.specs.update_node(&spec, n.revision).map_err(to_status)?;
+                m.measured
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&(r.node.clone(), r.path.clone()));
+                m.changed();
+                tracing::info!(node = %r.node, disk = %r.path, "disk removed");
+                m.node_reply(spec)
+            })
+            .await
+    }
+
     async fn get_settings(
         &self,
         _: Request<pb::GetSettingsRequest>,
@@ -1160,6 +1260,18 @@ impl<S: Store + 'static> Manager for Service<S> {
             self.0
                 .blocking(move |m| {
                     m.specs.node(&node).map_err(to_status)?;
+                    {
+                        let mut measured = m.measured.lock().unwrap_or_else(|p| p.into_inner());
+                        for d in &status.disks {
+                            measured.insert(
+                                (node.clone(), d.path.clone()),
+                                Measured {
+                                    capacity: d.capacity,
+                                    available: d.available.min(d.capacity),
+                                },
+                            );
+                        }
+                    }
                     let changed = m
                         .reports
                         .lock()

@@ -163,6 +163,10 @@ pub enum VolumeCmd {
         /// Seconds to wait for the engine to stop (0: do not wait).
         #[arg(long, default_value_t = 60)]
         timeout: u64,
+        /// Detach even while its ublk device is mounted or held open (its users
+        /// then get I/O errors).
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -199,6 +203,34 @@ pub enum NodeCmd {
     Uncordon {
         /// The node's name.
         name: String,
+    },
+    /// Add or remove a node's disks.
+    #[command(subcommand)]
+    Disk(DiskCmd),
+}
+
+/// `hornctl node disk ...`
+#[derive(Subcommand, Debug)]
+pub enum DiskCmd {
+    /// Add a disk (a directory on the node, created by its agent and measured).
+    Add {
+        /// The node's name.
+        node: String,
+        /// The directory, absolute.
+        path: String,
+        /// A tag of the disk; repeat for more.
+        #[arg(long = "tag")]
+        tags: Vec<String>,
+        /// Bytes kept out of Horn's reach (K, M, G, T units).
+        #[arg(long, default_value = "0", value_parser = parse_size)]
+        reserved: u64,
+    },
+    /// Remove a disk added with `disk add` (refused while it holds replicas).
+    Remove {
+        /// The node's name.
+        node: String,
+        /// The directory.
+        path: String,
     },
 }
 
@@ -532,9 +564,12 @@ pub fn run_volume(addr: ManagerAddr, cmd: VolumeCmd) -> Result<()> {
                     .into_inner();
                 print_verify(&rewire(&r), addr.json)?;
             }
-            VolumeCmd::Detach { name, timeout } => {
+            VolumeCmd::Detach { name, timeout, force } => {
                 let v = c
-                    .detach_volume(pb::VolumeRef { name: name.clone() })
+                    .detach_volume(pb::DetachRequest {
+                        name: name.clone(),
+                        force,
+                    })
                     .await
                     .map_err(refused(&addr))?
                     .into_inner();
@@ -753,6 +788,31 @@ pub fn run_node(addr: ManagerAddr, cmd: NodeCmd) -> Result<()> {
                     name,
                     cordoned: false,
                 })
+                .await
+                .map_err(refused(&addr))?
+                .into_inner()],
+            NodeCmd::Disk(DiskCmd::Add {
+                node,
+                path,
+                tags,
+                reserved,
+            }) => {
+                if !path.starts_with('/') {
+                    anyhow::bail!("disk {path:?}: give an absolute path");
+                }
+                vec![c
+                    .add_disk(pb::DiskRequest {
+                        node,
+                        path,
+                        tags,
+                        reserved,
+                    })
+                    .await
+                    .map_err(refused(&addr))?
+                    .into_inner()]
+            }
+            NodeCmd::Disk(DiskCmd::Remove { node, path }) => vec![c
+                .remove_disk(pb::DiskRef { node, path })
                 .await
                 .map_err(refused(&addr))?
                 .into_inner()],

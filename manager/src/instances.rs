@@ -187,6 +187,12 @@ impl Instances {
         })
     }
 
+    /// The node's disks (as the manager has them now): a replica's directory must be
+    /// under one.
+    pub fn set_disks(&mut self, disks: Vec<PathBuf>) {
+        self.disks = disks;
+    }
+
     /// How many instances the agent holds.
     pub fn len(&self) -> usize {
         self.by_name.len()
@@ -564,7 +570,8 @@ impl Instances {
         }
         if self.is_alive(name) {
             let pid = self.by_name[name].record.pid as i32;
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM);
+            let _ =
+                nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM);
             tracing::info!(instance = %name, "stopping");
         }
         let i = self.by_name.get_mut(name).expect("present");
@@ -621,6 +628,9 @@ impl Instances {
                         s.state = "starting".into();
                         s.message = format!("{e:#}");
                     }
+                }
+                if let Some(d) = ublk.iter().find(|d| r.frontend == "ublk" && d.volume == r.volume) {
+                    s.in_use = horn_ublk::device::in_use(d.id).unwrap_or_default();
                 }
                 // A ublk engine serves once its device is there.
                 if r.frontend == "ublk" && s.endpoint.is_empty() && s.state == RUNNING {

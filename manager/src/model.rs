@@ -112,6 +112,10 @@ pub struct DiskSpec {
     pub reserved: u64,
     /// Whether new replicas may be placed on it.
     pub allow_scheduling: bool,
+    /// Added with `hornctl node disk add` (kept when the agent registers again),
+    /// rather than given on the agent's command line.
+    #[serde(default)]
+    pub added: bool,
 }
 
 /// A node: a machine running `hornd node`.
@@ -490,6 +494,18 @@ impl<S: Store> Specs<S> {
             .commit(Txn::new().put(node_key(&spec.name), Self::json(spec)))?)
     }
 
+    /// Replaces a node's spec read at `revision` (an operator's change: a disk
+    /// added or removed).
+    pub fn update_node(&self, spec: &NodeSpec, revision: Revision) -> Result<Revision, SpecError> {
+        spec.check().map_err(SpecError::Invalid)?;
+        let key = node_key(&spec.name);
+        Ok(self.store.commit(
+            Txn::new()
+                .check(&key, Expect::At(revision))
+                .put(&key, Self::json(spec)),
+        )?)
+    }
+
     /// The node named `name`.
     pub fn node(&self, name: &str) -> Result<Versioned<NodeSpec>, SpecError> {
         self.read(&node_key(name))?.ok_or_else(|| SpecError::NotFound {
@@ -670,6 +686,7 @@ mod tests {
                 tags: BTreeSet::new(),
                 reserved: 0,
                 allow_scheduling: true,
+                added: false,
             }],
         }
     }

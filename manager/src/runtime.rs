@@ -81,11 +81,12 @@ fn frontend_name(f: Frontend) -> &'static str {
     }
 }
 
-/// What `node` should run, given every volume and replica spec, the ready nodes and
-/// the reports. Its `revision` is a digest of the rest: it changes when the work does.
+/// What `node` should run, given its disks, every volume and replica spec, the ready
+/// nodes and the reports. Its `revision` is a digest of the rest: it changes when the work does.
 pub fn node_work(
     node: &str,
     cluster_id: &str,
+    disks: &[String],
     volumes: &[VolumeSpec],
     replicas: &[ReplicaSpec],
     ready: &BTreeSet<String>,
@@ -110,6 +111,7 @@ pub fn node_work(
             })
             .collect(),
         engines: Vec::new(),
+        disks: disks.to_vec(),
     };
     for v in volumes.iter().filter(|v| v.attached_to.as_deref() == Some(node)) {
         let mine: Vec<&ReplicaSpec> = replicas.iter().filter(|r| r.volume == v.name).collect();
@@ -355,20 +357,20 @@ mod tests {
         let rs = replicas();
         let ready = all_ready();
         let mut reports = Reports::default();
-        let w = node_work("n2", "c", &v, &rs, &ready, &reports);
+        let w = node_work("n2", "c", &[], &v, &rs, &ready, &reports);
         assert_eq!(w.replicas.len(), 1);
         assert_eq!(w.replicas[0].id, "r2");
         assert!(w.engines.is_empty());
         reports.put("n1", vec![running_replica(1)]);
         reports.put("n2", vec![running_replica(2)]);
-        let before = node_work("n1", "c", &v, &rs, &ready, &reports);
+        let before = node_work("n1", "c", &[], &v, &rs, &ready, &reports);
         assert!(before.engines.is_empty(), "r3 is not running yet");
         assert_eq!(
             volume_state(&v[0], &rs, &ready, &reports).message,
             "waiting for replicas r3 to run"
         );
         reports.put("n3", vec![running_replica(3)]);
-        let after = node_work("n1", "c", &v, &rs, &ready, &reports);
+        let after = node_work("n1", "c", &[], &v, &rs, &ready, &reports);
         assert_ne!(before.revision, after.revision);
         assert_eq!(after.engines.len(), 1);
         let e = &after.engines[0];
@@ -377,7 +379,7 @@ mod tests {
         assert!(!e.replicas.iter().find(|r| r.id == "r2").unwrap().local);
         assert_eq!(
             after,
-            node_work("n1", "c", &v, &rs, &ready, &reports),
+            node_work("n1", "c", &[], &v, &rs, &ready, &reports),
             "the same work, the same revision"
         );
     }
@@ -392,7 +394,7 @@ mod tests {
         reports.put("n1", vec![running_replica(1)]);
         reports.put("n2", vec![running_replica(2)]);
         reports.put("n3", vec![running_replica(3)]);
-        let w = node_work("n1", "c", &v, &rs, &ready, &reports);
+        let w = node_work("n1", "c", &[], &v, &rs, &ready, &reports);
         assert_eq!(w.engines[0].replicas.len(), 2, "r3's node is down");
         // r2 fails while the engine runs: the engine stays in the work.
         reports.put(
@@ -400,7 +402,7 @@ mod tests {
             vec![running_replica(1), engine(&[("r1", "RW"), ("r2", "ERR")])],
         );
         reports.put("n2", vec![]);
-        let w = node_work("n1", "c", &v, &rs, &ready, &reports);
+        let w = node_work("n1", "c", &[], &v, &rs, &ready, &reports);
         assert_eq!(w.engines.len(), 1);
         assert_eq!(w.engines[0].replicas.len(), 1);
         let s = volume_state(&v[0], &rs, &ready, &reports);
@@ -410,7 +412,7 @@ mod tests {
         // and even while its own lease is being renewed: its engine stays.
         let mut fresh = Reports::default();
         fresh.put("n1", vec![engine(&[])]);
-        let w = node_work("n1", "c", &v, &rs, &BTreeSet::new(), &fresh);
+        let w = node_work("n1", "c", &[], &v, &rs, &BTreeSet::new(), &fresh);
         assert_eq!(
             w.engines.len(),
             1,

@@ -588,3 +588,122 @@ fn a_failed_replica_back_within_the_wait_is_reused_and_a_lost_nodes_is_replaced_
     });
     drop(agents);
 }
+
+#[test]
+fn disks_added_with_hornctl_are_measured_used_kept_and_removed_only_when_empty() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path();
+    init(data);
+    let mgr = ManagerDaemon::start(data, "127.0.0.1:0");
+    let _cleanup = KillInstances(data);
+    let a = &mgr.addr;
+    let mut agent = start_agent(data, a, 1);
+    common::eventually(Duration::from_secs(20), "n1 ready", || {
+        let nodes = json(hornctl(data, a, &["node", "list", "--json"]));
+        nodes
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n["name"] == "n1" && n["state"] == "ready")
+    });
+    let fast = node_dir(data, 1).join("fast");
+    let fast_s = fast.to_str().unwrap();
+    // Bad input changes nothing.
+    let e = refused(hornctl(data, a, &["node", "disk", "add", "n1", "relative/path"]));
+    assert!(e.contains("absolute"), "{e}");
+    let e = refused(hornctl(data, a, &["node", "disk", "add", "n9", fast_s]));
+    assert!(e.contains("n9"), "{e}");
+    let out = ok(hornctl(
+        data,
+        a,
+        &[
+            "node",
+            "disk",
+            "add",
+            "n1",
+            fast_s,
+            "--tag",
+            "fast",
+            "--reserved",
+            "1M",
+        ],
+    ));
+    assert!(out.contains(fast_s), "{out}");
+    let e = refused(hornctl(data, a, &["node", "disk", "add", "n1", fast_s]));
+    assert!(e.contains("already"), "{e}");
+    // The agent creates and measures it.
+    let disk = |path: &str| {
+        json(hornctl(data, a, &["node", "info", "n1", "--json"]))[0]["disks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["path"] == path)
+            .cloned()
+    };
+    common::eventually(Duration::from_secs(10), "the new disk measured", || {
+        disk(fast_s).is_some_and(|d| d["capacity"].as_u64().unwrap_or(0) > 0)
+    });
+    assert!(fast.is_dir());
+    let d = disk(fast_s).unwrap();
+    assert_eq!(
+        (d["tags"].clone(), d["reserved"].as_u64()),
+        (serde_json::json!(["fast"]), Some(1 << 20))
+    );
+
+    // A volume that asks for a fast disk gets it, and its replica's files are there.
+    let v = json(hornctl(
+        data,
+        a,
+        &[
+            "volume",
+            "create",
+            "f",
+            "--size",
+            "16M",
+            "--replicas",
+            "1",
+            "--frontend",
+            "iscsi",
+            "--disk-selector",
+            "fast",
+            "--json",
+        ],
+    ));
+    assert_eq!(v["placements"][0]["disk"], fast_s);
+    common::eventually(
+        Duration::from_secs(20),
+        "the replica running on the fast disk",
+        || {
+            fast.join("replicas/f-r1").is_dir()
+                && json(hornctl(data, a, &["volume", "info", "f", "--json"]))["placements"][0]["state"]
+                    == "running"
+        },
+    );
+    let e = refused(hornctl(data, a, &["node", "disk", "remove", "n1", fast_s]));
+    assert!(e.contains("holds replicas (r1 of f)"), "{e}");
+    let flag_disk = node_dir(data, 1).join("disk");
+    let e = refused(hornctl(
+        data,
+        a,
+        &["node", "disk", "remove", "n1", flag_disk.to_str().unwrap()],
+    ));
+    assert!(e.contains("command line"), "{e}");
+
+    // The agent started again registers its command-line disk; the added one stays.
+    drop(agent);
+    agent = start_agent(data, a, 1);
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        disk(fast_s).is_some(),
+        "the added disk is kept across registrations"
+    );
+
+    ok(hornctl(data, a, &["volume", "delete", "f"]));
+    common::eventually(Duration::from_secs(20), "the replica removed", || {
+        recorded_pids(data, 1).is_empty()
+    });
+    let out = ok(hornctl(data, a, &["node", "disk", "remove", "n1", fast_s]));
+    assert!(!out.contains(fast_s), "{out}");
+    assert!(disk(fast_s).is_none());
+    drop(agent);
+}
