@@ -139,6 +139,9 @@ pub struct ManagerService<S: Store + 'static> {
     leases: Mutex<BTreeMap<String, LeaseId>>,
     /// What the agents last reported of their instances.
     reports: Mutex<Reports>,
+    /// Per node: how many reports have arrived, and the number of fresh reports
+    /// asked for (it goes into the node's work, so a waiting agent answers at once).
+    rounds: Mutex<BTreeMap<String, (u64, u64)>>,
     /// Bumped whenever a spec or a report changes: `SyncNode` calls waiting for new
     /// work watch it.
     changes: tokio::sync::watch::Sender<u64>,
@@ -212,6 +215,7 @@ impl<S: Store + 'static> ManagerService<S> {
             measured: Mutex::new(BTreeMap::new()),
             leases: Mutex::new(BTreeMap::new()),
             reports: Mutex::new(Reports::default()),
+            rounds: Mutex::new(BTreeMap::new()),
             changes: tokio::sync::watch::channel(0).0,
             failed_since: Mutex::new(BTreeMap::new()),
         }
@@ -398,7 +402,7 @@ impl<S: Store + 'static> ManagerService<S> {
             .into_iter()
             .map(|d| d.path)
             .collect();
-        Ok(runtime::node_work(
+        let mut work = runtime::node_work(
             node,
             &self.cluster_id,
             &disks,
@@ -406,7 +410,48 @@ impl<S: Store + 'static> ManagerService<S> {
             &replicas,
             &self.ready_nodes()?,
             &self.reports(),
-        ))
+        );
+        let asked = self
+            .rounds
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(node)
+            .map_or(0, |r| r.1);
+        if asked > 0 {
+            work.report = asked;
+            work.revision = work.revision.wrapping_add(asked).max(1);
+        }
+        Ok(work)
+    }
+
+    /// Asks `node`'s agent for a fresh report and waits (up to 5 s) until one has
+    /// arrived that it made after the asking; true if one did. A decision that must
+    /// not rest on a report up to a long poll old (is the device still mounted?)
+    /// calls this first.
+    fn fresh_report(&self, node: &str) -> bool {
+        let before = {
+            let mut rounds = self.rounds.lock().unwrap_or_else(|p| p.into_inner());
+            let r = rounds.entry(node.to_string()).or_default();
+            r.1 += 1;
+            r.0
+        };
+        self.changed();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        // The call under way when we asked carries a report made before; the one after
+        // it is fresh.
+        while std::time::Instant::now() < deadline {
+            let now = self
+                .rounds
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(node)
+                .map_or(0, |r| r.0);
+            if now >= before + 2 {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
     }
 
     fn is_ready(&self, node: &str) -> Result<bool, Status> {
@@ -973,8 +1018,17 @@ impl<S: Store + 'static> Manager for Service<S> {
             .blocking(move |m| {
                 let v = m.specs.volume(&name).map_err(to_status)?;
                 if let Some(node) = &v.spec.attached_to {
-                    let reports = m.reports();
-                    let busy = reports.engine_on(node, &name).map(|e| e.in_use.clone()).unwrap_or_default();
+                    let in_use = |m: &ManagerService<S>| {
+                        m.reports()
+                            .engine_on(node, &name)
+                            .map(|e| e.in_use.clone())
+                            .unwrap_or_default()
+                    };
+                    let mut busy = in_use(m);
+                    // Its user may have just unmounted it: ask the node again.
+                    if !busy.is_empty() && !force && m.fresh_report(node) {
+                        busy = in_use(m);
+                    }
                     if !busy.is_empty() && !force {
                         return Err(Status::failed_precondition(format!(
                             "volume {name} is in use on node {node}: {busy} (--force detaches anyway: its users get I/O errors)"
@@ -1277,6 +1331,12 @@ impl<S: Store + 'static> Manager for Service<S> {
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
                         .put(&node, status.instances);
+                    m.rounds
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .entry(node.clone())
+                        .or_default()
+                        .0 += 1;
                     if changed {
                         m.changed();
                     }

@@ -112,6 +112,7 @@ pub fn node_work(
             .collect(),
         engines: Vec::new(),
         disks: disks.to_vec(),
+        report: 0,
     };
     for v in volumes.iter().filter(|v| v.attached_to.as_deref() == Some(node)) {
         let mine: Vec<&ReplicaSpec> = replicas.iter().filter(|r| r.volume == v.name).collect();

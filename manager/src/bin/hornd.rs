@@ -308,7 +308,10 @@ fn node_name(name: Option<String>) -> anyhow::Result<String> {
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("HORN_LOG").unwrap_or_else(|_| "info".into()),
+            // libublk notes every control handle it opens; a node agent opens one per
+            // device at each look.
+            tracing_subscriber::EnvFilter::try_from_env("HORN_LOG")
+                .unwrap_or_else(|_| "info,libublk::ctrl=warn".into()),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))

@@ -12,7 +12,7 @@ pid=$(hornctl ublk list | awk -v id="$DEV_ID" '$1 == id { print $7 }')
 pinned=$(grep -h Cpus_allowed_list /proc/"$pid"/task/*/status | awk '$2 ~ /^[0-9]+$/' | sort -u | wc -l)
 echo "engine threads pinned to $pinned distinct single CPUs"
 [ "$pinned" -ge 2 ]
-job=(--name=verify --ioengine=io_uring --direct=1 --rw=randwrite --bs=4k --iodepth=32 --size=128M
+job=(--name=verify --ioengine=io_uring --direct=1 --rw=randwrite --bs=4k --iodepth=32 --size=64M
     --verify=crc32c --verify_fatal=1)
 fio "${job[@]}" --filename="$DEV" --do_verify=1 --output=fio.out
 grep -E "err= *0" fio.out
@@ -29,7 +29,7 @@ fio "${job[@]}" --filename="$DEV" --verify_only --output=fio2.out
 grep -E "err= *0" fio2.out
 # fio's own mix of sizes (4 KiB to 1 MiB) through the default mode, with verify.
 fio --name=sizes --ioengine=io_uring --direct=1 --rw=randrw --bsrange=4k-1m --iodepth=16 \
-    --size=64M --offset=160M --verify=crc32c --verify_fatal=1 --do_verify=1 --filename="$DEV" \
+    --size=32M --offset=160M --verify=crc32c --verify_fatal=1 --do_verify=1 --filename="$DEV" \
     --output=fio3.out
 grep -E "err= *0" fio3.out
 del_device

@@ -5,7 +5,19 @@
 source "$HORN_REPO/tests/vm/lib.sh"
 hornd all-in-one --data "$PWD/aio" --listen 127.0.0.1:9400 --name vm >aio.log 2>&1 &
 AIO=$!
-trap 'kill $AIO 2>/dev/null || true' EXIT
+# On the way out, the manager stops; on a failure, its log and each instance's say why.
+trap 'failed_at="line $LINENO: $BASH_COMMAND"' ERR
+finish() {
+    local status=$?
+    set +x
+    kill $AIO 2>/dev/null || true
+    if [ "$status" -ne 0 ]; then
+        echo "failed at $failed_at"
+        tail -40 aio.log
+        for f in aio/node/instances/*/*.log; do echo "== $f"; tail -8 "$f"; done
+    fi
+}
+trap finish EXIT
 export HORN_MANAGER=127.0.0.1:9400 HORN_TOKEN_FILE="$PWD/aio/cluster-token"
 for _ in $(seq 100); do hornctl node list --json 2>/dev/null | grep -q '"state":"ready"' && break; sleep 0.2; done
 hornctl node list
