@@ -123,6 +123,7 @@ fn engine_info(v: &Volume) -> EngineInfo {
         skipped: v.skipped().iter().map(|(r, why)| format!("{r}: {why}")).collect(),
         faulted: v.engine().faulted().unwrap_or_default(),
         read_lease_left_ms: v.engine().read_lease_left().as_millis() as u64,
+        volume_id: v.engine().volume_id().to_string(),
         rebuilds: v
             .engine()
             .rebuilds()

@@ -424,6 +424,36 @@ impl<S: Store + 'static> ManagerService<S> {
         Ok(work)
     }
 
+    /// Keeps in each volume's spec the id its engine on `node` reports, the first
+    /// time one does.
+    fn record_volume_ids(&self, node: &str) -> Result<(), Status> {
+        let reported: Vec<(String, String)> = self
+            .reports()
+            .engines_of_node(node)
+            .filter(|e| !e.volume_id.is_empty())
+            .map(|e| (e.volume.clone(), e.volume_id.clone()))
+            .collect();
+        for (volume, id) in reported {
+            let Ok(v) = self.specs.volume(&volume) else {
+                continue;
+            };
+            match &v.spec.volume_id {
+                Some(known) if *known == id => {}
+                Some(known) => {
+                    tracing::error!(volume = %volume, known = %known, reported = %id, "an engine serves another volume id than the spec's")
+                }
+                None => {
+                    let mut spec = v.spec;
+                    spec.volume_id = Some(id.clone());
+                    if self.specs.update_volume(&spec, v.revision).is_ok() {
+                        tracing::info!(volume = %volume, id = %id, "volume id recorded");
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Asks `node`'s agent for a fresh report and waits (up to 5 s) until one has
     /// arrived that it made after the asking; true if one did. A decision that must
     /// not rest on a report up to a long poll old (is the device still mounted?)
@@ -572,6 +602,7 @@ impl<S: Store + 'static> ManagerService<S> {
             disk_selector: s.disk_selector.into_iter().collect(),
             attached_to: s.attached_to.unwrap_or_default(),
             maintenance: s.maintenance,
+            volume_id: s.volume_id.clone().unwrap_or_default(),
             placements,
             revision: v.revision,
         })
@@ -718,6 +749,7 @@ impl<S: Store + 'static> Manager for Service<S> {
             disk_selector: r.disk_selector.into_iter().collect(),
             attached_to: None,
             maintenance: false,
+            volume_id: None,
         };
         spec.check().map_err(Status::invalid_argument)?;
         if spec.data_locality == DataLocality::StrictLocal {
@@ -1337,6 +1369,7 @@ impl<S: Store + 'static> Manager for Service<S> {
                         .entry(node.clone())
                         .or_default()
                         .0 += 1;
+                    m.record_volume_ids(&node)?;
                     if changed {
                         m.changed();
                     }

@@ -344,6 +344,7 @@ fn volume_json(v: &pb::Volume) -> serde_json::Value {
         "attached_to": (!v.attached_to.is_empty()).then_some(&v.attached_to),
         "state": v.state, "robustness": v.robustness, "revision": v.revision,
         "maintenance": v.maintenance,
+        "volume_id": (!v.volume_id.is_empty()).then_some(&v.volume_id),
         "endpoint": (!v.endpoint.is_empty()).then_some(&v.endpoint),
         "message": (!v.message.is_empty()).then_some(&v.message),
         "placements": v.placements.iter().map(|p| json!({

@@ -378,6 +378,9 @@ impl Instances {
                 "--control".into(),
                 control.clone(),
             ];
+            if !w.volume_id.is_empty() {
+                command.extend(["--volume".into(), w.volume_id.clone()]);
+            }
             let mut replicas = BTreeMap::new();
             for r in &w.replicas {
                 let local = if r.local { ",local" } else { "" };
@@ -623,6 +626,7 @@ impl Instances {
                             }
                         }
                         s.faulted = info.faulted;
+                        s.volume_id = info.volume_id;
                     }
                     Err(e) => {
                         s.state = "starting".into();

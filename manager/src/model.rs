@@ -66,6 +66,11 @@ pub struct VolumeSpec {
     /// Attached in maintenance mode: its engine serves no frontend.
     #[serde(default)]
     pub maintenance: bool,
+    /// The id its first engine gave the volume, as its replicas record it; later
+    /// engines start only on replicas that hold it, so a replica whose disk is not
+    /// mounted (blank) is never taken for the volume.
+    #[serde(default)]
+    pub volume_id: Option<String>,
 }
 
 /// The most replicas a volume may ask for.
@@ -671,6 +676,7 @@ mod tests {
             disk_selector: BTreeSet::new(),
             attached_to: None,
             maintenance: false,
+            volume_id: None,
         }
     }
 
@@ -764,6 +770,7 @@ mod tests {
         let attached = VolumeSpec {
             attached_to: Some("n1".into()),
             maintenance: false,
+            volume_id: None,
             size: 2 << 30,
             ..v.spec.clone()
         };
@@ -786,6 +793,7 @@ mod tests {
         let detached = VolumeSpec {
             attached_to: None,
             maintenance: false,
+            volume_id: None,
             ..attached
         };
         s.update_volume(&detached, r).unwrap();

@@ -49,6 +49,15 @@ impl Reports {
             .find(|i| i.kind == REPLICA && i.volume == volume && i.replica == id)
     }
 
+    /// The engines `node` reports.
+    pub fn engines_of_node<'a>(&'a self, node: &str) -> impl Iterator<Item = &'a pb::InstanceStatus> + 'a {
+        self.by_node
+            .get(node)
+            .into_iter()
+            .flatten()
+            .filter(|i| i.kind == ENGINE)
+    }
+
     /// `node`'s report of the engine of `volume`.
     pub fn engine_on(&self, node: &str, volume: &str) -> Option<&pb::InstanceStatus> {
         self.by_node
@@ -149,6 +158,7 @@ pub fn node_work(
                 frontend_name(v.frontend).into()
             },
             replicas: running,
+            volume_id: v.volume_id.clone().unwrap_or_default(),
         });
     }
     work.revision = digest(&work);
@@ -308,6 +318,7 @@ mod tests {
             disk_selector: BTreeSet::new(),
             attached_to: attached.map(str::to_string),
             maintenance: false,
+            volume_id: None,
         }
     }
 

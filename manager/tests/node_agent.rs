@@ -26,6 +26,16 @@ impl Drop for Agent {
     }
 }
 
+/// Lets replicas be placed however full this machine's disk is: the tests' disks
+/// share it with everything else, and the default keeps 25% of it free.
+fn roomy(data: &Path, a: &str) {
+    ok(hornctl(
+        data,
+        a,
+        &["settings", "set", "minimal-available-percent=0"],
+    ));
+}
+
 fn node_dir(data: &Path, n: u32) -> PathBuf {
     data.join(format!("n{n}"))
 }
@@ -114,6 +124,7 @@ fn agents_serve_a_volume_through_attach_detach_reattach_and_an_agent_restart() {
     let _cleanup = KillInstances(data);
     let addr = mgr.addr.clone();
     let a = &addr;
+    roomy(data, a);
     let mut agents: Vec<Agent> = (1..=3).map(|n| start_agent(data, a, n)).collect();
     common::eventually(Duration::from_secs(20), "three ready nodes", || {
         let nodes = json(hornctl(data, a, &["node", "list", "--json"]));
@@ -381,6 +392,48 @@ fn agents_serve_a_volume_through_attach_detach_reattach_and_an_agent_restart() {
     let e = refused(hornctl(data, a, &["volume", "snapshot", "nosuch", "s2"]));
     assert!(e.contains("nosuch"), "{e}");
 
+    // The engines after the first start only on replicas that hold the volume's id:
+    // with every replica's files gone (disks not mounted, say) and the replicas started
+    // again blank, the volume is not served as a new, empty one.
+    let v = json(hornctl(data, a, &["volume", "info", "v1", "--json"]));
+    let id = v["volume_id"]
+        .as_str()
+        .expect("the volume id is recorded")
+        .to_string();
+    let engine: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(node_dir(data, 2).join("state/instances/engine-v1/instance.json")).unwrap(),
+    )
+    .unwrap();
+    let command: Vec<String> = serde_json::from_value(engine["command"].clone()).unwrap();
+    assert!(
+        command.windows(2).any(|w| w[0] == "--volume" && w[1] == id),
+        "{command:?}"
+    );
+    ok(hornctl(data, a, &["volume", "detach", "v1"]));
+    for n in 1..=3 {
+        for (_, pid) in recorded_pids(data, n) {
+            // SAFETY: killpg takes no pointers; the group is the supervisor's own.
+            unsafe { libc::killpg(pid as i32, libc::SIGKILL) };
+        }
+        std::fs::remove_dir_all(node_dir(data, n).join("disk/replicas")).unwrap();
+    }
+    common::eventually(Duration::from_secs(30), "blank replicas running again", || {
+        let v = json(hornctl(data, a, &["volume", "info", "v1", "--json"]));
+        v["placements"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|p| p["state"] == "running")
+    });
+    let e = refused(hornctl(
+        data,
+        a,
+        &["volume", "attach", "v1", "n3", "--timeout", "15"],
+    ));
+    assert!(e.contains("still attaching"), "{e}");
+    eprintln!("attach on blank replicas: {e}");
+    ok(hornctl(data, a, &["volume", "detach", "v1"]));
+
     // Detached and deleted: every replica stops and its files go, on every node.
     ok(hornctl(data, a, &["volume", "detach", "v1"]));
     ok(hornctl(data, a, &["volume", "delete", "v1"]));
@@ -449,6 +502,7 @@ fn a_failed_replica_back_within_the_wait_is_reused_and_a_lost_nodes_is_replaced_
     let mgr = ManagerDaemon::start(data, "127.0.0.1:0");
     let _cleanup = KillInstances(data);
     let a = &mgr.addr;
+    roomy(data, a);
     // Settings: bad ones are refused and change nothing; a short lease for this test.
     let e = refused(hornctl(data, a, &["settings", "set", "nosuch=1"]));
     assert!(e.contains("no setting \"nosuch\""), "{e}");
@@ -597,6 +651,7 @@ fn disks_added_with_hornctl_are_measured_used_kept_and_removed_only_when_empty()
     let mgr = ManagerDaemon::start(data, "127.0.0.1:0");
     let _cleanup = KillInstances(data);
     let a = &mgr.addr;
+    roomy(data, a);
     let mut agent = start_agent(data, a, 1);
     common::eventually(Duration::from_secs(20), "n1 ready", || {
         let nodes = json(hornctl(data, a, &["node", "list", "--json"]));

@@ -209,6 +209,9 @@ impl Cluster {
             ));
         }
         c.start_manager(&format!("{}:0", c.net.host_ip()))?;
+        // The nodes' disks share this machine's disk with everything else: place
+        // replicas however full it is (the default keeps 25% free).
+        c.json(&["settings", "set", "minimal-available-percent=0"])?;
         for i in 1..=nodes {
             c.nodes[i - 1].dir = c.data.path().join(format!("n{i}"));
             c.start_agent(i)?;
