@@ -8,6 +8,9 @@
 //! to the same first write: the floor the manager's scheduling, reporting and
 //! supervision add to.
 //!
+//! `HORN_BENCH_STEPS=1` prints each round's steps, and the agents' last log lines for
+//! a round whose attach took over 1.5 s.
+//!
 //! Needs root (network namespaces), `qemu-io` (qemu-utils, with qemu-block-extra's
 //! iSCSI driver) and `hornd`/`hornctl` built next to horn-bench.
 
@@ -101,6 +104,16 @@ fn managed_round(c: &horn_cluster::Cluster, name: &str, size: u64) -> Result<f64
             "    created {created:?}, attached {attached:?}, written {:?}",
             start.elapsed()
         );
+        if attached > Duration::from_millis(1500) {
+            for n in 1..=3 {
+                let log = std::fs::read_to_string(c.node_dir(n).join("agent.log")).unwrap_or_default();
+                let lines: Vec<&str> = log.lines().collect();
+                eprintln!("    n{n}'s agent, last lines:");
+                for l in &lines[lines.len().saturating_sub(8)..] {
+                    eprintln!("      {l}");
+                }
+            }
+        }
     }
     let took = start.elapsed().as_secs_f64();
     run(&["volume", "detach", name])?;
