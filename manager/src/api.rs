@@ -1379,6 +1379,7 @@ impl<S: Store + 'static> Manager for Service<S> {
                 .into_inner()
         };
         if first.revision != status.seen_revision || status.wait_ms == 0 {
+            tracing::debug!(node = %node, engines = first.engines.len(), "sync: new work at once");
             return Ok(Response::new(first));
         }
         let wait = Duration::from_millis(status.wait_ms.into()).min(MAX_SYNC_WAIT);
@@ -1388,11 +1389,15 @@ impl<S: Store + 'static> Manager for Service<S> {
         loop {
             match tokio::time::timeout_at(deadline, changes.changed()).await {
                 Ok(Ok(())) => {}
-                _ => return Ok(Response::new(first)),
+                _ => {
+                    tracing::debug!(node = %node, waited_ms = wait.as_millis() as u64, "sync: no change");
+                    return Ok(Response::new(first));
+                }
             }
-            let node = node.clone();
-            let work = self.0.blocking(move |m| m.node_work(&node)).await?.into_inner();
+            let n = node.clone();
+            let work = self.0.blocking(move |m| m.node_work(&n)).await?.into_inner();
             if work.revision != status.seen_revision {
+                tracing::debug!(node = %node, engines = work.engines.len(), "sync: new work after a wait");
                 return Ok(Response::new(work));
             }
         }

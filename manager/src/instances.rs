@@ -220,9 +220,15 @@ impl Instances {
             return false;
         };
         if let Some(c) = i.child.as_mut() {
-            if let Ok(Some(_)) = c.try_wait() {
-                i.child = None;
-                return false;
+            // A child of this agent that has not exited is alive, even before it has
+            // exec'd (its command line is still the agent's then).
+            match c.try_wait() {
+                Ok(None) => return true,
+                Ok(Some(_)) => {
+                    i.child = None;
+                    return false;
+                }
+                Err(_) => {}
             }
         }
         alive(i.record.pid, &i.dir)
