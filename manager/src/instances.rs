@@ -73,7 +73,7 @@ struct Instance {
     /// When it may be started again after failing, and the pause after the next failure.
     retry_at: Option<Instant>,
     pause: Duration,
-    /// An engine's replicas this agent asked it to add, and when (one try each 10 s).
+    /// An engine's replicas this agent asked it to add, and when (one try each 2 s).
     added: BTreeMap<String, Instant>,
     /// Being stopped (no longer in the work): SIGTERM sent; SIGKILL at this time.
     stopping: Option<Instant>,
@@ -459,7 +459,7 @@ impl Instances {
             let i = self.by_name.get_mut(name).expect("alive");
             if i.added
                 .get(&r.id)
-                .is_some_and(|t| now < *t + Duration::from_secs(10))
+                .is_some_and(|t| now < *t + Duration::from_secs(2))
             {
                 continue;
             }
@@ -475,7 +475,7 @@ impl Instances {
                     self.save(name)?;
                 }
                 Err(e) => {
-                    tracing::warn!(instance = %name, replica = %r.id, error = %format!("{e:#}"), "the engine did not take the replica; trying again in 10 s")
+                    tracing::warn!(instance = %name, replica = %r.id, error = %format!("{e:#}"), "the engine did not take the replica; trying again in 2 s")
                 }
             }
         }

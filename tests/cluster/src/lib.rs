@@ -185,6 +185,12 @@ impl Cluster {
     /// Creates the cluster's identity, starts the manager and `nodes` agents, and
     /// waits until every node is ready.
     pub fn start(nodes: usize) -> Result<Cluster, String> {
+        Cluster::start_with(nodes, &[])
+    }
+
+    /// [`Cluster::start`] with `settings` (`NAME=VALUE`) set before the agents
+    /// register (a node's lease length is taken at its registration).
+    pub fn start_with(nodes: usize, settings: &[&str]) -> Result<Cluster, String> {
         let bin = binaries()?;
         let net = Net::build(nodes)?;
         let data = tempfile::tempdir().map_err(|e| e.to_string())?;
@@ -211,7 +217,9 @@ impl Cluster {
         c.start_manager(&format!("{}:0", c.net.host_ip()))?;
         // The nodes' disks share this machine's disk with everything else: place
         // replicas however full it is (the default keeps 25% free).
-        c.json(&["settings", "set", "minimal-available-percent=0"])?;
+        let mut set = vec!["settings", "set", "minimal-available-percent=0"];
+        set.extend_from_slice(settings);
+        c.json(&set)?;
         for i in 1..=nodes {
             c.nodes[i - 1].dir = c.data.path().join(format!("n{i}"));
             c.start_agent(i)?;
