@@ -209,28 +209,29 @@ fn a_node_back_within_the_replenishment_wait_keeps_its_replica_and_copies_only_w
     let engine = std::fs::read(c.node_dir(home).join("state/instances/engine-v/instance.json")).unwrap();
     let engine: serde_json::Value = serde_json::from_slice(&engine).unwrap();
     let control = engine["control_address"].as_str().unwrap();
-    let out = std::process::Command::new(horn_cluster::binaries().unwrap().join("hornctl"))
-        .args(["engine", "--engine", control, "info", "--json"])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let v = c.json(&["volume", "info", "v"]).unwrap();
-    let r2 = v["placements"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["id"] == "r2")
-        .unwrap()["data_address"]
-        .clone();
-    let rebuild = info["rebuilds"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|r| r["replica"] == r2)
-        .max_by_key(|r| r["id"].as_u64())
-        .cloned()
-        .unwrap_or_else(|| panic!("no rebuild of {r2} in {info}"));
+    // r2's data address as the engine knows it (its agent's record: id to addresses);
+    // volume info may show r2's node down for a moment while it registers again after
+    // the cut.
+    let r2 = engine["replicas"]["r2"][0].clone();
+    // The replica turns RW a moment before its rebuild's record says done: wait for it.
+    let mut rebuild = serde_json::Value::Null;
+    eventually(Duration::from_secs(20), "r2's rebuild done", || {
+        let out = std::process::Command::new(horn_cluster::binaries().unwrap().join("hornctl"))
+            .args(["engine", "--engine", control, "info", "--json"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        rebuild = info["rebuilds"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["replica"] == r2)
+            .max_by_key(|r| r["id"].as_u64())
+            .cloned()
+            .unwrap_or_else(|| panic!("no rebuild of {r2} in {info}"));
+        rebuild["state"] == "done"
+    });
     let copied = rebuild["bytes_copied"].as_u64().unwrap();
     eprintln!(
         "{test}: the returning replica's rebuild copied {copied} bytes; 1 MiB changed of 32 MiB written"
