@@ -179,13 +179,6 @@ fn parse_frontend(s: &str) -> Result<Frontend, Status> {
     }
 }
 
-fn frontend_name(f: Frontend) -> &'static str {
-    match f {
-        Frontend::Ublk => "ublk",
-        Frontend::Iscsi => "iscsi",
-    }
-}
-
 fn parse_locality(s: &str) -> Result<DataLocality, Status> {
     match s {
         "" | "disabled" => Ok(DataLocality::Disabled),
@@ -418,8 +411,10 @@ impl<S: Store + 'static> ManagerService<S> {
             .get(node)
             .map_or(0, |r| r.1);
         if asked > 0 {
+            // The request for a fresh report is part of the work, so of its digest.
             work.report = asked;
-            work.revision = work.revision.wrapping_add(asked).max(1);
+            work.revision = 0;
+            work.revision = runtime::digest(&work);
         }
         Ok(work)
     }
@@ -596,7 +591,7 @@ impl<S: Store + 'static> ManagerService<S> {
             size: s.size,
             replicas: s.replicas,
             sector_size: s.sector_size,
-            frontend: frontend_name(s.frontend).into(),
+            frontend: runtime::frontend_name(s.frontend).into(),
             data_locality: locality_name(s.data_locality).into(),
             node_selector: s.node_selector.into_iter().collect(),
             disk_selector: s.disk_selector.into_iter().collect(),
@@ -688,22 +683,17 @@ pub(crate) fn rewire<A: prost::Message, B: prost::Message + Default>(a: &A) -> B
     B::decode(a.encode_to_vec().as_slice()).expect("the messages share their fields")
 }
 
-/// The engine control service at `control`, for a chain operation.
+/// The engine control service at `control`, for a chain operation (connected within
+/// 2 s; a chain operation may take minutes).
 async fn engine_client(
     control: &str,
 ) -> Result<
     horn_proto::engine_control::engine_control_client::EngineControlClient<tonic::transport::Channel>,
     Status,
 > {
-    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{control}"))
-        .map_err(|e| Status::internal(e.to_string()))?
-        .connect_timeout(Duration::from_secs(2))
-        .timeout(Duration::from_secs(300));
-    let channel = endpoint
-        .connect()
+    crate::instances::engine_control(control, Duration::from_secs(2), Duration::from_secs(300))
         .await
-        .map_err(|e| Status::unavailable(format!("cannot reach the engine at {control}: {e}")))?;
-    Ok(horn_proto::engine_control::engine_control_client::EngineControlClient::new(channel))
+        .map_err(|e| Status::unavailable(format!("{e:#}")))
 }
 
 /// The service as tonic serves it: an `Arc` so that calls can run on blocking threads.

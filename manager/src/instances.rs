@@ -654,13 +654,28 @@ impl Instances {
     }
 }
 
+/// A client of the engine control service at `control`: connected within `connect`,
+/// each call within `call`. The agent's and the manager's calls to engines go
+/// through it.
+pub(crate) async fn engine_control(
+    control: &str,
+    connect: Duration,
+    call: Duration,
+) -> Result<horn_proto::engine_control::engine_control_client::EngineControlClient<tonic::transport::Channel>>
+{
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{control}"))?
+        .connect_timeout(connect)
+        .timeout(call);
+    let channel = endpoint
+        .connect()
+        .await
+        .with_context(|| format!("cannot reach the engine at {control}"))?;
+    Ok(horn_proto::engine_control::engine_control_client::EngineControlClient::new(channel))
+}
+
 /// The engine control service's `AddReplica`: the rebuild's id.
 async fn add_replica(control: &str, replica: &str) -> Result<u64> {
-    use horn_proto::engine_control::engine_control_client::EngineControlClient;
-    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{control}"))?
-        .connect_timeout(Duration::from_secs(1))
-        .timeout(Duration::from_secs(60));
-    let mut c = EngineControlClient::new(endpoint.connect().await?);
+    let mut c = engine_control(control, Duration::from_secs(1), Duration::from_secs(60)).await?;
     Ok(c.add_replica(horn_proto::engine_control::AddReplicaRequest {
         replica: replica.to_string(),
     })
@@ -673,11 +688,8 @@ async fn add_replica(control: &str, replica: &str) -> Result<u64> {
 /// The engine control service's `Info`, within half a second (an engine still
 /// starting is asked again on the agent's next round, 100 ms later).
 async fn engine_info(control: &str) -> Result<horn_proto::engine_control::EngineInfo> {
-    use horn_proto::engine_control::engine_control_client::EngineControlClient;
-    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{control}"))?
-        .connect_timeout(Duration::from_millis(500))
-        .timeout(Duration::from_millis(500));
-    let mut c = EngineControlClient::new(endpoint.connect().await?);
+    let half = Duration::from_millis(500);
+    let mut c = engine_control(control, half, half).await?;
     Ok(c.info(horn_proto::engine_control::EngineInfoRequest {})
         .await
         .map_err(|s| anyhow::anyhow!("{}", s.message()))?

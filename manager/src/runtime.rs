@@ -83,7 +83,8 @@ impl Reports {
     }
 }
 
-fn frontend_name(f: Frontend) -> &'static str {
+/// A frontend's name, as the API and the agents spell it.
+pub fn frontend_name(f: Frontend) -> &'static str {
     match f {
         Frontend::Ublk => "ublk",
         Frontend::Iscsi => "iscsi",
@@ -209,7 +210,8 @@ pub fn may_replace(v: &VolumeSpec, ready: &BTreeSet<String>, reports: &Reports) 
         .is_some_and(|e| e.faulted.is_empty() && e.replica_modes.values().any(|m| m == "RW"))
 }
 
-fn digest(work: &pb::NodeWork) -> u64 {
+/// The revision of `work` (whose own revision is 0): a digest of everything else.
+pub fn digest(work: &pb::NodeWork) -> u64 {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     prost::Message::encode_to_vec(work).hash(&mut h);
     // 0 means "nothing seen yet" to the agent.
