@@ -26,6 +26,7 @@ use horn_proto::control::{
     RevertRequest, SnapshotRequest,
 };
 
+use crate::authority::Authority;
 use crate::client::{self, control_err, Deadline};
 use crate::membership::Record;
 use crate::replica_set::{Mode, ReplicaConfig};
@@ -125,6 +126,8 @@ pub struct Engine {
     /// The membership record in force; held while a change is stored, so changes
     /// go one at a time.
     record: Mutex<Record>,
+    /// Where records are stored besides the replicas, under a manager.
+    authority: Option<Arc<dyn Authority>>,
     /// The failure epoch whose drops the record in force includes: queues hand back
     /// no completion while it trails [`Engine::failure_epoch`].
     recorded_epoch: AtomicU64,
@@ -175,9 +178,11 @@ impl Engine {
         timeout: Duration,
         skipped: Vec<(String, String)>,
         runtime: tokio::runtime::Runtime,
+        authority: Option<Arc<dyn Authority>>,
     ) -> Engine {
         let generation = record.generation;
         Engine {
+            authority,
             volume: record.volume.clone(),
             engine_id: record.engine.clone(),
             record: Mutex::new(record),
@@ -209,6 +214,11 @@ impl Engine {
 
     pub(crate) fn runtime(&self) -> &tokio::runtime::Runtime {
         &self.runtime
+    }
+
+    /// The authority on membership besides the replicas, if the engine runs under one.
+    pub(crate) fn authority(&self) -> Option<&dyn Authority> {
+        self.authority.as_deref()
     }
 
     /// The replicas, in the order every queue indexes them.

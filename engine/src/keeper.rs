@@ -18,6 +18,7 @@ use std::time::Duration;
 use horn_proto::control::MembershipRequest;
 use horn_replica::control::record_to_wire;
 
+use crate::authority;
 use crate::client;
 use crate::engine::Engine;
 use crate::membership::{self, Record};
@@ -93,7 +94,8 @@ pub(crate) fn change(engine: &Engine, make: impl FnOnce(&Record) -> Record) -> R
         .map(|(_, r)| (r.control.clone(), r.id.clone()))
         .collect();
     let (stored, refused) = store(engine.runtime(), &targets, &next, engine.timeout());
-    if !membership::counts(&next, &stored) {
+    let authority = engine.authority();
+    if !membership::counts_under(&next, &stored, authority.is_some()) {
         let why = format!(
             "a change of membership to ({}) was stored by {} of the {} replicas that must \
              agree ({} needed){}",
@@ -116,6 +118,17 @@ pub(crate) fn change(engine: &Engine, make: impl FnOnce(&Record) -> Record) -> R
         );
         engine.fault(why.clone());
         return Err(why);
+    }
+    // Under a manager, it counts once the manager has it too.
+    if let Some(a) = authority {
+        if let Err(e) = authority::put_patiently(a, &next, authority::PATIENCE) {
+            let why = format!(
+                "the membership authority did not store a change of membership to ({}): {e}",
+                membership::describe(&next)
+            );
+            engine.fault(why.clone());
+            return Err(why);
+        }
     }
     *current = next.clone();
     drop(current);

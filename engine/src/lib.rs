@@ -40,6 +40,8 @@ pub mod replica_set;
 
 pub mod membership;
 
+pub mod authority;
+
 pub mod stripes;
 
 mod client;
@@ -66,7 +68,7 @@ pub mod frontend;
 
 pub use engine::Engine;
 pub use queue::{EngineQueue, Token};
-pub use start::{start, start_pinned};
+pub use start::{start, start_pinned, start_under};
 pub use types::{
     ChainOp, Difference, IoError, RebuildState, RebuildStatus, ReconcileReport, ReplicaAddr, Result,
     StartReport, VerifyReport, VolumeCompletion, VolumeError, MAX_DIFFERENCES,

@@ -39,6 +39,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 pub use horn_replica::membership::{new_id, Record};
 
+use crate::authority::Grant;
+
 /// A claimed replica, as the start sees it.
 #[derive(Debug, Clone)]
 pub struct Candidate {
@@ -65,6 +67,8 @@ pub struct Plan {
     pub rw: Vec<usize>,
     /// Candidates left out, and why.
     pub left_out: Vec<(usize, String)>,
+    /// The authority the engine's records are stamped with (empty: the replicas alone).
+    pub authority: String,
 }
 
 impl Plan {
@@ -92,21 +96,71 @@ impl Plan {
                         .collect()
                 })
                 .unwrap_or_default(),
+            authority: self.authority.clone(),
         }
     }
 }
 
-/// Decides a start from the replicas claimed. `listed` is how many replicas the engine
-/// was given; `new_volume` names the volume should this be its first start.
+/// Decides a start from the replicas claimed, with the replicas alone as the authority
+/// on membership. `listed` is how many replicas the engine was given; `new_volume`
+/// names the volume should this be its first start.
 pub fn plan_start(listed: usize, claimed: &[Candidate], new_volume: &str) -> Result<Plan, String> {
-    let base = claimed
+    plan_start_under(listed, claimed, new_volume, None)
+}
+
+/// [`plan_start`], under the authority that gave `grant` when it is given (see
+/// [`crate::authority`]): the base is the newest record among the replicas' and the
+/// authority's, and a start on the node of the volume's last engine may serve from
+/// any RW member of it.
+pub fn plan_start_under(
+    listed: usize,
+    claimed: &[Candidate],
+    new_volume: &str,
+    grant: Option<&Grant>,
+) -> Result<Plan, String> {
+    let among_replicas = claimed
         .iter()
         .filter_map(|c| c.record.as_ref())
+        .max_by_key(|r| r.epoch());
+    let name = grant.map_or("", |g| g.name.as_str());
+    if let Some(r) = among_replicas.filter(|r| !r.authority.is_empty() && r.authority != name) {
+        return Err(if name.is_empty() {
+            format!(
+                "the volume's membership is kept by {} as well as by its replicas ({}): start its \
+                 engine through that manager, not by hand",
+                r.authority,
+                describe(r)
+            )
+        } else {
+            format!(
+                "the volume's membership is kept by {}, not by {name} ({})",
+                r.authority,
+                describe(r)
+            )
+        });
+    }
+    if let Some(g) = grant {
+        if g.record.is_none() && among_replicas.is_some_and(|r| !r.authority.is_empty()) {
+            return Err(format!(
+                "{name} holds no membership record of this volume, yet its replicas' newest record \
+                 was stored there ({}): was the manager's store replaced? Restore it",
+                describe(among_replicas.expect("checked"))
+            ));
+        }
+    }
+    let base = among_replicas
+        .into_iter()
+        .chain(grant.and_then(|g| g.record.as_ref()))
         .max_by_key(|r| r.epoch())
         .cloned();
     let Some(base) = base else {
-        return plan_creation(listed, claimed, new_volume);
+        let mut plan = plan_creation(listed, claimed, new_volume)?;
+        plan.authority = name.to_string();
+        return Ok(plan);
     };
+    // The last engine has stopped, and the authority's record is at least as new as
+    // every record that counted: each of its RW members holds every acknowledged write.
+    let salvage = grant.is_some_and(|g| g.same_node && g.record.is_some());
     let mut rw = Vec::new();
     let mut left_out = Vec::new();
     for (i, c) in claimed.iter().enumerate() {
@@ -137,7 +191,16 @@ pub fn plan_start(listed: usize, claimed: &[Candidate], new_volume: &str) -> Res
         .after
         .iter()
         .any(|set| set.keys().filter(|id| claimed_ids.contains(id.as_str())).count() < set.len() / 2 + 1);
-    if rw.len() < base.majority() || short_after {
+    if salvage && rw.is_empty() {
+        let missing: Vec<&str> = base.rw.values().map(String::as_str).collect();
+        return Err(format!(
+            "none of the replicas that hold every acknowledged write ({}) answered; a start \
+             needs one of them, and never serves from a replica that missed writes. Missing: {}",
+            describe(&base),
+            missing.join(", ")
+        ));
+    }
+    if !salvage && (rw.len() < base.majority() || short_after) {
         let have: BTreeSet<&str> = rw.iter().map(|&i| claimed[i].id.as_str()).collect();
         let missing: BTreeSet<&str> = base
             .rw
@@ -165,13 +228,19 @@ pub fn plan_start(listed: usize, claimed: &[Candidate], new_volume: &str) -> Res
                 ""
             },
             missing.into_iter().collect::<Vec<_>>().join(", ")
-        ));
+        ) + if grant.is_some_and(|g| !g.same_node) {
+            " (the volume's last engine ran on another node, where it may still run cut off: \
+             one replica is enough only on that node)"
+        } else {
+            ""
+        });
     }
     Ok(Plan {
         volume: base.volume.clone(),
         base: Some(base),
         rw,
         left_out,
+        authority: name.to_string(),
     })
 }
 
@@ -207,6 +276,7 @@ fn plan_creation(listed: usize, claimed: &[Candidate], new_volume: &str) -> Resu
             .into_iter()
             .map(|i| (i, REBUILDING.to_string()))
             .collect(),
+        authority: String::new(),
     })
 }
 
@@ -262,6 +332,16 @@ pub fn counts(next: &Record, stored: &BTreeSet<String>) -> bool {
         .all(|set| set.keys().filter(|id| stored.contains(*id)).count() >= set.len().div_ceil(2))
 }
 
+/// [`counts`], under an authority when `managed`: once the authority has it too
+/// (the caller puts it there next), one RW member storing a change is enough. A
+/// volume's first record still needs every RW member.
+pub fn counts_under(next: &Record, stored: &BTreeSet<String>, managed: bool) -> bool {
+    if !managed || next.after.is_empty() {
+        return counts(next, stored);
+    }
+    next.rw.keys().any(|id| stored.contains(id))
+}
+
 /// Every replica a record must reach a share of (its members and its `after` sets).
 pub fn witnesses(next: &Record) -> BTreeSet<String> {
     next.rw
@@ -309,6 +389,7 @@ mod tests {
             rw: rw.iter().map(|s| (s.to_string(), format!("addr-{s}"))).collect(),
             wo: BTreeMap::new(),
             after: Vec::new(),
+            authority: String::new(),
         }
     }
 
@@ -365,6 +446,99 @@ mod tests {
         // The stale replica alone: its own record wants a majority of three.
         let c = vec![cand("c", Some(rec(3, 0, &["a", "b", "c"])))];
         assert!(plan_start(3, &c, "x").is_err());
+    }
+
+    fn grant(record: Option<Record>, same_node: bool) -> Grant {
+        Grant {
+            generation: 9,
+            record: record.map(|r| Record {
+                authority: "manager:c1".into(),
+                ..r
+            }),
+            same_node,
+            name: "manager:c1".into(),
+        }
+    }
+
+    fn managed(mut r: Record) -> Record {
+        r.authority = "manager:c1".into();
+        r
+    }
+
+    #[test]
+    fn under_a_manager_the_node_of_the_last_engine_salvages_from_one_current_replica() {
+        // The manager's record is newer than anything the replicas hold: two of three
+        // were dropped at once, and only the manager and `a` stored that.
+        let before = managed(rec(4, 0, &["a", "b", "c"]));
+        let after = rec(4, 1, &["a"]);
+        let c = vec![cand("a", Some(managed(after.clone())))];
+        let plan = plan_start_under(3, &c, "x", Some(&grant(Some(after.clone()), true))).unwrap();
+        assert_eq!(plan.rw, vec![0]);
+        assert_eq!(plan.authority, "manager:c1");
+        assert_eq!(plan.first_record(&c, 9, "e9").authority, "manager:c1");
+        // The stale ones come back without `a`: never served, and the reason says who
+        // holds the writes.
+        let c = vec![cand("b", Some(before.clone())), cand("c", Some(before.clone()))];
+        let err = plan_start_under(3, &c, "x", Some(&grant(Some(after.clone()), true))).unwrap_err();
+        assert!(
+            err.contains("none of the replicas that hold every acknowledged write"),
+            "{err}"
+        );
+        assert!(err.contains("addr-a"), "{err}");
+        // With `a` among them, `a` serves and the stale ones are left out.
+        let c = vec![
+            cand("a", Some(managed(after.clone()))),
+            cand("b", Some(before.clone())),
+            cand("c", Some(before)),
+        ];
+        let plan = plan_start_under(3, &c, "x", Some(&grant(Some(after), true))).unwrap();
+        assert_eq!(plan.rw, vec![0]);
+        assert!(plan
+            .left_out
+            .iter()
+            .all(|(_, why)| why.contains("missed acknowledged writes")));
+    }
+
+    #[test]
+    fn under_a_manager_another_node_keeps_the_majority_rule() {
+        // The last engine ran elsewhere and may still serve there, cut off.
+        let r = rec(4, 0, &["a", "b", "c"]);
+        let c = vec![cand("a", Some(managed(r.clone())))];
+        let err = plan_start_under(3, &c, "x", Some(&grant(Some(r.clone()), false))).unwrap_err();
+        assert!(err.contains("another node"), "{err}");
+        let c = vec![
+            cand("a", Some(managed(r.clone()))),
+            cand("b", Some(managed(r.clone()))),
+        ];
+        assert_eq!(
+            plan_start_under(3, &c, "x", Some(&grant(Some(r), false)))
+                .unwrap()
+                .rw,
+            vec![0, 1]
+        );
+    }
+
+    #[test]
+    fn a_managed_volume_is_refused_without_its_manager() {
+        let r = managed(rec(4, 0, &["a", "b"]));
+        let c = vec![cand("a", Some(r.clone())), cand("b", Some(r.clone()))];
+        let err = plan_start(2, &c, "x").unwrap_err();
+        assert!(err.contains("kept by manager:c1"), "{err}");
+        // Nor by a manager that lost its record of it.
+        let err = plan_start_under(2, &c, "x", Some(&grant(None, true))).unwrap_err();
+        assert!(err.contains("holds no membership record"), "{err}");
+    }
+
+    #[test]
+    fn under_a_manager_a_change_counts_with_one_rw_member() {
+        let ids = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<BTreeSet<String>>();
+        let drop_two = without(&rec(4, 0, &["a", "b", "c"]), &["b".into(), "c".into()]);
+        assert!(!counts(&drop_two, &ids(&["a"])));
+        assert!(counts_under(&drop_two, &ids(&["a"]), true));
+        assert!(!counts_under(&drop_two, &ids(&["b"]), true));
+        // A volume's first record still needs every member.
+        let first = rec(1, 0, &["a", "b"]);
+        assert!(!counts_under(&first, &ids(&["a"]), true));
     }
 
     #[test]

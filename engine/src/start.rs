@@ -20,6 +20,7 @@ use horn_proto::control::{ClaimRequest, InfoReply, InfoRequest, LEASE_LEFT_HEADE
 use horn_replica::control::record_from_wire;
 use horn_replica::membership::MAX_GENERATION;
 
+use crate::authority::{self, Authority, Grant};
 use crate::client::{self, ControlClient};
 use crate::engine::{ClaimedReplica, Engine};
 use crate::membership::{self, Candidate};
@@ -44,6 +45,19 @@ pub fn start_pinned(
     timeout: Duration,
     pin: Option<&str>,
 ) -> Result<(Arc<Engine>, StartReport)> {
+    start_under(replicas, timeout, pin, None)
+}
+
+/// [`start_pinned`], under `authority` when one is given (a manager: see
+/// [`crate::authority`]): the generation is begun there before any claim, its record
+/// joins the replicas' in deciding the start, and every record of this engine is
+/// stored there before it counts.
+pub fn start_under(
+    replicas: &[ReplicaAddr],
+    timeout: Duration,
+    pin: Option<&str>,
+    authority: Option<Arc<dyn Authority>>,
+) -> Result<(Arc<Engine>, StartReport)> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -64,16 +78,36 @@ pub fn start_pinned(
         }
     }
     let newest = infos.iter().map(|(_, i)| i.generation).max().unwrap_or(0);
-    let generation = newest
+    let mut generation = newest
         .checked_add(1)
         .filter(|g| *g <= MAX_GENERATION)
         .ok_or_else(|| {
             VolumeError::NoReplica(format!("a replica's generation ({newest}) is at its maximum"))
         })?;
+    // Under an authority, the generation begins there first: from here it takes
+    // records from this engine only.
+    let grant = match &authority {
+        Some(a) => {
+            let g = a.begin(generation, &engine_id).map_err(|e| {
+                VolumeError::NoReplica(format!("the membership authority refused the start: {e}"))
+            })?;
+            if g.generation < generation || g.generation > MAX_GENERATION {
+                return Err(VolumeError::NoReplica(format!(
+                    "the membership authority began generation {}, not one from {generation} to \
+                     {MAX_GENERATION}",
+                    g.generation
+                )));
+            }
+            generation = g.generation;
+            Some(g)
+        }
+        None => None,
+    };
     let volume = infos
         .iter()
-        .filter_map(|(_, i)| i.record.as_ref())
-        .max_by_key(|r| (r.generation, r.version))
+        .filter_map(|(_, i)| i.record.clone().map(record_from_wire))
+        .chain(grant.as_ref().and_then(|g| g.record.clone()))
+        .max_by_key(|r| r.epoch())
         .map(|r| r.volume.clone())
         .unwrap_or_default();
     if let Some(pin) = pin.filter(|p| *p != volume) {
@@ -126,6 +160,7 @@ pub fn start_pinned(
         (generation, &engine_id),
         timeout,
         leased_since,
+        authority.zip(grant),
     );
     if let Err(e) = &started {
         // What was claimed is not served: the next engine need not wait for the leases.
@@ -149,8 +184,10 @@ fn serve(
     (generation, engine_id): (u64, &str),
     timeout: Duration,
     leased_since: u64,
+    authority: Option<(Arc<dyn Authority>, Grant)>,
 ) -> Result<(Arc<Engine>, StartReport)> {
     let engine_id = engine_id.to_string();
+    let managed = authority.is_some();
     let candidates: Vec<Candidate> = claimed
         .iter()
         .map(|(r, i)| Candidate {
@@ -161,8 +198,13 @@ fn serve(
             rebuilding: i.mode == horn_proto::control::Mode::Wo as i32,
         })
         .collect();
-    let plan = membership::plan_start(listed, &candidates, &membership::new_id())
-        .map_err(|why| VolumeError::NoReplica(with_skipped(why, &skipped)))?;
+    let plan = membership::plan_start_under(
+        listed,
+        &candidates,
+        &membership::new_id(),
+        authority.as_ref().map(|(_, g)| g),
+    )
+    .map_err(|why| VolumeError::NoReplica(with_skipped(why, &skipped)))?;
     for (i, why) in &plan.left_out {
         skipped.push((claimed[*i].0.data.clone(), format!("left out: {why}")));
     }
@@ -190,7 +232,7 @@ fn serve(
         .map(|i| (claimed[i].0.control.clone(), candidates[i].id.clone()))
         .collect();
     let (stored, refused) = keeper::store(&runtime, &targets, &record, timeout);
-    if !membership::counts(&record, &stored) {
+    if !membership::counts_under(&record, &stored, managed) {
         return Err(VolumeError::NoReplica(format!(
             "too few replicas stored the new membership record ({})",
             describe(&refused)
@@ -206,7 +248,7 @@ fn serve(
         // A member that did not store it is dropped before anything is served.
         let next = membership::without(&record, &not_stored);
         let (again, more) = keeper::store(&runtime, &targets, &next, timeout);
-        if !membership::counts(&next, &again) {
+        if !membership::counts_under(&next, &again, managed) {
             return Err(VolumeError::NoReplica(format!(
                 "too few replicas stored the new membership record ({})",
                 describe(&more)
@@ -217,6 +259,14 @@ fn serve(
         }
         members.retain(|&i| next.rw.contains_key(&candidates[i].id));
         record = next;
+    }
+    // Under an authority the record counts once it is there too.
+    if let Some((a, _)) = &authority {
+        authority::put_patiently(a.as_ref(), &record, authority::PATIENCE).map_err(|e| {
+            VolumeError::NoReplica(format!(
+                "the membership authority did not store the new membership record: {e}"
+            ))
+        })?;
     }
     let sector_size = claimed[members[0]].1.sector_size;
     let used: Vec<ClaimedReplica> = members
@@ -243,6 +293,7 @@ fn serve(
         timeout,
         skipped,
         runtime,
+        authority.map(|(a, _)| a),
     ));
     if lease_holds {
         engine.extend_lease(leased_since.saturating_add(lease::LEASE_TRUSTED.as_nanos() as u64));

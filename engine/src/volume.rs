@@ -48,7 +48,18 @@ impl Volume {
         timeout: Duration,
         pin: Option<&str>,
     ) -> Result<(Volume, StartReport)> {
-        let (engine, report) = crate::start::start_pinned(replicas, timeout, pin)?;
+        Volume::start_under(replicas, timeout, pin, None)
+    }
+
+    /// [`Volume::start_pinned`], under a membership `authority` when one is given
+    /// ([`crate::start::start_under`]).
+    pub fn start_under(
+        replicas: &[ReplicaAddr],
+        timeout: Duration,
+        pin: Option<&str>,
+        authority: Option<std::sync::Arc<dyn crate::authority::Authority>>,
+    ) -> Result<(Volume, StartReport)> {
+        let (engine, report) = crate::start::start_under(replicas, timeout, pin, authority)?;
         let v = Volume::open(&engine)?;
         Ok((v, report))
     }

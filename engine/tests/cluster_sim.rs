@@ -20,12 +20,20 @@
 //!   up, an engine starts (or is refused with a reason) and every RW replica it takes
 //!   holds the same data, which reads back fresh.
 //!
+//! Half the seeds run the volume under a manager, the second authority on membership
+//! (`horn_engine::authority`): engines run on three nodes, one at a time on each (as a
+//! node agent runs them), begin their generation at the manager and put every record
+//! there before it counts; a change then counts with one RW member, and a start on
+//! the node of the engine that put the manager's newest record may serve from one RW
+//! member of it (a salvage). Any engine's link to the manager may be cut too.
+//!
 //! `HORN_CLUSTER_SEEDS` sets how many seeds run (default 5,000) from a base chosen at
 //! random each run and printed (`HORN_CLUSTER_SEED_BASE` fixes it); a failure prints
 //! its seed, and `HORN_CLUSTER_SEED` reruns that one.
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use horn_engine::authority::Grant;
 use horn_engine::membership::{self, Candidate, Record};
 use horn_replica::membership::{check_claim, check_record, Lease, Standing};
 use rand::rngs::SmallRng;
@@ -61,7 +69,22 @@ struct Engine {
     stopped: bool,
     /// Until when it serves reads (its read lease, as it counts it).
     lease_until: u64,
+    /// The node it runs on (under a manager: one engine of the volume per node).
+    node: usize,
 }
+
+/// The manager's side, when the volume runs under one.
+#[derive(Default)]
+struct Manager {
+    /// The generation begun last, and the engine that began it.
+    generation: u64,
+    engine: Option<usize>,
+    /// The newest record put, and the node of the engine that put it.
+    record: Option<Record>,
+    record_node: Option<usize>,
+}
+
+const NODES: usize = 3;
 
 struct Sim {
     rng: SmallRng,
@@ -91,12 +114,18 @@ struct Sim {
     last_acker: Option<usize>,
     retired: BTreeSet<usize>,
     log: Vec<String>,
+    /// The volume runs under a manager.
+    managed: bool,
+    manager: Manager,
+    /// manager_links[e]: engine e reaches the manager.
+    manager_links: Vec<bool>,
 }
 
 impl Sim {
     fn new(seed: u64) -> Sim {
         let mut rng = SmallRng::seed_from_u64(seed);
         let n = if rng.gen_bool(0.5) { 3 } else { 5 };
+        let managed = rng.gen_bool(0.5);
         let replicas = (0..n)
             .map(|i| Replica {
                 id: format!("r{i}"),
@@ -123,6 +152,9 @@ impl Sim {
             last_acker: None,
             retired: BTreeSet::new(),
             log: Vec::new(),
+            managed,
+            manager: Manager::default(),
+            manager_links: Vec::new(),
         }
     }
 
@@ -180,7 +212,22 @@ impl Sim {
                 stored.insert(rep.id.clone());
             }
         }
-        let counted = membership::counts(next, &stored);
+        let mut counted = membership::counts_under(next, &stored, self.managed);
+        if counted && self.managed {
+            // Then to the manager, which takes it from the engine of the generation
+            // begun last only, and only forward.
+            let m = &self.manager;
+            let taken = self.manager_links[e]
+                && self.rng.gen_bool(0.95)
+                && m.generation == next.generation
+                && m.engine == Some(e)
+                && m.record.as_ref().is_none_or(|r| next.epoch() > r.epoch());
+            if taken {
+                self.manager.record = Some(next.clone());
+                self.manager.record_node = Some(self.engines[e].node);
+            }
+            counted = taken;
+        }
         self.log.push(format!(
             "{} record g{}v{} rw {:?}: stored on {stored:?}, counted {counted}",
             self.engines[e].id,
@@ -197,9 +244,16 @@ impl Sim {
     }
 
     fn start_engine_with(&mut self, links: Vec<bool>) {
+        let node = self.rng.gen_range(0..NODES);
+        if self.managed && self.engines.iter().any(|x| x.alive && x.node == node) {
+            // The node's agent starts the volume's engine there only once the last one
+            // has exited.
+            return;
+        }
         let e = self.engines.len();
         let id = format!("e{e}");
         self.links.push(links);
+        self.manager_links.push(self.rng.gen_bool(0.9));
         self.connections
             .push(self.replicas.iter().map(|r| r.incarnation).collect());
         self.engines.push(Engine {
@@ -213,10 +267,12 @@ impl Sim {
                 rw: BTreeMap::new(),
                 wo: BTreeMap::new(),
                 after: Vec::new(),
+                authority: String::new(),
             },
             alive: false,
             stopped: false,
             lease_until: 0,
+            node,
         });
         let reach: Vec<usize> = (0..self.replicas.len()).filter(|&r| self.reaches(e, r)).collect();
         let newest = reach
@@ -224,7 +280,26 @@ impl Sim {
             .map(|&r| self.replicas[r].standing.generation)
             .max()
             .unwrap_or(0);
-        let generation = newest + 1;
+        let mut generation = newest + 1;
+        let grant = if self.managed {
+            if !self.manager_links[e] {
+                self.log
+                    .push(format!("{id} on n{node}: the manager cannot be reached"));
+                return;
+            }
+            let m = &mut self.manager;
+            generation = generation.max(m.generation + 1);
+            m.generation = generation;
+            m.engine = Some(e);
+            Some(Grant {
+                generation,
+                record: m.record.clone(),
+                same_node: m.record_node.is_none_or(|n| n == node),
+                name: "manager:sim".into(),
+            })
+        } else {
+            None
+        };
         let mut claimed = Vec::new();
         let now = self.now;
         for &r in &reach {
@@ -249,7 +324,12 @@ impl Sim {
                 rebuilding: false,
             })
             .collect();
-        let plan = match membership::plan_start(self.replicas.len(), &candidates, &format!("vol-{id}")) {
+        let plan = match membership::plan_start_under(
+            self.replicas.len(),
+            &candidates,
+            &format!("vol-{id}"),
+            grant.as_ref(),
+        ) {
             Ok(p) => p,
             Err(why) => {
                 self.log.push(format!("{id} (g{generation}) refused: {why}"));
@@ -322,7 +402,7 @@ impl Sim {
         }
         let members = self.rw_members(e);
         self.log.push(format!(
-            "{id} started at g{generation} with {:?}",
+            "{id} started at g{generation} on n{node} with {:?}",
             members.iter().map(|&r| &self.replicas[r].id).collect::<Vec<_>>()
         ));
     }
@@ -651,8 +731,12 @@ impl Sim {
                 } else {
                     self.rng.gen_range(0..self.engines.len())
                 };
-                let r = self.rng.gen_range(0..self.replicas.len());
-                self.links[e][r] = !self.links[e][r];
+                if self.managed && self.rng.gen_bool(0.2) {
+                    self.manager_links[e] = !self.manager_links[e];
+                } else {
+                    let r = self.rng.gen_range(0..self.replicas.len());
+                    self.links[e][r] = !self.links[e][r];
+                }
             }
             15..=17 => {
                 let r = self.rng.gen_range(0..self.replicas.len());

@@ -337,6 +337,7 @@ fn control(seeds: &Seeds) {
                 after: vec![c::MemberSet {
                     members: vec![member("00112233445566778899aabbccddeeff", "127.0.0.1:9500")],
                 }],
+                authority: String::new(),
             }),
         },
     ));
@@ -384,6 +385,7 @@ fn control(seeds: &Seeds) {
             rw: vec![member("00112233445566778899aabbccddeeff", "127.0.0.1:9500")],
             wo: vec![],
             after: vec![],
+            authority: "manager:0123456789abcdef".into(),
         },
     ));
     replies.extend(call(

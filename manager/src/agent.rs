@@ -178,6 +178,7 @@ pub fn run(cfg: AgentConfig, stop: Receiver<()>) -> Result<()> {
         cfg.hornd.clone(),
         cfg.disks.iter().map(|d| d.path.clone()).collect(),
     )?;
+    instances.under_manager(&cfg.manager, &cfg.name, &cfg.token)?;
     let mut disks: Vec<PathBuf> = cfg.disks.iter().map(|d| d.path.clone()).collect();
     let mut client: Option<Client> = None;
     let mut registered = false;

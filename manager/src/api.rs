@@ -214,6 +214,11 @@ impl<S: Store + 'static> ManagerService<S> {
         }
     }
 
+    /// The name engines stamp their records with under this manager.
+    fn authority_name(&self) -> String {
+        format!("manager:{}", self.cluster_id)
+    }
+
     /// Starts the reconciler: a thread that looks at every volume each second and
     /// replaces the replicas that have been failed for the replenishment wait. It
     /// ends when the service is dropped.
@@ -581,8 +586,16 @@ impl<S: Store + 'static> ManagerService<S> {
                 p
             })
             .collect();
+        let membership = self
+            .specs
+            .membership(name)
+            .map_err(to_status)?
+            .and_then(|m| m.spec.record)
+            .map(|r| describe_membership(&r))
+            .unwrap_or_default();
         let s = v.spec;
         Ok(pb::Volume {
+            membership,
             state: st.state.into(),
             robustness: st.robustness.into(),
             endpoint: st.endpoint,
@@ -675,6 +688,26 @@ struct ClusterView {
 /// An engine's refusal, as the manager's: the same code, naming the volume.
 fn engine_refused(volume: &str) -> impl Fn(Status) -> Status + '_ {
     move |s| Status::new(s.code(), format!("volume {volume}'s engine: {}", s.message()))
+}
+
+/// A membership record as the manager's API carries it (the replica's message, field
+/// for field).
+pub fn membership_to_wire(r: &horn_engine::membership::Record) -> pb::MembershipRecord {
+    rewire(&horn_replica::control::record_to_wire(r))
+}
+
+/// A membership record from the manager's API.
+pub fn membership_from_wire(m: pb::MembershipRecord) -> horn_engine::membership::Record {
+    horn_replica::control::record_from_wire(rewire(&m))
+}
+
+/// A record in words, WO members included.
+fn describe_membership(r: &horn_engine::membership::Record) -> String {
+    let mut s = horn_engine::membership::describe(r);
+    if !r.wo.is_empty() {
+        s += &format!("; WO: {}", r.wo.values().cloned().collect::<Vec<_>>().join(", "));
+    }
+    s
 }
 
 /// `a` as message `B`: for the manager's messages that carry the engine's fields
@@ -1323,6 +1356,48 @@ impl<S: Store + 'static> Manager for Service<S> {
                     settings: settings.to_pairs().into_iter().collect(),
                     revision,
                 })
+            })
+            .await
+    }
+
+    async fn begin_generation(
+        &self,
+        req: Request<pb::BeginGenerationRequest>,
+    ) -> Result<Response<pb::BeginGenerationReply>, Status> {
+        let r = req.into_inner();
+        self.0
+            .blocking(move |m| {
+                let (generation, before) = m
+                    .specs
+                    .begin_generation(&r.volume, r.at_least, &r.engine, &r.node)
+                    .map_err(to_status)?;
+                tracing::info!(volume = %r.volume, generation, engine = %r.engine, node = %r.node, "an engine began its generation");
+                Ok(pb::BeginGenerationReply {
+                    generation,
+                    same_node: before.record_node.is_empty() || before.record_node == r.node,
+                    record: before.record.as_ref().map(membership_to_wire),
+                    authority: m.authority_name(),
+                })
+            })
+            .await
+    }
+
+    async fn record_membership(
+        &self,
+        req: Request<pb::RecordMembershipRequest>,
+    ) -> Result<Response<pb::RecordMembershipReply>, Status> {
+        let r = req.into_inner();
+        let record = r
+            .record
+            .map(membership_from_wire)
+            .ok_or_else(|| Status::invalid_argument("a membership record is needed"))?;
+        self.0
+            .blocking(move |m| {
+                m.specs
+                    .put_membership(&r.volume, &record, &r.node)
+                    .map_err(to_status)?;
+                tracing::info!(volume = %r.volume, record = %describe_membership(&record), node = %r.node, "recorded a volume's membership");
+                Ok(pb::RecordMembershipReply {})
             })
             .await
     }

@@ -347,6 +347,7 @@ fn volume_json(v: &pb::Volume) -> serde_json::Value {
         "volume_id": (!v.volume_id.is_empty()).then_some(&v.volume_id),
         "endpoint": (!v.endpoint.is_empty()).then_some(&v.endpoint),
         "message": (!v.message.is_empty()).then_some(&v.message),
+        "membership": (!v.membership.is_empty()).then_some(&v.membership),
         "placements": v.placements.iter().map(|p| json!({
             "id": p.id, "node": p.node, "disk": p.disk, "state": p.state,
             "mode": (!p.mode.is_empty()).then_some(&p.mode),
@@ -649,6 +650,9 @@ fn print_volume(v: &pb::Volume) {
     }
     if !v.message.is_empty() {
         println!("{}: {}", v.state, v.message);
+    }
+    if !v.membership.is_empty() {
+        println!("membership: {}", v.membership);
     }
     println!();
     let dash = |s: &str| {

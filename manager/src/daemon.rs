@@ -174,6 +174,8 @@ pub struct EngineStart {
     pub volume: Option<String>,
     /// How long a replica may take to answer before it is dropped.
     pub timeout: Duration,
+    /// The membership authority besides the replicas (a manager), if any.
+    pub authority: Option<Arc<dyn horn_engine::authority::Authority>>,
 }
 
 /// Serves a volume's engine on `start`'s replicas (and on the replica it `hosted` in its own
@@ -203,6 +205,7 @@ pub fn serve_engine(
         mut replicas,
         volume: pin,
         timeout,
+        authority,
     } = start;
     let hosted = match hosted {
         Some(opts) => {
@@ -212,7 +215,8 @@ pub fn serve_engine(
         }
         None => None,
     };
-    let started = Volume::start_pinned(&replicas, timeout, pin.as_deref()).context("cannot start the engine");
+    let started =
+        Volume::start_under(&replicas, timeout, pin.as_deref(), authority).context("cannot start the engine");
     let (mut volume, report) = match started {
         Ok(v) => v,
         Err(e) => {

@@ -88,6 +88,8 @@ pub struct Instances {
     /// The agent's disks: a replica's directory must be under one.
     disks: Vec<PathBuf>,
     by_name: BTreeMap<String, Instance>,
+    /// The flags that put an engine under the manager as its membership authority.
+    authority: Vec<String>,
 }
 
 fn name_of(kind: &str, volume: &str, replica: &str) -> String {
@@ -184,7 +186,37 @@ impl Instances {
             ip,
             disks,
             by_name,
+            authority: Vec::new(),
         })
+    }
+
+    /// Engines started from now on run under the manager at `manager` as their
+    /// membership authority (`hornd engine --manager`), as node `node`; the cluster
+    /// token goes to `STATE/cluster-token`, readable by root only, for them to read.
+    pub fn under_manager(&mut self, manager: &str, node: &str, token: &str) -> Result<()> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let state = self.dir.parent().unwrap_or(&self.dir);
+        let path = state.join("cluster-token");
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&path)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        f.write_all(token.as_bytes())
+            .and_then(|()| f.sync_all())
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        self.authority = vec![
+            "--manager".into(),
+            manager.into(),
+            "--node".into(),
+            node.into(),
+            "--token-file".into(),
+            path.display().to_string(),
+        ];
+        Ok(())
     }
 
     /// The node's disks (as the manager has them now): a replica's directory must be
@@ -373,46 +405,87 @@ impl Instances {
         self.start_if_down(name)
     }
 
+    /// The command line of volume `w`'s engine, with its control address and (iSCSI)
+    /// portal and IQN.
+    fn engine_command(
+        &self,
+        w: &pb::EngineWork,
+        control: &str,
+        portal: &str,
+        iqn: &str,
+    ) -> Result<Vec<String>> {
+        let mut command = vec![
+            "engine".to_string(),
+            "--name".into(),
+            w.volume.clone(),
+            "--control".into(),
+            control.to_string(),
+        ];
+        if !w.volume_id.is_empty() {
+            command.extend(["--volume".into(), w.volume_id.clone()]);
+        }
+        command.extend(self.authority.iter().cloned());
+        for r in &w.replicas {
+            let local = if r.local { ",local" } else { "" };
+            command.push("--replica".into());
+            command.push(format!("{},{}{local}", r.data_address, r.control_address));
+        }
+        match w.frontend.as_str() {
+            "iscsi" => command.extend([
+                "--frontend".into(),
+                "iscsi".into(),
+                "--listen".into(),
+                portal.to_string(),
+                "--iqn".into(),
+                iqn.to_string(),
+            ]),
+            "ublk" => command.extend(["--frontend".into(), "ublk".into()]),
+            // Maintenance: the control service only.
+            "none" => {}
+            other => bail!("frontend {other:?} is not one this agent knows"),
+        }
+        Ok(command)
+    }
+
     fn ensure_engine(&mut self, name: &str, w: &pb::EngineWork) -> Result<()> {
+        let replicas: BTreeMap<String, (String, String)> = w
+            .replicas
+            .iter()
+            .map(|r| (r.id.clone(), (r.data_address.clone(), r.control_address.clone())))
+            .collect();
+        // An engine that is down starts again on the replicas its work names now (one
+        // that failed to start on those running then may start on those running now:
+        // a salvage waits for a replica that holds every acknowledged write).
+        if self.by_name.contains_key(name) && !self.is_alive(name) {
+            let i = &self.by_name[name];
+            let (control, portal, iqn) = (
+                i.record.control_address.clone(),
+                i.record.portal.clone(),
+                i.record.iqn.clone(),
+            );
+            if i.record.frontend == w.frontend {
+                let command = self.engine_command(w, &control, &portal, &iqn)?;
+                let i = self.by_name.get_mut(name).expect("checked");
+                if i.record.command != command {
+                    tracing::info!(instance = %name, replicas = ?replicas.keys().collect::<Vec<_>>(), "an engine that is down starts again on its replicas as they are now");
+                    i.record.command = command;
+                    i.record.replicas = replicas.clone();
+                    // New inputs: no reason to wait out the last failure's pause.
+                    i.retry_at = None;
+                    i.pause = Duration::from_secs(1);
+                    self.save(name)?;
+                }
+            }
+        }
         if !self.by_name.contains_key(name) {
             let mut taken = BTreeSet::new();
             let control = self.free_port(&mut taken)?;
-            let mut command = vec![
-                "engine".to_string(),
-                "--name".into(),
-                w.volume.clone(),
-                "--control".into(),
-                control.clone(),
-            ];
-            if !w.volume_id.is_empty() {
-                command.extend(["--volume".into(), w.volume_id.clone()]);
-            }
-            let mut replicas = BTreeMap::new();
-            for r in &w.replicas {
-                let local = if r.local { ",local" } else { "" };
-                command.push("--replica".into());
-                command.push(format!("{},{}{local}", r.data_address, r.control_address));
-                replicas.insert(r.id.clone(), (r.data_address.clone(), r.control_address.clone()));
-            }
             let (mut portal, mut iqn) = (String::new(), String::new());
-            match w.frontend.as_str() {
-                "iscsi" => {
-                    portal = self.free_port(&mut taken)?;
-                    iqn = horn_iscsi::target::default_iqn(&w.volume);
-                    command.extend([
-                        "--frontend".into(),
-                        "iscsi".into(),
-                        "--listen".into(),
-                        portal.clone(),
-                        "--iqn".into(),
-                        iqn.clone(),
-                    ]);
-                }
-                "ublk" => command.extend(["--frontend".into(), "ublk".into()]),
-                // Maintenance: the control service only.
-                "none" => {}
-                other => bail!("frontend {other:?} is not one this agent knows"),
+            if w.frontend == "iscsi" {
+                portal = self.free_port(&mut taken)?;
+                iqn = horn_iscsi::target::default_iqn(&w.volume);
             }
+            let command = self.engine_command(w, &control, &portal, &iqn)?;
             let record = Record {
                 kind: ENGINE.into(),
                 volume: w.volume.clone(),

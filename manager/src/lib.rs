@@ -17,6 +17,7 @@
 
 pub mod agent;
 pub mod api;
+pub mod authority;
 pub mod ctl;
 pub mod daemon;
 pub mod format;

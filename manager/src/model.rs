@@ -2,14 +2,16 @@
 //! exist), checked before they are written, and [`Specs`], the typed access to them
 //! with compare-and-swap on every change.
 //!
-//! Keys: `volumes/NAME`, `nodes/NAME`, `replicas/VOLUME/ID` and `settings`; values
-//! are JSON. Runtime state (what runs, replica modes, rebuild progress, node
+//! Keys: `volumes/NAME`, `nodes/NAME`, `replicas/VOLUME/ID`, `membership/VOLUME`
+//! and `settings`; values are JSON. Runtime state (what runs, replica modes, rebuild progress, node
 //! readiness) is not here: the node agents report it and the manager rebuilds it
 //! after a restart.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
+
+use horn_engine::membership::Record;
 
 use crate::scheduler;
 use crate::store::{Expect, Revision, Store, StoreError, Txn};
@@ -326,7 +328,32 @@ fn replica_key(volume: &str, id: &str) -> String {
     format!("replicas/{volume}/{id}")
 }
 
+fn membership_key(volume: &str) -> String {
+    format!("membership/{volume}")
+}
+
 const SETTINGS_KEY: &str = "settings";
+
+/// A volume's membership as the manager keeps it, as the engines' second authority on
+/// it (`horn_engine::authority`): the generation begun last, which fences every older
+/// engine out, and the newest record an engine put, stored before it counted.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MembershipSpec {
+    /// The generation begun last.
+    pub generation: u64,
+    /// The engine that began it, and its node.
+    pub engine: String,
+    /// See [`MembershipSpec::engine`].
+    pub node: String,
+    /// The newest record put.
+    pub record: Option<Record>,
+    /// The node of the engine that put it: the only engine that may still serve the
+    /// volume runs there.
+    pub record_node: String,
+}
+
+/// How many times a change to a membership spec is tried against concurrent ones.
+const MEMBERSHIP_TRIES: usize = 8;
 
 /// Typed, checked access to the specs in a [`Store`].
 pub struct Specs<S: Store> {
@@ -482,13 +509,114 @@ impl<S: Store> Specs<S> {
         }
         let mut txn = Txn::new()
             .check(volume_key(name), Expect::At(v.revision))
-            .delete(volume_key(name));
+            .delete(volume_key(name))
+            .delete(membership_key(name));
         for r in self.replicas(name)? {
             txn = txn
                 .check(replica_key(name, &r.spec.id), Expect::At(r.revision))
                 .delete(replica_key(name, &r.spec.id));
         }
         Ok(self.store.commit(txn)?)
+    }
+
+    /// Volume `volume`'s membership as the manager holds it (`None`: no engine has
+    /// begun a generation of it under the manager).
+    pub fn membership(&self, volume: &str) -> Result<Option<Versioned<MembershipSpec>>, SpecError> {
+        self.read(&membership_key(volume))
+    }
+
+    /// Reads `volume`'s membership, applies `change` (which may refuse), and writes it
+    /// back if nothing else changed it meanwhile; tried again on a conflict.
+    fn change_membership<T>(
+        &self,
+        volume: &str,
+        change: impl Fn(&mut MembershipSpec) -> Result<T, SpecError>,
+    ) -> Result<(T, MembershipSpec), SpecError> {
+        let mut last = None;
+        for _ in 0..MEMBERSHIP_TRIES {
+            let v = self.volume(volume)?;
+            let key = membership_key(volume);
+            let (mut m, expect) = match self.membership(volume)? {
+                Some(m) => (m.spec, Expect::At(m.revision)),
+                None => (MembershipSpec::default(), Expect::Absent),
+            };
+            let before = m.clone();
+            let out = change(&mut m)?;
+            // The volume too must be the one read: a delete and re-create in between
+            // starts a new membership.
+            let txn = Txn::new()
+                .check(volume_key(volume), Expect::At(v.revision))
+                .check(&key, expect)
+                .put(&key, Self::json(&m));
+            match self.store.commit(txn) {
+                Ok(_) => return Ok((out, before)),
+                Err(e @ StoreError::Conflict { .. }) => last = Some(e),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(last.expect("tried at least once").into())
+    }
+
+    /// Begins a generation of at least `at_least` for engine `engine` on `node`: one
+    /// above every generation begun before, from which the manager takes records from
+    /// that engine only. Returns the generation and the membership as it was.
+    pub fn begin_generation(
+        &self,
+        volume: &str,
+        at_least: u64,
+        engine: &str,
+        node: &str,
+    ) -> Result<(u64, MembershipSpec), SpecError> {
+        if engine.is_empty() || node.is_empty() {
+            return Err(SpecError::Invalid(
+                "beginning a generation needs the engine's identity and its node".into(),
+            ));
+        }
+        self.change_membership(volume, |m| {
+            let next = m
+                .generation
+                .checked_add(1)
+                .map(|g| g.max(at_least))
+                .ok_or_else(|| {
+                    SpecError::Refused(format!("volume {volume}: the generation is at its maximum"))
+                })?;
+            m.generation = next;
+            m.engine = engine.to_string();
+            m.node = node.to_string();
+            Ok(next)
+        })
+    }
+
+    /// Stores `record`, put by the engine on `node`: refused unless that engine began
+    /// the generation in force and the record is newer than the one held.
+    pub fn put_membership(&self, volume: &str, record: &Record, node: &str) -> Result<(), SpecError> {
+        let spec = self.volume(volume)?.spec;
+        if let Some(id) = spec.volume_id.as_deref().filter(|id| *id != record.volume) {
+            return Err(SpecError::Refused(format!(
+                "volume {volume} is {id}; the record is of {}",
+                record.volume
+            )));
+        }
+        self.change_membership(volume, |m| {
+            if m.generation != record.generation || m.engine != record.engine {
+                return Err(SpecError::Refused(format!(
+                    "volume {volume}: generation {} has begun (engine {} on node {}); the record of \
+                     generation {} (engine {}) is from an engine fenced out",
+                    m.generation, m.engine, m.node, record.generation, record.engine
+                )));
+            }
+            if let Some(held) = m.record.as_ref().filter(|h| h.epoch() >= record.epoch()) {
+                return Err(SpecError::Refused(format!(
+                    "volume {volume}: the record held (generation {} version {}) is not older than \
+                     the one put (version {})",
+                    held.generation, held.version, record.version
+                )));
+            }
+            m.record = Some(record.clone());
+            m.record_node = node.to_string();
+            Ok(())
+        })
+        .map(|_| ())
     }
 
     /// Registers a node or replaces its spec (an agent registers at every start).

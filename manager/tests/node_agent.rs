@@ -762,3 +762,203 @@ fn disks_added_with_hornctl_are_measured_used_kept_and_removed_only_when_empty()
     assert!(disk(fast_s).is_none());
     drop(agent);
 }
+
+/// Node `n` lost at once: its agent and every instance it runs killed (SIGKILL).
+fn lose_node(data: &Path, agents: &mut [Option<Agent>], n: u32) {
+    if let Some(mut agent) = agents[n as usize - 1].take() {
+        let _ = agent.child.kill();
+        let _ = agent.child.wait();
+    }
+    for (_, pid) in recorded_pids(data, n) {
+        // SAFETY: killpg takes no pointers; the group is the supervisor's own.
+        unsafe { libc::killpg(pid as i32, libc::SIGKILL) };
+    }
+}
+
+/// Node `n`'s state ("unknown" before it registers).
+fn node_state(data: &Path, a: &str, n: u32) -> String {
+    let nodes = json(hornctl(data, a, &["node", "list", "--json"]));
+    nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["name"] == format!("n{n}"))
+        .and_then(|x| x["state"].as_str())
+        .unwrap_or("unknown")
+        .to_string()
+}
+
+/// The manager is the engines' membership authority: every record is stored there
+/// before it counts, so a volume whose replicas all failed is salvaged from one that
+/// holds every acknowledged write (even one of three), never from a stale one, and two
+/// of three replicas lost at once leave the volume going on with the third.
+#[test]
+fn the_manager_salvages_a_volume_only_from_current_replicas_and_keeps_it_going_on_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path();
+    init(data);
+    let mgr = ManagerDaemon::start(data, "127.0.0.1:0");
+    let _cleanup = KillInstances(data);
+    let a = &mgr.addr;
+    roomy(data, a);
+    // No replacement in this test: which replicas come back is the point.
+    ok(hornctl(
+        data,
+        a,
+        &[
+            "settings",
+            "set",
+            "node-lease-secs=3",
+            "replica-replenishment-wait-secs=3600",
+        ],
+    ));
+    let mut agents: Vec<Option<Agent>> = (1..=3).map(|n| Some(start_agent(data, a, n))).collect();
+    common::eventually(Duration::from_secs(20), "three ready nodes", || {
+        (1..=3).all(|n| node_state(data, a, n) == "ready")
+    });
+    ok(hornctl(
+        data,
+        a,
+        &[
+            "volume",
+            "create",
+            "v3",
+            "--size",
+            "32M",
+            "--replicas",
+            "3",
+            "--frontend",
+            "iscsi",
+        ],
+    ));
+    let info = || json(hornctl(data, a, &["volume", "info", "v3", "--json"]));
+    let v = info();
+    let home = node_of(&v, "r1");
+    ok(hornctl(data, a, &["volume", "attach", "v3", &format!("n{home}")]));
+    common::eventually(Duration::from_secs(20), "a healthy volume", || {
+        info()["robustness"] == "healthy"
+    });
+    let v = info();
+    let membership = v["membership"].as_str().unwrap().to_string();
+    assert!(
+        membership.contains("RW:") && membership.matches("127.0.0.").count() == 3,
+        "the manager holds the engine's record with three RW members: {membership}"
+    );
+    let (p, iqn) = portal(v["endpoint"].as_str().unwrap());
+    let mut s = Initiator::login(&p, &iqn, None).expect("login");
+    let first = block(11, 32 * 1024);
+    assert_eq!(s.write10(0, &first).status, 0);
+    drop(s);
+
+    // The whole cluster loses power: every node at once. Only the volume's own node
+    // comes back. Its engine starts on r1 alone: one of the three replicas the
+    // manager's record names as holding every acknowledged write, on the node of the
+    // last engine (so that engine is gone). The replicas alone would need two.
+    for n in 1..=3 {
+        lose_node(data, &mut agents, n);
+    }
+    agents[home as usize - 1] = Some(start_agent(data, a, home));
+    let others: Vec<u32> = (1..=3).filter(|n| *n != home).collect();
+    common::eventually(Duration::from_secs(20), "the other nodes down", || {
+        others.iter().all(|n| node_state(data, a, *n) == "down")
+    });
+    common::eventually(Duration::from_secs(60), "the volume served again on r1", || {
+        let v = info();
+        v["state"] == "attached" && v["robustness"] == "degraded"
+    });
+    let v = info();
+    let r1 = v["placements"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["id"] == "r1")
+        .unwrap()["data_address"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let membership = v["membership"].as_str().unwrap().to_string();
+    assert!(
+        membership.contains(&format!("RW: {r1}")) && membership.matches("127.0.0.").count() == 1,
+        "salvaged from r1 alone: {membership}"
+    );
+    let (p, iqn) = portal(v["endpoint"].as_str().unwrap());
+    let mut s = Initiator::login(&p, &iqn, None).expect("login after the salvage");
+    assert_eq!(
+        s.read10(0, 64).data,
+        first,
+        "what was acknowledged before the outage"
+    );
+    let second = block(12, 16 * 1024);
+    assert_eq!(s.write10(64, &second).status, 0, "a write on r1 alone");
+    drop(s);
+
+    // Now r1's node is lost, and the other two come back: they missed `second`.
+    // Attached elsewhere, the volume is not served from them, and says why.
+    lose_node(data, &mut agents, home);
+    for &n in &others {
+        agents[n as usize - 1] = Some(start_agent(data, a, n));
+    }
+    common::eventually(Duration::from_secs(20), "the nodes swapped", || {
+        node_state(data, a, home) == "down" && others.iter().all(|n| node_state(data, a, *n) == "ready")
+    });
+    ok(hornctl(data, a, &["volume", "detach", "v3"]));
+    let there = others[0];
+    let e = refused(hornctl(
+        data,
+        a,
+        &["volume", "attach", "v3", &format!("n{there}"), "--timeout", "20"],
+    ));
+    assert!(e.contains("still attaching"), "{e}");
+    let v = info();
+    let why = v["message"].as_str().unwrap();
+    assert_ne!(v["state"], "attached");
+    assert!(
+        why.contains(&r1) && why.contains("hold every acknowledged write"),
+        "the volume says which replica it waits for: {v}"
+    );
+    eprintln!("attach on stale replicas only: {why}");
+
+    // r1's node back: the engine on the other node starts on r1 (a majority of the
+    // one replica that holds every write), then rebuilds the stale two.
+    agents[home as usize - 1] = Some(start_agent(data, a, home));
+    common::eventually(
+        Duration::from_secs(90),
+        "served from r1 on the other node",
+        || info()["state"] == "attached",
+    );
+    let v = info();
+    let (p, iqn) = portal(v["endpoint"].as_str().unwrap());
+    assert!(p.starts_with(&format!("127.0.0.{}:", 10 + there)), "{v}");
+    let mut s = Initiator::login(&p, &iqn, None).expect("login on the other node");
+    assert_eq!(s.read10(0, 64).data, first);
+    assert_eq!(s.read10(64, 32).data, second, "the write only r1 held");
+    common::eventually(Duration::from_secs(60), "the stale replicas rebuilt", || {
+        info()["robustness"] == "healthy"
+    });
+    let out = ok(hornctl(data, a, &["volume", "verify", "v3"]));
+    assert!(out.contains("identical"), "{out}");
+
+    // Two of three replicas lost at once, under writes: the engine records both
+    // drops with the manager and goes on with the third.
+    let (r1_node, r3_node) = (node_of(&v, "r1"), node_of(&v, "r3"));
+    let keep = (1..=3).find(|n| ![r1_node, r3_node].contains(n)).unwrap();
+    assert_eq!(keep, there, "the engine's node keeps r2");
+    lose_node(data, &mut agents, r1_node);
+    lose_node(data, &mut agents, r3_node);
+    let third = block(13, 16 * 1024);
+    assert_eq!(
+        s.write10(128, &third).status,
+        0,
+        "a write with one of three replicas left"
+    );
+    assert_eq!(s.read10(0, 64).data, first);
+    assert_eq!(s.read10(64, 32).data, second);
+    assert_eq!(s.read10(128, 32).data, third);
+    common::eventually(Duration::from_secs(20), "the drops recorded", || {
+        let v = info();
+        v["robustness"] == "degraded" && v["membership"].as_str().unwrap().matches("127.0.0.").count() == 1
+    });
+    drop(s);
+    ok(hornctl(data, a, &["volume", "detach", "v3"]));
+    drop(agents);
+}

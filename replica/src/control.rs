@@ -253,6 +253,7 @@ pub fn record_to_wire(r: &Record) -> Membership {
             .iter()
             .map(|m| MemberSet { members: members(m) })
             .collect(),
+        authority: r.authority.clone(),
     }
 }
 
@@ -267,6 +268,7 @@ pub fn record_from_wire(m: Membership) -> Record {
         rw: members(m.rw),
         wo: members(m.wo),
         after: m.after.into_iter().map(|s| members(s.members)).collect(),
+        authority: m.authority,
     }
 }
 

@@ -69,6 +69,12 @@ pub struct Record {
     /// first record (which every RW member must store).
     #[serde(default)]
     pub after: Vec<BTreeMap<String, String>>,
+    /// Who else holds the record: empty when the replicas alone are the authority on
+    /// membership; otherwise the authority that stored it before it counted (a
+    /// manager: `manager:CLUSTER-ID`). An engine started without that authority
+    /// refuses a volume whose newest record names one.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub authority: String,
 }
 
 impl Record {
@@ -317,6 +323,7 @@ mod tests {
             rw: [("x".to_string(), "addr".to_string())].into(),
             wo: BTreeMap::new(),
             after: Vec::new(),
+            authority: String::new(),
         };
         assert!(check_record(&s, &r).is_ok());
         s.record = Some(r.clone());

@@ -306,6 +306,8 @@ impl Replica {
             rw: [(self.engine.id.clone(), name.to_string())].into(),
             wo: Default::default(),
             after: Vec::new(),
+            // The operator's own decision, outside any manager.
+            authority: String::new(),
         };
         self.store_engine(EngineState {
             generation,

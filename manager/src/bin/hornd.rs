@@ -156,6 +156,18 @@ enum Command {
         /// never made into a new, empty volume.
         #[arg(long)]
         volume: Option<String>,
+        /// Run under the manager at this address as the volume's membership authority
+        /// (`--name` is the volume's name there): the engine begins its generation
+        /// there, and stores every membership record there before it counts. Node
+        /// agents start their engines so.
+        #[arg(long, requires_all = ["node", "token_file"])]
+        manager: Option<String>,
+        /// With `--manager`: the node this engine runs on.
+        #[arg(long, requires = "manager")]
+        node: Option<String>,
+        /// With `--manager`: the file holding the cluster token.
+        #[arg(long, requires = "manager")]
+        token_file: Option<PathBuf>,
         /// Host the replica in this directory inside the engine's process: its reads
         /// and writes run on the engine's own rings, with no socket or process hop
         /// (the replica on the engine's node). Its control service is served at
@@ -402,6 +414,9 @@ fn main() -> ExitCode {
         Command::Engine {
             replicas,
             volume,
+            manager,
+            node,
+            token_file,
             host_replica,
             host_replica_control,
             host_replica_size,
@@ -460,6 +475,13 @@ fn main() -> ExitCode {
                 )),
                 (_, Err(e)) => Err(e),
                 (Some(max_io_bytes), Ok(iscsi)) => (|| {
+                    let authority = match (manager, node, token_file) {
+                        (Some(m), Some(n), Some(t)) => Some(std::sync::Arc::new(
+                            horn_manager::authority::ManagerAuthority::new(&m, &t, &name, &n)?,
+                        )
+                            as std::sync::Arc<dyn horn_engine::authority::Authority>),
+                        _ => None,
+                    };
                     let recover = match (frontend, recover, id) {
                         (Some(Frontend::Ublk), None, None) => adopt_device(&name)?,
                         _ => recover,
@@ -482,6 +504,7 @@ fn main() -> ExitCode {
                             replicas,
                             volume,
                             timeout: std::time::Duration::from_secs(timeout),
+                            authority,
                         },
                         control,
                         std::time::Duration::from_secs(clean_intents_every),
