@@ -214,6 +214,56 @@ impl<S: Store + 'static> ManagerService<S> {
         }
     }
 
+    /// Attaches strict-local volume `v` (as read), which has no replica yet, to `node`,
+    /// placing its replica there in the same transaction.
+    fn attach_strict_local(
+        &self,
+        v: crate::model::Versioned<VolumeSpec>,
+        node: &str,
+        maintenance: bool,
+    ) -> Result<pb::Volume, Status> {
+        let settings = self.specs.settings().map_err(to_status)?.spec;
+        let view = self.cluster_view()?;
+        let p = scheduler::place(
+            &view.nodes,
+            &scheduler::Request {
+                size: v.spec.size,
+                node_selector: &v.spec.node_selector,
+                disk_selector: &v.spec.disk_selector,
+                existing: &[],
+                locality: Locality::StrictLocal(node),
+            },
+            &settings.scheduling,
+        )
+        .map_err(|e| {
+            Status::failed_precondition(format!(
+                "volume {} is strict-local, so its replica must go on node {node}: {e}",
+                v.spec.name
+            ))
+        })?;
+        let replica = ReplicaSpec {
+            id: "r1".into(),
+            volume: v.spec.name.clone(),
+            node: p.node.clone(),
+            disk: p.disk.clone(),
+        };
+        let node_revision = view
+            .revisions
+            .iter()
+            .find(|(n, _)| *n == p.node)
+            .map(|(_, r)| *r)
+            .unwrap_or(0);
+        let mut spec = v.spec;
+        spec.attached_to = Some(node.to_string());
+        spec.maintenance = maintenance;
+        self.specs
+            .attach_placed(&spec, v.revision, &replica, node_revision)
+            .map_err(to_status)?;
+        self.changed();
+        tracing::info!(volume = %spec.name, node, disk = %replica.disk, "strict-local volume attached; its replica placed there");
+        self.volume_reply(&spec.name)
+    }
+
     /// The name engines stamp their records with under this manager.
     fn authority_name(&self) -> String {
         format!("manager:{}", self.cluster_id)
@@ -252,6 +302,7 @@ impl<S: Store + 'static> ManagerService<S> {
         let volumes = self.specs.volumes().map_err(to_status)?;
         let mut failing = BTreeMap::new();
         let mut due = Vec::new();
+        let mut locality = Vec::new();
         {
             let mut since = self.failed_since.lock().unwrap_or_else(|p| p.into_inner());
             for v in &volumes {
@@ -266,6 +317,10 @@ impl<S: Store + 'static> ManagerService<S> {
                     if now.duration_since(at) >= wait && runtime::may_replace(&v.spec, &ready, &reports) {
                         due.push((v.clone(), r.clone(), replicas.clone(), why));
                     }
+                }
+                let specs: Vec<ReplicaSpec> = replicas.iter().map(|r| r.spec.clone()).collect();
+                if let Some(step) = runtime::locality_step(&v.spec, &specs, &ready, &reports) {
+                    locality.push((v.clone(), replicas.clone(), step));
                 }
             }
             since.retain(|k, _| failing.contains_key(k));
@@ -286,7 +341,12 @@ impl<S: Store + 'static> ManagerService<S> {
                     node_selector: &v.spec.node_selector,
                     disk_selector: &v.spec.disk_selector,
                     existing: &existing,
-                    locality: Locality::Disabled,
+                    // A replacement goes to the attached node first, where locality
+                    // asks for one.
+                    locality: match (v.spec.data_locality, v.spec.attached_to.as_deref()) {
+                        (DataLocality::Disabled, _) | (_, None) => Locality::Disabled,
+                        (_, Some(n)) => Locality::BestEffort(n),
+                    },
                 },
                 &settings.scheduling,
             );
@@ -324,6 +384,84 @@ impl<S: Store + 'static> ManagerService<S> {
                 }
                 Err(e) => {
                     tracing::warn!(volume = %v.spec.name, error = %e, "replacing a replica lost a race; next pass")
+                }
+            }
+        }
+        for (v, replicas, step) in locality {
+            self.follow_locality(&v, &replicas, step, &settings.scheduling)?;
+        }
+        Ok(())
+    }
+
+    /// Takes one step of best-effort data locality ([`runtime::locality_step`]).
+    fn follow_locality(
+        &self,
+        v: &crate::model::Versioned<VolumeSpec>,
+        replicas: &[crate::model::Versioned<ReplicaSpec>],
+        step: runtime::LocalityStep,
+        scheduling: &scheduler::Settings,
+    ) -> Result<(), Status> {
+        match step {
+            runtime::LocalityStep::PlaceLocal(node) => {
+                let view = self.cluster_view()?;
+                let existing: Vec<scheduler::Placement> = replicas
+                    .iter()
+                    .map(|r| scheduler::Placement {
+                        node: r.spec.node.clone(),
+                        disk: r.spec.disk.clone(),
+                    })
+                    .collect();
+                let placed = scheduler::place(
+                    &view.nodes,
+                    &scheduler::Request {
+                        size: v.spec.size,
+                        node_selector: &v.spec.node_selector,
+                        disk_selector: &v.spec.disk_selector,
+                        existing: &existing,
+                        locality: Locality::StrictLocal(&node),
+                    },
+                    scheduling,
+                );
+                let p = match placed {
+                    Ok(p) => p,
+                    // Best effort: the volume is served from where its replicas are.
+                    Err(e) => {
+                        tracing::debug!(volume = %v.spec.name, node = %node, error = %e, "no local replica for a best-effort volume");
+                        return Ok(());
+                    }
+                };
+                let id = (1..)
+                    .map(|i| format!("r{i}"))
+                    .find(|id| replicas.iter().all(|r| &r.spec.id != id))
+                    .expect("an unused id");
+                let new = ReplicaSpec {
+                    id,
+                    volume: v.spec.name.clone(),
+                    node: p.node.clone(),
+                    disk: p.disk.clone(),
+                };
+                match self.specs.add_replica(&new, v.revision) {
+                    Ok(_) => {
+                        tracing::info!(volume = %v.spec.name, replica = %new.id, node = %new.node, disk = %new.disk, "data locality: a replica placed on the attached node");
+                        self.changed();
+                    }
+                    Err(e) => {
+                        tracing::warn!(volume = %v.spec.name, error = %e, "placing a local replica lost a race; next pass")
+                    }
+                }
+            }
+            runtime::LocalityStep::RemoveExtra(id) => {
+                let Some(old) = replicas.iter().find(|r| r.spec.id == id) else {
+                    return Ok(());
+                };
+                match self.specs.remove_replica(old, v.revision) {
+                    Ok(_) => {
+                        tracing::info!(volume = %v.spec.name, replica = %id, node = %old.spec.node, "data locality: the replica on the attached node is RW; one elsewhere removed");
+                        self.changed();
+                    }
+                    Err(e) => {
+                        tracing::warn!(volume = %v.spec.name, error = %e, "removing an extra replica lost a race; next pass")
+                    }
                 }
             }
         }
@@ -775,11 +913,6 @@ impl<S: Store + 'static> Manager for Service<S> {
             volume_id: None,
         };
         spec.check().map_err(Status::invalid_argument)?;
-        if spec.data_locality == DataLocality::StrictLocal {
-            return Err(Status::failed_precondition(
-                "a strict-local volume's replica is placed on the node it is attached to: create it at attach time (not yet supported)",
-            ));
-        }
         self.0
             .blocking(move |m| {
                 if m.specs.volume(&spec.name).is_ok() {
@@ -787,6 +920,13 @@ impl<S: Store + 'static> Manager for Service<S> {
                         kind: "volume",
                         name: spec.name.clone(),
                     }));
+                }
+                if spec.data_locality == DataLocality::StrictLocal {
+                    // Its one replica is placed at its first attach, on that node.
+                    m.specs.create_volume_placed(&spec, &[], &[]).map_err(to_status)?;
+                    m.changed();
+                    tracing::info!(volume = %spec.name, size = spec.size, "strict-local volume created; its replica is placed when it is first attached");
+                    return m.volume_reply(&spec.name);
                 }
                 let settings = m.specs.settings().map_err(to_status)?.spec;
                 let ClusterView {
@@ -1049,6 +1189,18 @@ impl<S: Store + 'static> Manager for Service<S> {
                         "volume {} is still detaching: its engine runs on",
                         r.name
                     )));
+                }
+                if v.spec.data_locality == DataLocality::StrictLocal {
+                    if let Some(p) = state.placements.iter().find(|p| p.node != r.node) {
+                        return Err(Status::failed_precondition(format!(
+                            "volume {} is strict-local: its replica is on node {}, and it is served \
+                             only there: attach it to {}",
+                            r.name, p.node, p.node
+                        )));
+                    }
+                    if state.placements.is_empty() {
+                        return m.attach_strict_local(v, &r.node, r.maintenance);
+                    }
                 }
                 if state.placements.iter().all(|p| p.state == "node down") {
                     return Err(Status::failed_precondition(format!(

@@ -76,7 +76,9 @@ pub enum VolumeCmd {
         /// ublk or iscsi.
         #[arg(long, default_value = "ublk")]
         frontend: String,
-        /// disabled, best-effort or strict-local.
+        /// disabled, best-effort (a replica is moved to the node the volume is
+        /// attached to, when one fits there) or strict-local (one replica, placed on
+        /// the node of the first attach, and served only there).
         #[arg(long, default_value = "disabled")]
         data_locality: String,
         /// A tag every replica's node must carry; repeat for more.

@@ -698,6 +698,46 @@ impl<S: Store> Specs<S> {
         )?)
     }
 
+    /// Removes replica `old` (as read) of a volume still as read at `volume_revision`
+    /// (a best-effort volume's extra replica once one on its attached node is RW).
+    pub fn remove_replica(
+        &self,
+        old: &Versioned<ReplicaSpec>,
+        volume_revision: Revision,
+    ) -> Result<Revision, SpecError> {
+        let key = replica_key(&old.spec.volume, &old.spec.id);
+        Ok(self.store.commit(
+            Txn::new()
+                .check(volume_key(&old.spec.volume), Expect::At(volume_revision))
+                .check(&key, Expect::At(old.revision))
+                .delete(key),
+        )?)
+    }
+
+    /// Attaches a volume (as read at `revision`, now `spec`) and places its replica
+    /// `replica` in one transaction, if the replica's node is unchanged since it was
+    /// placed (`node_revision`): a strict-local volume gets its replica at its first
+    /// attach, on the attached node.
+    pub fn attach_placed(
+        &self,
+        spec: &VolumeSpec,
+        revision: Revision,
+        replica: &ReplicaSpec,
+        node_revision: Revision,
+    ) -> Result<Revision, SpecError> {
+        spec.check().map_err(SpecError::Invalid)?;
+        check_name("replica", &replica.id).map_err(SpecError::Invalid)?;
+        let key = replica_key(&spec.name, &replica.id);
+        Ok(self.store.commit(
+            Txn::new()
+                .check(volume_key(&spec.name), Expect::At(revision))
+                .check(node_key(&replica.node), Expect::At(node_revision))
+                .check(&key, Expect::Absent)
+                .put(volume_key(&spec.name), Self::json(spec))
+                .put(&key, Self::json(replica)),
+        )?)
+    }
+
     /// Replaces replica `old` (as read) with `new` of the same volume in one
     /// transaction, if the volume is still as read at `volume_revision` and `new`'s
     /// node is unchanged since it was placed (`node_revision`).

@@ -19,7 +19,7 @@ use std::hash::{Hash, Hasher};
 
 use horn_proto::manager_api as pb;
 
-use crate::model::{Frontend, ReplicaSpec, VolumeSpec};
+use crate::model::{DataLocality, Frontend, ReplicaSpec, VolumeSpec};
 
 /// Instance kinds, as reported.
 pub const REPLICA: &str = "replica";
@@ -208,6 +208,53 @@ fn serving_engine<'a>(
 pub fn may_replace(v: &VolumeSpec, ready: &BTreeSet<String>, reports: &Reports) -> bool {
     serving_engine(v, ready, reports)
         .is_some_and(|e| e.faulted.is_empty() && e.replica_modes.values().any(|m| m == "RW"))
+}
+
+/// What best-effort data locality asks of a volume now ([`locality_step`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LocalityStep {
+    /// Place one more replica on the attached node (named): it is rebuilt online.
+    PlaceLocal(String),
+    /// Remove this replica (by id), one too many now that the attached node's is RW.
+    RemoveExtra(String),
+}
+
+/// The next step of best-effort data locality for `v` with replicas `replicas`: while
+/// it is attached, served by a healthy engine with every replica RW (no rebuild or
+/// failure under way), a volume with no replica on its node gets one more there, and
+/// once that one is RW the newest replica elsewhere goes, back to the count asked for.
+/// Replacements of failed replicas go first (they have their own timer).
+pub fn locality_step(
+    v: &VolumeSpec,
+    replicas: &[ReplicaSpec],
+    ready: &BTreeSet<String>,
+    reports: &Reports,
+) -> Option<LocalityStep> {
+    if v.data_locality != DataLocality::BestEffort {
+        return None;
+    }
+    let node = v.attached_to.as_deref()?;
+    let engine = serving_engine(v, ready, reports)?;
+    let all_rw = replicas
+        .iter()
+        .all(|r| engine.replica_modes.get(&r.id).map(String::as_str) == Some("RW"));
+    if !engine.faulted.is_empty() || !all_rw {
+        return None;
+    }
+    let wanted = v.replicas as usize;
+    let local = replicas.iter().any(|r| r.node == node);
+    if !local && replicas.len() == wanted {
+        return Some(LocalityStep::PlaceLocal(node.to_string()));
+    }
+    if local && replicas.len() > wanted {
+        // Ids are r1, r2...: the newest is the longest, then the greatest.
+        return replicas
+            .iter()
+            .filter(|r| r.node != node)
+            .max_by_key(|r| (r.id.len(), r.id.clone()))
+            .map(|r| LocalityStep::RemoveExtra(r.id.clone()));
+    }
+    None
 }
 
 /// The revision of `work` (whose own revision is 0): a digest of everything else.
@@ -501,5 +548,54 @@ mod tests {
         );
         reports.put("n1", vec![engine(&[("r1", "ERR"), ("r2", "ERR")])]);
         assert!(!may_replace(&v, &ready, &reports), "no RW source");
+    }
+
+    #[test]
+    fn best_effort_locality_adds_a_replica_on_the_attached_node_then_drops_one_elsewhere() {
+        let mut v = volume(Some("n4"));
+        v.data_locality = DataLocality::BestEffort;
+        let mut ready = all_ready();
+        ready.insert("n4".into());
+        let mut rs = replicas();
+        let mut reports = Reports::default();
+        let rw3 = engine(&[("r1", "RW"), ("r2", "RW"), ("r3", "RW")]);
+        reports.put("n4", vec![rw3.clone()]);
+        assert_eq!(
+            locality_step(&v, &rs, &ready, &reports),
+            Some(LocalityStep::PlaceLocal("n4".into()))
+        );
+        // Not while a replica is failed or rebuilding, nor for other localities, nor
+        // detached.
+        reports.put("n4", vec![engine(&[("r1", "RW"), ("r2", "ERR"), ("r3", "RW")])]);
+        assert_eq!(locality_step(&v, &rs, &ready, &reports), None);
+        reports.put("n4", vec![rw3]);
+        let mut off = v.clone();
+        off.data_locality = DataLocality::Disabled;
+        assert_eq!(locality_step(&off, &rs, &ready, &reports), None);
+        off = v.clone();
+        off.attached_to = None;
+        assert_eq!(locality_step(&off, &rs, &ready, &reports), None);
+        // The local one placed: nothing until it is RW, then the newest elsewhere goes.
+        rs.push(ReplicaSpec {
+            id: "r10".into(),
+            volume: "v".into(),
+            node: "n4".into(),
+            disk: "/d".into(),
+        });
+        reports.put(
+            "n4",
+            vec![engine(&[("r1", "RW"), ("r2", "RW"), ("r3", "RW"), ("r10", "WO")])],
+        );
+        assert_eq!(locality_step(&v, &rs, &ready, &reports), None);
+        reports.put(
+            "n4",
+            vec![engine(&[("r1", "RW"), ("r2", "RW"), ("r3", "RW"), ("r10", "RW")])],
+        );
+        assert_eq!(
+            locality_step(&v, &rs, &ready, &reports),
+            Some(LocalityStep::RemoveExtra("r3".into()))
+        );
+        rs.remove(2);
+        assert_eq!(locality_step(&v, &rs, &ready, &reports), None, "settled");
     }
 }

@@ -962,3 +962,147 @@ fn the_manager_salvages_a_volume_only_from_current_replicas_and_keeps_it_going_o
     ok(hornctl(data, a, &["volume", "detach", "v3"]));
     drop(agents);
 }
+
+/// Data locality: a best-effort volume attached where it has no replica gets one
+/// there (rebuilt online) and gives one up elsewhere; a strict-local volume's one
+/// replica is placed on the node of its first attach, and it is served only there.
+#[test]
+fn data_locality_moves_a_replica_to_the_attached_node_and_keeps_a_strict_local_one_there() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path();
+    init(data);
+    let mgr = ManagerDaemon::start(data, "127.0.0.1:0");
+    let _cleanup = KillInstances(data);
+    let a = &mgr.addr;
+    roomy(data, a);
+    let mut agents: Vec<Agent> = (1..=3).map(|n| start_agent(data, a, n)).collect();
+    common::eventually(Duration::from_secs(20), "three ready nodes", || {
+        (1..=3).all(|n| node_state(data, a, n) == "ready")
+    });
+
+    // Best-effort, two replicas on three nodes: attached on the third.
+    ok(hornctl(
+        data,
+        a,
+        &[
+            "volume",
+            "create",
+            "near",
+            "--size",
+            "32M",
+            "--replicas",
+            "2",
+            "--frontend",
+            "iscsi",
+            "--data-locality",
+            "best-effort",
+        ],
+    ));
+    let info = |name: &str| json(hornctl(data, a, &["volume", "info", name, "--json"]));
+    let nodes_of = |v: &serde_json::Value| -> Vec<u32> {
+        v["placements"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["node"].as_str().unwrap()[1..].parse().unwrap())
+            .collect()
+    };
+    let placed = nodes_of(&info("near"));
+    let away = (1..=3).find(|n| !placed.contains(n)).unwrap();
+    ok(hornctl(
+        data,
+        a,
+        &["volume", "attach", "near", &format!("n{away}")],
+    ));
+    let v = info("near");
+    let (p, iqn) = portal(v["endpoint"].as_str().unwrap());
+    let mut s = Initiator::login(&p, &iqn, None).expect("login");
+    let before = block(21, 64 * 1024);
+    assert_eq!(s.write10(0, &before).status, 0);
+    common::eventually(
+        Duration::from_secs(60),
+        "a replica on the attached node, two in all",
+        || {
+            let v = info("near");
+            let nodes = nodes_of(&v);
+            v["robustness"] == "healthy" && nodes.len() == 2 && nodes.contains(&away)
+        },
+    );
+    let during = block(22, 16 * 1024);
+    assert_eq!(s.write10(256, &during).status, 0);
+    assert_eq!(s.read10(0, 128).data, before);
+    assert_eq!(s.read10(256, 32).data, during);
+    drop(s);
+    let out = ok(hornctl(data, a, &["volume", "verify", "near"]));
+    assert!(out.contains("identical"), "{out}");
+    let v = info("near");
+    assert!(
+        v["placements"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["id"] == "r3" && p["mode"] == "RW"),
+        "the new replica r3 is RW: {v}"
+    );
+
+    // Strict-local: one replica only; placed at the first attach, on that node.
+    let e = refused(hornctl(
+        data,
+        a,
+        &[
+            "volume",
+            "create",
+            "here",
+            "--size",
+            "16M",
+            "--replicas",
+            "2",
+            "--data-locality",
+            "strict-local",
+        ],
+    ));
+    assert!(e.contains("strict-local data locality keeps one replica"), "{e}");
+    ok(hornctl(
+        data,
+        a,
+        &[
+            "volume",
+            "create",
+            "here",
+            "--size",
+            "16M",
+            "--replicas",
+            "1",
+            "--frontend",
+            "iscsi",
+            "--data-locality",
+            "strict-local",
+        ],
+    ));
+    assert!(info("here")["placements"].as_array().unwrap().is_empty());
+    ok(hornctl(data, a, &["volume", "attach", "here", "n2"]));
+    let v = info("here");
+    assert_eq!(nodes_of(&v), [2]);
+    let (p, iqn) = portal(v["endpoint"].as_str().unwrap());
+    let mut s = Initiator::login(&p, &iqn, None).expect("login to the strict-local volume");
+    let local = block(23, 8192);
+    assert_eq!(s.write10(0, &local).status, 0);
+    drop(s);
+    ok(hornctl(data, a, &["volume", "detach", "here"]));
+    let e = refused(hornctl(data, a, &["volume", "attach", "here", "n3"]));
+    assert!(e.contains("strict-local: its replica is on node n2"), "{e}");
+    ok(hornctl(data, a, &["volume", "attach", "here", "n2"]));
+    let v = info("here");
+    let (p, iqn) = portal(v["endpoint"].as_str().unwrap());
+    let mut s = Initiator::login(&p, &iqn, None).expect("login again");
+    assert_eq!(s.read10(0, 16).data, local);
+    drop(s);
+    for name in ["near", "here"] {
+        ok(hornctl(data, a, &["volume", "detach", name]));
+        ok(hornctl(data, a, &["volume", "delete", name]));
+    }
+    common::eventually(Duration::from_secs(20), "every instance removed", || {
+        (1..=3).all(|n| recorded_pids(data, n).is_empty())
+    });
+    agents.clear();
+}
