@@ -49,6 +49,10 @@ pub struct ClusterArgs {
     /// Volume specs created for the control-plane scale workload.
     #[arg(long, default_value_t = 10_000)]
     specs: usize,
+    /// Which workloads to run: `create` (create to writable), `death` (a node's
+    /// death), `scale` (specs created and listed; needs no root).
+    #[arg(long, value_delimiter = ',', default_value = "create,death,scale")]
+    workloads: Vec<String>,
 }
 
 /// Writes 4 KiB at the start of the iSCSI LUN at `url` (iscsi://PORTAL/IQN/0).
@@ -415,6 +419,40 @@ fn scale(creates: usize) -> Result<(f64, f64)> {
 
 /// Runs the benchmark.
 pub fn run(args: ClusterArgs) -> Result<()> {
+    if let Some(w) = args
+        .workloads
+        .iter()
+        .find(|w| !["create", "death", "scale"].contains(&w.as_str()))
+    {
+        bail!("--workloads: {w:?} is not create, death or scale");
+    }
+    let mut report = Report {
+        json: args.json,
+        rows: Vec::new(),
+    };
+    let wants = |w: &str| args.workloads.iter().any(|x| x == w);
+    if wants("create") || wants("death") {
+        cluster_workloads(&args, &mut report, wants("create"), wants("death"))?;
+    }
+    if wants("scale") {
+        scale_workload(&args, &mut report)?;
+    }
+    if !args.json {
+        for r in &report.rows {
+            println!(
+                "{:<40} {:>12.3} {:<12} target {}",
+                r["workload"].as_str().unwrap_or(""),
+                r["value"].as_f64().unwrap_or(0.0),
+                r["unit"].as_str().unwrap_or(""),
+                r["target"]
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The workloads on a cluster of network namespaces (root).
+fn cluster_workloads(args: &ClusterArgs, report: &mut Report, create: bool, death: bool) -> Result<()> {
     if let Some(why) = horn_cluster::Cluster::unavailable() {
         bail!("horn-bench cluster cannot run here: {why}");
     }
@@ -426,56 +464,60 @@ pub fn run(args: ClusterArgs) -> Result<()> {
         .join("hornd");
     eprintln!("== a cluster of four nodes in network namespaces (node lease 5 s)");
     let mut c = horn_cluster::Cluster::start_with(4, &["node-lease-secs=5"]).map_err(anyhow::Error::msg)?;
-    let mut report = Report {
-        json: args.json,
-        rows: Vec::new(),
-    };
-    let (mut managed, mut manual) = (Vec::new(), Vec::new());
-    for round in 0..args.rounds {
-        // Alternate the sides so that neither gets the quieter moments.
-        managed.push(managed_round(&c, &format!("b{round}"), args.size)?);
-        manual.push(manual_round(&c, &hornd, round, args.size)?);
-        eprintln!(
-            "  round {}: through the manager {:.3} s, by hand {:.3} s",
-            round + 1,
-            managed[round],
-            manual[round]
-        );
+    if create {
+        let (mut managed, mut manual) = (Vec::new(), Vec::new());
+        for round in 0..args.rounds {
+            // Alternate the sides so that neither gets the quieter moments.
+            managed.push(managed_round(&c, &format!("b{round}"), args.size)?);
+            manual.push(manual_round(&c, &hornd, round, args.size)?);
+            eprintln!(
+                "  round {}: through the manager {:.3} s, by hand {:.3} s",
+                round + 1,
+                managed[round],
+                manual[round]
+            );
+        }
+        let (m, p) = (median(managed.clone()), median(manual.clone()));
+        let max = |v: &[f64]| v.iter().cloned().fold(0.0, f64::max);
+        report.emit(json!({
+            "workload": "create-to-writable",
+            "value": m,
+            "unit": "s (median)",
+            "target": 2.0,
+            "rounds": args.rounds,
+            "size_bytes": args.size,
+            "seconds_max": max(&managed),
+            "peer": "the same daemons started by hand (3 hornd replica, hornd engine --frontend iscsi)",
+            "peer_value": p,
+            "peer_seconds_max": max(&manual),
+            "ratio": m / p,
+        }));
     }
-    let (m, p) = (median(managed.clone()), median(manual.clone()));
-    let max = |v: &[f64]| v.iter().cloned().fold(0.0, f64::max);
-    report.emit(json!({
-        "workload": "create-to-writable",
-        "value": m,
-        "unit": "s (median)",
-        "target": 2.0,
-        "rounds": args.rounds,
-        "size_bytes": args.size,
-        "seconds_max": max(&managed),
-        "peer": "the same daemons started by hand (3 hornd replica, hornd engine --frontend iscsi)",
-        "peer_value": p,
-        "peer_seconds_max": max(&manual),
-        "ratio": m / p,
-    }));
-    eprintln!("== a node's death (processes killed, link cut), replenishment wait 0");
-    let (down, rebuilding) = node_death(&mut c)?;
-    report.emit(json!({
-        "workload": "node-death-to-down",
-        "value": down,
-        "unit": "s",
-        "target": 5.0 + 2.0,
-        "note": "node lease 5 s; the node marked down and its replica failed",
-        "peer": "Longhorn: about 60 s to NotReady",
-    }));
-    report.emit(json!({
-        "workload": "node-death-to-replacement-rebuilding",
-        "value": rebuilding,
-        "unit": "s",
-        "target": 5.0 + 5.0,
-        "note": "replica-replenishment-wait-secs 0; a new replica on the spare node, WO or RW in the engine",
-        "peer": "Longhorn: about 60 s to NotReady plus a 600 s wait",
-    }));
-    drop(c);
+    if death {
+        eprintln!("== a node's death (processes killed, link cut), replenishment wait 0");
+        let (down, rebuilding) = node_death(&mut c)?;
+        report.emit(json!({
+            "workload": "node-death-to-down",
+            "value": down,
+            "unit": "s",
+            "target": 5.0 + 2.0,
+            "note": "node lease 5 s; the node marked down and its replica failed",
+            "peer": "Longhorn: about 60 s to NotReady",
+        }));
+        report.emit(json!({
+            "workload": "node-death-to-replacement-rebuilding",
+            "value": rebuilding,
+            "unit": "s",
+            "target": 5.0 + 5.0,
+            "note": "replica-replenishment-wait-secs 0; a new replica on the spare node, WO or RW in the engine",
+            "peer": "Longhorn: about 60 s to NotReady plus a 600 s wait",
+        }));
+    }
+    Ok(())
+}
+
+/// Specs created and listed, on a manager of its own.
+fn scale_workload(args: &ClusterArgs, report: &mut Report) -> Result<()> {
     eprintln!("== control-plane scale: {} volume specs, then a list", args.specs);
     let (rate, list_ms) = scale(args.specs)?;
     report.emit(json!({
@@ -493,16 +535,5 @@ pub fn run(args: ClusterArgs) -> Result<()> {
         "target": 500.0,
         "volumes": args.specs,
     }));
-    if !args.json {
-        for r in &report.rows {
-            println!(
-                "{:<40} {:>12.3} {:<12} target {}",
-                r["workload"].as_str().unwrap_or(""),
-                r["value"].as_f64().unwrap_or(0.0),
-                r["unit"].as_str().unwrap_or(""),
-                r["target"]
-            );
-        }
-    }
     Ok(())
 }

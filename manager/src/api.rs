@@ -21,6 +21,7 @@ use tonic::{Request, Response, Status};
 
 use crate::model::{DataLocality, DiskSpec, Frontend, NodeSpec, ReplicaSpec, SpecError, Specs, VolumeSpec};
 use crate::runtime::{self, Reports};
+use crate::scheduled::ScheduledIndex;
 use crate::scheduler::{self, DiskView, Locality, NodeView};
 use crate::store::{LeaseId, Store, StoreError, Txn};
 
@@ -148,6 +149,8 @@ pub struct ManagerService<S: Store + 'static> {
     /// Since when each failed replica (volume, id) has been failed, as the
     /// reconciler saw it.
     failed_since: Mutex<BTreeMap<(String, String), std::time::Instant>>,
+    /// Bytes scheduled on each disk (built at first use).
+    scheduled: Mutex<Option<ScheduledIndex>>,
 }
 
 /// The longest a `SyncNode` call waits for its node's work to change.
@@ -211,6 +214,7 @@ impl<S: Store + 'static> ManagerService<S> {
             rounds: Mutex::new(BTreeMap::new()),
             changes: tokio::sync::watch::channel(0).0,
             failed_since: Mutex::new(BTreeMap::new()),
+            scheduled: Mutex::new(None),
         }
     }
 
@@ -636,18 +640,12 @@ impl<S: Store + 'static> ManagerService<S> {
     /// node's revision, to check at commit.
     fn cluster_view(&self) -> Result<ClusterView, Status> {
         let nodes = self.specs.nodes().map_err(to_status)?;
-        let sizes: BTreeMap<String, u64> = self
-            .specs
-            .volumes()
-            .map_err(to_status)?
-            .into_iter()
-            .map(|v| (v.spec.name, v.spec.size))
-            .collect();
-        let mut scheduled: BTreeMap<(String, String), u64> = BTreeMap::new();
-        for r in self.specs.all_replicas().map_err(to_status)? {
-            let size = sizes.get(&r.spec.volume).copied().unwrap_or(0);
-            *scheduled.entry((r.spec.node, r.spec.disk)).or_default() += size;
+        let mut index = self.scheduled.lock().unwrap_or_else(|p| p.into_inner());
+        if !index.as_mut().is_some_and(ScheduledIndex::catch_up) {
+            let store: &dyn crate::store::Store = self.specs.store();
+            *index = Some(ScheduledIndex::build(store).map_err(|e| to_status(e.into()))?);
         }
+        let scheduled = index.as_ref().expect("built above");
         let measured = self.measured.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let mut views = Vec::new();
         let mut revisions = Vec::new();
@@ -671,7 +669,7 @@ impl<S: Store + 'static> ManagerService<S> {
                         capacity: m.capacity,
                         available: m.available,
                         reserved: d.reserved,
-                        scheduled: scheduled.get(&key).copied().unwrap_or(0),
+                        scheduled: scheduled.scheduled(&key.0, &key.1),
                     }
                 })
                 .collect();

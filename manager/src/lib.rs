@@ -25,6 +25,7 @@ pub mod instances;
 pub mod logfile;
 pub mod model;
 pub mod runtime;
+pub mod scheduled;
 pub mod scheduler;
 pub mod store;
 pub mod supervise;
