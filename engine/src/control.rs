@@ -5,17 +5,20 @@
 //! [`Volume`], through an [`EngineHandle`]: a closure and a reply channel per call.
 
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use horn_proto::control::InfoReply;
 use horn_proto::engine_control::engine_control_server::EngineControl;
 use horn_proto::engine_control::{
-    AddReplicaReply, AddReplicaRequest, Difference, EngineDeleteRequest, EngineExpandRequest, EngineInfo,
-    EngineInfoRequest, EnginePurgeRequest, EngineRevertRequest, EngineSnapshotRequest, ListSnapshotsRequest,
-    RebuildStatus, ReplicaStatus, Snapshot, SnapshotList, VerifyReply, VerifyRequest,
+    AddReplicaReply, AddReplicaRequest, Difference, DropReplicaReply, DropReplicaRequest,
+    EngineDeleteRequest, EngineExpandRequest, EngineInfo, EngineInfoRequest, EnginePurgeRequest,
+    EngineRevertRequest, EngineSnapshotRequest, ListSnapshotsRequest, RebuildStatus, ReplicaStatus, Snapshot,
+    SnapshotList, VerifyReply, VerifyRequest,
 };
 use tonic::{Request, Response, Status};
 
+use crate::engine::Engine;
 use crate::rebuild;
 use crate::replica_set::Mode;
 use crate::types::{ChainOp, RebuildState, ReplicaAddr, VolumeError};
@@ -77,12 +80,14 @@ pub fn serve_commands(volume: &mut Volume, rx: &Receiver<Option<EngineCommand>>,
 /// The gRPC service of one engine.
 pub struct EngineControlService {
     handle: EngineHandle,
+    /// For the calls that must not wait behind the volume's thread (a drop).
+    engine: Arc<Engine>,
 }
 
 impl EngineControlService {
-    /// A service running its calls through `handle`.
-    pub fn new(handle: EngineHandle) -> Self {
-        EngineControlService { handle }
+    /// A service running its calls through `handle`, on `engine`.
+    pub fn new(handle: EngineHandle, engine: Arc<Engine>) -> Self {
+        EngineControlService { handle, engine }
     }
 
     async fn run<T: Send + 'static>(
@@ -321,6 +326,28 @@ impl EngineControl for EngineControlService {
             })
         })
         .await
+    }
+
+    async fn drop_replica(
+        &self,
+        req: Request<DropReplicaRequest>,
+    ) -> Result<Response<DropReplicaReply>, Status> {
+        let r = req.into_inner();
+        if r.replica.is_empty() {
+            return Err(Status::invalid_argument("name the replica by its data address"));
+        }
+        let reason = if r.reason.is_empty() {
+            "dropped on request".to_string()
+        } else {
+            r.reason
+        };
+        let dropped = self
+            .engine
+            .drop_replica(&r.replica, &format!("replica {} failed: {reason}", r.replica));
+        if dropped {
+            tracing::warn!(replica = %r.replica, %reason, "replica dropped on request");
+        }
+        Ok(Response::new(DropReplicaReply { dropped }))
     }
 
     async fn add_replica(

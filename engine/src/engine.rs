@@ -355,6 +355,24 @@ impl Engine {
         true
     }
 
+    /// Drops the replica at data address `data` now, for `reason` known outside the
+    /// data path (its node is down), as its timeout would later: it is marked failed,
+    /// every queue is woken to drop it too (an I/O waiting on it completes without
+    /// it), and the keeper records the drop. False if no live replica has that address.
+    pub fn drop_replica(&self, data: &str, reason: &str) -> bool {
+        let Some(i) = self
+            .replicas()
+            .iter()
+            .enumerate()
+            .position(|(i, r)| r.data == data && !self.is_failed(i))
+        else {
+            return false;
+        };
+        let dropped = self.mark_failed(i, reason);
+        self.wake_queues();
+        dropped
+    }
+
     /// The volume's identity.
     pub fn volume_id(&self) -> &str {
         &self.volume
@@ -546,7 +564,8 @@ impl Engine {
             }
             let this_op = op.clone();
             let (control, engine_id) = (r.control.clone(), self.engine_id.clone());
-            let info = self.runtime.block_on(async move {
+            // A replica dropped meanwhile (its node is down) is not waited for.
+            let info = crate::recovery::unless_dropped(self, i, async move {
                 let mut c = client::connect(&control, &engine_id, deadline)
                     .await
                     .map_err(|e| tonic::Status::unavailable(e.to_string()))?;

@@ -246,6 +246,7 @@ pub fn serve_engine(
     let (handle, commands) = EngineHandle::new();
     let routes = tonic::service::Routes::new(EngineControlServer::new(EngineControlService::new(
         handle.clone(),
+        volume.engine().clone(),
     )));
     let grpc = serve_control_until_signal(listener, routes, stop_signals, move || handle.stop())?;
     println!(

@@ -75,6 +75,9 @@ struct Instance {
     pause: Duration,
     /// An engine's replicas this agent asked it to add, and when (one try each 2 s).
     added: BTreeMap<String, Instant>,
+    /// An engine's replicas this agent asked it to drop (their node down), and when
+    /// (one try each 2 s).
+    dropped: BTreeMap<String, Instant>,
     /// Being stopped (no longer in the work): SIGTERM sent; SIGKILL at this time.
     stopping: Option<Instant>,
 }
@@ -176,6 +179,7 @@ impl Instances {
                     retry_at: None,
                     pause: Duration::from_secs(1),
                     added: BTreeMap::new(),
+                    dropped: BTreeMap::new(),
                     stopping: None,
                 },
             );
@@ -518,13 +522,37 @@ impl Instances {
             return Ok(());
         }
         let control = self.by_name[name].record.control_address.clone();
+        // Replicas whose node is down first: the drop is answered at once, and it
+        // frees the engine from waiting on them (Info itself may be waiting).
+        let now = Instant::now();
+        for id in &w.down_replicas {
+            let i = self.by_name.get_mut(name).expect("alive");
+            let Some((data, _)) = i.record.replicas.get(id).cloned() else {
+                continue;
+            };
+            if i.dropped
+                .get(id)
+                .is_some_and(|t| now < *t + Duration::from_secs(2))
+            {
+                continue;
+            }
+            i.dropped.insert(id.clone(), now);
+            match rt.block_on(drop_replica(&control, &data)) {
+                Ok(true) => {
+                    tracing::warn!(instance = %name, replica = %id, address = %data, "its node is down: the engine dropped the replica")
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(instance = %name, replica = %id, error = %format!("{e:#}"), "the engine did not drop a replica whose node is down")
+                }
+            }
+        }
         let info = rt.block_on(engine_info(&control))?;
         let held = |data: &str| {
             info.replicas
                 .iter()
                 .any(|r| !r.superseded && r.address == data && (r.mode == "RW" || r.mode == "WO"))
         };
-        let now = Instant::now();
         for r in &w.replicas {
             if held(&r.data_address) {
                 continue;
@@ -566,6 +594,7 @@ impl Instances {
                 retry_at: None,
                 pause: Duration::from_secs(1),
                 added: BTreeMap::new(),
+                dropped: BTreeMap::new(),
                 stopping: None,
             },
         );
@@ -744,6 +773,20 @@ pub(crate) async fn engine_control(
         .await
         .with_context(|| format!("cannot reach the engine at {control}"))?;
     Ok(horn_proto::engine_control::engine_control_client::EngineControlClient::new(channel))
+}
+
+/// The engine control service's `DropReplica`, within a second: whether it dropped
+/// the replica at data address `data`.
+async fn drop_replica(control: &str, data: &str) -> Result<bool> {
+    let mut c = engine_control(control, Duration::from_millis(500), Duration::from_secs(1)).await?;
+    Ok(c.drop_replica(horn_proto::engine_control::DropReplicaRequest {
+        replica: data.to_string(),
+        reason: "its node is down (its agent's lease lapsed)".into(),
+    })
+    .await
+    .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+    .into_inner()
+    .dropped)
 }
 
 /// The engine control service's `AddReplica`: the rebuild's id.

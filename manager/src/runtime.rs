@@ -160,6 +160,11 @@ pub fn node_work(
             },
             replicas: running,
             volume_id: v.volume_id.clone().unwrap_or_default(),
+            down_replicas: mine
+                .iter()
+                .filter(|r| !ready.contains(&r.node))
+                .map(|r| r.id.clone())
+                .collect(),
         });
     }
     work.revision = digest(&work);

@@ -499,3 +499,60 @@ fn a_replica_rebuilt_again_is_followed_listed_once_and_leaves_no_rebuild_snapsho
     let out = engine.hornctl(&["verify"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
 }
+
+/// `hornctl engine drop-replica`: a replica that hangs (SIGSTOP: no reset, no answer)
+/// holds up the engine until its timeout, here a minute; dropped by hand, the engine
+/// records the drop and goes on at once, and the replica can be rebuilt back.
+#[test]
+fn a_hung_replica_dropped_by_hand_frees_the_engine_before_its_timeout() {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = replica(&tmp.path().join("a"));
+    let b = replica(&tmp.path().join("b"));
+    let c = replica(&tmp.path().join("c"));
+    let engine =
+        EngineDaemon::start_with(&[&a, &b, &c], &["--timeout", "60", "--clean-intents-every", "1"]).unwrap();
+    let out = engine.hornctl(&["drop-replica", "127.0.0.1:1"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no live replica at 127.0.0.1:1"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    c.signal(libc::SIGSTOP);
+    // The next clearing of the write-intent records flushes every replica: it waits on c.
+    std::thread::sleep(Duration::from_secs(2));
+    let since = Instant::now();
+    let out = engine.hornctl(&["drop-replica", &c.addr, "--reason", "its machine is gone"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&format!("replica {} dropped", c.addr)));
+    // Info runs on the volume's own thread, behind the stuck flush: it answers once the
+    // drop has freed it, long before the minute's timeout.
+    let v = info_json(&engine, &[]);
+    let waited = since.elapsed();
+    assert!(
+        waited < Duration::from_secs(20),
+        "the engine answered after {waited:?}"
+    );
+    let modes: Vec<(String, String)> = v["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["address"].as_str().unwrap().to_string(),
+                r["mode"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert!(modes.contains(&(c.addr.clone(), "ERR".into())), "{modes:?}");
+    assert_eq!(modes.iter().filter(|(_, m)| m == "RW").count(), 2, "{modes:?}");
+    let out = engine.hornctl(&["drop-replica", &c.addr]);
+    assert!(!out.status.success(), "dropped twice");
+    // Back from its stop, it is rebuilt into the volume.
+    c.signal(libc::SIGCONT);
+    let arg = format!("{},{}", c.addr, c.control.trim_start_matches("http://"));
+    let out = engine.hornctl(&["add-replica", &arg]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = engine.hornctl(&["verify"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+}

@@ -16,9 +16,9 @@ use clap::{Args, Parser, Subcommand};
 use horn_manager::format::{human_bytes, labels, layer_state, parse_size, table, utc_time};
 use horn_proto::engine_control::engine_control_client::EngineControlClient;
 use horn_proto::engine_control::{
-    AddReplicaRequest, EngineDeleteRequest, EngineExpandRequest, EngineInfoRequest, EnginePurgeRequest,
-    EngineRevertRequest, EngineSnapshotRequest, ListSnapshotsRequest, RebuildStatus, ReplicaStatus,
-    VerifyRequest,
+    AddReplicaRequest, DropReplicaRequest, EngineDeleteRequest, EngineExpandRequest, EngineInfoRequest,
+    EnginePurgeRequest, EngineRevertRequest, EngineSnapshotRequest, ListSnapshotsRequest, RebuildStatus,
+    ReplicaStatus, VerifyRequest,
 };
 use horn_replica::{Extent, Replica};
 
@@ -216,6 +216,17 @@ enum EngineCmd {
         /// Return once the replica has joined instead of following the rebuild.
         #[arg(long)]
         no_wait: bool,
+    },
+    /// Drop a replica from the running volume now, as its timeout would later (say,
+    /// its machine is known dead): the drop is recorded in the volume's membership
+    /// before any I/O completes without it, and I/O waiting on it goes on. Rebuild it
+    /// with `add-replica` to bring it back.
+    DropReplica {
+        /// The replica's data address (as `info` lists it).
+        replica: String,
+        /// Why, for the engine's log and `info`.
+        #[arg(long, default_value = "dropped by an operator")]
+        reason: String,
     },
 }
 
@@ -630,6 +641,25 @@ fn run_engine(addr: String, json: bool, timeout: u64, cmd: EngineCmd) -> Result<
                     } else {
                         println!("{}", rebuild_line(r));
                     }
+                }
+            }
+            EngineCmd::DropReplica { replica, reason } => {
+                let dropped = c
+                    .drop_replica(DropReplicaRequest {
+                        replica: replica.clone(),
+                        reason,
+                    })
+                    .await
+                    .map_err(status)?
+                    .into_inner()
+                    .dropped;
+                if !dropped {
+                    anyhow::bail!("the volume has no live replica at {replica} (see `hornctl engine info`)");
+                }
+                if json {
+                    println!("{}", serde_json::json!({ "dropped": replica }));
+                } else {
+                    println!("replica {replica} dropped from the volume");
                 }
             }
             EngineCmd::AddReplica { replica, no_wait } => {
