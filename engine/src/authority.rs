@@ -25,7 +25,7 @@
 
 use std::time::Duration;
 
-use crate::membership::Record;
+use horn_replica::membership::Record;
 
 /// What the authority answered when an engine began its generation.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -373,6 +373,28 @@ impl Engine {
         dropped
     }
 
+    /// Runs control call `call` to replica `index` on the engine's control runtime,
+    /// given up as soon as the replica is dropped (by a queue, or on request because
+    /// its node is down): a hung replica holds the engine's own thread no longer than
+    /// it takes to drop it, not for the whole deadline.
+    pub(crate) fn unless_dropped<T>(
+        &self,
+        index: usize,
+        call: impl std::future::Future<Output = std::result::Result<T, tonic::Status>>,
+    ) -> std::result::Result<T, tonic::Status> {
+        self.runtime.block_on(async {
+            let dropped = async {
+                while !self.is_failed(index) {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            };
+            tokio::select! {
+                r = call => r,
+                () = dropped => Err(tonic::Status::unavailable("the replica was dropped meanwhile")),
+            }
+        })
+    }
+
     /// The volume's identity.
     pub fn volume_id(&self) -> &str {
         &self.volume
@@ -565,7 +587,7 @@ impl Engine {
             let this_op = op.clone();
             let (control, engine_id) = (r.control.clone(), self.engine_id.clone());
             // A replica dropped meanwhile (its node is down) is not waited for.
-            let info = crate::recovery::unless_dropped(self, i, async move {
+            let info = self.unless_dropped(i, async move {
                 let mut c = client::connect(&control, &engine_id, deadline)
                     .await
                     .map_err(|e| tonic::Status::unavailable(e.to_string()))?;

@@ -7,7 +7,8 @@
 //!
 //! The modules form a ladder: each imports only from the floors below it.
 //! 1. [`types`]: the vocabulary (addresses, errors, reports, chain operations);
-//! 2. [`replica_set`]: the replication rules, without I/O; [`membership`]: the
+//! 2. [`replica_set`]: the replication rules, without I/O; [`authority`]: what a
+//!    second authority on membership (a manager) is asked; [`membership`]: the
 //!    membership rules (which replicas a start may serve from, when a change counts),
 //!    without I/O; [`stripes`]: which queue may have changes in flight where;
 //! 3. `client`: the replicas' control services as the engine calls them;
@@ -38,9 +39,9 @@ pub mod types;
 
 pub mod replica_set;
 
-pub mod membership;
-
 pub mod authority;
+
+pub mod membership;
 
 pub mod stripes;
 

@@ -81,7 +81,7 @@ pub(crate) fn peers(engine: &Engine, with_wo: bool) -> Result<Vec<Peer>> {
         if engine.is_failed(i) || (r.mode() != Mode::Rw && !with_wo) {
             continue;
         }
-        let connected = unless_dropped(engine, i, async {
+        let connected = engine.unless_dropped(i, async {
             connect(&r.control, engine.engine_id(), Deadline::Call(engine.timeout()))
                 .await
                 .map_err(|e| tonic::Status::unavailable(e.to_string()))
@@ -97,28 +97,6 @@ pub(crate) fn peers(engine: &Engine, with_wo: bool) -> Result<Vec<Peer>> {
         }
     }
     Ok(out)
-}
-
-/// Runs control call `call` to replica `index`, given up as soon as the replica is
-/// dropped (by a queue, or on request because its node is down): a hung replica
-/// holds the engine's own thread no longer than it takes to drop it, not for the
-/// whole deadline.
-pub(crate) fn unless_dropped<T>(
-    engine: &Engine,
-    index: usize,
-    call: impl std::future::Future<Output = std::result::Result<T, tonic::Status>>,
-) -> std::result::Result<T, tonic::Status> {
-    engine.runtime().block_on(async {
-        let dropped = async {
-            while !engine.is_failed(index) {
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            }
-        };
-        tokio::select! {
-            r = call => r,
-            () = dropped => Err(tonic::Status::unavailable("the replica was dropped meanwhile")),
-        }
-    })
 }
 
 /// Drops a replica that failed or missed a control call's deadline: the keeper
@@ -264,7 +242,7 @@ pub(crate) fn compare_range(
 pub(crate) fn intents_marked(engine: &Engine, peers: &mut Vec<Peer>) -> Result<u64> {
     let mut most = 0;
     peers.retain_mut(
-        |p| match unless_dropped(engine, p.index, p.client.intents(IntentsRequest {})) {
+        |p| match engine.unless_dropped(p.index, p.client.intents(IntentsRequest {})) {
             Ok(reply) => {
                 most = most.max(reply.into_inner().regions.len() as u64);
                 true
@@ -285,8 +263,7 @@ pub(crate) fn intents_marked(engine: &Engine, peers: &mut Vec<Peer>) -> Result<u
 pub(crate) fn clear_intents(engine: &Engine, peers: &mut Vec<Peer>) -> Result<()> {
     let generation = engine.generation();
     peers.retain_mut(|p| {
-        match unless_dropped(
-            engine,
+        match engine.unless_dropped(
             p.index,
             p.client.clear_intents(ClearIntentsRequest { generation }),
         ) {

@@ -249,3 +249,125 @@ fn a_node_back_within_the_replenishment_wait_keeps_its_replica_and_copies_only_w
     let out = ok(&c, &["volume", "verify", "v"]);
     assert!(out.contains("identical"), "{out}");
 }
+
+/// The lifecycle across machines, with the control plane's own faults:
+/// create (three replicas on three distinct nodes), attach on n1, write; n1's agent
+/// restarted (its instances adopted, not restarted); the manager SIGKILLed under
+/// writes and started again on the same store (the volume never notices, every object
+/// is there); detach, attach on n2 (the data intact); expand, snapshot, revert; delete
+/// (every node's disk given back).
+#[test]
+fn a_volume_lives_across_nodes_while_the_manager_and_an_agent_restart() {
+    let test = "a_volume_lives_across_nodes_while_the_manager_and_an_agent_restart";
+    let Some(mut c) = cluster_or_skip(test, 3) else {
+        return;
+    };
+    let (v, home, mut s) = attached(&c);
+    let mut nodes: Vec<usize> = (1..=3).map(|i| node_of(&v, &format!("r{i}"))).collect();
+    nodes.sort();
+    assert_eq!(nodes, [1, 2, 3], "three replicas on three distinct nodes");
+    let first = write_blocks(&mut s, 0, 128, 31);
+
+    // The engine's node's agent killed and started again: it adopts its instances.
+    let before = c.instances(home);
+    assert_eq!(before.len(), 2, "an engine and a replica: {before:?}");
+    c.kill_agent(home);
+    let during = write_blocks(&mut s, 2048, 16, 32);
+    c.start_agent(home).unwrap();
+    eventually(Duration::from_secs(20), "the agent adopted its instances", || {
+        std::fs::read_to_string(c.node_dir(home).join("agent.log"))
+            .is_ok_and(|l| l.matches("adopted a running instance").count() >= 2)
+    });
+    assert_eq!(c.instances(home), before, "the same supervisors serve");
+
+    // The manager SIGKILLed under writes, and started again on its store and address.
+    let listed = c.json(&["volume", "list"]).unwrap();
+    let addr = c.manager_addr.clone();
+    c.kill_manager();
+    let while_down = write_blocks(&mut s, 4096, 64, 33);
+    c.start_manager(&addr).unwrap();
+    let after = write_blocks(&mut s, 6144, 16, 34);
+    eventually(Duration::from_secs(30), "the volume attached and healthy", || {
+        c.json(&["volume", "info", "v"])
+            .is_ok_and(|v| v["state"] == "attached" && v["robustness"] == "healthy")
+    });
+    let strip = |mut v: serde_json::Value| {
+        for x in v.as_array_mut().unwrap() {
+            x.as_object_mut().unwrap().remove("revision");
+        }
+        v
+    };
+    assert_eq!(
+        strip(c.json(&["volume", "list"]).unwrap()),
+        strip(listed),
+        "every object as before"
+    );
+    assert_eq!(c.instances(home), before, "the engine never restarted");
+    read_back(&mut s, 0, &first);
+    read_back(&mut s, 2048, &during);
+    read_back(&mut s, 4096, &while_down);
+    read_back(&mut s, 6144, &after);
+    drop(s);
+
+    // Detached, attached on another node: everything acknowledged is there.
+    ok(&c, &["volume", "detach", "v"]);
+    let other = (1..=3).find(|n| *n != home).unwrap();
+    ok(&c, &["volume", "attach", "v", &format!("n{other}")]);
+    let v = c.json(&["volume", "info", "v"]).unwrap();
+    let endpoint = v["endpoint"]
+        .as_str()
+        .unwrap()
+        .strip_prefix("iscsi://")
+        .unwrap()
+        .to_string();
+    let (portal, iqn) = endpoint.split_once('/').unwrap();
+    assert!(portal.starts_with(&c.net.node_ip(other)), "{endpoint}");
+    let mut s = Initiator::login(portal, iqn, None).expect("login on the other node");
+    read_back(&mut s, 0, &first);
+    read_back(&mut s, 4096, &while_down);
+
+    // Expand, snapshot, write, revert to the snapshot.
+    let out = ok(&c, &["volume", "expand", "v", "--size", "96M"]);
+    assert!(out.contains("expanded to 96.0 MiB"), "{out}");
+    ok(&c, &["volume", "snapshot", "v", "s1"]);
+    let later = write_blocks(&mut s, 0, 16, 35);
+    assert_ne!(later, first[..later.len()]);
+    let past_old_end = write_blocks(&mut s, (64 << 20) / 512, 4, 36);
+    read_back(&mut s, (64 << 20) / 512, &past_old_end);
+    drop(s);
+    let out = ok(&c, &["volume", "verify", "v"]);
+    assert!(out.contains("identical"), "{out}");
+    ok(&c, &["volume", "detach", "v"]);
+    ok(
+        &c,
+        &["volume", "attach", "v", &format!("n{other}"), "--maintenance"],
+    );
+    ok(&c, &["volume", "revert", "v", "s1"]);
+    ok(&c, &["volume", "detach", "v"]);
+    ok(&c, &["volume", "attach", "v", &format!("n{other}")]);
+    let v = c.json(&["volume", "info", "v"]).unwrap();
+    let endpoint = v["endpoint"]
+        .as_str()
+        .unwrap()
+        .strip_prefix("iscsi://")
+        .unwrap()
+        .to_string();
+    let (portal, iqn) = endpoint.split_once('/').unwrap();
+    let mut s = Initiator::login(portal, iqn, None).expect("login after the revert");
+    read_back(&mut s, 0, &first);
+    drop(s);
+
+    // Deleted: every node's replica stops and its files go.
+    ok(&c, &["volume", "detach", "v"]);
+    ok(&c, &["volume", "delete", "v"]);
+    eventually(
+        Duration::from_secs(30),
+        "every instance and replica file gone",
+        || {
+            (1..=3).all(|n| {
+                c.instances(n).is_empty()
+                    && std::fs::read_dir(c.node_dir(n).join("disk/replicas")).map_or(true, |d| d.count() == 0)
+            })
+        },
+    );
+}
