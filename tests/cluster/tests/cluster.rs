@@ -329,6 +329,20 @@ fn a_volume_lives_across_nodes_while_the_manager_and_an_agent_restart() {
     // Expand, snapshot, write, revert to the snapshot.
     let out = ok(&c, &["volume", "expand", "v", "--size", "96M"]);
     assert!(out.contains("expanded to 96.0 MiB"), "{out}");
+    // The session is told (CAPACITY DATA HAS CHANGED), then reads the new size.
+    let capacity = [0x25, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+    let ua = s.command(&capacity, &[], 8);
+    assert_eq!(
+        (ua.status, ua.sense[12], ua.sense[13]),
+        (2, 0x2a, 0x09),
+        "{:?}",
+        ua.sense
+    );
+    let cap = s.command(&capacity, &[], 8);
+    assert_eq!(
+        u32::from_be_bytes(cap.data[..4].try_into().unwrap()),
+        (96 << 20) / 512 - 1
+    );
     ok(&c, &["volume", "snapshot", "v", "s1"]);
     let later = write_blocks(&mut s, 0, 16, 35);
     assert_ne!(later, first[..later.len()]);
