@@ -710,7 +710,13 @@ impl<S: Store + 'static> ManagerService<S> {
             .into_iter()
             .map(|r| r.spec)
             .collect();
-        let st = runtime::volume_state(&v.spec, &specs, &self.ready_nodes()?, &self.reports());
+        let (ready, reports) = (self.ready_nodes()?, self.reports());
+        let st = runtime::volume_state(&v.spec, &specs, &ready, &reports);
+        let since = self
+            .failed_since
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         let placements = placements
             .into_iter()
             .map(|mut p: pb::ReplicaPlacement| {
@@ -718,6 +724,15 @@ impl<S: Store + 'static> ManagerService<S> {
                     p.state = state.clone();
                     p.mode = mode.clone();
                     p.data_address = address.clone();
+                }
+                let spec = specs.iter().find(|r| r.id == p.id);
+                if let Some(why) = spec.and_then(|r| runtime::replica_failure(&v.spec, r, &ready, &reports)) {
+                    p.failure = why;
+                    p.failed_at = since
+                        .get(&(name.to_string(), p.id.clone()))
+                        .and_then(|at| std::time::SystemTime::now().checked_sub(at.elapsed()))
+                        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                        .map_or(0, |d| d.as_secs());
                 }
                 p
             })

@@ -354,6 +354,8 @@ fn volume_json(v: &pb::Volume) -> serde_json::Value {
             "id": p.id, "node": p.node, "disk": p.disk, "state": p.state,
             "mode": (!p.mode.is_empty()).then_some(&p.mode),
             "data_address": (!p.data_address.is_empty()).then_some(&p.data_address),
+            "failed_at": (p.failed_at > 0).then_some(p.failed_at),
+            "failure": (!p.failure.is_empty()).then_some(&p.failure),
         })).collect::<Vec<_>>(),
     })
 }
@@ -675,13 +677,31 @@ fn print_volume(v: &pb::Volume) {
                 dash(&p.state),
                 dash(&p.mode),
                 dash(&p.data_address),
+                failed_for(p),
             ]
         })
         .collect();
     print!(
         "{}",
-        table(&["REPLICA", "NODE", "DISK", "STATE", "MODE", "ADDRESS"], &rows)
+        table(
+            &["REPLICA", "NODE", "DISK", "STATE", "MODE", "ADDRESS", "FAILED"],
+            &rows
+        )
     );
+}
+
+/// How long a replica has counted as failed, and why ("-" if it does not).
+fn failed_for(p: &pb::ReplicaPlacement) -> String {
+    if p.failure.is_empty() {
+        return "-".into();
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    if p.failed_at == 0 {
+        return p.failure.clone();
+    }
+    format!("{} s ago: {}", now.saturating_sub(p.failed_at), p.failure)
 }
 
 /// Runs `hornctl settings CMD`.

@@ -958,6 +958,21 @@ fn the_manager_salvages_a_volume_only_from_current_replicas_and_keeps_it_going_o
         let v = info();
         v["robustness"] == "degraded" && v["membership"].as_str().unwrap().matches("127.0.0.").count() == 1
     });
+    // The lost replicas say since when and why they count as failed.
+    common::eventually(Duration::from_secs(20), "the failures shown", || {
+        let v = info();
+        v["placements"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|p| p["id"] != "r2")
+            .all(|p| {
+                p["failed_at"].as_u64().is_some_and(|t| t > 1_700_000_000)
+                    && p["failure"].as_str().is_some_and(|f| !f.is_empty())
+            })
+    });
+    let table = ok(hornctl(data, a, &["volume", "info", "v3"]));
+    assert!(table.contains("FAILED") && table.contains(" s ago: "), "{table}");
     drop(s);
     ok(hornctl(data, a, &["volume", "detach", "v3"]));
     drop(agents);
