@@ -55,6 +55,11 @@ pub struct VolumeArgs {
     /// queue depth is shared among them.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=64))]
     queues: u16,
+    /// Measure an encrypted volume (AES-256-XTS in the engine) against an unencrypted
+    /// one on replicas of their own, the two taking turns workload by workload, instead
+    /// of the engine against fio.
+    #[arg(long, conflicts_with = "running")]
+    encrypted: bool,
 }
 
 /// A replica process, killed when dropped.
@@ -165,8 +170,102 @@ fn drive_queues(volume: &mut Volume, w: &Workload, runtime: Duration, queues: us
     Ok((iops, lat))
 }
 
+/// `--encrypted`: for each replica count, an unencrypted and an encrypted volume on
+/// replica processes of their own, measured in turns, workload by workload.
+fn run_encrypted(args: &VolumeArgs) -> Result<()> {
+    let mut report = Report {
+        json: args.json,
+        rows: Vec::new(),
+    };
+    // A fixed key: the cost of AES-XTS does not depend on it.
+    let key: Vec<u8> = (0..64u8).map(|i| i.wrapping_mul(41).wrapping_add(7)).collect();
+    let cipher =
+        std::sync::Arc::new(horn_engine::crypt::VolumeCipher::from_key(&key).map_err(anyhow::Error::msg)?);
+    for &n in &args.replicas {
+        if n == 0 {
+            bail!("--replicas takes counts of at least 1");
+        }
+        let scratch = tempfile::Builder::new()
+            .prefix("horn-bench-volume-")
+            .tempdir_in(&args.dir)
+            .with_context(|| format!("cannot make a scratch directory in {}", args.dir.display()))?;
+        eprintln!(
+            "starting 2 x {n} replica process(es) of {} in {}",
+            human_bytes(args.size),
+            args.dir.display()
+        );
+        let start = |side: &str,
+                     cipher: Option<std::sync::Arc<horn_engine::crypt::VolumeCipher>>|
+         -> Result<(Vec<ReplicaProcess>, Volume)> {
+            let replicas: Vec<ReplicaProcess> = (0..n)
+                .map(|i| ReplicaProcess::start(&scratch.path().join(format!("{side}-{i}")), args.size))
+                .collect::<Result<_>>()?;
+            let addrs: Vec<ReplicaAddr> = replicas.iter().map(|r| r.addr.clone()).collect();
+            let (mut volume, started) = Volume::start_with(
+                &addrs,
+                Duration::from_secs(8),
+                horn_engine::StartOptions {
+                    cipher,
+                    ..Default::default()
+                },
+            )?;
+            if started.used.len() != n {
+                bail!(
+                    "only {} of {n} replicas could be used: {:?}",
+                    started.used.len(),
+                    started.skipped
+                );
+            }
+            eprintln!("filling the {side} volume");
+            fill(&mut volume)?;
+            Ok((replicas, volume))
+        };
+        let (plain_replicas, mut plain) = start("plain", None)?;
+        let (enc_replicas, mut enc) = start("encrypted", Some(cipher.clone()))?;
+        let runtime = Duration::from_secs(args.runtime);
+        let secs = args.runtime as f64;
+        for w in WORKLOADS {
+            if !args.workloads.is_empty() && !args.workloads.iter().any(|x| x == w.name) {
+                continue;
+            }
+            let meter = CpuMeter::start();
+            let (p_iops, p_lat) = drive_queues(&mut plain, w, runtime, args.queues as usize)?;
+            let p_cpu = meter.stop();
+            let meter = CpuMeter::start();
+            let (e_iops, e_lat) = drive_queues(&mut enc, w, runtime, args.queues as usize)?;
+            let e_cpu = meter.stop();
+            report.emit(json!({
+                "bench": "volume",
+                "part": "encrypted",
+                "workload": w.name,
+                "replicas": n,
+                "iops": e_iops.round(),
+                "lat_us_mean": round2(e_lat),
+                "peer": "the same engine on an unencrypted volume, in turns in the same run",
+                "peer_iops": p_iops.round(),
+                "peer_lat_us_mean": round2(p_lat),
+                "added_lat_us": round2(e_lat - p_lat),
+                "ratio": round2(e_iops / p_iops),
+                "target": (w.bs == 4096 && w.qd == 32).then_some(0.85),
+                "cpu_us_per_io": e_cpu.map(|c| round2(c.us_per_io(e_iops, secs))),
+                "peer_cpu_us_per_io": p_cpu.map(|c| round2(c.us_per_io(p_iops, secs))),
+                "queues": args.queues,
+                "runtime_s": args.runtime,
+            }));
+        }
+        plain.close()?;
+        enc.close()?;
+        drop((plain_replicas, enc_replicas));
+    }
+    report.finish();
+    Ok(())
+}
+
 /// Runs the volume benchmark.
 pub fn run(args: VolumeArgs) -> Result<()> {
+    if args.encrypted {
+        return run_encrypted(&args);
+    }
     if !fio::available() {
         bail!("fio is not installed: run scripts/install-deps (or apt-get install fio)");
     }

@@ -28,6 +28,7 @@ use horn_proto::control::{
 
 use crate::authority::Authority;
 use crate::client::{self, control_err, Deadline};
+use crate::crypt::VolumeCipher;
 use crate::membership::Record;
 use crate::replica_set::{Mode, ReplicaConfig};
 use crate::stripes::Stripes;
@@ -128,6 +129,9 @@ pub struct Engine {
     record: Mutex<Record>,
     /// Where records are stored besides the replicas, under a manager.
     authority: Option<Arc<dyn Authority>>,
+    /// An encrypted volume's key: writes are encrypted as they start, reads
+    /// decrypted as they complete (`queue.rs`).
+    cipher: Option<Arc<VolumeCipher>>,
     /// The failure epoch whose drops the record in force includes: queues hand back
     /// no completion while it trails [`Engine::failure_epoch`].
     recorded_epoch: AtomicU64,
@@ -179,10 +183,12 @@ impl Engine {
         skipped: Vec<(String, String)>,
         runtime: tokio::runtime::Runtime,
         authority: Option<Arc<dyn Authority>>,
+        cipher: Option<Arc<VolumeCipher>>,
     ) -> Engine {
         let generation = record.generation;
         Engine {
             authority,
+            cipher,
             volume: record.volume.clone(),
             engine_id: record.engine.clone(),
             record: Mutex::new(record),
@@ -214,6 +220,16 @@ impl Engine {
 
     pub(crate) fn runtime(&self) -> &tokio::runtime::Runtime {
         &self.runtime
+    }
+
+    /// An encrypted volume's key.
+    pub(crate) fn cipher(&self) -> Option<&Arc<VolumeCipher>> {
+        self.cipher.as_ref()
+    }
+
+    /// Whether the volume is encrypted (its data on the replicas is ciphertext).
+    pub fn is_encrypted(&self) -> bool {
+        self.cipher.is_some()
     }
 
     /// The authority on membership besides the replicas, if the engine runs under one.

@@ -7,6 +7,7 @@
 //!
 //! The modules form a ladder: each imports only from the floors below it.
 //! 1. [`types`]: the vocabulary (addresses, errors, reports, chain operations);
+//!    [`crypt`]: encrypting a volume's sectors (AES-256-XTS);
 //! 2. [`replica_set`]: the replication rules, without I/O; [`authority`]: what a
 //!    second authority on membership (a manager) is asked; [`membership`]: the
 //!    membership rules (which replicas a start may serve from, when a change counts),
@@ -36,6 +37,8 @@
 #![warn(missing_docs)]
 
 pub mod types;
+
+pub mod crypt;
 
 pub mod replica_set;
 
@@ -69,7 +72,7 @@ pub mod frontend;
 
 pub use engine::Engine;
 pub use queue::{EngineQueue, Token};
-pub use start::{start, start_pinned, start_under};
+pub use start::{start, start_pinned, start_with, StartOptions};
 pub use types::{
     ChainOp, Difference, IoError, RebuildState, RebuildStatus, ReconcileReport, ReplicaAddr, Result,
     StartReport, VerifyReport, VolumeCompletion, VolumeError, MAX_DIFFERENCES,

@@ -69,6 +69,9 @@ pub struct Plan {
     pub left_out: Vec<(usize, String)>,
     /// The authority the engine's records are stamped with (empty: the replicas alone).
     pub authority: String,
+    /// The key check value the engine's records carry (empty: not encrypted); the
+    /// start sets it once it has checked it against the base's.
+    pub cipher: String,
 }
 
 impl Plan {
@@ -97,6 +100,7 @@ impl Plan {
                 })
                 .unwrap_or_default(),
             authority: self.authority.clone(),
+            cipher: self.cipher.clone(),
         }
     }
 }
@@ -241,6 +245,7 @@ pub fn plan_start_under(
         rw,
         left_out,
         authority: name.to_string(),
+        cipher: String::new(),
     })
 }
 
@@ -277,6 +282,7 @@ fn plan_creation(listed: usize, claimed: &[Candidate], new_volume: &str) -> Resu
             .map(|i| (i, REBUILDING.to_string()))
             .collect(),
         authority: String::new(),
+        cipher: String::new(),
     })
 }
 
@@ -330,6 +336,31 @@ pub fn counts(next: &Record, stored: &BTreeSet<String>) -> bool {
     next.after
         .iter()
         .all(|set| set.keys().filter(|id| stored.contains(*id)).count() >= set.len().div_ceil(2))
+}
+
+/// Checks the key an engine was given (`mine`: its check value, empty without a key)
+/// against the volume's newest record `base` (none at a volume's first start).
+pub fn check_cipher(base: Option<&Record>, mine: &str) -> Result<(), String> {
+    let Some(base) = base else {
+        return Ok(());
+    };
+    match (base.cipher.as_str(), mine) {
+        (theirs, ours) if theirs == ours => Ok(()),
+        (theirs, "") => Err(format!(
+            "volume {} is encrypted ({}): start its engine with its key (--key-file)",
+            base.volume,
+            theirs.split(':').next().unwrap_or(theirs)
+        )),
+        ("", _) => Err(format!(
+            "volume {} is not encrypted, and a key was given: a volume is encrypted from its \
+             first start only (make a new encrypted volume and copy the data over)",
+            base.volume
+        )),
+        (theirs, ours) => Err(format!(
+            "the key given is not volume {}'s: the volume's check value is {theirs}, the key's {ours}",
+            base.volume
+        )),
+    }
 }
 
 /// [`counts`], under an authority when `managed`: once the authority has it too
@@ -390,6 +421,7 @@ mod tests {
             wo: BTreeMap::new(),
             after: Vec::new(),
             authority: String::new(),
+            cipher: String::new(),
         }
     }
 

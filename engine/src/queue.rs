@@ -82,6 +82,8 @@ impl Token {
 
 struct Slot {
     tag: u64,
+    /// Where it starts (a read is decrypted there, for an encrypted volume).
+    offset: u64,
     /// A change's offset (its key in `changes`).
     change: Option<u64>,
     buf: Option<IoBuf>,
@@ -486,6 +488,15 @@ impl EngineQueue {
         } else {
             (offset, len)
         };
+        let mut buf = buf;
+        if kind == IoKind::Write {
+            // Encrypted once, as it starts, before any replica sees it (a held or
+            // ordered write comes here once too); the buffer holds ciphertext from
+            // here on, and is handed back so.
+            if let (Some(c), Some(b)) = (self.engine.cipher(), buf.as_mut()) {
+                c.encrypt(offset, self.engine.sector_size() as usize, b.as_mut_slice());
+            }
+        }
         let io = self.set.submit(
             self.now(),
             IoRequest {
@@ -501,6 +512,7 @@ impl EngineQueue {
             io,
             Slot {
                 tag,
+                offset,
                 buf,
                 fua: fua && kind == IoKind::Write,
                 read: kind == IoKind::Read,
@@ -623,11 +635,18 @@ impl EngineQueue {
                 before > 0,
                 "I/O {io:?} left the queue's in-flight count, which was already 0"
             );
+            let result = slot.result.expect("checked");
+            let mut buf = slot.buf;
+            if slot.read && result.is_ok() {
+                if let (Some(c), Some(b)) = (self.engine.cipher(), buf.as_mut()) {
+                    c.decrypt(slot.offset, self.engine.sector_size() as usize, b.as_mut_slice());
+                }
+            }
             self.ready.push_back((
                 VolumeCompletion {
                     tag: slot.tag,
-                    result: slot.result.expect("checked"),
-                    buf: slot.buf,
+                    result,
+                    buf,
                 },
                 slot.read,
             ));

@@ -22,6 +22,7 @@ use horn_replica::membership::MAX_GENERATION;
 
 use crate::authority::{self, Authority, Grant};
 use crate::client::{self, ControlClient};
+use crate::crypt::VolumeCipher;
 use crate::engine::{ClaimedReplica, Engine};
 use crate::membership::{self, Candidate};
 use crate::replica_set::Mode;
@@ -45,19 +46,44 @@ pub fn start_pinned(
     timeout: Duration,
     pin: Option<&str>,
 ) -> Result<(Arc<Engine>, StartReport)> {
-    start_under(replicas, timeout, pin, None)
+    start_with(
+        replicas,
+        timeout,
+        StartOptions {
+            pin: pin.map(str::to_string),
+            ..StartOptions::default()
+        },
+    )
 }
 
-/// [`start_pinned`], under `authority` when one is given (a manager: see
-/// [`crate::authority`]): the generation is begun there before any claim, its record
-/// joins the replicas' in deciding the start, and every record of this engine is
-/// stored there before it counts.
-pub fn start_under(
+/// What a start may be given besides its replicas.
+#[derive(Debug, Clone, Default)]
+pub struct StartOptions {
+    /// Start only if the replicas hold this volume ([`start_pinned`]).
+    pub pin: Option<String>,
+    /// A membership authority besides the replicas (a manager: see
+    /// [`crate::authority`]): the generation is begun there before any claim, its
+    /// record joins the replicas' in deciding the start, and every record of this
+    /// engine is stored there before it counts.
+    pub authority: Option<Arc<dyn Authority>>,
+    /// The volume's key ([`crate::crypt`]): the volume is encrypted, or becomes so at
+    /// its first start. Checked against the record's check value before anything is
+    /// served.
+    pub cipher: Option<Arc<VolumeCipher>>,
+}
+
+/// [`start`], with `options` (see [`StartOptions`]).
+pub fn start_with(
     replicas: &[ReplicaAddr],
     timeout: Duration,
-    pin: Option<&str>,
-    authority: Option<Arc<dyn Authority>>,
+    options: StartOptions,
 ) -> Result<(Arc<Engine>, StartReport)> {
+    let StartOptions {
+        pin,
+        authority,
+        cipher,
+    } = options;
+    let pin = pin.as_deref();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -161,6 +187,7 @@ pub fn start_under(
         timeout,
         leased_since,
         authority.zip(grant),
+        cipher,
     );
     if let Err(e) = &started {
         // What was claimed is not served: the next engine need not wait for the leases.
@@ -185,6 +212,7 @@ fn serve(
     timeout: Duration,
     leased_since: u64,
     authority: Option<(Arc<dyn Authority>, Grant)>,
+    cipher: Option<Arc<VolumeCipher>>,
 ) -> Result<(Arc<Engine>, StartReport)> {
     let engine_id = engine_id.to_string();
     let managed = authority.is_some();
@@ -205,6 +233,12 @@ fn serve(
         authority.as_ref().map(|(_, g)| g),
     )
     .map_err(|why| VolumeError::NoReplica(with_skipped(why, &skipped)))?;
+    // The key before anything else: a wrong one would serve garbage, and none would
+    // serve ciphertext and write plaintext beside it.
+    let mine = cipher.as_ref().map_or("", |c| c.check_value());
+    membership::check_cipher(plan.base.as_ref(), mine).map_err(VolumeError::NoReplica)?;
+    let mut plan = plan;
+    plan.cipher = mine.to_string();
     for (i, why) in &plan.left_out {
         skipped.push((claimed[*i].0.data.clone(), format!("left out: {why}")));
     }
@@ -294,6 +328,7 @@ fn serve(
         skipped,
         runtime,
         authority.map(|(a, _)| a),
+        cipher,
     ));
     if lease_holds {
         engine.extend_lease(leased_since.saturating_add(lease::LEASE_TRUSTED.as_nanos() as u64));

@@ -48,18 +48,23 @@ impl Volume {
         timeout: Duration,
         pin: Option<&str>,
     ) -> Result<(Volume, StartReport)> {
-        Volume::start_under(replicas, timeout, pin, None)
+        Volume::start_with(
+            replicas,
+            timeout,
+            crate::start::StartOptions {
+                pin: pin.map(str::to_string),
+                ..Default::default()
+            },
+        )
     }
 
-    /// [`Volume::start_pinned`], under a membership `authority` when one is given
-    /// ([`crate::start::start_under`]).
-    pub fn start_under(
+    /// [`Volume::start`] with `options` ([`crate::start::start_with`]).
+    pub fn start_with(
         replicas: &[ReplicaAddr],
         timeout: Duration,
-        pin: Option<&str>,
-        authority: Option<std::sync::Arc<dyn crate::authority::Authority>>,
+        options: crate::start::StartOptions,
     ) -> Result<(Volume, StartReport)> {
-        let (engine, report) = crate::start::start_under(replicas, timeout, pin, authority)?;
+        let (engine, report) = crate::start::start_with(replicas, timeout, options)?;
         let v = Volume::open(&engine)?;
         Ok((v, report))
     }

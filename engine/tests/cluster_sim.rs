@@ -268,6 +268,7 @@ impl Sim {
                 wo: BTreeMap::new(),
                 after: Vec::new(),
                 authority: String::new(),
+                cipher: String::new(),
             },
             alive: false,
             stopped: false,

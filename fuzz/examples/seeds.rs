@@ -338,6 +338,7 @@ fn control(seeds: &Seeds) {
                     members: vec![member("00112233445566778899aabbccddeeff", "127.0.0.1:9500")],
                 }],
                 authority: String::new(),
+                cipher: String::new(),
             }),
         },
     ));
@@ -386,6 +387,7 @@ fn control(seeds: &Seeds) {
             wo: vec![],
             after: vec![],
             authority: "manager:0123456789abcdef".into(),
+            cipher: "aes-256-xts:0011223344556677".into(),
         },
     ));
     replies.extend(call(

@@ -176,6 +176,8 @@ pub struct EngineStart {
     pub timeout: Duration,
     /// The membership authority besides the replicas (a manager), if any.
     pub authority: Option<Arc<dyn horn_engine::authority::Authority>>,
+    /// The volume's key, for an encrypted volume.
+    pub cipher: Option<Arc<horn_engine::crypt::VolumeCipher>>,
 }
 
 /// Serves a volume's engine on `start`'s replicas (and on the replica it `hosted` in its own
@@ -206,6 +208,7 @@ pub fn serve_engine(
         volume: pin,
         timeout,
         authority,
+        cipher,
     } = start;
     let hosted = match hosted {
         Some(opts) => {
@@ -215,8 +218,16 @@ pub fn serve_engine(
         }
         None => None,
     };
-    let started =
-        Volume::start_under(&replicas, timeout, pin.as_deref(), authority).context("cannot start the engine");
+    let started = Volume::start_with(
+        &replicas,
+        timeout,
+        horn_engine::StartOptions {
+            pin,
+            authority,
+            cipher,
+        },
+    )
+    .context("cannot start the engine");
     let (mut volume, report) = match started {
         Ok(v) => v,
         Err(e) => {
@@ -250,11 +261,16 @@ pub fn serve_engine(
     )));
     let grpc = serve_control_until_signal(listener, routes, stop_signals, move || handle.stop())?;
     println!(
-        "hornd engine: volume {} of {} on {} replicas (generation {}), control on {control_addr}",
+        "hornd engine: volume {} of {} on {} replicas (generation {}{}), control on {control_addr}",
         report.volume,
         human_bytes(report.size),
         report.used.len(),
-        report.generation
+        report.generation,
+        if volume.engine().is_encrypted() {
+            ", encrypted: AES-256-XTS"
+        } else {
+            ""
+        }
     );
     let device = Arc::new(AtomicI64::new(-1));
     let ublk_thread = match ublk {

@@ -326,6 +326,7 @@ async fn claims_need_a_strictly_newer_bounded_generation_for_the_same_volume() {
         wo: vec![],
         after: vec![],
         authority: String::new(),
+        cipher: String::new(),
     };
     let request = || MembershipRequest {
         record: Some(record.clone()),

@@ -254,6 +254,7 @@ pub fn record_to_wire(r: &Record) -> Membership {
             .map(|m| MemberSet { members: members(m) })
             .collect(),
         authority: r.authority.clone(),
+        cipher: r.cipher.clone(),
     }
 }
 
@@ -269,6 +270,7 @@ pub fn record_from_wire(m: Membership) -> Record {
         wo: members(m.wo),
         after: m.after.into_iter().map(|s| members(s.members)).collect(),
         authority: m.authority,
+        cipher: m.cipher,
     }
 }
 

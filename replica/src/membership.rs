@@ -75,6 +75,10 @@ pub struct Record {
     /// refuses a volume whose newest record names one.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub authority: String,
+    /// An encrypted volume's key check value (`horn_engine::crypt`; never the key):
+    /// an engine with another key, or none, is refused. Empty: not encrypted.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub cipher: String,
 }
 
 impl Record {
@@ -324,6 +328,7 @@ mod tests {
             wo: BTreeMap::new(),
             after: Vec::new(),
             authority: String::new(),
+            cipher: String::new(),
         };
         assert!(check_record(&s, &r).is_ok());
         s.record = Some(r.clone());

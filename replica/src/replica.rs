@@ -308,6 +308,13 @@ impl Replica {
             after: Vec::new(),
             // The operator's own decision, outside any manager.
             authority: String::new(),
+            // Still encrypted with the same key: its data is ciphertext.
+            cipher: self
+                .engine
+                .record
+                .as_ref()
+                .map(|r| r.cipher.clone())
+                .unwrap_or_default(),
         };
         self.store_engine(EngineState {
             generation,

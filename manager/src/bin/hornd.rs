@@ -168,6 +168,11 @@ enum Command {
         /// With `--manager`: the file holding the cluster token.
         #[arg(long, requires = "manager")]
         token_file: Option<PathBuf>,
+        /// The volume is encrypted with the key in this file (64 bytes, raw or as 128
+        /// hex digits: AES-256-XTS). At a volume's first start it becomes encrypted;
+        /// later starts are refused with another key, and an encrypted volume without one.
+        #[arg(long, value_name = "FILE")]
+        key_file: Option<PathBuf>,
         /// Host the replica in this directory inside the engine's process: its reads
         /// and writes run on the engine's own rings, with no socket or process hop
         /// (the replica on the engine's node). Its control service is served at
@@ -417,6 +422,7 @@ fn main() -> ExitCode {
             manager,
             node,
             token_file,
+            key_file,
             host_replica,
             host_replica_control,
             host_replica_size,
@@ -475,6 +481,10 @@ fn main() -> ExitCode {
                 )),
                 (_, Err(e)) => Err(e),
                 (Some(max_io_bytes), Ok(iscsi)) => (|| {
+                    let cipher = key_file
+                        .map(|f| horn_engine::crypt::VolumeCipher::from_key_file(&f).map(std::sync::Arc::new))
+                        .transpose()
+                        .map_err(anyhow::Error::msg)?;
                     let authority = match (manager, node, token_file) {
                         (Some(m), Some(n), Some(t)) => Some(std::sync::Arc::new(
                             horn_manager::authority::ManagerAuthority::new(&m, &t, &name, &n)?,
@@ -505,6 +515,7 @@ fn main() -> ExitCode {
                             volume,
                             timeout: std::time::Duration::from_secs(timeout),
                             authority,
+                            cipher,
                         },
                         control,
                         std::time::Duration::from_secs(clean_intents_every),
