@@ -26,6 +26,20 @@ use aes::{Aes256, Block};
 /// The check value's prefix: the mode, for the record and for people.
 const MODE: &str = "aes-256-xts";
 
+/// The key in `path`: 64 raw bytes, or 128 hex digits (a final newline allowed);
+/// anything else is returned as it is, for [`VolumeCipher::from_key`] to refuse.
+pub fn read_key(path: &std::path::Path) -> Result<Vec<u8>, String> {
+    let bytes =
+        std::fs::read(path).map_err(|e| format!("cannot read the volume key {}: {e}", path.display()))?;
+    let text = std::str::from_utf8(&bytes).ok().map(str::trim);
+    Ok(match text {
+        Some(t) if t.len() == 128 && t.bytes().all(|b| b.is_ascii_hexdigit()) => (0..64)
+            .map(|i| u8::from_str_radix(&t[2 * i..2 * i + 2], 16).expect("hex digits"))
+            .collect(),
+        _ => bytes,
+    })
+}
+
 /// Blocks encrypted in one call: enough for AES-NI to pipeline, small enough for the
 /// stack.
 const BATCH: usize = 256;
@@ -141,19 +155,10 @@ impl VolumeCipher {
         Ok(c)
     }
 
-    /// The cipher of the key in `path`: 64 raw bytes, or 128 hex digits (a final
-    /// newline allowed).
+    /// The cipher of the key in `path` ([`read_key`]).
     pub fn from_key_file(path: &std::path::Path) -> Result<VolumeCipher, String> {
-        let bytes =
-            std::fs::read(path).map_err(|e| format!("cannot read the volume key {}: {e}", path.display()))?;
-        let text = std::str::from_utf8(&bytes).ok().map(str::trim);
-        let key = match text {
-            Some(t) if t.len() == 128 && t.bytes().all(|b| b.is_ascii_hexdigit()) => (0..64)
-                .map(|i| u8::from_str_radix(&t[2 * i..2 * i + 2], 16).expect("hex digits"))
-                .collect(),
-            _ => bytes,
-        };
-        VolumeCipher::from_key(&key).map_err(|e| format!("the volume key {}: {e}", path.display()))
+        VolumeCipher::from_key(&read_key(path)?)
+            .map_err(|e| format!("the volume key {}: {e}", path.display()))
     }
 
     /// What the membership record keeps to know the key again (never the key).

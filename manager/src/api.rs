@@ -551,6 +551,22 @@ impl<S: Store + 'static> ManagerService<S> {
             &self.ready_nodes()?,
             &self.reports(),
         );
+        // An encrypted volume's engine gets its key: only the node it runs on does.
+        let mut keyed = false;
+        for e in &mut work.engines {
+            let secret = volumes
+                .iter()
+                .find(|v| v.name == e.volume)
+                .and_then(|v| v.key_secret.clone());
+            if let Some(s) = secret {
+                e.key = self.specs.secret(&s).map_err(to_status)?.spec.bytes();
+                keyed = true;
+            }
+        }
+        if keyed {
+            work.revision = 0;
+            work.revision = runtime::digest(&work);
+        }
         let asked = self
             .rounds
             .lock()
@@ -747,6 +763,7 @@ impl<S: Store + 'static> ManagerService<S> {
         let s = v.spec;
         Ok(pb::Volume {
             membership,
+            key_secret: s.key_secret.clone().unwrap_or_default(),
             state: st.state.into(),
             robustness: st.robustness.into(),
             endpoint: st.endpoint,
@@ -924,10 +941,19 @@ impl<S: Store + 'static> Manager for Service<S> {
             attached_to: None,
             maintenance: false,
             volume_id: None,
+            key_secret: (!r.key_secret.is_empty()).then_some(r.key_secret),
         };
         spec.check().map_err(Status::invalid_argument)?;
         self.0
             .blocking(move |m| {
+                if let Some(s) = &spec.key_secret {
+                    m.specs.secret(s).map_err(|e| {
+                        Status::failed_precondition(format!(
+                            "volume {} is to be encrypted with secret {s}: {e} (hornctl secret create {s})",
+                            spec.name
+                        ))
+                    })?;
+                }
                 if m.specs.volume(&spec.name).is_ok() {
                     return Err(to_status(SpecError::Exists {
                         kind: "volume",
@@ -1520,6 +1546,75 @@ impl<S: Store + 'static> Manager for Service<S> {
                 Ok(pb::SettingsReply {
                     settings: settings.to_pairs().into_iter().collect(),
                     revision,
+                })
+            })
+            .await
+    }
+
+    async fn create_secret(
+        &self,
+        req: Request<pb::CreateSecretRequest>,
+    ) -> Result<Response<pb::Secret>, Status> {
+        let r = req.into_inner();
+        let value = if r.value.is_empty() {
+            random_hex(64).map_err(|e| Status::internal(format!("cannot read /dev/urandom: {e}")))?
+        } else {
+            horn_engine::crypt::VolumeCipher::from_key(&r.value)
+                .map_err(|e| Status::invalid_argument(format!("secret {}: {e}", r.name)))?;
+            r.value.iter().map(|b| format!("{b:02x}")).collect()
+        };
+        self.0
+            .blocking(move |m| {
+                m.specs
+                    .create_secret(&crate::model::SecretSpec {
+                        name: r.name.clone(),
+                        value,
+                    })
+                    .map_err(to_status)?;
+                tracing::info!(secret = %r.name, "secret created");
+                Ok(pb::Secret {
+                    name: r.name,
+                    volumes: Vec::new(),
+                })
+            })
+            .await
+    }
+
+    async fn list_secrets(
+        &self,
+        _: Request<pb::ListSecretsRequest>,
+    ) -> Result<Response<pb::SecretList>, Status> {
+        self.0
+            .blocking(|m| {
+                let volumes = m.specs.volumes().map_err(to_status)?;
+                let secrets = m
+                    .specs
+                    .secrets()
+                    .map_err(to_status)?
+                    .into_iter()
+                    .map(|s| pb::Secret {
+                        volumes: volumes
+                            .iter()
+                            .filter(|v| v.spec.key_secret.as_deref() == Some(s.spec.name.as_str()))
+                            .map(|v| v.spec.name.clone())
+                            .collect(),
+                        name: s.spec.name,
+                    })
+                    .collect();
+                Ok(pb::SecretList { secrets })
+            })
+            .await
+    }
+
+    async fn delete_secret(&self, req: Request<pb::SecretRef>) -> Result<Response<pb::Secret>, Status> {
+        let name = req.into_inner().name;
+        self.0
+            .blocking(move |m| {
+                m.specs.delete_secret(&name).map_err(to_status)?;
+                tracing::info!(secret = %name, "secret deleted");
+                Ok(pb::Secret {
+                    name,
+                    volumes: Vec::new(),
                 })
             })
             .await

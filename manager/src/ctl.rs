@@ -87,6 +87,13 @@ pub enum VolumeCmd {
         /// A tag every replica's disk must carry; repeat for more.
         #[arg(long = "disk-selector")]
         disk_selector: Vec<String>,
+        /// Encrypt the volume in its engine (AES-256-XTS): replicas and the data wire
+        /// only see ciphertext. Needs `--key-secret`.
+        #[arg(long, requires = "key_secret")]
+        encrypted: bool,
+        /// The secret holding the key (`hornctl secret create NAME`).
+        #[arg(long, requires = "encrypted")]
+        key_secret: Option<String>,
     },
     /// Every volume.
     List,
@@ -170,6 +177,94 @@ pub enum VolumeCmd {
         #[arg(long)]
         force: bool,
     },
+}
+
+/// `hornctl secret ...`
+#[derive(Subcommand, Debug)]
+pub enum SecretCmd {
+    /// Create a secret holding a volume key: 64 random bytes the manager makes, or
+    /// the key in a file (64 bytes, raw or 128 hex digits).
+    Create {
+        /// The secret's name.
+        name: String,
+        /// The key's file.
+        #[arg(long)]
+        from_file: Option<std::path::PathBuf>,
+    },
+    /// Every secret's name and the volumes encrypted with it (never a value).
+    List,
+    /// Delete a secret (refused while a volume is encrypted with it).
+    Delete {
+        /// The secret's name.
+        name: String,
+    },
+}
+
+/// Runs `hornctl secret CMD`.
+pub fn run_secret(addr: ManagerAddr, cmd: SecretCmd) -> Result<()> {
+    runtime()?.block_on(async {
+        let mut c = connect(&addr).await?;
+        match cmd {
+            SecretCmd::Create { name, from_file } => {
+                let value = match from_file {
+                    None => Vec::new(),
+                    Some(f) => horn_engine::crypt::read_key(&f).map_err(anyhow::Error::msg)?,
+                };
+                let s = c
+                    .create_secret(pb::CreateSecretRequest { name, value })
+                    .await
+                    .map_err(refused(&addr))?
+                    .into_inner();
+                if addr.json {
+                    println!("{}", json!({ "name": s.name }));
+                } else {
+                    println!("secret {} created", s.name);
+                }
+            }
+            SecretCmd::List => {
+                let list = c
+                    .list_secrets(pb::ListSecretsRequest {})
+                    .await
+                    .map_err(refused(&addr))?
+                    .into_inner();
+                if addr.json {
+                    let v: Vec<_> = list
+                        .secrets
+                        .iter()
+                        .map(|s| json!({ "name": s.name, "volumes": s.volumes }))
+                        .collect();
+                    println!("{}", json!(v));
+                } else {
+                    let rows: Vec<_> = list
+                        .secrets
+                        .iter()
+                        .map(|s| {
+                            vec![
+                                s.name.clone(),
+                                if s.volumes.is_empty() {
+                                    "-".into()
+                                } else {
+                                    s.volumes.join(",")
+                                },
+                            ]
+                        })
+                        .collect();
+                    print!("{}", table(&["SECRET", "VOLUMES"], &rows));
+                }
+            }
+            SecretCmd::Delete { name } => {
+                c.delete_secret(pb::SecretRef { name: name.clone() })
+                    .await
+                    .map_err(refused(&addr))?;
+                if addr.json {
+                    println!("{}", json!({ "deleted": name }));
+                } else {
+                    println!("secret {name} deleted");
+                }
+            }
+        }
+        Ok(())
+    })
 }
 
 /// `hornctl settings ...`
@@ -350,6 +445,7 @@ fn volume_json(v: &pb::Volume) -> serde_json::Value {
         "endpoint": (!v.endpoint.is_empty()).then_some(&v.endpoint),
         "message": (!v.message.is_empty()).then_some(&v.message),
         "membership": (!v.membership.is_empty()).then_some(&v.membership),
+        "key_secret": (!v.key_secret.is_empty()).then_some(&v.key_secret),
         "placements": v.placements.iter().map(|p| json!({
             "id": p.id, "node": p.node, "disk": p.disk, "state": p.state,
             "mode": (!p.mode.is_empty()).then_some(&p.mode),
@@ -407,6 +503,8 @@ pub fn run_volume(addr: ManagerAddr, cmd: VolumeCmd) -> Result<()> {
                 data_locality,
                 node_selector,
                 disk_selector,
+                encrypted: _,
+                key_secret,
             } => {
                 let v = c
                     .create_volume(pb::CreateVolumeRequest {
@@ -418,6 +516,7 @@ pub fn run_volume(addr: ManagerAddr, cmd: VolumeCmd) -> Result<()> {
                         data_locality,
                         node_selector,
                         disk_selector,
+                        key_secret: key_secret.unwrap_or_default(),
                     })
                     .await
                     .map_err(refused(&addr))?
@@ -657,6 +756,9 @@ fn print_volume(v: &pb::Volume) {
     }
     if !v.membership.is_empty() {
         println!("membership: {}", v.membership);
+    }
+    if !v.key_secret.is_empty() {
+        println!("encrypted: AES-256-XTS, key in secret {}", v.key_secret);
     }
     println!();
     let dash = |s: &str| {

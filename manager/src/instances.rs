@@ -429,6 +429,12 @@ impl Instances {
             command.extend(["--volume".into(), w.volume_id.clone()]);
         }
         command.extend(self.authority.iter().cloned());
+        if !w.key.is_empty() {
+            command.extend([
+                "--key-file".into(),
+                self.key_path(&w.volume).display().to_string(),
+            ]);
+        }
         for r in &w.replicas {
             let local = if r.local { ",local" } else { "" };
             command.push("--replica".into());
@@ -451,7 +457,48 @@ impl Instances {
         Ok(command)
     }
 
+    /// Where the key of encrypted volume `volume`'s engine is kept while it runs: on
+    /// a memory filesystem (`/run`), never on a disk, readable by root only; one
+    /// directory per agent (by its state directory).
+    fn key_path(&self, volume: &str) -> PathBuf {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        std::hash::Hash::hash(&self.dir, &mut h);
+        PathBuf::from(format!(
+            "/run/horn-keys/{:016x}/{volume}.key",
+            std::hash::Hasher::finish(&h)
+        ))
+    }
+
+    /// Writes the key of `w`'s encrypted volume where its engine reads it (again
+    /// after a reboot emptied `/run`).
+    fn write_key(&self, w: &pb::EngineWork) -> Result<()> {
+        use std::io::Write;
+        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+        let path = self.key_path(&w.volume);
+        if std::fs::read(&path).is_ok_and(|k| k == w.key) {
+            return Ok(());
+        }
+        let dir = path.parent().expect("a directory");
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&path)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        f.write_all(&w.key)
+            .with_context(|| format!("cannot write {}", path.display()))
+    }
+
     fn ensure_engine(&mut self, name: &str, w: &pb::EngineWork) -> Result<()> {
+        if !w.key.is_empty() {
+            self.write_key(w)?;
+        }
         let replicas: BTreeMap<String, (String, String)> = w
             .replicas
             .iter()
@@ -668,6 +715,10 @@ impl Instances {
             }
         }
         std::fs::remove_dir_all(&i.dir).with_context(|| format!("cannot remove {}", i.dir.display()))?;
+        if i.record.kind == ENGINE {
+            // An encrypted volume's key goes with its engine.
+            let _ = std::fs::remove_file(self.key_path(&i.record.volume));
+        }
         tracing::info!(instance = %name, "stopped and removed");
         Ok(())
     }

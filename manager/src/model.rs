@@ -73,6 +73,9 @@ pub struct VolumeSpec {
     /// mounted (blank) is never taken for the volume.
     #[serde(default)]
     pub volume_id: Option<String>,
+    /// Encrypted with the key in this secret (`secrets/NAME`); `None`: not encrypted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_secret: Option<String>,
 }
 
 /// The most replicas a volume may ask for.
@@ -100,6 +103,9 @@ impl VolumeSpec {
         }
         for t in self.node_selector.iter().chain(&self.disk_selector) {
             check_name("tag", t)?;
+        }
+        if let Some(s) = &self.key_secret {
+            check_name("secret", s)?;
         }
         Ok(())
     }
@@ -326,6 +332,29 @@ fn node_key(name: &str) -> String {
 
 fn replica_key(volume: &str, id: &str) -> String {
     format!("replicas/{volume}/{id}")
+}
+
+fn secret_key(name: &str) -> String {
+    format!("secrets/{name}")
+}
+
+/// A secret: a volume key, kept by the manager and handed only to the node agent
+/// running the engine of a volume encrypted with it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SecretSpec {
+    /// Its name.
+    pub name: String,
+    /// The key, hex (64 bytes).
+    pub value: String,
+}
+
+impl SecretSpec {
+    /// The key's bytes.
+    pub fn bytes(&self) -> Vec<u8> {
+        (0..self.value.len() / 2)
+            .filter_map(|i| u8::from_str_radix(&self.value[2 * i..2 * i + 2], 16).ok())
+            .collect()
+    }
 }
 
 fn membership_key(volume: &str) -> String {
@@ -619,6 +648,57 @@ impl<S: Store> Specs<S> {
         .map(|_| ())
     }
 
+    /// Creates secret `spec`; refused if the name is taken.
+    pub fn create_secret(&self, spec: &SecretSpec) -> Result<Revision, SpecError> {
+        check_name("secret", &spec.name).map_err(SpecError::Invalid)?;
+        let key = secret_key(&spec.name);
+        match self
+            .store
+            .commit(Txn::new().check(&key, Expect::Absent).put(&key, Self::json(spec)))
+        {
+            Err(StoreError::Conflict { .. }) => Err(SpecError::Exists {
+                kind: "secret",
+                name: spec.name.clone(),
+            }),
+            other => Ok(other?),
+        }
+    }
+
+    /// The secret named `name`.
+    pub fn secret(&self, name: &str) -> Result<Versioned<SecretSpec>, SpecError> {
+        self.read(&secret_key(name))?.ok_or_else(|| SpecError::NotFound {
+            kind: "secret",
+            name: name.to_string(),
+        })
+    }
+
+    /// Every secret, by name.
+    pub fn secrets(&self) -> Result<Vec<Versioned<SecretSpec>>, SpecError> {
+        self.read_all("secrets/")
+    }
+
+    /// Deletes secret `name`; refused while a volume is encrypted with it.
+    pub fn delete_secret(&self, name: &str) -> Result<Revision, SpecError> {
+        let s = self.secret(name)?;
+        let users: Vec<String> = self
+            .volumes()?
+            .into_iter()
+            .filter(|v| v.spec.key_secret.as_deref() == Some(name))
+            .map(|v| v.spec.name)
+            .collect();
+        if !users.is_empty() {
+            return Err(SpecError::Refused(format!(
+                "secret {name} is the key of volume(s) {}: delete them first (their data cannot be read without it)",
+                users.join(", ")
+            )));
+        }
+        Ok(self.store.commit(
+            Txn::new()
+                .check(secret_key(name), Expect::At(s.revision))
+                .delete(secret_key(name)),
+        )?)
+    }
+
     /// Registers a node or replaces its spec (an agent registers at every start).
     pub fn put_node(&self, spec: &NodeSpec) -> Result<Revision, SpecError> {
         spec.check().map_err(SpecError::Invalid)?;
@@ -845,6 +925,7 @@ mod tests {
             attached_to: None,
             maintenance: false,
             volume_id: None,
+            key_secret: None,
         }
     }
 

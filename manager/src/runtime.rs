@@ -165,6 +165,8 @@ pub fn node_work(
                 .filter(|r| !ready.contains(&r.node))
                 .map(|r| r.id.clone())
                 .collect(),
+            // An encrypted volume's key is added by the caller, from its secret.
+            key: Vec::new(),
         });
     }
     work.revision = digest(&work);
@@ -373,6 +375,7 @@ mod tests {
             attached_to: attached.map(str::to_string),
             maintenance: false,
             volume_id: None,
+            key_secret: None,
         }
     }
 

@@ -238,6 +238,7 @@ mod tests {
                         attached_to: None,
                         maintenance: false,
                         volume_id: None,
+                        key_secret: None,
                     };
                     let replicas: Vec<ReplicaSpec> = (1..=count)
                         .map(|i| ReplicaSpec {

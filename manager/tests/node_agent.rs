@@ -1121,3 +1121,156 @@ fn data_locality_moves_a_replica_to_the_attached_node_and_keeps_a_strict_local_o
     });
     agents.clear();
 }
+
+/// Every file under `dir`, read whole.
+fn all_files(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return out;
+    };
+    for e in entries.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(all_files(&p));
+        } else if let Ok(b) = std::fs::read(&p) {
+            out.push((p, b));
+        }
+    }
+    out
+}
+
+/// The key files of volume `volume` the agents keep on /run, with their modes.
+fn key_files(volume: &str) -> Vec<(PathBuf, u32)> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut out = Vec::new();
+    for d in std::fs::read_dir("/run/horn-keys")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let p = d.path().join(format!("{volume}.key"));
+        if let Ok(m) = std::fs::metadata(&p) {
+            out.push((p, m.permissions().mode() & 0o777));
+        }
+    }
+    out
+}
+
+/// An encrypted volume through the manager: the key lives in a secret, reaches only
+/// the engine's node (on /run, root only), and the replicas on every node hold no
+/// plaintext; attached elsewhere, the key follows and the data reads back.
+#[test]
+fn an_encrypted_volume_keeps_its_key_in_a_secret_and_only_ciphertext_on_the_nodes() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path();
+    init(data);
+    let mgr = ManagerDaemon::start(data, "127.0.0.1:0");
+    let _cleanup = KillInstances(data);
+    let a = &mgr.addr;
+    roomy(data, a);
+    let mut agents: Vec<Agent> = (1..=3).map(|n| start_agent(data, a, n)).collect();
+    common::eventually(Duration::from_secs(20), "three ready nodes", || {
+        (1..=3).all(|n| node_state(data, a, n) == "ready")
+    });
+    // A volume name no other test uses: the key files on /run are named by it.
+    let vol = format!("enc-{}", std::process::id());
+    let create = |secret: &str| {
+        hornctl(
+            data,
+            a,
+            &[
+                "volume",
+                "create",
+                &vol,
+                "--size",
+                "32M",
+                "--replicas",
+                "3",
+                "--frontend",
+                "iscsi",
+                "--encrypted",
+                "--key-secret",
+                secret,
+            ],
+        )
+    };
+    let e = refused(create("nokey"));
+    assert!(e.contains("hornctl secret create nokey"), "{e}");
+    std::fs::write(data.join("short.key"), "00ff").unwrap();
+    let short = data.join("short.key").display().to_string();
+    let e = refused(hornctl(
+        data,
+        a,
+        &["secret", "create", "bad", "--from-file", &short],
+    ));
+    assert!(e.contains("64 bytes"), "{e}");
+    let out = ok(hornctl(data, a, &["secret", "create", "k1"]));
+    assert!(out.contains("secret k1 created"), "{out}");
+    let e = refused(hornctl(data, a, &["secret", "create", "k1"]));
+    assert!(e.contains("exists already"), "{e}");
+    ok(create("k1"));
+    let info = || json(hornctl(data, a, &["volume", "info", &vol, "--json"]));
+    assert_eq!(info()["key_secret"], "k1");
+    let e = refused(hornctl(data, a, &["secret", "delete", "k1"]));
+    assert!(e.contains(&format!("is the key of volume(s) {vol}")), "{e}");
+
+    let secret = |i: u32| -> Vec<u8> {
+        format!("SECRET-PLAINTEXT-{i:06}-")
+            .into_bytes()
+            .into_iter()
+            .cycle()
+            .take(4096)
+            .collect()
+    };
+    ok(hornctl(data, a, &["volume", "attach", &vol, "n1"]));
+    let v = info();
+    let (p, iqn) = portal(v["endpoint"].as_str().unwrap());
+    let mut s = Initiator::login(&p, &iqn, None).expect("login");
+    for i in 0..32 {
+        assert_eq!(s.write10(i * 16, &secret(i)).status, 0);
+    }
+    assert_eq!(s.read10(31 * 16, 8).data, secret(31));
+    drop(s);
+    // The key is on n1's /run only, for root only; no node's files hold plaintext.
+    let keys = key_files(&vol);
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    assert_eq!(keys[0].1, 0o600, "{keys:?}");
+    let table = ok(hornctl(data, a, &["volume", "info", &vol]));
+    assert!(
+        table.contains("encrypted: AES-256-XTS, key in secret k1"),
+        "{table}"
+    );
+    for n in 1..=3 {
+        for (path, bytes) in all_files(&node_dir(data, n).join("disk")) {
+            assert!(
+                !bytes.windows(17).any(|w| w == b"SECRET-PLAINTEXT-"),
+                "{} holds plaintext",
+                path.display()
+            );
+        }
+    }
+
+    // Attached on n2: the key goes there, leaves n1, and the data reads back.
+    ok(hornctl(data, a, &["volume", "detach", &vol]));
+    ok(hornctl(data, a, &["volume", "attach", &vol, "n2"]));
+    let v = info();
+    let (p, iqn) = portal(v["endpoint"].as_str().unwrap());
+    let mut s = Initiator::login(&p, &iqn, None).expect("login on n2");
+    for i in [0, 17, 31] {
+        assert_eq!(s.read10(i * 16, 8).data, secret(i), "block {i} on n2");
+    }
+    drop(s);
+    common::eventually(Duration::from_secs(20), "the key on n2 only", || {
+        let k = key_files(&vol);
+        k.len() == 1 && k[0].0 != keys[0].0
+    });
+    ok(hornctl(data, a, &["volume", "detach", &vol]));
+    common::eventually(Duration::from_secs(20), "the key gone with the engine", || {
+        key_files(&vol).is_empty()
+    });
+    ok(hornctl(data, a, &["volume", "delete", &vol]));
+    ok(hornctl(data, a, &["secret", "delete", "k1"]));
+    let list = json(hornctl(data, a, &["secret", "list", "--json"]));
+    assert_eq!(list, serde_json::json!([]));
+    agents.clear();
+}

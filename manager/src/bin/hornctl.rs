@@ -60,6 +60,13 @@ enum Command {
         #[command(subcommand)]
         cmd: horn_manager::ctl::ClusterCmd,
     },
+    /// Secrets kept by the manager: volume keys (`hornctl volume create --encrypted`).
+    Secret {
+        #[command(flatten)]
+        manager: horn_manager::ctl::ManagerAddr,
+        #[command(subcommand)]
+        cmd: horn_manager::ctl::SecretCmd,
+    },
     /// The cluster's settings (scheduling rules, replica replenishment wait, node lease).
     Settings {
         #[command(flatten)]
@@ -995,6 +1002,7 @@ fn main() -> ExitCode {
         Command::Volume { manager, cmd } => horn_manager::ctl::run_volume(manager, cmd),
         Command::Node { manager, cmd } => horn_manager::ctl::run_node(manager, cmd),
         Command::Settings { manager, cmd } => horn_manager::ctl::run_settings(manager, cmd),
+        Command::Secret { manager, cmd } => horn_manager::ctl::run_secret(manager, cmd),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
