@@ -227,36 +227,20 @@ impl<S: Store + 'static> ManagerService<S> {
         maintenance: bool,
     ) -> Result<pb::Volume, Status> {
         let settings = self.specs.settings().map_err(to_status)?.spec;
-        let view = self.cluster_view()?;
-        let p = scheduler::place(
-            &view.nodes,
-            &scheduler::Request {
-                size: v.spec.size,
-                node_selector: &v.spec.node_selector,
-                disk_selector: &v.spec.disk_selector,
-                existing: &[],
-                locality: Locality::StrictLocal(node),
-            },
-            &settings.scheduling,
-        )
-        .map_err(|e| {
-            Status::failed_precondition(format!(
-                "volume {} is strict-local, so its replica must go on node {node}: {e}",
-                v.spec.name
-            ))
-        })?;
-        let replica = ReplicaSpec {
-            id: "r1".into(),
-            volume: v.spec.name.clone(),
-            node: p.node.clone(),
-            disk: p.disk.clone(),
-        };
-        let node_revision = view
-            .revisions
-            .iter()
-            .find(|(n, _)| *n == p.node)
-            .map(|(_, r)| *r)
-            .unwrap_or(0);
+        let (replica, node_revision) = self
+            .place_replica(
+                &v.spec,
+                &[],
+                &[],
+                Locality::StrictLocal(node),
+                &settings.scheduling,
+            )?
+            .map_err(|e| {
+                Status::failed_precondition(format!(
+                    "volume {} is strict-local, so its replica must go on node {node}: {e}",
+                    v.spec.name
+                ))
+            })?;
         let mut spec = v.spec;
         spec.attached_to = Some(node.to_string());
         spec.maintenance = maintenance;
@@ -330,53 +314,26 @@ impl<S: Store + 'static> ManagerService<S> {
             since.retain(|k, _| failing.contains_key(k));
         }
         for (v, old, replicas, why) in due {
-            let view = self.cluster_view()?;
-            let existing: Vec<scheduler::Placement> = replicas
-                .iter()
-                .map(|r| scheduler::Placement {
-                    node: r.spec.node.clone(),
-                    disk: r.spec.disk.clone(),
-                })
-                .collect();
-            let placed = scheduler::place(
-                &view.nodes,
-                &scheduler::Request {
-                    size: v.spec.size,
-                    node_selector: &v.spec.node_selector,
-                    disk_selector: &v.spec.disk_selector,
-                    existing: &existing,
-                    // A replacement goes to the attached node first, where locality
-                    // asks for one.
-                    locality: match (v.spec.data_locality, v.spec.attached_to.as_deref()) {
-                        (DataLocality::Disabled, _) | (_, None) => Locality::Disabled,
-                        (_, Some(n)) => Locality::BestEffort(n),
-                    },
-                },
+            // A replacement goes to the attached node first, where locality asks for one.
+            let locality = match (v.spec.data_locality, v.spec.attached_to.as_deref()) {
+                (DataLocality::Disabled, _) | (_, None) => Locality::Disabled,
+                (_, Some(n)) => Locality::BestEffort(n),
+            };
+            let specs: Vec<ReplicaSpec> = replicas.iter().map(|r| r.spec.clone()).collect();
+            let placed = self.place_replica(
+                &v.spec,
+                &specs,
+                std::slice::from_ref(&old.spec.id),
+                locality,
                 &settings.scheduling,
-            );
-            let p = match placed {
+            )?;
+            let (new, node_revision) = match placed {
                 Ok(p) => p,
                 Err(e) => {
                     tracing::warn!(volume = %v.spec.name, replica = %old.spec.id, reason = %why, error = %e, "a failed replica cannot be replaced yet");
                     continue;
                 }
             };
-            let next = (1..)
-                .map(|i| format!("r{i}"))
-                .find(|id| replicas.iter().all(|r| &r.spec.id != id) && *id != old.spec.id)
-                .expect("an unused id");
-            let new = ReplicaSpec {
-                id: next,
-                volume: v.spec.name.clone(),
-                node: p.node.clone(),
-                disk: p.disk.clone(),
-            };
-            let node_revision = view
-                .revisions
-                .iter()
-                .find(|(n, _)| *n == p.node)
-                .map(|(_, r)| *r)
-                .unwrap_or(0);
             match self.specs.replace_replica(&old, &new, v.revision, node_revision) {
                 Ok(_) => {
                     tracing::info!(volume = %v.spec.name, failed = %old.spec.id, reason = %why, replacement = %new.id, node = %new.node, disk = %new.disk, "replaced a failed replica");
@@ -397,6 +354,55 @@ impl<S: Store + 'static> ManagerService<S> {
         Ok(())
     }
 
+    /// One more replica of volume `v`, beside `replicas`, placed by the scheduler on
+    /// the cluster as it is now, with an id none of them (nor `also_taken`) has: the
+    /// replica and its node's revision as read (to check at commit), or why it cannot
+    /// be placed.
+    fn place_replica(
+        &self,
+        v: &VolumeSpec,
+        replicas: &[ReplicaSpec],
+        also_taken: &[String],
+        locality: Locality<'_>,
+        scheduling: &scheduler::Settings,
+    ) -> Result<Result<(ReplicaSpec, crate::store::Revision), scheduler::Unschedulable>, Status> {
+        let view = self.cluster_view()?;
+        let existing: Vec<scheduler::Placement> = replicas
+            .iter()
+            .map(|r| scheduler::Placement {
+                node: r.node.clone(),
+                disk: r.disk.clone(),
+            })
+            .collect();
+        let request = scheduler::Request {
+            size: v.size,
+            node_selector: &v.node_selector,
+            disk_selector: &v.disk_selector,
+            existing: &existing,
+            locality,
+        };
+        Ok(scheduler::place(&view.nodes, &request, scheduling).map(|p| {
+            let id = (1..)
+                .map(|i| format!("r{i}"))
+                .find(|id| replicas.iter().all(|r| &r.id != id) && !also_taken.contains(id))
+                .expect("an unused id");
+            let revision = view
+                .revisions
+                .iter()
+                .find(|(n, _)| *n == p.node)
+                .map_or(0, |(_, r)| *r);
+            (
+                ReplicaSpec {
+                    id,
+                    volume: v.name.clone(),
+                    node: p.node,
+                    disk: p.disk,
+                },
+                revision,
+            )
+        }))
+    }
+
     /// Takes one step of best-effort data locality ([`runtime::locality_step`]).
     fn follow_locality(
         &self,
@@ -407,42 +413,20 @@ impl<S: Store + 'static> ManagerService<S> {
     ) -> Result<(), Status> {
         match step {
             runtime::LocalityStep::PlaceLocal(node) => {
-                let view = self.cluster_view()?;
-                let existing: Vec<scheduler::Placement> = replicas
-                    .iter()
-                    .map(|r| scheduler::Placement {
-                        node: r.spec.node.clone(),
-                        disk: r.spec.disk.clone(),
-                    })
-                    .collect();
-                let placed = scheduler::place(
-                    &view.nodes,
-                    &scheduler::Request {
-                        size: v.spec.size,
-                        node_selector: &v.spec.node_selector,
-                        disk_selector: &v.spec.disk_selector,
-                        existing: &existing,
-                        locality: Locality::StrictLocal(&node),
-                    },
+                let specs: Vec<ReplicaSpec> = replicas.iter().map(|r| r.spec.clone()).collect();
+                let new = match self.place_replica(
+                    &v.spec,
+                    &specs,
+                    &[],
+                    Locality::StrictLocal(&node),
                     scheduling,
-                );
-                let p = match placed {
-                    Ok(p) => p,
+                )? {
+                    Ok((new, _)) => new,
                     // Best effort: the volume is served from where its replicas are.
                     Err(e) => {
                         tracing::debug!(volume = %v.spec.name, node = %node, error = %e, "no local replica for a best-effort volume");
                         return Ok(());
                     }
-                };
-                let id = (1..)
-                    .map(|i| format!("r{i}"))
-                    .find(|id| replicas.iter().all(|r| &r.spec.id != id))
-                    .expect("an unused id");
-                let new = ReplicaSpec {
-                    id,
-                    volume: v.spec.name.clone(),
-                    node: p.node.clone(),
-                    disk: p.disk.clone(),
                 };
                 match self.specs.add_replica(&new, v.revision) {
                     Ok(_) => {

@@ -198,20 +198,9 @@ impl Instances {
     /// membership authority (`hornd engine --manager`), as node `node`; the cluster
     /// token goes to `STATE/cluster-token`, readable by root only, for them to read.
     pub fn under_manager(&mut self, manager: &str, node: &str, token: &str) -> Result<()> {
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
         let state = self.dir.parent().unwrap_or(&self.dir);
         let path = state.join("cluster-token");
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&path)
-            .with_context(|| format!("cannot write {}", path.display()))?;
-        f.write_all(token.as_bytes())
-            .and_then(|()| f.sync_all())
-            .with_context(|| format!("cannot write {}", path.display()))?;
+        write_private(&path, token.as_bytes())?;
         self.authority = vec![
             "--manager".into(),
             manager.into(),
@@ -472,8 +461,7 @@ impl Instances {
     /// Writes the key of `w`'s encrypted volume where its engine reads it (again
     /// after a reboot emptied `/run`).
     fn write_key(&self, w: &pb::EngineWork) -> Result<()> {
-        use std::io::Write;
-        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+        use std::os::unix::fs::DirBuilderExt;
         let path = self.key_path(&w.volume);
         if std::fs::read(&path).is_ok_and(|k| k == w.key) {
             return Ok(());
@@ -484,15 +472,7 @@ impl Instances {
             .mode(0o700)
             .create(dir)
             .with_context(|| format!("cannot create {}", dir.display()))?;
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&path)
-            .with_context(|| format!("cannot write {}", path.display()))?;
-        f.write_all(&w.key)
-            .with_context(|| format!("cannot write {}", path.display()))
+        write_private(&path, &w.key)
     }
 
     fn ensure_engine(&mut self, name: &str, w: &pb::EngineWork) -> Result<()> {
@@ -824,6 +804,22 @@ pub(crate) async fn engine_control(
         .await
         .with_context(|| format!("cannot reach the engine at {control}"))?;
     Ok(horn_proto::engine_control::engine_control_client::EngineControlClient::new(channel))
+}
+
+/// Writes `bytes` to `path`, readable by its owner only (root), durably.
+fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    f.write_all(bytes)
+        .and_then(|()| f.sync_all())
+        .with_context(|| format!("cannot write {}", path.display()))
 }
 
 /// The engine control service's `DropReplica`, within a second: whether it dropped

@@ -775,6 +775,15 @@ fn lose_node(data: &Path, agents: &mut [Option<Agent>], n: u32) {
     }
 }
 
+/// Agents for nodes n1 to n`count`, once every one of them is ready.
+fn ready_agents(data: &Path, a: &str, count: u32) -> Vec<Agent> {
+    let agents: Vec<Agent> = (1..=count).map(|n| start_agent(data, a, n)).collect();
+    common::eventually(Duration::from_secs(20), "every node ready", || {
+        (1..=count).all(|n| node_state(data, a, n) == "ready")
+    });
+    agents
+}
+
 /// Node `n`'s state ("unknown" before it registers).
 fn node_state(data: &Path, a: &str, n: u32) -> String {
     let nodes = json(hornctl(data, a, &["node", "list", "--json"]));
@@ -812,10 +821,7 @@ fn the_manager_salvages_a_volume_only_from_current_replicas_and_keeps_it_going_o
             "replica-replenishment-wait-secs=3600",
         ],
     ));
-    let mut agents: Vec<Option<Agent>> = (1..=3).map(|n| Some(start_agent(data, a, n))).collect();
-    common::eventually(Duration::from_secs(20), "three ready nodes", || {
-        (1..=3).all(|n| node_state(data, a, n) == "ready")
-    });
+    let mut agents: Vec<Option<Agent>> = ready_agents(data, a, 3).into_iter().map(Some).collect();
     ok(hornctl(
         data,
         a,
@@ -990,10 +996,7 @@ fn data_locality_moves_a_replica_to_the_attached_node_and_keeps_a_strict_local_o
     let _cleanup = KillInstances(data);
     let a = &mgr.addr;
     roomy(data, a);
-    let mut agents: Vec<Agent> = (1..=3).map(|n| start_agent(data, a, n)).collect();
-    common::eventually(Duration::from_secs(20), "three ready nodes", || {
-        (1..=3).all(|n| node_state(data, a, n) == "ready")
-    });
+    let mut agents = ready_agents(data, a, 3);
 
     // Best-effort, two replicas on three nodes: attached on the third.
     ok(hornctl(
@@ -1168,10 +1171,7 @@ fn an_encrypted_volume_keeps_its_key_in_a_secret_and_only_ciphertext_on_the_node
     let _cleanup = KillInstances(data);
     let a = &mgr.addr;
     roomy(data, a);
-    let mut agents: Vec<Agent> = (1..=3).map(|n| start_agent(data, a, n)).collect();
-    common::eventually(Duration::from_secs(20), "three ready nodes", || {
-        (1..=3).all(|n| node_state(data, a, n) == "ready")
-    });
+    let mut agents = ready_agents(data, a, 3);
     // A volume name no other test uses: the key files on /run are named by it.
     let vol = format!("enc-{}", std::process::id());
     let create = |secret: &str| {

@@ -96,6 +96,12 @@ fn attached(c: &Cluster) -> (serde_json::Value, usize, Initiator) {
         .unwrap();
     let home = node_of(&v, "r1");
     ok(c, &["volume", "attach", "v", &format!("n{home}")]);
+    let s = login_on(c, home);
+    (c.json(&["volume", "info", "v"]).unwrap(), home, s)
+}
+
+/// Logs in to volume `v`'s iSCSI target, which must be served on node `node`.
+fn login_on(c: &Cluster, node: usize) -> Initiator {
     let v = c.json(&["volume", "info", "v"]).unwrap();
     let endpoint = v["endpoint"]
         .as_str()
@@ -104,9 +110,8 @@ fn attached(c: &Cluster) -> (serde_json::Value, usize, Initiator) {
         .unwrap()
         .to_string();
     let (portal, iqn) = endpoint.split_once('/').unwrap();
-    assert!(portal.starts_with(&c.net.node_ip(home)), "{endpoint}");
-    let s = Initiator::login(portal, iqn, None).expect("login");
-    (v, home, s)
+    assert!(portal.starts_with(&c.net.node_ip(node)), "{endpoint}");
+    Initiator::login(portal, iqn, None).expect("login")
 }
 
 /// Writes `count` blocks of 4 KiB at `lba` (in 512-byte sectors, 8 a block) with
@@ -313,16 +318,7 @@ fn a_volume_lives_across_nodes_while_the_manager_and_an_agent_restart() {
     ok(&c, &["volume", "detach", "v"]);
     let other = (1..=3).find(|n| *n != home).unwrap();
     ok(&c, &["volume", "attach", "v", &format!("n{other}")]);
-    let v = c.json(&["volume", "info", "v"]).unwrap();
-    let endpoint = v["endpoint"]
-        .as_str()
-        .unwrap()
-        .strip_prefix("iscsi://")
-        .unwrap()
-        .to_string();
-    let (portal, iqn) = endpoint.split_once('/').unwrap();
-    assert!(portal.starts_with(&c.net.node_ip(other)), "{endpoint}");
-    let mut s = Initiator::login(portal, iqn, None).expect("login on the other node");
+    let mut s = login_on(&c, other);
     read_back(&mut s, 0, &first);
     read_back(&mut s, 4096, &while_down);
 
@@ -359,15 +355,7 @@ fn a_volume_lives_across_nodes_while_the_manager_and_an_agent_restart() {
     ok(&c, &["volume", "revert", "v", "s1"]);
     ok(&c, &["volume", "detach", "v"]);
     ok(&c, &["volume", "attach", "v", &format!("n{other}")]);
-    let v = c.json(&["volume", "info", "v"]).unwrap();
-    let endpoint = v["endpoint"]
-        .as_str()
-        .unwrap()
-        .strip_prefix("iscsi://")
-        .unwrap()
-        .to_string();
-    let (portal, iqn) = endpoint.split_once('/').unwrap();
-    let mut s = Initiator::login(portal, iqn, None).expect("login after the revert");
+    let mut s = login_on(&c, other);
     read_back(&mut s, 0, &first);
     drop(s);
 
