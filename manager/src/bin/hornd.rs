@@ -236,8 +236,10 @@ enum Command {
         /// buffers), or `auto` (user where the driver offers it).
         #[arg(long, default_value = "auto")]
         copy: horn_ublk::CopyMode,
-        /// iscsi: the portal address to listen on.
-        #[arg(long, default_value = "0.0.0.0:3260")]
+        /// iscsi: the portal address to listen on. Loopback unless told otherwise: a
+        /// target open to the network is a choice (a node agent gives its node's
+        /// address).
+        #[arg(long, default_value = "127.0.0.1:3260")]
         listen: String,
         /// iscsi: the target's IQN (default: iqn.2026-11.io.horn:NAME).
         #[arg(long)]
