@@ -447,15 +447,12 @@ impl Instances {
     }
 
     /// Where the key of encrypted volume `volume`'s engine is kept while it runs: on
-    /// a memory filesystem (`/run`), never on a disk, readable by root only; one
-    /// directory per agent (by its state directory).
+    /// a memory filesystem, never on a disk, readable by its owner only; one directory
+    /// per agent (by its state directory). See [`key_dir`].
     fn key_path(&self, volume: &str) -> PathBuf {
         let mut h = std::collections::hash_map::DefaultHasher::new();
         std::hash::Hash::hash(&self.dir, &mut h);
-        PathBuf::from(format!(
-            "/run/horn-keys/{:016x}/{volume}.key",
-            std::hash::Hasher::finish(&h)
-        ))
+        key_dir().join(format!("{:016x}/{volume}.key", std::hash::Hasher::finish(&h)))
     }
 
     /// Writes the key of `w`'s encrypted volume where its engine reads it (again
@@ -806,7 +803,21 @@ pub(crate) async fn engine_control(
     Ok(horn_proto::engine_control::engine_control_client::EngineControlClient::new(channel))
 }
 
-/// Writes `bytes` to `path`, readable by its owner only (root), durably.
+/// Where agents keep volume keys: `/run/horn-keys` for root (a node agent runs as
+/// root); for another user, the user's own runtime directory (`$XDG_RUNTIME_DIR`,
+/// also a memory filesystem), so that tests run without root too.
+pub fn key_dir() -> PathBuf {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        return PathBuf::from("/run/horn-keys");
+    }
+    std::env::var_os("XDG_RUNTIME_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir)
+        .join("horn-keys")
+}
+
+/// Writes `bytes` to `path`, readable by its owner only, durably.
 fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;

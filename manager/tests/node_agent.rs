@@ -1142,11 +1142,12 @@ fn all_files(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
     out
 }
 
-/// The key files of volume `volume` the agents keep on /run, with their modes.
+/// The key files of volume `volume` the agents keep (on /run, as root), with their
+/// modes.
 fn key_files(volume: &str) -> Vec<(PathBuf, u32)> {
     use std::os::unix::fs::PermissionsExt;
     let mut out = Vec::new();
-    for d in std::fs::read_dir("/run/horn-keys")
+    for d in std::fs::read_dir(horn_manager::instances::key_dir())
         .into_iter()
         .flatten()
         .flatten()
