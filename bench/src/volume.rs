@@ -135,6 +135,18 @@ impl Drop for ReplicaProcess {
 
 /// Drives the workload on `queues` queues of the volume at once (the first on this
 /// thread), the depth shared among them; returns total IOPS and mean latency.
+/// [`drive_queues`] with the machine's CPU metered: (IOPS, mean latency, CPU).
+fn metered(
+    volume: &mut Volume,
+    w: &Workload,
+    runtime: Duration,
+    queues: u16,
+) -> Result<(f64, f64, Option<crate::cpu::CpuUse>)> {
+    let meter = CpuMeter::start();
+    let (iops, lat) = drive_queues(volume, w, runtime, queues as usize)?;
+    Ok((iops, lat, meter.stop()))
+}
+
 fn drive_queues(volume: &mut Volume, w: &Workload, runtime: Duration, queues: usize) -> Result<(f64, f64)> {
     let queues = queues.min(w.qd).max(1);
     if queues == 1 {
@@ -228,12 +240,8 @@ fn run_encrypted(args: &VolumeArgs) -> Result<()> {
             if !args.workloads.is_empty() && !args.workloads.iter().any(|x| x == w.name) {
                 continue;
             }
-            let meter = CpuMeter::start();
-            let (p_iops, p_lat) = drive_queues(&mut plain, w, runtime, args.queues as usize)?;
-            let p_cpu = meter.stop();
-            let meter = CpuMeter::start();
-            let (e_iops, e_lat) = drive_queues(&mut enc, w, runtime, args.queues as usize)?;
-            let e_cpu = meter.stop();
+            let (p_iops, p_lat, p_cpu) = metered(&mut plain, w, runtime, args.queues)?;
+            let (e_iops, e_lat, e_cpu) = metered(&mut enc, w, runtime, args.queues)?;
             report.emit(json!({
                 "bench": "volume",
                 "part": "encrypted",
@@ -331,9 +339,7 @@ pub fn run(args: VolumeArgs) -> Result<()> {
             if !args.workloads.is_empty() && !args.workloads.iter().any(|x| x == w.name) {
                 continue;
             }
-            let meter = CpuMeter::start();
-            let (iops, lat) = drive_queues(&mut volume, w, runtime, args.queues as usize)?;
-            let cpu = meter.stop();
+            let (iops, lat, cpu) = metered(&mut volume, w, runtime, args.queues)?;
             let peer_meter = CpuMeter::start();
             // A write to n replicas against fio writing n files at the same total depth,
             // where that depth can be shared; otherwise one file at the same depth.

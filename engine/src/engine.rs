@@ -376,12 +376,8 @@ impl Engine {
     /// every queue is woken to drop it too (an I/O waiting on it completes without
     /// it), and the keeper records the drop. False if no live replica has that address.
     pub fn drop_replica(&self, data: &str, reason: &str) -> bool {
-        let Some(i) = self
-            .replicas()
-            .iter()
-            .enumerate()
-            .position(|(i, r)| r.data == data && !self.is_failed(i))
-        else {
+        let replicas = self.replicas();
+        let Some(i) = (0..replicas.len()).find(|&i| replicas[i].data == data && !self.is_failed(i)) else {
             return false;
         };
         let dropped = self.mark_failed(i, reason);

@@ -82,10 +82,11 @@ impl Token {
 
 struct Slot {
     tag: u64,
-    /// Where it starts (a read is decrypted there, for an encrypted volume).
+    /// Where it starts: a change's key in `changes`, and where a read of an
+    /// encrypted volume is decrypted.
     offset: u64,
-    /// A change's offset (its key in `changes`).
-    change: Option<u64>,
+    /// A change (in `changes`, holding its stripes until it completes).
+    change: bool,
     buf: Option<IoBuf>,
     fua: bool,
     /// A read: handed back only while the engine's read lease runs.
@@ -518,7 +519,7 @@ impl EngineQueue {
                 read: kind == IoKind::Read,
                 refs: 0,
                 result: None,
-                change: is_change(kind).then_some(offset),
+                change: is_change(kind),
             },
         );
         self.run_actions();
@@ -623,7 +624,8 @@ impl EngineQueue {
             .is_some_and(|s| s.result.is_some() && s.refs == 0);
         if done {
             let slot = self.slots.remove(&io).expect("checked");
-            if let Some(offset) = slot.change {
+            if slot.change {
+                let offset = slot.offset;
                 let removed = self.changes.remove(&(offset, io.0));
                 debug_assert!(removed.is_some(), "change {io:?} left the overlap map twice");
                 if let Some(end) = removed {

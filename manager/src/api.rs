@@ -536,7 +536,6 @@ impl<S: Store + 'static> ManagerService<S> {
             &self.reports(),
         );
         // An encrypted volume's engine gets its key: only the node it runs on does.
-        let mut keyed = false;
         for e in &mut work.engines {
             let secret = volumes
                 .iter()
@@ -544,12 +543,7 @@ impl<S: Store + 'static> ManagerService<S> {
                 .and_then(|v| v.key_secret.clone());
             if let Some(s) = secret {
                 e.key = self.specs.secret(&s).map_err(to_status)?.spec.bytes();
-                keyed = true;
             }
-        }
-        if keyed {
-            work.revision = 0;
-            work.revision = runtime::digest(&work);
         }
         let asked = self
             .rounds
@@ -557,12 +551,11 @@ impl<S: Store + 'static> ManagerService<S> {
             .unwrap_or_else(|p| p.into_inner())
             .get(node)
             .map_or(0, |r| r.1);
-        if asked > 0 {
-            // The request for a fresh report is part of the work, so of its digest.
-            work.report = asked;
-            work.revision = 0;
-            work.revision = runtime::digest(&work);
-        }
+        // The keys and a request for a fresh report are part of the work, so of its
+        // digest.
+        work.report = asked;
+        work.revision = 0;
+        work.revision = runtime::digest(&work);
         Ok(work)
     }
 
