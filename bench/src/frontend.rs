@@ -121,6 +121,7 @@ impl FrontendRunArgs {
                     size: Some(self.size),
                     sector_size: 512,
                     cache: self.replica_cache,
+                    secret: None,
                 })?;
                 (BenchReplica::Hosted(Some(h)), addr)
             }

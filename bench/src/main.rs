@@ -103,10 +103,12 @@ fn main() -> anyhow::Result<()> {
             dir,
             listen,
             control,
-            Some(size),
-            512,
-            cache,
-            Default::default(),
+            horn_manager::daemon::ReplicaOptions {
+                size: Some(size),
+                sector_size: 512,
+                cache,
+                ..Default::default()
+            },
         ),
     }
 }

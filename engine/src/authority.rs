@@ -40,6 +40,10 @@ pub struct Grant {
     pub same_node: bool,
     /// The authority's name, stamped on every record ([`Record::authority`]).
     pub name: String,
+    /// The key of the generation begun, for the replicas that hold the volume's
+    /// secret ([`horn_proto::auth`]); `None` when the authority keeps no secret of
+    /// the volume.
+    pub key: Option<horn_proto::auth::GenerationKey>,
 }
 
 /// Why the authority did not take a call.

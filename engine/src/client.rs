@@ -10,6 +10,7 @@
 
 use std::time::Duration;
 
+use horn_proto::auth::{GenerationKey, AUTH_HEADER};
 use horn_proto::control::replica_control_client::ReplicaControlClient;
 use horn_proto::control::ENGINE_HEADER;
 use tonic::metadata::AsciiMetadataValue;
@@ -18,20 +19,53 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::types::{Result, VolumeError};
 
-/// A replica's control client; every call names the engine making it.
-pub(crate) type ControlClient = ReplicaControlClient<InterceptedService<Channel, Named>>;
+/// A replica's control client; every call names the engine making it, and proves
+/// it holds the generation's key when the engine has one.
+pub(crate) type ControlClient = ReplicaControlClient<InterceptedService<Channel, Caller>>;
 
-/// Puts the engine's identity in every call's [`ENGINE_HEADER`]: a replica takes calls
-/// at its own generation only from the engine holding the claim at it.
+/// Who makes a control call: the engine's identity, in every call's
+/// [`ENGINE_HEADER`] (a replica takes calls at its own generation only from the
+/// engine holding the claim at it), and the proof of its generation's key in
+/// [`AUTH_HEADER`] (a replica that holds its volume's secret takes no other call).
 #[derive(Clone)]
-pub(crate) struct Named(AsciiMetadataValue);
+pub(crate) struct Caller {
+    engine: AsciiMetadataValue,
+    proof: Option<AsciiMetadataValue>,
+}
 
-impl tonic::service::Interceptor for Named {
+impl Caller {
+    /// Engine `engine`, proving `key` if given.
+    pub(crate) fn new(engine: &str, key: Option<&GenerationKey>) -> Result<Caller> {
+        let bad = || VolumeError::Control {
+            replica: String::new(),
+            code: tonic::Code::InvalidArgument,
+            message: format!("the engine identity {engine:?} is not printable ASCII"),
+        };
+        let proof = key
+            .map(|k| AsciiMetadataValue::try_from(k.control_header(engine)).map_err(|_| bad()))
+            .transpose()?;
+        Ok(Caller {
+            engine: AsciiMetadataValue::try_from(engine).map_err(|_| bad())?,
+            proof,
+        })
+    }
+}
+
+impl std::fmt::Debug for Caller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Caller({:?}, proof: {})", self.engine, self.proof.is_some())
+    }
+}
+
+impl tonic::service::Interceptor for Caller {
     fn call(
         &mut self,
         mut req: tonic::Request<()>,
     ) -> std::result::Result<tonic::Request<()>, tonic::Status> {
-        req.metadata_mut().insert(ENGINE_HEADER, self.0.clone());
+        req.metadata_mut().insert(ENGINE_HEADER, self.engine.clone());
+        if let Some(p) = &self.proof {
+            req.metadata_mut().insert(AUTH_HEADER, p.clone());
+        }
         Ok(req)
     }
 }
@@ -67,18 +101,13 @@ impl Deadline {
     }
 }
 
-/// Connects to a replica's control service as engine `engine`, within `deadline`.
-pub(crate) async fn connect(control: &str, engine: &str, deadline: Deadline) -> Result<ControlClient> {
+/// Connects to a replica's control service as `caller`, within `deadline`.
+pub(crate) async fn connect(control: &str, caller: &Caller, deadline: Deadline) -> Result<ControlClient> {
     let unavailable = |message: String| VolumeError::Control {
         replica: control.to_string(),
         code: tonic::Code::Unavailable,
         message,
     };
-    let named = AsciiMetadataValue::try_from(engine).map_err(|_| VolumeError::Control {
-        replica: control.to_string(),
-        code: tonic::Code::InvalidArgument,
-        message: format!("the engine identity {engine:?} is not printable ASCII"),
-    })?;
     let mut endpoint = Endpoint::from_shared(format!("http://{control}"))
         .map_err(|e| unavailable(format!("not a control address: {e}")))?
         .connect_timeout(deadline.connect());
@@ -86,7 +115,7 @@ pub(crate) async fn connect(control: &str, engine: &str, deadline: Deadline) -> 
         endpoint = endpoint.timeout(t);
     }
     match tokio::time::timeout(deadline.connect(), endpoint.connect()).await {
-        Ok(Ok(channel)) => Ok(ReplicaControlClient::with_interceptor(channel, Named(named))),
+        Ok(Ok(channel)) => Ok(ReplicaControlClient::with_interceptor(channel, caller.clone())),
         Ok(Err(e)) => Err(unavailable(e.to_string())),
         Err(_) => Err(unavailable(format!(
             "it did not accept a connection within {:?}",

@@ -27,12 +27,13 @@ use horn_proto::control::{
 };
 
 use crate::authority::Authority;
-use crate::client::{self, control_err, Deadline};
+use crate::client::{self, control_err, Caller, Deadline};
 use crate::crypt::VolumeCipher;
 use crate::membership::Record;
 use crate::replica_set::{Mode, ReplicaConfig};
 use crate::stripes::Stripes;
 use crate::types::{ChainOp, RebuildStatus, ReplicaAddr, Result, VolumeError};
+use horn_proto::auth::GenerationKey;
 
 /// One replica as the engine claimed it.
 #[derive(Debug)]
@@ -124,6 +125,11 @@ pub struct Engine {
     /// The volume's identity, and this engine's.
     volume: String,
     engine_id: String,
+    /// The engine as it calls the replicas' control services.
+    caller: Caller,
+    /// The data wire's key of this generation, when the volume's replicas hold its
+    /// secret ([`horn_proto::auth`]).
+    key: Option<GenerationKey>,
     /// The membership record in force; held while a change is stored, so changes
     /// go one at a time.
     record: Mutex<Record>,
@@ -184,9 +190,12 @@ impl Engine {
         runtime: tokio::runtime::Runtime,
         authority: Option<Arc<dyn Authority>>,
         cipher: Option<Arc<VolumeCipher>>,
+        (caller, key): (Caller, Option<GenerationKey>),
     ) -> Engine {
         let generation = record.generation;
         Engine {
+            caller,
+            key,
             authority,
             cipher,
             volume: record.volume.clone(),
@@ -417,6 +426,16 @@ impl Engine {
         &self.engine_id
     }
 
+    /// The engine as it calls the replicas' control services.
+    pub(crate) fn caller(&self) -> &Caller {
+        &self.caller
+    }
+
+    /// The data wire's key of this generation, if the replicas want one.
+    pub(crate) fn key(&self) -> Option<&GenerationKey> {
+        self.key.as_ref()
+    }
+
     /// The membership record in force.
     pub fn record(&self) -> Record {
         lock(&self.record).clone()
@@ -597,10 +616,10 @@ impl Engine {
                 continue;
             }
             let this_op = op.clone();
-            let (control, engine_id) = (r.control.clone(), self.engine_id.clone());
+            let (control, caller) = (r.control.clone(), self.caller.clone());
             // A replica dropped meanwhile (its node is down) is not waited for.
             let info = self.unless_dropped(i, async move {
-                let mut c = client::connect(&control, &engine_id, deadline)
+                let mut c = client::connect(&control, &caller, deadline)
                     .await
                     .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
                 let reply = match this_op {
@@ -670,9 +689,9 @@ impl Engine {
             .enumerate()
             .filter(|(i, _)| !self.is_failed(*i))
             .map(|(_, r)| {
-                let (control, engine_id) = (r.control.clone(), self.engine_id.clone());
+                let (control, caller) = (r.control.clone(), self.caller.clone());
                 let info = self.runtime.block_on(async move {
-                    let mut c = client::connect(&control, &engine_id, deadline)
+                    let mut c = client::connect(&control, &caller, deadline)
                         .await
                         .map_err(|e| e.to_string())?;
                     c.info(InfoRequest {})
@@ -697,9 +716,9 @@ impl Engine {
             if self.is_failed(i) {
                 continue;
             }
-            let (control, engine_id) = (r.control.clone(), self.engine_id.clone());
+            let (control, caller) = (r.control.clone(), self.caller.clone());
             let released = self.runtime.block_on(async move {
-                let mut c = client::connect(&control, &engine_id, deadline)
+                let mut c = client::connect(&control, &caller, deadline)
                     .await
                     .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
                 c.release(ReleaseRequest { generation }).await

@@ -19,27 +19,28 @@ use horn_proto::control::MembershipRequest;
 use horn_replica::control::record_to_wire;
 
 use crate::authority;
-use crate::client;
+use crate::client::{self, Caller};
 use crate::engine::Engine;
 use crate::membership::{self, Record};
 
 /// Stores `record` on the replicas `targets` (control
-/// address, identity) in parallel, each within `timeout`; returns the identities that
+/// address, identity) in parallel, calling as `caller`, each within `timeout`; returns the identities that
 /// stored it, and why the others did not.
 pub(crate) fn store(
     runtime: &tokio::runtime::Runtime,
     targets: &[(String, String)],
     record: &Record,
+    caller: &Caller,
     timeout: Duration,
 ) -> (BTreeSet<String>, Vec<(String, String)>) {
     let wire = record_to_wire(record);
     let results = runtime.block_on(async {
         let calls = targets.iter().map(|(control, id)| {
             let (wire, control, id) = (wire.clone(), control.clone(), id.clone());
-            let engine = record.engine.clone();
+            let caller = caller.clone();
             async move {
                 let call = async {
-                    let mut c = client::connect(&control, &engine, client::Deadline::Call(timeout))
+                    let mut c = client::connect(&control, &caller, client::Deadline::Call(timeout))
                         .await
                         .map_err(|e| e.to_string())?;
                     c.record_membership(MembershipRequest { record: Some(wire) })
@@ -93,7 +94,13 @@ pub(crate) fn change(engine: &Engine, make: impl FnOnce(&Record) -> Record) -> R
         .filter(|(i, r)| !engine.is_failed(*i) && witnesses.contains(&r.id))
         .map(|(_, r)| (r.control.clone(), r.id.clone()))
         .collect();
-    let (stored, refused) = store(engine.runtime(), &targets, &next, engine.timeout());
+    let (stored, refused) = store(
+        engine.runtime(),
+        &targets,
+        &next,
+        engine.caller(),
+        engine.timeout(),
+    );
     let authority = engine.authority();
     if !membership::counts_under(&next, &stored, authority.is_some()) {
         let why = format!(

@@ -33,7 +33,7 @@ use std::time::Duration;
 
 use horn_proto::control::RenewLeaseRequest;
 
-use crate::client::{self, ControlClient, Deadline};
+use crate::client::{self, Caller, ControlClient, Deadline};
 pub(crate) use crate::engine::boottime_ns as now_ns;
 use crate::engine::Engine;
 use crate::membership;
@@ -157,13 +157,13 @@ async fn round(
     let handles: Vec<_> = targets
         .iter()
         .map(|(_, _, control)| {
-            let (control, engine_id) = (control.clone(), engine.engine_id().to_string());
+            let (control, caller) = (control.clone(), engine.caller().clone());
             let cached = clients.get(&control).cloned();
             tokio::spawn(async move {
                 let call = async {
                     let mut c = match cached {
                         Some(c) => c,
-                        None => client::connect(&control, &engine_id, Deadline::Call(RENEW_EVERY))
+                        None => client::connect(&control, &caller, Deadline::Call(RENEW_EVERY))
                             .await
                             .map_err(|e| Renewal::Failed(e.to_string()))?,
                     };
@@ -207,13 +207,13 @@ pub(crate) fn give_up(
     runtime: &tokio::runtime::Runtime,
     controls: &[String],
     generation: u64,
-    engine_id: &str,
+    caller: &Caller,
     timeout: Duration,
 ) {
     runtime.block_on(async {
         for control in controls {
             let call = async {
-                let mut c = client::connect(control, engine_id, Deadline::Call(timeout))
+                let mut c = client::connect(control, caller, Deadline::Call(timeout))
                     .await
                     .map_err(|e| e.to_string())?;
                 c.renew_lease(RenewLeaseRequest {

@@ -489,6 +489,7 @@ mod tests {
             }),
             same_node,
             name: "manager:c1".into(),
+            key: None,
         }
     }
 

@@ -205,14 +205,20 @@ impl EngineQueue {
             coordinating: false,
             start,
         };
+        let reasons: Vec<String> = unreachable
+            .iter()
+            .map(|(i, why)| format!("{}: {why}", replicas[*i].data))
+            .collect();
         for (i, why) in unreachable {
             q.set.fail_replica(0, i, why);
         }
         q.run_actions();
         if q.set.modes().iter().all(|m| *m != Mode::Rw) {
-            return Err(VolumeError::NoReplica(
-                "no replica of the volume is reachable and healthy for a new queue".into(),
-            ));
+            let mut why = "no replica of the volume is reachable and healthy for a new queue".to_string();
+            if !reasons.is_empty() {
+                why = format!("{why} ({})", reasons.join("; "));
+            }
+            return Err(VolumeError::NoReplica(why));
         }
         for i in 0..q.conns.len() {
             q.post_recv(i);
@@ -770,6 +776,6 @@ fn reply_for(status: Status, text: String) -> Reply {
         Status::Ok => Reply::Ok,
         Status::StaleGeneration => Reply::StaleGeneration,
         Status::OutOfRange | Status::Misaligned | Status::BadRequest => Reply::Refused(text),
-        Status::IoError | Status::Unavailable => Reply::Failed(text),
+        Status::IoError | Status::Unavailable | Status::Unauthenticated => Reply::Failed(text),
     }
 }

@@ -73,13 +73,9 @@ pub fn add_replica(volume: &mut Volume, addr: ReplicaAddr) -> Result<u64> {
         message: s.message().to_string(),
     };
     let info = engine.runtime().block_on(async {
-        let mut c = connect(
-            &addr.control,
-            engine.engine_id(),
-            Deadline::Call(engine.timeout()),
-        )
-        .await
-        .map_err(|e| tonic::Status::unavailable(format!("unreachable: {e}")))?;
+        let mut c = connect(&addr.control, engine.caller(), Deadline::Call(engine.timeout()))
+            .await
+            .map_err(|e| tonic::Status::unavailable(format!("unreachable: {e}")))?;
         let info = c.info(InfoRequest {}).await?.into_inner();
         if info.size != engine.size() || info.sector_size != engine.sector_size() {
             return Err(tonic::Status::invalid_argument(format!(
@@ -256,14 +252,8 @@ fn sync_and_finish(engine: &Arc<Engine>, rebuild: Rebuild) -> Result<()> {
         engine.update_rebuild(id, |st| st.source = src.data.clone());
         tracing::info!(replica = %t.data, source = %src.data, "rebuild: syncing layers");
         let result = rt.block_on(async {
-            let mut tc = connect(
-                &t.control,
-                engine.engine_id(),
-                Deadline::Transfer(engine.timeout()),
-            )
-            .await?;
-            let mut progress =
-                connect(&t.control, engine.engine_id(), Deadline::Call(engine.timeout())).await?;
+            let mut tc = connect(&t.control, engine.caller(), Deadline::Transfer(engine.timeout())).await?;
+            let mut progress = connect(&t.control, engine.caller(), Deadline::Call(engine.timeout())).await?;
             let call = tc.sync_from(SyncFromRequest {
                 generation: engine.generation(),
                 source: src.control.clone(),
@@ -297,7 +287,7 @@ fn sync_and_finish(engine: &Arc<Engine>, rebuild: Rebuild) -> Result<()> {
             Err(e) => {
                 // Whose fault? A target that cannot answer its own Info is gone.
                 let target_alive = rt.block_on(async {
-                    connect(&t.control, engine.engine_id(), Deadline::Call(engine.timeout()))
+                    connect(&t.control, engine.caller(), Deadline::Call(engine.timeout()))
                         .await?
                         .info(InfoRequest {})
                         .await
@@ -315,7 +305,7 @@ fn sync_and_finish(engine: &Arc<Engine>, rebuild: Rebuild) -> Result<()> {
     let generation = engine.generation();
     let finished = v.paused(false, |e| {
         rt.block_on(async {
-            let mut tc = connect(&t.control, engine.engine_id(), Deadline::Chain(engine.timeout())).await?;
+            let mut tc = connect(&t.control, engine.caller(), Deadline::Chain(engine.timeout())).await?;
             let reply = tc
                 .finish_sync(FinishSyncRequest { generation })
                 .await
@@ -332,7 +322,7 @@ fn sync_and_finish(engine: &Arc<Engine>, rebuild: Rebuild) -> Result<()> {
             })) {
                 let sr = &replicas[s];
                 let copied = async {
-                    let mut sc = connect(&sr.control, engine.engine_id(), Deadline::Call(engine.timeout())).await?;
+                    let mut sc = connect(&sr.control, engine.caller(), Deadline::Call(engine.timeout())).await?;
                     copy_blocks(
                         (&mut sc, &sr.control),
                         (&mut tc, &t.control),

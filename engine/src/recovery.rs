@@ -82,7 +82,7 @@ pub(crate) fn peers(engine: &Engine, with_wo: bool) -> Result<Vec<Peer>> {
             continue;
         }
         let connected = engine.unless_dropped(i, async {
-            connect(&r.control, engine.engine_id(), Deadline::Call(engine.timeout()))
+            connect(&r.control, engine.caller(), Deadline::Call(engine.timeout()))
                 .await
                 .map_err(|e| tonic::Status::unavailable(e.to_string()))
         });

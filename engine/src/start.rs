@@ -21,13 +21,14 @@ use horn_replica::control::record_from_wire;
 use horn_replica::membership::MAX_GENERATION;
 
 use crate::authority::{self, Authority, Grant};
-use crate::client::{self, ControlClient};
+use crate::client::{self, Caller, ControlClient};
 use crate::crypt::VolumeCipher;
 use crate::engine::{ClaimedReplica, Engine};
 use crate::membership::{self, Candidate};
 use crate::replica_set::Mode;
 use crate::types::{ReplicaAddr, Result, StartReport, VolumeError};
 use crate::{keeper, lease, recovery};
+use horn_proto::auth::{GenerationKey, VolumeSecret};
 
 /// Claims `replicas` for a new engine, decides by the membership rules which of them
 /// serve ([`crate::membership::plan_start`]), records the new membership, reconciles
@@ -70,6 +71,11 @@ pub struct StartOptions {
     /// its first start. Checked against the record's check value before anything is
     /// served.
     pub cipher: Option<Arc<VolumeCipher>>,
+    /// The volume's secret, held by its replicas too ([`horn_proto::auth`]): the
+    /// engine proves the key of its generation to every replica, and serves only from
+    /// replicas that prove it back. Under an authority that hands out generation keys,
+    /// its key is used instead.
+    pub secret: Option<VolumeSecret>,
 }
 
 /// [`start`], with `options` (see [`StartOptions`]).
@@ -82,6 +88,7 @@ pub fn start_with(
         pin,
         authority,
         cipher,
+        secret,
     } = options;
     let pin = pin.as_deref();
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -92,11 +99,13 @@ pub fn start_with(
             source,
         })?;
     let engine_id = membership::new_id();
+    // Info is open to every caller: no key is needed to learn the generation.
+    let asker = Caller::new(&engine_id, None)?;
     let mut skipped = Vec::new();
     // What each replica holds, to pick a generation above all and the volume to claim.
     let mut infos = Vec::new();
     for r in replicas {
-        match call(&runtime, timeout, (&r.control, &engine_id), |mut c| async move {
+        match call(&runtime, timeout, (&r.control, &asker), |mut c| async move {
             c.info(InfoRequest {}).await.map(|i| i.into_inner())
         }) {
             Ok(i) => infos.push((r.clone(), i)),
@@ -129,6 +138,8 @@ pub fn start_with(
         }
         None => None,
     };
+    let key = generation_key(grant.as_ref(), secret.as_ref(), generation)?;
+    let caller = Caller::new(&engine_id, key.as_ref())?;
     let volume = infos
         .iter()
         .filter_map(|(_, i)| i.record.clone().map(record_from_wire))
@@ -169,7 +180,7 @@ pub fn start_with(
             volume: volume.clone(),
             lease_ms: lease::lease_ms(),
         };
-        match claim(&runtime, timeout, &r, &engine_id, request) {
+        match claim(&runtime, timeout, &r, &caller, request) {
             Ok((info, sent)) => {
                 leased_since = leased_since.min(sent);
                 claimed.push((r, info));
@@ -188,12 +199,13 @@ pub fn start_with(
         leased_since,
         authority.zip(grant),
         cipher,
+        (caller.clone(), key),
     );
     if let Err(e) = &started {
         // What was claimed is not served: the next engine need not wait for the leases.
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build();
         if let Ok(runtime) = runtime {
-            lease::give_up(&runtime, &controls, generation, &engine_id, timeout);
+            lease::give_up(&runtime, &controls, generation, &caller, timeout);
         }
         tracing::debug!(error = %e, "the start failed after its claims; their leases were given up");
     }
@@ -213,6 +225,7 @@ fn serve(
     leased_since: u64,
     authority: Option<(Arc<dyn Authority>, Grant)>,
     cipher: Option<Arc<VolumeCipher>>,
+    (caller, key): (Caller, Option<GenerationKey>),
 ) -> Result<(Arc<Engine>, StartReport)> {
     let engine_id = engine_id.to_string();
     let managed = authority.is_some();
@@ -265,7 +278,7 @@ fn serve(
         .filter(|&i| witnesses.contains(&candidates[i].id))
         .map(|i| (claimed[i].0.control.clone(), candidates[i].id.clone()))
         .collect();
-    let (stored, refused) = keeper::store(&runtime, &targets, &record, timeout);
+    let (stored, refused) = keeper::store(&runtime, &targets, &record, &caller, timeout);
     if !membership::counts_under(&record, &stored, managed) {
         return Err(VolumeError::NoReplica(format!(
             "too few replicas stored the new membership record ({})",
@@ -281,7 +294,7 @@ fn serve(
     if !not_stored.is_empty() {
         // A member that did not store it is dropped before anything is served.
         let next = membership::without(&record, &not_stored);
-        let (again, more) = keeper::store(&runtime, &targets, &next, timeout);
+        let (again, more) = keeper::store(&runtime, &targets, &next, &caller, timeout);
         if !membership::counts_under(&next, &again, managed) {
             return Err(VolumeError::NoReplica(format!(
                 "too few replicas stored the new membership record ({})",
@@ -329,6 +342,7 @@ fn serve(
         runtime,
         authority.map(|(a, _)| a),
         cipher,
+        (caller, key),
     ));
     if lease_holds {
         engine.extend_lease(leased_since.saturating_add(lease::LEASE_TRUSTED.as_nanos() as u64));
@@ -360,14 +374,14 @@ fn claim(
     runtime: &tokio::runtime::Runtime,
     timeout: Duration,
     r: &ReplicaAddr,
-    engine_id: &str,
+    caller: &Caller,
     request: ClaimRequest,
 ) -> std::result::Result<(InfoReply, u64), String> {
     let mut waiting: Option<(std::time::Instant, Duration)> = None;
     loop {
         let sent = lease::now_ns();
         let request = request.clone();
-        let answer = call_status(runtime, timeout, (&r.control, engine_id), |mut c| async move {
+        let answer = call_status(runtime, timeout, (&r.control, caller), |mut c| async move {
             c.claim(request).await.map(|i| i.into_inner())
         });
         let status = match answer {
@@ -406,12 +420,31 @@ fn claim(
     }
 }
 
-/// One control call to the replica at `control` as engine `engine`, connect
-/// included, within `timeout`; a refusal as its message.
+/// The key of `generation` the engine proves to its replicas: the one the authority
+/// handed over with its grant, or else the one derived from the volume's secret; none
+/// when the engine has neither (its replicas must then be open to every caller).
+fn generation_key(
+    grant: Option<&Grant>,
+    secret: Option<&VolumeSecret>,
+    generation: u64,
+) -> Result<Option<GenerationKey>> {
+    match (grant.and_then(|g| g.key.clone()), secret) {
+        (Some(k), _) if k.generation() != generation => Err(VolumeError::NoReplica(format!(
+            "the membership authority handed over the key of generation {}, not of {generation}",
+            k.generation()
+        ))),
+        (Some(k), _) => Ok(Some(k)),
+        (None, Some(s)) => Ok(Some(s.generation_key(generation))),
+        (None, None) => Ok(None),
+    }
+}
+
+/// One control call to the replica at `control` as `caller`, connect included,
+/// within `timeout`; a refusal as its message.
 fn call<T, F, Fut>(
     runtime: &tokio::runtime::Runtime,
     timeout: Duration,
-    replica: (&str, &str),
+    replica: (&str, &Caller),
     f: F,
 ) -> std::result::Result<T, String>
 where
@@ -426,7 +459,7 @@ where
 fn call_status<T, F, Fut>(
     runtime: &tokio::runtime::Runtime,
     timeout: Duration,
-    (control, engine): (&str, &str),
+    (control, caller): (&str, &Caller),
     f: F,
 ) -> std::result::Result<T, tonic::Status>
 where
@@ -435,7 +468,7 @@ where
 {
     runtime.block_on(async {
         let work = async {
-            let c = client::connect(control, engine, client::Deadline::Call(timeout))
+            let c = client::connect(control, caller, client::Deadline::Call(timeout))
                 .await
                 .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
             f(c).await

@@ -297,6 +297,7 @@ impl Sim {
                 record: m.record.clone(),
                 same_node: m.record_node.is_none_or(|n| n == node),
                 name: "manager:sim".into(),
+                key: None,
             })
         } else {
             None

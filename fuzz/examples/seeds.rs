@@ -54,7 +54,8 @@ fn req(op: Op, id: u64, offset: u64, len: u32, generation: u64) -> Vec<u8> {
 }
 
 fn hello(id: u64, name: &[u8]) -> Vec<u8> {
-    let mut b = req(Op::Hello, id, 0, name.len() as u32, 0);
+    let mut b = req(Op::Hello, id, 0, 32 + name.len() as u32, 0);
+    b.extend_from_slice(&[0x5a; 32]);
     b.extend_from_slice(name);
     b
 }

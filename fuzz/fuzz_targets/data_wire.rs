@@ -7,9 +7,10 @@
 //! - it re-encodes to exactly the bytes it came from, and decodes again to itself;
 //! - it keeps the protocol's rules (docs/wire-protocol.md): range ops have a length of
 //!   1 to 8 MiB (reads, writes) or to 4 GiB - 1 (discard, write-zeroes) that does not
-//!   overflow the offset; flush and ping carry no offset or length; a hello's identity
-//!   is 1 to 128 bytes; requests carry status 0; only writes carry FUA; reply payloads
-//!   are bounded;
+//!   overflow the offset; flush and ping carry no offset or length; a hello carries a
+//!   32-byte nonce and an identity of 1 to 128 bytes, and is answered with nothing or
+//!   a nonce and a proof (64 bytes); a proof is 32 bytes; requests carry status 0;
+//!   only writes carry FUA; reply payloads are bounded;
 //! - sent through a `SendBatch` with partial sends of sizes the input picks, the
 //!   messages come out byte for byte as they went in, each reported sent once, in
 //!   order.
@@ -18,7 +19,7 @@
 
 use horn_proto::batch::{Message, SendBatch, MAX_BATCH};
 use horn_proto::wire::{
-    split_frame, Header, Op, Status, FLAG_FUA, HEADER_LEN, MAX_IDENTITY_LEN, MAX_IO_LEN, MAX_MESSAGE_LEN,
+    split_frame, Header, Op, Status, FLAG_FUA, HEADER_LEN, MAX_IDENTITY_LEN, MAX_IO_LEN, MAX_MESSAGE_LEN, NONCE_LEN,
 };
 use libfuzzer_sys::fuzz_target;
 
@@ -41,10 +42,14 @@ fn check_rules(h: &Header) {
     if h.reply {
         let max = match (h.status, h.op) {
             (Status::Ok, Op::Read) => MAX_IO_LEN,
+            (Status::Ok, Op::Hello) => 2 * NONCE_LEN,
             (Status::Ok, _) => 0,
             _ => MAX_MESSAGE_LEN,
         };
         assert!(h.length <= max, "{h:?}");
+        if (h.status, h.op) == (Status::Ok, Op::Hello) {
+            assert!(matches!(h.length, 0 | 64), "a hello's answer is nothing or a nonce and a proof: {h:?}");
+        }
         assert_eq!(h.flags, 0, "{h:?}");
         assert_eq!(h.payload_len(), h.length as usize);
         return;
@@ -59,12 +64,13 @@ fn check_rules(h: &Header) {
         Op::Discard | Op::WriteZeroes => assert!(h.length >= 1, "{h:?}"),
         Op::Flush | Op::Ping => assert_eq!((h.offset, h.length), (0, 0), "{h:?}"),
         Op::Hello => {
-            assert!((1..=MAX_IDENTITY_LEN).contains(&h.length), "{h:?}");
+            assert!((NONCE_LEN + 1..=NONCE_LEN + MAX_IDENTITY_LEN).contains(&h.length), "{h:?}");
             assert_eq!(h.offset, 0, "{h:?}");
         }
+        Op::Prove => assert_eq!((h.offset, h.length), (0, NONCE_LEN), "{h:?}"),
     }
     assert!(h.offset.checked_add(h.length as u64).is_some(), "{h:?}");
-    let carries = matches!(h.op, Op::Write | Op::Hello);
+    let carries = matches!(h.op, Op::Write | Op::Hello | Op::Prove);
     assert_eq!(h.payload_len(), if carries { h.length as usize } else { 0 });
 }
 

@@ -28,7 +28,7 @@
 
 use std::sync::OnceLock;
 
-use horn_proto::wire::{split_frame, Header, Op, Status, HEADER_LEN};
+use horn_proto::wire::{split_frame, Header, Op, Status, HEADER_LEN, NONCE_LEN};
 use libfuzzer_sys::fuzz_target;
 
 use horn_fuzz::served_replica::{self, Served, GENERATION, HOLDER, SECTOR, SIZE};
@@ -114,8 +114,12 @@ fn model(input: &[u8]) -> (Vec<Expected>, bool) {
             status: 0,
             data: 0,
         };
-        if h.op == Op::Hello {
-            match std::str::from_utf8(&rest[HEADER_LEN..n]) {
+        if h.op == Op::Prove {
+            // This replica holds no secret: a proof is taken and changes nothing.
+            e.status = Status::Ok as u16;
+        } else if h.op == Op::Hello {
+            // A 32-byte nonce, then the engine's name.
+            match std::str::from_utf8(&rest[HEADER_LEN + NONCE_LEN as usize..n]) {
                 Ok(name) => engine = Some(name.to_string()),
                 Err(_) => {
                     e.status = Status::BadRequest as u16;

@@ -535,6 +535,12 @@ impl<S: Store + 'static> ManagerService<S> {
             &self.ready_nodes()?,
             &self.reports(),
         );
+        // Each replica gets its volume's wire secret: only the nodes that hold one do.
+        for r in &mut work.replicas {
+            if let Some(s) = self.specs.wire_secret(&r.volume).map_err(to_status)? {
+                r.secret = s.as_bytes().to_vec();
+            }
+        }
         // An encrypted volume's engine gets its key: only the node it runs on does.
         for e in &mut work.engines {
             let secret = volumes
@@ -1609,11 +1615,19 @@ impl<S: Store + 'static> Manager for Service<S> {
                     .begin_generation(&r.volume, r.at_least, &r.engine, &r.node)
                     .map_err(to_status)?;
                 tracing::info!(volume = %r.volume, generation, engine = %r.engine, node = %r.node, "an engine began its generation");
+                // The engine gets this generation's key, never the volume's secret:
+                // once a newer generation begins, its key speaks for a stale one.
+                let key = m
+                    .specs
+                    .wire_secret(&r.volume)
+                    .map_err(to_status)?
+                    .map_or_else(Vec::new, |s| s.generation_key(generation).bytes().to_vec());
                 Ok(pb::BeginGenerationReply {
                     generation,
                     same_node: before.record_node.is_empty() || before.record_node == r.node,
                     record: before.record.as_ref().map(membership_to_wire),
                     authority: m.authority_name(),
+                    key,
                 })
             })
             .await

@@ -124,11 +124,16 @@ impl Authority for ManagerAuthority {
         };
         let reply = self.call(move |mut c| Box::pin(async move { c.begin_generation(request).await }))?;
         let reply = reply.into_inner();
+        let key = (!reply.key.is_empty())
+            .then(|| horn_proto::auth::GenerationKey::from_parts(reply.generation, &reply.key))
+            .transpose()
+            .map_err(|e| Refusal::Unavailable(format!("the manager's grant is malformed: {e}")))?;
         Ok(Grant {
             generation: reply.generation,
             record: reply.record.map(membership_from_wire),
             same_node: reply.same_node,
             name: reply.authority,
+            key,
         })
     }
 

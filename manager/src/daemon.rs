@@ -19,23 +19,52 @@ use nix::sys::signal::{SigSet, Signal};
 
 use crate::format::human_bytes;
 
-/// Serves one replica directory (created with `size` if it holds none) on the data
-/// wire at `listen` (its clients held to `limits`) and the control service at
-/// `control` until SIGINT or SIGTERM.
+/// How `hornd replica` serves its directory, besides its addresses.
+#[derive(Debug, Clone)]
+pub struct ReplicaOptions {
+    /// Create the replica with this size if its directory holds none.
+    pub size: Option<u64>,
+    /// Sector size when creating.
+    pub sector_size: u32,
+    /// How its I/O meets the page cache.
+    pub cache: horn_replica::CacheMode,
+    /// What its data-wire clients may hold.
+    pub limits: horn_replica::server::Limits,
+    /// The volume's wire secret: the data wire and the control service then serve
+    /// only a peer that proves a current generation's key ([`horn_proto::auth`]).
+    pub secret: Option<horn_proto::auth::VolumeSecret>,
+}
+
+impl Default for ReplicaOptions {
+    /// An existing replica (no size), 512-byte sectors when creating, direct I/O, the
+    /// default limits, no secret.
+    fn default() -> ReplicaOptions {
+        ReplicaOptions {
+            size: None,
+            sector_size: 512,
+            cache: Default::default(),
+            limits: Default::default(),
+            secret: None,
+        }
+    }
+}
+
+/// Serves one replica directory on the data wire at `listen` and the control service
+/// at `control`, as `options` say, until SIGINT or SIGTERM.
 /// Prints `hornd replica: serving DIR on ADDR, control on ADDR` once serving.
-pub fn serve_replica(
-    dir: PathBuf,
-    listen: String,
-    control: String,
-    size: Option<u64>,
-    sector_size: u32,
-    cache: horn_replica::CacheMode,
-    limits: horn_replica::server::Limits,
-) -> Result<()> {
+pub fn serve_replica(dir: PathBuf, listen: String, control: String, options: ReplicaOptions) -> Result<()> {
+    let ReplicaOptions {
+        size,
+        sector_size,
+        cache,
+        limits,
+        secret,
+    } = options;
     // Before any thread starts, so that only the signal waiter receives them.
     let stop_signals = block_stop_signals()?;
 
-    let replica = open_replica(&dir, size, sector_size, cache)?;
+    let mut replica = open_replica(&dir, size, sector_size, cache)?;
+    replica.set_secret(secret);
     let listener = TcpListener::bind(&listen).with_context(|| format!("cannot listen on {listen}"))?;
     let addr = listener.local_addr()?;
     let control_listener =
@@ -96,6 +125,9 @@ pub struct HostedReplicaOptions {
     pub sector_size: u32,
     /// How its data I/O meets the page cache.
     pub cache: horn_replica::CacheMode,
+    /// The volume's wire secret: its control service then serves only the volume's
+    /// current engine.
+    pub secret: Option<horn_proto::auth::VolumeSecret>,
 }
 
 /// A replica hosted in this process, served until [`HostedReplica::close`].
@@ -111,7 +143,8 @@ impl HostedReplica {
     /// `inproc:DIR`, and serves its control service. Returns it and its address for
     /// the engine (local, so preferred for reads).
     pub fn start(opts: &HostedReplicaOptions) -> Result<(HostedReplica, ReplicaAddr)> {
-        let replica = open_replica(&opts.dir, opts.size, opts.sector_size, opts.cache)?;
+        let mut replica = open_replica(&opts.dir, opts.size, opts.sector_size, opts.cache)?;
+        replica.set_secret(opts.secret.clone());
         let replica = horn_replica::SharedReplica::new(replica)
             .with_context(|| format!("cannot share replica {}", opts.dir.display()))?;
         let listener = TcpListener::bind(&opts.control).with_context(|| {
@@ -178,6 +211,9 @@ pub struct EngineStart {
     pub authority: Option<Arc<dyn horn_engine::authority::Authority>>,
     /// The volume's key, for an encrypted volume.
     pub cipher: Option<Arc<horn_engine::crypt::VolumeCipher>>,
+    /// The volume's wire secret, held by its replicas too (standalone; under a
+    /// manager the engine gets its generation's key from the manager instead).
+    pub secret: Option<horn_proto::auth::VolumeSecret>,
 }
 
 /// Serves a volume's engine on `start`'s replicas (and on the replica it `hosted` in its own
@@ -209,6 +245,7 @@ pub fn serve_engine(
         timeout,
         authority,
         cipher,
+        secret,
     } = start;
     let hosted = match hosted {
         Some(opts) => {
@@ -225,6 +262,7 @@ pub fn serve_engine(
             pin,
             authority,
             cipher,
+            secret,
         },
     )
     .context("cannot start the engine");

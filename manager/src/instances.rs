@@ -356,6 +356,10 @@ impl Instances {
     }
 
     fn ensure_replica(&mut self, name: &str, w: &pb::ReplicaWork) -> Result<()> {
+        let secret = self.secret_path(&format!("{}-{}.secret", w.volume, w.id));
+        if !w.secret.is_empty() {
+            self.write_secret(&secret, &w.secret)?;
+        }
         if !self.by_name.contains_key(name) {
             let disk = PathBuf::from(&w.disk);
             if !self.disks.contains(&disk) {
@@ -366,7 +370,7 @@ impl Instances {
             let data = self.free_port(&mut taken)?;
             let control = self.free_port(&mut taken)?;
             let dir = self.dir.join(name);
-            let command = vec![
+            let mut command = vec![
                 "replica".to_string(),
                 "--dir".into(),
                 replica_dir.display().to_string(),
@@ -379,6 +383,9 @@ impl Instances {
                 "--sector-size".into(),
                 w.sector_size.to_string(),
             ];
+            if !w.secret.is_empty() {
+                command.extend(["--secret-file".into(), secret.display().to_string()]);
+            }
             let record = Record {
                 kind: REPLICA.into(),
                 volume: w.volume.clone(),
@@ -421,7 +428,9 @@ impl Instances {
         if !w.key.is_empty() {
             command.extend([
                 "--key-file".into(),
-                self.key_path(&w.volume).display().to_string(),
+                self.secret_path(&format!("{}.key", w.volume))
+                    .display()
+                    .to_string(),
             ]);
         }
         for r in &w.replicas {
@@ -446,21 +455,21 @@ impl Instances {
         Ok(command)
     }
 
-    /// Where the key of encrypted volume `volume`'s engine is kept while it runs: on
-    /// a memory filesystem, never on a disk, readable by its owner only; one directory
+    /// Where a secret file of an instance is kept while it runs (an encrypted
+    /// volume's key, `VOLUME.key`; a replica's wire secret, `VOLUME-ID.secret`): on a
+    /// memory filesystem, never on a disk, readable by its owner only; one directory
     /// per agent (by its state directory). See [`key_dir`].
-    fn key_path(&self, volume: &str) -> PathBuf {
+    fn secret_path(&self, file: &str) -> PathBuf {
         let mut h = std::collections::hash_map::DefaultHasher::new();
         std::hash::Hash::hash(&self.dir, &mut h);
-        key_dir().join(format!("{:016x}/{volume}.key", std::hash::Hasher::finish(&h)))
+        key_dir().join(format!("{:016x}/{file}", std::hash::Hasher::finish(&h)))
     }
 
-    /// Writes the key of `w`'s encrypted volume where its engine reads it (again
-    /// after a reboot emptied `/run`).
-    fn write_key(&self, w: &pb::EngineWork) -> Result<()> {
+    /// Writes `secret` to `path` for an instance to read (again after a reboot
+    /// emptied `/run`).
+    fn write_secret(&self, path: &Path, secret: &[u8]) -> Result<()> {
         use std::os::unix::fs::DirBuilderExt;
-        let path = self.key_path(&w.volume);
-        if std::fs::read(&path).is_ok_and(|k| k == w.key) {
+        if std::fs::read(path).is_ok_and(|k| k == secret) {
             return Ok(());
         }
         let dir = path.parent().expect("a directory");
@@ -469,12 +478,12 @@ impl Instances {
             .mode(0o700)
             .create(dir)
             .with_context(|| format!("cannot create {}", dir.display()))?;
-        write_private(&path, &w.key)
+        write_private(path, secret)
     }
 
     fn ensure_engine(&mut self, name: &str, w: &pb::EngineWork) -> Result<()> {
         if !w.key.is_empty() {
-            self.write_key(w)?;
+            self.write_secret(&self.secret_path(&format!("{}.key", w.volume)), &w.key)?;
         }
         let replicas: BTreeMap<String, (String, String)> = w
             .replicas
@@ -692,10 +701,13 @@ impl Instances {
             }
         }
         std::fs::remove_dir_all(&i.dir).with_context(|| format!("cannot remove {}", i.dir.display()))?;
-        if i.record.kind == ENGINE {
-            // An encrypted volume's key goes with its engine.
-            let _ = std::fs::remove_file(self.key_path(&i.record.volume));
-        }
+        // An encrypted volume's key goes with its engine, a wire secret with its
+        // replica.
+        let file = match i.record.kind.as_str() {
+            ENGINE => format!("{}.key", i.record.volume),
+            _ => format!("{}-{}.secret", i.record.volume, i.record.replica),
+        };
+        let _ = std::fs::remove_file(self.secret_path(&file));
         tracing::info!(instance = %name, "stopped and removed");
         Ok(())
     }

@@ -338,6 +338,29 @@ fn secret_key(name: &str) -> String {
     format!("secrets/{name}")
 }
 
+fn wire_secret_key(volume: &str) -> String {
+    format!("wire-secrets/{volume}")
+}
+
+/// A volume's wire secret ([`horn_proto::auth`]): made with the volume, handed to its
+/// replicas' node agents, and never to an engine, which gets each generation's key
+/// from the manager as it begins the generation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct WireSecretSpec {
+    /// 64 hex digits.
+    secret: String,
+}
+
+/// A volume's new wire secret, as stored.
+fn new_wire_secret() -> Result<Vec<u8>, SpecError> {
+    let secret = horn_proto::auth::VolumeSecret::generate()
+        .map_err(|e| SpecError::Invalid(format!("cannot draw a volume's wire secret: {e}")))?;
+    Ok(serde_json::to_vec(&WireSecretSpec {
+        secret: secret.to_hex(),
+    })
+    .expect("a wire secret serializes"))
+}
+
 /// A secret: a volume key, kept by the manager and handed only to the node agent
 /// running the engine of a volume encrypted with it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -444,10 +467,11 @@ impl<S: Store> Specs<S> {
     pub fn create_volume(&self, spec: &VolumeSpec) -> Result<Revision, SpecError> {
         spec.check().map_err(SpecError::Invalid)?;
         let key = volume_key(&spec.name);
-        match self
-            .store
-            .commit(Txn::new().check(&key, Expect::Absent).put(&key, Self::json(spec)))
-        {
+        let txn = Txn::new()
+            .check(&key, Expect::Absent)
+            .put(&key, Self::json(spec))
+            .put(wire_secret_key(&spec.name), new_wire_secret()?);
+        match self.store.commit(txn) {
             Err(StoreError::Conflict { .. }) => Err(SpecError::Exists {
                 kind: "volume",
                 name: spec.name.clone(),
@@ -505,7 +529,10 @@ impl<S: Store> Specs<S> {
     ) -> Result<Revision, SpecError> {
         spec.check().map_err(SpecError::Invalid)?;
         let key = volume_key(&spec.name);
-        let mut txn = Txn::new().check(&key, Expect::Absent).put(&key, Self::json(spec));
+        let mut txn = Txn::new()
+            .check(&key, Expect::Absent)
+            .put(&key, Self::json(spec))
+            .put(wire_secret_key(&spec.name), new_wire_secret()?);
         for (node, revision) in nodes {
             txn = txn.check(node_key(node), Expect::At(*revision));
         }
@@ -539,13 +566,25 @@ impl<S: Store> Specs<S> {
         let mut txn = Txn::new()
             .check(volume_key(name), Expect::At(v.revision))
             .delete(volume_key(name))
-            .delete(membership_key(name));
+            .delete(membership_key(name))
+            .delete(wire_secret_key(name));
         for r in self.replicas(name)? {
             txn = txn
                 .check(replica_key(name, &r.spec.id), Expect::At(r.revision))
                 .delete(replica_key(name, &r.spec.id));
         }
         Ok(self.store.commit(txn)?)
+    }
+
+    /// Volume `volume`'s wire secret (`None`: the volume has none, and its replicas
+    /// serve any peer).
+    pub fn wire_secret(&self, volume: &str) -> Result<Option<horn_proto::auth::VolumeSecret>, SpecError> {
+        let Some(spec) = self.read::<WireSecretSpec>(&wire_secret_key(volume))? else {
+            return Ok(None);
+        };
+        horn_proto::auth::VolumeSecret::from_bytes(spec.spec.secret.as_bytes())
+            .map(Some)
+            .map_err(|e| SpecError::Invalid(format!("volume {volume}'s wire secret in the store: {e}")))
     }
 
     /// Volume `volume`'s membership as the manager holds it (`None`: no engine has

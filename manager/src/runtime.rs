@@ -117,6 +117,8 @@ pub fn node_work(
                     disk: r.disk.clone(),
                     size: v.size,
                     sector_size: v.sector_size,
+                    // Filled in by the manager, which holds the secrets.
+                    secret: Vec::new(),
                 })
             })
             .collect(),

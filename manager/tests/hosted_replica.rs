@@ -29,6 +29,7 @@ fn hosted(dir: &std::path::Path, cache: CacheMode) -> (HostedReplica, horn_engin
         size: Some(SIZE),
         sector_size: SECTOR as u32,
         cache,
+        secret: None,
     })
     .unwrap()
 }

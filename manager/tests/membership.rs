@@ -637,6 +637,7 @@ fn two_processes_and_one_hosted() -> (
             size: Some(16 << 20),
             sector_size: 512,
             cache: horn_replica::CacheMode::Direct,
+            secret: None,
         })
         .unwrap();
     let mut addrs = r.addrs(&[0, 1]);

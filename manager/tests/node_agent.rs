@@ -191,6 +191,23 @@ fn agents_serve_a_volume_through_attach_detach_reattach_and_an_agent_restart() {
                 .iter()
                 .all(|p| p["mode"] == "RW")
     });
+    // Its replicas serve only its engine: each was given the volume's secret (0600,
+    // on /run), and a client without the generation's key can neither read nor write.
+    let v = json(hornctl(data, a, &["volume", "info", "v1", "--json"]));
+    for p in v["placements"].as_array().unwrap() {
+        let addr = p["data_address"].as_str().unwrap();
+        let mut c = horn_proto::client::BlockingClient::connect(addr, Duration::from_secs(5)).unwrap();
+        for generation in [0, 1, 2, 3] {
+            let (h, _) = c.read(1, 0, 4096, generation).unwrap();
+            assert_eq!(h.status, horn_proto::wire::Status::Unauthenticated, "{addr}");
+            c = horn_proto::client::BlockingClient::connect(addr, Duration::from_secs(5)).unwrap();
+        }
+        let (h, _) = c.write(1, 0, &[0xee; 4096], 1).unwrap();
+        assert_eq!(h.status, horn_proto::wire::Status::Unauthenticated, "{addr}");
+    }
+    let secrets = secret_files("v1", &placement_ids(&v));
+    assert_eq!(secrets.len(), 3, "{secrets:?}");
+    assert!(secrets.iter().all(|(_, mode)| *mode == 0o600), "{secrets:?}");
     let e = refused(hornctl(data, a, &["volume", "attach", "v1", "n2"]));
     assert!(e.contains("attached to node n1"), "{e}");
     let e = refused(hornctl(data, a, &["volume", "delete", "v1"]));
@@ -1137,6 +1154,27 @@ fn all_files(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
             out.extend(all_files(&p));
         } else if let Ok(b) = std::fs::read(&p) {
             out.push((p, b));
+        }
+    }
+    out
+}
+
+/// The wire-secret files of volume `volume`'s replicas `ids` the agents keep, with
+/// their modes.
+fn secret_files(volume: &str, ids: &[String]) -> Vec<(PathBuf, u32)> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut out = Vec::new();
+    for d in std::fs::read_dir(horn_manager::instances::key_dir())
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        for f in std::fs::read_dir(d.path()).into_iter().flatten().flatten() {
+            let name = f.file_name().to_string_lossy().into_owned();
+            if ids.iter().any(|id| name == format!("{volume}-{id}.secret")) {
+                let m = f.metadata().unwrap();
+                out.push((f.path(), m.permissions().mode() & 0o777));
+            }
         }
     }
     out

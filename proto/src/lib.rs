@@ -3,6 +3,8 @@
 //! - [`wire`]: the binary data wire between an engine and its replicas (reads, writes,
 //!   flushes, discards, pings), specified in `docs/wire-protocol.md`: fixed headers,
 //!   many requests in flight, replies in any order, strict decoding;
+//! - [`auth`]: the volume secret, each generation's key, and the proofs that let a
+//!   replica serve only its volume's current engine;
 //! - [`client`]: a blocking client of that wire, for tools and tests;
 //! - [`control`] and [`engine_control`]: the replica and engine control services
 //!   (gRPC, generated from `replica.proto` and `engine.proto`);
@@ -14,6 +16,7 @@
 
 #![warn(missing_docs)]
 
+pub mod auth;
 pub mod batch;
 pub mod client;
 pub mod wire;

@@ -22,6 +22,8 @@ pub const MAX_IO_LEN: u32 = 8 << 20;
 pub const MAX_MESSAGE_LEN: u32 = 4096;
 /// Longest engine identity a [`Op::Hello`] may carry.
 pub const MAX_IDENTITY_LEN: u32 = 128;
+/// Bytes of a nonce and of a proof in the handshake ([`Op::Hello`], [`Op::Prove`]).
+pub const NONCE_LEN: u32 = crate::auth::LEN as u32;
 /// Bit set in the op byte of a reply.
 const REPLY_BIT: u8 = 0x80;
 
@@ -41,11 +43,17 @@ pub enum Op {
     WriteZeroes = 5,
     /// Do nothing but answer (liveness and round-trip time).
     Ping = 6,
-    /// Name the engine that sends on this connection: the payload is its identity
-    /// (UTF-8, 1 to [`MAX_IDENTITY_LEN`] bytes). A replica claimed by a named engine
-    /// takes reads, writes, flushes and discards at the claim's generation only on a
-    /// connection that has named that engine.
+    /// Name the engine that sends on this connection and start the handshake: the
+    /// payload is the engine's nonce ([`NONCE_LEN`] bytes) and its identity (UTF-8, 1 to
+    /// [`MAX_IDENTITY_LEN`] bytes). A replica claimed by a named engine takes reads,
+    /// writes, flushes and discards at the claim's generation only on a connection
+    /// that has named that engine. A replica that holds its volume's secret answers
+    /// with its own nonce and its proof (2 × [`NONCE_LEN`] bytes), and then serves
+    /// nothing but pings until [`Op::Prove`].
     Hello = 7,
+    /// The engine's proof over both nonces of the handshake ([`NONCE_LEN`] bytes), at
+    /// the hello's generation (see [`crate::auth`]).
+    Prove = 8,
 }
 
 impl Op {
@@ -58,6 +66,7 @@ impl Op {
             5 => Op::WriteZeroes,
             6 => Op::Ping,
             7 => Op::Hello,
+            8 => Op::Prove,
             _ => return None,
         })
     }
@@ -91,6 +100,9 @@ pub enum Status {
     IoError = 5,
     /// The replica does not take this request now (for example, not open for I/O).
     Unavailable = 6,
+    /// The connection has not proven it holds the volume's key of the request's
+    /// generation; the replica closes it after this reply.
+    Unauthenticated = 7,
 }
 
 impl Status {
@@ -103,6 +115,7 @@ impl Status {
             4 => Status::StaleGeneration,
             5 => Status::IoError,
             6 => Status::Unavailable,
+            7 => Status::Unauthenticated,
             _ => return None,
         })
     }
@@ -118,6 +131,7 @@ impl fmt::Display for Status {
             Status::StaleGeneration => "stale generation",
             Status::IoError => "I/O error",
             Status::Unavailable => "unavailable",
+            Status::Unauthenticated => "unauthenticated",
         })
     }
 }
@@ -223,7 +237,7 @@ impl Header {
     /// Bytes of payload that follow this header on the wire.
     pub fn payload_len(&self) -> usize {
         match (self.reply, self.op) {
-            (false, Op::Write | Op::Hello) => self.length as usize,
+            (false, Op::Write | Op::Hello | Op::Prove) => self.length as usize,
             (false, _) => 0,
             (true, _) => self.length as usize,
         }
@@ -297,10 +311,15 @@ impl Header {
         if self.reply {
             let max = match (self.status, self.op) {
                 (Status::Ok, Op::Read) => MAX_IO_LEN,
+                (Status::Ok, Op::Hello) => 2 * NONCE_LEN,
                 (Status::Ok, _) => 0,
                 _ => MAX_MESSAGE_LEN,
             };
             if self.length > max {
+                return bad_len(max);
+            }
+            // A hello is answered with nothing, or with a nonce and a proof.
+            if (self.status, self.op) == (Status::Ok, Op::Hello) && !matches!(self.length, 0 | 64) {
                 return bad_len(max);
             }
             return Ok(());
@@ -322,8 +341,12 @@ impl Header {
                 });
             }
         } else {
-            let max = if self.op == Op::Hello { MAX_IDENTITY_LEN } else { 0 };
-            if self.length > max || (self.op == Op::Hello && self.length == 0) {
+            let (min, max) = match self.op {
+                Op::Hello => (NONCE_LEN + 1, NONCE_LEN + MAX_IDENTITY_LEN),
+                Op::Prove => (NONCE_LEN, NONCE_LEN),
+                _ => (0, 0),
+            };
+            if self.length > max || self.length < min {
                 return bad_len(max);
             }
             if self.offset != 0 {
@@ -398,7 +421,9 @@ mod tests {
             Header::request(Op::Read, 1, 0, 512, 9),
             Header::request(Op::Flush, 2, 0, 0, 9),
             Header::request(Op::Ping, 3, 0, 0, 0),
-            Header::request(Op::Hello, 4, 0, 16, 9),
+            Header::request(Op::Hello, 4, 0, 48, 9),
+            Header::request(Op::Prove, 5, 0, 32, 9),
+            Header::reply_to(&Header::request(Op::Hello, 4, 0, 48, 9), Status::Ok, 64, 9),
             Header::reply_to(&write_req(), Status::StaleGeneration, 40, 4),
         ] {
             assert_eq!(Header::decode(&h.encode()), Ok(h));
@@ -406,16 +431,28 @@ mod tests {
     }
 
     #[test]
-    fn a_hello_carries_a_bounded_identity() {
-        assert_eq!(Header::request(Op::Hello, 1, 0, 16, 2).payload_len(), 16);
-        for bad in [0, MAX_IDENTITY_LEN + 1] {
+    fn a_hello_carries_a_nonce_and_a_bounded_identity_and_a_proof_its_nonce() {
+        assert_eq!(Header::request(Op::Hello, 1, 0, 48, 2).payload_len(), 48);
+        for bad in [0, NONCE_LEN, NONCE_LEN + MAX_IDENTITY_LEN + 1] {
             let h = Header::request(Op::Hello, 1, 0, bad, 2);
             assert!(
                 matches!(Header::decode(&h.encode()), Err(WireError::BadLength { .. })),
                 "{bad}"
             );
         }
-        let at = Header::request(Op::Hello, 1, 4096, 16, 2);
+        for bad in [0, NONCE_LEN - 1, NONCE_LEN + 1] {
+            let h = Header::request(Op::Prove, 1, 0, bad, 2);
+            assert!(
+                matches!(Header::decode(&h.encode()), Err(WireError::BadLength { .. })),
+                "{bad}"
+            );
+        }
+        let long = Header::reply_to(&Header::request(Op::Hello, 1, 0, 48, 2), Status::Ok, 65, 2);
+        assert!(matches!(
+            Header::decode(&long.encode()),
+            Err(WireError::BadLength { .. })
+        ));
+        let at = Header::request(Op::Hello, 1, 4096, 48, 2);
         assert!(matches!(
             Header::decode(&at.encode()),
             Err(WireError::BadOffset { .. })

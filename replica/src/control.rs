@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use horn_proto::auth::AUTH_HEADER;
 use horn_proto::control::replica_control_server::ReplicaControl;
 use horn_proto::control::{
     BlocksData, BlocksRequest, ChecksumsReply, ChecksumsRequest, ClaimRequest, ClearIntentsRequest,
@@ -49,6 +50,22 @@ impl ControlService {
     /// A snapshot layer's file and length, checked on the loop.
     async fn snapshot_layer(&self, id: u64) -> Result<(std::path::PathBuf, u64), Status> {
         Ok(self.run(move |r| r.snapshot_layer(id)).await?.into_inner())
+    }
+
+    /// Checks the call's proof ([`horn_proto::auth::AUTH_HEADER`]) when this replica
+    /// holds its volume's secret; returns the generation proven (`None`: the replica
+    /// is open to every caller). Every call but `Info` goes through here first.
+    async fn authenticate<T>(&self, req: &Request<T>) -> Result<Option<u64>, Status> {
+        let header = req
+            .metadata()
+            .get(AUTH_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let engine = caller_of(req).unwrap_or_default();
+        Ok(self
+            .run(move |r| r.authenticate(header.as_deref(), &engine))
+            .await?
+            .into_inner())
     }
 
     /// Runs `f` on the loop thread (blocking this task's worker briefly).
@@ -93,6 +110,7 @@ pub fn to_status(e: ReplicaError) -> Status {
         | ReplicaError::Refused(_)
         | ReplicaError::InvalidOperation(_) => Status::failed_precondition(msg),
         ReplicaError::Locked { .. } | ReplicaError::Unavailable(_) => Status::unavailable(msg),
+        ReplicaError::Unauthenticated(_) => Status::unauthenticated(msg),
         _ => Status::internal(msg),
     }
 }
@@ -286,7 +304,16 @@ impl ReplicaControl for ControlService {
     }
 
     async fn claim(&self, req: Request<ClaimRequest>) -> Result<Response<InfoReply>, Status> {
+        let proven = self.authenticate(&req).await?;
         let req = req.into_inner();
+        if let Some(g) = proven.filter(|&g| g != req.generation) {
+            // Only the holder of a generation's key may claim it: nobody pushes a
+            // replica's generation anywhere the manager did not begin.
+            return Err(Status::unauthenticated(format!(
+                "the claim is for generation {} and its proof for {g}",
+                req.generation
+            )));
+        }
         if req.engine.is_empty() {
             return Err(Status::invalid_argument(
                 "a claim names its engine (ClaimRequest.engine)",
@@ -305,6 +332,7 @@ impl ReplicaControl for ControlService {
         &self,
         req: Request<MembershipRequest>,
     ) -> Result<Response<InfoReply>, Status> {
+        self.authenticate(&req).await?;
         let record = req
             .into_inner()
             .record
@@ -323,6 +351,7 @@ impl ReplicaControl for ControlService {
     }
 
     async fn salvage(&self, req: Request<SalvageRequest>) -> Result<Response<InfoReply>, Status> {
+        self.authenticate(&req).await?;
         let req = req.into_inner();
         self.run(move |r| {
             // A running replica may be serving an engine that holds its read lease:
@@ -345,6 +374,7 @@ impl ReplicaControl for ControlService {
     }
 
     async fn release(&self, req: Request<ReleaseRequest>) -> Result<Response<InfoReply>, Status> {
+        self.authenticate(&req).await?;
         let caller = caller_of(&req);
         let g = req.into_inner().generation;
         self.run(move |r| {
@@ -363,6 +393,7 @@ impl ReplicaControl for ControlService {
         &self,
         req: Request<RenewLeaseRequest>,
     ) -> Result<Response<RenewLeaseReply>, Status> {
+        self.authenticate(&req).await?;
         let Some(caller) = caller_of(&req) else {
             return Err(Status::invalid_argument(format!(
                 "a lease renewal names its engine (the {ENGINE_HEADER} header)"
@@ -378,6 +409,7 @@ impl ReplicaControl for ControlService {
     }
 
     async fn set_mode(&self, req: Request<SetModeRequest>) -> Result<Response<InfoReply>, Status> {
+        self.authenticate(&req).await?;
         let caller = caller_of(&req);
         let req = req.into_inner();
         let mode = match WireMode::try_from(req.mode) {
@@ -399,6 +431,7 @@ impl ReplicaControl for ControlService {
     }
 
     async fn snapshot(&self, req: Request<SnapshotRequest>) -> Result<Response<InfoReply>, Status> {
+        self.authenticate(&req).await?;
         let caller = caller_of(&req);
         let req = req.into_inner();
         self.run(move |r| {
@@ -414,6 +447,7 @@ impl ReplicaControl for ControlService {
         &self,
         req: Request<DeleteSnapshotRequest>,
     ) -> Result<Response<InfoReply>, Status> {
+        self.authenticate(&req).await?;
         let caller = caller_of(&req);
         let req = req.into_inner();
         self.run(move |r| {
@@ -425,6 +459,7 @@ impl ReplicaControl for ControlService {
     }
 
     async fn purge(&self, req: Request<PurgeRequest>) -> Result<Response<PurgeReply>, Status> {
+        self.authenticate(&req).await?;
         let caller = caller_of(&req);
         let g = req.into_inner().generation;
         self.run(move |r| {
@@ -444,6 +479,7 @@ impl ReplicaControl for ControlService {
     }
 
     async fn revert(&self, req: Request<RevertRequest>) -> Result<Response<InfoReply>, Status> {
+        self.authenticate(&req).await?;
         let caller = caller_of(&req);
         let req = req.into_inner();
         self.run(move |r| {
@@ -455,6 +491,7 @@ impl ReplicaControl for ControlService {
     }
 
     async fn expand(&self, req: Request<ExpandRequest>) -> Result<Response<InfoReply>, Status> {
+        self.authenticate(&req).await?;
         let caller = caller_of(&req);
         let req = req.into_inner();
         self.run(move |r| {
@@ -466,6 +503,7 @@ impl ReplicaControl for ControlService {
     }
 
     async fn checksums(&self, req: Request<ChecksumsRequest>) -> Result<Response<ChecksumsReply>, Status> {
+        self.authenticate(&req).await?;
         let req = req.into_inner();
         self.run(move |r| {
             check_range_len(req.length, MAX_CHECKSUM_RANGE)?;
@@ -478,6 +516,7 @@ impl ReplicaControl for ControlService {
     }
 
     async fn read_blocks(&self, req: Request<BlocksRequest>) -> Result<Response<BlocksData>, Status> {
+        self.authenticate(&req).await?;
         let blocks = req.into_inner().blocks;
         self.run(move |r| {
             check_range_len(blocks.len() as u64 * BLOCK_SIZE, MAX_RANGE)?;
@@ -499,6 +538,7 @@ impl ReplicaControl for ControlService {
     }
 
     async fn write_blocks(&self, req: Request<BlocksData>) -> Result<Response<WriteBlocksReply>, Status> {
+        self.authenticate(&req).await?;
         let caller = caller_of(&req);
         let req = req.into_inner();
         self.run(move |r| {
@@ -526,6 +566,7 @@ impl ReplicaControl for ControlService {
     }
 
     async fn intents(&self, _req: Request<IntentsRequest>) -> Result<Response<IntentsReply>, Status> {
+        self.authenticate(&_req).await?;
         self.run(|r| Ok(intents_reply(r))).await
     }
 
@@ -533,6 +574,7 @@ impl ReplicaControl for ControlService {
         &self,
         req: Request<ClearIntentsRequest>,
     ) -> Result<Response<IntentsReply>, Status> {
+        self.authenticate(&req).await?;
         let caller = caller_of(&req);
         let g = req.into_inner().generation;
         self.run(move |r| {
@@ -547,6 +589,7 @@ impl ReplicaControl for ControlService {
         &self,
         req: Request<LayerBlocksRequest>,
     ) -> Result<Response<LayerBlocksReply>, Status> {
+        self.authenticate(&req).await?;
         let req = req.into_inner();
         if req.length > 256 << 20 {
             return Err(Status::invalid_argument(format!(
@@ -570,6 +613,7 @@ impl ReplicaControl for ControlService {
     }
 
     async fn read_layer(&self, req: Request<ReadLayerRequest>) -> Result<Response<LayerStream>, Status> {
+        self.authenticate(&req).await?;
         // The stream listens where the asker reached this service, not everywhere.
         let bind = req
             .local_addr()
@@ -601,6 +645,7 @@ impl ReplicaControl for ControlService {
         &self,
         req: Request<LayerZerosRequest>,
     ) -> Result<Response<LayerZerosReply>, Status> {
+        self.authenticate(&req).await?;
         let id = req.into_inner().layer_id;
         self.snapshot_layer(id).await?;
         let dir = self.run(|r| Ok(r.dir().to_path_buf())).await?.into_inner();
@@ -614,10 +659,26 @@ impl ReplicaControl for ControlService {
     }
 
     async fn sync_from(&self, req: Request<SyncFromRequest>) -> Result<Response<SyncReply>, Status> {
+        let proven = self.authenticate(&req).await?;
         let caller = caller_of(&req);
         let req = req.into_inner();
-        self.run(move |r| check_generation(r, req.generation, caller.as_deref()))
-            .await?;
+        let c = caller.clone();
+        let secret = self
+            .run(move |r| {
+                check_generation(r, req.generation, c.as_deref())?;
+                Ok(r.secret().cloned())
+            })
+            .await?
+            .into_inner();
+        // The source holds the same secret: this replica proves itself to it at the
+        // generation the caller proved here.
+        let auth = match (secret, proven) {
+            (Some(secret), Some(g)) => {
+                let engine = caller.unwrap_or_else(|| "sync".into());
+                Some((secret.generation_key(g).control_header(&engine), engine))
+            }
+            _ => None,
+        };
         if self.sync.running.swap(true, Ordering::AcqRel) {
             return Err(Status::failed_precondition(
                 "a sync into this replica is already running",
@@ -626,7 +687,7 @@ impl ReplicaControl for ControlService {
         let (handle, state, source) = (self.handle.clone(), self.sync.clone(), req.source.clone());
         let (tx, rx) = tokio::sync::oneshot::channel();
         std::thread::spawn(move || {
-            let result = crate::sync::pull(&handle, &source, &state);
+            let result = crate::sync::pull(&handle, &source, &state, auth);
             if let Ok(plan) = &result {
                 *state.pending.lock().unwrap_or_else(|e| e.into_inner()) = Some(plan.clone());
             }
@@ -648,6 +709,7 @@ impl ReplicaControl for ControlService {
         &self,
         req: Request<FinishSyncRequest>,
     ) -> Result<Response<FinishSyncReply>, Status> {
+        self.authenticate(&req).await?;
         let caller = caller_of(&req);
         let g = req.into_inner().generation;
         let plan = self

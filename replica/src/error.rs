@@ -159,6 +159,10 @@ pub enum ReplicaError {
     #[error("{0}")]
     Unavailable(String),
 
+    /// The caller did not prove it holds the volume's key of a current generation.
+    #[error("{0}")]
+    Unauthenticated(String),
+
     /// A claim or a membership record the replica's membership rules refuse.
     #[error(transparent)]
     Membership(#[from] crate::membership::Refused),
@@ -184,6 +188,7 @@ impl ReplicaError {
             ReplicaError::InvalidOperation(_) => Status::BadRequest,
             ReplicaError::StaleGeneration { .. } | ReplicaError::Membership(_) => Status::StaleGeneration,
             ReplicaError::Unavailable(_) => Status::Unavailable,
+            ReplicaError::Unauthenticated(_) => Status::Unauthenticated,
             _ => Status::IoError,
         }
     }

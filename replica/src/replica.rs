@@ -58,6 +58,9 @@ pub struct Replica {
     lease: Option<Lease>,
     /// The replica's clock for leases: milliseconds since it was opened.
     opened: Instant,
+    /// The volume's secret, when this replica serves only its volume's current engine
+    /// (in memory only: given at each start, never written to the replica's disk).
+    secret: Option<horn_proto::auth::VolumeSecret>,
     _lock: File,
 }
 
@@ -130,6 +133,7 @@ impl Replica {
             pieces: Vec::new(),
             lease,
             opened: Instant::now(),
+            secret: None,
             _lock: lock,
         })
     }
@@ -259,6 +263,36 @@ impl Replica {
             engine: engine.to_string(),
             until: now + lease_ms,
         });
+    }
+
+    /// Gives the replica its volume's secret (`None`: serve any peer).
+    pub fn set_secret(&mut self, secret: Option<horn_proto::auth::VolumeSecret>) {
+        self.secret = secret;
+    }
+
+    /// The volume's secret, if the replica was given one: then its data wire and its
+    /// control service serve only a peer that proves it holds the key of a generation
+    /// not behind the replica's ([`horn_proto::auth`]).
+    pub fn secret(&self) -> Option<&horn_proto::auth::VolumeSecret> {
+        self.secret.as_ref()
+    }
+
+    /// Checks a control call's proof (`header`, naming `engine`) and that its
+    /// generation is not behind the replica's, and returns that generation; open
+    /// replicas take every call (`None`).
+    pub fn authenticate(&self, header: Option<&str>, engine: &str) -> Result<Option<u64>> {
+        let Some(secret) = &self.secret else {
+            return Ok(None);
+        };
+        let generation = horn_proto::auth::check_control(secret, header, engine)
+            .map_err(|e| ReplicaError::Unauthenticated(e.to_string()))?;
+        if generation < self.generation() {
+            return Err(ReplicaError::Unauthenticated(format!(
+                "the call proves generation {generation}, and this replica has moved on to {}: that key no longer works here",
+                self.generation()
+            )));
+        }
+        Ok(Some(generation))
     }
 
     /// The engine holding a read lease that still runs, and the milliseconds it has left.

@@ -27,12 +27,13 @@ use std::net::{TcpListener, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::sync::mpsc::Receiver;
 
+use horn_proto::auth::{self, Challenge};
 use horn_proto::batch::{Message, SendBatch, TwoPartRecv};
-use horn_proto::wire::{Header, Op, Status, FLAG_FUA, HEADER_LEN};
+use horn_proto::wire::{Header, Op, Status, FLAG_FUA, HEADER_LEN, NONCE_LEN};
 use io_uring::{opcode, types};
 
 use crate::admission::{Access, Caller};
-use crate::error::Result;
+use crate::error::{ReplicaError, Result};
 use crate::handle::Command;
 pub use crate::handle::ServerHandle;
 use crate::io::Completion;
@@ -151,6 +152,9 @@ struct Conn {
     closing: bool,
     /// The engine this connection named in its `Hello`, if it did.
     engine: Option<String>,
+    /// Where the connection's handshake stands (it matters only to a replica that
+    /// holds its volume's secret).
+    auth: Handshake,
     /// Requests received and not yet answered, and the bytes they hold.
     unanswered: usize,
     held: usize,
@@ -173,6 +177,20 @@ impl Conn {
         );
         self.raw_in_flight -= 1;
     }
+}
+
+/// A connection's handshake ([`horn_proto::auth`]).
+enum Handshake {
+    /// No hello yet.
+    None,
+    /// The replica answered a hello at `generation` and waits for the engine's proof.
+    Challenged {
+        challenge: Box<Challenge>,
+        generation: u64,
+    },
+    /// The engine proved it holds the key of `generation`: the connection serves
+    /// requests at that generation.
+    Proven { generation: u64 },
 }
 
 struct Pending {
@@ -367,6 +385,7 @@ impl DataServer {
                 ops: 0,
                 closing: false,
                 engine: None,
+                auth: Handshake::None,
                 unanswered: 0,
                 held: 0,
                 paused: false,
@@ -512,29 +531,17 @@ impl DataServer {
 
     fn dispatch(&mut self, id: u32, h: Header, payload: Option<IoBuf>) -> Result<()> {
         let (off, len) = (h.offset, h.length as u64);
-        if h.op == Op::Hello {
-            let named = payload
-                .as_ref()
-                .map(|b| std::str::from_utf8(b.as_slice()).map(str::to_string));
-            return match named {
-                Some(Ok(engine)) if !engine.is_empty() => {
-                    self.conn(id).engine = Some(engine);
-                    let reply = Header::reply_to(&h, Status::Ok, 0, self.replica.generation());
-                    self.queue_send(id, Outgoing::answer(&h, reply, Payload::None))
-                }
-                _ => {
-                    self.conn(id).closing = true;
-                    self.reply_error(
-                        id,
-                        &h,
-                        Status::BadRequest,
-                        "a hello names its engine in UTF-8".into(),
-                    )
-                }
-            };
+        match h.op {
+            Op::Hello => return self.on_hello(id, h, payload),
+            Op::Prove => return self.on_prove(id, h, payload),
+            _ => {}
+        }
+        if let Err(why) = self.check_proven(id, &h) {
+            self.conn(id).closing = true;
+            return self.reply_error(id, &h, Status::Unauthenticated, why);
         }
         let access = match h.op {
-            Op::Hello => unreachable!("answered above"),
+            Op::Hello | Op::Prove => unreachable!("answered above"),
             Op::Ping => Access::Ping,
             Op::Read => Access::Read { offset: off, len },
             Op::Write | Op::Discard | Op::WriteZeroes => Access::Change { offset: off, len },
@@ -561,7 +568,7 @@ impl DataServer {
                 };
                 return self.reply(id, &h, result, None);
             }
-            Op::Read | Op::Write | Op::Flush | Op::Hello => {}
+            Op::Read | Op::Write | Op::Flush | Op::Hello | Op::Prove => {}
         }
         let slot = Pending {
             conn: id,
@@ -588,6 +595,117 @@ impl DataServer {
             _ => self.replica.submit_flush(tag),
         }
         Ok(())
+    }
+
+    /// A hello names the engine; to a replica that holds its volume's secret it is
+    /// also the engine's challenge, answered with the replica's own nonce and proof.
+    fn on_hello(&mut self, id: u32, h: Header, payload: Option<IoBuf>) -> Result<()> {
+        let bytes = payload.as_ref().map_or(&[][..], IoBuf::as_slice);
+        let (nonce, name) = bytes.split_at(bytes.len().min(NONCE_LEN as usize));
+        let engine = match std::str::from_utf8(name) {
+            Ok(e) if !e.is_empty() && nonce.len() == NONCE_LEN as usize => e.to_string(),
+            _ => {
+                self.conn(id).closing = true;
+                let why = "a hello carries a 32-byte nonce and names its engine in UTF-8";
+                return self.reply_error(id, &h, Status::BadRequest, why.into());
+            }
+        };
+        let Some(secret) = self.replica.secret() else {
+            self.conn(id).engine = Some(engine);
+            let reply = Header::reply_to(&h, Status::Ok, 0, self.replica.generation());
+            return self.queue_send(id, Outgoing::answer(&h, reply, Payload::None));
+        };
+        let replica_nonce =
+            auth::random().map_err(|e| ReplicaError::io("draw a nonce for", self.replica.dir(), e))?;
+        let challenge = Challenge {
+            engine_nonce: nonce.try_into().expect("checked length"),
+            replica_nonce,
+            identity: name.to_vec(),
+        };
+        let mut answer = replica_nonce.to_vec();
+        answer.extend_from_slice(&challenge.replica_proof(&secret.generation_key(h.generation)));
+        let conn = self.conn(id);
+        conn.engine = Some(engine);
+        conn.auth = Handshake::Challenged {
+            challenge: Box::new(challenge),
+            generation: h.generation,
+        };
+        let reply = Header::reply_to(&h, Status::Ok, answer.len() as u32, self.replica.generation());
+        self.queue_send(id, Outgoing::answer(&h, reply, Payload::Message(answer)))
+    }
+
+    /// The engine's proof over the handshake's nonces: right, and the connection
+    /// serves requests at the hello's generation; wrong, and it closes.
+    fn on_prove(&mut self, id: u32, h: Header, payload: Option<IoBuf>) -> Result<()> {
+        let proof = payload.as_ref().map_or(&[][..], IoBuf::as_slice);
+        let handshake = &self.conns[id as usize].as_ref().expect("a live connection").auth;
+        let verdict = match (self.replica.secret(), handshake) {
+            (None, _) => Ok(()),
+            (
+                Some(secret),
+                Handshake::Challenged {
+                    challenge,
+                    generation,
+                },
+            ) if *generation == h.generation => {
+                let expected = challenge.engine_proof(&secret.generation_key(*generation));
+                if !auth::equal(&expected, proof) {
+                    Err(format!(
+                        "the engine's proof for generation {generation} is wrong: it does not hold that generation's key of this volume"
+                    ))
+                } else if *generation < self.replica.generation() {
+                    Err(format!(
+                        "generation {generation} is behind this replica's {}: that key no longer works here",
+                        self.replica.generation()
+                    ))
+                } else {
+                    Ok(())
+                }
+            }
+            (Some(_), Handshake::Challenged { generation, .. }) => Err(format!(
+                "the proof is for generation {}, the hello was at {generation}",
+                h.generation
+            )),
+            (Some(_), _) => {
+                Err("a proof answers this replica's reply to a hello: send the hello first".into())
+            }
+        };
+        match verdict {
+            Ok(()) => {
+                if self.replica.secret().is_some() {
+                    self.conn(id).auth = Handshake::Proven {
+                        generation: h.generation,
+                    };
+                }
+                let reply = Header::reply_to(&h, Status::Ok, 0, self.replica.generation());
+                self.queue_send(id, Outgoing::answer(&h, reply, Payload::None))
+            }
+            Err(why) => {
+                tracing::warn!(reason = %why, "a data-wire peer failed the handshake; closing the connection");
+                self.conn(id).closing = true;
+                self.reply_error(id, &h, Status::Unauthenticated, why)
+            }
+        }
+    }
+
+    /// Is the connection allowed request `h`? Always on a replica without a secret;
+    /// otherwise pings always, and everything else only at the generation whose key
+    /// the connection proved.
+    fn check_proven(&mut self, id: u32, h: &Header) -> std::result::Result<(), String> {
+        if self.replica.secret().is_none() || h.op == Op::Ping {
+            return Ok(());
+        }
+        match self.conn(id).auth {
+            Handshake::Proven { generation } if generation == h.generation => Ok(()),
+            Handshake::Proven { generation } => Err(format!(
+                "this connection proved the key of generation {generation}, not of {}: connect again",
+                h.generation
+            )),
+            _ => Err(
+                "this replica serves only its volume's engine: open the connection with a hello and prove the generation's key"
+                    .into(),
+            ),
+        }
     }
 
     fn on_store(&mut self, p: u32, c: Completion) -> Result<()> {

@@ -34,8 +34,11 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 
+use horn_proto::auth::AUTH_HEADER;
 use horn_proto::control::replica_control_client::ReplicaControlClient;
+use horn_proto::control::ENGINE_HEADER;
 use horn_proto::control::{InfoRequest, LayerBlocksRequest, LayerZerosRequest, ReadLayerRequest};
+use tonic::metadata::AsciiMetadataValue;
 
 use crate::error::{ReplicaError, Result};
 use crate::extent::Extent;
@@ -204,18 +207,45 @@ fn remote(source: &str) -> impl Fn(tonic::Status) -> ReplicaError + '_ {
 /// The target's side of a rebuild, run on a thread of its own: makes every snapshot
 /// layer of this replica (behind `handle`) equal to those of the replica whose control
 /// service is at `source`, and leaves the plan in `state` for the install.
-pub fn pull(handle: &ServerHandle, source: &str, state: &SyncState) -> Result<SyncPlan> {
+///
+/// `auth`: the proof header and the engine name to show the source, when the
+/// replicas hold their volume's secret.
+pub fn pull(
+    handle: &ServerHandle,
+    source: &str,
+    state: &SyncState,
+    auth: Option<(String, String)>,
+) -> Result<SyncPlan> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| ReplicaError::io("start a runtime for", source, e))?;
-    let url = format!("http://{source}");
-    let mut src = rt
-        .block_on(ReplicaControlClient::connect(url))
-        .map_err(|e| {
-            ReplicaError::InvalidOperation(format!("cannot reach the source replica {source}: {e}"))
-        })?
-        .max_decoding_message_size(64 << 20);
+    let unreachable = |e: &dyn std::fmt::Display| {
+        ReplicaError::InvalidOperation(format!("cannot reach the source replica {source}: {e}"))
+    };
+    let auth = auth
+        .map(|(header, engine)| {
+            Ok::<_, ReplicaError>((
+                AsciiMetadataValue::try_from(header).map_err(|e| unreachable(&e))?,
+                AsciiMetadataValue::try_from(engine).map_err(|e| unreachable(&e))?,
+            ))
+        })
+        .transpose()?;
+    let channel = rt
+        .block_on(
+            tonic::transport::Endpoint::from_shared(format!("http://{source}"))
+                .map_err(|e| unreachable(&e))?
+                .connect(),
+        )
+        .map_err(|e| unreachable(&e))?;
+    let mut src = ReplicaControlClient::with_interceptor(channel, move |mut req: tonic::Request<()>| {
+        if let Some((header, engine)) = &auth {
+            req.metadata_mut().insert(AUTH_HEADER, header.clone());
+            req.metadata_mut().insert(ENGINE_HEADER, engine.clone());
+        }
+        Ok(req)
+    })
+    .max_decoding_message_size(64 << 20);
     let info = rt
         .block_on(src.info(InfoRequest {}))
         .map_err(remote(source))?

@@ -118,9 +118,10 @@ impl Conn {
     }
 }
 
-/// Connects to a replica's data wire and names the engine (`Hello`), waiting for the
-/// answer within the engine's timeout: a replica claimed by another engine at the
-/// same generation then refuses every request on the connection.
+/// Connects to a replica's data wire and opens the connection as the engine (`Hello`,
+/// and the handshake of [`horn_proto::auth`] when the engine has its generation's key),
+/// waiting for the answers within the engine's timeout: a replica claimed by another
+/// engine at the same generation then refuses every request on the connection.
 fn hello(data: &str, engine: &Engine) -> std::result::Result<TcpStream, String> {
     let unreachable = |e: std::io::Error| format!("its data wire is unreachable: {e}");
     let addr = data
@@ -130,16 +131,7 @@ fn hello(data: &str, engine: &Engine) -> std::result::Result<TcpStream, String> 
         .ok_or_else(|| format!("its data address {data} resolves to nothing"))?;
     let s = TcpStream::connect_timeout(&addr, engine.timeout()).map_err(unreachable)?;
     let mut c = BlockingClient::over(s, engine.timeout()).map_err(unreachable)?;
-    let (reply, message) = c
-        .hello(0, engine.engine_id(), engine.generation())
-        .map_err(|e| format!("it did not answer the engine's hello: {e}"))?;
-    if reply.status != Status::Ok {
-        return Err(format!(
-            "it refused the engine's hello ({}): {}",
-            reply.status,
-            String::from_utf8_lossy(&message)
-        ));
-    }
+    c.open(engine.engine_id(), engine.generation(), engine.key())?;
     c.into_stream().map_err(unreachable)
 }
 

@@ -69,6 +69,18 @@ enum Command {
         /// and 32 MiB of their data: over that, its next requests wait.)
         #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=65536))]
         max_connections: u32,
+        /// The volume's wire secret (32 bytes, raw or as 64 hex digits; a node agent
+        /// writes it): the data wire and the control service then serve only a peer
+        /// that proves the key of a generation not behind the replica's. Without it,
+        /// the replica serves anyone who reaches it, so it is refused an address other
+        /// than loopback unless `--open` is given.
+        #[arg(long, value_name = "FILE")]
+        secret_file: Option<PathBuf>,
+        /// Serve without a secret on an address other than loopback: anyone who
+        /// reaches the replica may read and write it. For a network only the cluster
+        /// reaches.
+        #[arg(long, conflicts_with = "secret_file")]
+        open: bool,
     },
     /// Serve the manager: the cluster's volumes, nodes and their placement, for
     /// `hornctl` (`proto/manager.proto`), until SIGINT or SIGTERM. Every call must
@@ -173,6 +185,12 @@ enum Command {
         /// later starts are refused with another key, and an encrypted volume without one.
         #[arg(long, value_name = "FILE")]
         key_file: Option<PathBuf>,
+        /// The volume's wire secret, as its replicas were given it (`hornd replica
+        /// --secret-file`): the engine proves its generation's key to every replica and
+        /// serves only from replicas that prove it back. Under `--manager` the manager
+        /// hands over the generation's key instead.
+        #[arg(long, value_name = "FILE")]
+        secret_file: Option<PathBuf>,
         /// Host the replica in this directory inside the engine's process: its reads
         /// and writes run on the engine's own rings, with no socket or process hop
         /// (the replica on the engine's node). Its control service is served at
@@ -314,6 +332,15 @@ fn adopt_device(name: &str) -> anyhow::Result<Option<u32>> {
 }
 
 /// `name`, or the host name.
+/// Does `addr` (IP:PORT or HOST:PORT) resolve to an address other machines may reach?
+/// (One that does not resolve is left to the bind to report.)
+fn off_loopback(addr: &str) -> bool {
+    use std::net::ToSocketAddrs;
+    addr.to_socket_addrs()
+        .map(|mut all| all.any(|a| !a.ip().is_loopback()))
+        .unwrap_or(false)
+}
+
 fn node_name(name: Option<String>) -> anyhow::Result<String> {
     Ok(match name {
         Some(n) => n,
@@ -371,18 +398,40 @@ fn main() -> ExitCode {
             sector_size,
             cache,
             max_connections,
-        } => serve_replica(
-            dir,
-            listen,
-            control,
-            size,
-            sector_size,
-            cache,
-            horn_replica::server::Limits {
-                connections: max_connections as usize,
-                ..Default::default()
-            },
-        ),
+            secret_file,
+            open,
+        } => (|| {
+            let secret = secret_file
+                .map(|f| horn_proto::auth::VolumeSecret::read(&f))
+                .transpose()
+                .map_err(anyhow::Error::msg)?;
+            if secret.is_none() && !open {
+                for (what, addr) in [("--listen", &listen), ("--control", &control)] {
+                    if off_loopback(addr) {
+                        anyhow::bail!(
+                            "{what} {addr} is not a loopback address, and without --secret-file anyone who reaches \
+                             it could read and write the replica: give the volume's secret, or --open to serve \
+                             without one"
+                        );
+                    }
+                }
+            }
+            serve_replica(
+                dir,
+                listen,
+                control,
+                horn_manager::daemon::ReplicaOptions {
+                    size,
+                    sector_size,
+                    cache,
+                    limits: horn_replica::server::Limits {
+                        connections: max_connections as usize,
+                        ..Default::default()
+                    },
+                    secret,
+                },
+            )
+        })(),
         Command::Manager { data, listen } => horn_manager::daemon::serve_manager(data, listen),
         Command::Node {
             manager,
@@ -425,6 +474,7 @@ fn main() -> ExitCode {
             node,
             token_file,
             key_file,
+            secret_file,
             host_replica,
             host_replica_control,
             host_replica_size,
@@ -487,6 +537,10 @@ fn main() -> ExitCode {
                         .map(|f| horn_engine::crypt::VolumeCipher::from_key_file(&f).map(std::sync::Arc::new))
                         .transpose()
                         .map_err(anyhow::Error::msg)?;
+                    let secret = secret_file
+                        .map(|f| horn_proto::auth::VolumeSecret::read(&f))
+                        .transpose()
+                        .map_err(anyhow::Error::msg)?;
                     let authority = match (manager, node, token_file) {
                         (Some(m), Some(n), Some(t)) => Some(std::sync::Arc::new(
                             horn_manager::authority::ManagerAuthority::new(&m, &t, &name, &n)?,
@@ -518,6 +572,7 @@ fn main() -> ExitCode {
                             timeout: std::time::Duration::from_secs(timeout),
                             authority,
                             cipher,
+                            secret: secret.clone(),
                         },
                         control,
                         std::time::Duration::from_secs(clean_intents_every),
@@ -529,6 +584,7 @@ fn main() -> ExitCode {
                             size: host_replica_size,
                             sector_size: host_replica_sector_size,
                             cache: host_replica_cache,
+                            secret,
                         }),
                     )
                 })(),
