@@ -114,7 +114,14 @@ fn managed_round(c: &horn_cluster::Cluster, name: &str, size: u64) -> Result<f64
     let endpoint = v["endpoint"]
         .as_str()
         .context("the attached volume has no endpoint")?;
-    first_write(&format!("{endpoint}/0"), Duration::from_secs(30))?;
+    // Its target requires CHAP: the initiator logs in with the volume's credentials.
+    let cr = run(&["volume", "credentials", name])?;
+    let (user, secret) = (
+        cr["chap_user"].as_str().context("no CHAP user")?,
+        cr["chap_secret"].as_str().context("no CHAP secret")?,
+    );
+    let url = endpoint.replacen("iscsi://", &format!("iscsi://{user}%{secret}@"), 1);
+    first_write(&format!("{url}/0"), Duration::from_secs(30))?;
     if std::env::var_os("HORN_BENCH_STEPS").is_some() {
         eprintln!(
             "    created {created:?}, attached {attached:?}, written {:?}",
@@ -169,6 +176,12 @@ fn by_hand(ns: &str, hornd: &Path, args: &[String]) -> Result<ByHand> {
 /// One round by hand: three replicas and the engine started directly, first write.
 fn manual_round(c: &horn_cluster::Cluster, hornd: &Path, round: usize, size: u64) -> Result<f64> {
     let dir = c.data.path().join(format!("by-hand-{round}"));
+    // As the manager would: the volume's wire secret for replicas and engine, and
+    // CHAP credentials for the target (written before the clock starts).
+    std::fs::create_dir_all(&dir)?;
+    let (secret, chap) = (dir.join("volume.secret"), dir.join("chap"));
+    std::fs::write(&secret, horn_proto::auth::VolumeSecret::generate()?.to_hex())?;
+    std::fs::write(&chap, "by-hand-chap-secret-0001")?;
     let start = Instant::now();
     let mut replicas = Vec::new();
     let mut flags = Vec::new();
@@ -184,6 +197,8 @@ fn manual_round(c: &horn_cluster::Cluster, hornd: &Path, round: usize, size: u64
             format!("{ip}:9501"),
             "--size".into(),
             size.to_string(),
+            "--secret-file".into(),
+            secret.display().to_string(),
         ];
         replicas.push(by_hand(&c.net.ns(i), hornd, &args)?);
         flags.push("--replica".to_string());
@@ -202,10 +217,16 @@ fn manual_round(c: &horn_cluster::Cluster, hornd: &Path, round: usize, size: u64
         "iscsi".into(),
         "--listen".into(),
         format!("{ip}:3260"),
+        "--secret-file".into(),
+        secret.display().to_string(),
+        "--chap-user".into(),
+        "by-hand".into(),
+        "--chap-secret-file".into(),
+        chap.display().to_string(),
     ]);
     let engine = by_hand(&c.net.ns(1), hornd, &args)?;
     first_write(
-        &format!("iscsi://{ip}:3260/iqn.2026-11.io.horn:p{round}/0"),
+        &format!("iscsi://by-hand%by-hand-chap-secret-0001@{ip}:3260/iqn.2026-11.io.horn:p{round}/0"),
         Duration::from_secs(30),
     )?;
     let took = start.elapsed().as_secs_f64();

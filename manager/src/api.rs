@@ -541,14 +541,24 @@ impl<S: Store + 'static> ManagerService<S> {
                 r.secret = s.as_bytes().to_vec();
             }
         }
-        // An encrypted volume's engine gets its key: only the node it runs on does.
+        // An encrypted volume's engine gets its key, and an iSCSI target its CHAP
+        // credentials: only the node it runs on does.
         for e in &mut work.engines {
-            let secret = volumes
-                .iter()
-                .find(|v| v.name == e.volume)
-                .and_then(|v| v.key_secret.clone());
-            if let Some(s) = secret {
-                e.key = self.specs.secret(&s).map_err(to_status)?.spec.bytes();
+            let Some(v) = volumes.iter().find(|v| v.name == e.volume) else {
+                continue;
+            };
+            if let Some(s) = &v.key_secret {
+                e.key = self.specs.secret(s).map_err(to_status)?.spec.bytes();
+            }
+            if e.frontend == "iscsi" && !v.no_chap {
+                let chap = self.specs.chap(&v.name).map_err(to_status)?.ok_or_else(|| {
+                    Status::failed_precondition(format!(
+                        "volume {} has no CHAP credentials in the store",
+                        v.name
+                    ))
+                })?;
+                e.chap_user = chap.user;
+                e.chap_secret = chap.secret.into_bytes();
             }
         }
         let asked = self
@@ -744,8 +754,19 @@ impl<S: Store + 'static> ManagerService<S> {
             .map(|r| describe_membership(&r))
             .unwrap_or_default();
         let s = v.spec;
+        let chap_user = match s.no_chap {
+            true => String::new(),
+            false => self
+                .specs
+                .chap(name)
+                .map_err(to_status)?
+                .map(|c| c.user)
+                .unwrap_or_default(),
+        };
         Ok(pb::Volume {
             membership,
+            chap_user,
+            no_chap: s.no_chap,
             key_secret: s.key_secret.clone().unwrap_or_default(),
             state: st.state.into(),
             robustness: st.robustness.into(),
@@ -925,6 +946,7 @@ impl<S: Store + 'static> Manager for Service<S> {
             maintenance: false,
             volume_id: None,
             key_secret: (!r.key_secret.is_empty()).then_some(r.key_secret),
+            no_chap: r.no_chap,
         };
         spec.check().map_err(Status::invalid_argument)?;
         self.0
@@ -994,6 +1016,32 @@ impl<S: Store + 'static> Manager for Service<S> {
     async fn get_volume(&self, req: Request<pb::VolumeRef>) -> Result<Response<pb::Volume>, Status> {
         let name = req.into_inner().name;
         self.0.blocking(move |m| m.volume_reply(&name)).await
+    }
+
+    async fn get_volume_credentials(
+        &self,
+        req: Request<pb::VolumeRef>,
+    ) -> Result<Response<pb::VolumeCredentials>, Status> {
+        let name = req.into_inner().name;
+        self.0
+            .blocking(move |m| {
+                let v = m.specs.volume(&name).map_err(to_status)?.spec;
+                if v.no_chap {
+                    return Ok(pb::VolumeCredentials {
+                        no_chap: true,
+                        ..Default::default()
+                    });
+                }
+                let chap = m.specs.chap(&name).map_err(to_status)?.ok_or_else(|| {
+                    Status::failed_precondition(format!("volume {name} has no CHAP credentials in the store"))
+                })?;
+                Ok(pb::VolumeCredentials {
+                    chap_user: chap.user,
+                    chap_secret: chap.secret,
+                    no_chap: false,
+                })
+            })
+            .await
     }
 
     async fn list_volumes(

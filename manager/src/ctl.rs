@@ -94,11 +94,22 @@ pub enum VolumeCmd {
         /// The secret holding the key (`hornctl secret create NAME`).
         #[arg(long, requires = "encrypted")]
         key_secret: Option<String>,
+        /// Serve it over iSCSI without CHAP: any initiator that reaches the portal may
+        /// read and write it. By default initiators log in with the volume's CHAP
+        /// credentials (`hornctl volume credentials NAME`).
+        #[arg(long)]
+        no_chap: bool,
     },
     /// Every volume.
     List,
     /// One volume with its replicas' placements.
     Info {
+        /// The volume's name.
+        name: String,
+    },
+    /// The iSCSI CHAP credentials initiators log in to the volume with (its
+    /// target refuses a login without them).
+    Credentials {
         /// The volume's name.
         name: String,
     },
@@ -446,6 +457,8 @@ fn volume_json(v: &pb::Volume) -> serde_json::Value {
         "message": (!v.message.is_empty()).then_some(&v.message),
         "membership": (!v.membership.is_empty()).then_some(&v.membership),
         "key_secret": (!v.key_secret.is_empty()).then_some(&v.key_secret),
+        "chap_user": (!v.chap_user.is_empty()).then_some(&v.chap_user),
+        "no_chap": v.no_chap,
         "placements": v.placements.iter().map(|p| json!({
             "id": p.id, "node": p.node, "disk": p.disk, "state": p.state,
             "mode": (!p.mode.is_empty()).then_some(&p.mode),
@@ -505,6 +518,7 @@ pub fn run_volume(addr: ManagerAddr, cmd: VolumeCmd) -> Result<()> {
                 disk_selector,
                 encrypted: _,
                 key_secret,
+                no_chap,
             } => {
                 let v = c
                     .create_volume(pb::CreateVolumeRequest {
@@ -517,6 +531,7 @@ pub fn run_volume(addr: ManagerAddr, cmd: VolumeCmd) -> Result<()> {
                         node_selector,
                         disk_selector,
                         key_secret: key_secret.unwrap_or_default(),
+                        no_chap,
                     })
                     .await
                     .map_err(refused(&addr))?
@@ -550,6 +565,23 @@ pub fn run_volume(addr: ManagerAddr, cmd: VolumeCmd) -> Result<()> {
                 } else {
                     let rows: Vec<_> = list.volumes.iter().map(volume_row).collect();
                     print!("{}", table(&VOLUME_HEADER, &rows));
+                }
+            }
+            VolumeCmd::Credentials { name } => {
+                let cr = c
+                    .get_volume_credentials(pb::VolumeRef { name: name.clone() })
+                    .await
+                    .map_err(refused(&addr))?
+                    .into_inner();
+                if addr.json {
+                    println!(
+                        "{}",
+                        json!({"chap_user": cr.chap_user, "chap_secret": cr.chap_secret, "no_chap": cr.no_chap})
+                    );
+                } else if cr.no_chap {
+                    println!("volume {name} is served without CHAP (created with --no-chap)");
+                } else {
+                    println!("user: {}\nsecret: {}", cr.chap_user, cr.chap_secret);
                 }
             }
             VolumeCmd::Info { name } => {
@@ -759,6 +791,15 @@ fn print_volume(v: &pb::Volume) {
     }
     if !v.key_secret.is_empty() {
         println!("encrypted: AES-256-XTS, key in secret {}", v.key_secret);
+    }
+    if v.frontend == "iscsi" {
+        match v.no_chap {
+            true => println!("iSCSI: no CHAP: any initiator that reaches the portal may read and write it"),
+            false => println!(
+                "iSCSI: CHAP as {} (the secret: hornctl volume credentials {})",
+                v.chap_user, v.name
+            ),
+        }
     }
     println!();
     let dash = |s: &str| {

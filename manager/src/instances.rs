@@ -433,6 +433,19 @@ impl Instances {
                     .to_string(),
             ]);
         }
+        if w.frontend == "iscsi" {
+            match w.chap_user.as_str() {
+                "" => command.push("--no-chap".into()),
+                user => command.extend([
+                    "--chap-user".into(),
+                    user.to_string(),
+                    "--chap-secret-file".into(),
+                    self.secret_path(&format!("{}.chap", w.volume))
+                        .display()
+                        .to_string(),
+                ]),
+            }
+        }
         for r in &w.replicas {
             let local = if r.local { ",local" } else { "" };
             command.push("--replica".into());
@@ -484,6 +497,9 @@ impl Instances {
     fn ensure_engine(&mut self, name: &str, w: &pb::EngineWork) -> Result<()> {
         if !w.key.is_empty() {
             self.write_secret(&self.secret_path(&format!("{}.key", w.volume)), &w.key)?;
+        }
+        if !w.chap_user.is_empty() {
+            self.write_secret(&self.secret_path(&format!("{}.chap", w.volume)), &w.chap_secret)?;
         }
         let replicas: BTreeMap<String, (String, String)> = w
             .replicas
@@ -701,13 +717,18 @@ impl Instances {
             }
         }
         std::fs::remove_dir_all(&i.dir).with_context(|| format!("cannot remove {}", i.dir.display()))?;
-        // An encrypted volume's key goes with its engine, a wire secret with its
-        // replica.
-        let file = match i.record.kind.as_str() {
-            ENGINE => format!("{}.key", i.record.volume),
-            _ => format!("{}-{}.secret", i.record.volume, i.record.replica),
+        // An encrypted volume's key and a target's CHAP secret go with its engine, a
+        // wire secret with its replica.
+        let files = match i.record.kind.as_str() {
+            ENGINE => vec![
+                format!("{}.key", i.record.volume),
+                format!("{}.chap", i.record.volume),
+            ],
+            _ => vec![format!("{}-{}.secret", i.record.volume, i.record.replica)],
         };
-        let _ = std::fs::remove_file(self.secret_path(&file));
+        for file in files {
+            let _ = std::fs::remove_file(self.secret_path(&file));
+        }
         tracing::info!(instance = %name, "stopped and removed");
         Ok(())
     }

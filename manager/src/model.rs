@@ -76,6 +76,11 @@ pub struct VolumeSpec {
     /// Encrypted with the key in this secret (`secrets/NAME`); `None`: not encrypted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key_secret: Option<String>,
+    /// Served over iSCSI without CHAP (explicitly asked for): any initiator that
+    /// reaches the portal may read and write the volume. By default initiators must
+    /// log in with the volume's CHAP credentials ([`Specs::chap`]).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub no_chap: bool,
 }
 
 /// The most replicas a volume may ask for.
@@ -351,6 +356,33 @@ struct WireSecretSpec {
     secret: String,
 }
 
+fn chap_key(volume: &str) -> String {
+    format!("iscsi-chap/{volume}")
+}
+
+/// A volume's iSCSI CHAP credentials, made with the volume: its engine's target
+/// requires them, and `hornctl volume credentials` hands them to whoever attaches an
+/// initiator.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChapSpec {
+    /// The CHAP name: `horn-VOLUME`.
+    pub user: String,
+    /// The CHAP secret: 32 hex digits (128 random bits).
+    pub secret: String,
+}
+
+/// A volume's new CHAP credentials, as stored.
+fn new_chap(volume: &str) -> Result<Vec<u8>, SpecError> {
+    let random = horn_proto::auth::random()
+        .map_err(|e| SpecError::Invalid(format!("cannot draw a volume's CHAP secret: {e}")))?;
+    let secret: String = random[..16].iter().map(|b| format!("{b:02x}")).collect();
+    Ok(serde_json::to_vec(&ChapSpec {
+        user: format!("horn-{volume}"),
+        secret,
+    })
+    .expect("CHAP credentials serialize"))
+}
+
 /// A volume's new wire secret, as stored.
 fn new_wire_secret() -> Result<Vec<u8>, SpecError> {
     let secret = horn_proto::auth::VolumeSecret::generate()
@@ -470,7 +502,8 @@ impl<S: Store> Specs<S> {
         let txn = Txn::new()
             .check(&key, Expect::Absent)
             .put(&key, Self::json(spec))
-            .put(wire_secret_key(&spec.name), new_wire_secret()?);
+            .put(wire_secret_key(&spec.name), new_wire_secret()?)
+            .put(chap_key(&spec.name), new_chap(&spec.name)?);
         match self.store.commit(txn) {
             Err(StoreError::Conflict { .. }) => Err(SpecError::Exists {
                 kind: "volume",
@@ -532,7 +565,8 @@ impl<S: Store> Specs<S> {
         let mut txn = Txn::new()
             .check(&key, Expect::Absent)
             .put(&key, Self::json(spec))
-            .put(wire_secret_key(&spec.name), new_wire_secret()?);
+            .put(wire_secret_key(&spec.name), new_wire_secret()?)
+            .put(chap_key(&spec.name), new_chap(&spec.name)?);
         for (node, revision) in nodes {
             txn = txn.check(node_key(node), Expect::At(*revision));
         }
@@ -567,7 +601,8 @@ impl<S: Store> Specs<S> {
             .check(volume_key(name), Expect::At(v.revision))
             .delete(volume_key(name))
             .delete(membership_key(name))
-            .delete(wire_secret_key(name));
+            .delete(wire_secret_key(name))
+            .delete(chap_key(name));
         for r in self.replicas(name)? {
             txn = txn
                 .check(replica_key(name, &r.spec.id), Expect::At(r.revision))
@@ -585,6 +620,12 @@ impl<S: Store> Specs<S> {
         horn_proto::auth::VolumeSecret::from_bytes(spec.spec.secret.as_bytes())
             .map(Some)
             .map_err(|e| SpecError::Invalid(format!("volume {volume}'s wire secret in the store: {e}")))
+    }
+
+    /// Volume `volume`'s iSCSI CHAP credentials (`None`: it has none, as a volume made
+    /// before they were).
+    pub fn chap(&self, volume: &str) -> Result<Option<ChapSpec>, SpecError> {
+        Ok(self.read::<ChapSpec>(&chap_key(volume))?.map(|v| v.spec))
     }
 
     /// Volume `volume`'s membership as the manager holds it (`None`: no engine has
@@ -965,6 +1006,7 @@ mod tests {
             maintenance: false,
             volume_id: None,
             key_secret: None,
+            no_chap: false,
         }
     }
 

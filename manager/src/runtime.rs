@@ -167,8 +167,11 @@ pub fn node_work(
                 .filter(|r| !ready.contains(&r.node))
                 .map(|r| r.id.clone())
                 .collect(),
-            // An encrypted volume's key is added by the caller, from its secret.
+            // An encrypted volume's key and a target's CHAP credentials are added by
+            // the caller, from the store.
             key: Vec::new(),
+            chap_user: String::new(),
+            chap_secret: Vec::new(),
         });
     }
     work.revision = digest(&work);
@@ -378,6 +381,7 @@ mod tests {
             maintenance: false,
             volume_id: None,
             key_secret: None,
+            no_chap: false,
         }
     }
 

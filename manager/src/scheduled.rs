@@ -239,6 +239,7 @@ mod tests {
                         maintenance: false,
                         volume_id: None,
                         key_secret: None,
+                        no_chap: false,
                     };
                     let replicas: Vec<ReplicaSpec> = (1..=count)
                         .map(|i| ReplicaSpec {

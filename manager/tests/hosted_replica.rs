@@ -202,7 +202,14 @@ fn hornd_engine_serves_a_hosted_replica_over_iscsi_and_closes_it_cleanly() {
     let dir = tmp.path().join("r");
     let iqn = "iqn.2026-11.io.horn:hosted";
     let mut child = Command::new(env!("CARGO_BIN_EXE_hornd"))
-        .args(["engine", "--control", "127.0.0.1:0", "--frontend", "iscsi"])
+        .args([
+            "engine",
+            "--control",
+            "127.0.0.1:0",
+            "--frontend",
+            "iscsi",
+            "--no-chap",
+        ])
         .args(["--listen", "127.0.0.1:0", "--iqn", iqn, "--host-replica"])
         .arg(&dir)
         .args([

@@ -29,7 +29,8 @@ impl Drop for Target {
     }
 }
 
-/// Starts `hornd engine --frontend iscsi` on `replicas`, its stderr in `log`.
+/// Starts `hornd engine --frontend iscsi` on `replicas`, its stderr in `log`;
+/// without CHAP (`--no-chap`) unless `extra` asks for it.
 fn start_target_logged(
     replicas: &[&Daemon],
     extra: &[&str],
@@ -47,6 +48,9 @@ fn start_target_logged(
     ])
     .args(["--name", "itest"])
     .args(extra);
+    if !extra.contains(&"--chap-user") {
+        cmd.arg("--no-chap");
+    }
     for r in replicas {
         cmd.arg("--replica")
             .arg(format!("{},{}", r.addr, r.control.trim_start_matches("http://")));
@@ -241,6 +245,29 @@ fn chap_one_way_and_mutual() {
         Some((2, 1)),
         "the target asks for mutual CHAP"
     );
+
+    // CHAP is required: a target given neither credentials nor --no-chap does not
+    // start, saying so.
+    let out = Command::new(env!("CARGO_BIN_EXE_hornd"))
+        .args([
+            "engine",
+            "--control",
+            "127.0.0.1:0",
+            "--frontend",
+            "iscsi",
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .arg("--replica")
+        .arg(format!(
+            "{},{}",
+            r[0].addr,
+            r[0].control.trim_start_matches("http://")
+        ))
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && e.contains("requires CHAP"), "{e}");
 
     // A secret too short is refused before anything is served.
     std::fs::write(&secret, "short").unwrap();

@@ -103,6 +103,22 @@ fn pid_alive(pid: u64) -> bool {
 }
 
 /// (portal, iqn) of an `iscsi://PORTAL/IQN` endpoint.
+/// Logs in to the volume whose target is `iqn` at portal `p`, with the volume's CHAP
+/// credentials from the manager (its target requires them).
+fn login(data: &Path, a: &str, p: &str, iqn: &str) -> Result<Initiator, (u8, u8)> {
+    let volume = iqn.rsplit(':').next().unwrap();
+    let cr = json(hornctl(data, a, &["volume", "credentials", volume, "--json"]));
+    if cr["no_chap"] == true {
+        return Initiator::login(p, iqn, None);
+    }
+    let chap = common::iscsi::Chap {
+        user: cr["chap_user"].as_str().unwrap(),
+        secret: cr["chap_secret"].as_str().unwrap(),
+        mutual: None,
+    };
+    Initiator::login(p, iqn, Some(chap))
+}
+
 fn portal(endpoint: &str) -> (String, String) {
     let rest = endpoint.strip_prefix("iscsi://").expect("an iSCSI endpoint");
     let (p, iqn) = rest.split_once('/').unwrap();
@@ -214,7 +230,22 @@ fn agents_serve_a_volume_through_attach_detach_reattach_and_an_agent_restart() {
     assert!(e.contains("detach it first"), "{e}");
 
     let first = block(1, 64 * 1024);
-    let mut s = Initiator::login(&p1, &iqn, None).expect("login to the attached volume");
+    // The target requires the volume's CHAP credentials: none, or a wrong secret,
+    // fail authentication (2/1).
+    assert_eq!(
+        Initiator::login(&p1, &iqn, None).err(),
+        Some((2, 1)),
+        "a login without CHAP"
+    );
+    let wrong = common::iscsi::Chap {
+        user: "horn-v1",
+        secret: "not-the-secret-0000",
+        mutual: None,
+    };
+    assert_eq!(Initiator::login(&p1, &iqn, Some(wrong)).err(), Some((2, 1)));
+    let shown = ok(hornctl(data, a, &["volume", "info", "v1"]));
+    assert!(shown.contains("iSCSI: CHAP as horn-v1"), "{shown}");
+    let mut s = login(data, a, &p1, &iqn).expect("login to the attached volume");
     assert_eq!(s.write10(0, &first).status, 0);
     assert_eq!(s.write10(100_000, &first[..4096]).status, 0);
 
@@ -318,7 +349,7 @@ fn agents_serve_a_volume_through_attach_detach_reattach_and_an_agent_restart() {
     let v = json(hornctl(data, a, &["volume", "info", "v1", "--json"]));
     let (p2, iqn2) = portal(v["endpoint"].as_str().unwrap());
     assert!(p2.starts_with("127.0.0.12:"), "{v}");
-    let mut s = Initiator::login(&p2, &iqn2, None).expect("login on n2");
+    let mut s = login(data, a, &p2, &iqn2).expect("login on n2");
     assert_eq!(s.read10(0, 128).data, first);
     assert_eq!(s.read10(100_000, 8).data, first[..4096]);
     assert_eq!(s.read10(200, 16).data, second);
@@ -392,7 +423,7 @@ fn agents_serve_a_volume_through_attach_detach_reattach_and_an_agent_restart() {
     ok(hornctl(data, a, &["volume", "attach", "v1", "n2"]));
     let v = json(hornctl(data, a, &["volume", "info", "v1", "--json"]));
     let (p2, iqn2) = portal(v["endpoint"].as_str().unwrap());
-    let mut s = Initiator::login(&p2, &iqn2, None).expect("login after the revert");
+    let mut s = login(data, a, &p2, &iqn2).expect("login after the revert");
     assert_eq!(
         s.read10(0, 128).data,
         first,
@@ -576,7 +607,7 @@ fn a_failed_replica_back_within_the_wait_is_reused_and_a_lost_nodes_is_replaced_
     ok(hornctl(data, a, &["volume", "attach", "v2", &format!("n{home}")]));
     let v = volume(data, a);
     let (p, iqn) = portal(v["endpoint"].as_str().unwrap());
-    let mut s = Initiator::login(&p, &iqn, None).expect("login");
+    let mut s = login(data, a, &p, &iqn).expect("login");
     let first = block(7, 32 * 1024);
     assert_eq!(s.write10(0, &first).status, 0);
     common::eventually(Duration::from_secs(10), "a healthy volume", || {
@@ -868,7 +899,7 @@ fn the_manager_salvages_a_volume_only_from_current_replicas_and_keeps_it_going_o
         "the manager holds the engine's record with three RW members: {membership}"
     );
     let (p, iqn) = portal(v["endpoint"].as_str().unwrap());
-    let mut s = Initiator::login(&p, &iqn, None).expect("login");
+    let mut s = login(data, a, &p, &iqn).expect("login");
     let first = block(11, 32 * 1024);
     assert_eq!(s.write10(0, &first).status, 0);
     drop(s);
@@ -905,7 +936,7 @@ fn the_manager_salvages_a_volume_only_from_current_replicas_and_keeps_it_going_o
         "salvaged from r1 alone: {membership}"
     );
     let (p, iqn) = portal(v["endpoint"].as_str().unwrap());
-    let mut s = Initiator::login(&p, &iqn, None).expect("login after the salvage");
+    let mut s = login(data, a, &p, &iqn).expect("login after the salvage");
     assert_eq!(
         s.read10(0, 64).data,
         first,
@@ -952,7 +983,7 @@ fn the_manager_salvages_a_volume_only_from_current_replicas_and_keeps_it_going_o
     let v = info();
     let (p, iqn) = portal(v["endpoint"].as_str().unwrap());
     assert!(p.starts_with(&format!("127.0.0.{}:", 10 + there)), "{v}");
-    let mut s = Initiator::login(&p, &iqn, None).expect("login on the other node");
+    let mut s = login(data, a, &p, &iqn).expect("login on the other node");
     assert_eq!(s.read10(0, 64).data, first);
     assert_eq!(s.read10(64, 32).data, second, "the write only r1 held");
     common::eventually(Duration::from_secs(60), "the stale replicas rebuilt", || {
@@ -1051,7 +1082,7 @@ fn data_locality_moves_a_replica_to_the_attached_node_and_keeps_a_strict_local_o
     ));
     let v = info("near");
     let (p, iqn) = portal(v["endpoint"].as_str().unwrap());
-    let mut s = Initiator::login(&p, &iqn, None).expect("login");
+    let mut s = login(data, a, &p, &iqn).expect("login");
     let before = block(21, 64 * 1024);
     assert_eq!(s.write10(0, &before).status, 0);
     common::eventually(
@@ -1112,14 +1143,17 @@ fn data_locality_moves_a_replica_to_the_attached_node_and_keeps_a_strict_local_o
             "iscsi",
             "--data-locality",
             "strict-local",
+            // Served without CHAP, as asked explicitly: any initiator logs in.
+            "--no-chap",
         ],
     ));
     assert!(info("here")["placements"].as_array().unwrap().is_empty());
+    assert_eq!(info("here")["no_chap"], true);
     ok(hornctl(data, a, &["volume", "attach", "here", "n2"]));
     let v = info("here");
     assert_eq!(nodes_of(&v), [2]);
     let (p, iqn) = portal(v["endpoint"].as_str().unwrap());
-    let mut s = Initiator::login(&p, &iqn, None).expect("login to the strict-local volume");
+    let mut s = Initiator::login(&p, &iqn, None).expect("login to the strict-local volume, without CHAP");
     let local = block(23, 8192);
     assert_eq!(s.write10(0, &local).status, 0);
     drop(s);
@@ -1129,7 +1163,7 @@ fn data_locality_moves_a_replica_to_the_attached_node_and_keeps_a_strict_local_o
     ok(hornctl(data, a, &["volume", "attach", "here", "n2"]));
     let v = info("here");
     let (p, iqn) = portal(v["endpoint"].as_str().unwrap());
-    let mut s = Initiator::login(&p, &iqn, None).expect("login again");
+    let mut s = login(data, a, &p, &iqn).expect("login again");
     assert_eq!(s.read10(0, 16).data, local);
     drop(s);
     for name in ["near", "here"] {
@@ -1264,7 +1298,7 @@ fn an_encrypted_volume_keeps_its_key_in_a_secret_and_only_ciphertext_on_the_node
     ok(hornctl(data, a, &["volume", "attach", &vol, "n1"]));
     let v = info();
     let (p, iqn) = portal(v["endpoint"].as_str().unwrap());
-    let mut s = Initiator::login(&p, &iqn, None).expect("login");
+    let mut s = login(data, a, &p, &iqn).expect("login");
     for i in 0..32 {
         assert_eq!(s.write10(i * 16, &secret(i)).status, 0);
     }
@@ -1294,7 +1328,7 @@ fn an_encrypted_volume_keeps_its_key_in_a_secret_and_only_ciphertext_on_the_node
     ok(hornctl(data, a, &["volume", "attach", &vol, "n2"]));
     let v = info();
     let (p, iqn) = portal(v["endpoint"].as_str().unwrap());
-    let mut s = Initiator::login(&p, &iqn, None).expect("login on n2");
+    let mut s = login(data, a, &p, &iqn).expect("login on n2");
     for i in [0, 17, 31] {
         assert_eq!(s.read10(i * 16, 8).data, secret(i), "block {i} on n2");
     }

@@ -267,8 +267,9 @@ enum Command {
         #[arg(long, default_value_t = horn_iscsi::target::DEFAULT_MAX_CONNECTIONS as u32,
               value_parser = clap::value_parser!(u32).range(1..=4096))]
         max_connections: u32,
-        /// iscsi: initiators must log in with CHAP as this user...
-        #[arg(long, requires = "chap_secret_file")]
+        /// iscsi: initiators must log in with CHAP as this user (CHAP is required:
+        /// give this, or `--no-chap`)...
+        #[arg(long, requires = "chap_secret_file", conflicts_with = "no_chap")]
         chap_user: Option<String>,
         /// ...proving the secret in this file (12 to 255 bytes; a final newline is dropped).
         #[arg(long, requires = "chap_user")]
@@ -283,6 +284,11 @@ enum Command {
         /// may list the target).
         #[arg(long, requires = "chap_user")]
         discovery_auth: bool,
+        /// iscsi: serve without CHAP: any initiator that reaches the portal may read
+        /// and write the volume. Only for a portal on loopback or a network nobody
+        /// else reaches.
+        #[arg(long)]
+        no_chap: bool,
     },
 }
 
@@ -498,12 +504,19 @@ fn main() -> ExitCode {
             chap_user,
             chap_secret_file,
             discovery_auth,
+            no_chap,
             mutual_user,
             mutual_secret_file,
         } => {
             let frontend = frontend.or(recover.map(|_| Frontend::Ublk));
             let iscsi = match frontend {
                 Some(Frontend::Iscsi) => (|| -> anyhow::Result<_> {
+                    if chap_user.is_none() && !no_chap {
+                        anyhow::bail!(
+                            "the iSCSI target requires CHAP: give --chap-user and --chap-secret-file, or --no-chap \
+                             to let any initiator that reaches {listen} read and write the volume"
+                        );
+                    }
                     let secret = |user: Option<String>, file: Option<PathBuf>| -> anyhow::Result<_> {
                         Ok(match (user, file) {
                             (Some(user), Some(file)) => Some(horn_iscsi::login::ChapSecret {

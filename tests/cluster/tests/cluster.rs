@@ -111,7 +111,19 @@ fn login_on(c: &Cluster, node: usize) -> Initiator {
         .to_string();
     let (portal, iqn) = endpoint.split_once('/').unwrap();
     assert!(portal.starts_with(&c.net.node_ip(node)), "{endpoint}");
-    Initiator::login(portal, iqn, None).expect("login")
+    // The target requires the volume's CHAP credentials.
+    assert_eq!(
+        Initiator::login(portal, iqn, None).err(),
+        Some((2, 1)),
+        "a login without CHAP"
+    );
+    let cr = c.json(&["volume", "credentials", "v"]).unwrap();
+    let chap = iscsi::Chap {
+        user: cr["chap_user"].as_str().unwrap(),
+        secret: cr["chap_secret"].as_str().unwrap(),
+        mutual: None,
+    };
+    Initiator::login(portal, iqn, Some(chap)).expect("login")
 }
 
 /// Writes `count` blocks of 4 KiB at `lba` (in 512-byte sectors, 8 a block) with
