@@ -336,7 +336,8 @@ fn node_death(c: &mut horn_cluster::Cluster) -> Result<(f64, f64)> {
 fn scale(creates: usize) -> Result<(f64, f64)> {
     use horn_proto::manager_api as pb;
     let dir = tempfile::tempdir()?;
-    let identity = horn_manager::api::ClusterIdentity::init(dir.path())?;
+    horn_manager::api::ClusterIdentity::init(dir.path())?;
+    let admin = horn_pki::Credentials::load(dir.path(), horn_manager::api::ADMIN_CREDENTIALS)?;
     let hornd = horn_cluster::binaries()
         .map_err(anyhow::Error::msg)?
         .join("hornd");
@@ -359,7 +360,7 @@ fn scale(creates: usize) -> Result<(f64, f64)> {
         .enable_all()
         .build()?;
     let result = rt.block_on(async {
-        let client = horn_manager::ctl::connect_with(&addr, &identity.token).await?;
+        let client = horn_manager::ctl::connect_with(&addr, &admin).await?;
         for n in 1..=3 {
             client
                 .clone()

@@ -59,13 +59,51 @@ impl std::str::FromStr for AgentDisk {
     }
 }
 
+/// The name of a node's credentials in its agent's `STATE/tls`.
+pub const NODE_CREDENTIALS: &str = "node";
+
+/// The node's credentials: those in `state/tls` if they are this node's, or else
+/// new ones, got by joining the cluster at `manager` with `token` (checking the
+/// manager against the CA in `ca_pem`), and kept there.
+pub fn node_credentials(
+    manager: &str,
+    ca_pem: &str,
+    token: &str,
+    node: &str,
+    address: &str,
+    state: &Path,
+) -> Result<horn_pki::Credentials> {
+    let dir = state.join("tls");
+    if let Ok(c) = horn_pki::Credentials::load(&dir, NODE_CREDENTIALS) {
+        if c.role().ok() == Some(horn_pki::Role::Node(node.to_string())) {
+            return Ok(c);
+        }
+        tracing::warn!(dir = %dir.display(), "the credentials kept are not this node's; joining again");
+    }
+    let ips = address
+        .parse::<std::net::SocketAddr>()
+        .map(|a| vec![a.ip().to_string()])
+        .unwrap_or_default();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let c = rt.block_on(crate::ctl::join(manager, ca_pem, token, node, ips))?;
+    c.save(&dir, NODE_CREDENTIALS)?;
+    tracing::info!(
+        node,
+        "joined the cluster: the node's certificate is kept in {}",
+        dir.display()
+    );
+    Ok(c)
+}
+
 /// What the agent says of its node.
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
     /// The manager's address.
     pub manager: String,
-    /// The cluster token.
-    pub token: String,
+    /// The node's credentials (its certificate says `horn:node:NAME`).
+    pub credentials: horn_pki::Credentials,
     /// The node's name.
     pub name: String,
     /// The address the node's agent serves at (reported to the manager).
@@ -178,7 +216,7 @@ pub fn run(cfg: AgentConfig, stop: Receiver<()>) -> Result<()> {
         cfg.hornd.clone(),
         cfg.disks.iter().map(|d| d.path.clone()).collect(),
     )?;
-    instances.under_manager(&cfg.manager, &cfg.name, &cfg.token)?;
+    instances.under_manager(&cfg.manager, &cfg.name, &cfg.credentials)?;
     let mut disks: Vec<PathBuf> = cfg.disks.iter().map(|d| d.path.clone()).collect();
     let mut client: Option<Client> = None;
     let mut registered = false;
@@ -193,7 +231,7 @@ pub fn run(cfg: AgentConfig, stop: Receiver<()>) -> Result<()> {
         wait = Duration::from_secs(1);
         let c = match client.as_mut() {
             Some(c) => c,
-            None => match rt.block_on(connect_with(&cfg.manager, &cfg.token)) {
+            None => match rt.block_on(connect_with(&cfg.manager, &cfg.credentials)) {
                 Ok(c) => client.insert(c),
                 Err(e) => {
                     tracing::warn!(error = %format!("{e:#}"), "the manager is unreachable; retrying");

@@ -25,14 +25,21 @@ use crate::scheduled::ScheduledIndex;
 use crate::scheduler::{self, DiskView, Locality, NodeView};
 use crate::store::{LeaseId, Store, StoreError, Txn};
 
-/// The cluster's id and token, in files of the manager's data directory.
+/// The cluster's id and token, in files of the manager's data directory, beside its
+/// CA (`ca.pem`, `ca.key`) and the credentials it issued at init: the manager's
+/// (`manager.pem`) and the first admin's (`admin.pem`, for `hornctl`).
 #[derive(Debug, Clone)]
 pub struct ClusterIdentity {
     /// A random id naming the cluster.
     pub id: String,
-    /// The token every call must carry.
+    /// The token a node joins with.
     pub token: String,
 }
+
+/// The name of the manager's own credentials in its directory.
+pub const MANAGER_CREDENTIALS: &str = "manager";
+/// The name of the admin credentials `hornctl cluster init` writes.
+pub const ADMIN_CREDENTIALS: &str = "admin";
 
 const ID_FILE: &str = "cluster-id";
 
@@ -74,7 +81,29 @@ impl ClusterIdentity {
             .with_context(|| format!("cannot create {}", token_path.display()))?;
         writeln!(f, "{}", identity.token)?;
         f.sync_all()?;
+        identity.ensure_pki(dir)?;
         Ok(identity)
+    }
+
+    /// Makes the cluster's CA, and the manager's and the first admin's credentials,
+    /// in `dir` where they are missing (a directory made before them gets them at its
+    /// next start).
+    pub fn ensure_pki(&self, dir: &Path) -> anyhow::Result<()> {
+        if !dir.join(horn_pki::CA_CERT).exists() {
+            horn_pki::Ca::generate(&self.id)?.save(dir)?;
+            tracing::info!(dir = %dir.display(), "made the cluster's CA");
+        }
+        let ca = horn_pki::Ca::load(dir)?;
+        for (name, role) in [
+            (MANAGER_CREDENTIALS, horn_pki::Role::Manager),
+            (ADMIN_CREDENTIALS, horn_pki::Role::Admin),
+        ] {
+            if !dir.join(format!("{name}.pem")).exists() {
+                ca.issue(&role, &[], horn_pki::Validity::Days(horn_pki::LEAF_DAYS))?
+                    .save(dir, name)?;
+            }
+        }
+        Ok(())
     }
 
     /// The identity `hornctl cluster init` wrote in `dir`.
@@ -101,24 +130,63 @@ impl ClusterIdentity {
     }
 }
 
-/// Refuses a call that does not carry `token` as `authorization: Bearer TOKEN`.
-pub fn authenticate(token: String) -> impl Fn(Request<()>) -> Result<Request<()>, Status> + Clone {
-    let want = format!("Bearer {token}");
-    move |req: Request<()>| {
-        let given = req
-            .metadata()
-            .get(pb::AUTHORIZATION)
-            .map(|v| v.as_bytes().to_vec())
-            .unwrap_or_default();
-        if given.is_empty() {
-            return Err(Status::unauthenticated(
-                "the call carries no cluster token (hornctl reads it from --token-file or HORN_TOKEN)",
-            ));
+/// Calls a read-only certificate may make: they list and read, and reveal no secret.
+const READ_CALLS: &[&str] = &[
+    "ClusterInfo",
+    "GetVolume",
+    "ListVolumes",
+    "GetNode",
+    "ListNodes",
+    "ListSnapshots",
+    "GetSettings",
+    "ListSecrets",
+];
+
+/// Calls a node's certificate may make, each for its own node only
+/// ([`acting_for`]): its agent's and its engines' calls.
+const NODE_CALLS: &[&str] = &[
+    "ClusterInfo",
+    "RegisterNode",
+    "NodeHeartbeat",
+    "SyncNode",
+    "BeginGeneration",
+    "RecordMembership",
+];
+
+/// Who may call what on the manager: a node joins without a certificate (it proves
+/// the cluster token instead); the admin makes every call; a read-only certificate
+/// the calls of [`READ_CALLS`]; a node's the calls of [`NODE_CALLS`]; nothing else
+/// is taken.
+pub fn policy() -> horn_pki::Policy {
+    std::sync::Arc::new(|path: &str, role: Option<&horn_pki::Role>| {
+        use horn_pki::Role;
+        let method = path.rsplit('/').next().unwrap_or_default();
+        match role {
+            _ if method == "JoinNode" => Ok(()),
+            Some(Role::Admin) => Ok(()),
+            Some(Role::ReadOnly) if READ_CALLS.contains(&method) => Ok(()),
+            Some(Role::Node(_)) if NODE_CALLS.contains(&method) => Ok(()),
+            _ => {
+                let needs = if READ_CALLS.contains(&method) {
+                    "the admin, read-only or node role"
+                } else if NODE_CALLS.contains(&method) {
+                    "the admin or a node role"
+                } else {
+                    "the admin role"
+                };
+                Err(horn_pki::refuse(path, role, needs))
+            }
         }
-        if !horn_iscsi::login::equal_in_constant_time(&given, want.as_bytes()) {
-            return Err(Status::unauthenticated("the cluster token is wrong"));
-        }
-        Ok(req)
+    })
+}
+
+/// Refuses a call a node's certificate makes for another node.
+fn acting_for<T>(req: &Request<T>, node: &str) -> Result<(), Status> {
+    match horn_pki::caller_role(req) {
+        Some(horn_pki::Role::Node(mine)) if mine != node => Err(Status::permission_denied(format!(
+            "the caller's certificate is for node {mine}, and the call acts for node {node}"
+        ))),
+        _ => Ok(()),
     }
 }
 
@@ -133,6 +201,11 @@ struct Measured {
 pub struct ManagerService<S: Store + 'static> {
     specs: Arc<Specs<S>>,
     cluster_id: String,
+    /// The token a node joins with.
+    token: String,
+    /// The cluster's CA, which signs a joining node's certificate and issued
+    /// credentials (`None`: this manager issues none).
+    ca: Option<Arc<horn_pki::Ca>>,
     store_path: String,
     /// Disk measurements by (node, path), as last reported.
     measured: Mutex<BTreeMap<(String, String), Measured>>,
@@ -204,9 +277,16 @@ fn locality_name(l: DataLocality) -> &'static str {
 impl<S: Store + 'static> ManagerService<S> {
     /// A service over `store` (kept at `store_path`, for `ClusterInfo`).
     pub fn new(store: S, identity: &ClusterIdentity, store_path: &Path) -> ManagerService<S> {
+        // The CA lives beside the store, in the manager's directory.
+        let ca = store_path
+            .parent()
+            .and_then(|dir| horn_pki::Ca::load(dir).ok())
+            .map(Arc::new);
         ManagerService {
             specs: Arc::new(Specs::new(store)),
             cluster_id: identity.id.clone(),
+            token: identity.token.clone(),
+            ca,
             store_path: store_path.display().to_string(),
             measured: Mutex::new(BTreeMap::new()),
             leases: Mutex::new(BTreeMap::new()),
@@ -1018,6 +1098,80 @@ impl<S: Store + 'static> Manager for Service<S> {
         self.0.blocking(move |m| m.volume_reply(&name)).await
     }
 
+    async fn join_node(&self, req: Request<pb::JoinRequest>) -> Result<Response<pb::JoinReply>, Status> {
+        let r = req.into_inner();
+        if !horn_iscsi::login::equal_in_constant_time(r.token.trim().as_bytes(), self.0.token.as_bytes()) {
+            return Err(Status::unauthenticated(
+                "the cluster token is wrong: the node cannot join",
+            ));
+        }
+        crate::model::check_name("node", &r.node).map_err(Status::invalid_argument)?;
+        let ca = self
+            .0
+            .ca
+            .as_ref()
+            .ok_or_else(|| Status::failed_precondition("this manager has no CA"))?;
+        let ips = r
+            .ips
+            .iter()
+            .map(|ip| {
+                ip.parse()
+                    .map_err(|_| Status::invalid_argument(format!("{ip} is not an IP address")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let cert = ca
+            .sign_request(
+                &r.csr,
+                &horn_pki::Role::Node(r.node.clone()),
+                &ips,
+                horn_pki::Validity::Days(horn_pki::LEAF_DAYS),
+            )
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        tracing::info!(node = %r.node, "a node joined: its certificate is signed");
+        Ok(Response::new(pb::JoinReply {
+            cert,
+            ca: ca.cert_pem().to_string(),
+        }))
+    }
+
+    async fn issue_credentials(
+        &self,
+        req: Request<pb::IssueRequest>,
+    ) -> Result<Response<pb::IssuedCredentials>, Status> {
+        let r = req.into_inner();
+        let role = match r.role.as_str() {
+            "admin" => horn_pki::Role::Admin,
+            "read-only" => horn_pki::Role::ReadOnly,
+            other => match other.strip_prefix("node:") {
+                Some(n) if crate::model::check_name("node", n).is_ok() => horn_pki::Role::Node(n.to_string()),
+                _ => {
+                    return Err(Status::invalid_argument(format!(
+                        "role {other:?} is not admin, read-only or node:NAME"
+                    )))
+                }
+            },
+        };
+        let ca = self
+            .0
+            .ca
+            .as_ref()
+            .ok_or_else(|| Status::failed_precondition("this manager has no CA"))?;
+        let days = if r.days == 0 {
+            horn_pki::LEAF_DAYS
+        } else {
+            r.days as i64
+        };
+        let c = ca
+            .issue(&role, &[], horn_pki::Validity::Days(days))
+            .map_err(|e| Status::internal(e.to_string()))?;
+        tracing::info!(role = %role, days, "issued credentials");
+        Ok(Response::new(pb::IssuedCredentials {
+            cert: c.cert_pem,
+            key: c.key_pem,
+            ca: c.ca_pem,
+        }))
+    }
+
     async fn get_volume_credentials(
         &self,
         req: Request<pb::VolumeRef>,
@@ -1087,6 +1241,7 @@ impl<S: Store + 'static> Manager for Service<S> {
     }
 
     async fn register_node(&self, req: Request<pb::Node>) -> Result<Response<pb::Node>, Status> {
+        acting_for(&req, &req.get_ref().name)?;
         let n = req.into_inner();
         self.0
             .blocking(move |m| {
@@ -1165,6 +1320,7 @@ impl<S: Store + 'static> Manager for Service<S> {
     }
 
     async fn node_heartbeat(&self, req: Request<pb::NodeRef>) -> Result<Response<pb::Node>, Status> {
+        acting_for(&req, &req.get_ref().name)?;
         let name = req.into_inner().name;
         self.0
             .blocking(move |m| {
@@ -1655,6 +1811,7 @@ impl<S: Store + 'static> Manager for Service<S> {
         &self,
         req: Request<pb::BeginGenerationRequest>,
     ) -> Result<Response<pb::BeginGenerationReply>, Status> {
+        acting_for(&req, &req.get_ref().node)?;
         let r = req.into_inner();
         self.0
             .blocking(move |m| {
@@ -1685,6 +1842,7 @@ impl<S: Store + 'static> Manager for Service<S> {
         &self,
         req: Request<pb::RecordMembershipRequest>,
     ) -> Result<Response<pb::RecordMembershipReply>, Status> {
+        acting_for(&req, &req.get_ref().node)?;
         let r = req.into_inner();
         let record = r
             .record
@@ -1702,6 +1860,7 @@ impl<S: Store + 'static> Manager for Service<S> {
     }
 
     async fn sync_node(&self, req: Request<pb::NodeStatus>) -> Result<Response<pb::NodeWork>, Status> {
+        acting_for(&req, &req.get_ref().node)?;
         let status = req.into_inner();
         let node = status.node.clone();
         let mut changes = self.0.changes.subscribe();

@@ -25,7 +25,7 @@ const CALL: Duration = Duration::from_secs(5);
 /// node `node`.
 pub struct ManagerAuthority {
     manager: String,
-    token: String,
+    credentials: horn_pki::Credentials,
     volume: String,
     node: String,
     runtime: tokio::runtime::Runtime,
@@ -43,18 +43,19 @@ impl std::fmt::Debug for ManagerAuthority {
 }
 
 impl ManagerAuthority {
-    /// The authority for `volume` at `manager`, with the cluster token in `token_file`.
+    /// The authority for `volume` at `manager`, called with the node's credentials in
+    /// `credentials` (a directory: `node.pem`, `node.key`, `ca.pem`).
     pub fn new(
         manager: &str,
-        token_file: &std::path::Path,
+        credentials: &std::path::Path,
         volume: &str,
         node: &str,
     ) -> Result<ManagerAuthority> {
-        let token = std::fs::read_to_string(token_file)
-            .with_context(|| format!("cannot read the cluster token from {}", token_file.display()))?;
+        let credentials = horn_pki::Credentials::load(credentials, crate::agent::NODE_CREDENTIALS)
+            .with_context(|| format!("cannot read the node's credentials in {}", credentials.display()))?;
         Ok(ManagerAuthority {
             manager: manager.to_string(),
-            token: token.trim().to_string(),
+            credentials,
             volume: volume.to_string(),
             node: node.to_string(),
             runtime: tokio::runtime::Builder::new_current_thread()
@@ -75,7 +76,7 @@ impl ManagerAuthority {
             let client = match held.clone() {
                 Some(c) => c,
                 None => {
-                    let c = tokio::time::timeout(CALL, connect_with(&self.manager, &self.token))
+                    let c = tokio::time::timeout(CALL, connect_with(&self.manager, &self.credentials))
                         .await
                         .map_err(|_| {
                             Refusal::Unavailable(format!("the manager at {} did not answer", self.manager))

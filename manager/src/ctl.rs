@@ -1,5 +1,6 @@
 //! `hornctl cluster|volume|node`: the manager's commands, as `hornctl` parses and runs
-//! them. Tables for people, `--json` for scripts; every call carries the cluster token.
+//! them. Tables for people, `--json` for scripts; every call goes over mutual TLS with
+//! the caller's certificate from the cluster's CA (the admin's, by default).
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -9,7 +10,6 @@ use clap::{Args, Subcommand};
 use horn_proto::manager_api as pb;
 use horn_proto::manager_api::manager_client::ManagerClient;
 use serde_json::json;
-use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
 use crate::api::rewire;
@@ -23,14 +23,15 @@ pub fn parse_label(s: &str) -> Result<(String, String), String> {
         .ok_or_else(|| format!("label {s:?} is not KEY=VALUE"))
 }
 
-/// Where the manager is and how to prove the cluster's token.
+/// Where the manager is, and the credentials to call it with.
 #[derive(Args, Debug, Clone)]
 pub struct ManagerAddr {
     /// The manager's address (`hornd manager --listen`).
     #[arg(long, global = true, env = "HORN_MANAGER", default_value = DEFAULT_MANAGER)]
     pub manager: String,
-    /// The file holding the cluster token (`hornctl cluster init` writes it). The
-    /// `HORN_TOKEN` variable, if set, is used instead.
+    /// The file holding the cluster token (`hornctl cluster init` writes it). Only a
+    /// joining node uses the token; `hornctl` finds its credentials beside it unless
+    /// `--credentials` says where.
     #[arg(
         long,
         global = true,
@@ -38,6 +39,14 @@ pub struct ManagerAddr {
         default_value = "/var/lib/horn/cluster-token"
     )]
     pub token_file: PathBuf,
+    /// The directory of the credentials to call with: `NAME.pem`, `NAME.key` and the
+    /// cluster CA's `ca.pem` (default: the token file's directory, where `hornctl
+    /// cluster init` wrote the admin's).
+    #[arg(long, global = true, env = "HORN_CREDENTIALS")]
+    pub credentials: Option<PathBuf>,
+    /// The credentials' NAME in that directory.
+    #[arg(long = "as", global = true, env = "HORN_IDENTITY", default_value = "admin")]
+    pub identity: String,
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
     pub json: bool,
@@ -55,6 +64,22 @@ pub enum ClusterCmd {
     },
     /// The cluster's id, store and object counts.
     Info,
+    /// Issue credentials for a role (admin only) and write them to DIR as
+    /// NAME.pem, NAME.key (0600) and ca.pem, for `hornctl --credentials DIR --as NAME`.
+    Credentials {
+        /// admin, read-only, or node:NAME.
+        #[arg(long)]
+        role: String,
+        /// The directory to write them to.
+        #[arg(long)]
+        out: PathBuf,
+        /// The files' NAME.
+        #[arg(long)]
+        name: String,
+        /// Days the certificate is valid.
+        #[arg(long, default_value_t = 365)]
+        days: u32,
+    },
 }
 
 /// `hornctl volume ...`
@@ -342,52 +367,106 @@ pub enum DiskCmd {
     },
 }
 
-/// An authenticated client of the manager.
-pub type Client = ManagerClient<InterceptedService<Channel, TokenInterceptor>>;
+/// A client of the manager, over mutual TLS.
+pub type Client = ManagerClient<Channel>;
 
-/// Adds the cluster token to every call.
-#[derive(Clone)]
-pub struct TokenInterceptor(tonic::metadata::MetadataValue<tonic::metadata::Ascii>);
-
-impl tonic::service::Interceptor for TokenInterceptor {
-    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        req.metadata_mut().insert(pb::AUTHORIZATION, self.0.clone());
-        Ok(req)
-    }
-}
-
-/// The cluster token: `HORN_TOKEN`, or the contents of `addr.token_file`.
-pub fn token(addr: &ManagerAddr) -> Result<String> {
-    if let Ok(t) = std::env::var("HORN_TOKEN") {
-        return Ok(t.trim().to_string());
-    }
-    let text = std::fs::read_to_string(&addr.token_file).with_context(|| {
+/// The credentials `addr` names: `--credentials` (or the token file's directory),
+/// `--as`.
+pub fn credentials(addr: &ManagerAddr) -> Result<horn_pki::Credentials> {
+    let dir = match &addr.credentials {
+        Some(d) => d.clone(),
+        None => addr
+            .token_file
+            .parent()
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(".")),
+    };
+    horn_pki::Credentials::load(&dir, &addr.identity).with_context(|| {
         format!(
-            "cannot read the cluster token from {} (--token-file, HORN_TOKEN_FILE or HORN_TOKEN)",
-            addr.token_file.display()
+            "cannot read the credentials {} in {} (--credentials DIR, --as NAME; hornctl cluster init writes the admin's)",
+            addr.identity,
+            dir.display()
         )
-    })?;
-    Ok(text.trim().to_string())
+    })
 }
 
-/// A client of the manager at `addr.manager` that sends the cluster token.
+/// A client of the manager at `addr.manager` with `addr`'s credentials.
 pub async fn connect(addr: &ManagerAddr) -> Result<Client> {
-    connect_with(&addr.manager, &token(addr)?).await
+    connect_with(&addr.manager, &credentials(addr)?).await
 }
 
-/// A client of the manager at `manager` that sends `token` on every call.
-pub async fn connect_with(manager: &str, token: &str) -> Result<Client> {
-    let value = format!("Bearer {token}")
-        .parse()
-        .context("the cluster token is not printable ASCII")?;
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{manager}"))
+/// A client of the manager at `manager` that proves itself with `credentials`
+/// and checks the manager's certificate against their CA.
+pub async fn connect_with(manager: &str, credentials: &horn_pki::Credentials) -> Result<Client> {
+    connect_tls(manager, credentials.client_tls(horn_pki::MANAGER_NAME)).await
+}
+
+async fn connect_tls(manager: &str, tls: tonic::transport::ClientTlsConfig) -> Result<Client> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("https://{manager}"))
         .with_context(|| format!("{manager:?} is not an address"))?
+        .tls_config(tls)
+        .context("the TLS configuration is refused")?
         .connect_timeout(Duration::from_secs(5))
         .timeout(Duration::from_secs(30))
         .connect()
         .await
-        .with_context(|| format!("cannot reach the manager at {manager} (--manager, HORN_MANAGER)"))?;
-    Ok(ManagerClient::with_interceptor(channel, TokenInterceptor(value)))
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot reach the manager at {manager} (--manager, HORN_MANAGER): {}",
+                chain(&e)
+            )
+        })?;
+    Ok(ManagerClient::new(channel))
+}
+
+/// An error and its causes, in one line (a TLS refusal is several levels down).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cause = c.source();
+    }
+    out
+}
+
+/// Joins node `node` to the cluster of the manager at `manager`: with no certificate
+/// yet, it checks the manager against the CA in `ca_pem`, proves the cluster `token`,
+/// and gets a certificate for a key made here. Returns the node's credentials.
+pub async fn join(
+    manager: &str,
+    ca_pem: &str,
+    token: &str,
+    node: &str,
+    ips: Vec<String>,
+) -> Result<horn_pki::Credentials> {
+    let (key, csr) = horn_pki::key_and_request()?;
+    let mut c = connect_tls(
+        manager,
+        horn_pki::anonymous_client_tls(ca_pem, horn_pki::MANAGER_NAME),
+    )
+    .await?;
+    let reply = c
+        .join_node(pb::JoinRequest {
+            token: token.to_string(),
+            node: node.to_string(),
+            csr,
+            ips,
+        })
+        .await
+        .map_err(|s| {
+            anyhow::anyhow!(
+                "the manager at {manager} refused node {node}'s join: {}",
+                s.message()
+            )
+        })?
+        .into_inner();
+    Ok(horn_pki::Credentials {
+        cert_pem: reply.cert,
+        key_pem: key,
+        ca_pem: reply.ca,
+    })
 }
 
 /// The message of a refused call, with the manager named.
@@ -413,13 +492,49 @@ pub fn run_cluster(addr: ManagerAddr, cmd: ClusterCmd) -> Result<()> {
                 );
             } else {
                 println!(
-                    "cluster {} created; its token is in {} (keep it secret: it opens every call)",
+                    "cluster {} created in {}: its CA (ca.pem; ca.key stays here), the admin's credentials \
+                     (admin.pem, admin.key: hornctl uses them), and the token nodes join with ({}: keep it secret)",
                     id.id,
+                    data.display(),
                     data.join(TOKEN_FILE).display()
                 );
             }
             Ok(())
         }
+        ClusterCmd::Credentials {
+            role,
+            out,
+            name,
+            days,
+        } => runtime()?.block_on(async {
+            let mut c = connect(&addr).await?;
+            let issued = c
+                .issue_credentials(pb::IssueRequest {
+                    role: role.clone(),
+                    days,
+                })
+                .await
+                .map_err(refused(&addr))?
+                .into_inner();
+            horn_pki::Credentials {
+                cert_pem: issued.cert,
+                key_pem: issued.key,
+                ca_pem: issued.ca,
+            }
+            .save(&out, &name)?;
+            if addr.json {
+                println!(
+                    "{}",
+                    json!({ "role": role, "dir": out, "name": name, "days": days })
+                );
+            } else {
+                println!(
+                    "credentials for {role} written to {} as {name}.pem and {name}.key (valid {days} days)",
+                    out.display()
+                );
+            }
+            Ok(())
+        }),
         ClusterCmd::Info => runtime()?.block_on(async {
             let mut c = connect(&addr).await?;
             let i = c

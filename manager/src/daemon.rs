@@ -73,7 +73,9 @@ pub fn serve_replica(dir: PathBuf, listen: String, control: String, options: Rep
     let server = DataServer::with_limits(replica, listener, limits)?;
     let handle = server.handle();
     let routes = tonic::service::Routes::new(ReplicaControlServer::new(ControlService::new(handle.clone())));
-    let grpc = serve_control_until_signal(control_listener, routes, stop_signals, move || handle.stop())?;
+    let grpc = serve_control_until_signal(control_listener, routes, None, stop_signals, move || {
+        handle.stop()
+    })?;
     // Scripts wait for this line to know the replica is being served.
     println!(
         "hornd replica: serving {} on {addr}, control on {control_addr}",
@@ -158,7 +160,7 @@ impl HostedReplica {
         let (stop, stopped) = tokio::sync::oneshot::channel();
         let handle = horn_replica::server::ServerHandle::shared(replica.clone());
         let routes = tonic::service::Routes::new(ReplicaControlServer::new(ControlService::new(handle)));
-        let grpc = match spawn_control_service(listener, routes, stopped, false) {
+        let grpc = match spawn_control_service(listener, routes, None, stopped, false) {
             Ok(g) => g,
             Err(e) => {
                 horn_replica::SharedReplica::unhost(&data);
@@ -297,7 +299,7 @@ pub fn serve_engine(
         handle.clone(),
         volume.engine().clone(),
     )));
-    let grpc = serve_control_until_signal(listener, routes, stop_signals, move || handle.stop())?;
+    let grpc = serve_control_until_signal(listener, routes, None, stop_signals, move || handle.stop())?;
     println!(
         "hornd engine: volume {} of {} on {} replicas (generation {}{}), control on {control_addr}",
         report.volume,
@@ -518,23 +520,26 @@ fn serve_manager_on(
     store: crate::store::embedded::EmbeddedStore,
     on_stop: impl FnOnce() + Send + 'static,
 ) -> Result<()> {
-    use crate::api::{authenticate, ClusterIdentity, ManagerService, Service};
+    use crate::api::{ClusterIdentity, ManagerService, Service};
     let stop_signals = block_stop_signals()?;
     let identity = ClusterIdentity::load(&data)?;
+    identity.ensure_pki(&data)?;
+    let credentials = horn_pki::Credentials::load(&data, crate::api::MANAGER_CREDENTIALS)?;
     let path = crate::api::store_path(&data);
     let listener = TcpListener::bind(&listen).with_context(|| format!("cannot listen on {listen}"))?;
     let addr = listener.local_addr()?;
     let manager = std::sync::Arc::new(ManagerService::new(store, &identity, &path));
     manager.spawn_reconciler()?;
     let service = Service(manager);
-    let routes = tonic::service::Routes::new(
-        horn_proto::manager_api::manager_server::ManagerServer::with_interceptor(
-            service,
-            authenticate(identity.token.clone()),
-        ),
-    );
+    // Mutual TLS: every call but a node's join presents a certificate from the
+    // cluster's CA, and the policy checks its role before the call is served.
+    let routes = tonic::service::Routes::new(horn_pki::Guarded::new(
+        horn_proto::manager_api::manager_server::ManagerServer::new(service),
+        crate::api::policy(),
+    ));
+    let tls = credentials.server_tls(true);
     let (stopped_tx, stopped) = std::sync::mpsc::channel();
-    let grpc = serve_control_until_signal(listener, routes, stop_signals, move || {
+    let grpc = serve_control_until_signal(listener, routes, Some(tls), stop_signals, move || {
         on_stop();
         let _ = stopped_tx.send(());
     })?;
@@ -583,6 +588,22 @@ pub fn serve_all_in_one(
         );
     }
     let identity = ClusterIdentity::load(&data)?;
+    identity.ensure_pki(&data)?;
+    // The node's credentials, from the CA here: no join needed in one process.
+    let tls = data.join("node").join("tls");
+    let credentials = match horn_pki::Credentials::load(&tls, crate::agent::NODE_CREDENTIALS) {
+        Ok(c) if c.role().ok() == Some(horn_pki::Role::Node(name.clone())) => c,
+        _ => {
+            let ip = address.parse::<std::net::SocketAddr>().map(|a| a.ip()).ok();
+            let c = horn_pki::Ca::load(&data)?.issue(
+                &horn_pki::Role::Node(name.clone()),
+                &ip.into_iter().collect::<Vec<_>>(),
+                horn_pki::Validity::Days(horn_pki::LEAF_DAYS),
+            )?;
+            c.save(&tls, crate::agent::NODE_CREDENTIALS)?;
+            c
+        }
+    };
     let manager = listen.clone();
     let cfg = crate::agent::AgentConfig {
         manager: if manager.starts_with("0.0.0.0:") {
@@ -590,7 +611,7 @@ pub fn serve_all_in_one(
         } else {
             manager
         },
-        token: identity.token,
+        credentials,
         name,
         address,
         zone: String::new(),
@@ -646,11 +667,12 @@ pub(crate) fn block_stop_signals() -> Result<SigSet> {
 fn serve_control_until_signal(
     listener: TcpListener,
     routes: tonic::service::Routes,
+    tls: Option<tonic::transport::ServerTlsConfig>,
     signals: SigSet,
     on_stop: impl FnOnce() + Send + 'static,
 ) -> Result<std::thread::JoinHandle<()>> {
     let (shutdown_tx, shutdown_rx) = tokio::sync::oneshot::channel::<()>();
-    let grpc = spawn_control_service(listener, routes, shutdown_rx, true)?;
+    let grpc = spawn_control_service(listener, routes, tls, shutdown_rx, true)?;
     on_stop_signal(signals, move || {
         let _ = shutdown_tx.send(());
         on_stop();
@@ -678,9 +700,16 @@ fn on_stop_signal(signals: SigSet, f: impl FnOnce() + Send + 'static) -> Result<
 fn spawn_control_service(
     listener: TcpListener,
     routes: tonic::service::Routes,
+    tls: Option<tonic::transport::ServerTlsConfig>,
     shutdown: tokio::sync::oneshot::Receiver<()>,
     graceful: bool,
 ) -> Result<std::thread::JoinHandle<()>> {
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        builder = builder
+            .tls_config(tls)
+            .context("the service's TLS configuration is refused")?;
+    }
     listener.set_nonblocking(true)?;
     let thread = std::thread::Builder::new()
         .name("control".into())
@@ -700,7 +729,7 @@ fn spawn_control_service(
                         return;
                     }
                 };
-                let server = tonic::transport::Server::builder().add_routes(routes);
+                let server = builder.add_routes(routes);
                 let served = if graceful {
                     server
                         .serve_with_incoming_shutdown(incoming, async {

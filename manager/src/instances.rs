@@ -195,19 +195,25 @@ impl Instances {
     }
 
     /// Engines started from now on run under the manager at `manager` as their
-    /// membership authority (`hornd engine --manager`), as node `node`; the cluster
-    /// token goes to `STATE/cluster-token`, readable by root only, for them to read.
-    pub fn under_manager(&mut self, manager: &str, node: &str, token: &str) -> Result<()> {
+    /// membership authority (`hornd engine --manager`), as node `node`, with the
+    /// node's `credentials`, which go to `STATE/tls` (the key readable by root only)
+    /// for them to read.
+    pub fn under_manager(
+        &mut self,
+        manager: &str,
+        node: &str,
+        credentials: &horn_pki::Credentials,
+    ) -> Result<()> {
         let state = self.dir.parent().unwrap_or(&self.dir);
-        let path = state.join("cluster-token");
-        write_private(&path, token.as_bytes())?;
+        let dir = state.join("tls");
+        credentials.save(&dir, crate::agent::NODE_CREDENTIALS)?;
         self.authority = vec![
             "--manager".into(),
             manager.into(),
             "--node".into(),
             node.into(),
-            "--token-file".into(),
-            path.display().to_string(),
+            "--credentials".into(),
+            dir.display().to_string(),
         ];
         Ok(())
     }

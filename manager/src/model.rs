@@ -276,7 +276,7 @@ impl Default for Settings {
 
 /// Names of volumes, nodes, zones and tags: the same rule as snapshot names, as they
 /// end up in paths and command lines too.
-fn check_name(what: &str, name: &str) -> Result<(), String> {
+pub fn check_name(what: &str, name: &str) -> Result<(), String> {
     horn_replica::meta::validate_name(name).map_err(|e| format!("{what} name: {e}"))
 }
 

@@ -1,5 +1,5 @@
 //! `hornd manager` as a child process, driven by `hornctl` and by a gRPC client that
-//! registers nodes as their agents will: the cluster token, placement across nodes,
+//! registers nodes as their agents will: mutual TLS and roles, placement across nodes,
 //! refusals that change nothing, node leases, and specs that outlive a SIGKILL.
 
 mod common;
@@ -13,18 +13,11 @@ use std::time::Duration;
 use horn_proto::manager_api as pb;
 use horn_proto::manager_api::manager_client::ManagerClient;
 
-/// Registers node `name` with one 100 GiB disk (half free), as its agent would.
-async fn register(addr: &str, token: &str, name: &str, zone: &str) -> pb::Node {
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let bearer: tonic::metadata::AsciiMetadataValue = format!("Bearer {token}").parse().unwrap();
-    let mut c = ManagerClient::with_interceptor(channel, move |mut req: tonic::Request<()>| {
-        req.metadata_mut().insert(pb::AUTHORIZATION, bearer.clone());
-        Ok(req)
-    });
+/// Registers node `name` with one 100 GiB disk (half free), as its agent would (with
+/// the admin's credentials in `data`).
+async fn register(addr: &str, data: &std::path::Path, name: &str, zone: &str) -> pb::Node {
+    let admin = horn_pki::Credentials::load(data, "admin").unwrap();
+    let mut c = horn_manager::ctl::connect_with(addr, &admin).await.unwrap();
     c.register_node(pb::Node {
         name: name.into(),
         address: format!("127.0.0.1:{}", 9700 + name.len()),
@@ -68,15 +61,11 @@ fn volumes_are_placed_on_distinct_nodes_and_bad_requests_change_nothing() {
         &["cluster", "init", "--data", data.to_str().unwrap()]
     ))
     .contains("holds a cluster already"));
-    let token = std::fs::read_to_string(data.join("cluster-token"))
-        .unwrap()
-        .trim()
-        .to_string();
     let mgr = ManagerDaemon::start(data, "127.0.0.1:0");
     let a = mgr.addr.as_str();
     let rt = rt();
     for (n, zone) in [("n1", "a"), ("n2", "a"), ("n3", "b")] {
-        let node = rt.block_on(register(a, &token, n, zone));
+        let node = rt.block_on(register(a, data, n, zone));
         assert_eq!(node.state, "ready");
     }
 
@@ -157,34 +146,178 @@ fn volumes_are_placed_on_distinct_nodes_and_bad_requests_change_nothing() {
     );
 }
 
+/// A client of the manager at `addr` over `tls` (or plaintext with `None`); the call
+/// `ListVolumes`, or its refusal (a handshake the server refuses included).
+fn list_with(addr: &str, tls: Option<tonic::transport::ClientTlsConfig>) -> Result<usize, String> {
+    rt().block_on(async {
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let mut e = tonic::transport::Endpoint::from_shared(format!("{scheme}://{addr}")).unwrap();
+        if let Some(tls) = tls {
+            e = e.tls_config(tls).unwrap();
+        }
+        let channel = e.connect().await.map_err(|e| format!("connect: {e:?}"))?;
+        ManagerClient::new(channel)
+            .list_volumes(pb::ListVolumesRequest {})
+            .await
+            .map(|r| r.into_inner().volumes.len())
+            .map_err(|s| format!("{:?}: {}", s.code(), s.message()))
+    })
+}
+
+/// Every call goes over mutual TLS with a certificate from the cluster's CA, and the
+/// certificate's role decides what it may do: no certificate, a plaintext client,
+/// another CA's certificate, an expired one, and one of the wrong role are refused;
+/// a node joins only with the cluster token, and acts for itself only.
 #[test]
-fn calls_without_the_cluster_token_are_refused() {
+fn calls_need_a_current_certificate_of_the_cluster_with_the_role_for_them() {
+    use horn_pki::{Ca, Role, Validity};
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path();
     init(data);
     let mgr = ManagerDaemon::start(data, "127.0.0.1:0");
-    let wrong = dir.path().join("wrong-token");
-    std::fs::write(&wrong, "0123456789abcdef\n").unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_hornctl"))
-        .args(["volume", "list", "--manager", &mgr.addr, "--token-file"])
-        .arg(&wrong)
-        .env_remove("HORN_TOKEN")
-        .output()
-        .unwrap();
-    assert!(refused(out).contains("the cluster token is wrong"));
-    // A client that sends no token at all.
-    let e = rt().block_on(async {
-        let mut c = ManagerClient::connect(format!("http://{}", mgr.addr))
-            .await
-            .unwrap();
-        c.list_volumes(pb::ListVolumesRequest {}).await.unwrap_err()
-    });
-    assert_eq!(e.code(), tonic::Code::Unauthenticated);
+    let a = mgr.addr.as_str();
+    let ca = Ca::load(data).unwrap();
+    let name = horn_pki::MANAGER_NAME;
+
+    // The admin's credentials (hornctl cluster init wrote them) make every call.
+    let admin = horn_pki::Credentials::load(data, "admin").unwrap();
+    assert_eq!(list_with(a, Some(admin.client_tls(name))), Ok(0));
+    // Plaintext: no TLS handshake, no call.
+    let e = list_with(a, None).unwrap_err();
+    assert!(!e.starts_with("Ok"), "{e}");
+    // TLS without a certificate: refused before the call.
+    let e = list_with(a, Some(horn_pki::anonymous_client_tls(ca.cert_pem(), name))).unwrap_err();
     assert!(
-        e.message().contains("carries no cluster token"),
-        "{}",
-        e.message()
+        e.contains("Unauthenticated") && e.contains("none was presented"),
+        "{e}"
     );
+    // Another cluster's CA: the handshake fails.
+    let other = Ca::generate("other").unwrap();
+    let stranger = other.issue(&Role::Admin, &[], Validity::Days(1)).unwrap();
+    let mut stranger_here = stranger.clone();
+    stranger_here.ca_pem = ca.cert_pem().to_string();
+    let e = list_with(a, Some(stranger_here.client_tls(name))).unwrap_err();
+    assert!(!e.contains("Ok"), "another CA's certificate was taken: {e}");
+    // Expired (signed by the right CA): the handshake fails.
+    let now = time::OffsetDateTime::now_utc();
+    let expired = ca
+        .issue(
+            &Role::Admin,
+            &[],
+            Validity::Between(now - time::Duration::days(10), now - time::Duration::days(1)),
+        )
+        .unwrap();
+    let e = list_with(a, Some(expired.client_tls(name))).unwrap_err();
+    assert!(!e.contains("Ok"), "an expired certificate was taken: {e}");
+    // A client that trusts another CA refuses the manager itself.
+    let e = list_with(a, Some(stranger.client_tls(name))).unwrap_err();
+    assert!(e.contains("connect"), "{e}");
+
+    // Read-only: lists, and is refused anything that changes the cluster or shows a
+    // secret, through hornctl too.
+    let viewer = dir.path().join("viewer");
+    ok(hornctl(
+        data,
+        a,
+        &[
+            "cluster",
+            "credentials",
+            "--role",
+            "read-only",
+            "--out",
+            viewer.to_str().unwrap(),
+            "--name",
+            "v",
+        ],
+    ));
+    let as_viewer = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_hornctl"))
+            .args(args)
+            .args([
+                "--manager",
+                a,
+                "--credentials",
+                viewer.to_str().unwrap(),
+                "--as",
+                "v",
+            ])
+            .output()
+            .unwrap()
+    };
+    ok(as_viewer(&["volume", "list"]));
+    let e = refused(as_viewer(&["volume", "create", "x", "--size", "16M"]));
+    assert!(
+        e.contains("needs the admin role") && e.contains("read-only"),
+        "{e}"
+    );
+    let e = refused(as_viewer(&["secret", "create", "k"]));
+    assert!(e.contains("needs the admin role"), "{e}");
+    let e = refused(as_viewer(&[
+        "cluster",
+        "credentials",
+        "--role",
+        "admin",
+        "--out",
+        "/tmp/x",
+        "--name",
+        "y",
+    ]));
+    assert!(e.contains("needs the admin role"), "{e}");
+
+    // A node: joins with the cluster token only, gets horn:node:NAME, and acts for
+    // itself only.
+    let token = std::fs::read_to_string(data.join("cluster-token")).unwrap();
+    let e = rt()
+        .block_on(horn_manager::ctl::join(
+            a,
+            ca.cert_pem(),
+            "not-the-token",
+            "n1",
+            vec![],
+        ))
+        .unwrap_err();
+    assert!(format!("{e:#}").contains("the cluster token is wrong"), "{e:#}");
+    let n1 = rt()
+        .block_on(horn_manager::ctl::join(
+            a,
+            ca.cert_pem(),
+            token.trim(),
+            "n1",
+            vec!["127.0.0.1".into()],
+        ))
+        .unwrap();
+    assert_eq!(n1.role().unwrap(), Role::Node("n1".into()));
+    rt().block_on(async {
+        let mut c = horn_manager::ctl::connect_with(a, &n1).await.unwrap();
+        let node = |name: &str| pb::Node {
+            name: name.into(),
+            address: "127.0.0.1:9701".into(),
+            disks: vec![],
+            ..Default::default()
+        };
+        c.register_node(node("n1"))
+            .await
+            .expect("a node registers itself");
+        let e = c.register_node(node("n2")).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+        assert!(e.message().contains("is for node n1"), "{e:?}");
+        let e = c
+            .create_volume(pb::CreateVolumeRequest {
+                name: "x".into(),
+                size: 16 << 20,
+                replicas: 1,
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+        let e = c
+            .get_volume_credentials(pb::VolumeRef { name: "x".into() })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    });
+
     // A manager without an identity does not start.
     let empty = tempfile::tempdir().unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_hornd"))
@@ -201,14 +334,10 @@ fn specs_outlive_a_sigkill_and_a_node_without_heartbeats_goes_down() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path();
     init(data);
-    let token = std::fs::read_to_string(data.join("cluster-token"))
-        .unwrap()
-        .trim()
-        .to_string();
     let mut mgr = ManagerDaemon::start(data, "127.0.0.1:0");
     let rt = rt();
     for n in ["n1", "n2"] {
-        rt.block_on(register(&mgr.addr, &token, n, ""));
+        rt.block_on(register(&mgr.addr, data, n, ""));
     }
     ok(hornctl(
         data,

@@ -101,9 +101,13 @@ enum Command {
         #[arg(long, env = "HORN_MANAGER", default_value = horn_manager::api::DEFAULT_MANAGER)]
         manager: String,
         /// The file holding the cluster token (`hornctl cluster init` wrote it on the
-        /// manager's machine).
+        /// manager's machine): the node joins with it once, and gets its certificate.
         #[arg(long, env = "HORN_TOKEN_FILE", default_value = "/var/lib/horn/cluster-token")]
         token_file: PathBuf,
+        /// The cluster CA's certificate, to check the manager by at the join
+        /// (default: `ca.pem` beside the token file).
+        #[arg(long, value_name = "FILE")]
+        ca_file: Option<PathBuf>,
         /// The node's name (default: the host name).
         #[arg(long)]
         name: Option<String>,
@@ -172,14 +176,15 @@ enum Command {
         /// (`--name` is the volume's name there): the engine begins its generation
         /// there, and stores every membership record there before it counts. Node
         /// agents start their engines so.
-        #[arg(long, requires_all = ["node", "token_file"])]
+        #[arg(long, requires_all = ["node", "credentials"])]
         manager: Option<String>,
         /// With `--manager`: the node this engine runs on.
         #[arg(long, requires = "manager")]
         node: Option<String>,
-        /// With `--manager`: the file holding the cluster token.
-        #[arg(long, requires = "manager")]
-        token_file: Option<PathBuf>,
+        /// With `--manager`: the directory of the node's credentials (`node.pem`,
+        /// `node.key`, `ca.pem`; the node agent keeps them in `STATE/tls`).
+        #[arg(long, requires = "manager", value_name = "DIR")]
+        credentials: Option<PathBuf>,
         /// The volume is encrypted with the key in this file (64 bytes, raw or as 128
         /// hex digits: AES-256-XTS). At a volume's first start it becomes encrypted;
         /// later starts are refused with another key, and an encrypted volume without one.
@@ -442,6 +447,7 @@ fn main() -> ExitCode {
         Command::Node {
             manager,
             token_file,
+            ca_file,
             name,
             address,
             zone,
@@ -449,13 +455,23 @@ fn main() -> ExitCode {
             disks,
             state,
         } => (|| {
+            let name = node_name(name)?;
             let token = std::fs::read_to_string(&token_file).map_err(|e| {
                 anyhow::anyhow!("cannot read the cluster token from {}: {e}", token_file.display())
             })?;
+            let ca_file = ca_file.unwrap_or_else(|| token_file.with_file_name(horn_pki::CA_CERT));
+            let ca = std::fs::read_to_string(&ca_file).map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot read the cluster CA's certificate from {} (--ca-file): {e}",
+                    ca_file.display()
+                )
+            })?;
+            let credentials =
+                horn_manager::agent::node_credentials(&manager, &ca, token.trim(), &name, &address, &state)?;
             horn_manager::daemon::serve_node(horn_manager::agent::AgentConfig {
                 manager,
-                token: token.trim().to_string(),
-                name: node_name(name)?,
+                credentials,
+                name,
                 address,
                 zone,
                 tags: tags.into_iter().collect(),
@@ -478,7 +494,7 @@ fn main() -> ExitCode {
             volume,
             manager,
             node,
-            token_file,
+            credentials,
             key_file,
             secret_file,
             host_replica,
@@ -554,7 +570,7 @@ fn main() -> ExitCode {
                         .map(|f| horn_proto::auth::VolumeSecret::read(&f))
                         .transpose()
                         .map_err(anyhow::Error::msg)?;
-                    let authority = match (manager, node, token_file) {
+                    let authority = match (manager, node, credentials) {
                         (Some(m), Some(n), Some(t)) => Some(std::sync::Arc::new(
                             horn_manager::authority::ManagerAuthority::new(&m, &t, &name, &n)?,
                         )
