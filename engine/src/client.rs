@@ -31,11 +31,18 @@ pub(crate) type ControlClient = ReplicaControlClient<InterceptedService<Channel,
 pub(crate) struct Caller {
     engine: AsciiMetadataValue,
     proof: Option<AsciiMetadataValue>,
+    /// Over TLS with this configuration (the node's certificate), where the
+    /// cluster's services speak it; plaintext otherwise.
+    tls: Option<tonic::transport::ClientTlsConfig>,
 }
 
 impl Caller {
-    /// Engine `engine`, proving `key` if given.
-    pub(crate) fn new(engine: &str, key: Option<&GenerationKey>) -> Result<Caller> {
+    /// Engine `engine`, proving `key` if given, over `tls` if given.
+    pub(crate) fn new(
+        engine: &str,
+        key: Option<&GenerationKey>,
+        tls: Option<tonic::transport::ClientTlsConfig>,
+    ) -> Result<Caller> {
         let bad = || VolumeError::Control {
             replica: String::new(),
             code: tonic::Code::InvalidArgument,
@@ -47,13 +54,20 @@ impl Caller {
         Ok(Caller {
             engine: AsciiMetadataValue::try_from(engine).map_err(|_| bad())?,
             proof,
+            tls,
         })
     }
 }
 
 impl std::fmt::Debug for Caller {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Caller({:?}, proof: {})", self.engine, self.proof.is_some())
+        write!(
+            f,
+            "Caller({:?}, proof: {}, tls: {})",
+            self.engine,
+            self.proof.is_some(),
+            self.tls.is_some()
+        )
     }
 }
 
@@ -108,9 +122,15 @@ pub(crate) async fn connect(control: &str, caller: &Caller, deadline: Deadline) 
         code: tonic::Code::Unavailable,
         message,
     };
-    let mut endpoint = Endpoint::from_shared(format!("http://{control}"))
+    let scheme = if caller.tls.is_some() { "https" } else { "http" };
+    let mut endpoint = Endpoint::from_shared(format!("{scheme}://{control}"))
         .map_err(|e| unavailable(format!("not a control address: {e}")))?
         .connect_timeout(deadline.connect());
+    if let Some(tls) = caller.tls.clone() {
+        endpoint = endpoint
+            .tls_config(tls)
+            .map_err(|e| unavailable(format!("the TLS configuration is refused: {e}")))?;
+    }
     if let Some(t) = deadline.call() {
         endpoint = endpoint.timeout(t);
     }

@@ -76,6 +76,9 @@ pub struct StartOptions {
     /// replicas that prove it back. Under an authority that hands out generation keys,
     /// its key is used instead.
     pub secret: Option<VolumeSecret>,
+    /// How to reach the replicas' control services over TLS (the node's
+    /// certificate, checked against the cluster's CA), where they serve it.
+    pub tls: Option<tonic::transport::ClientTlsConfig>,
 }
 
 /// [`start`], with `options` (see [`StartOptions`]).
@@ -89,6 +92,7 @@ pub fn start_with(
         authority,
         cipher,
         secret,
+        tls,
     } = options;
     let pin = pin.as_deref();
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -100,7 +104,7 @@ pub fn start_with(
         })?;
     let engine_id = membership::new_id();
     // Info is open to every caller: no key is needed to learn the generation.
-    let asker = Caller::new(&engine_id, None)?;
+    let asker = Caller::new(&engine_id, None, tls.clone())?;
     let mut skipped = Vec::new();
     // What each replica holds, to pick a generation above all and the volume to claim.
     let mut infos = Vec::new();
@@ -139,7 +143,7 @@ pub fn start_with(
         None => None,
     };
     let key = generation_key(grant.as_ref(), secret.as_ref(), generation)?;
-    let caller = Caller::new(&engine_id, key.as_ref())?;
+    let caller = Caller::new(&engine_id, key.as_ref(), tls)?;
     let volume = infos
         .iter()
         .filter_map(|(_, i)| i.record.clone().map(record_from_wire))

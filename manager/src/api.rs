@@ -130,56 +130,6 @@ impl ClusterIdentity {
     }
 }
 
-/// Calls a read-only certificate may make: they list and read, and reveal no secret.
-const READ_CALLS: &[&str] = &[
-    "ClusterInfo",
-    "GetVolume",
-    "ListVolumes",
-    "GetNode",
-    "ListNodes",
-    "ListSnapshots",
-    "GetSettings",
-    "ListSecrets",
-];
-
-/// Calls a node's certificate may make, each for its own node only
-/// ([`acting_for`]): its agent's and its engines' calls.
-const NODE_CALLS: &[&str] = &[
-    "ClusterInfo",
-    "RegisterNode",
-    "NodeHeartbeat",
-    "SyncNode",
-    "BeginGeneration",
-    "RecordMembership",
-];
-
-/// Who may call what on the manager: a node joins without a certificate (it proves
-/// the cluster token instead); the admin makes every call; a read-only certificate
-/// the calls of [`READ_CALLS`]; a node's the calls of [`NODE_CALLS`]; nothing else
-/// is taken.
-pub fn policy() -> horn_pki::Policy {
-    std::sync::Arc::new(|path: &str, role: Option<&horn_pki::Role>| {
-        use horn_pki::Role;
-        let method = path.rsplit('/').next().unwrap_or_default();
-        match role {
-            _ if method == "JoinNode" => Ok(()),
-            Some(Role::Admin) => Ok(()),
-            Some(Role::ReadOnly) if READ_CALLS.contains(&method) => Ok(()),
-            Some(Role::Node(_)) if NODE_CALLS.contains(&method) => Ok(()),
-            _ => {
-                let needs = if READ_CALLS.contains(&method) {
-                    "the admin, read-only or node role"
-                } else if NODE_CALLS.contains(&method) {
-                    "the admin or a node role"
-                } else {
-                    "the admin role"
-                };
-                Err(horn_pki::refuse(path, role, needs))
-            }
-        }
-    })
-}
-
 /// Refuses a call a node's certificate makes for another node.
 fn acting_for<T>(req: &Request<T>, node: &str) -> Result<(), Status> {
     match horn_pki::caller_role(req) {
@@ -206,6 +156,8 @@ pub struct ManagerService<S: Store + 'static> {
     /// The cluster's CA, which signs a joining node's certificate and issued
     /// credentials (`None`: this manager issues none).
     ca: Option<Arc<horn_pki::Ca>>,
+    /// The manager's credentials: it calls engines over mutual TLS with them.
+    credentials: Option<horn_pki::Credentials>,
     store_path: String,
     /// Disk measurements by (node, path), as last reported.
     measured: Mutex<BTreeMap<(String, String), Measured>>,
@@ -282,11 +234,15 @@ impl<S: Store + 'static> ManagerService<S> {
             .parent()
             .and_then(|dir| horn_pki::Ca::load(dir).ok())
             .map(Arc::new);
+        let credentials = store_path
+            .parent()
+            .and_then(|dir| horn_pki::Credentials::load(dir, MANAGER_CREDENTIALS).ok());
         ManagerService {
             specs: Arc::new(Specs::new(store)),
             cluster_id: identity.id.clone(),
             token: identity.token.clone(),
             ca,
+            credentials,
             store_path: store_path.display().to_string(),
             measured: Mutex::new(BTreeMap::new()),
             leases: Mutex::new(BTreeMap::new()),
@@ -296,6 +252,14 @@ impl<S: Store + 'static> ManagerService<S> {
             failed_since: Mutex::new(BTreeMap::new()),
             scheduled: Mutex::new(None),
         }
+    }
+
+    /// How the manager calls engines: over mutual TLS with its credentials, which
+    /// engines on nodes serve.
+    fn engine_tls(&self) -> Option<tonic::transport::ClientTlsConfig> {
+        self.credentials
+            .as_ref()
+            .map(|c| c.client_tls(horn_pki::NODE_NAME))
     }
 
     /// Attaches strict-local volume `v` (as read), which has no replica yet, to `node`,
@@ -972,11 +936,12 @@ pub(crate) fn rewire<A: prost::Message, B: prost::Message + Default>(a: &A) -> B
 /// 2 s; a chain operation may take minutes).
 async fn engine_client(
     control: &str,
+    tls: Option<tonic::transport::ClientTlsConfig>,
 ) -> Result<
     horn_proto::engine_control::engine_control_client::EngineControlClient<tonic::transport::Channel>,
     Status,
 > {
-    crate::instances::engine_control(control, Duration::from_secs(2), Duration::from_secs(300))
+    crate::instances::engine_control(control, tls, Duration::from_secs(2), Duration::from_secs(300))
         .await
         .map_err(|e| Status::unavailable(format!("{e:#}")))
 }
@@ -1488,7 +1453,7 @@ impl<S: Store + 'static> Manager for Service<S> {
         let r = req.into_inner();
         let volume = r.volume.clone();
         let (control, _) = self.0.blocking(move |m| m.engine_of(&volume)).await?.into_inner();
-        let list = engine_client(&control)
+        let list = engine_client(&control, self.0.engine_tls())
             .await?
             .snapshot(horn_proto::engine_control::EngineSnapshotRequest {
                 name: r.name.clone(),
@@ -1508,7 +1473,7 @@ impl<S: Store + 'static> Manager for Service<S> {
         let name = req.into_inner().name;
         let volume = name.clone();
         let (control, _) = self.0.blocking(move |m| m.engine_of(&volume)).await?.into_inner();
-        let list = engine_client(&control)
+        let list = engine_client(&control, self.0.engine_tls())
             .await?
             .list_snapshots(horn_proto::engine_control::ListSnapshotsRequest {})
             .await
@@ -1524,7 +1489,7 @@ impl<S: Store + 'static> Manager for Service<S> {
         let r = req.into_inner();
         let volume = r.volume.clone();
         let (control, _) = self.0.blocking(move |m| m.engine_of(&volume)).await?.into_inner();
-        let mut c = engine_client(&control).await?;
+        let mut c = engine_client(&control, self.0.engine_tls()).await?;
         c.delete_snapshot(horn_proto::engine_control::EngineDeleteRequest { name: r.name.clone() })
             .await
             .map_err(engine_refused(&r.volume))?;
@@ -1551,7 +1516,7 @@ impl<S: Store + 'static> Manager for Service<S> {
                 v = r.volume
             )));
         }
-        let list = engine_client(&control)
+        let list = engine_client(&control, self.0.engine_tls())
             .await?
             .revert(horn_proto::engine_control::EngineRevertRequest { name: r.name.clone() })
             .await
@@ -1581,7 +1546,7 @@ impl<S: Store + 'static> Manager for Service<S> {
         grown.size = r.size;
         grown.check().map_err(Status::invalid_argument)?;
         if r.size > spec.size {
-            engine_client(&control)
+            engine_client(&control, self.0.engine_tls())
                 .await?
                 .expand(horn_proto::engine_control::EngineExpandRequest { size: r.size })
                 .await
@@ -1616,7 +1581,7 @@ impl<S: Store + 'static> Manager for Service<S> {
         let name = req.into_inner().name;
         let volume = name.clone();
         let (control, _) = self.0.blocking(move |m| m.engine_of(&volume)).await?.into_inner();
-        let reply = engine_client(&control)
+        let reply = engine_client(&control, self.0.engine_tls())
             .await?
             .verify(horn_proto::engine_control::VerifyRequest {})
             .await

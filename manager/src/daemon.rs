@@ -33,6 +33,9 @@ pub struct ReplicaOptions {
     /// The volume's wire secret: the data wire and the control service then serve
     /// only a peer that proves a current generation's key ([`horn_proto::auth`]).
     pub secret: Option<horn_proto::auth::VolumeSecret>,
+    /// The node's credentials: the control service then serves mutual TLS only, to
+    /// the roles [`crate::policy::replica`] allows, and calls other replicas so.
+    pub credentials: Option<horn_pki::Credentials>,
 }
 
 impl Default for ReplicaOptions {
@@ -45,6 +48,7 @@ impl Default for ReplicaOptions {
             cache: Default::default(),
             limits: Default::default(),
             secret: None,
+            credentials: None,
         }
     }
 }
@@ -59,6 +63,7 @@ pub fn serve_replica(dir: PathBuf, listen: String, control: String, options: Rep
         cache,
         limits,
         secret,
+        credentials,
     } = options;
     // Before any thread starts, so that only the signal waiter receives them.
     let stop_signals = block_stop_signals()?;
@@ -72,10 +77,23 @@ pub fn serve_replica(dir: PathBuf, listen: String, control: String, options: Rep
     let control_addr = control_listener.local_addr()?;
     let server = DataServer::with_limits(replica, listener, limits)?;
     let handle = server.handle();
-    let routes = tonic::service::Routes::new(ReplicaControlServer::new(ControlService::new(handle.clone())));
-    let grpc = serve_control_until_signal(control_listener, routes, None, stop_signals, move || {
-        handle.stop()
-    })?;
+    let service = ControlService::new(handle.clone())
+        .with_client_tls(credentials.as_ref().map(|c| c.client_tls(horn_pki::NODE_NAME)));
+    let (routes, tls) = match &credentials {
+        Some(c) => (
+            tonic::service::Routes::new(horn_pki::Guarded::new(
+                ReplicaControlServer::new(service),
+                crate::policy::replica(),
+            )),
+            Some(c.server_tls(false)),
+        ),
+        None => (
+            tonic::service::Routes::new(ReplicaControlServer::new(service)),
+            None,
+        ),
+    };
+    let grpc =
+        serve_control_until_signal(control_listener, routes, tls, stop_signals, move || handle.stop())?;
     // Scripts wait for this line to know the replica is being served.
     println!(
         "hornd replica: serving {} on {addr}, control on {control_addr}",
@@ -216,6 +234,12 @@ pub struct EngineStart {
     /// The volume's wire secret, held by its replicas too (standalone; under a
     /// manager the engine gets its generation's key from the manager instead).
     pub secret: Option<horn_proto::auth::VolumeSecret>,
+    /// The node's credentials: the engine calls its replicas over mutual TLS, and
+    /// serves its control service so, to the roles [`crate::policy::engine`] allows
+    /// for node `node`.
+    pub credentials: Option<horn_pki::Credentials>,
+    /// The node the engine runs on, if it knows it.
+    pub node: Option<String>,
 }
 
 /// Serves a volume's engine on `start`'s replicas (and on the replica it `hosted` in its own
@@ -248,6 +272,8 @@ pub fn serve_engine(
         authority,
         cipher,
         secret,
+        credentials,
+        node,
     } = start;
     let hosted = match hosted {
         Some(opts) => {
@@ -265,6 +291,7 @@ pub fn serve_engine(
             authority,
             cipher,
             secret,
+            tls: credentials.as_ref().map(|c| c.client_tls(horn_pki::NODE_NAME)),
         },
     )
     .context("cannot start the engine");
@@ -295,11 +322,16 @@ pub fn serve_engine(
         TcpListener::bind(&control).with_context(|| format!("cannot listen on {control} for control"))?;
     let control_addr = listener.local_addr()?;
     let (handle, commands) = EngineHandle::new();
-    let routes = tonic::service::Routes::new(EngineControlServer::new(EngineControlService::new(
-        handle.clone(),
-        volume.engine().clone(),
-    )));
-    let grpc = serve_control_until_signal(listener, routes, None, stop_signals, move || handle.stop())?;
+    let service =
+        EngineControlServer::new(EngineControlService::new(handle.clone(), volume.engine().clone()));
+    let (routes, tls) = match &credentials {
+        Some(c) => (
+            tonic::service::Routes::new(horn_pki::Guarded::new(service, crate::policy::engine(node))),
+            Some(c.server_tls(false)),
+        ),
+        None => (tonic::service::Routes::new(service), None),
+    };
+    let grpc = serve_control_until_signal(listener, routes, tls, stop_signals, move || handle.stop())?;
     println!(
         "hornd engine: volume {} of {} on {} replicas (generation {}{}), control on {control_addr}",
         report.volume,
@@ -535,7 +567,7 @@ fn serve_manager_on(
     // cluster's CA, and the policy checks its role before the call is served.
     let routes = tonic::service::Routes::new(horn_pki::Guarded::new(
         horn_proto::manager_api::manager_server::ManagerServer::new(service),
-        crate::api::policy(),
+        crate::policy::manager(),
     ));
     let tls = credentials.server_tls(true);
     let (stopped_tx, stopped) = std::sync::mpsc::channel();

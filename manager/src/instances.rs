@@ -24,8 +24,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
+
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+use tonic::transport::ClientTlsConfig;
 
 use anyhow::{bail, Context, Result};
 use horn_proto::manager_api as pb;
@@ -93,6 +95,10 @@ pub struct Instances {
     by_name: BTreeMap<String, Instance>,
     /// The flags that put an engine under the manager as its membership authority.
     authority: Vec<String>,
+    /// The node's credentials and their directory, under a manager: replicas and
+    /// engines serve their control services over mutual TLS with them, and the
+    /// agent calls its engines so.
+    tls: Option<(PathBuf, horn_pki::Credentials)>,
 }
 
 fn name_of(kind: &str, volume: &str, replica: &str) -> String {
@@ -191,6 +197,7 @@ impl Instances {
             disks,
             by_name,
             authority: Vec::new(),
+            tls: None,
         })
     }
 
@@ -207,6 +214,7 @@ impl Instances {
         let state = self.dir.parent().unwrap_or(&self.dir);
         let dir = state.join("tls");
         credentials.save(&dir, crate::agent::NODE_CREDENTIALS)?;
+        self.tls = Some((dir.clone(), credentials.clone()));
         self.authority = vec![
             "--manager".into(),
             manager.into(),
@@ -216,6 +224,12 @@ impl Instances {
             dir.display().to_string(),
         ];
         Ok(())
+    }
+
+    /// How the agent calls its engines: over mutual TLS with the node's credentials,
+    /// under a manager.
+    fn client_tls(&self) -> Option<ClientTlsConfig> {
+        self.tls.as_ref().map(|(_, c)| c.client_tls(horn_pki::NODE_NAME))
     }
 
     /// The node's disks (as the manager has them now): a replica's directory must be
@@ -391,6 +405,9 @@ impl Instances {
             ];
             if !w.secret.is_empty() {
                 command.extend(["--secret-file".into(), secret.display().to_string()]);
+            }
+            if let Some((dir, _)) = &self.tls {
+                command.extend(["--credentials".into(), dir.display().to_string()]);
             }
             let record = Record {
                 kind: REPLICA.into(),
@@ -580,6 +597,7 @@ impl Instances {
         // Replicas whose node is down first: the drop is answered at once, and it
         // frees the engine from waiting on them (Info itself may be waiting).
         let now = Instant::now();
+        let tls = self.client_tls();
         for id in &w.down_replicas {
             let i = self.by_name.get_mut(name).expect("alive");
             let Some((data, _)) = i.record.replicas.get(id).cloned() else {
@@ -592,7 +610,7 @@ impl Instances {
                 continue;
             }
             i.dropped.insert(id.clone(), now);
-            match rt.block_on(drop_replica(&control, &data)) {
+            match rt.block_on(drop_replica(&control, tls.clone(), &data)) {
                 Ok(true) => {
                     tracing::warn!(instance = %name, replica = %id, address = %data, "its node is down: the engine dropped the replica")
                 }
@@ -602,7 +620,7 @@ impl Instances {
                 }
             }
         }
-        let info = rt.block_on(engine_info(&control))?;
+        let info = rt.block_on(engine_info(&control, tls.clone()))?;
         let held = |data: &str| {
             info.replicas
                 .iter()
@@ -622,7 +640,7 @@ impl Instances {
             i.added.insert(r.id.clone(), now);
             let local = if r.local { ",local" } else { "" };
             let spec = format!("{},{}{local}", r.data_address, r.control_address);
-            match rt.block_on(add_replica(&control, &spec)) {
+            match rt.block_on(add_replica(&control, tls.clone(), &spec)) {
                 Ok(id) => {
                     tracing::info!(instance = %name, replica = %r.id, address = %r.data_address, rebuild = id, "replica added to the engine; rebuilding");
                     i.record
@@ -793,7 +811,7 @@ impl Instances {
                         .map(|d| d.path.clone())
                         .unwrap_or_default(),
                 };
-                match rt.block_on(engine_info(&r.control_address)) {
+                match rt.block_on(engine_info(&r.control_address, self.client_tls())) {
                     Ok(info) => {
                         for rs in info.replicas.iter().filter(|x| !x.superseded) {
                             if let Some((id, _)) = r.replicas.iter().find(|(_, (d, _))| *d == rs.address) {
@@ -828,13 +846,18 @@ impl Instances {
 /// through it.
 pub(crate) async fn engine_control(
     control: &str,
+    tls: Option<ClientTlsConfig>,
     connect: Duration,
     call: Duration,
 ) -> Result<horn_proto::engine_control::engine_control_client::EngineControlClient<tonic::transport::Channel>>
 {
-    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{control}"))?
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let mut endpoint = tonic::transport::Endpoint::from_shared(format!("{scheme}://{control}"))?
         .connect_timeout(connect)
         .timeout(call);
+    if let Some(tls) = tls {
+        endpoint = endpoint.tls_config(tls)?;
+    }
     let channel = endpoint
         .connect()
         .await
@@ -874,8 +897,8 @@ fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
 
 /// The engine control service's `DropReplica`, within a second: whether it dropped
 /// the replica at data address `data`.
-async fn drop_replica(control: &str, data: &str) -> Result<bool> {
-    let mut c = engine_control(control, Duration::from_millis(500), Duration::from_secs(1)).await?;
+async fn drop_replica(control: &str, tls: Option<ClientTlsConfig>, data: &str) -> Result<bool> {
+    let mut c = engine_control(control, tls, Duration::from_millis(500), Duration::from_secs(1)).await?;
     Ok(c.drop_replica(horn_proto::engine_control::DropReplicaRequest {
         replica: data.to_string(),
         reason: "its node is down (its agent's lease lapsed)".into(),
@@ -887,8 +910,8 @@ async fn drop_replica(control: &str, data: &str) -> Result<bool> {
 }
 
 /// The engine control service's `AddReplica`: the rebuild's id.
-async fn add_replica(control: &str, replica: &str) -> Result<u64> {
-    let mut c = engine_control(control, Duration::from_secs(1), Duration::from_secs(60)).await?;
+async fn add_replica(control: &str, tls: Option<ClientTlsConfig>, replica: &str) -> Result<u64> {
+    let mut c = engine_control(control, tls, Duration::from_secs(1), Duration::from_secs(60)).await?;
     Ok(c.add_replica(horn_proto::engine_control::AddReplicaRequest {
         replica: replica.to_string(),
     })
@@ -900,9 +923,12 @@ async fn add_replica(control: &str, replica: &str) -> Result<u64> {
 
 /// The engine control service's `Info`, within half a second (an engine still
 /// starting is asked again on the agent's next round, 100 ms later).
-async fn engine_info(control: &str) -> Result<horn_proto::engine_control::EngineInfo> {
+async fn engine_info(
+    control: &str,
+    tls: Option<ClientTlsConfig>,
+) -> Result<horn_proto::engine_control::EngineInfo> {
     let half = Duration::from_millis(500);
-    let mut c = engine_control(control, half, half).await?;
+    let mut c = engine_control(control, tls, half, half).await?;
     Ok(c.info(horn_proto::engine_control::EngineInfoRequest {})
         .await
         .map_err(|s| anyhow::anyhow!("{}", s.message()))?

@@ -24,6 +24,7 @@ pub mod format;
 pub mod instances;
 pub mod logfile;
 pub mod model;
+pub mod policy;
 pub mod runtime;
 pub mod scheduled;
 pub mod scheduler;

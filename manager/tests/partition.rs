@@ -106,11 +106,12 @@ impl Drop for Net {
     }
 }
 
-/// `hornd replica` in namespace `ns`, listening on every address there.
+/// `hornd replica` in namespace `ns`, listening on every address there, with the
+/// volume's wire secret in `secret` (a replica refuses a network address without one).
 struct NsReplica(Child);
 
 impl NsReplica {
-    fn start(ns: &str, dir: &Path) -> NsReplica {
+    fn start(ns: &str, dir: &Path, secret: &Path) -> NsReplica {
         let mut child = Command::new("ip")
             .args([
                 "netns",
@@ -128,7 +129,9 @@ impl NsReplica {
                 "0.0.0.0:9500",
                 "--control",
                 "0.0.0.0:9501",
+                "--secret-file",
             ])
+            .arg(secret)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -188,15 +191,26 @@ fn an_engine_cut_off_with_one_replica_of_three_stops_acknowledging() {
     };
     let tmp = tempfile::tempdir().unwrap();
     let dirs: Vec<PathBuf> = (0..3).map(|i| tmp.path().join(format!("r{i}"))).collect();
+    let secret = horn_proto::auth::VolumeSecret::generate().unwrap();
+    let secret_file = tmp.path().join("volume.secret");
+    std::fs::write(&secret_file, secret.to_hex()).unwrap();
     let _replicas: Vec<NsReplica> = (0..3)
-        .map(|i| NsReplica::start(&net.ns(&format!("r{i}")), &dirs[i]))
+        .map(|i| NsReplica::start(&net.ns(&format!("r{i}")), &dirs[i], &secret_file))
         .collect();
+    // Every engine holds the volume's secret, as a standalone engine is given it.
+    let start = move |replicas: &[ReplicaAddr], timeout: Duration| {
+        let options = horn_engine::StartOptions {
+            secret: Some(secret.clone()),
+            ..Default::default()
+        };
+        Volume::start_with(replicas, timeout, options)
+    };
     // Replica 0 is on the first engine's node (data locality): it serves that engine's
     // reads.
     let mut here: Vec<ReplicaAddr> = (0..3).map(|i| addr(&format!("10.77.{i}.2"))).collect();
     here[0].local = true;
     let timeout = Duration::from_secs(1);
-    let (mut first, _) = Volume::start(&here, timeout).unwrap();
+    let (mut first, _) = start(&here, timeout).unwrap();
     write_all(&mut first, 1).unwrap();
 
     // The partition: the first engine keeps replica 0 only.
@@ -204,13 +218,14 @@ fn an_engine_cut_off_with_one_replica_of_three_stops_acknowledging() {
     net.link(2, false);
     // A second engine, in its own namespace, reaches replicas 1 and 2 and serves.
     let e2 = net.ns("e2");
+    let start2 = start.clone();
     let second = std::thread::spawn(move || {
         let ns = File::open(format!("/var/run/netns/{e2}")).unwrap();
         // SAFETY: setns takes a namespace file descriptor we hold open; it moves only
         // this thread (and the threads it starts) into the namespace.
         assert_eq!(unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
         let there = vec![addr("10.77.0.2"), addr("10.78.1.2"), addr("10.78.2.2")];
-        let (mut v, report) = Volume::start(&there, Duration::from_secs(1)).unwrap();
+        let (mut v, report) = start2(&there, Duration::from_secs(1)).unwrap();
         assert_eq!(report.used.len(), 2, "{report:?}");
         write_all(&mut v, 2).unwrap();
         v.close().unwrap();
@@ -253,7 +268,7 @@ fn an_engine_cut_off_with_one_replica_of_three_stops_acknowledging() {
     // that hold them, and leaves the first engine's last replica out.
     net.link(1, true);
     net.link(2, true);
-    let (mut v, report) = Volume::start(&here, timeout).unwrap();
+    let (mut v, report) = start(&here, timeout).unwrap();
     assert_eq!(
         report.used,
         vec![here[1].data.clone(), here[2].data.clone()],

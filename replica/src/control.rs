@@ -36,6 +36,9 @@ use crate::sync::SyncState;
 pub struct ControlService {
     handle: ServerHandle,
     sync: Arc<SyncState>,
+    /// How this replica calls another's control service (a rebuild's source): over
+    /// TLS with this configuration, or plaintext (`None`).
+    client_tls: Option<tonic::transport::ClientTlsConfig>,
 }
 
 impl ControlService {
@@ -44,7 +47,15 @@ impl ControlService {
         ControlService {
             handle,
             sync: Arc::default(),
+            client_tls: None,
         }
+    }
+
+    /// The service, calling other replicas over TLS with `tls` (the cluster's
+    /// credentials), as they serve it.
+    pub fn with_client_tls(mut self, tls: Option<tonic::transport::ClientTlsConfig>) -> Self {
+        self.client_tls = tls;
+        self
     }
 
     /// A snapshot layer's file and length, checked on the loop.
@@ -685,9 +696,10 @@ impl ReplicaControl for ControlService {
             ));
         }
         let (handle, state, source) = (self.handle.clone(), self.sync.clone(), req.source.clone());
+        let client_tls = self.client_tls.clone();
         let (tx, rx) = tokio::sync::oneshot::channel();
         std::thread::spawn(move || {
-            let result = crate::sync::pull(&handle, &source, &state, auth);
+            let result = crate::sync::pull(&handle, &source, &state, auth, client_tls);
             if let Ok(plan) = &result {
                 *state.pending.lock().unwrap_or_else(|e| e.into_inner()) = Some(plan.clone());
             }

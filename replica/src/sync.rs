@@ -209,12 +209,14 @@ fn remote(source: &str) -> impl Fn(tonic::Status) -> ReplicaError + '_ {
 /// service is at `source`, and leaves the plan in `state` for the install.
 ///
 /// `auth`: the proof header and the engine name to show the source, when the
-/// replicas hold their volume's secret.
+/// replicas hold their volume's secret; `tls`: how to reach it over TLS, when the
+/// cluster's services speak it.
 pub fn pull(
     handle: &ServerHandle,
     source: &str,
     state: &SyncState,
     auth: Option<(String, String)>,
+    tls: Option<tonic::transport::ClientTlsConfig>,
 ) -> Result<SyncPlan> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -231,13 +233,13 @@ pub fn pull(
             ))
         })
         .transpose()?;
-    let channel = rt
-        .block_on(
-            tonic::transport::Endpoint::from_shared(format!("http://{source}"))
-                .map_err(|e| unreachable(&e))?
-                .connect(),
-        )
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let mut endpoint = tonic::transport::Endpoint::from_shared(format!("{scheme}://{source}"))
         .map_err(|e| unreachable(&e))?;
+    if let Some(tls) = tls {
+        endpoint = endpoint.tls_config(tls).map_err(|e| unreachable(&e))?;
+    }
+    let channel = rt.block_on(endpoint.connect()).map_err(|e| unreachable(&e))?;
     let mut src = ReplicaControlClient::with_interceptor(channel, move |mut req: tonic::Request<()>| {
         if let Some((header, engine)) = &auth {
             req.metadata_mut().insert(AUTH_HEADER, header.clone());

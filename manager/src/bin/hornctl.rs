@@ -50,6 +50,14 @@ enum Command {
         /// the volume's size); past it, the command fails naming the engine.
         #[arg(long, global = true, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
         timeout: u64,
+        /// Call over mutual TLS with the credentials NAME (`--as`) in this directory,
+        /// as an engine a node agent runs requires (`hornctl cluster credentials`
+        /// issues them; `hornctl cluster init` wrote the admin's).
+        #[arg(long, global = true, env = "HORN_CREDENTIALS", value_name = "DIR")]
+        credentials: Option<std::path::PathBuf>,
+        /// The credentials' NAME in `--credentials`.
+        #[arg(long = "as", global = true, default_value = "admin")]
+        identity: String,
         #[command(subcommand)]
         cmd: EngineCmd,
     },
@@ -537,25 +545,39 @@ fn rebuild_line(r: &RebuildStatus) -> String {
 /// A client of the engine at `addr` whose calls fail after `timeout`.
 async fn engine_client(
     addr: &str,
+    tls: Option<tonic::transport::ClientTlsConfig>,
     timeout: std::time::Duration,
 ) -> Result<EngineControlClient<tonic::transport::Channel>> {
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let mut endpoint = tonic::transport::Endpoint::from_shared(format!("{scheme}://{addr}"))
         .with_context(|| format!("{addr} is not an address"))?
         .connect_timeout(std::time::Duration::from_secs(5))
-        .timeout(timeout)
+        .timeout(timeout);
+    if let Some(tls) = tls {
+        endpoint = endpoint
+            .tls_config(tls)
+            .context("the TLS configuration is refused")?;
+    }
+    let channel = endpoint
         .connect()
         .await
         .with_context(|| format!("cannot reach the engine at {addr} (is `hornd engine` running?)"))?;
     Ok(EngineControlClient::new(channel))
 }
 
-fn run_engine(addr: String, json: bool, timeout: u64, cmd: EngineCmd) -> Result<()> {
+fn run_engine(
+    addr: String,
+    tls: Option<tonic::transport::ClientTlsConfig>,
+    json: bool,
+    timeout: u64,
+    cmd: EngineCmd,
+) -> Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     rt.block_on(async move {
         let timeout = std::time::Duration::from_secs(timeout);
-        let mut c = engine_client(&addr, timeout).await?;
+        let mut c = engine_client(&addr, tls.clone(), timeout).await?;
         let status = |s: tonic::Status| {
             if s.message().contains("Timeout expired") {
                 anyhow::anyhow!(
@@ -768,8 +790,12 @@ fn run_engine(addr: String, json: bool, timeout: u64, cmd: EngineCmd) -> Result<
                     .map_err(status)?
                     .into_inner()
                     .size;
-                let mut c =
-                    engine_client(&addr, timeout + std::time::Duration::from_secs(size >> 25)).await?;
+                let mut c = engine_client(
+                    &addr,
+                    tls.clone(),
+                    timeout + std::time::Duration::from_secs(size >> 25),
+                )
+                .await?;
                 let r = c.verify(VerifyRequest {}).await.map_err(status)?.into_inner();
                 horn_manager::format::print_verify(&r, json)?;
             }
@@ -995,8 +1021,21 @@ fn main() -> ExitCode {
             engine,
             json,
             timeout,
+            credentials,
+            identity,
             cmd,
-        } => run_engine(engine, json, timeout, cmd),
+        } => (|| {
+            let tls = credentials
+                .map(|dir| {
+                    horn_pki::Credentials::load(&dir, &identity)
+                        .map(|c| c.client_tls(horn_pki::NODE_NAME))
+                        .with_context(|| {
+                            format!("cannot read the credentials {identity} in {}", dir.display())
+                        })
+                })
+                .transpose()?;
+            run_engine(engine, tls, json, timeout, cmd)
+        })(),
         Command::Ublk { json, cmd } => run_ublk(json, cmd),
         Command::Cluster { manager, cmd } => horn_manager::ctl::run_cluster(manager, cmd),
         Command::Volume { manager, cmd } => horn_manager::ctl::run_volume(manager, cmd),

@@ -81,6 +81,12 @@ enum Command {
         /// reaches.
         #[arg(long, conflicts_with = "secret_file")]
         open: bool,
+        /// The directory of the node's credentials (`node.pem`, `node.key`,
+        /// `ca.pem`): the control service then serves mutual TLS only, to the admin
+        /// and nodes (and `Info` to the read-only role), and a rebuild pulls from
+        /// other replicas so.
+        #[arg(long, value_name = "DIR")]
+        credentials: Option<PathBuf>,
     },
     /// Serve the manager: the cluster's volumes, nodes and their placement, for
     /// `hornctl` (`proto/manager.proto`), until SIGINT or SIGTERM. Every call must
@@ -178,12 +184,15 @@ enum Command {
         /// agents start their engines so.
         #[arg(long, requires_all = ["node", "credentials"])]
         manager: Option<String>,
-        /// With `--manager`: the node this engine runs on.
-        #[arg(long, requires = "manager")]
+        /// The node this engine runs on (with `--manager`, or `--credentials`).
+        #[arg(long)]
         node: Option<String>,
-        /// With `--manager`: the directory of the node's credentials (`node.pem`,
-        /// `node.key`, `ca.pem`; the node agent keeps them in `STATE/tls`).
-        #[arg(long, requires = "manager", value_name = "DIR")]
+        /// The directory of the node's credentials (`node.pem`, `node.key`, `ca.pem`;
+        /// the node agent keeps them in `STATE/tls`): the engine calls its replicas
+        /// and the manager over mutual TLS with them, and serves its control service
+        /// so, to the admin, the manager, its own node (`--node`) and, for reads, the
+        /// read-only role.
+        #[arg(long, value_name = "DIR")]
         credentials: Option<PathBuf>,
         /// The volume is encrypted with the key in this file (64 bytes, raw or as 128
         /// hex digits: AES-256-XTS). At a volume's first start it becomes encrypted;
@@ -411,7 +420,15 @@ fn main() -> ExitCode {
             max_connections,
             secret_file,
             open,
+            credentials,
         } => (|| {
+            let credentials = credentials
+                .map(|dir| {
+                    horn_pki::Credentials::load(&dir, horn_manager::agent::NODE_CREDENTIALS).map_err(|e| {
+                        anyhow::anyhow!("cannot read the node's credentials in {}: {e}", dir.display())
+                    })
+                })
+                .transpose()?;
             let secret = secret_file
                 .map(|f| horn_proto::auth::VolumeSecret::read(&f))
                 .transpose()
@@ -440,6 +457,7 @@ fn main() -> ExitCode {
                         ..Default::default()
                     },
                     secret,
+                    credentials,
                 },
             )
         })(),
@@ -570,13 +588,25 @@ fn main() -> ExitCode {
                         .map(|f| horn_proto::auth::VolumeSecret::read(&f))
                         .transpose()
                         .map_err(anyhow::Error::msg)?;
-                    let authority = match (manager, node, credentials) {
+                    let authority = match (manager, &node, &credentials) {
                         (Some(m), Some(n), Some(t)) => Some(std::sync::Arc::new(
-                            horn_manager::authority::ManagerAuthority::new(&m, &t, &name, &n)?,
+                            horn_manager::authority::ManagerAuthority::new(&m, t, &name, n)?,
                         )
                             as std::sync::Arc<dyn horn_engine::authority::Authority>),
                         _ => None,
                     };
+                    let tls = credentials
+                        .map(|dir| {
+                            horn_pki::Credentials::load(&dir, horn_manager::agent::NODE_CREDENTIALS).map_err(
+                                |e| {
+                                    anyhow::anyhow!(
+                                        "cannot read the node's credentials in {}: {e}",
+                                        dir.display()
+                                    )
+                                },
+                            )
+                        })
+                        .transpose()?;
                     let recover = match (frontend, recover, id) {
                         (Some(Frontend::Ublk), None, None) => adopt_device(&name)?,
                         _ => recover,
@@ -602,6 +632,8 @@ fn main() -> ExitCode {
                             authority,
                             cipher,
                             secret: secret.clone(),
+                            credentials: tls,
+                            node,
                         },
                         control,
                         std::time::Duration::from_secs(clean_intents_every),

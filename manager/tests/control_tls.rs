@@ -1,0 +1,248 @@
+//! The replicas' and engines' control services over mutual TLS (`--credentials`),
+//! against real `hornd replica` and `hornd engine` processes: an engine with its
+//! node's certificate drives its replica; a client without a certificate, with one of
+//! another CA, or an expired one, gets nothing; a certificate's role decides the
+//! rest (read-only reads, another node's certificate cannot drive an engine, the
+//! admin and the manager can).
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+
+use horn_pki::{Ca, Credentials, Role, Validity, NODE_NAME};
+use horn_proto::control::replica_control_client::ReplicaControlClient;
+use horn_proto::control::{BlocksRequest, InfoRequest};
+use horn_proto::engine_control::engine_control_client::EngineControlClient;
+use horn_proto::engine_control::{DropReplicaRequest, EngineInfoRequest};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
+
+/// A daemon that is killed when dropped.
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `hornd ARGS` and returns it with its first line.
+fn hornd(args: &[&str]) -> (Running, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_hornd"))
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.as_mut().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    if line.is_empty() {
+        let out = child.wait_with_output().unwrap();
+        panic!(
+            "hornd {args:?} did not start: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    (Running(child), line)
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// A channel to `addr` over `tls`, or plaintext.
+async fn channel(addr: &str, tls: Option<ClientTlsConfig>) -> Result<Channel, String> {
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let mut e = Endpoint::from_shared(format!("{scheme}://{addr}")).unwrap();
+    if let Some(tls) = tls {
+        e = e.tls_config(tls).unwrap();
+    }
+    e.connect().await.map_err(|e| format!("connect: {e:?}"))
+}
+
+fn replica_info(addr: &str, tls: Option<ClientTlsConfig>) -> Result<u64, String> {
+    rt().block_on(async {
+        let mut c = ReplicaControlClient::new(channel(addr, tls).await?);
+        c.info(InfoRequest {})
+            .await
+            .map(|r| r.into_inner().size)
+            .map_err(|s| format!("{:?}: {}", s.code(), s.message()))
+    })
+}
+
+fn engine_info(addr: &str, tls: Option<ClientTlsConfig>) -> Result<u64, String> {
+    rt().block_on(async {
+        let mut c = EngineControlClient::new(channel(addr, tls).await?);
+        c.info(EngineInfoRequest {})
+            .await
+            .map(|r| r.into_inner().size)
+            .map_err(|s| format!("{:?}: {}", s.code(), s.message()))
+    })
+}
+
+fn tls(c: &Credentials) -> Option<ClientTlsConfig> {
+    Some(c.client_tls(NODE_NAME))
+}
+
+#[test]
+fn replica_and_engine_control_take_only_current_certificates_of_the_right_role() {
+    let dir = tempfile::tempdir().unwrap();
+    let creds = dir.path().join("tls");
+    let ca = Ca::generate("c1").unwrap();
+    let issue = |role: Role| ca.issue(&role, &[], Validity::Days(1)).unwrap();
+    let n1 = issue(Role::Node("n1".into()));
+    n1.save(&creds, "node").unwrap();
+    let c = creds.to_str().unwrap();
+
+    let (_replica, line) = hornd(&[
+        "replica",
+        "--dir",
+        dir.path().join("r").to_str().unwrap(),
+        "--size",
+        "16M",
+        "--listen",
+        "127.0.0.1:0",
+        "--control",
+        "127.0.0.1:0",
+        "--credentials",
+        c,
+    ]);
+    // "hornd replica: serving DIR on DATA, control on CONTROL"
+    let (data, control) = line
+        .trim()
+        .split_once(" on ")
+        .unwrap()
+        .1
+        .split_once(", control on ")
+        .unwrap();
+    let (data, control) = (data.to_string(), control.to_string());
+    // The engine drives the replica with its node's certificate, and serves its own
+    // control service so.
+    let (_engine, line) = hornd(&[
+        "engine",
+        "--replica",
+        &format!("{data},{control}"),
+        "--control",
+        "127.0.0.1:0",
+        "--credentials",
+        c,
+        "--node",
+        "n1",
+    ]);
+    let engine = line.trim().rsplit("control on ").next().unwrap().to_string();
+
+    let now = time::OffsetDateTime::now_utc();
+    let expired = ca
+        .issue(
+            &Role::Admin,
+            &[],
+            Validity::Between(now - time::Duration::days(9), now - time::Duration::days(1)),
+        )
+        .unwrap();
+    let other_ca = Ca::generate("other").unwrap();
+    let mut stranger = other_ca.issue(&Role::Admin, &[], Validity::Days(1)).unwrap();
+    stranger.ca_pem = ca.cert_pem().to_string();
+    let anonymous = Some(horn_pki::anonymous_client_tls(ca.cert_pem(), NODE_NAME));
+
+    for (service, info) in [
+        (
+            "replica",
+            replica_info as fn(&str, Option<ClientTlsConfig>) -> Result<u64, String>,
+        ),
+        ("engine", engine_info),
+    ] {
+        let addr = if service == "replica" { &control } else { &engine };
+        assert_eq!(
+            info(addr, tls(&issue(Role::Admin))),
+            Ok(16 << 20),
+            "{service}: the admin"
+        );
+        for (who, t) in [
+            ("plaintext", None),
+            ("no certificate", anonymous.clone()),
+            ("another CA's", tls(&stranger)),
+            ("expired", tls(&expired)),
+        ] {
+            let e = info(addr, t).unwrap_err();
+            assert!(!e.is_empty(), "{service}: {who} was served");
+        }
+        assert_eq!(
+            info(addr, tls(&issue(Role::ReadOnly))),
+            Ok(16 << 20),
+            "{service}: read-only reads"
+        );
+    }
+
+    // Roles: read-only reads no data and drives nothing; another node's certificate
+    // cannot drive this node's engine; the manager's can.
+    let read_only = issue(Role::ReadOnly);
+    let e = rt().block_on(async {
+        let mut c = ReplicaControlClient::new(channel(&control, tls(&read_only)).await.unwrap());
+        c.read_blocks(BlocksRequest { blocks: vec![0] })
+            .await
+            .unwrap_err()
+    });
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    assert!(e.message().contains("needs the admin or a node role"), "{e:?}");
+    let drop_as = |c: &Credentials| {
+        rt().block_on(async {
+            let mut e = EngineControlClient::new(channel(&engine, tls(c)).await.unwrap());
+            e.drop_replica(DropReplicaRequest {
+                replica: "127.0.0.1:1".into(),
+                reason: "test".into(),
+            })
+            .await
+            .map(|r| r.into_inner().dropped)
+        })
+    };
+    let e = drop_as(&read_only).unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    let e = drop_as(&issue(Role::Node("n2".into()))).unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    assert!(e.message().contains("node n1"), "{e:?}");
+    assert_eq!(drop_as(&issue(Role::Manager)).map_err(|e| e.code()), Ok(false));
+    assert_eq!(drop_as(&n1).map_err(|e| e.code()), Ok(false));
+    let e = engine_info(&engine, tls(&issue(Role::Node("n2".into())))).unwrap_err();
+    assert!(e.starts_with("PermissionDenied"), "{e}");
+
+    // hornctl engine: with credentials it is served, without it is not.
+    let admin_dir = dir.path().join("admin");
+    issue(Role::Admin).save(&admin_dir, "admin").unwrap();
+    let hornctl = |extra: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_hornctl"))
+            .args(["engine", "info", "--engine", &engine])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let out = hornctl(&["--credentials", admin_dir.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        !hornctl(&[]).status.success(),
+        "hornctl engine without credentials was served"
+    );
+}
+
+/// The credentials' directory must hold the node's files.
+#[test]
+fn a_replica_with_missing_credentials_does_not_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_hornd"))
+        .args(["replica", "--dir"])
+        .arg(dir.path().join("r"))
+        .args(["--size", "16M", "--credentials"])
+        .arg(dir.path().join("nothing-here"))
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && e.contains("cannot read the node's credentials"),
+        "{e}"
+    );
+}
