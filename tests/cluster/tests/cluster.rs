@@ -234,7 +234,9 @@ fn a_node_back_within_the_replenishment_wait_keeps_its_replica_and_copies_only_w
     let mut rebuild = serde_json::Value::Null;
     eventually(Duration::from_secs(20), "r2's rebuild done", || {
         let out = std::process::Command::new(horn_cluster::binaries().unwrap().join("hornctl"))
-            .args(["engine", "--engine", control, "info", "--json"])
+            .args(["engine", "--engine", control, "info", "--json", "--credentials"])
+            // The engine serves mutual TLS: the admin's credentials, beside the token.
+            .arg(c.data.path())
             .output()
             .unwrap();
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -314,6 +316,12 @@ fn a_volume_lives_across_nodes_while_the_manager_and_an_agent_restart() {
         }
         v
     };
+    // Every agent reports again (the engine's node may be first, with the others a
+    // poll later): then every object is as before.
+    eventually(Duration::from_secs(30), "every agent reported again", || {
+        c.json(&["volume", "list"])
+            .is_ok_and(|l| strip(l) == strip(listed.clone()))
+    });
     assert_eq!(
         strip(c.json(&["volume", "list"]).unwrap()),
         strip(listed),
