@@ -33,7 +33,7 @@ pub(crate) struct Caller {
     proof: Option<AsciiMetadataValue>,
     /// Over TLS with this configuration (the node's certificate), where the
     /// cluster's services speak it; plaintext otherwise.
-    tls: Option<tonic::transport::ClientTlsConfig>,
+    tls: Option<horn_proto::auth::ClientTls>,
 }
 
 impl Caller {
@@ -41,7 +41,7 @@ impl Caller {
     pub(crate) fn new(
         engine: &str,
         key: Option<&GenerationKey>,
-        tls: Option<tonic::transport::ClientTlsConfig>,
+        tls: Option<horn_proto::auth::ClientTls>,
     ) -> Result<Caller> {
         let bad = || VolumeError::Control {
             replica: String::new(),
@@ -126,9 +126,9 @@ pub(crate) async fn connect(control: &str, caller: &Caller, deadline: Deadline) 
     let mut endpoint = Endpoint::from_shared(format!("{scheme}://{control}"))
         .map_err(|e| unavailable(format!("not a control address: {e}")))?
         .connect_timeout(deadline.connect());
-    if let Some(tls) = caller.tls.clone() {
+    if let Some(tls) = &caller.tls {
         endpoint = endpoint
-            .tls_config(tls)
+            .tls_config(tls.config())
             .map_err(|e| unavailable(format!("the TLS configuration is refused: {e}")))?;
     }
     if let Some(t) = deadline.call() {

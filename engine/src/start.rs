@@ -78,7 +78,7 @@ pub struct StartOptions {
     pub secret: Option<VolumeSecret>,
     /// How to reach the replicas' control services over TLS (the node's
     /// certificate, checked against the cluster's CA), where they serve it.
-    pub tls: Option<tonic::transport::ClientTlsConfig>,
+    pub tls: Option<horn_proto::auth::ClientTls>,
 }
 
 /// [`start`], with `options` (see [`StartOptions`]).

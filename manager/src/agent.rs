@@ -63,12 +63,11 @@ impl std::str::FromStr for AgentDisk {
 pub const NODE_CREDENTIALS: &str = "node";
 
 /// The node's credentials: those in `state/tls` if they are this node's, or else
-/// new ones, got by joining the cluster at `manager` with `token` (checking the
-/// manager against the CA in `ca_pem`), and kept there.
+/// new ones, got by joining the cluster at `manager` with the token `joining` gives
+/// (with the CA's certificate, to check the manager by), and kept there.
 pub fn node_credentials(
     manager: &str,
-    ca_pem: &str,
-    token: &str,
+    joining: impl FnOnce() -> Result<(String, String)>,
     node: &str,
     address: &str,
     state: &Path,
@@ -87,7 +86,8 @@ pub fn node_credentials(
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let c = rt.block_on(crate::ctl::join(manager, ca_pem, token, node, ips))?;
+    let (ca_pem, token) = joining()?;
+    let c = rt.block_on(crate::ctl::join(manager, &ca_pem, &token, node, ips))?;
     c.save(&dir, NODE_CREDENTIALS)?;
     tracing::info!(
         node,
@@ -95,6 +95,24 @@ pub fn node_credentials(
         dir.display()
     );
     Ok(c)
+}
+
+/// Renews the node's certificate through `client` once it is due (`true`: it was)
+/// ([`horn_pki::Credentials::renewal_due`]), and keeps the new one in its place.
+fn renew_if_due(
+    rt: &tokio::runtime::Runtime,
+    client: &mut Client,
+    live: &horn_pki::LiveCredentials,
+    ips: &[String],
+) -> Result<bool> {
+    let current = live.current();
+    if !current.renewal_due_now()? {
+        return Ok(false);
+    }
+    let fresh = rt.block_on(crate::ctl::renew(client, &current, ips.to_vec()))?;
+    live.replace(&fresh)?;
+    tracing::info!(until = %fresh.not_after()?, "renewed the node's certificate");
+    Ok(true)
 }
 
 /// What the agent says of its node.
@@ -217,21 +235,32 @@ pub fn run(cfg: AgentConfig, stop: Receiver<()>) -> Result<()> {
         cfg.disks.iter().map(|d| d.path.clone()).collect(),
     )?;
     instances.under_manager(&cfg.manager, &cfg.name, &cfg.credentials)?;
+    // The node's credentials as kept in STATE/tls: renewed here before they expire,
+    // and taken from there by its engines and replicas at each new connection.
+    let live = instances
+        .credentials()
+        .cloned()
+        .context("the node's credentials are not kept")?;
+    let ips = vec![ip.to_string()];
     let mut disks: Vec<PathBuf> = cfg.disks.iter().map(|d| d.path.clone()).collect();
     let mut client: Option<Client> = None;
     let mut registered = false;
     let mut heartbeat_at = Instant::now();
     let mut seen = 0u64;
     let mut wait = Duration::ZERO;
+    let mut reconnect = false;
     loop {
         match stop.recv_timeout(wait) {
             Ok(()) | Err(RecvTimeoutError::Disconnected) => return Ok(()),
             Err(RecvTimeoutError::Timeout) => {}
         }
         wait = Duration::from_secs(1);
+        if std::mem::take(&mut reconnect) {
+            client = None;
+        }
         let c = match client.as_mut() {
             Some(c) => c,
-            None => match rt.block_on(connect_with(&cfg.manager, &cfg.credentials)) {
+            None => match rt.block_on(connect_with(&cfg.manager, &live.current())) {
                 Ok(c) => client.insert(c),
                 Err(e) => {
                     tracing::warn!(error = %format!("{e:#}"), "the manager is unreachable; retrying");
@@ -256,6 +285,13 @@ pub fn run(cfg: AgentConfig, stop: Receiver<()>) -> Result<()> {
                     }
                     registered = true;
                     heartbeat_at = Instant::now() + heartbeat_every(node.lease_secs);
+                    match renew_if_due(&rt, c, &live, &ips) {
+                        // Connect again, presenting the new certificate.
+                        Ok(renewed) => reconnect = renewed,
+                        Err(e) => {
+                            tracing::warn!(error = %format!("{e:#}"), "renewing the node's certificate failed; trying again at the next heartbeat")
+                        }
+                    }
                 }
                 Err(s) if s.code() == tonic::Code::NotFound && registered => {
                     tracing::warn!(node = %cfg.name, "the manager lost the node's lease; registering again");

@@ -140,6 +140,14 @@ fn acting_for<T>(req: &Request<T>, node: &str) -> Result<(), Status> {
     }
 }
 
+/// Seconds since the Unix epoch, now.
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
 /// What a node's agent measured of a disk.
 #[derive(Debug, Clone, Copy, Default)]
 struct Measured {
@@ -157,7 +165,9 @@ pub struct ManagerService<S: Store + 'static> {
     /// credentials (`None`: this manager issues none).
     ca: Option<Arc<horn_pki::Ca>>,
     /// The manager's credentials: it calls engines over mutual TLS with them.
-    credentials: Option<horn_pki::Credentials>,
+    credentials: Option<horn_pki::LiveCredentials>,
+    /// How long the certificates it signs are valid.
+    certificate_lifetime: Duration,
     store_path: String,
     /// Disk measurements by (node, path), as last reported.
     measured: Mutex<BTreeMap<(String, String), Measured>>,
@@ -236,13 +246,14 @@ impl<S: Store + 'static> ManagerService<S> {
             .map(Arc::new);
         let credentials = store_path
             .parent()
-            .and_then(|dir| horn_pki::Credentials::load(dir, MANAGER_CREDENTIALS).ok());
+            .and_then(|dir| horn_pki::LiveCredentials::open(dir, MANAGER_CREDENTIALS).ok());
         ManagerService {
             specs: Arc::new(Specs::new(store)),
             cluster_id: identity.id.clone(),
             token: identity.token.clone(),
             ca,
             credentials,
+            certificate_lifetime: Duration::from_secs(horn_pki::LEAF_DAYS as u64 * 86400),
             store_path: store_path.display().to_string(),
             measured: Mutex::new(BTreeMap::new()),
             leases: Mutex::new(BTreeMap::new()),
@@ -252,6 +263,35 @@ impl<S: Store + 'static> ManagerService<S> {
             failed_since: Mutex::new(BTreeMap::new()),
             scheduled: Mutex::new(None),
         }
+    }
+
+    /// The service, signing certificates valid for `lifetime` (default
+    /// [`horn_pki::LEAF_DAYS`]).
+    pub fn with_certificate_lifetime(mut self, lifetime: Duration) -> ManagerService<S> {
+        self.certificate_lifetime = lifetime;
+        self
+    }
+
+    /// The validity of a certificate signed now.
+    fn validity(&self) -> horn_pki::Validity {
+        horn_pki::Validity::For(self.certificate_lifetime)
+    }
+
+    /// Renews the manager's own server certificate from its CA once it is due
+    /// ([`horn_pki::Credentials::renewal_due`]); its service takes the new one at
+    /// the next connection.
+    pub fn renew_own_certificate(&self) -> anyhow::Result<()> {
+        let (Some(ca), Some(live)) = (&self.ca, &self.credentials) else {
+            return Ok(());
+        };
+        let current = live.current();
+        if !current.renewal_due_now()? {
+            return Ok(());
+        }
+        let fresh = ca.issue(&horn_pki::Role::Manager, &[], self.validity())?;
+        live.replace(&fresh)?;
+        tracing::info!(until = %fresh.not_after()?, "renewed the manager's certificate");
+        Ok(())
     }
 
     /// How the manager calls engines: over mutual TLS with its credentials, which
@@ -313,6 +353,9 @@ impl<S: Store + 'static> ManagerService<S> {
                 let Some(m) = me.upgrade() else { return };
                 if let Err(e) = m.reconcile(std::time::Instant::now()) {
                     tracing::warn!(error = %e.message(), "reconciling failed; trying again");
+                }
+                if let Err(e) = m.renew_own_certificate() {
+                    tracing::warn!(error = %format!("{e:#}"), "renewing the manager's certificate failed; trying again");
                 }
             })?;
         Ok(())
@@ -1065,12 +1108,21 @@ impl<S: Store + 'static> Manager for Service<S> {
 
     async fn join_node(&self, req: Request<pb::JoinRequest>) -> Result<Response<pb::JoinReply>, Status> {
         let r = req.into_inner();
-        if !horn_iscsi::login::equal_in_constant_time(r.token.trim().as_bytes(), self.0.token.as_bytes()) {
+        crate::model::check_name("node", &r.node).map_err(Status::invalid_argument)?;
+        let token = r.token.trim().to_string();
+        if crate::join::is_join_token(&token) {
+            let node = r.node.clone();
+            self.0
+                .blocking(move |m| {
+                    crate::join::redeem(m.specs.store(), &token, &node, unix_now())
+                        .map_err(|e| Status::unauthenticated(e.to_string()))
+                })
+                .await?;
+        } else if !horn_iscsi::login::equal_in_constant_time(token.as_bytes(), self.0.token.as_bytes()) {
             return Err(Status::unauthenticated(
                 "the cluster token is wrong: the node cannot join",
             ));
         }
-        crate::model::check_name("node", &r.node).map_err(Status::invalid_argument)?;
         let ca = self
             .0
             .ca
@@ -1089,13 +1141,68 @@ impl<S: Store + 'static> Manager for Service<S> {
                 &r.csr,
                 &horn_pki::Role::Node(r.node.clone()),
                 &ips,
-                horn_pki::Validity::Days(horn_pki::LEAF_DAYS),
+                self.0.validity(),
             )
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         tracing::info!(node = %r.node, "a node joined: its certificate is signed");
         Ok(Response::new(pb::JoinReply {
             cert,
             ca: ca.cert_pem().to_string(),
+        }))
+    }
+
+    async fn renew_credentials(
+        &self,
+        req: Request<pb::RenewRequest>,
+    ) -> Result<Response<pb::JoinReply>, Status> {
+        let role = horn_pki::caller_role(&req)
+            .cloned()
+            .ok_or_else(|| Status::unauthenticated("a renewal needs the certificate being renewed"))?;
+        let r = req.into_inner();
+        let ca = self
+            .0
+            .ca
+            .as_ref()
+            .ok_or_else(|| Status::failed_precondition("this manager has no CA"))?;
+        let ips = r
+            .ips
+            .iter()
+            .map(|ip| {
+                ip.parse()
+                    .map_err(|_| Status::invalid_argument(format!("{ip} is not an IP address")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let cert = ca
+            .sign_request(&r.csr, &role, &ips, self.0.validity())
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        tracing::info!(role = %role, "renewed a certificate");
+        Ok(Response::new(pb::JoinReply {
+            cert,
+            ca: ca.cert_pem().to_string(),
+        }))
+    }
+
+    async fn create_join_token(
+        &self,
+        req: Request<pb::JoinTokenRequest>,
+    ) -> Result<Response<pb::JoinToken>, Status> {
+        let r = req.into_inner();
+        let ttl = match r.ttl_secs {
+            0 => crate::join::DEFAULT_TTL,
+            s => Duration::from_secs(s.into()),
+        };
+        let t = self
+            .0
+            .blocking(move |m| {
+                crate::join::create(m.specs.store(), ttl, &r.node, unix_now()).map_err(to_status)
+            })
+            .await?
+            .into_inner();
+        tracing::info!(node = %t.node, expires_unix = t.expires_unix, "made a join token");
+        Ok(Response::new(pb::JoinToken {
+            token: t.token,
+            expires_unix: t.expires_unix,
+            node: t.node,
         }))
     }
 
@@ -1126,8 +1233,13 @@ impl<S: Store + 'static> Manager for Service<S> {
         } else {
             r.days as i64
         };
+        let validity = if r.days == 0 {
+            self.0.validity()
+        } else {
+            horn_pki::Validity::Days(days)
+        };
         let c = ca
-            .issue(&role, &[], horn_pki::Validity::Days(days))
+            .issue(&role, &[], validity)
             .map_err(|e| Status::internal(e.to_string()))?;
         tracing::info!(role = %role, days, "issued credentials");
         Ok(Response::new(pb::IssuedCredentials {

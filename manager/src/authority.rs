@@ -25,7 +25,7 @@ const CALL: Duration = Duration::from_secs(5);
 /// node `node`.
 pub struct ManagerAuthority {
     manager: String,
-    credentials: horn_pki::Credentials,
+    credentials: horn_pki::LiveCredentials,
     volume: String,
     node: String,
     runtime: tokio::runtime::Runtime,
@@ -51,7 +51,7 @@ impl ManagerAuthority {
         volume: &str,
         node: &str,
     ) -> Result<ManagerAuthority> {
-        let credentials = horn_pki::Credentials::load(credentials, crate::agent::NODE_CREDENTIALS)
+        let credentials = horn_pki::LiveCredentials::open(credentials, crate::agent::NODE_CREDENTIALS)
             .with_context(|| format!("cannot read the node's credentials in {}", credentials.display()))?;
         Ok(ManagerAuthority {
             manager: manager.to_string(),
@@ -76,12 +76,16 @@ impl ManagerAuthority {
             let client = match held.clone() {
                 Some(c) => c,
                 None => {
-                    let c = tokio::time::timeout(CALL, connect_with(&self.manager, &self.credentials))
-                        .await
-                        .map_err(|_| {
-                            Refusal::Unavailable(format!("the manager at {} did not answer", self.manager))
-                        })?
-                        .map_err(|e| Refusal::Unavailable(format!("{e:#}")))?;
+                    let c =
+                        tokio::time::timeout(CALL, connect_with(&self.manager, &self.credentials.current()))
+                            .await
+                            .map_err(|_| {
+                                Refusal::Unavailable(format!(
+                                    "the manager at {} did not answer",
+                                    self.manager
+                                ))
+                            })?
+                            .map_err(|e| Refusal::Unavailable(format!("{e:#}")))?;
                     *held = Some(c.clone());
                     c
                 }

@@ -80,6 +80,21 @@ pub enum ClusterCmd {
         #[arg(long, default_value_t = 365)]
         days: u32,
     },
+    /// Make a join token (admin only): `hornd node --join TOKEN --ca-file ca.pem`
+    /// on a new machine gets it a node certificate. Good for one join, within
+    /// --ttl; the cluster token never has to leave the manager's machine.
+    JoinToken {
+        /// How long it is good for: NUMBER with s, m, h or d (at most 7d).
+        #[arg(long, default_value = "1h", value_parser = parse_lifetime)]
+        ttl: Duration,
+        /// The only node name it joins (default: any).
+        #[arg(long)]
+        node: Option<String>,
+    },
+    /// Renew the credentials hornctl uses (--credentials DIR --as NAME) in place:
+    /// a new key and a certificate for the same role, valid for the manager's
+    /// certificate lifetime. Before they expire: an expired one is refused.
+    Renew,
 }
 
 /// `hornctl volume ...`
@@ -367,20 +382,28 @@ pub enum DiskCmd {
     },
 }
 
+impl ManagerAddr {
+    /// Where the credentials to call with are: `--credentials`, or the token file's
+    /// directory.
+    pub fn credentials_dir(&self) -> PathBuf {
+        match &self.credentials {
+            Some(d) => d.clone(),
+            None => self
+                .token_file
+                .parent()
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from(".")),
+        }
+    }
+}
+
 /// A client of the manager, over mutual TLS.
 pub type Client = ManagerClient<Channel>;
 
 /// The credentials `addr` names: `--credentials` (or the token file's directory),
 /// `--as`.
 pub fn credentials(addr: &ManagerAddr) -> Result<horn_pki::Credentials> {
-    let dir = match &addr.credentials {
-        Some(d) => d.clone(),
-        None => addr
-            .token_file
-            .parent()
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from(".")),
-    };
+    let dir = addr.credentials_dir();
     horn_pki::Credentials::load(&dir, &addr.identity).with_context(|| {
         format!(
             "cannot read the credentials {} in {} (--credentials DIR, --as NAME; hornctl cluster init writes the admin's)",
@@ -469,6 +492,31 @@ pub async fn join(
     })
 }
 
+/// New credentials for the role of `current`, from the manager on `client` (called
+/// with `current`): a new key, made here, and its certificate (`ips` in it, for a
+/// node's). Made before `current` expires, as a holder renews itself.
+pub async fn renew(
+    client: &mut Client,
+    current: &horn_pki::Credentials,
+    ips: Vec<String>,
+) -> Result<horn_pki::Credentials> {
+    let (key, csr) = horn_pki::key_and_request()?;
+    let reply = client
+        .renew_credentials(pb::RenewRequest { csr, ips })
+        .await
+        .map_err(|s| anyhow::anyhow!("the manager refused to renew the certificate: {}", s.message()))?
+        .into_inner();
+    let fresh = horn_pki::Credentials {
+        cert_pem: reply.cert,
+        key_pem: key,
+        ca_pem: reply.ca,
+    };
+    if fresh.role()? != current.role()? {
+        anyhow::bail!("the manager renewed the certificate for another role");
+    }
+    Ok(fresh)
+}
+
 /// The message of a refused call, with the manager named.
 fn refused(addr: &ManagerAddr) -> impl Fn(tonic::Status) -> anyhow::Error + '_ {
     move |s| anyhow::anyhow!("the manager at {}: {}", addr.manager, s.message())
@@ -531,6 +579,58 @@ pub fn run_cluster(addr: ManagerAddr, cmd: ClusterCmd) -> Result<()> {
                 println!(
                     "credentials for {role} written to {} as {name}.pem and {name}.key (valid {days} days)",
                     out.display()
+                );
+            }
+            Ok(())
+        }),
+        ClusterCmd::JoinToken { ttl, node } => runtime()?.block_on(async {
+            let mut c = connect(&addr).await?;
+            let t = c
+                .create_join_token(pb::JoinTokenRequest {
+                    ttl_secs: u32::try_from(ttl.as_secs()).unwrap_or(u32::MAX),
+                    node: node.unwrap_or_default(),
+                })
+                .await
+                .map_err(refused(&addr))?
+                .into_inner();
+            if addr.json {
+                println!(
+                    "{}",
+                    json!({ "token": t.token, "expires_unix": t.expires_unix, "node": t.node })
+                );
+            } else {
+                let who = if t.node.is_empty() {
+                    "any node name".to_string()
+                } else {
+                    format!("node {}", t.node)
+                };
+                println!("{}", t.token);
+                eprintln!(
+                    "good for one join of {who}, until {}; on the new machine: hornd node --join TOKEN --ca-file ca.pem (the cluster CA's certificate)",
+                    crate::format::utc_time(t.expires_unix)
+                );
+            }
+            Ok(())
+        }),
+        ClusterCmd::Renew => runtime()?.block_on(async {
+            let dir = addr.credentials_dir();
+            let current = credentials(&addr)?;
+            let mut c = connect(&addr).await?;
+            let fresh = renew(&mut c, &current, Vec::new()).await?;
+            fresh.save(&dir, &addr.identity)?;
+            let until = fresh.not_after()?;
+            if addr.json {
+                println!(
+                    "{}",
+                    json!({ "dir": dir, "name": addr.identity, "role": fresh.role()?.to_string(),
+                            "not_after_unix": until.unix_timestamp() })
+                );
+            } else {
+                println!(
+                    "renewed {} in {} ({}): valid until {until}",
+                    addr.identity,
+                    dir.display(),
+                    fresh.role()?
                 );
             }
             Ok(())
@@ -1138,4 +1238,25 @@ pub fn run_node(addr: ManagerAddr, cmd: NodeCmd) -> Result<()> {
         }
         Ok(())
     })
+}
+
+/// A lifetime (of a certificate, a join token): NUMBER with s, m, h or d; from
+/// 10 s to ten years.
+pub fn parse_lifetime(s: &str) -> Result<std::time::Duration, String> {
+    let bad = || format!("{s:?} is not a lifetime: give NUMBER with s, m, h or d (90d, 12h)");
+    let unit = match s.chars().last() {
+        Some('s') => 1,
+        Some('m') => 60,
+        Some('h') => 3600,
+        Some('d') => 86400,
+        _ => return Err(bad()),
+    };
+    let n: u64 = s[..s.len() - 1].parse().map_err(|_| bad())?;
+    let secs = n.checked_mul(unit).ok_or_else(bad)?;
+    if !(10..=10 * 366 * 86400).contains(&secs) {
+        return Err(format!(
+            "a lifetime of {s} is out of range: from 10 s to ten years"
+        ));
+    }
+    Ok(std::time::Duration::from_secs(secs))
 }

@@ -35,7 +35,7 @@ pub struct ReplicaOptions {
     pub secret: Option<horn_proto::auth::VolumeSecret>,
     /// The node's credentials: the control service then serves mutual TLS only, to
     /// the roles [`crate::policy::replica`] allows, and calls other replicas so.
-    pub credentials: Option<horn_pki::Credentials>,
+    pub credentials: Option<horn_pki::LiveCredentials>,
 }
 
 impl Default for ReplicaOptions {
@@ -77,15 +77,18 @@ pub fn serve_replica(dir: PathBuf, listen: String, control: String, options: Rep
     let control_addr = control_listener.local_addr()?;
     let server = DataServer::with_limits(replica, listener, limits)?;
     let handle = server.handle();
-    let service = ControlService::new(handle.clone())
-        .with_client_tls(credentials.as_ref().map(|c| c.client_tls(horn_pki::NODE_NAME)));
+    let service =
+        ControlService::new(handle.clone()).with_client_tls(credentials.as_ref().map(node_client_tls));
     let (routes, tls) = match &credentials {
         Some(c) => (
             tonic::service::Routes::new(horn_pki::Guarded::new(
                 ReplicaControlServer::new(service),
                 crate::policy::replica(),
             )),
-            Some(c.server_tls(false)),
+            Some(horn_pki::ServerTls {
+                credentials: c.clone(),
+                optional: false,
+            }),
         ),
         None => (
             tonic::service::Routes::new(ReplicaControlServer::new(service)),
@@ -237,7 +240,7 @@ pub struct EngineStart {
     /// The node's credentials: the engine calls its replicas over mutual TLS, and
     /// serves its control service so, to the roles [`crate::policy::engine`] allows
     /// for node `node`.
-    pub credentials: Option<horn_pki::Credentials>,
+    pub credentials: Option<horn_pki::LiveCredentials>,
     /// The node the engine runs on, if it knows it.
     pub node: Option<String>,
 }
@@ -291,7 +294,7 @@ pub fn serve_engine(
             authority,
             cipher,
             secret,
-            tls: credentials.as_ref().map(|c| c.client_tls(horn_pki::NODE_NAME)),
+            tls: credentials.as_ref().map(node_client_tls),
         },
     )
     .context("cannot start the engine");
@@ -327,7 +330,10 @@ pub fn serve_engine(
     let (routes, tls) = match &credentials {
         Some(c) => (
             tonic::service::Routes::new(horn_pki::Guarded::new(service, crate::policy::engine(node))),
-            Some(c.server_tls(false)),
+            Some(horn_pki::ServerTls {
+                credentials: c.clone(),
+                optional: false,
+            }),
         ),
         None => (tonic::service::Routes::new(service), None),
     };
@@ -539,10 +545,10 @@ fn unescape_mount_field(s: &str) -> String {
 /// Serves the manager (`proto/manager.proto`) at `listen` with its specs in `data`
 /// (the store file and the cluster identity `hornctl cluster init` wrote there) until
 /// SIGINT or SIGTERM. Prints `hornd manager: ...` once serving.
-pub fn serve_manager(data: PathBuf, listen: String) -> Result<()> {
+pub fn serve_manager(data: PathBuf, listen: String, certificate_lifetime: Duration) -> Result<()> {
     let path = crate::api::store_path(&data);
     let store = crate::store::embedded::EmbeddedStore::open(&path)?;
-    serve_manager_on(data, listen, store, || {})
+    serve_manager_on(data, listen, store, certificate_lifetime, || {})
 }
 
 /// [`serve_manager`] on an open store; `on_stop` runs when a stop signal arrives.
@@ -550,17 +556,20 @@ fn serve_manager_on(
     data: PathBuf,
     listen: String,
     store: crate::store::embedded::EmbeddedStore,
+    certificate_lifetime: Duration,
     on_stop: impl FnOnce() + Send + 'static,
 ) -> Result<()> {
     use crate::api::{ClusterIdentity, ManagerService, Service};
     let stop_signals = block_stop_signals()?;
     let identity = ClusterIdentity::load(&data)?;
     identity.ensure_pki(&data)?;
-    let credentials = horn_pki::Credentials::load(&data, crate::api::MANAGER_CREDENTIALS)?;
+    let credentials = horn_pki::LiveCredentials::open(&data, crate::api::MANAGER_CREDENTIALS)?;
     let path = crate::api::store_path(&data);
     let listener = TcpListener::bind(&listen).with_context(|| format!("cannot listen on {listen}"))?;
     let addr = listener.local_addr()?;
-    let manager = std::sync::Arc::new(ManagerService::new(store, &identity, &path));
+    let manager = std::sync::Arc::new(
+        ManagerService::new(store, &identity, &path).with_certificate_lifetime(certificate_lifetime),
+    );
     manager.spawn_reconciler()?;
     let service = Service(manager);
     // Mutual TLS: every call but a node's join presents a certificate from the
@@ -569,7 +578,10 @@ fn serve_manager_on(
         horn_proto::manager_api::manager_server::ManagerServer::new(service),
         crate::policy::manager(),
     ));
-    let tls = credentials.server_tls(true);
+    let tls = horn_pki::ServerTls {
+        credentials,
+        optional: true,
+    };
     let (stopped_tx, stopped) = std::sync::mpsc::channel();
     let grpc = serve_control_until_signal(listener, routes, Some(tls), stop_signals, move || {
         on_stop();
@@ -659,7 +671,8 @@ pub fn serve_all_in_one(
     let agent = std::thread::Builder::new()
         .name("agent".into())
         .spawn(move || crate::agent::run(cfg, stop))?;
-    serve_manager_on(data, listen, store, move || {
+    let lifetime = Duration::from_secs(horn_pki::LEAF_DAYS as u64 * 86400);
+    serve_manager_on(data, listen, store, lifetime, move || {
         let _ = stop_tx.send(());
     })?;
     match agent.join() {
@@ -699,7 +712,7 @@ pub(crate) fn block_stop_signals() -> Result<SigSet> {
 fn serve_control_until_signal(
     listener: TcpListener,
     routes: tonic::service::Routes,
-    tls: Option<tonic::transport::ServerTlsConfig>,
+    tls: Option<horn_pki::ServerTls>,
     signals: SigSet,
     on_stop: impl FnOnce() + Send + 'static,
 ) -> Result<std::thread::JoinHandle<()>> {
@@ -710,6 +723,13 @@ fn serve_control_until_signal(
         on_stop();
     })?;
     Ok(grpc)
+}
+
+/// How an engine or replica calls others with the node's credentials: the ones on
+/// disk at each connect (renewed ones without a restart), checking a node's name.
+pub fn node_client_tls(c: &horn_pki::LiveCredentials) -> horn_proto::auth::ClientTls {
+    let c = c.clone();
+    horn_proto::auth::ClientTls::new(move || c.client_tls(horn_pki::NODE_NAME))
 }
 
 /// Calls `f` on a thread of its own once one of `signals` arrives.
@@ -732,16 +752,11 @@ fn on_stop_signal(signals: SigSet, f: impl FnOnce() + Send + 'static) -> Result<
 fn spawn_control_service(
     listener: TcpListener,
     routes: tonic::service::Routes,
-    tls: Option<tonic::transport::ServerTlsConfig>,
+    tls: Option<horn_pki::ServerTls>,
     shutdown: tokio::sync::oneshot::Receiver<()>,
     graceful: bool,
 ) -> Result<std::thread::JoinHandle<()>> {
     let mut builder = tonic::transport::Server::builder();
-    if let Some(tls) = tls {
-        builder = builder
-            .tls_config(tls)
-            .context("the service's TLS configuration is refused")?;
-    }
     listener.set_nonblocking(true)?;
     let thread = std::thread::Builder::new()
         .name("control".into())
@@ -754,24 +769,46 @@ fn spawn_control_service(
                 }
             };
             rt.block_on(async move {
-                let incoming = match tokio::net::TcpListener::from_std(listener) {
-                    Ok(l) => tonic::transport::server::TcpIncoming::from(l),
+                let listener = match tokio::net::TcpListener::from_std(listener) {
+                    Ok(l) => l,
                     Err(e) => {
                         tracing::error!(error = %e, "cannot use the control listener");
                         return;
                     }
                 };
                 let server = builder.add_routes(routes);
-                let served = if graceful {
-                    server
-                        .serve_with_incoming_shutdown(incoming, async {
-                            let _ = shutdown.await;
-                        })
-                        .await
-                } else {
-                    tokio::select! {
-                        served = server.serve_with_incoming(incoming) => served,
-                        _ = shutdown => Ok(()),
+                // TLS is done by horn_pki::serve_tls, whose handshakes take the
+                // credentials current on disk (renewed ones without a restart).
+                let served = match tls {
+                    Some(tls) => {
+                        let incoming = horn_pki::serve_tls(listener, tls);
+                        if graceful {
+                            server
+                                .serve_with_incoming_shutdown(incoming, async {
+                                    let _ = shutdown.await;
+                                })
+                                .await
+                        } else {
+                            tokio::select! {
+                                served = server.serve_with_incoming(incoming) => served,
+                                _ = shutdown => Ok(()),
+                            }
+                        }
+                    }
+                    None => {
+                        let incoming = tonic::transport::server::TcpIncoming::from(listener);
+                        if graceful {
+                            server
+                                .serve_with_incoming_shutdown(incoming, async {
+                                    let _ = shutdown.await;
+                                })
+                                .await
+                        } else {
+                            tokio::select! {
+                                served = server.serve_with_incoming(incoming) => served,
+                                _ = shutdown => Ok(()),
+                            }
+                        }
                     }
                 };
                 if let Err(e) = served {

@@ -98,7 +98,7 @@ pub struct Instances {
     /// The node's credentials and their directory, under a manager: replicas and
     /// engines serve their control services over mutual TLS with them, and the
     /// agent calls its engines so.
-    tls: Option<(PathBuf, horn_pki::Credentials)>,
+    tls: Option<horn_pki::LiveCredentials>,
 }
 
 fn name_of(kind: &str, volume: &str, replica: &str) -> String {
@@ -214,7 +214,10 @@ impl Instances {
         let state = self.dir.parent().unwrap_or(&self.dir);
         let dir = state.join("tls");
         credentials.save(&dir, crate::agent::NODE_CREDENTIALS)?;
-        self.tls = Some((dir.clone(), credentials.clone()));
+        self.tls = Some(horn_pki::LiveCredentials::open(
+            &dir,
+            crate::agent::NODE_CREDENTIALS,
+        )?);
         self.authority = vec![
             "--manager".into(),
             manager.into(),
@@ -226,10 +229,15 @@ impl Instances {
         Ok(())
     }
 
+    /// The node's credentials, under a manager (as on disk now).
+    pub fn credentials(&self) -> Option<&horn_pki::LiveCredentials> {
+        self.tls.as_ref()
+    }
+
     /// How the agent calls its engines: over mutual TLS with the node's credentials,
     /// under a manager.
     fn client_tls(&self) -> Option<ClientTlsConfig> {
-        self.tls.as_ref().map(|(_, c)| c.client_tls(horn_pki::NODE_NAME))
+        self.tls.as_ref().map(|c| c.client_tls(horn_pki::NODE_NAME))
     }
 
     /// The node's disks (as the manager has them now): a replica's directory must be
@@ -406,8 +414,8 @@ impl Instances {
             if !w.secret.is_empty() {
                 command.extend(["--secret-file".into(), secret.display().to_string()]);
             }
-            if let Some((dir, _)) = &self.tls {
-                command.extend(["--credentials".into(), dir.display().to_string()]);
+            if let Some(c) = &self.tls {
+                command.extend(["--credentials".into(), c.dir().display().to_string()]);
             }
             let record = Record {
                 kind: REPLICA.into(),

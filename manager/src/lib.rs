@@ -22,6 +22,7 @@ pub mod ctl;
 pub mod daemon;
 pub mod format;
 pub mod instances;
+pub mod join;
 pub mod logfile;
 pub mod model;
 pub mod policy;

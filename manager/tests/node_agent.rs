@@ -41,6 +41,13 @@ fn node_dir(data: &Path, n: u32) -> PathBuf {
 }
 
 fn start_agent(data: &Path, manager: &str, n: u32) -> Agent {
+    let token = data.join("cluster-token");
+    start_agent_joining(data, manager, n, &["--token-file", token.to_str().unwrap()])
+}
+
+/// An agent joining with `join` (`--token-file FILE`, or `--join TOKEN --ca-file
+/// FILE`).
+fn start_agent_joining(data: &Path, manager: &str, n: u32, join: &[&str]) -> Agent {
     let dir = node_dir(data, n);
     std::fs::create_dir_all(&dir).unwrap();
     let log = std::fs::OpenOptions::new()
@@ -51,8 +58,8 @@ fn start_agent(data: &Path, manager: &str, n: u32) -> Agent {
     let child = Command::new(env!("CARGO_BIN_EXE_hornd"))
         .args(["node", "--manager", manager, "--name", &format!("n{n}")])
         .args(["--address", &format!("127.0.0.{}:9700", 10 + n)])
-        .arg("--token-file")
-        .arg(data.join("cluster-token"))
+        .args(join)
+        .env_remove("HORN_TOKEN_FILE")
         .arg("--disk")
         .arg(dir.join("disk"))
         .arg("--state")
@@ -1346,4 +1353,111 @@ fn an_encrypted_volume_keeps_its_key_in_a_secret_and_only_ciphertext_on_the_node
     let list = json(hornctl(data, a, &["secret", "list", "--json"]));
     assert_eq!(list, serde_json::json!([]));
     agents.clear();
+}
+
+/// Node `n`'s credentials, as its agent keeps them.
+fn node_certificate(data: &Path, n: u32) -> horn_pki::Credentials {
+    horn_pki::Credentials::load(&node_dir(data, n).join("state/tls"), "node").unwrap()
+}
+
+#[test]
+fn a_join_token_joins_one_node_once_and_certificates_are_renewed_before_they_expire() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path();
+    init(data);
+    // Certificates of 45 s: renewed once 30 s have passed, at an agent's heartbeat.
+    let _mgr = ManagerDaemon::start_with(data, "127.0.0.1:0", &["--certificate-lifetime", "45s"]);
+    let _cleanup = KillInstances(data);
+    let a = &_mgr.addr.clone();
+    roomy(data, a);
+    let ca = data.join("ca.pem");
+    let ca = ca.to_str().unwrap();
+
+    // A join token for n1 only; bad lifetimes are refused.
+    let e = refused(hornctl(data, a, &["cluster", "join-token", "--ttl", "30d"]));
+    assert!(e.contains("7 days"), "{e}");
+    let t = json(hornctl(
+        data,
+        a,
+        &["cluster", "join-token", "--node", "n1", "--ttl", "10m", "--json"],
+    ));
+    let token = t["token"].as_str().unwrap().to_string();
+    assert!(token.starts_with("hornjoin-"), "{t}");
+
+    // n2 cannot join with it (it names n1), and it stays good for n1.
+    let mut n2 = start_agent_joining(data, a, 2, &["--join", &token, "--ca-file", ca]);
+    let status = n2.child.wait().unwrap();
+    assert!(!status.success());
+    let log = std::fs::read_to_string(node_dir(data, 2).join("agent.log")).unwrap();
+    assert!(log.contains("it is for node n1, not n2"), "{log}");
+    // Without the CA's certificate the join is refused before it starts.
+    let mut n3 = start_agent_joining(data, a, 3, &["--join", &token]);
+    assert!(!n3.child.wait().unwrap().success());
+    let log = std::fs::read_to_string(node_dir(data, 3).join("agent.log")).unwrap();
+    assert!(log.contains("--join needs --ca-file"), "{log}");
+
+    let _n1 = start_agent_joining(data, a, 1, &["--join", &token, "--ca-file", ca]);
+    common::eventually(Duration::from_secs(20), "n1 ready", || {
+        let out = hornctl(data, a, &["node", "list", "--json"]);
+        out.status.success() && String::from_utf8_lossy(&out.stdout).contains(r#""state":"ready""#)
+    });
+    let joined = node_certificate(data, 1);
+    assert_eq!(joined.role().unwrap(), horn_pki::Role::Node("n1".into()));
+    let (from, until) = joined.validity().unwrap();
+    assert!(until - from <= time::Duration::seconds(45 + 60), "{from} {until}");
+
+    // Used once: the same token joins nobody else.
+    let mut again = start_agent_joining(data, a, 4, &["--join", &token, "--ca-file", ca]);
+    assert!(!again.child.wait().unwrap().success());
+    let log = std::fs::read_to_string(node_dir(data, 4).join("agent.log")).unwrap();
+    assert!(log.contains("unknown, or was used already"), "{log}");
+
+    // A volume served on n1: its engine and replica speak mutual TLS with n1's
+    // certificate, and must go on doing so past its expiry.
+    ok(hornctl(
+        data,
+        a,
+        &[
+            "volume",
+            "create",
+            "v1",
+            "--size",
+            "16M",
+            "--replicas",
+            "1",
+            "--frontend",
+            "iscsi",
+        ],
+    ));
+    ok(hornctl(data, a, &["volume", "attach", "v1", "n1"]));
+    ok(hornctl(data, a, &["volume", "snapshot", "v1", "before"]));
+
+    // Renewed before it expires: a new certificate (and key), for n1 again.
+    common::eventually(Duration::from_secs(40), "n1's certificate renewed", || {
+        node_certificate(data, 1).cert_pem != joined.cert_pem
+    });
+    let renewed = node_certificate(data, 1);
+    assert_ne!(renewed.key_pem, joined.key_pem);
+    assert_eq!(renewed.role().unwrap(), horn_pki::Role::Node("n1".into()));
+    assert!(renewed.not_after().unwrap() > until);
+
+    // Past the first certificate's expiry: the node keeps its lease, and a snapshot
+    // (the manager calling the engine, the engine calling its replica, each a new
+    // connection) still works, so every process took the renewed certificate
+    // without a restart.
+    let left = until - time::OffsetDateTime::now_utc();
+    if left.is_positive() {
+        std::thread::sleep(Duration::from_millis(left.whole_milliseconds() as u64 + 2000));
+    }
+    assert!(renewed.not_after().unwrap() > time::OffsetDateTime::now_utc());
+    assert_eq!(
+        json(hornctl(data, a, &["node", "info", "n1", "--json"]))[0]["state"],
+        "ready"
+    );
+    let out = ok(hornctl(data, a, &["volume", "snapshot", "v1", "after"]));
+    assert!(out.contains("after"), "{out}");
+    let snaps = ok(hornctl(data, a, &["volume", "snapshots", "v1"]));
+    assert!(snaps.contains("before") && snaps.contains("after"), "{snaps}");
+    ok(hornctl(data, a, &["volume", "detach", "v1"]));
+    ok(hornctl(data, a, &["volume", "delete", "v1"]));
 }

@@ -9,11 +9,16 @@
 //!   files in a directory (`NAME.pem`, `NAME.key` (0600), `ca.pem`), and the TLS
 //!   configuration of a server or a client made from them.
 //! - [`peer_role`]: the role of the peer of a call, from the certificate it presented.
+//! - [`LiveCredentials`] and [`serve_tls`] (`live.rs`): credentials that follow their
+//!   files, so that a renewed certificate or a rolled CA takes effect without a restart.
 //!
 //! Departures from the chosen crates: `rcgen` makes keys, certificates and signing
 //! requests (the brief names it); `x509-parser` reads the role back from a peer's
 //! certificate, which rustls has already verified; tonic's `tls-ring` feature brings
 //! rustls with ring, so no OpenSSL.
+
+mod live;
+pub use live::{serve_tls, LiveCredentials, ServerTls};
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -121,6 +126,8 @@ fn cert_err(what: impl Into<String>) -> impl FnOnce(rcgen::Error) -> PkiError {
 pub enum Validity {
     /// From a minute ago, for this many days.
     Days(i64),
+    /// From a minute ago, for this long.
+    For(std::time::Duration),
     /// Exactly between these instants.
     Between(OffsetDateTime, OffsetDateTime),
 }
@@ -131,6 +138,11 @@ impl Validity {
             Validity::Days(d) => {
                 let now = OffsetDateTime::now_utc();
                 (now - time::Duration::minutes(1), now + time::Duration::days(d))
+            }
+            Validity::For(d) => {
+                let now = OffsetDateTime::now_utc();
+                let d = time::Duration::try_from(d).unwrap_or(time::Duration::days(CA_DAYS));
+                (now - time::Duration::minutes(1), now + d)
             }
             Validity::Between(a, b) => (a, b),
         }
@@ -320,10 +332,29 @@ impl Credentials {
 
     /// Until when its certificate is valid.
     pub fn not_after(&self) -> Result<OffsetDateTime> {
+        Ok(self.validity()?.1)
+    }
+
+    /// From and until when its certificate is valid.
+    pub fn validity(&self) -> Result<(OffsetDateTime, OffsetDateTime)> {
         let der = pem_der(&self.cert_pem)?;
         let (_, cert) = x509_parser::parse_x509_certificate(&der)
             .map_err(|e| PkiError::Invalid(format!("the certificate is malformed: {e}")))?;
-        Ok(cert.validity().not_after.to_datetime())
+        let v = cert.validity();
+        Ok((v.not_before.to_datetime(), v.not_after.to_datetime()))
+    }
+
+    /// Whether its certificate is due for renewal at `now`: when less than a third
+    /// of its lifetime is left (four months of a year's certificate), so a holder
+    /// that misses a few tries still renews in time.
+    pub fn renewal_due(&self, now: OffsetDateTime) -> Result<bool> {
+        let (from, until) = self.validity()?;
+        Ok(now >= until - (until - from) / 3)
+    }
+
+    /// [`Credentials::renewal_due`] now.
+    pub fn renewal_due_now(&self) -> Result<bool> {
+        self.renewal_due(OffsetDateTime::now_utc())
     }
 
     /// A server's TLS: this certificate, and client certificates from the CA.

@@ -247,6 +247,36 @@ fn from_hex(s: &str) -> Option<[u8; LEN]> {
     Some(out)
 }
 
+/// How a control client gets the TLS configuration of a new connection: asked
+/// afresh at each connect, so that credentials renewed on disk take effect in a
+/// long-running engine or replica without a restart (the manager makes these from
+/// the node's live credentials).
+#[derive(Clone)]
+pub struct ClientTls(std::sync::Arc<dyn Fn() -> tonic::transport::ClientTlsConfig + Send + Sync>);
+
+impl ClientTls {
+    /// The configuration `make` returns at each connect.
+    pub fn new(make: impl Fn() -> tonic::transport::ClientTlsConfig + Send + Sync + 'static) -> ClientTls {
+        ClientTls(std::sync::Arc::new(make))
+    }
+
+    /// Always `config`.
+    pub fn fixed(config: tonic::transport::ClientTlsConfig) -> ClientTls {
+        ClientTls::new(move || config.clone())
+    }
+
+    /// The configuration for a connection made now.
+    pub fn config(&self) -> tonic::transport::ClientTlsConfig {
+        (self.0)()
+    }
+}
+
+impl std::fmt::Debug for ClientTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ClientTls(..)")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -38,7 +38,7 @@ pub struct ControlService {
     sync: Arc<SyncState>,
     /// How this replica calls another's control service (a rebuild's source): over
     /// TLS with this configuration, or plaintext (`None`).
-    client_tls: Option<tonic::transport::ClientTlsConfig>,
+    client_tls: Option<horn_proto::auth::ClientTls>,
 }
 
 impl ControlService {
@@ -53,7 +53,7 @@ impl ControlService {
 
     /// The service, calling other replicas over TLS with `tls` (the cluster's
     /// credentials), as they serve it.
-    pub fn with_client_tls(mut self, tls: Option<tonic::transport::ClientTlsConfig>) -> Self {
+    pub fn with_client_tls(mut self, tls: Option<horn_proto::auth::ClientTls>) -> Self {
         self.client_tls = tls;
         self
     }

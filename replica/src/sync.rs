@@ -216,7 +216,7 @@ pub fn pull(
     source: &str,
     state: &SyncState,
     auth: Option<(String, String)>,
-    tls: Option<tonic::transport::ClientTlsConfig>,
+    tls: Option<horn_proto::auth::ClientTls>,
 ) -> Result<SyncPlan> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -237,7 +237,7 @@ pub fn pull(
     let mut endpoint = tonic::transport::Endpoint::from_shared(format!("{scheme}://{source}"))
         .map_err(|e| unreachable(&e))?;
     if let Some(tls) = tls {
-        endpoint = endpoint.tls_config(tls).map_err(|e| unreachable(&e))?;
+        endpoint = endpoint.tls_config(tls.config()).map_err(|e| unreachable(&e))?;
     }
     let channel = rt.block_on(endpoint.connect()).map_err(|e| unreachable(&e))?;
     let mut src = ReplicaControlClient::with_interceptor(channel, move |mut req: tonic::Request<()>| {

@@ -99,6 +99,11 @@ enum Command {
         /// Address for the manager's service.
         #[arg(long, default_value = horn_manager::api::DEFAULT_MANAGER)]
         listen: String,
+        /// How long the certificates it signs for nodes (at their join and each
+        /// renewal) and issues are valid: NUMBER with s, m, h or d. Holders renew
+        /// when a third of it is left.
+        #[arg(long, default_value = "365d", value_parser = horn_manager::ctl::parse_lifetime)]
+        certificate_lifetime: std::time::Duration,
     },
     /// Run the node agent: register this machine and its disks with the manager and
     /// keep its lease, until SIGINT or SIGTERM.
@@ -108,10 +113,15 @@ enum Command {
         manager: String,
         /// The file holding the cluster token (`hornctl cluster init` wrote it on the
         /// manager's machine): the node joins with it once, and gets its certificate.
+        /// Needed only for the first start (the certificate is kept in STATE/tls).
         #[arg(long, env = "HORN_TOKEN_FILE", default_value = "/var/lib/horn/cluster-token")]
         token_file: PathBuf,
+        /// A join token (`hornctl cluster join-token`): good for one join, within its
+        /// time to live; the way for a machine other than the manager's to join.
+        #[arg(long, env = "HORN_JOIN_TOKEN", value_name = "TOKEN")]
+        join: Option<String>,
         /// The cluster CA's certificate, to check the manager by at the join
-        /// (default: `ca.pem` beside the token file).
+        /// (default: `ca.pem` beside the token file; needed with --join).
         #[arg(long, value_name = "FILE")]
         ca_file: Option<PathBuf>,
         /// The node's name (default: the host name).
@@ -424,9 +434,9 @@ fn main() -> ExitCode {
         } => (|| {
             let credentials = credentials
                 .map(|dir| {
-                    horn_pki::Credentials::load(&dir, horn_manager::agent::NODE_CREDENTIALS).map_err(|e| {
-                        anyhow::anyhow!("cannot read the node's credentials in {}: {e}", dir.display())
-                    })
+                    horn_pki::LiveCredentials::open(&dir, horn_manager::agent::NODE_CREDENTIALS).map_err(
+                        |e| anyhow::anyhow!("cannot read the node's credentials in {}: {e}", dir.display()),
+                    )
                 })
                 .transpose()?;
             let secret = secret_file
@@ -461,10 +471,15 @@ fn main() -> ExitCode {
                 },
             )
         })(),
-        Command::Manager { data, listen } => horn_manager::daemon::serve_manager(data, listen),
+        Command::Manager {
+            data,
+            listen,
+            certificate_lifetime,
+        } => horn_manager::daemon::serve_manager(data, listen, certificate_lifetime),
         Command::Node {
             manager,
             token_file,
+            join,
             ca_file,
             name,
             address,
@@ -474,18 +489,34 @@ fn main() -> ExitCode {
             state,
         } => (|| {
             let name = node_name(name)?;
-            let token = std::fs::read_to_string(&token_file).map_err(|e| {
-                anyhow::anyhow!("cannot read the cluster token from {}: {e}", token_file.display())
-            })?;
-            let ca_file = ca_file.unwrap_or_else(|| token_file.with_file_name(horn_pki::CA_CERT));
-            let ca = std::fs::read_to_string(&ca_file).map_err(|e| {
-                anyhow::anyhow!(
-                    "cannot read the cluster CA's certificate from {} (--ca-file): {e}",
-                    ca_file.display()
-                )
-            })?;
+            // What the node joins with, read only if it has no certificate yet.
+            let joining = || -> anyhow::Result<(String, String)> {
+                let token = match &join {
+                    Some(t) => t.clone(),
+                    None => std::fs::read_to_string(&token_file).map_err(|e| {
+                        anyhow::anyhow!(
+                            "cannot read the cluster token from {} (or give a join token with --join): {e}",
+                            token_file.display()
+                        )
+                    })?,
+                };
+                let ca_file = match (&ca_file, &join) {
+                    (Some(f), _) => f.clone(),
+                    (None, None) => token_file.with_file_name(horn_pki::CA_CERT),
+                    (None, Some(_)) => anyhow::bail!(
+                        "--join needs --ca-file: the cluster CA's certificate (ca.pem in the manager's directory), to check the manager by"
+                    ),
+                };
+                let ca = std::fs::read_to_string(&ca_file).map_err(|e| {
+                    anyhow::anyhow!(
+                        "cannot read the cluster CA's certificate from {} (--ca-file): {e}",
+                        ca_file.display()
+                    )
+                })?;
+                Ok((ca, token.trim().to_string()))
+            };
             let credentials =
-                horn_manager::agent::node_credentials(&manager, &ca, token.trim(), &name, &address, &state)?;
+                horn_manager::agent::node_credentials(&manager, joining, &name, &address, &state)?;
             horn_manager::daemon::serve_node(horn_manager::agent::AgentConfig {
                 manager,
                 credentials,
@@ -597,14 +628,13 @@ fn main() -> ExitCode {
                     };
                     let tls = credentials
                         .map(|dir| {
-                            horn_pki::Credentials::load(&dir, horn_manager::agent::NODE_CREDENTIALS).map_err(
-                                |e| {
+                            horn_pki::LiveCredentials::open(&dir, horn_manager::agent::NODE_CREDENTIALS)
+                                .map_err(|e| {
                                     anyhow::anyhow!(
                                         "cannot read the node's credentials in {}: {e}",
                                         dir.display()
                                     )
-                                },
-                            )
+                                })
                         })
                         .transpose()?;
                     let recover = match (frontend, recover, id) {

@@ -12,10 +12,16 @@ pub struct ManagerDaemon {
 
 impl ManagerDaemon {
     pub fn start(data: &Path, listen: &str) -> ManagerDaemon {
+        ManagerDaemon::start_with(data, listen, &[])
+    }
+
+    /// With more flags.
+    pub fn start_with(data: &Path, listen: &str, extra: &[&str]) -> ManagerDaemon {
         let mut child = Command::new(env!("CARGO_BIN_EXE_hornd"))
             .args(["manager", "--data"])
             .arg(data)
             .args(["--listen", listen])
+            .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
