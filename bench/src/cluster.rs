@@ -388,6 +388,7 @@ fn scale(creates: usize) -> Result<(f64, f64)> {
                             .clone()
                             .node_heartbeat(pb::NodeRef {
                                 name: format!("s{n}"),
+                                ..Default::default()
                             })
                             .await;
                     }

@@ -97,22 +97,41 @@ pub fn node_credentials(
     Ok(c)
 }
 
-/// Renews the node's certificate through `client` once it is due (`true`: it was)
+/// Renews the node's certificate through `client` once it is due, or `now` (`true`: it was)
 /// ([`horn_pki::Credentials::renewal_due`]), and keeps the new one in its place.
 fn renew_if_due(
     rt: &tokio::runtime::Runtime,
     client: &mut Client,
     live: &horn_pki::LiveCredentials,
     ips: &[String],
+    now: bool,
 ) -> Result<bool> {
     let current = live.current();
-    if !current.renewal_due_now()? {
+    if !now && !current.renewal_due_now()? {
         return Ok(false);
     }
     let fresh = rt.block_on(crate::ctl::renew(client, &current, ips.to_vec()))?;
     live.replace(&fresh)?;
     tracing::info!(until = %fresh.not_after()?, "renewed the node's certificate");
     Ok(true)
+}
+
+/// Keeps the CA certificates the cluster trusts now (`trust_pem`, from a heartbeat's
+/// reply; empty: no news) as the node's `ca.pem`: a CA roll adds a new CA there
+/// before it signs, and retires the old one at its end.
+fn keep_trust(live: &horn_pki::LiveCredentials, trust_pem: &str) -> Result<()> {
+    let current = live.current();
+    if trust_pem.is_empty() || trust_pem == current.ca_pem {
+        return Ok(());
+    }
+    let updated = horn_pki::Credentials {
+        ca_pem: trust_pem.to_string(),
+        ..current
+    };
+    let trusted = updated.trusted()?;
+    live.replace(&updated)?;
+    tracing::info!(cas = ?trusted, "the cluster's CA certificates changed: the node trusts them now");
+    Ok(())
 }
 
 /// What the agent says of its node.
@@ -190,6 +209,7 @@ fn registration(cfg: &AgentConfig) -> Result<pb::Node> {
         disks,
         state: String::new(),
         lease_secs: 0,
+        ..Default::default()
     })
 }
 
@@ -272,6 +292,7 @@ pub fn run(cfg: AgentConfig, stop: Receiver<()>) -> Result<()> {
             let reply = if registered {
                 rt.block_on(c.node_heartbeat(pb::NodeRef {
                     name: cfg.name.clone(),
+                    trusted: live.current().trusted().unwrap_or_default(),
                 }))
             } else {
                 rt.block_on(c.register_node(registration(&cfg)?))
@@ -285,7 +306,10 @@ pub fn run(cfg: AgentConfig, stop: Receiver<()>) -> Result<()> {
                     }
                     registered = true;
                     heartbeat_at = Instant::now() + heartbeat_every(node.lease_secs);
-                    match renew_if_due(&rt, c, &live, &ips) {
+                    if let Err(e) = keep_trust(&live, &node.trust_pem) {
+                        tracing::warn!(error = %format!("{e:#}"), "cannot keep the cluster's CA certificates");
+                    }
+                    match renew_if_due(&rt, c, &live, &ips, node.renew_certificate) {
                         // Connect again, presenting the new certificate.
                         Ok(renewed) => reconnect = renewed,
                         Err(e) => {

@@ -163,7 +163,10 @@ pub struct ManagerService<S: Store + 'static> {
     token: String,
     /// The cluster's CA, which signs a joining node's certificate and issued
     /// credentials (`None`: this manager issues none).
-    ca: Option<Arc<horn_pki::Ca>>,
+    ca_dir: Option<PathBuf>,
+    /// Per node: the CAs it trusts and the issuer of its certificate, as its last
+    /// heartbeat showed (a CA roll advances on them).
+    trust: Mutex<BTreeMap<String, (Vec<String>, String)>>,
     /// The manager's credentials: it calls engines over mutual TLS with them.
     credentials: Option<horn_pki::LiveCredentials>,
     /// How long the certificates it signs are valid.
@@ -240,10 +243,10 @@ impl<S: Store + 'static> ManagerService<S> {
     /// A service over `store` (kept at `store_path`, for `ClusterInfo`).
     pub fn new(store: S, identity: &ClusterIdentity, store_path: &Path) -> ManagerService<S> {
         // The CA lives beside the store, in the manager's directory.
-        let ca = store_path
+        let ca_dir = store_path
             .parent()
-            .and_then(|dir| horn_pki::Ca::load(dir).ok())
-            .map(Arc::new);
+            .filter(|dir| horn_pki::Ca::load(dir).is_ok())
+            .map(Path::to_path_buf);
         let credentials = store_path
             .parent()
             .and_then(|dir| horn_pki::LiveCredentials::open(dir, MANAGER_CREDENTIALS).ok());
@@ -251,7 +254,8 @@ impl<S: Store + 'static> ManagerService<S> {
             specs: Arc::new(Specs::new(store)),
             cluster_id: identity.id.clone(),
             token: identity.token.clone(),
-            ca,
+            ca_dir,
+            trust: Mutex::new(BTreeMap::new()),
             credentials,
             certificate_lifetime: Duration::from_secs(horn_pki::LEAF_DAYS as u64 * 86400),
             store_path: store_path.display().to_string(),
@@ -281,17 +285,110 @@ impl<S: Store + 'static> ManagerService<S> {
     /// ([`horn_pki::Credentials::renewal_due`]); its service takes the new one at
     /// the next connection.
     pub fn renew_own_certificate(&self) -> anyhow::Result<()> {
-        let (Some(ca), Some(live)) = (&self.ca, &self.credentials) else {
+        let (Ok(ca), Some(live)) = (self.ca(), &self.credentials) else {
             return Ok(());
         };
         let current = live.current();
-        if !current.renewal_due_now()? {
+        if !current.renewal_due_now()? && current.issuer()? == ca.subject()? {
             return Ok(());
         }
         let fresh = ca.issue(&horn_pki::Role::Manager, &[], self.validity())?;
         live.replace(&fresh)?;
         tracing::info!(until = %fresh.not_after()?, "renewed the manager's certificate");
         Ok(())
+    }
+
+    /// The cluster's CA, as its files in the manager's directory hold it now (a
+    /// roll changes them).
+    fn ca(&self) -> Result<horn_pki::Ca, Status> {
+        let dir = self
+            .ca_dir
+            .as_ref()
+            .ok_or_else(|| Status::failed_precondition("this manager has no CA"))?;
+        horn_pki::Ca::load(dir).map_err(|e| Status::internal(format!("the cluster's CA: {e}")))
+    }
+
+    /// Where a CA roll stands, and each node's trust as last seen.
+    fn rotation_status(&self) -> Result<pb::RotationStatus, Status> {
+        let dir = self
+            .ca_dir
+            .as_ref()
+            .ok_or_else(|| Status::failed_precondition("this manager has no CA"))?;
+        let internal = |e: horn_pki::PkiError| Status::internal(format!("the cluster's CA: {e}"));
+        let (phase, next) = match horn_pki::Rotation::read(dir).map_err(internal)? {
+            horn_pki::Rotation::Idle => ("idle", String::new()),
+            horn_pki::Rotation::Trusting { next } => ("trusting", next),
+            horn_pki::Rotation::Reissuing { current } => ("reissuing", current),
+        };
+        let trust = self.trust.lock().unwrap_or_else(|p| p.into_inner());
+        let nodes = self
+            .specs
+            .nodes()
+            .map_err(to_status)?
+            .into_iter()
+            .map(|n| {
+                let (trusted, issuer) = trust.get(&n.spec.name).cloned().unwrap_or_default();
+                pb::NodeTrust {
+                    node: n.spec.name,
+                    trusted,
+                    issuer,
+                }
+            })
+            .collect();
+        Ok(pb::RotationStatus {
+            phase: phase.into(),
+            signer: self.ca()?.subject().map_err(internal)?,
+            next,
+            nodes,
+        })
+    }
+
+    /// Records what node `node`'s heartbeat showed of its trust, moves a CA roll on
+    /// when every node trusts the new CA (it then signs, and the manager's own
+    /// credentials in its directory are reissued from it), and says what the node
+    /// must do: the trust bundle to keep, and whether to renew now.
+    fn follow_rotation(
+        &self,
+        node: &str,
+        trusted: Vec<String>,
+        issuer: String,
+    ) -> Result<(String, bool), Status> {
+        let Some(dir) = &self.ca_dir else {
+            return Ok((String::new(), false));
+        };
+        let internal = |e: horn_pki::PkiError| Status::internal(format!("the cluster's CA: {e}"));
+        self.trust
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(node.to_string(), (trusted, issuer.clone()));
+        if let horn_pki::Rotation::Trusting { next } = horn_pki::Rotation::read(dir).map_err(internal)? {
+            let nodes = self.specs.nodes().map_err(to_status)?;
+            let all_trust = {
+                let trust = self.trust.lock().unwrap_or_else(|p| p.into_inner());
+                nodes
+                    .iter()
+                    .all(|n| trust.get(&n.spec.name).is_some_and(|(t, _)| t.contains(&next)))
+            };
+            if all_trust {
+                horn_pki::Rotation::switch(dir).map_err(internal)?;
+                let ca = self.ca()?;
+                for (name, role) in [
+                    (MANAGER_CREDENTIALS, horn_pki::Role::Manager),
+                    (ADMIN_CREDENTIALS, horn_pki::Role::Admin),
+                ] {
+                    ca.issue(&role, &[], self.validity())
+                        .and_then(|c| c.save(dir, name))
+                        .map_err(internal)?;
+                }
+                tracing::info!(signer = %next, "every node trusts the new CA: it signs from now on, and holders renew");
+            }
+        }
+        let ca = self.ca()?;
+        let renew = match horn_pki::Rotation::read(dir).map_err(internal)? {
+            horn_pki::Rotation::Reissuing { current } => !issuer.is_empty() && issuer != current,
+            _ => false,
+        };
+        Ok((ca.trust_pem().to_string(), renew))
     }
 
     /// How the manager calls engines: over mutual TLS with its credentials, which
@@ -917,6 +1014,7 @@ impl<S: Store + 'static> ManagerService<S> {
                     tags: spec.tags.into_iter().collect(),
                     cordoned: spec.cordoned,
                     lease_secs,
+                    ..Default::default()
                 }
             })
             .collect())
@@ -1123,11 +1221,7 @@ impl<S: Store + 'static> Manager for Service<S> {
                 "the cluster token is wrong: the node cannot join",
             ));
         }
-        let ca = self
-            .0
-            .ca
-            .as_ref()
-            .ok_or_else(|| Status::failed_precondition("this manager has no CA"))?;
+        let ca = self.0.ca()?;
         let ips = r
             .ips
             .iter()
@@ -1147,7 +1241,7 @@ impl<S: Store + 'static> Manager for Service<S> {
         tracing::info!(node = %r.node, "a node joined: its certificate is signed");
         Ok(Response::new(pb::JoinReply {
             cert,
-            ca: ca.cert_pem().to_string(),
+            ca: ca.trust_pem().to_string(),
         }))
     }
 
@@ -1159,11 +1253,7 @@ impl<S: Store + 'static> Manager for Service<S> {
             .cloned()
             .ok_or_else(|| Status::unauthenticated("a renewal needs the certificate being renewed"))?;
         let r = req.into_inner();
-        let ca = self
-            .0
-            .ca
-            .as_ref()
-            .ok_or_else(|| Status::failed_precondition("this manager has no CA"))?;
+        let ca = self.0.ca()?;
         let ips = r
             .ips
             .iter()
@@ -1178,7 +1268,7 @@ impl<S: Store + 'static> Manager for Service<S> {
         tracing::info!(role = %role, "renewed a certificate");
         Ok(Response::new(pb::JoinReply {
             cert,
-            ca: ca.cert_pem().to_string(),
+            ca: ca.trust_pem().to_string(),
         }))
     }
 
@@ -1223,11 +1313,7 @@ impl<S: Store + 'static> Manager for Service<S> {
                 }
             },
         };
-        let ca = self
-            .0
-            .ca
-            .as_ref()
-            .ok_or_else(|| Status::failed_precondition("this manager has no CA"))?;
+        let ca = self.0.ca()?;
         let days = if r.days == 0 {
             horn_pki::LEAF_DAYS
         } else {
@@ -1398,7 +1484,11 @@ impl<S: Store + 'static> Manager for Service<S> {
 
     async fn node_heartbeat(&self, req: Request<pb::NodeRef>) -> Result<Response<pb::Node>, Status> {
         acting_for(&req, &req.get_ref().name)?;
-        let name = req.into_inner().name;
+        let issuer = req
+            .peer_certs()
+            .and_then(|c| c.first().and_then(|leaf| horn_pki::issuer_of_der(leaf)))
+            .unwrap_or_default();
+        let pb::NodeRef { name, trusted } = req.into_inner();
         self.0
             .blocking(move |m| {
                 let lease = m.leases.lock().unwrap_or_else(|p| p.into_inner()).get(&name).copied();
@@ -1409,7 +1499,61 @@ impl<S: Store + 'static> Manager for Service<S> {
                     )));
                 }
                 let spec = m.specs.node(&name).map_err(to_status)?.spec;
-                m.node_reply(spec)
+                let mut reply = m.node_reply(spec)?;
+                (reply.trust_pem, reply.renew_certificate) = m.follow_rotation(&name, trusted, issuer)?;
+                Ok(reply)
+            })
+            .await
+    }
+
+    async fn rotate_ca(
+        &self,
+        req: Request<pb::RotateCaRequest>,
+    ) -> Result<Response<pb::RotationStatus>, Status> {
+        let step = req.into_inner().step;
+        self.0
+            .blocking(move |m| {
+                let dir = m
+                    .ca_dir
+                    .clone()
+                    .ok_or_else(|| Status::failed_precondition("this manager has no CA"))?;
+                let refused = |e: horn_pki::PkiError| Status::failed_precondition(e.to_string());
+                match step.as_str() {
+                    "" => {}
+                    "begin" => {
+                        horn_pki::Rotation::begin(&dir, &m.cluster_id).map_err(refused)?;
+                        tracing::info!("a CA roll began: nodes fetch the new CA at their next heartbeat");
+                    }
+                    "finish" => {
+                        let status = m.rotation_status()?;
+                        if status.phase != "reissuing" {
+                            return Err(Status::failed_precondition(format!(
+                                "the CA roll is {}, not reissuing: there is no old CA to retire yet",
+                                status.phase
+                            )));
+                        }
+                        let behind: Vec<String> = status
+                            .nodes
+                            .iter()
+                            .filter(|n| n.issuer != status.signer)
+                            .map(|n| n.node.clone())
+                            .collect();
+                        if !behind.is_empty() {
+                            return Err(Status::failed_precondition(format!(
+                                "nodes {} have not renewed their certificates from the new CA yet: finishing now would lock them out",
+                                behind.join(", ")
+                            )));
+                        }
+                        horn_pki::Rotation::finish(&dir).map_err(refused)?;
+                        tracing::info!("the CA roll finished: the old CA is trusted no more");
+                    }
+                    other => {
+                        return Err(Status::invalid_argument(format!(
+                            "{other:?} is not a step of a CA roll: begin or finish"
+                        )))
+                    }
+                }
+                m.rotation_status()
             })
             .await
     }

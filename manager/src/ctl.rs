@@ -95,6 +95,20 @@ pub enum ClusterCmd {
     /// a new key and a certificate for the same role, valid for the manager's
     /// certificate lifetime. Before they expire: an expired one is refused.
     Renew,
+    /// Roll the cluster's CA (admin only), without stopping anything: `rotate`
+    /// makes a new CA that every node comes to trust; once all do, it signs and
+    /// every node renews from it (the manager's own and admin credentials in its
+    /// directory too); `rotate --finish` then retires the old CA (refused while a
+    /// node still holds an old certificate). Other credentials issued with
+    /// `cluster credentials` must `cluster renew` before the finish.
+    Rotate {
+        /// Retire the old CA.
+        #[arg(long, conflicts_with = "status")]
+        finish: bool,
+        /// Only say where a roll stands.
+        #[arg(long)]
+        status: bool,
+    },
 }
 
 /// `hornctl volume ...`
@@ -635,6 +649,54 @@ pub fn run_cluster(addr: ManagerAddr, cmd: ClusterCmd) -> Result<()> {
             }
             Ok(())
         }),
+        ClusterCmd::Rotate { finish, status } => runtime()?.block_on(async {
+            let step = match (finish, status) {
+                (true, _) => "finish",
+                (_, true) => "",
+                _ => "begin",
+            };
+            let mut c = connect(&addr).await?;
+            let s = c
+                .rotate_ca(pb::RotateCaRequest { step: step.into() })
+                .await
+                .map_err(refused(&addr))?
+                .into_inner();
+            if addr.json {
+                let nodes: Vec<_> = s
+                    .nodes
+                    .iter()
+                    .map(|n| json!({ "node": n.node, "trusted": n.trusted, "issuer": n.issuer }))
+                    .collect();
+                println!(
+                    "{}",
+                    json!({ "phase": s.phase, "signer": s.signer, "next": s.next, "nodes": nodes })
+                );
+                return Ok(());
+            }
+            println!("CA roll: {} (signing: {})", s.phase, s.signer);
+            let rows: Vec<Vec<String>> = s
+                .nodes
+                .iter()
+                .map(|n| {
+                    vec![
+                        n.node.clone(),
+                        if s.next.is_empty() || n.trusted.contains(&s.next) { "yes" } else { "not yet" }.into(),
+                        if n.issuer.is_empty() {
+                            "not seen".into()
+                        } else if n.issuer == s.signer {
+                            "yes".into()
+                        } else {
+                            "not yet".into()
+                        },
+                    ]
+                })
+                .collect();
+            print!(
+                "{}",
+                crate::format::table(&["NODE", "TRUSTS NEW CA", "CERTIFICATE FROM SIGNER"], &rows)
+            );
+            Ok(())
+        }),
         ClusterCmd::Info => runtime()?.block_on(async {
             let mut c = connect(&addr).await?;
             let i = c
@@ -1159,7 +1221,10 @@ pub fn run_node(addr: ManagerAddr, cmd: NodeCmd) -> Result<()> {
                     .nodes
             }
             NodeCmd::Info { name } => vec![c
-                .get_node(pb::NodeRef { name })
+                .get_node(pb::NodeRef {
+                    name,
+                    ..Default::default()
+                })
                 .await
                 .map_err(refused(&addr))?
                 .into_inner()],

@@ -504,9 +504,7 @@ impl Instances {
     /// memory filesystem, never on a disk, readable by its owner only; one directory
     /// per agent (by its state directory). See [`key_dir`].
     fn secret_path(&self, file: &str) -> PathBuf {
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        std::hash::Hash::hash(&self.dir, &mut h);
-        key_dir().join(format!("{:016x}/{file}", std::hash::Hasher::finish(&h)))
+        agent_key_dir(&self.dir).join(file)
     }
 
     /// Writes `secret` to `path` for an instance to read (again after a reboot
@@ -885,6 +883,14 @@ pub fn key_dir() -> PathBuf {
         .map(PathBuf::from)
         .unwrap_or_else(std::env::temp_dir)
         .join("horn-keys")
+}
+
+/// The directory of [`key_dir`] for the agent whose instances are recorded in
+/// `instances` (`STATE/instances`).
+pub fn agent_key_dir(instances: &Path) -> PathBuf {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    std::hash::Hash::hash(instances, &mut h);
+    key_dir().join(format!("{:016x}", std::hash::Hasher::finish(&h)))
 }
 
 /// Writes `bytes` to `path`, readable by its owner only, durably.

@@ -147,8 +147,8 @@ fn replica_and_engine_control_take_only_current_certificates_of_the_right_role()
         .unwrap();
     let other_ca = Ca::generate("other").unwrap();
     let mut stranger = other_ca.issue(&Role::Admin, &[], Validity::Days(1)).unwrap();
-    stranger.ca_pem = ca.cert_pem().to_string();
-    let anonymous = Some(horn_pki::anonymous_client_tls(ca.cert_pem(), NODE_NAME));
+    stranger.ca_pem = ca.trust_pem().to_string();
+    let anonymous = Some(horn_pki::anonymous_client_tls(ca.trust_pem(), NODE_NAME));
 
     for (service, info) in [
         (

@@ -35,6 +35,7 @@ async fn register(addr: &str, data: &std::path::Path, name: &str, zone: &str) ->
         }],
         state: String::new(),
         lease_secs: 0,
+        ..Default::default()
     })
     .await
     .unwrap()
@@ -186,7 +187,7 @@ fn calls_need_a_current_certificate_of_the_cluster_with_the_role_for_them() {
     let e = list_with(a, None).unwrap_err();
     assert!(!e.starts_with("Ok"), "{e}");
     // TLS without a certificate: refused before the call.
-    let e = list_with(a, Some(horn_pki::anonymous_client_tls(ca.cert_pem(), name))).unwrap_err();
+    let e = list_with(a, Some(horn_pki::anonymous_client_tls(ca.trust_pem(), name))).unwrap_err();
     assert!(
         e.contains("Unauthenticated") && e.contains("none was presented"),
         "{e}"
@@ -195,7 +196,7 @@ fn calls_need_a_current_certificate_of_the_cluster_with_the_role_for_them() {
     let other = Ca::generate("other").unwrap();
     let stranger = other.issue(&Role::Admin, &[], Validity::Days(1)).unwrap();
     let mut stranger_here = stranger.clone();
-    stranger_here.ca_pem = ca.cert_pem().to_string();
+    stranger_here.ca_pem = ca.trust_pem().to_string();
     let e = list_with(a, Some(stranger_here.client_tls(name))).unwrap_err();
     assert!(!e.contains("Ok"), "another CA's certificate was taken: {e}");
     // Expired (signed by the right CA): the handshake fails.
@@ -270,7 +271,7 @@ fn calls_need_a_current_certificate_of_the_cluster_with_the_role_for_them() {
     let e = rt()
         .block_on(horn_manager::ctl::join(
             a,
-            ca.cert_pem(),
+            ca.trust_pem(),
             "not-the-token",
             "n1",
             vec![],
@@ -280,7 +281,7 @@ fn calls_need_a_current_certificate_of_the_cluster_with_the_role_for_them() {
     let n1 = rt()
         .block_on(horn_manager::ctl::join(
             a,
-            ca.cert_pem(),
+            ca.trust_pem(),
             token.trim(),
             "n1",
             vec!["127.0.0.1".into()],

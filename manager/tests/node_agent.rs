@@ -228,7 +228,7 @@ fn agents_serve_a_volume_through_attach_detach_reattach_and_an_agent_restart() {
         let (h, _) = c.write(1, 0, &[0xee; 4096], 1).unwrap();
         assert_eq!(h.status, horn_proto::wire::Status::Unauthenticated, "{addr}");
     }
-    let secrets = secret_files("v1", &placement_ids(&v));
+    let secrets = secret_files(data, "v1", &placement_ids(&v));
     assert_eq!(secrets.len(), 3, "{secrets:?}");
     assert!(secrets.iter().all(|(_, mode)| *mode == 0o600), "{secrets:?}");
     let e = refused(hornctl(data, a, &["volume", "attach", "v1", "n2"]));
@@ -293,12 +293,10 @@ fn agents_serve_a_volume_through_attach_detach_reattach_and_an_agent_restart() {
     let mut lba = 1000;
     let since = std::time::Instant::now();
     while since.elapsed() < Duration::from_secs(2) {
-        assert_eq!(
-            s.write10(lba, &first[..4096]).status,
-            0,
-            "a write while the manager is down"
-        );
-        lba += 8;
+        let r = s.write10(lba, &first[..4096]);
+        assert_eq!(r.status, 0, "a write while the manager is down: {:02x?}", r.sense);
+        // Round the volume (64 MiB: 131072 sectors) as often as the writes take.
+        lba = 1000 + (lba - 1000 + 8) % 120_000;
     }
     let _restarted = ManagerDaemon::start(data, a);
     for _ in 0..20 {
@@ -1202,15 +1200,13 @@ fn all_files(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
 
 /// The wire-secret files of volume `volume`'s replicas `ids` the agents keep, with
 /// their modes.
-fn secret_files(volume: &str, ids: &[String]) -> Vec<(PathBuf, u32)> {
+fn secret_files(data: &Path, volume: &str, ids: &[String]) -> Vec<(PathBuf, u32)> {
     use std::os::unix::fs::PermissionsExt;
     let mut out = Vec::new();
-    for d in std::fs::read_dir(horn_manager::instances::key_dir())
-        .into_iter()
-        .flatten()
-        .flatten()
-    {
-        for f in std::fs::read_dir(d.path()).into_iter().flatten().flatten() {
+    // This test's agents' directories only (other tests run beside it).
+    for n in 1..=4 {
+        let d = horn_manager::instances::agent_key_dir(&node_dir(data, n).join("state/instances"));
+        for f in std::fs::read_dir(d).into_iter().flatten().flatten() {
             let name = f.file_name().to_string_lossy().into_owned();
             if ids.iter().any(|id| name == format!("{volume}-{id}.secret")) {
                 let m = f.metadata().unwrap();
@@ -1458,6 +1454,113 @@ fn a_join_token_joins_one_node_once_and_certificates_are_renewed_before_they_exp
     assert!(out.contains("after"), "{out}");
     let snaps = ok(hornctl(data, a, &["volume", "snapshots", "v1"]));
     assert!(snaps.contains("before") && snaps.contains("after"), "{snaps}");
+    ok(hornctl(data, a, &["volume", "detach", "v1"]));
+    ok(hornctl(data, a, &["volume", "delete", "v1"]));
+}
+
+#[test]
+fn the_cluster_ca_rolls_while_a_volume_is_served_and_the_old_ca_is_then_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path();
+    init(data);
+    let _mgr = ManagerDaemon::start(data, "127.0.0.1:0");
+    let _cleanup = KillInstances(data);
+    let a = &_mgr.addr.clone();
+    roomy(data, a);
+    let _agents: Vec<Agent> = (1..=2).map(|n| start_agent(data, a, n)).collect();
+    common::eventually(Duration::from_secs(20), "two ready nodes", || {
+        let out = hornctl(data, a, &["node", "list", "--json"]);
+        out.status.success()
+            && String::from_utf8_lossy(&out.stdout)
+                .matches(r#""state":"ready""#)
+                .count()
+                == 2
+    });
+    ok(hornctl(
+        data,
+        a,
+        &[
+            "volume",
+            "create",
+            "v1",
+            "--size",
+            "16M",
+            "--replicas",
+            "2",
+            "--frontend",
+            "iscsi",
+        ],
+    ));
+    ok(hornctl(data, a, &["volume", "attach", "v1", "n1"]));
+    ok(hornctl(data, a, &["volume", "snapshot", "v1", "s1"]));
+    // The admin's credentials as they were: from the old CA.
+    let old_admin = data.join("old-admin");
+    horn_pki::Credentials::load(data, "admin")
+        .unwrap()
+        .save(&old_admin, "admin")
+        .unwrap();
+    let status = |data: &Path| json(hornctl(data, a, &["cluster", "rotate", "--status", "--json"]));
+    let before = status(data);
+    assert_eq!(before["phase"], "idle");
+    let old_ca = before["signer"].as_str().unwrap().to_string();
+
+    // Begin: the new CA is trusted first; finishing now is refused.
+    let s = json(hornctl(data, a, &["cluster", "rotate", "--json"]));
+    assert_eq!(s["phase"], "trusting", "{s}");
+    let new_ca = s["next"].as_str().unwrap().to_string();
+    assert_ne!(new_ca, old_ca);
+    let e = refused(hornctl(data, a, &["cluster", "rotate"]));
+    assert!(e.contains("under way already"), "{e}");
+    let e = refused(hornctl(data, a, &["cluster", "rotate", "--finish"]));
+    assert!(e.contains("not reissuing"), "{e}");
+
+    // Every node comes to trust it, then it signs and every node renews from it;
+    // the volume is served throughout.
+    common::eventually(
+        Duration::from_secs(60),
+        "both nodes renewed from the new CA",
+        || {
+            let s = status(data);
+            s["phase"] == "reissuing"
+                && s["signer"] == new_ca.as_str()
+                && s["nodes"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .all(|n| n["issuer"] == new_ca.as_str())
+        },
+    );
+    ok(hornctl(data, a, &["volume", "snapshot", "v1", "s2"]));
+    for n in 1..=2 {
+        let c = node_certificate(data, n);
+        assert_eq!(c.issuer().unwrap(), new_ca);
+        assert_eq!(c.trusted().unwrap(), vec![old_ca.clone(), new_ca.clone()]);
+    }
+    // The old admin certificate still works until the finish (with the bundle the
+    // manager hands out, which trusts the manager's new certificate).
+    std::fs::copy(data.join("ca.pem"), old_admin.join("ca.pem")).unwrap();
+    let with_old = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_hornctl"))
+            .args(args)
+            .args(["--manager", a, "--credentials"])
+            .arg(&old_admin)
+            .output()
+            .unwrap()
+    };
+    ok(with_old(&["volume", "list"]));
+
+    // Finish: the old CA is retired everywhere; the volume is still served, and a
+    // certificate of the old CA is refused.
+    let s = json(hornctl(data, a, &["cluster", "rotate", "--finish", "--json"]));
+    assert_eq!(s["phase"], "idle", "{s}");
+    common::eventually(Duration::from_secs(30), "nodes trusting the new CA alone", || {
+        (1..=2).all(|n| node_certificate(data, n).trusted().unwrap() == vec![new_ca.clone()])
+    });
+    ok(hornctl(data, a, &["volume", "snapshot", "v1", "s3"]));
+    let e = refused(with_old(&["volume", "list"]));
+    assert!(e.contains("certificate") || e.contains("transport"), "{e}");
+    let snaps = ok(hornctl(data, a, &["volume", "snapshots", "v1"]));
+    assert!(["s1", "s2", "s3"].iter().all(|s| snaps.contains(s)), "{snaps}");
     ok(hornctl(data, a, &["volume", "detach", "v1"]));
     ok(hornctl(data, a, &["volume", "delete", "v1"]));
 }

@@ -18,7 +18,9 @@
 //! rustls with ring, so no OpenSSL.
 
 mod live;
+mod rotation;
 pub use live::{serve_tls, LiveCredentials, ServerTls};
+pub use rotation::{issuer_of_der, Rotation};
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -149,10 +151,13 @@ impl Validity {
     }
 }
 
-/// The cluster's CA: its certificate and key, in PEM.
+/// The cluster's CA: the certificate and key it signs with, and the certificates
+/// every holder trusts (the signer's alone, or the old and new CA's while a CA is
+/// rolled: see `rotation.rs`), in PEM.
 pub struct Ca {
     cert_pem: String,
     key_pem: String,
+    trust_pem: String,
 }
 
 impl std::fmt::Debug for Ca {
@@ -170,7 +175,16 @@ impl Ca {
     pub fn generate(cluster: &str) -> Result<Ca> {
         let key = KeyPair::generate().map_err(cert_err("cannot make the CA's key"))?;
         let mut params = CertificateParams::default();
-        params.distinguished_name = name(&format!("Horn cluster {cluster} CA"));
+        // A tag of the key's own makes each CA's name its own, so that which CA
+        // issued a certificate can be told from its issuer's name (as a rolled CA's
+        // progress is).
+        let tag: String = key
+            .public_key_raw()
+            .iter()
+            .take(4)
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        params.distinguished_name = name(&format!("Horn cluster {cluster} CA {tag}"));
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
         (params.not_before, params.not_after) = Validity::Days(CA_DAYS).range();
@@ -180,27 +194,47 @@ impl Ca {
         Ok(Ca {
             cert_pem: cert.pem(),
             key_pem: key.serialize_pem(),
+            trust_pem: cert.pem(),
         })
     }
 
     /// Writes the CA to `dir` (`ca.pem`, and `ca.key` readable by its owner only);
     /// refused if one is there.
     pub fn save(&self, dir: &Path) -> Result<()> {
-        write_new(&dir.join(CA_CERT), self.cert_pem.as_bytes(), 0o644)?;
+        write_new(&dir.join(CA_CERT), self.trust_pem.as_bytes(), 0o644)?;
         write_new(&dir.join(CA_KEY), self.key_pem.as_bytes(), 0o600)
     }
 
-    /// The CA in `dir`.
+    /// The CA in `dir`: it signs with `ca.key` and the certificate of `ca.pem` that
+    /// matches it, and holders trust all of `ca.pem`.
     pub fn load(dir: &Path) -> Result<Ca> {
+        Ca::load_signer(dir, CA_KEY)
+    }
+
+    /// The CA of `dir` that signs with key file `key`.
+    fn load_signer(dir: &Path, key: &str) -> Result<Ca> {
+        let trust_pem = read(&dir.join(CA_CERT))?;
+        let key_pem = read(&dir.join(key))?;
+        let cert_pem = rotation::matching_cert(&trust_pem, &key_pem)?;
         Ok(Ca {
-            cert_pem: read(&dir.join(CA_CERT))?,
-            key_pem: read(&dir.join(CA_KEY))?,
+            cert_pem,
+            key_pem,
+            trust_pem,
         })
     }
 
-    /// The CA's certificate (public), in PEM.
-    pub fn cert_pem(&self) -> &str {
-        &self.cert_pem
+    /// The certificates a holder trusts (the CA's; the old and new CA's while a CA
+    /// is rolled), in PEM: what goes in every holder's `ca.pem`.
+    pub fn trust_pem(&self) -> &str {
+        &self.trust_pem
+    }
+
+    /// The name of the CA that signs, as the certificates it issues name their
+    /// issuer.
+    pub fn subject(&self) -> Result<String> {
+        rotation::subjects(&self.cert_pem)?
+            .pop()
+            .ok_or_else(|| PkiError::Invalid("the CA's certificate is missing".into()))
     }
 
     /// New credentials for `role`, with a key made here, valid for `validity`.
@@ -210,7 +244,7 @@ impl Ca {
         Ok(Credentials {
             cert_pem,
             key_pem: key.serialize_pem(),
-            ca_pem: self.cert_pem.clone(),
+            ca_pem: self.trust_pem.clone(),
         })
     }
 
@@ -333,6 +367,19 @@ impl Credentials {
     /// Until when its certificate is valid.
     pub fn not_after(&self) -> Result<OffsetDateTime> {
         Ok(self.validity()?.1)
+    }
+
+    /// The name of the CA that issued its certificate.
+    pub fn issuer(&self) -> Result<String> {
+        let der = pem_der(&self.cert_pem)?;
+        let (_, cert) = x509_parser::parse_x509_certificate(&der)
+            .map_err(|e| PkiError::Invalid(format!("the certificate is malformed: {e}")))?;
+        Ok(cert.issuer().to_string())
+    }
+
+    /// The names of the CAs it trusts (its `ca.pem`).
+    pub fn trusted(&self) -> Result<Vec<String>> {
+        rotation::subjects(&self.ca_pem)
     }
 
     /// From and until when its certificate is valid.
@@ -580,7 +627,7 @@ mod tests {
         let c = Credentials {
             cert_pem: cert,
             key_pem: key,
-            ca_pem: ca.cert_pem().into(),
+            ca_pem: ca.trust_pem().into(),
         };
         assert_eq!(c.role().unwrap(), Role::Node("n1".into()));
         assert!(ca
@@ -608,6 +655,6 @@ mod tests {
         assert_eq!(mode("admin.key"), 0o600);
         let back = Credentials::load(dir.path(), "admin").unwrap();
         assert_eq!(back.role().unwrap(), Role::Admin);
-        assert_eq!(Ca::load(dir.path()).unwrap().cert_pem(), ca.cert_pem());
+        assert_eq!(Ca::load(dir.path()).unwrap().trust_pem(), ca.trust_pem());
     }
 }

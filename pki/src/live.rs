@@ -240,6 +240,11 @@ pub fn serve_tls(
                     Ok(Ok(stream)) => {
                         let _ = handed.send(Ok(stream)).await;
                     }
+                    // A peer that connects and closes (a probe that the port
+                    // listens) is no news.
+                    Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                        tracing::debug!(%peer, "a connection closed before its TLS handshake")
+                    }
                     Ok(Err(e)) => tracing::info!(%peer, error = %e, "a TLS handshake failed"),
                     Err(_) => tracing::info!(%peer, "a TLS handshake took too long"),
                 }
