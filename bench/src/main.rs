@@ -75,6 +75,12 @@ enum Command {
         control: String,
         #[arg(long, default_value = "direct")]
         cache: horn_replica::CacheMode,
+        /// The node's credentials: control over mutual TLS.
+        #[arg(long)]
+        credentials: Option<std::path::PathBuf>,
+        /// The data wire over TLS (with --credentials).
+        #[arg(long)]
+        data_tls: bool,
     },
 }
 
@@ -99,6 +105,8 @@ fn main() -> anyhow::Result<()> {
             listen,
             control,
             cache,
+            credentials,
+            data_tls,
         } => horn_manager::daemon::serve_replica(
             dir,
             listen,
@@ -107,6 +115,10 @@ fn main() -> anyhow::Result<()> {
                 size: Some(size),
                 sector_size: 512,
                 cache,
+                credentials: credentials
+                    .map(|d| horn_pki::LiveCredentials::open(&d, "node"))
+                    .transpose()?,
+                data_tls,
                 ..Default::default()
             },
         ),

@@ -60,6 +60,20 @@ pub struct VolumeArgs {
     /// of the engine against fio.
     #[arg(long, conflicts_with = "running")]
     encrypted: bool,
+    /// Measure the data wire over TLS (`--data-tls`: mutual TLS between the engine
+    /// and its replica processes) against the same replicas' plain data wire, in turns
+    /// workload by workload; control over mutual TLS on both sides.
+    #[arg(long, conflicts_with_all = ["running", "encrypted"])]
+    data_tls: bool,
+}
+
+/// What a paired run compares: the same engine with one thing on and off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Compared {
+    /// AES-256-XTS in the engine.
+    Encrypted,
+    /// The data wire over TLS.
+    DataTls,
 }
 
 /// A replica process, killed when dropped.
@@ -79,6 +93,16 @@ impl ReplicaProcess {
         size: u64,
         cache: horn_replica::CacheMode,
     ) -> Result<ReplicaProcess> {
+        Self::start_full(dir, size, cache, &[])
+    }
+
+    /// [`ReplicaProcess::start_with`] with more `serve-replica` flags.
+    fn start_full(
+        dir: &Path,
+        size: u64,
+        cache: horn_replica::CacheMode,
+        extra: &[&str],
+    ) -> Result<ReplicaProcess> {
         let exe = std::env::current_exe().context("cannot find horn-bench's own binary")?;
         let mut child = Command::new(exe)
             .args([
@@ -94,6 +118,7 @@ impl ReplicaProcess {
             .arg(dir)
             .arg("--cache")
             .arg(cache.to_string())
+            .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -182,9 +207,10 @@ fn drive_queues(volume: &mut Volume, w: &Workload, runtime: Duration, queues: us
     Ok((iops, lat))
 }
 
-/// `--encrypted`: for each replica count, an unencrypted and an encrypted volume on
-/// replica processes of their own, measured in turns, workload by workload.
-fn run_encrypted(args: &VolumeArgs) -> Result<()> {
+/// `--encrypted`, `--data-tls`: for each replica count, a volume without and one with
+/// the thing compared, on replica processes of their own, measured in turns, workload
+/// by workload.
+fn run_paired(args: &VolumeArgs, compared: Compared) -> Result<()> {
     let mut report = Report {
         json: args.json,
         rows: Vec::new(),
@@ -193,6 +219,32 @@ fn run_encrypted(args: &VolumeArgs) -> Result<()> {
     let key: Vec<u8> = (0..64u8).map(|i| i.wrapping_mul(41).wrapping_add(7)).collect();
     let cipher =
         std::sync::Arc::new(horn_engine::crypt::VolumeCipher::from_key(&key).map_err(anyhow::Error::msg)?);
+    // For --data-tls: a CA of the run's own, and one node's credentials for the
+    // engine and every replica (control over mutual TLS on both sides).
+    let pki = tempfile::tempdir()?;
+    let ca = horn_pki::Ca::generate("bench")?;
+    ca.issue(
+        &horn_pki::Role::Node("bench".into()),
+        &[],
+        horn_pki::Validity::Days(1),
+    )?
+    .save(pki.path(), "node")?;
+    let live = horn_pki::LiveCredentials::open(pki.path(), "node")?;
+    let creds = pki
+        .path()
+        .to_str()
+        .context("a temporary path is not UTF-8")?
+        .to_string();
+    let (part, peer) = match compared {
+        Compared::Encrypted => (
+            "encrypted",
+            "the same engine on an unencrypted volume, in turns in the same run",
+        ),
+        Compared::DataTls => (
+            "data-tls",
+            "the same engine on the plain data wire (control over mutual TLS both times), in turns in the same run",
+        ),
+    };
     for &n in &args.replicas {
         if n == 0 {
             bail!("--replicas takes counts of at least 1");
@@ -206,21 +258,38 @@ fn run_encrypted(args: &VolumeArgs) -> Result<()> {
             human_bytes(args.size),
             args.dir.display()
         );
-        let start = |side: &str,
-                     cipher: Option<std::sync::Arc<horn_engine::crypt::VolumeCipher>>|
-         -> Result<(Vec<ReplicaProcess>, Volume)> {
+        let start = |side: &str, on: bool| -> Result<(Vec<ReplicaProcess>, Volume)> {
+            let mut extra = Vec::new();
+            if compared == Compared::DataTls {
+                extra.extend(["--credentials", creds.as_str()]);
+                if on {
+                    extra.push("--data-tls");
+                }
+            }
             let replicas: Vec<ReplicaProcess> = (0..n)
-                .map(|i| ReplicaProcess::start(&scratch.path().join(format!("{side}-{i}")), args.size))
+                .map(|i| {
+                    ReplicaProcess::start_full(
+                        &scratch.path().join(format!("{side}-{i}")),
+                        args.size,
+                        horn_replica::CacheMode::Direct,
+                        &extra,
+                    )
+                })
                 .collect::<Result<_>>()?;
             let addrs: Vec<ReplicaAddr> = replicas.iter().map(|r| r.addr.clone()).collect();
-            let (mut volume, started) = Volume::start_with(
-                &addrs,
-                Duration::from_secs(8),
-                horn_engine::StartOptions {
-                    cipher,
-                    ..Default::default()
-                },
-            )?;
+            let mut options = horn_engine::StartOptions::default();
+            match compared {
+                Compared::Encrypted => options.cipher = on.then(|| cipher.clone()),
+                Compared::DataTls => {
+                    options.tls = Some(horn_manager::daemon::node_client_tls(&live));
+                    if on {
+                        let dialer = horn_pki::DataTlsDialer::new(live.clone());
+                        options.data_tls =
+                            Some(horn_proto::auth::DataDial::new(move |r| dialer.local_for(r)));
+                    }
+                }
+            }
+            let (mut volume, started) = Volume::start_with(&addrs, Duration::from_secs(8), options)?;
             if started.used.len() != n {
                 bail!(
                     "only {} of {n} replicas could be used: {:?}",
@@ -232,8 +301,8 @@ fn run_encrypted(args: &VolumeArgs) -> Result<()> {
             fill(&mut volume)?;
             Ok((replicas, volume))
         };
-        let (plain_replicas, mut plain) = start("plain", None)?;
-        let (enc_replicas, mut enc) = start("encrypted", Some(cipher.clone()))?;
+        let (plain_replicas, mut plain) = start("plain", false)?;
+        let (enc_replicas, mut enc) = start(part, true)?;
         let runtime = Duration::from_secs(args.runtime);
         let secs = args.runtime as f64;
         for w in WORKLOADS {
@@ -244,17 +313,17 @@ fn run_encrypted(args: &VolumeArgs) -> Result<()> {
             let (e_iops, e_lat, e_cpu) = metered(&mut enc, w, runtime, args.queues)?;
             report.emit(json!({
                 "bench": "volume",
-                "part": "encrypted",
+                "part": part,
                 "workload": w.name,
                 "replicas": n,
                 "iops": e_iops.round(),
                 "lat_us_mean": round2(e_lat),
-                "peer": "the same engine on an unencrypted volume, in turns in the same run",
+                "peer": peer,
                 "peer_iops": p_iops.round(),
                 "peer_lat_us_mean": round2(p_lat),
                 "added_lat_us": round2(e_lat - p_lat),
                 "ratio": round2(e_iops / p_iops),
-                "target": (w.bs == 4096 && w.qd == 32).then_some(0.85),
+                "target": (compared == Compared::Encrypted && w.bs == 4096 && w.qd == 32).then_some(0.85),
                 "cpu_us_per_io": e_cpu.map(|c| round2(c.us_per_io(e_iops, secs))),
                 "peer_cpu_us_per_io": p_cpu.map(|c| round2(c.us_per_io(p_iops, secs))),
                 "queues": args.queues,
@@ -272,7 +341,10 @@ fn run_encrypted(args: &VolumeArgs) -> Result<()> {
 /// Runs the volume benchmark.
 pub fn run(args: VolumeArgs) -> Result<()> {
     if args.encrypted {
-        return run_encrypted(&args);
+        return run_paired(&args, Compared::Encrypted);
+    }
+    if args.data_tls {
+        return run_paired(&args, Compared::DataTls);
     }
     if !fio::available() {
         bail!("fio is not installed: run scripts/install-deps (or apt-get install fio)");

@@ -34,6 +34,8 @@ pub(crate) struct Caller {
     /// Over TLS with this configuration (the node's certificate), where the
     /// cluster's services speak it; plaintext otherwise.
     tls: Option<horn_proto::auth::ClientTls>,
+    /// The data wire over TLS: where to connect for each replica.
+    pub(crate) data: Option<horn_proto::auth::DataDial>,
 }
 
 impl Caller {
@@ -55,7 +57,14 @@ impl Caller {
             engine: AsciiMetadataValue::try_from(engine).map_err(|_| bad())?,
             proof,
             tls,
+            data: None,
         })
+    }
+
+    /// The caller, reaching replicas' data wires through `data` if given.
+    pub(crate) fn with_data(mut self, data: Option<horn_proto::auth::DataDial>) -> Caller {
+        self.data = data;
+        self
     }
 }
 

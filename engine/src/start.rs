@@ -79,6 +79,8 @@ pub struct StartOptions {
     /// How to reach the replicas' control services over TLS (the node's
     /// certificate, checked against the cluster's CA), where they serve it.
     pub tls: Option<horn_proto::auth::ClientTls>,
+    /// The data wire over TLS (`--data-tls`): where to connect for each replica's.
+    pub data_tls: Option<horn_proto::auth::DataDial>,
 }
 
 /// [`start`], with `options` (see [`StartOptions`]).
@@ -93,6 +95,7 @@ pub fn start_with(
         cipher,
         secret,
         tls,
+        data_tls,
     } = options;
     let pin = pin.as_deref();
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -143,7 +146,7 @@ pub fn start_with(
         None => None,
     };
     let key = generation_key(grant.as_ref(), secret.as_ref(), generation)?;
-    let caller = Caller::new(&engine_id, key.as_ref(), tls)?;
+    let caller = Caller::new(&engine_id, key.as_ref(), tls)?.with_data(data_tls);
     let volume = infos
         .iter()
         .filter_map(|(_, i)| i.record.clone().map(record_from_wire))

@@ -36,6 +36,8 @@ pub struct ReplicaOptions {
     /// The node's credentials: the control service then serves mutual TLS only, to
     /// the roles [`crate::policy::replica`] allows, and calls other replicas so.
     pub credentials: Option<horn_pki::LiveCredentials>,
+    /// Serve the data wire over TLS with `credentials` ([`horn_pki::serve_data_tls`]).
+    pub data_tls: bool,
 }
 
 impl Default for ReplicaOptions {
@@ -49,6 +51,7 @@ impl Default for ReplicaOptions {
             limits: Default::default(),
             secret: None,
             credentials: None,
+            data_tls: false,
         }
     }
 }
@@ -64,14 +67,27 @@ pub fn serve_replica(dir: PathBuf, listen: String, control: String, options: Rep
         limits,
         secret,
         credentials,
+        data_tls,
     } = options;
     // Before any thread starts, so that only the signal waiter receives them.
     let stop_signals = block_stop_signals()?;
 
     let mut replica = open_replica(&dir, size, sector_size, cache)?;
     replica.set_secret(secret);
-    let listener = TcpListener::bind(&listen).with_context(|| format!("cannot listen on {listen}"))?;
+    let mut listener = TcpListener::bind(&listen).with_context(|| format!("cannot listen on {listen}"))?;
     let addr = listener.local_addr()?;
+    if data_tls {
+        // The public address speaks TLS; the data server listens on loopback behind
+        // the tunnel.
+        let credentials = credentials
+            .clone()
+            .context("--data-tls needs the node's credentials (--credentials)")?;
+        let inner =
+            TcpListener::bind("127.0.0.1:0").context("cannot listen on loopback for the data server")?;
+        horn_pki::serve_data_tls(listener, inner.local_addr()?, credentials)
+            .context("cannot serve the data wire over TLS")?;
+        listener = inner;
+    }
     let control_listener =
         TcpListener::bind(&control).with_context(|| format!("cannot listen on {control} for control"))?;
     let control_addr = control_listener.local_addr()?;
@@ -243,6 +259,8 @@ pub struct EngineStart {
     pub credentials: Option<horn_pki::LiveCredentials>,
     /// The node the engine runs on, if it knows it.
     pub node: Option<String>,
+    /// Reach the replicas' data wires over TLS with `credentials`.
+    pub data_tls: bool,
 }
 
 /// Serves a volume's engine on `start`'s replicas (and on the replica it `hosted` in its own
@@ -277,7 +295,18 @@ pub fn serve_engine(
         secret,
         credentials,
         node,
+        data_tls,
     } = start;
+    let data_tls = match (data_tls, &credentials) {
+        (false, _) => None,
+        (true, Some(c)) => {
+            let dialer = horn_pki::DataTlsDialer::new(c.clone());
+            Some(horn_proto::auth::DataDial::new(move |replica| {
+                dialer.local_for(replica)
+            }))
+        }
+        (true, None) => anyhow::bail!("--data-tls needs the node's credentials (--credentials)"),
+    };
     let hosted = match hosted {
         Some(opts) => {
             let (h, addr) = HostedReplica::start(&opts)?;
@@ -295,6 +324,7 @@ pub fn serve_engine(
             cipher,
             secret,
             tls: credentials.as_ref().map(node_client_tls),
+            data_tls,
         },
     )
     .context("cannot start the engine");

@@ -246,3 +246,179 @@ fn a_replica_with_missing_credentials_does_not_start() {
         "{e}"
     );
 }
+
+/// A TCP proxy from a loopback port to `to` that keeps every byte it carries, both
+/// ways: what a reader of the network sees.
+fn recording_proxy(to: String) -> (String, std::sync::Arc<std::sync::Mutex<Vec<u8>>>) {
+    use std::io::{Read, Write};
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let kept = seen.clone();
+    std::thread::spawn(move || {
+        for inbound in l.incoming() {
+            let Ok(inbound) = inbound else { return };
+            let Ok(outbound) = std::net::TcpStream::connect(&to) else {
+                continue;
+            };
+            for (mut from, mut into) in [
+                (inbound.try_clone().unwrap(), outbound.try_clone().unwrap()),
+                (outbound, inbound),
+            ] {
+                let kept = kept.clone();
+                std::thread::spawn(move || {
+                    let mut buf = vec![0u8; 1 << 16];
+                    while let Ok(n) = from.read(&mut buf) {
+                        if n == 0 || into.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                        kept.lock().unwrap().extend_from_slice(&buf[..n]);
+                    }
+                    let _ = into.shutdown(std::net::Shutdown::Both);
+                });
+            }
+        }
+    });
+    (addr, seen)
+}
+
+/// Starts `hornd engine ARGS --frontend iscsi` and returns it with its portal.
+fn iscsi_engine(args: &[&str]) -> (Running, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_hornd"))
+        .arg("engine")
+        .args(args)
+        .args(["--control", "127.0.0.1:0", "--frontend", "iscsi", "--no-chap"])
+        .args(["--listen", "127.0.0.1:0", "--iqn", "iqn.2026-11.io.horn:tls"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    while out.read_line(&mut line).unwrap() > 0 {
+        if let Some(rest) = line.trim().split_once("iqn.2026-11.io.horn:tls on ") {
+            let portal = rest.1.split_whitespace().next().unwrap().to_string();
+            return (Running(child), portal);
+        }
+        line.clear();
+    }
+    let out = child.wait_with_output().unwrap();
+    panic!(
+        "hornd engine {args:?} did not serve: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn the_data_wire_over_tls_carries_no_plaintext_and_takes_only_tls_peers() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::generate("c1").unwrap();
+    let creds = dir.path().join("tls");
+    ca.issue(&Role::Node("n1".into()), &[], Validity::Days(1))
+        .unwrap()
+        .save(&creds, "node")
+        .unwrap();
+    let c = creds.to_str().unwrap();
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, "ab".repeat(32)).unwrap();
+    let s = secret.to_str().unwrap();
+    let pattern: Vec<u8> = b"HORN-DATA-TLS-PLAINTEXT-"
+        .iter()
+        .copied()
+        .cycle()
+        .take(4096)
+        .collect();
+    let holds = |hay: &[u8]| hay.windows(24).any(|w| w == &pattern[..24]);
+
+    for tls in [false, true] {
+        let rdir = dir.path().join(format!("r-{tls}"));
+        let mut args = vec![
+            "replica",
+            "--dir",
+            rdir.to_str().unwrap(),
+            "--size",
+            "16M",
+            "--listen",
+            "127.0.0.1:0",
+            "--control",
+            "127.0.0.1:0",
+            "--credentials",
+            c,
+            "--secret-file",
+            s,
+        ];
+        if tls {
+            args.push("--data-tls");
+        }
+        let (_replica, line) = hornd(&args);
+        let (data, control) = line
+            .trim()
+            .split_once(" on ")
+            .unwrap()
+            .1
+            .split_once(", control on ")
+            .unwrap();
+        let (data, control) = (data.to_string(), control.to_string());
+        if tls {
+            // A plain client gets no answer from the TLS port.
+            let plain = horn_proto::client::BlockingClient::connect(&data, std::time::Duration::from_secs(5))
+                .and_then(|mut c| c.read(1, 0, 4096, 0).map(|_| ()));
+            assert!(plain.is_err(), "a plain client was answered on the TLS port");
+            // An engine without --data-tls cannot start on it.
+            let out = Command::new(env!("CARGO_BIN_EXE_hornd"))
+                .args([
+                    "engine",
+                    "--replica",
+                    &format!("{data},{control}"),
+                    "--control",
+                    "127.0.0.1:0",
+                ])
+                .args([
+                    "--credentials",
+                    c,
+                    "--node",
+                    "n1",
+                    "--secret-file",
+                    s,
+                    "--timeout",
+                    "2",
+                ])
+                .output()
+                .unwrap();
+            assert!(
+                !out.status.success(),
+                "an engine without TLS started on a TLS replica"
+            );
+        }
+        // The engine reaches its replica through a proxy that keeps what it sees.
+        let (proxy, seen) = recording_proxy(data.clone());
+        let mut args = vec![
+            "--replica".to_string(),
+            format!("{proxy},{control}"),
+            "--credentials".into(),
+            c.into(),
+            "--node".into(),
+            "n1".into(),
+            "--secret-file".into(),
+            s.into(),
+        ];
+        if tls {
+            args.push("--data-tls".into());
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (_engine, portal) = iscsi_engine(&args);
+        let mut i = common::iscsi::Initiator::login(&portal, "iqn.2026-11.io.horn:tls", None).unwrap();
+        for lba in [0u32, 8, 800] {
+            assert_eq!(i.write10(lba, &pattern).status, 0);
+        }
+        assert_eq!(i.read10(8, 8).data, pattern);
+        let wire = seen.lock().unwrap().clone();
+        assert!(wire.len() > 3 * 4096, "the proxy saw {} bytes", wire.len());
+        assert_eq!(
+            holds(&wire),
+            !tls,
+            "with data TLS {tls}, plaintext on the wire: {}",
+            holds(&wire)
+        );
+    }
+}

@@ -157,22 +157,49 @@ fn invalid(what: &str) -> impl FnOnce(rustls::Error) -> PkiError + '_ {
     move |e| PkiError::Invalid(format!("{what}: {e}"))
 }
 
-/// A rustls server configuration from `c`: its certificate and key, client
-/// certificates from any CA in `c.ca_pem` (several while a CA is rolled), required
-/// unless `optional`; HTTP/2 only, as gRPC speaks.
-fn server_config(c: &Credentials, optional: bool) -> Result<Arc<rustls::ServerConfig>> {
-    // ring's provider, as tonic's own TLS (`tls-ring`) uses: rustls deprecates it
-    // for lacking post-quantum key exchange, which only aws-lc-rs (C, built with
-    // cmake) offers today.
-    #[allow(deprecated)]
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+/// ring's provider, as tonic's own TLS (`tls-ring`) uses: rustls deprecates it for
+/// lacking post-quantum key exchange, which only aws-lc-rs (C, built with cmake)
+/// offers today.
+#[allow(deprecated)]
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// The CAs of `c.ca_pem` (several while a CA is rolled).
+fn roots(c: &Credentials) -> Result<Arc<rustls::RootCertStore>> {
     let mut roots = rustls::RootCertStore::empty();
     for ca in CertificateDer::pem_slice_iter(c.ca_pem.as_bytes()) {
         let ca = ca.map_err(|e| PkiError::Invalid(format!("the CA certificate is malformed: {e}")))?;
         roots.add(ca).map_err(invalid("the CA certificate is refused"))?;
     }
-    let verifier =
-        rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone());
+    Ok(Arc::new(roots))
+}
+
+/// `c`'s certificate chain and key.
+fn identity(c: &Credentials) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)> {
+    let chain = CertificateDer::pem_slice_iter(c.cert_pem.as_bytes())
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| PkiError::Invalid(format!("the certificate is malformed: {e}")))?;
+    let key = PrivateKeyDer::from_pem_slice(c.key_pem.as_bytes())
+        .map_err(|e| PkiError::Invalid(format!("the key is malformed: {e}")))?;
+    Ok((chain, key))
+}
+
+/// A rustls server configuration from `c`: its certificate and key, client
+/// certificates from any CA in `c.ca_pem` (several while a CA is rolled), required
+/// unless `optional`; HTTP/2 only, as gRPC speaks.
+fn server_config(c: &Credentials, optional: bool) -> Result<Arc<rustls::ServerConfig>> {
+    server_config_with(c, optional, b"h2")
+}
+
+/// [`server_config`] for protocol `alpn`.
+pub(crate) fn server_config_with(
+    c: &Credentials,
+    optional: bool,
+    alpn: &[u8],
+) -> Result<Arc<rustls::ServerConfig>> {
+    let provider = provider();
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(roots(c)?, provider.clone());
     let verifier = if optional {
         verifier.allow_unauthenticated()
     } else {
@@ -180,18 +207,28 @@ fn server_config(c: &Credentials, optional: bool) -> Result<Arc<rustls::ServerCo
     }
     .build()
     .map_err(|e| PkiError::Invalid(format!("no client verifier from the CA: {e}")))?;
-    let chain = CertificateDer::pem_slice_iter(c.cert_pem.as_bytes())
-        .collect::<std::result::Result<Vec<_>, _>>()
-        .map_err(|e| PkiError::Invalid(format!("the certificate is malformed: {e}")))?;
-    let key = PrivateKeyDer::from_pem_slice(c.key_pem.as_bytes())
-        .map_err(|e| PkiError::Invalid(format!("the key is malformed: {e}")))?;
+    let (chain, key) = identity(c)?;
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(invalid("no TLS versions"))?
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain, key)
         .map_err(invalid("the certificate and key do not make a server identity"))?;
-    config.alpn_protocols = vec![b"h2".to_vec()];
+    config.alpn_protocols = vec![alpn.to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// A rustls client configuration from `c`: its certificate and key, a server's
+/// checked against the CAs of `c.ca_pem`; for protocol `alpn`.
+pub(crate) fn client_config_with(c: &Credentials, alpn: &[u8]) -> Result<Arc<rustls::ClientConfig>> {
+    let (chain, key) = identity(c)?;
+    let mut config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(invalid("no TLS versions"))?
+        .with_root_certificates(roots(c)?)
+        .with_client_auth_cert(chain, key)
+        .map_err(invalid("the certificate and key do not make a client identity"))?;
+    config.alpn_protocols = vec![alpn.to_vec()];
     Ok(Arc::new(config))
 }
 

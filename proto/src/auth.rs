@@ -271,6 +271,33 @@ impl ClientTls {
     }
 }
 
+/// Where an engine connects for a replica's data wire: the local end of a TLS
+/// tunnel to it (`--data-tls`), given the replica's address.
+#[derive(Clone)]
+pub struct DataDial(
+    std::sync::Arc<dyn Fn(std::net::SocketAddr) -> std::io::Result<std::net::SocketAddr> + Send + Sync>,
+);
+
+impl DataDial {
+    /// The address `route` gives for each replica.
+    pub fn new(
+        route: impl Fn(std::net::SocketAddr) -> std::io::Result<std::net::SocketAddr> + Send + Sync + 'static,
+    ) -> DataDial {
+        DataDial(std::sync::Arc::new(route))
+    }
+
+    /// Where to connect for `replica`.
+    pub fn route(&self, replica: std::net::SocketAddr) -> std::io::Result<std::net::SocketAddr> {
+        (self.0)(replica)
+    }
+}
+
+impl std::fmt::Debug for DataDial {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DataDial(..)")
+    }
+}
+
 impl std::fmt::Debug for ClientTls {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("ClientTls(..)")

@@ -129,6 +129,10 @@ fn hello(data: &str, engine: &Engine) -> std::result::Result<TcpStream, String> 
         .map_err(unreachable)?
         .next()
         .ok_or_else(|| format!("its data address {data} resolves to nothing"))?;
+    let addr = match &engine.caller().data {
+        Some(dial) => dial.route(addr).map_err(unreachable)?,
+        None => addr,
+    };
     let s = TcpStream::connect_timeout(&addr, engine.timeout()).map_err(unreachable)?;
     let mut c = BlockingClient::over(s, engine.timeout()).map_err(unreachable)?;
     c.open(engine.engine_id(), engine.generation(), engine.key())?;

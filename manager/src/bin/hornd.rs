@@ -87,6 +87,12 @@ enum Command {
         /// other replicas so.
         #[arg(long, value_name = "DIR")]
         credentials: Option<PathBuf>,
+        /// Serve the data wire over TLS (mutual, with the node's certificate from
+        /// --credentials), for a network where traffic may be read; its engine must
+        /// connect with `hornd engine --data-tls`. Costs IOPS and CPU
+        /// (docs/benchmarks.md).
+        #[arg(long, requires = "credentials")]
+        data_tls: bool,
     },
     /// Serve the manager: the cluster's volumes, nodes and their placement, for
     /// `hornctl` (`proto/manager.proto`), until SIGINT or SIGTERM. Every call must
@@ -204,6 +210,10 @@ enum Command {
         /// read-only role.
         #[arg(long, value_name = "DIR")]
         credentials: Option<PathBuf>,
+        /// Reach the replicas' data wires over TLS (`hornd replica --data-tls`), with
+        /// the node's certificate from --credentials.
+        #[arg(long, requires = "credentials")]
+        data_tls: bool,
         /// The volume is encrypted with the key in this file (64 bytes, raw or as 128
         /// hex digits: AES-256-XTS). At a volume's first start it becomes encrypted;
         /// later starts are refused with another key, and an encrypted volume without one.
@@ -431,6 +441,7 @@ fn main() -> ExitCode {
             secret_file,
             open,
             credentials,
+            data_tls,
         } => (|| {
             let credentials = credentials
                 .map(|dir| {
@@ -468,6 +479,7 @@ fn main() -> ExitCode {
                     },
                     secret,
                     credentials,
+                    data_tls,
                 },
             )
         })(),
@@ -544,6 +556,7 @@ fn main() -> ExitCode {
             manager,
             node,
             credentials,
+            data_tls,
             key_file,
             secret_file,
             host_replica,
@@ -664,6 +677,7 @@ fn main() -> ExitCode {
                             secret: secret.clone(),
                             credentials: tls,
                             node,
+                            data_tls,
                         },
                         control,
                         std::time::Duration::from_secs(clean_intents_every),
