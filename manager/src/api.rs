@@ -951,6 +951,7 @@ impl<S: Store + 'static> ManagerService<S> {
             membership,
             chap_user,
             no_chap: s.no_chap,
+            data_tls: s.data_tls,
             key_secret: s.key_secret.clone().unwrap_or_default(),
             state: st.state.into(),
             robustness: st.robustness.into(),
@@ -1133,6 +1134,7 @@ impl<S: Store + 'static> Manager for Service<S> {
             volume_id: None,
             key_secret: (!r.key_secret.is_empty()).then_some(r.key_secret),
             no_chap: r.no_chap,
+            data_tls: r.data_tls,
         };
         spec.check().map_err(Status::invalid_argument)?;
         self.0

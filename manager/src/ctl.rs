@@ -153,6 +153,10 @@ pub enum VolumeCmd {
         /// credentials (`hornctl volume credentials NAME`).
         #[arg(long)]
         no_chap: bool,
+        /// Carry its data wire (engine to replicas) over mutual TLS, for a network
+        /// where traffic may be read; costs IOPS and CPU (docs/benchmarks.md).
+        #[arg(long)]
+        data_tls: bool,
     },
     /// Every volume.
     List,
@@ -736,6 +740,7 @@ fn volume_json(v: &pb::Volume) -> serde_json::Value {
         "key_secret": (!v.key_secret.is_empty()).then_some(&v.key_secret),
         "chap_user": (!v.chap_user.is_empty()).then_some(&v.chap_user),
         "no_chap": v.no_chap,
+        "data_tls": v.data_tls,
         "placements": v.placements.iter().map(|p| json!({
             "id": p.id, "node": p.node, "disk": p.disk, "state": p.state,
             "mode": (!p.mode.is_empty()).then_some(&p.mode),
@@ -796,6 +801,7 @@ pub fn run_volume(addr: ManagerAddr, cmd: VolumeCmd) -> Result<()> {
                 encrypted: _,
                 key_secret,
                 no_chap,
+                data_tls,
             } => {
                 let v = c
                     .create_volume(pb::CreateVolumeRequest {
@@ -809,6 +815,7 @@ pub fn run_volume(addr: ManagerAddr, cmd: VolumeCmd) -> Result<()> {
                         disk_selector,
                         key_secret: key_secret.unwrap_or_default(),
                         no_chap,
+                        data_tls,
                     })
                     .await
                     .map_err(refused(&addr))?
@@ -1068,6 +1075,9 @@ fn print_volume(v: &pb::Volume) {
     }
     if !v.key_secret.is_empty() {
         println!("encrypted: AES-256-XTS, key in secret {}", v.key_secret);
+    }
+    if v.data_tls {
+        println!("data wire: mutual TLS between the engine and its replicas");
     }
     if v.frontend == "iscsi" {
         match v.no_chap {

@@ -416,6 +416,9 @@ impl Instances {
             }
             if let Some(c) = &self.tls {
                 command.extend(["--credentials".into(), c.dir().display().to_string()]);
+                if w.data_tls {
+                    command.push("--data-tls".into());
+                }
             }
             let record = Record {
                 kind: REPLICA.into(),
@@ -456,6 +459,9 @@ impl Instances {
             command.extend(["--volume".into(), w.volume_id.clone()]);
         }
         command.extend(self.authority.iter().cloned());
+        if w.data_tls && self.tls.is_some() {
+            command.push("--data-tls".into());
+        }
         if !w.key.is_empty() {
             command.extend([
                 "--key-file".into(),

@@ -81,6 +81,10 @@ pub struct VolumeSpec {
     /// log in with the volume's CHAP credentials ([`Specs::chap`]).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub no_chap: bool,
+    /// Its data wire (engine to replicas) over mutual TLS with the nodes'
+    /// certificates (`hornd replica|engine --data-tls`); fixed at creation.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub data_tls: bool,
 }
 
 /// The most replicas a volume may ask for.
@@ -1007,6 +1011,7 @@ mod tests {
             volume_id: None,
             key_secret: None,
             no_chap: false,
+            data_tls: false,
         }
     }
 

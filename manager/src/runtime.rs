@@ -119,6 +119,7 @@ pub fn node_work(
                     sector_size: v.sector_size,
                     // Filled in by the manager, which holds the secrets.
                     secret: Vec::new(),
+                    data_tls: v.data_tls,
                 })
             })
             .collect(),
@@ -167,6 +168,7 @@ pub fn node_work(
                 .filter(|r| !ready.contains(&r.node))
                 .map(|r| r.id.clone())
                 .collect(),
+            data_tls: v.data_tls,
             // An encrypted volume's key and a target's CHAP credentials are added by
             // the caller, from the store.
             key: Vec::new(),
@@ -382,6 +384,7 @@ mod tests {
             volume_id: None,
             key_secret: None,
             no_chap: false,
+            data_tls: false,
         }
     }
 

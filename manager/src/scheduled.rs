@@ -240,6 +240,7 @@ mod tests {
                         volume_id: None,
                         key_secret: None,
                         no_chap: false,
+                        data_tls: false,
                     };
                     let replicas: Vec<ReplicaSpec> = (1..=count)
                         .map(|i| ReplicaSpec {

@@ -1476,22 +1476,40 @@ fn the_cluster_ca_rolls_while_a_volume_is_served_and_the_old_ca_is_then_refused(
                 .count()
                 == 2
     });
-    ok(hornctl(
-        data,
-        a,
-        &[
-            "volume",
-            "create",
-            "v1",
-            "--size",
-            "16M",
-            "--replicas",
-            "2",
-            "--frontend",
-            "iscsi",
-        ],
-    ));
+    // Its data wire over TLS too: the engine reaches both replicas (one on each
+    // node) through the tunnels, with the certificates being rolled.
+    let create = [
+        "volume",
+        "create",
+        "v1",
+        "--size",
+        "16M",
+        "--replicas",
+        "2",
+        "--frontend",
+        "iscsi",
+        "--data-tls",
+    ];
+    ok(hornctl(data, a, &create));
     ok(hornctl(data, a, &["volume", "attach", "v1", "n1"]));
+    let v = json(hornctl(data, a, &["volume", "info", "v1", "--json"]));
+    assert_eq!(v["data_tls"], true, "{v}");
+    let rw = |v: &serde_json::Value| {
+        v["placements"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|p| p["mode"] == "RW")
+            .count()
+    };
+    assert_eq!(rw(&v), 2, "{v}");
+    for p in v["placements"].as_array().unwrap() {
+        // A plain data-wire client gets nothing from a TLS port.
+        let addr = p["data_address"].as_str().unwrap();
+        let plain = horn_proto::client::BlockingClient::connect(addr, Duration::from_secs(5))
+            .and_then(|mut c| c.read(1, 0, 4096, 0).map(|_| ()));
+        assert!(plain.is_err(), "{addr} answered a plain client");
+    }
     ok(hornctl(data, a, &["volume", "snapshot", "v1", "s1"]));
     // The admin's credentials as they were: from the old CA.
     let old_admin = data.join("old-admin");
@@ -1559,6 +1577,13 @@ fn the_cluster_ca_rolls_while_a_volume_is_served_and_the_old_ca_is_then_refused(
     ok(hornctl(data, a, &["volume", "snapshot", "v1", "s3"]));
     let e = refused(with_old(&["volume", "list"]));
     assert!(e.contains("certificate") || e.contains("transport"), "{e}");
+    // The engine started again (detached and attached) reaches its replicas over
+    // TLS with the new certificates alone.
+    ok(hornctl(data, a, &["volume", "detach", "v1"]));
+    ok(hornctl(data, a, &["volume", "attach", "v1", "n1"]));
+    common::eventually(Duration::from_secs(30), "both replicas RW again", || {
+        rw(&json(hornctl(data, a, &["volume", "info", "v1", "--json"]))) == 2
+    });
     let snaps = ok(hornctl(data, a, &["volume", "snapshots", "v1"]));
     assert!(["s1", "s2", "s3"].iter().all(|s| snaps.contains(s)), "{snaps}");
     ok(hornctl(data, a, &["volume", "detach", "v1"]));
