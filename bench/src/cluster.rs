@@ -86,6 +86,19 @@ fn first_write(url: &str, within: Duration) -> Result<()> {
     }
 }
 
+/// Volume `name`'s iSCSI `endpoint` with the CHAP credentials its target requires
+/// (`iscsi://USER%SECRET@PORTAL/IQN`, as qemu's initiator takes them).
+fn with_chap(c: &horn_cluster::Cluster, name: &str, endpoint: &str) -> Result<String> {
+    let cr = c
+        .json(&["volume", "credentials", name])
+        .map_err(anyhow::Error::msg)?;
+    let (user, secret) = (
+        cr["chap_user"].as_str().context("no CHAP user")?,
+        cr["chap_secret"].as_str().context("no CHAP secret")?,
+    );
+    Ok(endpoint.replacen("iscsi://", &format!("iscsi://{user}%{secret}@"), 1))
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
@@ -114,14 +127,10 @@ fn managed_round(c: &horn_cluster::Cluster, name: &str, size: u64) -> Result<f64
     let endpoint = v["endpoint"]
         .as_str()
         .context("the attached volume has no endpoint")?;
-    // Its target requires CHAP: the initiator logs in with the volume's credentials.
-    let cr = run(&["volume", "credentials", name])?;
-    let (user, secret) = (
-        cr["chap_user"].as_str().context("no CHAP user")?,
-        cr["chap_secret"].as_str().context("no CHAP secret")?,
-    );
-    let url = endpoint.replacen("iscsi://", &format!("iscsi://{user}%{secret}@"), 1);
-    first_write(&format!("{url}/0"), Duration::from_secs(30))?;
+    first_write(
+        &format!("{}/0", with_chap(c, name, endpoint)?),
+        Duration::from_secs(30),
+    )?;
     if std::env::var_os("HORN_BENCH_STEPS").is_some() {
         eprintln!(
             "    created {created:?}, attached {attached:?}, written {:?}",
@@ -270,7 +279,10 @@ fn node_death(c: &mut horn_cluster::Cluster) -> Result<(f64, f64)> {
     let victim = node_of(&v, "r3")?;
     let v = run(c, &["volume", "attach", "dying", &format!("n{home}")])?;
     let endpoint = v["endpoint"].as_str().context("no endpoint")?.to_string();
-    first_write(&format!("{endpoint}/0"), Duration::from_secs(30))?;
+    first_write(
+        &format!("{}/0", with_chap(c, "dying", &endpoint)?),
+        Duration::from_secs(30),
+    )?;
     let since = Instant::now();
     while run(c, &["volume", "info", "dying"])?["robustness"] != "healthy" {
         if since.elapsed() > Duration::from_secs(30) {

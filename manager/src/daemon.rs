@@ -95,6 +95,11 @@ pub fn serve_replica(dir: PathBuf, listen: String, control: String, options: Rep
     let handle = server.handle();
     let service =
         ControlService::new(handle.clone()).with_client_tls(credentials.as_ref().map(node_client_tls));
+    // Over --data-tls, a rebuild's layer streams go over TLS too.
+    let service = service.with_stream_tls(match (&credentials, data_tls) {
+        (Some(c), true) => Some(Arc::new(NodeStreamTls(c.clone())) as Arc<dyn horn_replica::sync::StreamTls>),
+        _ => None,
+    });
     let (routes, tls) = match &credentials {
         Some(c) => (
             tonic::service::Routes::new(horn_pki::Guarded::new(
@@ -760,6 +765,20 @@ fn serve_control_until_signal(
 pub fn node_client_tls(c: &horn_pki::LiveCredentials) -> horn_proto::auth::ClientTls {
     let c = c.clone();
     horn_proto::auth::ClientTls::new(move || c.client_tls(horn_pki::NODE_NAME))
+}
+
+/// A rebuild's layer streams over TLS with the node's credentials, for replicas
+/// whose data wire is TLS.
+struct NodeStreamTls(horn_pki::LiveCredentials);
+
+impl horn_replica::sync::StreamTls for NodeStreamTls {
+    fn accept(&self, tcp: std::net::TcpStream) -> std::io::Result<Box<dyn horn_replica::sync::ReadWrite>> {
+        Ok(Box::new(horn_pki::accept_blocking(&self.0, tcp)?))
+    }
+
+    fn connect(&self, tcp: std::net::TcpStream) -> std::io::Result<Box<dyn horn_replica::sync::ReadWrite>> {
+        Ok(Box::new(horn_pki::connect_blocking(&self.0, tcp)?))
+    }
 }
 
 /// Calls `f` on a thread of its own once one of `signals` arrives.

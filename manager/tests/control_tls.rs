@@ -282,8 +282,9 @@ fn recording_proxy(to: String) -> (String, std::sync::Arc<std::sync::Mutex<Vec<u
     (addr, seen)
 }
 
-/// Starts `hornd engine ARGS --frontend iscsi` and returns it with its portal.
-fn iscsi_engine(args: &[&str]) -> (Running, String) {
+/// Starts `hornd engine ARGS --frontend iscsi` and returns it with its portal and
+/// its control address.
+fn iscsi_engine(args: &[&str]) -> (Running, String, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_hornd"))
         .arg("engine")
         .args(args)
@@ -295,10 +296,14 @@ fn iscsi_engine(args: &[&str]) -> (Running, String) {
         .unwrap();
     let mut out = BufReader::new(child.stdout.take().unwrap());
     let mut line = String::new();
+    let mut control = String::new();
     while out.read_line(&mut line).unwrap() > 0 {
+        if let Some((_, c)) = line.trim().rsplit_once("control on ") {
+            control = c.to_string();
+        }
         if let Some(rest) = line.trim().split_once("iqn.2026-11.io.horn:tls on ") {
             let portal = rest.1.split_whitespace().next().unwrap().to_string();
-            return (Running(child), portal);
+            return (Running(child), portal, control);
         }
         line.clear();
     }
@@ -406,7 +411,7 @@ fn the_data_wire_over_tls_carries_no_plaintext_and_takes_only_tls_peers() {
             args.push("--data-tls".into());
         }
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let (_engine, portal) = iscsi_engine(&args);
+        let (_engine, portal, engine) = iscsi_engine(&args);
         let mut i = common::iscsi::Initiator::login(&portal, "iqn.2026-11.io.horn:tls", None).unwrap();
         for lba in [0u32, 8, 800] {
             assert_eq!(i.write10(lba, &pattern).status, 0);
@@ -420,5 +425,74 @@ fn the_data_wire_over_tls_carries_no_plaintext_and_takes_only_tls_peers() {
             "with data TLS {tls}, plaintext on the wire: {}",
             holds(&wire)
         );
+        if !tls {
+            continue;
+        }
+        // A snapshot of it rebuilt onto a second TLS replica: the layer streams between
+        // the replicas run over TLS too, and the new replica holds the data.
+        let r2 = dir.path().join("r2");
+        let (_r2, line) = hornd(&[
+            "replica",
+            "--dir",
+            r2.to_str().unwrap(),
+            "--size",
+            "16M",
+            "--listen",
+            "127.0.0.1:0",
+            "--control",
+            "127.0.0.1:0",
+            "--credentials",
+            c,
+            "--secret-file",
+            s,
+            "--data-tls",
+        ]);
+        let (d2, c2) = line
+            .trim()
+            .split_once(" on ")
+            .unwrap()
+            .1
+            .split_once(", control on ")
+            .unwrap();
+        let node = Some(
+            horn_pki::Credentials::load(&creds, "node")
+                .unwrap()
+                .client_tls(NODE_NAME),
+        );
+        let done = rt().block_on(async {
+            let mut e = EngineControlClient::new(channel(&engine, node).await.unwrap());
+            e.snapshot(horn_proto::engine_control::EngineSnapshotRequest {
+                name: "s1".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+            let id = e
+                .add_replica(horn_proto::engine_control::AddReplicaRequest {
+                    replica: format!("{d2},{c2}"),
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .rebuild_id;
+            for _ in 0..300 {
+                let info = e.info(EngineInfoRequest {}).await.unwrap().into_inner();
+                let r = info.rebuilds.iter().find(|r| r.id == id).unwrap().clone();
+                if r.state != "syncing" {
+                    return r;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            panic!("the rebuild did not end");
+        });
+        assert_eq!(done.state, "done", "{done:?}");
+        assert!(done.bytes_copied >= 3 * 4096, "{done:?}");
+        let copied: Vec<u8> = std::fs::read_dir(&r2)
+            .unwrap()
+            .flatten()
+            .filter(|f| f.file_type().unwrap().is_file())
+            .flat_map(|f| std::fs::read(f.path()).unwrap())
+            .collect();
+        assert!(holds(&copied), "the rebuilt replica does not hold the data");
     }
 }

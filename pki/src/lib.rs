@@ -22,7 +22,7 @@ mod rotation;
 mod tunnel;
 pub use live::{serve_tls, LiveCredentials, ServerTls};
 pub use rotation::{issuer_of_der, Rotation};
-pub use tunnel::{serve_data_tls, DataTlsDialer, DATA_ALPN};
+pub use tunnel::{accept_blocking, connect_blocking, serve_data_tls, DataTlsDialer, DATA_ALPN};
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};

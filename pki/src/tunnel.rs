@@ -8,7 +8,9 @@
 //!   both sides), and forwards the plaintext to the data server listening on
 //!   loopback;
 //! - on the engine's side, [`DataTlsDialer::local_for`] gives, for each replica, a
-//!   loopback address whose connections it carries to the replica over TLS.
+//!   loopback address whose connections it carries to the replica over TLS;
+//! - a rebuild's layer streams, replica to replica, run over blocking TLS sessions
+//!   ([`accept_blocking`], [`connect_blocking`]) on their own threads.
 //!
 //! Everything above (the hello, the challenge–response, the requests) is unchanged,
 //! end to end. The cost, two more socket hops and a copy each way, is measured by
@@ -181,6 +183,36 @@ impl DataTlsDialer {
         tunnels.insert(replica, local);
         Ok(local)
     }
+}
+
+/// A blocking TLS session as the server on `tcp` (its timeouts bound the
+/// handshake), with the credentials current now: a rebuild's layer stream from a
+/// replica whose data wire is TLS.
+pub fn accept_blocking(
+    credentials: &LiveCredentials,
+    mut tcp: std::net::TcpStream,
+) -> std::io::Result<rustls::StreamOwned<rustls::ServerConnection, std::net::TcpStream>> {
+    let config = credentials.data_server_config().map_err(std::io::Error::other)?;
+    let mut conn = rustls::ServerConnection::new(config).map_err(std::io::Error::other)?;
+    while conn.is_handshaking() {
+        conn.complete_io(&mut tcp)?;
+    }
+    Ok(rustls::StreamOwned::new(conn, tcp))
+}
+
+/// A blocking TLS session as the client on `tcp`, checking the peer as a node of
+/// the cluster: the asker's side of a layer stream.
+pub fn connect_blocking(
+    credentials: &LiveCredentials,
+    mut tcp: std::net::TcpStream,
+) -> std::io::Result<rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>> {
+    let config = credentials.data_client_config().map_err(std::io::Error::other)?;
+    let name = ServerName::try_from(NODE_NAME).expect("a valid DNS name");
+    let mut conn = rustls::ClientConnection::new(config, name).map_err(std::io::Error::other)?;
+    while conn.is_handshaking() {
+        conn.complete_io(&mut tcp)?;
+    }
+    Ok(rustls::StreamOwned::new(conn, tcp))
 }
 
 impl LiveCredentials {

@@ -39,6 +39,9 @@ pub struct ControlService {
     /// How this replica calls another's control service (a rebuild's source): over
     /// TLS with this configuration, or plaintext (`None`).
     client_tls: Option<horn_proto::auth::ClientTls>,
+    /// How layer streams go over TLS, when the data wire does (both ways: this
+    /// replica's streams to others, and others' to it).
+    stream_tls: Option<Arc<dyn crate::sync::StreamTls>>,
 }
 
 impl ControlService {
@@ -48,7 +51,14 @@ impl ControlService {
             handle,
             sync: Arc::default(),
             client_tls: None,
+            stream_tls: None,
         }
+    }
+
+    /// The service, streaming layers over TLS with `tls` (`--data-tls`).
+    pub fn with_stream_tls(mut self, tls: Option<Arc<dyn crate::sync::StreamTls>>) -> Self {
+        self.stream_tls = tls;
+        self
     }
 
     /// The service, calling other replicas over TLS with `tls` (the cluster's
@@ -645,10 +655,13 @@ impl ReplicaControl for ControlService {
             )));
         }
         let ranges: Vec<(u64, u64)> = req.offsets.into_iter().zip(req.lengths).collect();
-        let (port, token) = crate::sync::serve_ranges(bind, &path, ranges).map_err(to_status)?;
+        let tls = self.stream_tls.clone();
+        let secured = tls.is_some();
+        let (port, token) = crate::sync::serve_ranges(bind, &path, ranges, tls).map_err(to_status)?;
         Ok(Response::new(LayerStream {
             port: port as u32,
             token: token.to_vec(),
+            tls: secured,
         }))
     }
 
@@ -697,9 +710,10 @@ impl ReplicaControl for ControlService {
         }
         let (handle, state, source) = (self.handle.clone(), self.sync.clone(), req.source.clone());
         let client_tls = self.client_tls.clone();
+        let stream_tls = self.stream_tls.clone();
         let (tx, rx) = tokio::sync::oneshot::channel();
         std::thread::spawn(move || {
-            let result = crate::sync::pull(&handle, &source, &state, auth, client_tls);
+            let result = crate::sync::pull(&handle, &source, &state, auth, client_tls, stream_tls.as_deref());
             if let Ok(plan) = &result {
                 *state.pending.lock().unwrap_or_else(|e| e.into_inner()) = Some(plan.clone());
             }

@@ -55,13 +55,31 @@ const STREAM_ACCEPT: std::time::Duration = std::time::Duration::from_secs(10);
 /// How long a connection to a layer stream has to present its token.
 const TOKEN_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// A byte stream both ways: a layer stream's connection, plain or TLS.
+pub trait ReadWrite: std::io::Read + std::io::Write + Send {}
+impl<T: std::io::Read + std::io::Write + Send> ReadWrite for T {}
+
+/// How layer streams are carried over TLS, for a replica whose data wire is
+/// (`hornd replica --data-tls`); the daemon gives it, with the node's credentials.
+pub trait StreamTls: Send + Sync {
+    /// The source's side: the handshake on an accepted connection.
+    fn accept(&self, tcp: std::net::TcpStream) -> std::io::Result<Box<dyn ReadWrite>>;
+    /// The asker's side: the handshake on a new connection to the source.
+    fn connect(&self, tcp: std::net::TcpStream) -> std::io::Result<Box<dyn ReadWrite>>;
+}
+
 /// Source side of a layer stream: listens on a port of its own at `bind` (the address
 /// the asker reached the control service on), and on a thread sends `ranges` of the
-/// file at `path` (sendfile: page cache to socket, no copy through user space) to the
-/// first connection that presents the token. A connection without it (a stray, a port
-/// scan) is dropped and the stream waits on for the real one. Returns the port and the
-/// token.
-pub fn serve_ranges(bind: std::net::IpAddr, path: &Path, ranges: Vec<(u64, u64)>) -> Result<(u16, [u8; 16])> {
+/// file at `path` (sendfile: page cache to socket, no copy through user space; over
+/// `tls`, read and written through it) to the first connection that presents the
+/// token. A connection without it (a stray, a port scan, a failed handshake) is
+/// dropped and the stream waits on for the real one. Returns the port and the token.
+pub fn serve_ranges(
+    bind: std::net::IpAddr,
+    path: &Path,
+    ranges: Vec<(u64, u64)>,
+    tls: Option<std::sync::Arc<dyn StreamTls>>,
+) -> Result<(u16, [u8; 16])> {
     let file = File::open(path).map_err(|e| ReplicaError::io("open", path, e))?;
     let listener =
         std::net::TcpListener::bind((bind, 0)).map_err(|e| ReplicaError::io("listen for", path, e))?;
@@ -81,7 +99,7 @@ pub fn serve_ranges(bind: std::net::IpAddr, path: &Path, ranges: Vec<(u64, u64)>
     }
     let path = path.to_path_buf();
     std::thread::spawn(move || {
-        if let Err(e) = send_ranges(&listener, &token, &file, &ranges) {
+        if let Err(e) = send_ranges(&listener, &token, &file, &ranges, tls.as_deref()) {
             tracing::warn!(path = %path.display(), error = %e, "a layer stream for a rebuild ended early");
         }
     });
@@ -93,18 +111,34 @@ fn send_ranges(
     token: &[u8; 16],
     file: &File,
     ranges: &[(u64, u64)],
+    tls: Option<&dyn StreamTls>,
 ) -> std::io::Result<()> {
     use std::io::Read;
     listener.set_nonblocking(true)?;
     let deadline = std::time::Instant::now() + STREAM_ACCEPT;
-    let conn = loop {
+    let (conn, mut secured) = loop {
         match listener.accept() {
-            Ok((mut c, peer)) => {
+            Ok((c, peer)) => {
                 c.set_nonblocking(false)?;
                 c.set_read_timeout(Some(TOKEN_WAIT))?;
+                c.set_write_timeout(Some(STREAM_ACCEPT))?;
+                let mut secured = match tls {
+                    Some(t) => match t.accept(c.try_clone()?) {
+                        Ok(s) => Some(s),
+                        Err(e) => {
+                            tracing::warn!(%peer, error = %e, "a TLS handshake on a layer stream failed; dropped");
+                            continue;
+                        }
+                    },
+                    None => None,
+                };
                 let mut given = [0u8; 16];
-                match c.read_exact(&mut given) {
-                    Ok(()) if &given == token => break c,
+                let read = match secured.as_mut() {
+                    Some(s) => s.read_exact(&mut given),
+                    None => (&c).read_exact(&mut given),
+                };
+                match read {
+                    Ok(()) if &given == token => break (c, secured),
                     _ => tracing::warn!(%peer, "a connection to a layer stream without its token; dropped"),
                 }
             }
@@ -121,6 +155,20 @@ fn send_ranges(
         }
     };
     conn.set_read_timeout(Some(STREAM_ACCEPT))?;
+    if let Some(s) = secured.as_mut() {
+        // Over TLS the bytes go through user space to be encrypted.
+        let mut buf = vec![0u8; CHUNK as usize];
+        for &(offset, len) in ranges {
+            let mut at = offset;
+            while at < offset + len {
+                let n = CHUNK.min(offset + len - at) as usize;
+                file.read_exact_at(&mut buf[..n], at)?;
+                s.write_all(&buf[..n])?;
+                at += n as u64;
+            }
+        }
+        return s.flush();
+    }
     for &(offset, len) in ranges {
         let mut off = offset as libc::off_t;
         let end = offset + len;
@@ -152,6 +200,7 @@ fn receive_ranges(
     f: &File,
     path: &Path,
     copied: &AtomicU64,
+    tls: Option<&dyn StreamTls>,
 ) -> Result<()> {
     use std::io::{Read, Write};
     let host = source.rsplit_once(':').map_or(source, |(h, _)| h);
@@ -161,8 +210,18 @@ fn receive_ranges(
             "the layer stream from the source replica {addr} failed: {e}"
         ))
     };
-    let mut conn = std::net::TcpStream::connect(&addr).map_err(failed)?;
-    conn.set_read_timeout(Some(STREAM_ACCEPT)).map_err(failed)?;
+    let tcp = std::net::TcpStream::connect(&addr).map_err(failed)?;
+    tcp.set_read_timeout(Some(STREAM_ACCEPT)).map_err(failed)?;
+    tcp.set_write_timeout(Some(STREAM_ACCEPT)).map_err(failed)?;
+    let mut conn: Box<dyn ReadWrite> = match (stream.tls, tls) {
+        (false, _) => Box::new(tcp),
+        (true, Some(t)) => t.connect(tcp).map_err(failed)?,
+        (true, None) => {
+            return Err(ReplicaError::InvalidOperation(format!(
+                "the source replica {source} streams its layers over TLS, and this replica has no credentials for it (--credentials, --data-tls)"
+            )))
+        }
+    };
     conn.write_all(&stream.token).map_err(failed)?;
     let mut buf = vec![0u8; CHUNK as usize];
     for &(offset, len) in ranges {
@@ -217,6 +276,7 @@ pub fn pull(
     state: &SyncState,
     auth: Option<(String, String)>,
     tls: Option<horn_proto::auth::ClientTls>,
+    stream_tls: Option<&dyn StreamTls>,
 ) -> Result<SyncPlan> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -357,7 +417,7 @@ pub fn pull(
                     .copied()
                     .zip(req.lengths.iter().copied())
                     .collect();
-                receive_ranges(source, &stream, &ranges, &f, &path, &state.copied)?;
+                receive_ranges(source, &stream, &ranges, &f, &path, &state.copied, stream_tls)?;
             }
             state.done.fetch_add(blocks * BLOCK_SIZE, Ordering::Relaxed);
             offset += len;
@@ -406,7 +466,7 @@ mod tests {
         let data: Vec<u8> = (0..64 * 1024u32).map(|i| (i % 251) as u8).collect();
         std::fs::write(&path, &data).unwrap();
         let localhost = std::net::IpAddr::from([127, 0, 0, 1]);
-        let (port, token) = serve_ranges(localhost, &path, vec![(4096, 8192), (0, 100)]).unwrap();
+        let (port, token) = serve_ranges(localhost, &path, vec![(4096, 8192), (0, 100)], None).unwrap();
         let silent = TcpStream::connect((localhost, port)).unwrap();
         let mut wrong = TcpStream::connect((localhost, port)).unwrap();
         wrong.write_all(&[0u8; 16]).unwrap();
