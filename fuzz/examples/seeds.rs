@@ -949,6 +949,34 @@ fn files(seeds: &Seeds) {
     }
 }
 
+// ---- a backup target's objects ----
+
+fn backup(seeds: &Seeds) {
+    use horn_backup::format::{encode_block, BlockId, Compression, Manifest, DEFAULT_BLOCK_SIZE, FORMAT};
+    let dir = seeds.target("backup_objects");
+    let data: Vec<u8> = (0..65536u32).map(|i| (i / 100) as u8).collect();
+    for (label, c) in [("none", Compression::None), ("lz4", Compression::Lz4), ("zstd", Compression::Zstd)] {
+        // Block size byte 6: 2^16 bytes, the block's own length.
+        let obj = encode_block(&data, c);
+        put(&dir, &format!("block-{label}"), &[[0u8, 6].as_slice(), &obj].concat());
+    }
+    let id = BlockId::of(&data);
+    let m = Manifest {
+        format: FORMAT,
+        volume: "data".into(),
+        name: "nightly-1".into(),
+        snapshot: "nightly-1".into(),
+        created_unix: 1_795_000_000,
+        size: 5 << 20,
+        block_size: DEFAULT_BLOCK_SIZE,
+        compression: Compression::Lz4,
+        parent: Some("nightly-0".into()),
+        blocks: vec![Some(id), None, Some(id)],
+        labels: [("job".to_string(), "nightly".to_string())].into(),
+    };
+    put(&dir, "manifest", &[[1u8].as_slice(), &m.to_bytes()].concat());
+}
+
 fn main() {
     let seeds = Seeds {
         root: Path::new(env!("CARGO_MANIFEST_DIR")).join("seeds"),
@@ -957,5 +985,6 @@ fn main() {
     control(&seeds);
     iscsi(&seeds);
     files(&seeds);
+    backup(&seeds);
     println!("seeds written to {}", seeds.root.display());
 }
