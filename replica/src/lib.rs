@@ -71,6 +71,7 @@ pub mod crash;
 pub mod error;
 pub mod extent;
 mod handle;
+pub mod image;
 pub mod index;
 pub mod intent;
 mod io;
