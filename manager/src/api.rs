@@ -308,6 +308,26 @@ impl<S: Store + 'static> ManagerService<S> {
         horn_pki::Ca::load(dir).map_err(|e| Status::internal(format!("the cluster's CA: {e}")))
     }
 
+    /// A certificate for `role` on the key of signing request `csr`, with `ips` (text)
+    /// in it, from the CA that signs now, and the bundle its holder should trust.
+    fn sign(&self, csr: &str, role: &horn_pki::Role, ips: &[String]) -> Result<pb::JoinReply, Status> {
+        let ca = self.ca()?;
+        let ips = ips
+            .iter()
+            .map(|ip| {
+                ip.parse()
+                    .map_err(|_| Status::invalid_argument(format!("{ip} is not an IP address")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let cert = ca
+            .sign_request(csr, role, &ips, self.validity())
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        Ok(pb::JoinReply {
+            cert,
+            ca: ca.trust_pem().to_string(),
+        })
+    }
+
     /// Where a CA roll stands, and each node's trust as last seen.
     fn rotation_status(&self) -> Result<pb::RotationStatus, Status> {
         let dir = self
@@ -361,7 +381,8 @@ impl<S: Store + 'static> ManagerService<S> {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(node.to_string(), (trusted, issuer.clone()));
-        if let horn_pki::Rotation::Trusting { next } = horn_pki::Rotation::read(dir).map_err(internal)? {
+        let mut rotation = horn_pki::Rotation::read(dir).map_err(internal)?;
+        if let horn_pki::Rotation::Trusting { next } = rotation.clone() {
             let nodes = self.specs.nodes().map_err(to_status)?;
             let all_trust = {
                 let trust = self.trust.lock().unwrap_or_else(|p| p.into_inner());
@@ -370,7 +391,7 @@ impl<S: Store + 'static> ManagerService<S> {
                     .all(|n| trust.get(&n.spec.name).is_some_and(|(t, _)| t.contains(&next)))
             };
             if all_trust {
-                horn_pki::Rotation::switch(dir).map_err(internal)?;
+                rotation = horn_pki::Rotation::switch(dir).map_err(internal)?;
                 let ca = self.ca()?;
                 for (name, role) in [
                     (MANAGER_CREDENTIALS, horn_pki::Role::Manager),
@@ -384,7 +405,7 @@ impl<S: Store + 'static> ManagerService<S> {
             }
         }
         let ca = self.ca()?;
-        let renew = match horn_pki::Rotation::read(dir).map_err(internal)? {
+        let renew = match rotation {
             horn_pki::Rotation::Reissuing { current } => !issuer.is_empty() && issuer != current,
             _ => false,
         };
@@ -1223,28 +1244,11 @@ impl<S: Store + 'static> Manager for Service<S> {
                 "the cluster token is wrong: the node cannot join",
             ));
         }
-        let ca = self.0.ca()?;
-        let ips = r
-            .ips
-            .iter()
-            .map(|ip| {
-                ip.parse()
-                    .map_err(|_| Status::invalid_argument(format!("{ip} is not an IP address")))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        let cert = ca
-            .sign_request(
-                &r.csr,
-                &horn_pki::Role::Node(r.node.clone()),
-                &ips,
-                self.0.validity(),
-            )
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let reply = self
+            .0
+            .sign(&r.csr, &horn_pki::Role::Node(r.node.clone()), &r.ips)?;
         tracing::info!(node = %r.node, "a node joined: its certificate is signed");
-        Ok(Response::new(pb::JoinReply {
-            cert,
-            ca: ca.trust_pem().to_string(),
-        }))
+        Ok(Response::new(reply))
     }
 
     async fn renew_credentials(
@@ -1255,23 +1259,9 @@ impl<S: Store + 'static> Manager for Service<S> {
             .cloned()
             .ok_or_else(|| Status::unauthenticated("a renewal needs the certificate being renewed"))?;
         let r = req.into_inner();
-        let ca = self.0.ca()?;
-        let ips = r
-            .ips
-            .iter()
-            .map(|ip| {
-                ip.parse()
-                    .map_err(|_| Status::invalid_argument(format!("{ip} is not an IP address")))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        let cert = ca
-            .sign_request(&r.csr, &role, &ips, self.0.validity())
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let reply = self.0.sign(&r.csr, &role, &r.ips)?;
         tracing::info!(role = %role, "renewed a certificate");
-        Ok(Response::new(pb::JoinReply {
-            cert,
-            ca: ca.trust_pem().to_string(),
-        }))
+        Ok(Response::new(reply))
     }
 
     async fn create_join_token(

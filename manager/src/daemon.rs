@@ -830,34 +830,11 @@ fn spawn_control_service(
                 // credentials current on disk (renewed ones without a restart).
                 let served = match tls {
                     Some(tls) => {
-                        let incoming = horn_pki::serve_tls(listener, tls);
-                        if graceful {
-                            server
-                                .serve_with_incoming_shutdown(incoming, async {
-                                    let _ = shutdown.await;
-                                })
-                                .await
-                        } else {
-                            tokio::select! {
-                                served = server.serve_with_incoming(incoming) => served,
-                                _ = shutdown => Ok(()),
-                            }
-                        }
+                        serve_until(server, horn_pki::serve_tls(listener, tls), shutdown, graceful).await
                     }
                     None => {
                         let incoming = tonic::transport::server::TcpIncoming::from(listener);
-                        if graceful {
-                            server
-                                .serve_with_incoming_shutdown(incoming, async {
-                                    let _ = shutdown.await;
-                                })
-                                .await
-                        } else {
-                            tokio::select! {
-                                served = server.serve_with_incoming(incoming) => served,
-                                _ = shutdown => Ok(()),
-                            }
-                        }
+                        serve_until(server, incoming, shutdown, graceful).await
                     }
                 };
                 if let Err(e) = served {
@@ -866,6 +843,38 @@ fn spawn_control_service(
             });
         })?;
     Ok(thread)
+}
+
+/// Serves `server` on the connections of `incoming` until `shutdown`: with
+/// `graceful`, open connections are served until their clients close them.
+async fn serve_until<I, IO, IE>(
+    server: tonic::transport::server::Router,
+    incoming: I,
+    shutdown: tokio::sync::oneshot::Receiver<()>,
+    graceful: bool,
+) -> std::result::Result<(), tonic::transport::Error>
+where
+    I: tonic::codegen::tokio_stream::Stream<Item = std::result::Result<IO, IE>>,
+    IO: tokio::io::AsyncRead
+        + tokio::io::AsyncWrite
+        + tonic::transport::server::Connected
+        + Unpin
+        + Send
+        + 'static,
+    IE: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    if graceful {
+        server
+            .serve_with_incoming_shutdown(incoming, async {
+                let _ = shutdown.await;
+            })
+            .await
+    } else {
+        tokio::select! {
+            served = server.serve_with_incoming(incoming) => served,
+            _ = shutdown => Ok(()),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -49,6 +49,19 @@ fn hornd(args: &[&str]) -> (Running, String) {
     (Running(child), line)
 }
 
+/// The data and control addresses in `hornd replica`'s first line ("hornd replica:
+/// serving DIR on DATA, control on CONTROL").
+fn replica_addresses(line: &str) -> (String, String) {
+    let (data, control) = line
+        .trim()
+        .split_once(" on ")
+        .unwrap()
+        .1
+        .split_once(", control on ")
+        .unwrap();
+    (data.to_string(), control.to_string())
+}
+
 fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -114,14 +127,7 @@ fn replica_and_engine_control_take_only_current_certificates_of_the_right_role()
         c,
     ]);
     // "hornd replica: serving DIR on DATA, control on CONTROL"
-    let (data, control) = line
-        .trim()
-        .split_once(" on ")
-        .unwrap()
-        .1
-        .split_once(", control on ")
-        .unwrap();
-    let (data, control) = (data.to_string(), control.to_string());
+    let (data, control) = replica_addresses(&line);
     // The engine drives the replica with its node's certificate, and serves its own
     // control service so.
     let (_engine, line) = hornd(&[
@@ -356,14 +362,7 @@ fn the_data_wire_over_tls_carries_no_plaintext_and_takes_only_tls_peers() {
             args.push("--data-tls");
         }
         let (_replica, line) = hornd(&args);
-        let (data, control) = line
-            .trim()
-            .split_once(" on ")
-            .unwrap()
-            .1
-            .split_once(", control on ")
-            .unwrap();
-        let (data, control) = (data.to_string(), control.to_string());
+        let (data, control) = replica_addresses(&line);
         if tls {
             // A plain client gets no answer from the TLS port.
             let plain = horn_proto::client::BlockingClient::connect(&data, std::time::Duration::from_secs(5))
@@ -447,13 +446,7 @@ fn the_data_wire_over_tls_carries_no_plaintext_and_takes_only_tls_peers() {
             s,
             "--data-tls",
         ]);
-        let (d2, c2) = line
-            .trim()
-            .split_once(" on ")
-            .unwrap()
-            .1
-            .split_once(", control on ")
-            .unwrap();
+        let (d2, c2) = replica_addresses(&line);
         let node = Some(
             horn_pki::Credentials::load(&creds, "node")
                 .unwrap()
