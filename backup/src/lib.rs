@@ -13,14 +13,94 @@
 //!   are named by URL (`file:///PATH`, `s3://BUCKET[/PREFIX]`); the file target
 //!   writes each object whole (temporary file, sync, rename).
 //!
-//! To come (issue 19): the S3 target, backups from a replica's snapshot diffs,
-//! restore through an engine, verify and scrub, leases and garbage collection, DR
-//! volumes, recurring jobs, and `hornctl backup`.
+//! - [`s3`]: the S3 target (aws-sdk-s3), and [`garage`]: a Garage server on loopback,
+//!   the real S3 service the tests and benchmarks run against.
+//! - [`lease`]: leases that keep garbage collection and backups apart.
+//! - [`create`]: a backup of a snapshot read from a replica's files, incremental from
+//!   the parent backup's snapshot.
+//!
+//! - [`restore`]: restoring a backup into a volume or a file, tolerant of bad blocks
+//!   and resumable; verifying backups block by block.
+//! - [`gc`]: deleting backups, and collecting the blocks none names.
+//!
+//! To come (issue 19): DR volumes, recurring jobs.
 //!
 //! Departures from the chosen crates: `lz4_flex` (pure Rust LZ4) and `zstd` compress
 //! blocks, as the brief allows.
 
 #![warn(missing_docs)]
 
+pub mod create;
 pub mod format;
+pub mod garage;
+pub mod gc;
+pub mod lease;
+pub mod restore;
+pub mod s3;
 pub mod store;
+
+use format::{FormatError, Manifest};
+use store::{ObjectStore, StoreError};
+
+/// What went wrong with a backup operation.
+#[derive(Debug, thiserror::Error)]
+pub enum BackupError {
+    /// The target failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Something read from the target is not what the format says.
+    #[error(transparent)]
+    Format(#[from] FormatError),
+    /// A lease could not be taken or was lost.
+    #[error(transparent)]
+    Lease(#[from] lease::LeaseError),
+    /// Reading the volume failed.
+    #[error("reading the volume: {0}")]
+    Source(String),
+    /// Writing the volume failed.
+    #[error("writing the volume: {0}")]
+    Sink(String),
+    /// A request that cannot be done.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// The backups of `volume` in a target, in name order.
+pub fn list_backups(store: &dyn ObjectStore, volume: &str) -> Result<Vec<Manifest>, BackupError> {
+    format::check_name("volume", volume)?;
+    let mut out = Vec::new();
+    for key in store.list(&Manifest::prefix(volume))? {
+        if !key.ends_with(".json") {
+            continue;
+        }
+        // Deleted between the listing and now: not a backup any more.
+        let Some(bytes) = store.get(&key)? else { continue };
+        out.push(Manifest::from_bytes(&format!("{}/{key}", store.url()), &bytes)?);
+    }
+    Ok(out)
+}
+
+/// Backup `name` of `volume`, read and checked.
+pub fn read_backup(store: &dyn ObjectStore, volume: &str, name: &str) -> Result<Manifest, BackupError> {
+    format::check_name("volume", volume)?;
+    format::check_name("backup", name)?;
+    let key = Manifest::key(volume, name);
+    let bytes = store.get(&key)?.ok_or_else(|| {
+        BackupError::Invalid(format!(
+            "{}: volume {volume} has no backup named {name}",
+            store.url()
+        ))
+    })?;
+    Ok(Manifest::from_bytes(&format!("{}/{key}", store.url()), &bytes)?)
+}
+
+/// The volumes with backups in a target.
+pub fn list_volumes(store: &dyn ObjectStore) -> Result<Vec<String>, BackupError> {
+    let mut names: Vec<String> = store
+        .list("volumes/")?
+        .into_iter()
+        .filter_map(|k| k.strip_prefix("volumes/")?.split('/').next().map(str::to_string))
+        .collect();
+    names.dedup();
+    Ok(names)
+}

@@ -27,10 +27,35 @@ pub enum StoreError {
         #[source]
         source: std::io::Error,
     },
+    /// A service (S3) refused an operation or did not answer.
+    #[error("{target}: cannot {op} {key}: {reason}")]
+    Service {
+        /// The target, as its URL.
+        target: String,
+        /// What was being done.
+        op: &'static str,
+        /// The object's key.
+        key: String,
+        /// Why, as the service said it.
+        reason: String,
+    },
+}
+
+/// The target at `url`, opened: a directory for `file://`, a bucket for `s3://`
+/// reached with `s3` (its empty fields filled from the environment).
+pub fn open_target(url: &str, s3: &crate::s3::S3Settings) -> Result<Box<dyn ObjectStore>, StoreError> {
+    match url.parse::<TargetUrl>()? {
+        TargetUrl::File(root) => Ok(Box::new(FileStore::open(&root)?)),
+        TargetUrl::S3 { bucket, prefix } => Ok(Box::new(crate::s3::S3Store::open(
+            &bucket,
+            &prefix,
+            &s3.clone().with_env(),
+        )?)),
+    }
 }
 
 /// A target's objects.
-pub trait ObjectStore: Send + Sync {
+pub trait ObjectStore: Send + Sync + std::fmt::Debug {
     /// The target's URL, for messages.
     fn url(&self) -> String;
     /// Writes `data` as `key`, replacing it, whole or not at all.

@@ -145,10 +145,20 @@ pub struct EngineQueue {
     membership_seen: u64,
     /// Running a chain operation: this queue's own I/O passes the pause it raised.
     coordinating: bool,
+    /// Moves the replicas' bytes as they are, never encrypting or decrypting: what a
+    /// restore writes (a backup holds what the replicas held).
+    raw: bool,
     start: Instant,
 }
 
 impl EngineQueue {
+    /// Makes this queue move the replicas' bytes as they are: an encrypted volume's
+    /// ciphertext is written and read unchanged (a restore writes what a backup
+    /// read from a replica).
+    pub fn set_raw(&mut self) {
+        self.raw = true;
+    }
+
     /// Connects a new queue to every replica of `engine` that has not failed.
     pub fn open(engine: &Arc<Engine>) -> Result<EngineQueue> {
         let shared = QueueShared::new()?;
@@ -203,6 +213,7 @@ impl EngineQueue {
             failures_seen: engine.failure_epoch(),
             membership_seen,
             coordinating: false,
+            raw: false,
             start,
         };
         let reasons: Vec<String> = unreachable
@@ -500,7 +511,7 @@ impl EngineQueue {
             // Encrypted once, as it starts, before any replica sees it (a held or
             // ordered write comes here once too); the buffer holds ciphertext from
             // here on, and is handed back so.
-            if let (Some(c), Some(b)) = (self.engine.cipher(), buf.as_mut()) {
+            if let (Some(c), Some(b), false) = (self.engine.cipher(), buf.as_mut(), self.raw) {
                 c.encrypt(offset, self.engine.sector_size() as usize, b.as_mut_slice());
             }
         }
@@ -646,7 +657,7 @@ impl EngineQueue {
             let result = slot.result.expect("checked");
             let mut buf = slot.buf;
             if slot.read && result.is_ok() {
-                if let (Some(c), Some(b)) = (self.engine.cipher(), buf.as_mut()) {
+                if let (Some(c), Some(b), false) = (self.engine.cipher(), buf.as_mut(), self.raw) {
                     c.decrypt(slot.offset, self.engine.sector_size() as usize, b.as_mut_slice());
                 }
             }

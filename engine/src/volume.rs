@@ -85,6 +85,14 @@ impl Volume {
         })
     }
 
+    /// Opens a queue of `engine` that moves the replicas' bytes as they are, never
+    /// encrypting or decrypting ([`EngineQueue::set_raw`]): a restore's queue.
+    pub fn open_raw(engine: &Arc<Engine>) -> Result<Volume> {
+        let mut v = Volume::open(engine)?;
+        v.queue.set_raw();
+        Ok(v)
+    }
+
     /// The engine shared by the volume's queues.
     pub fn engine(&self) -> &Arc<Engine> {
         self.queue.engine()
