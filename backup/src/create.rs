@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use horn_replica::image::SnapshotImage;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::format::{check_block_size, check_name, encode_block, BlockId, Compression, Manifest, FORMAT};
 use crate::lease::{Lease, LeaseKind};
@@ -65,7 +65,7 @@ impl BackupRequest {
 }
 
 /// What a backup did.
-#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct BackupReport {
     /// The backup's name.
     pub name: String,

@@ -13,7 +13,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::format::{BlockId, Manifest};
 use crate::lease::{Lease, LeaseKind};
@@ -29,7 +29,7 @@ pub fn delete_backup(store: &dyn ObjectStore, volume: &str, name: &str) -> Resul
 }
 
 /// What a collection did.
-#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct GcReport {
     /// Backups whose blocks were marked.
     pub backups: u64,

@@ -18,7 +18,7 @@ use std::sync::mpsc::sync_channel;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::format::{decode_block, BlockId, Manifest};
 use crate::store::ObjectStore;
@@ -109,7 +109,7 @@ impl Default for RestoreOptions {
 }
 
 /// A block that could not be restored or verified.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct BadBlock {
     /// Its index in the volume.
     pub index: u64,
@@ -134,7 +134,7 @@ impl std::fmt::Display for BadBlock {
 }
 
 /// What a restore did.
-#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct RestoreReport {
     /// The backup restored.
     pub backup: String,
@@ -332,7 +332,7 @@ pub fn restore(
 }
 
 /// What a verify found.
-#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct VerifyReport {
     /// Backups checked.
     pub backups: u64,

@@ -82,12 +82,43 @@ pub struct EngineControlService {
     handle: EngineHandle,
     /// For the calls that must not wait behind the volume's thread (a drop).
     engine: Arc<Engine>,
+    /// Restores backups into the volume (hornd gives it one: horn-backup); `None`:
+    /// restores are refused.
+    restores: Option<Arc<dyn RestoreRunner>>,
+    /// A restore is running (one at a time).
+    restoring: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// Restores a backup into a volume through a queue of its own that writes the
+/// backup's bytes as they are ([`Volume::open_raw`]: an encrypted volume's backup
+/// holds ciphertext), reporting progress (blocks done of blocks) and returning the
+/// report as JSON. A trait so that the engine's crate needs none of the targets'
+/// clients.
+pub trait RestoreRunner: Send + Sync {
+    /// Runs `req` to the end (on a thread of its own: it blocks).
+    fn run(
+        &self,
+        engine: &Arc<Engine>,
+        req: horn_proto::engine_control::RestoreRequest,
+        progress: &(dyn Fn(u64, u64) + Sync),
+    ) -> Result<String, String>;
 }
 
 impl EngineControlService {
     /// A service running its calls through `handle`, on `engine`.
     pub fn new(handle: EngineHandle, engine: Arc<Engine>) -> Self {
-        EngineControlService { handle, engine }
+        EngineControlService {
+            handle,
+            engine,
+            restores: None,
+            restoring: Arc::default(),
+        }
+    }
+
+    /// The service, restoring backups with `runner`.
+    pub fn with_restores(mut self, runner: Option<Arc<dyn RestoreRunner>>) -> Self {
+        self.restores = runner;
+        self
     }
 
     async fn run<T: Send + 'static>(
@@ -250,6 +281,85 @@ fn snapshots(info: InfoReply) -> SnapshotList {
 
 #[tonic::async_trait]
 impl EngineControl for EngineControlService {
+    type BackupStream = horn_proto::progress::ProgressStream;
+    type RestoreStream = horn_proto::progress::ProgressStream;
+
+    async fn backup(
+        &self,
+        req: Request<horn_proto::control::BackupRequest>,
+    ) -> Result<Response<Self::BackupStream>, Status> {
+        let mut req = req.into_inner();
+        if req.name.is_empty() {
+            return Err(Status::invalid_argument("name the backup"));
+        }
+        if req.volume.is_empty() {
+            req.volume = self.engine.volume_id().to_string();
+        }
+        if req.volume.is_empty() {
+            return Err(Status::invalid_argument(
+                "this engine serves no named volume (hornd engine --volume): name the volume the backup is of",
+            ));
+        }
+        if req.snapshot.is_empty() {
+            let snap = format!("backup-{}", req.name);
+            req.snapshot = snap.clone();
+            self.run(move |v| v.snapshot(&snap)).await?;
+        }
+        // A replica that holds the whole volume, one on this machine first.
+        let replicas = self.engine.replicas();
+        let source = (0..replicas.len())
+            .filter(|&i| !self.engine.is_failed(i) && replicas[i].mode() == Mode::Rw)
+            .max_by_key(|&i| replicas[i].config.local)
+            .map(|i| replicas[i].clone())
+            .ok_or_else(|| Status::unavailable("no replica in mode RW to read the backup from"))?;
+        let mut client = crate::client::connect(
+            &source.control,
+            self.engine.caller(),
+            crate::client::Deadline::Transfer(self.engine.timeout()),
+        )
+        .await
+        .map_err(to_status)?;
+        tracing::info!(backup = %req.name, snapshot = %req.snapshot, replica = %source.data, "backing up");
+        let stream = client
+            .backup(req)
+            .await
+            .map_err(|s| Status::new(s.code(), format!("replica {}: {}", source.data, s.message())))?
+            .into_inner();
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn restore(
+        &self,
+        req: Request<horn_proto::engine_control::RestoreRequest>,
+    ) -> Result<Response<Self::RestoreStream>, Status> {
+        let runner = self
+            .restores
+            .clone()
+            .ok_or_else(|| Status::unimplemented("this engine's server restores no backups"))?;
+        if self.restoring.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            return Err(Status::failed_precondition(
+                "a restore into this volume is running already",
+            ));
+        }
+        let req = req.into_inner();
+        let (tx, stream) = horn_proto::progress::channel();
+        let (engine, restoring) = (self.engine.clone(), self.restoring.clone());
+        let spawned = std::thread::Builder::new()
+            .name("horn-restore".into())
+            .spawn(move || {
+                let r = runner.run(&engine, req, &|d, t| tx.progress(d, t));
+                restoring.store(false, std::sync::atomic::Ordering::SeqCst);
+                tx.finish(r.map_err(Status::failed_precondition));
+            });
+        if let Err(e) = spawned {
+            self.restoring.store(false, std::sync::atomic::Ordering::SeqCst);
+            return Err(Status::internal(format!(
+                "cannot start the restore's thread: {e}"
+            )));
+        }
+        Ok(Response::new(stream))
+    }
+
     async fn info(&self, _req: Request<EngineInfoRequest>) -> Result<Response<EngineInfo>, Status> {
         self.run(|v| Ok(engine_info(v))).await
     }

@@ -1335,3 +1335,27 @@ pub fn parse_lifetime(s: &str) -> Result<std::time::Duration, String> {
     }
     Ok(std::time::Duration::from_secs(secs))
 }
+
+/// A client of the engine at `addr` whose calls fail after `timeout`.
+pub async fn engine_client(
+    addr: &str,
+    tls: Option<tonic::transport::ClientTlsConfig>,
+    timeout: std::time::Duration,
+) -> Result<horn_proto::engine_control::engine_control_client::EngineControlClient<tonic::transport::Channel>>
+{
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let mut endpoint = tonic::transport::Endpoint::from_shared(format!("{scheme}://{addr}"))
+        .with_context(|| format!("{addr} is not an address"))?
+        .connect_timeout(std::time::Duration::from_secs(5))
+        .timeout(timeout);
+    if let Some(tls) = tls {
+        endpoint = endpoint
+            .tls_config(tls)
+            .context("the TLS configuration is refused")?;
+    }
+    let channel = endpoint
+        .connect()
+        .await
+        .with_context(|| format!("cannot reach the engine at {addr} (is `hornd engine` running?)"))?;
+    Ok(horn_proto::engine_control::engine_control_client::EngineControlClient::new(channel))
+}

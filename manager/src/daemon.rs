@@ -93,8 +93,9 @@ pub fn serve_replica(dir: PathBuf, listen: String, control: String, options: Rep
     let control_addr = control_listener.local_addr()?;
     let server = DataServer::with_limits(replica, listener, limits)?;
     let handle = server.handle();
-    let service =
-        ControlService::new(handle.clone()).with_client_tls(credentials.as_ref().map(node_client_tls));
+    let service = ControlService::new(handle.clone())
+        .with_client_tls(credentials.as_ref().map(node_client_tls))
+        .with_backups(Some(Arc::new(crate::backups::ReplicaBackups)));
     // Over --data-tls, a rebuild's layer streams go over TLS too.
     let service = service.with_stream_tls(match (&credentials, data_tls) {
         (Some(c), true) => Some(Arc::new(NodeStreamTls(c.clone())) as Arc<dyn horn_replica::sync::StreamTls>),
@@ -201,7 +202,9 @@ impl HostedReplica {
         let data = replica.host()?;
         let (stop, stopped) = tokio::sync::oneshot::channel();
         let handle = horn_replica::server::ServerHandle::shared(replica.clone());
-        let routes = tonic::service::Routes::new(ReplicaControlServer::new(ControlService::new(handle)));
+        let routes = tonic::service::Routes::new(ReplicaControlServer::new(
+            ControlService::new(handle).with_backups(Some(Arc::new(crate::backups::ReplicaBackups))),
+        ));
         let grpc = match spawn_control_service(listener, routes, None, stopped, false) {
             Ok(g) => g,
             Err(e) => {
@@ -360,8 +363,10 @@ pub fn serve_engine(
         TcpListener::bind(&control).with_context(|| format!("cannot listen on {control} for control"))?;
     let control_addr = listener.local_addr()?;
     let (handle, commands) = EngineHandle::new();
-    let service =
-        EngineControlServer::new(EngineControlService::new(handle.clone(), volume.engine().clone()));
+    let service = EngineControlServer::new(
+        EngineControlService::new(handle.clone(), volume.engine().clone())
+            .with_restores(Some(Arc::new(crate::backups::EngineRestores))),
+    );
     let (routes, tls) = match &credentials {
         Some(c) => (
             tonic::service::Routes::new(horn_pki::Guarded::new(service, crate::policy::engine(node))),

@@ -18,6 +18,8 @@
 pub mod agent;
 pub mod api;
 pub mod authority;
+pub mod backupctl;
+pub mod backups;
 pub mod ctl;
 pub mod daemon;
 pub mod format;

@@ -42,6 +42,25 @@ pub struct ControlService {
     /// How layer streams go over TLS, when the data wire does (both ways: this
     /// replica's streams to others, and others' to it).
     stream_tls: Option<Arc<dyn crate::sync::StreamTls>>,
+    /// Makes backups of this replica's snapshots (hornd gives it one: horn-backup);
+    /// `None`: backups are refused.
+    backups: Option<Arc<dyn BackupRunner>>,
+    /// Backups reading this replica's snapshots now: deletions, purges and syncs,
+    /// which change snapshot layers, wait until none is.
+    backing_up: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// Makes a backup of one of a replica's snapshots, read from its files in `dir`,
+/// reporting progress (blocks done of blocks to read) and returning the report as
+/// JSON. A trait so that the replica's crate needs none of the targets' clients.
+pub trait BackupRunner: Send + Sync {
+    /// Runs `req` to the end (on a thread of its own: it blocks).
+    fn run(
+        &self,
+        dir: &std::path::Path,
+        req: horn_proto::control::BackupRequest,
+        progress: &(dyn Fn(u64, u64) + Sync),
+    ) -> Result<String, String>;
 }
 
 impl ControlService {
@@ -52,6 +71,24 @@ impl ControlService {
             sync: Arc::default(),
             client_tls: None,
             stream_tls: None,
+            backups: None,
+            backing_up: Arc::default(),
+        }
+    }
+
+    /// The service, making backups with `runner`.
+    pub fn with_backups(mut self, runner: Option<Arc<dyn BackupRunner>>) -> Self {
+        self.backups = runner;
+        self
+    }
+
+    /// Refuses a change to the snapshot layers while a backup reads them.
+    fn check_no_backup(&self, what: &str) -> Result<(), Status> {
+        match self.backing_up.load(Ordering::SeqCst) {
+            0 => Ok(()),
+            n => Err(Status::failed_precondition(format!(
+                "{n} backup(s) are reading this replica's snapshots: {what} waits until they are done"
+            ))),
         }
     }
 
@@ -315,6 +352,55 @@ pub fn record_from_wire(m: Membership) -> Record {
 
 #[tonic::async_trait]
 impl ReplicaControl for ControlService {
+    type BackupStream = horn_proto::progress::ProgressStream;
+
+    async fn backup(
+        &self,
+        req: Request<horn_proto::control::BackupRequest>,
+    ) -> Result<Response<Self::BackupStream>, Status> {
+        self.authenticate(&req).await?;
+        let runner = self
+            .backups
+            .clone()
+            .ok_or_else(|| Status::unimplemented("this replica's server makes no backups"))?;
+        let req = req.into_inner();
+        let snapshot = req.snapshot.clone();
+        // Checked and counted on the loop, so a deletion after it sees the count.
+        let backing_up = self.backing_up.clone();
+        let dir = self
+            .run(move |r| {
+                if r.mode() != Mode::Rw {
+                    return Err(ReplicaError::InvalidOperation(format!(
+                        "this replica is in mode {:?}: only one in mode RW holds whole snapshots to back up",
+                        r.mode()
+                    )));
+                }
+                let info = r.info()?;
+                if !info
+                    .layers
+                    .iter()
+                    .any(|l| l.name.as_deref() == Some(snapshot.as_str()) && !l.removed)
+                {
+                    return Err(ReplicaError::NoSuchSnapshot(snapshot));
+                }
+                backing_up.fetch_add(1, Ordering::SeqCst);
+                Ok(r.dir().to_path_buf())
+            })
+            .await?
+            .into_inner();
+        let (tx, stream) = horn_proto::progress::channel();
+        let backing_up = self.backing_up.clone();
+        std::thread::Builder::new()
+            .name("horn-backup".into())
+            .spawn(move || {
+                let r = runner.run(&dir, req, &|d, t| tx.progress(d, t));
+                backing_up.fetch_sub(1, Ordering::SeqCst);
+                tx.finish(r.map_err(Status::failed_precondition));
+            })
+            .map_err(|e| Status::internal(format!("cannot start the backup's thread: {e}")))?;
+        Ok(Response::new(stream))
+    }
+
     async fn info(&self, _req: Request<InfoRequest>) -> Result<Response<InfoReply>, Status> {
         let mut reply = self.run(|r| info_reply(r)).await?;
         let i = reply.get_mut();
@@ -469,6 +555,7 @@ impl ReplicaControl for ControlService {
         req: Request<DeleteSnapshotRequest>,
     ) -> Result<Response<InfoReply>, Status> {
         self.authenticate(&req).await?;
+        self.check_no_backup("deleting a snapshot")?;
         let caller = caller_of(&req);
         let req = req.into_inner();
         self.run(move |r| {
@@ -481,6 +568,7 @@ impl ReplicaControl for ControlService {
 
     async fn purge(&self, req: Request<PurgeRequest>) -> Result<Response<PurgeReply>, Status> {
         self.authenticate(&req).await?;
+        self.check_no_backup("a purge")?;
         let caller = caller_of(&req);
         let g = req.into_inner().generation;
         self.run(move |r| {
@@ -683,6 +771,7 @@ impl ReplicaControl for ControlService {
     }
 
     async fn sync_from(&self, req: Request<SyncFromRequest>) -> Result<Response<SyncReply>, Status> {
+        self.check_no_backup("a sync, which replaces the chain,")?;
         let proven = self.authenticate(&req).await?;
         let caller = caller_of(&req);
         let req = req.into_inner();

@@ -14,7 +14,6 @@ use std::process::ExitCode;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use horn_manager::format::{human_bytes, labels, layer_state, parse_size, table, utc_time};
-use horn_proto::engine_control::engine_control_client::EngineControlClient;
 use horn_proto::engine_control::{
     AddReplicaRequest, DropReplicaRequest, EngineDeleteRequest, EngineExpandRequest, EngineInfoRequest,
     EnginePurgeRequest, EngineRevertRequest, EngineSnapshotRequest, ListSnapshotsRequest, RebuildStatus,
@@ -95,6 +94,19 @@ enum Command {
         manager: horn_manager::ctl::ManagerAddr,
         #[command(subcommand)]
         cmd: horn_manager::ctl::NodeCmd,
+    },
+    /// Backups of volumes to a target (a directory or S3): create, list, info,
+    /// delete, restore, verify, scrub, gc.
+    Backup {
+        #[command(flatten)]
+        target: horn_manager::backupctl::TargetArgs,
+        #[command(flatten)]
+        engine: horn_manager::backupctl::EngineArgs,
+        /// Print JSON instead of tables.
+        #[arg(long, global = true)]
+        json: bool,
+        #[command(subcommand)]
+        cmd: horn_manager::backupctl::BackupCmd,
     },
     /// Serve volumes as ublk block devices on this machine (root, kernel with ublk_drv).
     Ublk {
@@ -542,29 +554,6 @@ fn rebuild_line(r: &RebuildStatus) -> String {
     }
 }
 
-/// A client of the engine at `addr` whose calls fail after `timeout`.
-async fn engine_client(
-    addr: &str,
-    tls: Option<tonic::transport::ClientTlsConfig>,
-    timeout: std::time::Duration,
-) -> Result<EngineControlClient<tonic::transport::Channel>> {
-    let scheme = if tls.is_some() { "https" } else { "http" };
-    let mut endpoint = tonic::transport::Endpoint::from_shared(format!("{scheme}://{addr}"))
-        .with_context(|| format!("{addr} is not an address"))?
-        .connect_timeout(std::time::Duration::from_secs(5))
-        .timeout(timeout);
-    if let Some(tls) = tls {
-        endpoint = endpoint
-            .tls_config(tls)
-            .context("the TLS configuration is refused")?;
-    }
-    let channel = endpoint
-        .connect()
-        .await
-        .with_context(|| format!("cannot reach the engine at {addr} (is `hornd engine` running?)"))?;
-    Ok(EngineControlClient::new(channel))
-}
-
 fn run_engine(
     addr: String,
     tls: Option<tonic::transport::ClientTlsConfig>,
@@ -577,7 +566,7 @@ fn run_engine(
         .build()?;
     rt.block_on(async move {
         let timeout = std::time::Duration::from_secs(timeout);
-        let mut c = engine_client(&addr, tls.clone(), timeout).await?;
+        let mut c = horn_manager::ctl::engine_client(&addr, tls.clone(), timeout).await?;
         let status = |s: tonic::Status| {
             if s.message().contains("Timeout expired") {
                 anyhow::anyhow!(
@@ -790,7 +779,7 @@ fn run_engine(
                     .map_err(status)?
                     .into_inner()
                     .size;
-                let mut c = engine_client(
+                let mut c = horn_manager::ctl::engine_client(
                     &addr,
                     tls.clone(),
                     timeout + std::time::Duration::from_secs(size >> 25),
@@ -1037,6 +1026,12 @@ fn main() -> ExitCode {
             run_engine(engine, tls, json, timeout, cmd)
         })(),
         Command::Ublk { json, cmd } => run_ublk(json, cmd),
+        Command::Backup {
+            target,
+            engine,
+            json,
+            cmd,
+        } => horn_manager::backupctl::run_backup(target, engine, json, cmd),
         Command::Cluster { manager, cmd } => horn_manager::ctl::run_cluster(manager, cmd),
         Command::Volume { manager, cmd } => horn_manager::ctl::run_volume(manager, cmd),
         Command::Node { manager, cmd } => horn_manager::ctl::run_node(manager, cmd),

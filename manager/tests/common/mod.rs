@@ -181,10 +181,16 @@ impl EngineDaemon {
                 .arg(format!("{},{}", r.addr, r.control.trim_start_matches("http://")));
         }
         let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+        // Lines before the one naming the control address say what the start waits
+        // for (another engine's read lease to lapse); none: it failed.
         let mut line = String::new();
-        BufReader::new(child.stdout.as_mut().unwrap())
-            .read_line(&mut line)
-            .unwrap();
+        let mut out = BufReader::new(child.stdout.as_mut().unwrap());
+        loop {
+            line.clear();
+            if out.read_line(&mut line).unwrap() == 0 || line.contains("control on ") {
+                break;
+            }
+        }
         match line.rsplit_once("control on ") {
             Some((_, addr)) => Ok(EngineDaemon {
                 child,

@@ -1,0 +1,154 @@
+//! Backups as `hornd` runs them: a replica's server backs up its snapshots
+//! ([`ReplicaBackups`]), an engine's server restores backups into its volume
+//! ([`EngineRestores`]), both with horn-backup. The replica and engine crates only
+//! know the traits; the targets' clients (S3) live here, in the daemon.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use horn_backup::create::{backup, find_parent, BackupRequest};
+use horn_backup::format::{Compression, DEFAULT_BLOCK_SIZE};
+use horn_backup::restore::{restore, RestoreOptions, RestoreSink};
+use horn_backup::s3::S3Settings;
+use horn_backup::store::{open_target, ObjectStore};
+use horn_engine::{Engine, Volume};
+use horn_proto::control::{BackupRequest as WireBackup, BackupTarget};
+use horn_proto::engine_control::RestoreRequest;
+use horn_proto::wire::MAX_IO_LEN;
+use horn_replica::image::SnapshotImage;
+
+/// The S3 settings a wire target carries (empty fields: the process's environment).
+pub fn s3_settings(t: &BackupTarget) -> S3Settings {
+    S3Settings {
+        endpoint: t.endpoint.clone(),
+        region: t.region.clone(),
+        access_key: t.access_key.clone(),
+        secret_key: t.secret_key.clone(),
+    }
+}
+
+/// Opens the target a request names.
+pub fn open(t: Option<&BackupTarget>) -> Result<Arc<dyn ObjectStore>, String> {
+    let t = t.ok_or("no backup target given")?;
+    open_target(&t.url, &s3_settings(t))
+        .map(Arc::from)
+        .map_err(|e| e.to_string())
+}
+
+/// Compression by name: `lz4` (also the empty default), `zstd`, `none`.
+pub fn parse_compression(s: &str) -> Result<Compression, String> {
+    match s {
+        "" | "lz4" => Ok(Compression::Lz4),
+        "zstd" => Ok(Compression::Zstd),
+        "none" => Ok(Compression::None),
+        other => Err(format!("{other:?} is not a compression: give lz4, zstd or none")),
+    }
+}
+
+/// A replica server's backups: of its own snapshots, read from its files.
+pub struct ReplicaBackups;
+
+impl horn_replica::control::BackupRunner for ReplicaBackups {
+    fn run(
+        &self,
+        dir: &Path,
+        req: WireBackup,
+        progress: &(dyn Fn(u64, u64) + Sync),
+    ) -> Result<String, String> {
+        let store = open(req.target.as_ref())?;
+        let image = SnapshotImage::open(dir, &req.snapshot).map_err(|e| e.to_string())?;
+        let mut r = BackupRequest::new(&req.volume, &req.name, &req.snapshot);
+        r.block_size = if req.block_size == 0 {
+            DEFAULT_BLOCK_SIZE
+        } else {
+            req.block_size
+        };
+        r.compression = parse_compression(&req.compression)?;
+        r.full = req.full;
+        if req.parallel > 0 {
+            r.parallel = req.parallel.min(64) as usize;
+        }
+        r.labels = req.labels.into_iter().collect();
+        let parent = if r.full {
+            None
+        } else {
+            find_parent(store.as_ref(), &r.volume, dir, &image).map_err(|e| e.to_string())?
+        };
+        tracing::info!(
+            backup = %r.name, snapshot = %r.snapshot, target = %store.url(),
+            parent = ?parent.as_ref().map(|(m, _)| &m.name), "backup starts"
+        );
+        let report = backup(store, &image, parent.as_ref().map(|(m, i)| (m, i)), &r, progress)
+            .map_err(|e| e.to_string())?;
+        tracing::info!(backup = %r.name, uploaded = report.uploaded_bytes, seconds = report.seconds, "backup done");
+        Ok(serde_json::to_string(&report).expect("a report serializes"))
+    }
+}
+
+/// A volume's queue that moves the replicas' bytes as they are, as a restore's
+/// destination.
+struct VolumeSink(Volume);
+
+impl RestoreSink for VolumeSink {
+    fn size(&self) -> u64 {
+        self.0.size()
+    }
+
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), String> {
+        for (i, piece) in buf.chunks_mut(MAX_IO_LEN as usize).enumerate() {
+            self.0
+                .read_at(offset + (i * MAX_IO_LEN as usize) as u64, piece)
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
+    fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<(), String> {
+        for (i, piece) in data.chunks(MAX_IO_LEN as usize).enumerate() {
+            self.0
+                .write_at(offset + (i * MAX_IO_LEN as usize) as u64, piece)
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), String> {
+        self.0.flush().map_err(|e| e.to_string())
+    }
+}
+
+/// An engine server's restores: into its own volume, through a raw queue.
+pub struct EngineRestores;
+
+impl horn_engine::control::RestoreRunner for EngineRestores {
+    fn run(
+        &self,
+        engine: &Arc<Engine>,
+        req: RestoreRequest,
+        progress: &(dyn Fn(u64, u64) + Sync),
+    ) -> Result<String, String> {
+        let store = open(req.target.as_ref())?;
+        let m =
+            horn_backup::read_backup(store.as_ref(), &req.volume, &req.backup).map_err(|e| e.to_string())?;
+        let mut sink = VolumeSink(Volume::open_raw(engine).map_err(|e| format!("cannot open a queue: {e}"))?);
+        let opts = RestoreOptions {
+            strict: req.strict,
+            parallel: if req.parallel == 0 {
+                RestoreOptions::default().parallel
+            } else {
+                req.parallel.min(64) as usize
+            },
+            ..RestoreOptions::default()
+        };
+        tracing::info!(backup = %m.name, volume = %m.volume, target = %store.url(), "restore starts");
+        let report = restore(store.as_ref(), &m, &mut sink, &opts, progress);
+        let closed = sink.0.close();
+        let report = report.map_err(|e| e.to_string())?;
+        closed.map_err(|e| format!("closing the restore's queue: {e}"))?;
+        tracing::info!(
+            backup = %m.name, restored = report.restored, bad = report.bad.len(),
+            seconds = report.seconds, "restore done"
+        );
+        Ok(serde_json::to_string(&report).expect("a report serializes"))
+    }
+}
