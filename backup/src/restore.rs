@@ -34,6 +34,11 @@ pub trait RestoreSink {
     fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<(), String>;
     /// Makes what was written durable.
     fn flush(&mut self) -> Result<(), String>;
+    /// The ranges that may hold data, sorted (`None`: unknown, so every block is
+    /// read to be compared). A block outside them reads as zeros without a read.
+    fn written(&mut self) -> Option<Vec<(u64, u64)>> {
+        None
+    }
 }
 
 /// A plain file (or block device) as a restore's destination.
@@ -82,6 +87,30 @@ impl RestoreSink for FileSink {
     fn flush(&mut self) -> Result<(), String> {
         self.file.sync_all().map_err(|e| e.to_string())
     }
+
+    /// The file's data ranges (SEEK_DATA, SEEK_HOLE): its holes read as zeros.
+    fn written(&mut self) -> Option<Vec<(u64, u64)>> {
+        use std::os::fd::AsRawFd;
+        let fd = self.file.as_raw_fd();
+        let mut out = Vec::new();
+        let mut at: i64 = 0;
+        loop {
+            // SAFETY: lseek takes no pointers; fd is this sink's open file.
+            let data = unsafe { libc::lseek(fd, at, libc::SEEK_DATA) };
+            if data < 0 {
+                // ENXIO: no data past `at`. Anything else: unknown.
+                let enxio = std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO);
+                return enxio.then_some(out);
+            }
+            // SAFETY: as above.
+            let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
+            if hole <= data {
+                return None;
+            }
+            out.push((data as u64, (hole - data) as u64));
+            at = hole;
+        }
+    }
 }
 
 /// How to restore.
@@ -101,7 +130,7 @@ impl Default for RestoreOptions {
     fn default() -> RestoreOptions {
         RestoreOptions {
             strict: false,
-            parallel: 8,
+            parallel: 16,
             check_existing: true,
             only: None,
         }
@@ -230,6 +259,15 @@ pub fn restore(
     // fresh destination) every stored block.
     let mut wanted: Vec<(u64, BlockId)> = Vec::new();
     let mut buf = vec![0u8; m.block_size as usize];
+    let written = if opts.check_existing { sink.written() } else { None };
+    let maybe_data = |start: u64, len: u64| match &written {
+        None => true,
+        Some(ranges) => {
+            // The first range ending after `start` decides.
+            let i = ranges.partition_point(|&(o, l)| o + l <= start);
+            ranges.get(i).is_some_and(|&(o, _)| o < start + len)
+        }
+    };
     let total = candidates.len() as u64;
     for (n, &index) in candidates.iter().enumerate() {
         let len = m.block_len(index) as usize;
@@ -242,8 +280,13 @@ pub fn restore(
             continue;
         }
         let here = &mut buf[..len];
-        sink.read_at(index * bs, here).map_err(BackupError::Sink)?;
-        let zero = here.iter().all(|&b| b == 0);
+        let zero = if maybe_data(index * bs, len as u64) {
+            sink.read_at(index * bs, here).map_err(BackupError::Sink)?;
+            here.iter().all(|&b| b == 0)
+        } else {
+            here.fill(0);
+            true
+        };
         match entry {
             None if zero => report.already_there += 1,
             None => {
@@ -259,6 +302,12 @@ pub fn restore(
         }
     }
 
+    tracing::info!(
+        seconds = started.elapsed().as_secs_f64(),
+        to_fetch = wanted.len(),
+        already = report.already_there,
+        "restore: the destination compared with the backup"
+    );
     // Fetch in parallel, write here, in whatever order they come.
     let next = AtomicUsize::new(0);
     let stop = AtomicBool::new(false);
@@ -324,6 +373,10 @@ pub fn restore(
             )));
         }
     }
+    tracing::info!(
+        seconds = started.elapsed().as_secs_f64(),
+        "restore: blocks written; flushing"
+    );
     sink.flush().map_err(BackupError::Sink)?;
     report.bad.sort_by_key(|b| b.index);
     report.fetched_bytes = *fetched.lock().unwrap();

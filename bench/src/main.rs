@@ -9,6 +9,8 @@
 //!   index's memory for two write patterns; opening and using long snapshot chains.
 //! - `horn-bench volume`: a volume through its engine with 1 and 3 replicas as
 //!   separate processes on loopback, against fio on plain files.
+//! - `horn-bench backup`: backups and restores to Garage against restic and a raw
+//!   upload, and an incremental backup's size and time.
 //! - `horn-bench cluster`: the time from `hornctl volume create` to a volume attached
 //!   and written, on a cluster of network namespaces (`horn-cluster`), against the
 //!   same daemons started by hand.
@@ -17,6 +19,7 @@
 //! depends on `rand` (random offsets) and `tempfile` (scratch directories); it must
 //! never be needed by anything that ships.
 
+mod backup;
 mod cluster;
 mod cpu;
 mod fio;
@@ -58,6 +61,9 @@ enum Command {
     /// Rebuilds: a full one against cp --sparse=always of the same files, a delta one
     /// after 1% changed, and the foreground IOPS while one runs.
     Rebuild(rebuild::RebuildArgs),
+    /// Backups and restores to Garage (S3) against restic and a raw upload of the
+    /// same bytes; an incremental backup after 1% of the blocks changed.
+    Backup(backup::BackupArgs),
     /// Time from `hornctl volume create` to attached and writable, on a cluster of
     /// network namespaces (root), against the same daemons started by hand.
     Cluster(cluster::ClusterArgs),
@@ -99,6 +105,7 @@ fn main() -> anyhow::Result<()> {
         Command::Iscsi(args) => iscsi::run(args),
         Command::Rebuild(args) => rebuild::run(args),
         Command::Cluster(args) => cluster::run(args),
+        Command::Backup(args) => backup::run(args),
         Command::ServeReplica {
             dir,
             size,

@@ -182,8 +182,8 @@ pub enum BackupCmd {
         /// Stop at the first bad block.
         #[arg(long)]
         strict: bool,
-        /// Blocks fetched at once.
-        #[arg(long, default_value_t = 8)]
+        /// Blocks fetched at once (each up to two blocks in memory).
+        #[arg(long, default_value_t = 16)]
         parallel: u32,
     },
     /// Fetch and re-hash every block of a backup; exits 1 if any is missing or bad.

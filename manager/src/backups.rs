@@ -115,6 +115,14 @@ impl RestoreSink for VolumeSink {
     fn flush(&mut self) -> Result<(), String> {
         self.0.flush().map_err(|e| e.to_string())
     }
+
+    /// Nothing, on a volume never written (every layer of the chain uses no space):
+    /// a first restore then fetches without reading the volume first. Otherwise
+    /// unknown, and every block is compared (a restore resumed).
+    fn written(&mut self) -> Option<Vec<(u64, u64)>> {
+        let info = self.0.chain_op(horn_engine::ChainOp::Info).ok()?;
+        info.layers.iter().all(|l| l.used_bytes == 0).then(Vec::new)
+    }
 }
 
 /// An engine server's restores: into its own volume, through a raw queue.
