@@ -224,6 +224,20 @@ fn fetch(
     }
 }
 
+/// The blocks of backup `new` that differ from those of `old` (an older backup of
+/// the same volume a destination holds): all of them if their block sizes differ,
+/// and any not wholly within the older volume's size.
+pub fn differing_blocks(old: &Manifest, new: &Manifest) -> Vec<u64> {
+    let bs = u64::from(new.block_size);
+    (0..new.blocks.len() as u64)
+        .filter(|&i| {
+            old.block_size != new.block_size
+                || (i + 1) * bs > old.size
+                || old.blocks.get(i as usize) != Some(&new.blocks[i as usize])
+        })
+        .collect()
+}
+
 /// Restores backup `m` from `store` into `sink`. Bad blocks are in the report
 /// (`strict`: the first fails the restore).
 pub fn restore(

@@ -185,6 +185,28 @@ pub enum BackupCmd {
         /// Blocks fetched at once (each up to two blocks in memory).
         #[arg(long, default_value_t = 16)]
         parallel: u32,
+        /// The volume holds this older backup of VOL already (a standby): only the
+        /// blocks that differ from it are compared and fetched.
+        #[arg(long, value_name = "BACKUP")]
+        since: Option<String>,
+    },
+    /// Keep a standby volume (the one `--engine` serves) up to date with VOL's
+    /// backups: each new backup is applied, fetching only the blocks that differ from
+    /// the one applied last, which the standby records as a snapshot labelled
+    /// `horn.backup`. `--once` applies the newest and exits: a last `--once` then
+    /// stopping is how a standby is activated.
+    Follow {
+        /// The source volume, as its backups name it.
+        volume: String,
+        /// Seconds between looks at the target.
+        #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+        interval: u64,
+        /// Apply the newest backup (if not applied yet) and exit.
+        #[arg(long)]
+        once: bool,
+        /// Blocks fetched at once.
+        #[arg(long, default_value_t = 16)]
+        parallel: u32,
     },
     /// Fetch and re-hash every block of a backup; exits 1 if any is missing or bad.
     Verify {
@@ -482,12 +504,32 @@ pub fn run_backup(target: TargetArgs, engine: EngineArgs, json: bool, cmd: Backu
             b.finish_and_clear();
             print_verify(&r, json)
         }
+        BackupCmd::Follow {
+            volume,
+            interval,
+            once,
+            parallel,
+        } => loop {
+            let applied = follow_once(&target, &engine, &volume, parallel, json)?;
+            if once {
+                if applied.is_none() {
+                    if json {
+                        println!("{}", json!({"applied": null}));
+                    } else {
+                        println!("the standby holds the newest backup of {volume} already");
+                    }
+                }
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_secs(interval));
+        },
         BackupCmd::Restore {
             volume,
             name,
             to_file: Some(path),
             strict,
             parallel,
+            since: _,
         } => {
             let store = target.open()?;
             let m = horn_backup::read_backup(store.as_ref(), &volume, &name)?;
@@ -511,6 +553,7 @@ pub fn run_backup(target: TargetArgs, engine: EngineArgs, json: bool, cmd: Backu
             to_file: None,
             strict,
             parallel,
+            since,
         } => {
             let req = RestoreRequest {
                 target: Some(target.wire()?),
@@ -518,6 +561,7 @@ pub fn run_backup(target: TargetArgs, engine: EngineArgs, json: bool, cmd: Backu
                 backup: name.clone(),
                 strict,
                 parallel,
+                since: since.unwrap_or_default(),
             };
             let report = with_engine(&engine, |mut c| async move {
                 let stream = c
@@ -532,14 +576,118 @@ pub fn run_backup(target: TargetArgs, engine: EngineArgs, json: bool, cmd: Backu
     }
 }
 
+/// The label a standby's snapshot carries: the backup it holds.
+pub const APPLIED_LABEL: &str = "horn.backup";
+
+/// Applies the newest backup of `volume` to the standby `engine` serves, if it is
+/// not the one applied last; returns its name if one was applied.
+fn follow_once(
+    target: &TargetArgs,
+    engine: &EngineArgs,
+    volume: &str,
+    parallel: u32,
+    json: bool,
+) -> Result<Option<String>> {
+    let store = target.open()?;
+    let mut backups = horn_backup::list_backups(store.as_ref(), volume)?;
+    backups.sort_by_key(|m| (m.created_unix, m.name.clone()));
+    let Some(newest) = backups.last().map(|m| m.name.clone()) else {
+        return Ok(None);
+    };
+    // The backup applied last: the newest snapshot of the standby labelled so.
+    let snaps = with_engine(engine, |mut c| async move {
+        Ok(
+            c.list_snapshots(horn_proto::engine_control::ListSnapshotsRequest {})
+                .await
+                .map_err(|s| anyhow!("{}", s.message()))?
+                .into_inner()
+                .snapshots,
+        )
+    })?;
+    let applied = snaps
+        .iter()
+        .filter(|s| s.in_chain && !s.removed)
+        .filter_map(|s| Some((s.created, s.name.clone(), s.labels.get(APPLIED_LABEL)?.clone())))
+        .max();
+    if applied.as_ref().is_some_and(|(_, _, b)| *b == newest) {
+        return Ok(None);
+    }
+    let since = applied
+        .as_ref()
+        .map(|(_, _, b)| b.clone())
+        .filter(|b| backups.iter().any(|m| &m.name == b))
+        .unwrap_or_default();
+    let req = RestoreRequest {
+        target: Some(target.wire()?),
+        volume: volume.to_string(),
+        backup: newest.clone(),
+        strict: true,
+        parallel,
+        since: since.clone(),
+    };
+    let what = format!("apply {newest}");
+    let report = with_engine(engine, |mut c| async move {
+        let stream = c
+            .restore(req)
+            .await
+            .map_err(|s| anyhow!("{}", s.message()))?
+            .into_inner();
+        follow(stream, &bar(json, &what)).await
+    })?;
+    let r: RestoreReport = serde_json::from_str(&report)?;
+    // Recorded on the standby itself, so that any later `follow` knows; the marker
+    // of the backup applied before goes.
+    let marker = format!(
+        "standby-{:x}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_millis()
+    );
+    let labels = [(APPLIED_LABEL.to_string(), newest.clone())]
+        .into_iter()
+        .collect();
+    let old = applied.map(|(_, name, _)| name);
+    with_engine(engine, |mut c| async move {
+        c.snapshot(horn_proto::engine_control::EngineSnapshotRequest { name: marker, labels })
+            .await
+            .map_err(|s| anyhow!("{}", s.message()))?;
+        if let Some(old) = old {
+            c.delete_snapshot(horn_proto::engine_control::EngineDeleteRequest { name: old })
+                .await
+                .map_err(|s| anyhow!("{}", s.message()))?;
+        }
+        Ok(())
+    })?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string(&json!({"applied": r.backup, "since": since, "report": r}))?
+        );
+    } else {
+        println!(
+            "applied backup {} ({} blocks fetched, {} already in place, {} zeroed; since {})",
+            r.backup,
+            r.restored,
+            r.already_there,
+            r.zeroed,
+            if since.is_empty() {
+                "nothing: a full compare"
+            } else {
+                &since
+            }
+        );
+    }
+    Ok(Some(r.backup))
+}
+
 /// Runs `f` with a client of the engine, on a runtime of its own. The calls have no
 /// deadline: a backup or restore takes as long as its data does.
-fn with_engine<F, Fut>(engine: &EngineArgs, f: F) -> Result<String>
+fn with_engine<T, F, Fut>(engine: &EngineArgs, f: F) -> Result<T>
 where
     F: FnOnce(
         horn_proto::engine_control::engine_control_client::EngineControlClient<tonic::transport::Channel>,
     ) -> Fut,
-    Fut: std::future::Future<Output = Result<String>>,
+    Fut: std::future::Future<Output = Result<T>>,
 {
     let tls = engine
         .credentials

@@ -138,8 +138,17 @@ impl horn_engine::control::RestoreRunner for EngineRestores {
         let store = open(req.target.as_ref())?;
         let m =
             horn_backup::read_backup(store.as_ref(), &req.volume, &req.backup).map_err(|e| e.to_string())?;
+        // Following: only what differs from the backup the volume holds already.
+        let only = if req.since.is_empty() {
+            None
+        } else {
+            let old = horn_backup::read_backup(store.as_ref(), &req.volume, &req.since)
+                .map_err(|e| format!("the backup the volume holds: {e}"))?;
+            Some(horn_backup::restore::differing_blocks(&old, &m))
+        };
         let mut sink = VolumeSink(Volume::open_raw(engine).map_err(|e| format!("cannot open a queue: {e}"))?);
         let opts = RestoreOptions {
+            only,
             strict: req.strict,
             parallel: if req.parallel == 0 {
                 RestoreOptions::default().parallel

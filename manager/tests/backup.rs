@@ -465,3 +465,57 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
     }
     out
 }
+
+#[test]
+fn a_standby_follows_three_incremental_backups_and_activates_with_the_last_ones_data() {
+    let tmp = tempfile::tempdir().unwrap();
+    let garage = Garage::start(&tmp.path().join("garage"), "horn-backups").unwrap();
+    let target = Target::s3(&garage, tmp.path());
+    let (r1, d1) = replica(tmp.path(), "source", "32M");
+    let source = iscsi_engine(&[&r1]);
+    let (r2, d2) = replica(tmp.path(), "standby", "32M");
+    let standby = EngineDaemon::start(&[&r2]).unwrap();
+    let mut i = Initiator::login(&source.iscsi, IQN, None).unwrap();
+    // Three rounds: writes touching known 256 KiB blocks, a backup, the standby
+    // follows with --once.
+    let rounds: [&[u32]; 3] = [&[0, 1, 2, 3, 4, 5, 6, 7, 40], &[2, 90], &[5, 6, 100]];
+    let mut prev = String::new();
+    for (n, blocks) in rounds.iter().enumerate() {
+        for &b in *blocks {
+            assert_eq!(
+                i.write10(b * 512, &random(1000 * n as u64 + u64::from(b), 256 << 10))
+                    .status,
+                0
+            );
+        }
+        let name = format!("b{}", n + 1);
+        target.ok(&[
+            "create",
+            &name,
+            "--volume",
+            "data",
+            "--block-size",
+            "256K",
+            "--engine",
+            &source.control,
+        ]);
+        let applied = target.ok(&["follow", "data", "--once", "--engine", &standby.control]);
+        assert_eq!(applied["applied"], name.as_str(), "{applied}");
+        assert_eq!(applied["since"], prev.as_str(), "{applied}");
+        if n > 0 {
+            assert_eq!(
+                applied["report"]["restored"].as_u64().unwrap() as usize,
+                blocks.len(),
+                "only the changed blocks are fetched: {applied}"
+            );
+        }
+        prev = name;
+    }
+    // Nothing newer: nothing applied.
+    let again = target.ok(&["follow", "data", "--once", "--engine", &standby.control]);
+    assert_eq!(again["applied"], serde_json::Value::Null);
+    // Activated (no more following), it holds the last backup's snapshot.
+    let out = standby.hornctl(&["snapshot", "activated"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(snapshot_bytes(&d2, "activated") == snapshot_bytes(&d1, "backup-b3"));
+}
