@@ -39,6 +39,11 @@ fn image_bytes(dir: &Path, snap: &str) -> Vec<u8> {
     out
 }
 
+/// A directory target in `dir`.
+fn dir_target(dir: &Path) -> Arc<dyn ObjectStore> {
+    Arc::from(open_target(&format!("file://{}", dir.display()), &S3Settings::default()).unwrap())
+}
+
 fn req(name: &str, snap: &str) -> BackupRequest {
     BackupRequest {
         block_size: BLOCK,
@@ -159,8 +164,7 @@ fn full_incremental_restore(store: Arc<dyn ObjectStore>) {
 #[test]
 fn full_and_incremental_backups_restore_byte_for_byte_to_a_directory() {
     let t = tempfile::tempdir().unwrap();
-    let url = format!("file://{}", t.path().display());
-    full_incremental_restore(Arc::from(open_target(&url, &S3Settings::default()).unwrap()));
+    full_incremental_restore(dir_target(t.path()));
 }
 
 #[test]
@@ -261,8 +265,7 @@ impl RestoreSink for CutOff<'_> {
 #[test]
 fn a_restore_cut_off_halfway_resumes_with_what_is_missing() {
     let t = tempfile::tempdir().unwrap();
-    let store: Arc<dyn ObjectStore> =
-        Arc::from(open_target(&format!("file://{}", t.path().display()), &S3Settings::default()).unwrap());
+    let store = dir_target(t.path());
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path().join("r");
     let r = history(&d);
@@ -346,8 +349,7 @@ fn deletes_and_a_backup_at_once_leave_no_orphaned_and_no_missing_block() {
 #[test]
 fn a_manifest_of_a_newer_format_is_refused_by_every_reader_and_changes_nothing() {
     let t = tempfile::tempdir().unwrap();
-    let store: Arc<dyn ObjectStore> =
-        Arc::from(open_target(&format!("file://{}", t.path().display()), &S3Settings::default()).unwrap());
+    let store = dir_target(t.path());
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path().join("r");
     let r = history(&d);
