@@ -94,13 +94,8 @@ pub fn read_backup(store: &dyn ObjectStore, volume: &str, name: &str) -> Result<
     Ok(Manifest::from_bytes(&format!("{}/{key}", store.url()), &bytes)?)
 }
 
-/// The volumes with backups in a target.
+/// The volumes with backups in a target (one listing of `volumes/` one level deep:
+/// their backups are not listed).
 pub fn list_volumes(store: &dyn ObjectStore) -> Result<Vec<String>, BackupError> {
-    let mut names: Vec<String> = store
-        .list("volumes/")?
-        .into_iter()
-        .filter_map(|k| k.strip_prefix("volumes/")?.split('/').next().map(str::to_string))
-        .collect();
-    names.dedup();
-    Ok(names)
+    Ok(store.list_dirs("volumes/")?)
 }

@@ -46,11 +46,19 @@ pub enum StoreError {
 pub fn open_target(url: &str, s3: &crate::s3::S3Settings) -> Result<Box<dyn ObjectStore>, StoreError> {
     match url.parse::<TargetUrl>()? {
         TargetUrl::File(root) => Ok(Box::new(FileStore::open(&root)?)),
+        #[cfg(feature = "s3")]
         TargetUrl::S3 { bucket, prefix } => Ok(Box::new(crate::s3::S3Store::open(
             &bucket,
             &prefix,
             &s3.clone().with_env(),
         )?)),
+        #[cfg(not(feature = "s3"))]
+        TargetUrl::S3 { .. } => {
+            let _ = s3;
+            Err(StoreError::Invalid(format!(
+                "{url}: this build of Horn has no S3 client (horn-backup's feature s3)"
+            )))
+        }
     }
 }
 
@@ -66,6 +74,9 @@ pub trait ObjectStore: Send + Sync + std::fmt::Debug {
     fn exists(&self, key: &str) -> Result<bool, StoreError>;
     /// Every key starting with `prefix` (which ends with `/`), sorted.
     fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError>;
+    /// The names one level below `prefix` (which ends with `/`) that have keys under
+    /// them, sorted: `volumes/` gives the volumes, without listing their backups.
+    fn list_dirs(&self, prefix: &str) -> Result<Vec<String>, StoreError>;
     /// Removes `key`; nothing happens if it is absent.
     fn delete(&self, key: &str) -> Result<(), StoreError>;
 }
@@ -262,6 +273,30 @@ impl ObjectStore for FileStore {
                 } else if kind.is_file() {
                     out.push(format!("{key}{name}"));
                 }
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    fn list_dirs(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+        if !prefix.ends_with('/') {
+            return Err(StoreError::Invalid(format!(
+                "a listing's prefix {prefix:?} must end with /"
+            )));
+        }
+        let dir = self.path(prefix)?;
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(self.io("list", prefix)(e)),
+        };
+        let mut out = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(self.io("list", prefix))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !name.starts_with('.') && entry.file_type().map_err(self.io("list", prefix))?.is_dir() {
+                out.push(name);
             }
         }
         out.sort();

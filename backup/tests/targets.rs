@@ -31,6 +31,12 @@ fn exercise(store: &dyn ObjectStore) {
         vec!["volumes/v/backups/b2.json"]
     );
     assert!(store.list("volumes/x/").unwrap().is_empty());
+    assert_eq!(
+        store.list_dirs("volumes/").unwrap(),
+        ["v", "w"],
+        "the volumes, one level deep"
+    );
+    assert!(store.list_dirs("nothing/").unwrap().is_empty());
     for bad in ["../x", "/abs", "a//b", ".hidden", "a/../b", "sp ace"] {
         assert!(store.put(bad, b"x").is_err(), "{bad:?} is refused");
         assert!(store.get(bad).is_err(), "{bad:?} is refused");
