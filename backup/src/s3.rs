@@ -177,6 +177,36 @@ mod client {
             }
         }
 
+        /// Every page of a listing under `prefix` (grouped at `delimiter` if given),
+        /// handed to `f` with the full prefix listed.
+        fn each_page(
+            &self,
+            prefix: &str,
+            delimiter: Option<&str>,
+            mut f: impl FnMut(&aws_sdk_s3::operation::list_objects_v2::ListObjectsV2Output, &str),
+        ) -> Result<(), StoreError> {
+            let full = self.full_key(prefix)?;
+            let mut token = None;
+            loop {
+                let page = self
+                    .block_on(
+                        self.client
+                            .list_objects_v2()
+                            .bucket(&self.bucket)
+                            .prefix(&full)
+                            .set_delimiter(delimiter.map(str::to_string))
+                            .set_continuation_token(token.take())
+                            .send(),
+                    )
+                    .map_err(|e| self.failed("list", prefix, e))?;
+                f(&page, &full);
+                match page.next_continuation_token() {
+                    Some(t) if page.is_truncated() == Some(true) => token = Some(t.to_string()),
+                    _ => return Ok(()),
+                }
+            }
+        }
+
         /// One listing of at most one key: an answer with a body, so a refusal says why.
         fn check_bucket(&self) -> Result<(), StoreError> {
             self.block_on(
@@ -250,60 +280,27 @@ mod client {
         }
 
         fn list(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
-            let full = self.full_key(prefix)?;
             let mut keys = Vec::new();
-            let mut token = None;
-            loop {
-                let page = self
-                    .block_on(
-                        self.client
-                            .list_objects_v2()
-                            .bucket(&self.bucket)
-                            .prefix(&full)
-                            .set_continuation_token(token.take())
-                            .send(),
-                    )
-                    .map_err(|e| self.failed("list", prefix, e))?;
+            self.each_page(prefix, None, |page, _| {
                 for o in page.contents() {
                     if let Some(k) = o.key().and_then(|k| k.strip_prefix(&self.prefix)) {
                         keys.push(k.to_string());
                     }
                 }
-                match page.next_continuation_token() {
-                    Some(t) if page.is_truncated() == Some(true) => token = Some(t.to_string()),
-                    _ => break,
-                }
-            }
+            })?;
             keys.sort();
             Ok(keys)
         }
 
         fn list_dirs(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
-            let full = self.full_key(prefix)?;
             let mut names = Vec::new();
-            let mut token = None;
-            loop {
-                let page = self
-                    .block_on(
-                        self.client
-                            .list_objects_v2()
-                            .bucket(&self.bucket)
-                            .prefix(&full)
-                            .delimiter("/")
-                            .set_continuation_token(token.take())
-                            .send(),
-                    )
-                    .map_err(|e| self.failed("list", prefix, e))?;
+            self.each_page(prefix, Some("/"), |page, full| {
                 for p in page.common_prefixes() {
-                    if let Some(name) = p.prefix().and_then(|k| k.strip_prefix(&full)) {
+                    if let Some(name) = p.prefix().and_then(|k| k.strip_prefix(full)) {
                         names.push(name.trim_end_matches('/').to_string());
                     }
                 }
-                match page.next_continuation_token() {
-                    Some(t) if page.is_truncated() == Some(true) => token = Some(t.to_string()),
-                    _ => break,
-                }
-            }
+            })?;
             names.sort();
             Ok(names)
         }
