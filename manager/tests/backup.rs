@@ -277,6 +277,9 @@ fn a_backup_taken_while_the_volume_is_written_restores_exactly_its_snapshot_thro
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(snapshot_bytes(&d3, "restored") == want, "replica r3 holds b2");
     assert!(snapshot_bytes(&d4, "restored") == want, "replica r4 holds b2");
+    // The two replicas agree block by block (hornctl engine verify, online).
+    let out = restorer.hornctl(&["verify"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
 
     // Restoring again fetches nothing: every block is in place.
     let again = target.ok(&["restore", "data", "b2", "--engine", &restorer.control]);
