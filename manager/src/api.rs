@@ -20,6 +20,9 @@ use horn_proto::manager_api::manager_server::Manager;
 use tonic::{Request, Response, Status};
 
 use crate::model::{DataLocality, DiskSpec, Frontend, NodeSpec, ReplicaSpec, SpecError, Specs, VolumeSpec};
+
+mod recurring;
+mod restoring;
 use crate::runtime::{self, Reports};
 use crate::scheduled::ScheduledIndex;
 use crate::scheduler::{self, DiskView, Locality, NodeView};
@@ -189,6 +192,10 @@ pub struct ManagerService<S: Store + 'static> {
     failed_since: Mutex<BTreeMap<(String, String), std::time::Instant>>,
     /// Bytes scheduled on each disk (built at first use).
     scheduled: Mutex<Option<ScheduledIndex>>,
+    /// The jobs running a run, with its number.
+    jobs_running: Mutex<BTreeMap<String, u64>>,
+    /// The volumes being restored: `None` while a step runs, else when the last ended.
+    restores: Mutex<BTreeMap<String, Option<std::time::Instant>>>,
 }
 
 /// The longest a `SyncNode` call waits for its node's work to change.
@@ -266,6 +273,8 @@ impl<S: Store + 'static> ManagerService<S> {
             changes: tokio::sync::watch::channel(0).0,
             failed_since: Mutex::new(BTreeMap::new()),
             scheduled: Mutex::new(None),
+            jobs_running: Mutex::new(BTreeMap::new()),
+            restores: Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -459,10 +468,18 @@ impl<S: Store + 'static> ManagerService<S> {
         format!("manager:{}", self.cluster_id)
     }
 
+    /// Starts the manager's loops: the reconciler, the recurring jobs
+    /// ([`recurring`]) and the restores of volumes created from backups
+    /// ([`restoring`]). They end when the service is dropped.
+    pub fn spawn_loops(self: &Arc<Self>) -> std::io::Result<()> {
+        self.spawn_reconciler()?;
+        self.spawn_jobs()?;
+        self.spawn_restorer()
+    }
+
     /// Starts the reconciler: a thread that looks at every volume each second and
-    /// replaces the replicas that have been failed for the replenishment wait. It
-    /// ends when the service is dropped.
-    pub fn spawn_reconciler(self: &Arc<Self>) -> std::io::Result<()> {
+    /// replaces the replicas that have been failed for the replenishment wait.
+    fn spawn_reconciler(self: &Arc<Self>) -> std::io::Result<()> {
         let me = Arc::downgrade(self);
         std::thread::Builder::new()
             .name("reconciler".into())
@@ -968,7 +985,16 @@ impl<S: Store + 'static> ManagerService<S> {
                 .map(|c| c.user)
                 .unwrap_or_default(),
         };
+        let restore = s.restore.clone();
         Ok(pb::Volume {
+            groups: s.groups.iter().cloned().collect(),
+            restore_from: restore.as_ref().map(|r| r.source()).unwrap_or_default(),
+            standby: restore.as_ref().is_some_and(|r| r.standby),
+            restored_backup: restore
+                .as_ref()
+                .and_then(|r| r.applied.clone())
+                .unwrap_or_default(),
+            restore_error: restore.as_ref().and_then(|r| r.error.clone()).unwrap_or_default(),
             membership,
             chap_user,
             no_chap: s.no_chap,
@@ -991,6 +1017,45 @@ impl<S: Store + 'static> ManagerService<S> {
             volume_id: s.volume_id.clone().unwrap_or_default(),
             placements,
             revision: v.revision,
+        })
+    }
+
+    /// Job `name` as listed: its spec, when it fires next, and its last run.
+    fn job_reply(&self, name: &str) -> Result<pb::Job, Status> {
+        let j = self.specs.job(name).map_err(to_status)?.spec;
+        let state = self.specs.job_state(name).map_err(to_status)?.spec;
+        let next = j
+            .cron
+            .parse::<crate::jobs::Schedule>()
+            .ok()
+            .and_then(|s| s.next_after(state.fired_through.max(unix_now())));
+        let last_run = match (self.running_run(name), state.history.last()) {
+            (Some(n), _) => format!("run {n} running"),
+            (None, Some(r)) => {
+                let count = |o: &str| r.volumes.iter().filter(|v| v.outcome == o).count();
+                format!(
+                    "run {} ({}) at {}: {} done, {} skipped, {} failed",
+                    r.number,
+                    r.trigger,
+                    crate::format::utc_time(r.started_unix),
+                    count("done"),
+                    count("skipped"),
+                    count("failed")
+                )
+            }
+            (None, None) => String::new(),
+        };
+        Ok(pb::Job {
+            name: j.name,
+            task: job_task_name(j.task).into(),
+            cron: j.cron,
+            retain: j.retain,
+            volumes: j.volumes.into_iter().collect(),
+            groups: j.groups.into_iter().collect(),
+            target: j.target.unwrap_or_default(),
+            labels: j.labels.into_iter().collect(),
+            next_unix: next.unwrap_or(0),
+            last_run,
         })
     }
 
@@ -1109,6 +1174,86 @@ async fn engine_client(
         .map_err(|e| Status::unavailable(format!("{e:#}")))
 }
 
+/// Runs `f` to its end on a runtime of its own (for the manager's loops, which run
+/// on threads of their own).
+fn on_runtime<T>(f: impl std::future::Future<Output = Result<T, String>>) -> Result<T, String> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start a runtime: {e}"))?
+        .block_on(f)
+}
+
+/// The engine control service at `control`, for a backup or a restore: no deadline,
+/// as those take as long as their data does.
+async fn long_engine_client(
+    control: &str,
+    tls: Option<tonic::transport::ClientTlsConfig>,
+) -> Result<
+    horn_proto::engine_control::engine_control_client::EngineControlClient<tonic::transport::Channel>,
+    String,
+> {
+    crate::instances::engine_control(
+        control,
+        tls,
+        Duration::from_secs(2),
+        Duration::from_secs(7 * 86400),
+    )
+    .await
+    .map_err(|e| format!("the engine at {control}: {e:#}"))
+}
+
+/// Follows a backup's or restore's progress stream to its report (JSON).
+async fn report_of(
+    mut stream: tonic::Streaming<horn_proto::control::BackupProgress>,
+) -> Result<String, String> {
+    while let Some(msg) = stream.message().await.map_err(|s| s.message().to_string())? {
+        if !msg.report_json.is_empty() {
+            return Ok(msg.report_json);
+        }
+    }
+    Err("the stream ended without a report (the engine or its replica stopped?)".into())
+}
+
+/// A target as listed: without its secret.
+fn target_info(t: &crate::model::BackupTargetSpec) -> pb::BackupTargetInfo {
+    pb::BackupTargetInfo {
+        name: t.name.clone(),
+        url: t.url.clone(),
+        endpoint: t.endpoint.clone(),
+        region: t.region.clone(),
+        access_key: t.access_key.clone(),
+    }
+}
+
+fn job_task_name(t: crate::model::JobTask) -> &'static str {
+    match t {
+        crate::model::JobTask::Snapshot => "snapshot",
+        crate::model::JobTask::Backup => "backup",
+    }
+}
+
+fn run_reply(job: &str, r: &crate::model::JobRun) -> pb::JobRun {
+    pb::JobRun {
+        job: job.to_string(),
+        number: r.number,
+        trigger: r.trigger.clone(),
+        started_unix: r.started_unix,
+        finished_unix: r.finished_unix,
+        volumes: r
+            .volumes
+            .iter()
+            .map(|v| pb::JobVolumeRun {
+                volume: v.volume.clone(),
+                outcome: v.outcome.clone(),
+                made: v.made.clone(),
+                retired: v.retired.clone(),
+                message: v.message.clone(),
+            })
+            .collect(),
+    }
+}
+
 /// The service as tonic serves it: an `Arc` so that calls can run on blocking threads.
 pub struct Service<S: Store + 'static>(pub Arc<ManagerService<S>>);
 
@@ -1141,7 +1286,13 @@ impl<S: Store + 'static> Manager for Service<S> {
         req: Request<pb::CreateVolumeRequest>,
     ) -> Result<Response<pb::Volume>, Status> {
         let r = req.into_inner();
-        let spec = VolumeSpec {
+        let (from_backup, standby) = (r.from_backup.clone(), r.standby);
+        if standby && from_backup.is_empty() {
+            return Err(Status::invalid_argument(
+                "a standby follows a volume's backups: say which (--from-backup TARGET?volume=VOLUME)",
+            ));
+        }
+        let mut spec = VolumeSpec {
             name: r.name,
             size: r.size,
             replicas: r.replicas,
@@ -1156,10 +1307,46 @@ impl<S: Store + 'static> Manager for Service<S> {
             key_secret: (!r.key_secret.is_empty()).then_some(r.key_secret),
             no_chap: r.no_chap,
             data_tls: r.data_tls,
+            groups: r.groups.into_iter().collect(),
+            restore: None,
         };
-        spec.check().map_err(Status::invalid_argument)?;
+        if from_backup.is_empty() {
+            spec.check().map_err(Status::invalid_argument)?;
+        }
         self.0
             .blocking(move |m| {
+                if !from_backup.is_empty() {
+                    if spec.data_locality == DataLocality::StrictLocal {
+                        return Err(Status::invalid_argument(format!(
+                            "volume {}: a strict-local volume's replica is placed at its first attach, so it cannot be \
+                             restored into before; create it best-effort",
+                            spec.name
+                        )));
+                    }
+                    let targets: Vec<_> = m
+                        .specs
+                        .backup_targets()
+                        .map_err(to_status)?
+                        .into_iter()
+                        .map(|t| t.spec)
+                        .collect();
+                    let (restore, manifest) = restoring::resolve(&from_backup, standby, &targets)?;
+                    if spec.size == 0 {
+                        spec.size = manifest.size;
+                    }
+                    if spec.size < manifest.size {
+                        return Err(Status::invalid_argument(format!(
+                            "volume {} of {} cannot hold backup {} of {}, which is {}: give at least its size, or leave the size out",
+                            spec.name,
+                            crate::format::human_bytes(spec.size),
+                            manifest.name,
+                            manifest.volume,
+                            crate::format::human_bytes(manifest.size)
+                        )));
+                    }
+                    spec.restore = Some(restore);
+                    spec.check().map_err(Status::invalid_argument)?;
+                }
                 if let Some(s) = &spec.key_secret {
                     m.specs.secret(s).map_err(|e| {
                         Status::failed_precondition(format!(
@@ -1210,6 +1397,12 @@ impl<S: Store + 'static> Manager for Service<S> {
                         disk: p.disk,
                     })
                     .collect();
+                if spec.restore.is_some() {
+                    // Restored through an engine without a frontend, on a node that
+                    // holds one of its replicas; detached once restored.
+                    spec.attached_to = replicas.first().map(|r| r.node.clone());
+                    spec.maintenance = true;
+                }
                 let used: Vec<(String, u64)> = revisions
                     .into_iter()
                     .filter(|(n, _)| replicas.iter().any(|r| &r.node == n))
@@ -1225,6 +1418,258 @@ impl<S: Store + 'static> Manager for Service<S> {
     async fn get_volume(&self, req: Request<pb::VolumeRef>) -> Result<Response<pb::Volume>, Status> {
         let name = req.into_inner().name;
         self.0.blocking(move |m| m.volume_reply(&name)).await
+    }
+
+    async fn put_backup_target(
+        &self,
+        req: Request<pb::BackupTargetSpec>,
+    ) -> Result<Response<pb::BackupTargetInfo>, Status> {
+        let r = req.into_inner();
+        let spec = crate::model::BackupTargetSpec {
+            name: r.name,
+            url: r.url,
+            endpoint: r.endpoint,
+            region: r.region,
+            access_key: r.access_key,
+            secret_key: r.secret_key,
+        };
+        spec.check().map_err(Status::invalid_argument)?;
+        self.0
+            .blocking(move |m| {
+                // Reached before it is kept: a target that cannot be listed is refused.
+                let store = spec.open().map_err(Status::failed_precondition)?;
+                horn_backup::list_volumes(store.as_ref()).map_err(|e| {
+                    Status::failed_precondition(format!("backup target {} ({}): {e}", spec.name, spec.url))
+                })?;
+                m.specs.put_backup_target(&spec).map_err(to_status)?;
+                tracing::info!(target = %spec.name, url = %spec.url, "backup target set");
+                Ok(target_info(&spec))
+            })
+            .await
+    }
+
+    async fn list_backup_targets(
+        &self,
+        _: Request<pb::ListBackupTargetsRequest>,
+    ) -> Result<Response<pb::BackupTargetList>, Status> {
+        self.0
+            .blocking(|m| {
+                Ok(pb::BackupTargetList {
+                    targets: m
+                        .specs
+                        .backup_targets()
+                        .map_err(to_status)?
+                        .iter()
+                        .map(|t| target_info(&t.spec))
+                        .collect(),
+                })
+            })
+            .await
+    }
+
+    async fn delete_backup_target(
+        &self,
+        req: Request<pb::BackupTargetRef>,
+    ) -> Result<Response<pb::BackupTargetInfo>, Status> {
+        let name = req.into_inner().name;
+        self.0
+            .blocking(move |m| {
+                let t = m.specs.delete_backup_target(&name).map_err(to_status)?;
+                tracing::info!(target = %name, "backup target deleted (its backups stay in it)");
+                Ok(target_info(&t))
+            })
+            .await
+    }
+
+    type BackupVolumeStream = tonic::Streaming<horn_proto::control::BackupProgress>;
+
+    async fn backup_volume(
+        &self,
+        req: Request<pb::BackupVolumeRequest>,
+    ) -> Result<Response<Self::BackupVolumeStream>, Status> {
+        let r = req.into_inner();
+        let (volume, target) = (r.volume.clone(), r.target.clone());
+        let (control, target) = self
+            .0
+            .blocking(move |m| {
+                let t = m.specs.backup_target(&target).map_err(to_status)?.spec;
+                let (control, _) = m.engine_of(&volume)?;
+                Ok((control, t))
+            })
+            .await?
+            .into_inner();
+        let name = if r.name.is_empty() {
+            let time: String = crate::format::utc_time(unix_now())
+                .chars()
+                .filter(|c| c.is_ascii_alphanumeric())
+                .collect();
+            format!("{}-{time}", r.volume.chars().take(45).collect::<String>())
+        } else {
+            r.name
+        };
+        let mut c = long_engine_client(&control, self.0.engine_tls())
+            .await
+            .map_err(Status::unavailable)?;
+        let stream = c
+            .backup(horn_proto::control::BackupRequest {
+                snapshot: String::new(),
+                volume: r.volume.clone(),
+                name: name.clone(),
+                target: Some(target.wire()),
+                compression: r.compression,
+                full: r.full,
+                labels: r.labels,
+                ..Default::default()
+            })
+            .await
+            .map_err(engine_refused(&r.volume))?
+            .into_inner();
+        tracing::info!(volume = %r.volume, backup = %name, target = %target.name, "backup started");
+        Ok(Response::new(stream))
+    }
+
+    async fn activate_volume(&self, req: Request<pb::VolumeRef>) -> Result<Response<pb::Volume>, Status> {
+        let name = req.into_inner().name;
+        self.0
+            .blocking(move |m| {
+                let v = m.specs.volume(&name).map_err(to_status)?;
+                match &v.spec.restore {
+                    None => {
+                        return Err(Status::failed_precondition(format!(
+                            "volume {name} is not a standby (it is a normal volume)"
+                        )))
+                    }
+                    Some(r) if !r.standby => {
+                        return Err(Status::failed_precondition(format!(
+                            "volume {name} is being restored from {}, not following it: it is a normal volume once restored",
+                            r.source()
+                        )))
+                    }
+                    Some(_) => {}
+                }
+                m.update_restore(&name, |spec| {
+                    if let Some(r) = spec.restore.as_mut() {
+                        r.activate = true;
+                    }
+                })
+                .map_err(to_status)?;
+                tracing::info!(volume = %name, "standby to be activated: a last look at its source's backups");
+                m.volume_reply(&name)
+            })
+            .await
+    }
+
+    async fn set_volume_groups(
+        &self,
+        req: Request<pb::VolumeGroupsRequest>,
+    ) -> Result<Response<pb::Volume>, Status> {
+        let r = req.into_inner();
+        for g in &r.groups {
+            crate::model::check_name("group", g).map_err(Status::invalid_argument)?;
+        }
+        self.0
+            .blocking(move |m| {
+                let groups: BTreeSet<String> = r.groups.into_iter().collect();
+                m.update_restore(&r.name, |spec| spec.groups = groups.clone())
+                    .map_err(to_status)?;
+                m.volume_reply(&r.name)
+            })
+            .await
+    }
+
+    async fn put_job(&self, req: Request<pb::Job>) -> Result<Response<pb::Job>, Status> {
+        let r = req.into_inner();
+        let spec = crate::model::JobSpec {
+            name: r.name,
+            task: match r.task.as_str() {
+                "snapshot" => crate::model::JobTask::Snapshot,
+                "backup" => crate::model::JobTask::Backup,
+                other => {
+                    return Err(Status::invalid_argument(format!(
+                        "a job's task is snapshot or backup, not {other:?}"
+                    )))
+                }
+            },
+            cron: r.cron,
+            retain: r.retain,
+            volumes: r.volumes.into_iter().collect(),
+            groups: r.groups.into_iter().collect(),
+            target: (!r.target.is_empty()).then_some(r.target),
+            labels: r.labels.into_iter().collect(),
+        };
+        spec.check().map_err(Status::invalid_argument)?;
+        self.0
+            .blocking(move |m| {
+                m.specs.put_job(&spec).map_err(to_status)?;
+                // A new job fires from now on, not for the times before it.
+                let state = m.specs.job_state(&spec.name).map_err(to_status)?;
+                if state.revision == 0 {
+                    let fresh = crate::model::JobState {
+                        fired_through: unix_now(),
+                        ..Default::default()
+                    };
+                    m.specs.put_job_state(&spec.name, &fresh, 0).map_err(to_status)?;
+                }
+                tracing::info!(job = %spec.name, cron = %spec.cron, retain = spec.retain, "job set");
+                m.job_reply(&spec.name)
+            })
+            .await
+    }
+
+    async fn list_jobs(&self, _: Request<pb::ListJobsRequest>) -> Result<Response<pb::JobList>, Status> {
+        self.0
+            .blocking(|m| {
+                let jobs = m.specs.jobs().map_err(to_status)?;
+                Ok(pb::JobList {
+                    jobs: jobs
+                        .iter()
+                        .map(|j| m.job_reply(&j.spec.name))
+                        .collect::<Result<_, _>>()?,
+                })
+            })
+            .await
+    }
+
+    async fn delete_job(&self, req: Request<pb::JobRef>) -> Result<Response<pb::Job>, Status> {
+        let name = req.into_inner().name;
+        self.0
+            .blocking(move |m| {
+                let reply = m.job_reply(&name)?;
+                m.specs.delete_job(&name).map_err(to_status)?;
+                tracing::info!(job = %name, "job deleted (what it made stays)");
+                Ok(reply)
+            })
+            .await
+    }
+
+    async fn run_job(&self, req: Request<pb::JobRef>) -> Result<Response<pb::JobRun>, Status> {
+        let name = req.into_inner().name;
+        let me = Arc::downgrade(&self.0);
+        self.0
+            .blocking(move |m| {
+                let number = m.start_run(&name, "manual", &me)?;
+                Ok(pb::JobRun {
+                    job: name,
+                    number,
+                    trigger: "manual".into(),
+                    started_unix: unix_now(),
+                    ..Default::default()
+                })
+            })
+            .await
+    }
+
+    async fn job_history(&self, req: Request<pb::JobRef>) -> Result<Response<pb::JobRunList>, Status> {
+        let name = req.into_inner().name;
+        self.0
+            .blocking(move |m| {
+                m.specs.job(&name).map_err(to_status)?;
+                let state = m.specs.job_state(&name).map_err(to_status)?.spec;
+                Ok(pb::JobRunList {
+                    runs: state.history.iter().map(|r| run_reply(&name, r)).collect(),
+                })
+            })
+            .await
     }
 
     async fn join_node(&self, req: Request<pb::JoinRequest>) -> Result<Response<pb::JoinReply>, Status> {
@@ -1592,6 +2037,19 @@ impl<S: Store + 'static> Manager for Service<S> {
         self.0
             .blocking(move |m| {
                 let v = m.specs.volume(&r.name).map_err(to_status)?;
+                if let (Some(restore), false) = (&v.spec.restore, r.maintenance) {
+                    return Err(Status::failed_precondition(format!(
+                        "volume {} is being restored from {}{}: it is served once restored (attach it with \
+                         --maintenance to go on restoring)",
+                        r.name,
+                        restore.source(),
+                        if restore.standby {
+                            " as a standby (`hornctl volume activate` makes it a normal volume)"
+                        } else {
+                            ""
+                        }
+                    )));
+                }
                 match &v.spec.attached_to {
                     Some(n) if *n == r.node && v.spec.maintenance == r.maintenance => {
                         return m.volume_reply(&r.name)
@@ -1663,6 +2121,13 @@ impl<S: Store + 'static> Manager for Service<S> {
         self.0
             .blocking(move |m| {
                 let v = m.specs.volume(&name).map_err(to_status)?;
+                if let (Some(restore), false) = (&v.spec.restore, force) {
+                    return Err(Status::failed_precondition(format!(
+                        "volume {name} is being restored from {}: it is detached once restored \
+                         (--force detaches it now, and the restore waits; `hornctl volume delete` then drops it)",
+                        restore.source()
+                    )));
+                }
                 if let Some(node) = &v.spec.attached_to {
                     let in_use = |m: &ManagerService<S>| {
                         m.reports()

@@ -58,7 +58,9 @@ impl TargetArgs {
         })
     }
 
-    fn s3(&self) -> Result<S3Settings> {
+    /// The S3 settings the flags give, the credentials file's keys, and the
+    /// environment's `AWS_*` for what they leave out.
+    pub(crate) fn s3(&self) -> Result<S3Settings> {
         let mut s = S3Settings {
             endpoint: self.s3_endpoint.clone().unwrap_or_default(),
             region: self.s3_region.clone().unwrap_or_default(),
@@ -221,7 +223,7 @@ pub enum BackupCmd {
     Gc,
 }
 
-fn bar(json: bool, what: &str) -> indicatif::ProgressBar {
+pub(crate) fn bar(json: bool, what: &str) -> indicatif::ProgressBar {
     if json || !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
         return indicatif::ProgressBar::hidden();
     }
@@ -236,7 +238,7 @@ fn bar(json: bool, what: &str) -> indicatif::ProgressBar {
 }
 
 /// Follows a progress stream to its report.
-async fn follow(
+pub(crate) async fn follow(
     mut stream: tonic::Streaming<BackupProgress>,
     bar: &indicatif::ProgressBar,
 ) -> Result<String> {
@@ -250,6 +252,29 @@ async fn follow(
     }
     bar.finish_and_clear();
     bail!("the stream ended without a report (the engine or replica stopped?)")
+}
+
+/// Prints a backup's report (JSON, as the engine sends it) for people or as JSON.
+pub(crate) fn print_backup(report: &str, json: bool) -> Result<()> {
+    let r: serde_json::Value = serde_json::from_str(report)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+    } else {
+        println!(
+            "backup {}: {} of {} blocks read ({}), {} sent ({}), {} already in the target, {} of zeros, in {:.1} s (incremental from: {})",
+            r["name"].as_str().unwrap_or_default(),
+            r["blocks_read"],
+            r["blocks"],
+            human_bytes(r["read_bytes"].as_u64().unwrap_or(0)),
+            r["blocks_uploaded"],
+            human_bytes(r["uploaded_bytes"].as_u64().unwrap_or(0)),
+            r["blocks_deduplicated"],
+            r["zero_blocks"],
+            r["seconds"].as_f64().unwrap_or(0.0),
+            r["parent"].as_str().unwrap_or("none, a full read"),
+        );
+    }
+    Ok(())
 }
 
 fn summary_row(m: &Manifest) -> Vec<String> {
@@ -374,25 +399,7 @@ pub fn run_backup(target: TargetArgs, engine: EngineArgs, json: bool, cmd: Backu
                     .into_inner();
                 follow(stream, &bar(json, &format!("backup {name}"))).await
             })?;
-            let r: serde_json::Value = serde_json::from_str(&report)?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&r)?);
-            } else {
-                println!(
-                    "backup {}: {} of {} blocks read ({}), {} sent ({}), {} already in the target, {} of zeros, in {:.1} s (incremental from: {})",
-                    r["name"].as_str().unwrap_or_default(),
-                    r["blocks_read"],
-                    r["blocks"],
-                    human_bytes(r["read_bytes"].as_u64().unwrap_or(0)),
-                    r["blocks_uploaded"],
-                    human_bytes(r["uploaded_bytes"].as_u64().unwrap_or(0)),
-                    r["blocks_deduplicated"],
-                    r["zero_blocks"],
-                    r["seconds"].as_f64().unwrap_or(0.0),
-                    r["parent"].as_str().unwrap_or("none, a full read"),
-                );
-            }
-            Ok(())
+            print_backup(&report, json)
         }
         BackupCmd::List { volume } => {
             let store = target.open()?;

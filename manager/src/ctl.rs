@@ -118,9 +118,23 @@ pub enum VolumeCmd {
     Create {
         /// The volume's name: 1-63 of A-Z a-z 0-9 . _ -
         name: String,
-        /// Its size (a multiple of 4096; K, M, G, T units).
-        #[arg(long, value_parser = parse_size)]
-        size: u64,
+        /// Its size (a multiple of 4096; K, M, G, T units); from a backup, at least the
+        /// backup's (its size if left out).
+        #[arg(long, value_parser = parse_size, required_unless_present = "from_backup")]
+        size: Option<u64>,
+        /// Restore it from a backup: TARGET?volume=VOLUME[&backup=BACKUP], TARGET a
+        /// backup target's name (`hornctl backup-target add`) or URL; without a backup,
+        /// the newest. The manager attaches it without a frontend to restore it, then
+        /// detaches it.
+        #[arg(long, value_name = "TARGET?volume=VOLUME[&backup=BACKUP]")]
+        from_backup: Option<String>,
+        /// Keep following the source volume's newest backups (a disaster-recovery
+        /// standby) until `hornctl volume activate`.
+        #[arg(long, requires = "from_backup")]
+        standby: bool,
+        /// A job group (`hornctl job create --group`); repeat for more.
+        #[arg(long = "group")]
+        groups: Vec<String>,
         /// How many replicas.
         #[arg(long, default_value_t = 3)]
         replicas: u32,
@@ -157,6 +171,43 @@ pub enum VolumeCmd {
         /// where traffic may be read; costs IOPS and CPU (docs/benchmarks.md).
         #[arg(long)]
         data_tls: bool,
+    },
+    /// Make a standby volume a normal one: the newest backup of its source is applied,
+    /// then it is detached, ready to attach. Waits until then (or --timeout).
+    Activate {
+        /// The volume's name.
+        name: String,
+        /// Seconds to wait (0: do not wait).
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+    },
+    /// Back up an attached volume to one of the cluster's backup targets: a snapshot,
+    /// then only the blocks changed since its last backup there.
+    Backup {
+        /// The volume's name.
+        name: String,
+        /// The backup target's name (`hornctl backup-target list`).
+        #[arg(long)]
+        target: String,
+        /// The backup's name (default: the volume's and the time).
+        #[arg(long = "backup-name")]
+        backup: Option<String>,
+        /// Read and send every block, replacing any the target holds damaged.
+        #[arg(long)]
+        full: bool,
+        /// lz4, zstd or none.
+        #[arg(long, default_value = "lz4")]
+        compression: String,
+        /// A label KEY=VALUE; repeat for more.
+        #[arg(long = "label", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
+    },
+    /// Set a volume's job groups (none: it leaves every group).
+    Groups {
+        /// The volume's name.
+        name: String,
+        /// Its groups.
+        groups: Vec<String>,
     },
     /// Every volume.
     List,
@@ -536,11 +587,11 @@ pub async fn renew(
 }
 
 /// The message of a refused call, with the manager named.
-fn refused(addr: &ManagerAddr) -> impl Fn(tonic::Status) -> anyhow::Error + '_ {
+pub(crate) fn refused(addr: &ManagerAddr) -> impl Fn(tonic::Status) -> anyhow::Error + '_ {
     move |s| anyhow::anyhow!("the manager at {}: {}", addr.manager, s.message())
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime> {
+pub(crate) fn runtime() -> Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?)
@@ -741,6 +792,11 @@ fn volume_json(v: &pb::Volume) -> serde_json::Value {
         "chap_user": (!v.chap_user.is_empty()).then_some(&v.chap_user),
         "no_chap": v.no_chap,
         "data_tls": v.data_tls,
+        "groups": v.groups,
+        "restore_from": (!v.restore_from.is_empty()).then_some(&v.restore_from),
+        "standby": v.standby,
+        "restored_backup": (!v.restored_backup.is_empty()).then_some(&v.restored_backup),
+        "restore_error": (!v.restore_error.is_empty()).then_some(&v.restore_error),
         "placements": v.placements.iter().map(|p| json!({
             "id": p.id, "node": p.node, "disk": p.disk, "state": p.state,
             "mode": (!p.mode.is_empty()).then_some(&p.mode),
@@ -802,11 +858,18 @@ pub fn run_volume(addr: ManagerAddr, cmd: VolumeCmd) -> Result<()> {
                 key_secret,
                 no_chap,
                 data_tls,
+                from_backup,
+                standby,
+                groups,
             } => {
+                let restoring = from_backup.is_some();
                 let v = c
                     .create_volume(pb::CreateVolumeRequest {
                         name,
-                        size,
+                        size: size.unwrap_or(0),
+                        from_backup: from_backup.unwrap_or_default(),
+                        standby,
+                        groups,
                         replicas,
                         sector_size,
                         frontend,
@@ -833,6 +896,94 @@ pub fn run_volume(addr: ManagerAddr, cmd: VolumeCmd) -> Result<()> {
                             .collect::<Vec<_>>()
                             .join(", ")
                     );
+                    if restoring {
+                        println!(
+                            "restoring from {}{}: attached to {} without a frontend until then (`hornctl volume info {}`)",
+                            v.restore_from,
+                            if v.standby { ", then following it as a standby" } else { "" },
+                            v.attached_to,
+                            v.name
+                        );
+                    }
+                }
+            }
+            VolumeCmd::Activate { name, timeout } => {
+                let mut v = c
+                    .activate_volume(pb::VolumeRef { name: name.clone() })
+                    .await
+                    .map_err(refused(&addr))?
+                    .into_inner();
+                let deadline = std::time::Instant::now() + Duration::from_secs(timeout);
+                while timeout > 0 && !(v.restore_from.is_empty() && v.state == "detached") {
+                    if std::time::Instant::now() >= deadline {
+                        anyhow::bail!(
+                            "volume {name} is still a standby after {timeout} s (backup applied last: {}){}",
+                            if v.restored_backup.is_empty() { "none" } else { &v.restored_backup },
+                            if v.restore_error.is_empty() {
+                                String::new()
+                            } else {
+                                format!("; the last restore failed: {}", v.restore_error)
+                            }
+                        );
+                    }
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                    v = c
+                        .get_volume(pb::VolumeRef { name: name.clone() })
+                        .await
+                        .map_err(refused(&addr))?
+                        .into_inner();
+                }
+                if addr.json {
+                    println!("{}", volume_json(&v));
+                } else if v.restore_from.is_empty() {
+                    println!("volume {name} activated: a normal volume now, detached (`hornctl volume attach {name} NODE`)");
+                } else {
+                    println!("volume {name} is to be activated once the newest backup of its source is applied");
+                }
+            }
+            VolumeCmd::Backup {
+                name,
+                target,
+                backup,
+                full,
+                compression,
+                labels,
+            } => {
+                crate::backups::parse_compression(&compression).map_err(|e| anyhow::anyhow!(e))?;
+                let stream = c
+                    .backup_volume(pb::BackupVolumeRequest {
+                        volume: name.clone(),
+                        target,
+                        name: backup.unwrap_or_default(),
+                        full,
+                        compression,
+                        labels: labels.into_iter().collect(),
+                    })
+                    .await
+                    .map_err(refused(&addr))?
+                    .into_inner();
+                let report = crate::backupctl::follow(
+                    stream,
+                    &crate::backupctl::bar(addr.json, &format!("backup of {name}")),
+                )
+                .await?;
+                crate::backupctl::print_backup(&report, addr.json)?;
+            }
+            VolumeCmd::Groups { name, groups } => {
+                let v = c
+                    .set_volume_groups(pb::VolumeGroupsRequest {
+                        name: name.clone(),
+                        groups,
+                    })
+                    .await
+                    .map_err(refused(&addr))?
+                    .into_inner();
+                if addr.json {
+                    println!("{}", volume_json(&v));
+                } else if v.groups.is_empty() {
+                    println!("volume {name} is in no job group");
+                } else {
+                    println!("volume {name} is in job group(s) {}", v.groups.join(", "));
                 }
             }
             VolumeCmd::List => {
@@ -1078,6 +1229,28 @@ fn print_volume(v: &pb::Volume) {
     }
     if v.data_tls {
         println!("data wire: mutual TLS between the engine and its replicas");
+    }
+    if !v.groups.is_empty() {
+        println!("job groups: {}", v.groups.join(", "));
+    }
+    if !v.restore_from.is_empty() {
+        println!(
+            "{} from {}; backup applied: {}",
+            if v.standby {
+                "standby, following"
+            } else {
+                "restoring"
+            },
+            v.restore_from,
+            if v.restored_backup.is_empty() {
+                "none yet"
+            } else {
+                &v.restored_backup
+            }
+        );
+        if !v.restore_error.is_empty() {
+            println!("the last restore failed: {}", v.restore_error);
+        }
     }
     if v.frontend == "iscsi" {
         match v.no_chap {

@@ -610,7 +610,7 @@ fn serve_manager_on(
     let manager = std::sync::Arc::new(
         ManagerService::new(store, &identity, &path).with_certificate_lifetime(certificate_lifetime),
     );
-    manager.spawn_reconciler()?;
+    manager.spawn_loops()?;
     let service = Service(manager);
     // Mutual TLS: every call but a node's join presents a certificate from the
     // cluster's CA, and the policy checks its role before the call is served.

@@ -24,6 +24,7 @@ pub mod ctl;
 pub mod daemon;
 pub mod format;
 pub mod instances;
+pub mod jobctl;
 pub mod jobs;
 pub mod join;
 pub mod logfile;

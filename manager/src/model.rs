@@ -85,6 +85,274 @@ pub struct VolumeSpec {
     /// certificates (`hornd replica|engine --data-tls`); fixed at creation.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub data_tls: bool,
+    /// Its job groups: the recurring jobs of these groups run on it.
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub groups: BTreeSet<String>,
+    /// Created from a backup and not yet a normal volume: the manager restores it
+    /// (and, for a standby, keeps following its source) while this is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore: Option<RestoreSpec>,
+}
+
+/// Where a volume created from a backup comes from, and how far it has got.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct RestoreSpec {
+    /// The backup target's name ([`BackupTargetSpec`]).
+    pub target: String,
+    /// The backed-up volume's name in the target.
+    pub volume: String,
+    /// The backup to restore; `None`: the newest (and, for a standby, each newer one).
+    pub backup: Option<String>,
+    /// Keep following the source's backups until activated.
+    pub standby: bool,
+    /// The backup the volume holds, once one is fully restored.
+    #[serde(default)]
+    pub applied: Option<String>,
+    /// Asked to activate: apply the newest backup, then become a normal volume.
+    #[serde(default)]
+    pub activate: bool,
+    /// The last restore's error, until one succeeds.
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+impl RestoreSpec {
+    /// Where it comes from, as `CreateVolumeRequest.from_backup` takes it.
+    pub fn source(&self) -> String {
+        match &self.backup {
+            Some(b) => format!("{}?volume={}&backup={b}", self.target, self.volume),
+            None => format!("{}?volume={}", self.target, self.volume),
+        }
+    }
+
+    /// Parses `TARGET?volume=V[&backup=B]` (`standby`: follow on).
+    pub fn parse(text: &str, standby: bool) -> Result<RestoreSpec, String> {
+        let bad = || format!("backup {text:?}: give TARGET?volume=VOLUME[&backup=BACKUP]");
+        let (target, query) = text.rsplit_once('?').ok_or_else(bad)?;
+        let (mut volume, mut backup) = (None, None);
+        for pair in query.split('&') {
+            match pair.split_once('=') {
+                Some(("volume", v)) => volume = Some(v.to_string()),
+                Some(("backup", b)) => backup = Some(b.to_string()),
+                _ => return Err(bad()),
+            }
+        }
+        let volume = volume.ok_or_else(bad)?;
+        horn_backup::format::check_name("volume", &volume).map_err(|e| e.to_string())?;
+        if let Some(b) = &backup {
+            horn_backup::format::check_name("backup", b).map_err(|e| e.to_string())?;
+        }
+        if standby && backup.is_some() {
+            return Err(format!(
+                "backup {text:?}: a standby follows the newest backups; leave &backup= out"
+            ));
+        }
+        Ok(RestoreSpec {
+            target: target.to_string(),
+            volume,
+            backup,
+            standby,
+            applied: None,
+            activate: false,
+            error: None,
+        })
+    }
+}
+
+/// A backup target the cluster keeps: a directory or an S3 bucket, and how to reach
+/// it. The secret key stays in the manager's store; an engine gets it per backup.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct BackupTargetSpec {
+    /// Its name (1 to 63 of `A-Z a-z 0-9 . _ -`).
+    pub name: String,
+    /// `file:///PATH` or `s3://BUCKET[/PREFIX]`.
+    pub url: String,
+    /// S3: the endpoint (empty: AWS), the region, and the credentials.
+    #[serde(default)]
+    pub endpoint: String,
+    /// S3: the region.
+    #[serde(default)]
+    pub region: String,
+    /// S3: the access key's id.
+    #[serde(default)]
+    pub access_key: String,
+    /// S3: the secret key.
+    #[serde(default)]
+    pub secret_key: String,
+}
+
+impl BackupTargetSpec {
+    /// Checks the name and the URL.
+    pub fn check(&self) -> Result<(), String> {
+        check_name("backup target", &self.name)?;
+        self.url
+            .parse::<horn_backup::store::TargetUrl>()
+            .map_err(|e| e.to_string())?;
+        Ok(())
+    }
+
+    /// The target as the wire carries it to an engine.
+    pub fn wire(&self) -> horn_proto::control::BackupTarget {
+        horn_proto::control::BackupTarget {
+            url: self.url.clone(),
+            endpoint: self.endpoint.clone(),
+            region: self.region.clone(),
+            access_key: self.access_key.clone(),
+            secret_key: self.secret_key.clone(),
+        }
+    }
+
+    /// Opens the target here, in the manager.
+    pub fn open(&self) -> Result<std::sync::Arc<dyn horn_backup::store::ObjectStore>, String> {
+        let s3 = horn_backup::s3::S3Settings {
+            endpoint: self.endpoint.clone(),
+            region: self.region.clone(),
+            access_key: self.access_key.clone(),
+            secret_key: self.secret_key.clone(),
+        };
+        horn_backup::store::open_target(&self.url, &s3)
+            .map(std::sync::Arc::from)
+            .map_err(|e| format!("backup target {}: {e}", self.name))
+    }
+}
+
+/// What a recurring job makes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum JobTask {
+    /// A snapshot of each volume.
+    Snapshot,
+    /// A snapshot of each volume, backed up to the job's target.
+    Backup,
+}
+
+/// The most a job may retain of each volume.
+pub const MAX_RETAIN: u32 = 250;
+
+/// A recurring job: what it makes, when, of which volumes, and how many it keeps.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct JobSpec {
+    /// Its name; the snapshots and backups it makes are labelled with it.
+    pub name: String,
+    /// Snapshot or backup.
+    pub task: JobTask,
+    /// Five-field cron, UTC ([`crate::jobs::Schedule`]).
+    pub cron: String,
+    /// How many of the snapshots or backups it made to keep, per volume (0: all).
+    pub retain: u32,
+    /// Volumes it runs on by name.
+    #[serde(default)]
+    pub volumes: BTreeSet<String>,
+    /// And the volumes in any of these groups.
+    #[serde(default)]
+    pub groups: BTreeSet<String>,
+    /// A backup job's target.
+    #[serde(default)]
+    pub target: Option<String>,
+    /// Labels put on what it makes.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// The label every snapshot and backup a job makes carries: the job's name.
+pub const JOB_LABEL: &str = "horn.job";
+
+impl JobSpec {
+    /// Checks the spec on its own; the error says what to change.
+    pub fn check(&self) -> Result<(), String> {
+        check_name("job", &self.name)?;
+        self.cron
+            .parse::<crate::jobs::Schedule>()
+            .map_err(|e| format!("cron {:?}: {e}", self.cron))?;
+        if self.retain > MAX_RETAIN {
+            return Err(format!(
+                "retain {}: give 0 (keep all) to {MAX_RETAIN}",
+                self.retain
+            ));
+        }
+        if self.volumes.is_empty() && self.groups.is_empty() {
+            return Err("name the volumes it runs on: a volume or a group (or both)".into());
+        }
+        for v in &self.volumes {
+            check_name("volume", v)?;
+        }
+        for g in &self.groups {
+            check_name("group", g)?;
+        }
+        match (self.task, &self.target) {
+            (JobTask::Backup, None) => return Err("a backup job needs a backup target".into()),
+            (JobTask::Snapshot, Some(t)) => {
+                return Err(format!(
+                    "a snapshot job makes no backup: leave the target ({t}) out, or make it a backup job"
+                ))
+            }
+            (_, Some(t)) => check_name("backup target", t)?,
+            _ => {}
+        }
+        if self.labels.contains_key(JOB_LABEL) {
+            return Err(format!("the label {JOB_LABEL} is the job's own"));
+        }
+        Ok(())
+    }
+
+    /// Whether it runs on `volume`.
+    pub fn selects(&self, volume: &VolumeSpec) -> bool {
+        self.volumes.contains(&volume.name) || !self.groups.is_disjoint(&volume.groups)
+    }
+}
+
+/// One volume's part of a job run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct JobVolumeRun {
+    /// The volume.
+    pub volume: String,
+    /// `done`, `skipped` or `failed`.
+    pub outcome: String,
+    /// The snapshot or backup made.
+    #[serde(default)]
+    pub made: String,
+    /// Those its retain count let go, deleted.
+    #[serde(default)]
+    pub retired: Vec<String>,
+    /// Why it was skipped or failed (or what went wrong retiring).
+    #[serde(default)]
+    pub message: String,
+}
+
+/// One run of a job.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct JobRun {
+    /// Counted from 1 per job.
+    pub number: u64,
+    /// `schedule` or `manual`.
+    pub trigger: String,
+    /// When it began and ended, Unix seconds.
+    pub started_unix: u64,
+    /// When it ended.
+    pub finished_unix: u64,
+    /// Each volume it ran on.
+    pub volumes: Vec<JobVolumeRun>,
+}
+
+/// How many runs a job's history keeps.
+pub const JOB_HISTORY: usize = 32;
+
+/// A job's runs so far: the last scheduled firing it has dealt with and its history.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct JobState {
+    /// The schedule's firings up to this time (Unix seconds) have been run (or were
+    /// before the job existed).
+    pub fired_through: u64,
+    /// Runs so far.
+    pub runs: u64,
+    /// The last [`JOB_HISTORY`] runs, oldest first.
+    pub history: Vec<JobRun>,
 }
 
 /// The most replicas a volume may ask for.
@@ -115,6 +383,9 @@ impl VolumeSpec {
         }
         if let Some(s) = &self.key_secret {
             check_name("secret", s)?;
+        }
+        for g in &self.groups {
+            check_name("group", g)?;
         }
         Ok(())
     }
@@ -220,6 +491,13 @@ pub struct Settings {
     pub replica_replenishment_wait_secs: u64,
     /// Seconds a node's lease lasts without renewal before it is marked down.
     pub node_lease_secs: u64,
+    /// Seconds between a standby volume's looks at its source's backups.
+    #[serde(default = "default_backup_poll")]
+    pub backup_poll_interval_secs: u64,
+}
+
+fn default_backup_poll() -> u64 {
+    300
 }
 
 impl Settings {
@@ -274,6 +552,7 @@ impl Default for Settings {
             scheduling: scheduler::Settings::default(),
             replica_replenishment_wait_secs: 60,
             node_lease_secs: 15,
+            backup_poll_interval_secs: default_backup_poll(),
         }
     }
 }
@@ -333,6 +612,18 @@ pub enum SpecError {
 
 fn volume_key(name: &str) -> String {
     format!("volumes/{name}")
+}
+
+fn backup_target_key(name: &str) -> String {
+    format!("backup-targets/{name}")
+}
+
+fn job_key(name: &str) -> String {
+    format!("jobs/{name}")
+}
+
+fn job_state_key(name: &str) -> String {
+    format!("job-runs/{name}")
 }
 
 fn node_key(name: &str) -> String {
@@ -783,6 +1074,126 @@ impl<S: Store> Specs<S> {
         )?)
     }
 
+    /// Puts backup target `spec`, replacing the one of its name.
+    pub fn put_backup_target(&self, spec: &BackupTargetSpec) -> Result<Revision, SpecError> {
+        spec.check().map_err(SpecError::Invalid)?;
+        Ok(self
+            .store
+            .commit(Txn::new().put(backup_target_key(&spec.name), Self::json(spec)))?)
+    }
+
+    /// The backup target named `name`.
+    pub fn backup_target(&self, name: &str) -> Result<Versioned<BackupTargetSpec>, SpecError> {
+        self.read(&backup_target_key(name))?
+            .ok_or_else(|| SpecError::NotFound {
+                kind: "backup target",
+                name: name.to_string(),
+            })
+    }
+
+    /// Every backup target, by name.
+    pub fn backup_targets(&self) -> Result<Vec<Versioned<BackupTargetSpec>>, SpecError> {
+        self.read_all("backup-targets/")
+    }
+
+    /// Deletes backup target `name`; refused while a job or a restoring volume uses it.
+    pub fn delete_backup_target(&self, name: &str) -> Result<BackupTargetSpec, SpecError> {
+        let t = self.backup_target(name)?;
+        let mut users: Vec<String> = self
+            .jobs()?
+            .into_iter()
+            .filter(|j| j.spec.target.as_deref() == Some(name))
+            .map(|j| format!("job {}", j.spec.name))
+            .collect();
+        users.extend(
+            self.volumes()?
+                .into_iter()
+                .filter(|v| v.spec.restore.as_ref().is_some_and(|r| r.target == name))
+                .map(|v| format!("volume {} (restoring from it)", v.spec.name)),
+        );
+        if !users.is_empty() {
+            return Err(SpecError::Refused(format!(
+                "backup target {name} is used by {}",
+                users.join(", ")
+            )));
+        }
+        self.store.commit(
+            Txn::new()
+                .check(backup_target_key(name), Expect::At(t.revision))
+                .delete(backup_target_key(name)),
+        )?;
+        Ok(t.spec)
+    }
+
+    /// Puts job `spec`, replacing the one of its name (its history stays); a backup
+    /// job's target must exist.
+    pub fn put_job(&self, spec: &JobSpec) -> Result<Revision, SpecError> {
+        spec.check().map_err(SpecError::Invalid)?;
+        let mut txn = Txn::new();
+        if let Some(t) = &spec.target {
+            let target = self.backup_target(t)?;
+            txn = txn.check(backup_target_key(t), Expect::At(target.revision));
+        }
+        Ok(self
+            .store
+            .commit(txn.put(job_key(&spec.name), Self::json(spec)))?)
+    }
+
+    /// The job named `name`.
+    pub fn job(&self, name: &str) -> Result<Versioned<JobSpec>, SpecError> {
+        self.read(&job_key(name))?.ok_or_else(|| SpecError::NotFound {
+            kind: "job",
+            name: name.to_string(),
+        })
+    }
+
+    /// Every job, by name.
+    pub fn jobs(&self) -> Result<Vec<Versioned<JobSpec>>, SpecError> {
+        self.read_all("jobs/")
+    }
+
+    /// Deletes job `name` and its history (what it made stays).
+    pub fn delete_job(&self, name: &str) -> Result<JobSpec, SpecError> {
+        let j = self.job(name)?;
+        self.store.commit(
+            Txn::new()
+                .check(job_key(name), Expect::At(j.revision))
+                .delete(job_key(name))
+                .delete(job_state_key(name)),
+        )?;
+        Ok(j.spec)
+    }
+
+    /// Job `name`'s runs so far (none yet: the default).
+    pub fn job_state(&self, name: &str) -> Result<Versioned<JobState>, SpecError> {
+        Ok(self.read(&job_state_key(name))?.unwrap_or(Versioned {
+            spec: JobState::default(),
+            revision: 0,
+        }))
+    }
+
+    /// Replaces job `name`'s state read at `revision` (0: none yet), while the job
+    /// exists.
+    pub fn put_job_state(
+        &self,
+        name: &str,
+        state: &JobState,
+        revision: Revision,
+    ) -> Result<Revision, SpecError> {
+        let job = self.job(name)?;
+        let expect = if revision == 0 {
+            Expect::Absent
+        } else {
+            Expect::At(revision)
+        };
+        Ok(self.store.commit(
+            Txn::new()
+                .check(job_key(name), Expect::At(job.revision))
+                .check(job_state_key(name), expect)
+                .put(job_state_key(name), Self::json(state)),
+        )?)
+    }
+
     /// Registers a node or replaces its spec (an agent registers at every start).
     pub fn put_node(&self, spec: &NodeSpec) -> Result<Revision, SpecError> {
         spec.check().map_err(SpecError::Invalid)?;
@@ -972,6 +1383,12 @@ impl<S: Store> Specs<S> {
                 settings.replica_replenishment_wait_secs
             )));
         }
+        if !(1..=86400).contains(&settings.backup_poll_interval_secs) {
+            return Err(SpecError::Invalid(format!(
+                "a backup poll interval of {} s: give 1 to 86400",
+                settings.backup_poll_interval_secs
+            )));
+        }
         let expect = if revision == 0 {
             Expect::Absent
         } else {
@@ -1012,6 +1429,8 @@ mod tests {
             key_secret: None,
             no_chap: false,
             data_tls: false,
+            groups: Default::default(),
+            restore: None,
         }
     }
 
@@ -1210,5 +1629,103 @@ mod tests {
         n.disks[0].path = "relative".into();
         assert!(s.put_node(&n).unwrap_err().to_string().contains("not absolute"));
         assert!(s.nodes().unwrap().is_empty());
+    }
+
+    fn job(name: &str) -> JobSpec {
+        JobSpec {
+            name: name.into(),
+            task: JobTask::Backup,
+            cron: "0 2 * * *".into(),
+            retain: 3,
+            volumes: ["v1".to_string()].into(),
+            groups: Default::default(),
+            target: Some("t1".into()),
+            labels: Default::default(),
+        }
+    }
+
+    #[test]
+    fn jobs_need_a_schedule_volumes_and_for_backups_an_existing_target() {
+        let (dir, s) = specs();
+        assert!(matches!(
+            s.put_job(&job("j1")),
+            Err(SpecError::NotFound {
+                kind: "backup target",
+                ..
+            })
+        ));
+        let target = BackupTargetSpec {
+            name: "t1".into(),
+            url: format!("file://{}", dir.path().display()),
+            endpoint: String::new(),
+            region: String::new(),
+            access_key: String::new(),
+            secret_key: String::new(),
+        };
+        s.put_backup_target(&target).unwrap();
+        s.put_job(&job("j1")).unwrap();
+        for (change, says) in [
+            (
+                Box::new(|j: &mut JobSpec| j.cron = "* * *".into()) as Box<dyn Fn(&mut JobSpec)>,
+                "cron",
+            ),
+            (Box::new(|j: &mut JobSpec| j.retain = MAX_RETAIN + 1), "retain"),
+            (Box::new(|j: &mut JobSpec| j.volumes.clear()), "volume"),
+            (Box::new(|j: &mut JobSpec| j.target = None), "target"),
+            (
+                Box::new(|j: &mut JobSpec| j.task = JobTask::Snapshot),
+                "snapshot job",
+            ),
+            (
+                Box::new(|j: &mut JobSpec| {
+                    j.labels.insert(JOB_LABEL.into(), "x".into());
+                }),
+                JOB_LABEL,
+            ),
+        ] {
+            let mut j = job("j2");
+            change(&mut j);
+            let e = s.put_job(&j).unwrap_err().to_string();
+            assert!(e.contains(says), "{says}: {e}");
+        }
+        assert_eq!(s.jobs().unwrap().len(), 1);
+        // A target a job uses stays; the job's state goes with the job.
+        assert!(s
+            .delete_backup_target("t1")
+            .unwrap_err()
+            .to_string()
+            .contains("job j1"));
+        s.put_job_state("j1", &JobState::default(), 0).unwrap();
+        s.delete_job("j1").unwrap();
+        assert_eq!(s.job_state("j1").unwrap().revision, 0);
+        assert!(
+            s.put_job_state("j1", &JobState::default(), 0).is_err(),
+            "no state without its job"
+        );
+        s.delete_backup_target("t1").unwrap();
+    }
+
+    #[test]
+    fn a_restore_source_reads_target_volume_and_backup() {
+        let r = RestoreSpec::parse("t1?volume=v1&backup=b2", false).unwrap();
+        assert_eq!(
+            (r.target.as_str(), r.volume.as_str(), r.backup.as_deref()),
+            ("t1", "v1", Some("b2"))
+        );
+        assert_eq!(r.source(), "t1?volume=v1&backup=b2");
+        let r = RestoreSpec::parse("s3://bucket/pre?fix?volume=v1", true).unwrap();
+        assert_eq!((r.target.as_str(), r.backup), ("s3://bucket/pre?fix", None));
+        for bad in [
+            "t1",
+            "t1?vol=v1",
+            "t1?volume=",
+            "t1?volume=a/b",
+            "t1?volume=v1&backup=b 1",
+        ] {
+            assert!(RestoreSpec::parse(bad, false).is_err(), "{bad}");
+        }
+        assert!(RestoreSpec::parse("t1?volume=v1&backup=b1", true)
+            .unwrap_err()
+            .contains("standby"));
     }
 }

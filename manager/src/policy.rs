@@ -23,6 +23,9 @@ const READ_CALLS: &[&str] = &[
     "ListSnapshots",
     "GetSettings",
     "ListSecrets",
+    "ListBackupTargets",
+    "ListJobs",
+    "JobHistory",
 ];
 
 /// Calls a node's certificate may make, each for its own node only

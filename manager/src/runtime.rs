@@ -385,6 +385,8 @@ mod tests {
             key_secret: None,
             no_chap: false,
             data_tls: false,
+            groups: Default::default(),
+            restore: None,
         }
     }
 

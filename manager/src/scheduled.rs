@@ -241,6 +241,8 @@ mod tests {
                         key_secret: None,
                         no_chap: false,
                         data_tls: false,
+                        groups: Default::default(),
+                        restore: None,
                     };
                     let replicas: Vec<ReplicaSpec> = (1..=count)
                         .map(|i| ReplicaSpec {

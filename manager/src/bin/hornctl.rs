@@ -95,6 +95,20 @@ enum Command {
         #[command(subcommand)]
         cmd: horn_manager::ctl::NodeCmd,
     },
+    /// The cluster's backup targets, which volume backups and backup jobs use.
+    BackupTarget {
+        #[command(flatten)]
+        manager: horn_manager::ctl::ManagerAddr,
+        #[command(subcommand)]
+        cmd: horn_manager::jobctl::BackupTargetCmd,
+    },
+    /// Recurring snapshot and backup jobs: create, list, history, run, delete.
+    Job {
+        #[command(flatten)]
+        manager: horn_manager::ctl::ManagerAddr,
+        #[command(subcommand)]
+        cmd: horn_manager::jobctl::JobCmd,
+    },
     /// Backups of volumes to a target (a directory or S3): create, list, info,
     /// delete, restore, verify, scrub, gc.
     Backup {
@@ -1037,6 +1051,8 @@ fn main() -> ExitCode {
         Command::Node { manager, cmd } => horn_manager::ctl::run_node(manager, cmd),
         Command::Settings { manager, cmd } => horn_manager::ctl::run_settings(manager, cmd),
         Command::Secret { manager, cmd } => horn_manager::ctl::run_secret(manager, cmd),
+        Command::BackupTarget { manager, cmd } => horn_manager::jobctl::run_backup_target(manager, cmd),
+        Command::Job { manager, cmd } => horn_manager::jobctl::run_job(manager, cmd),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
