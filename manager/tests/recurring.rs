@@ -536,3 +536,120 @@ fn a_volume_restored_from_a_backup_and_a_standby_that_follows_its_source() {
         ok(hornctl(data, a, &["volume", "delete", v]));
     }
 }
+
+/// Bytes allocated under `dir`, recursively.
+fn allocated(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .filter_map(Result::ok)
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => allocated(&e.path()),
+            Ok(m) => m.blocks() * 512,
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+#[test]
+fn a_restore_goes_on_after_the_manager_is_killed_halfway() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path();
+    let (mut mgr, _agents) = cluster(data);
+    let _cleanup = KillInstances(data);
+    let a = mgr.addr.clone();
+    let a = &a;
+    const SIZE: usize = 128 << 20;
+    ok(hornctl(
+        data,
+        a,
+        &[
+            "volume",
+            "create",
+            "v1",
+            "--size",
+            "128M",
+            "--replicas",
+            "1",
+            "--frontend",
+            "iscsi",
+        ],
+    ));
+    let mut s = attach(data, a, "v1", "n1");
+    let chunk = 256 * 1024;
+    for (i, offset) in (0..SIZE).step_by(chunk).enumerate() {
+        assert_eq!(
+            s.write10((offset / 512) as u32, &pattern(i as u8, chunk)).status,
+            0
+        );
+    }
+    ok(hornctl(
+        data,
+        a,
+        &["volume", "backup", "v1", "--target", "t1", "--backup-name", "b1"],
+    ));
+
+    // The restore stopped mid-way: its engine frozen (SIGSTOP) once some of the
+    // volume is written, and the manager SIGKILLed.
+    let v = json(hornctl(
+        data,
+        a,
+        &[
+            "volume",
+            "create",
+            "r1",
+            "--from-backup",
+            "t1?volume=v1",
+            "--replicas",
+            "1",
+            "--frontend",
+            "iscsi",
+            "--json",
+        ],
+    ));
+    let p = &v["placements"][0];
+    let n: u32 = p["node"].as_str().unwrap()[1..].parse().unwrap();
+    let replica = Path::new(p["disk"].as_str().unwrap()).join("replicas/r1-r1");
+    let since = std::time::Instant::now();
+    while allocated(&replica) < 16 << 20 {
+        assert!(
+            since.elapsed() < Duration::from_secs(60),
+            "the restore did not begin"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let engine = common::manager::recorded_pids(data, n)
+        .into_iter()
+        .find(|(name, _)| name == "engine-r1")
+        .map(|(_, pid)| pid as i32)
+        .expect("r1's engine");
+    // SAFETY: killpg takes no pointers; the group is the engine supervisor's own.
+    unsafe { libc::killpg(engine, libc::SIGSTOP) };
+    let at_kill = allocated(&replica);
+    mgr.kill();
+    // SAFETY: as above.
+    unsafe { libc::killpg(engine, libc::SIGCONT) };
+    assert!(
+        at_kill < SIZE as u64,
+        "caught mid-way: {at_kill} bytes of {SIZE} written"
+    );
+
+    // A new manager on the same store and address goes on with it.
+    let _restarted = ManagerDaemon::start(data, a);
+    common::eventually(Duration::from_secs(120), "r1 restored after the restart", || {
+        let v = json(hornctl(data, a, &["volume", "info", "r1", "--json"]));
+        v["restore_from"].is_null() && v["state"] == "detached"
+    });
+    let mut r = attach(data, a, "r1", "n2");
+    for offset in (0..SIZE).step_by(4 << 20) {
+        assert_eq!(
+            read(&mut r, offset as u64, 1 << 20),
+            read(&mut s, offset as u64, 1 << 20),
+            "at {offset}"
+        );
+    }
+    r.logout();
+    s.logout();
+}
