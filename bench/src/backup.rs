@@ -14,6 +14,9 @@
 //! 3. **restore**: Horn restores the backup into an image file (as `hornctl backup
 //!    restore --to-file`, synced at the end); restic restores its snapshot (`restic
 //!    restore`, then `sync` of the file, as restic does not sync).
+//!    **restore_through_engine**: the same backup restored through a `hornd engine`
+//!    into a new volume of two `hornd replica` processes (each block fetched once,
+//!    written to both), against the same restic restore.
 //! 4. **incremental_backup**: 1% of the blocks change (one 4 KiB write in each) and
 //!    a new snapshot is backed up from the first: `uploaded_bytes` against
 //!    `size_bytes`, and its seconds against the full backup's.
@@ -249,6 +252,22 @@ pub fn run(args: BackupArgs) -> Result<()> {
     }));
     let _ = std::fs::remove_dir_all(&restic_target);
 
+    // 3b. Horn's restore through an engine into a new volume of two replicas, each
+    // block fetched once and written to both (`hornctl backup restore --engine`).
+    eprintln!("horn: restore through an engine, two replicas...");
+    let through = restore_through_engine(&garage, work.path(), size)?;
+    report.emit(json!({
+        "workload": "restore_through_engine",
+        "size_bytes": size,
+        "replicas": 2,
+        "seconds": round2(through),
+        "mib_per_s": round2(mib / through),
+        "peer": "restic 0.14 restore of the image file",
+        "peer_seconds": round2(restic_restore),
+        "peer_mib_per_s": round2(restic_restore_rate),
+        "ratio": round2((mib / through) / restic_restore_rate),
+    }));
+
     // 4. 1% of the blocks change; an incremental backup.
     let blocks = size / BLOCK;
     let changed = (blocks / 100).max(1);
@@ -288,6 +307,115 @@ pub fn run(args: BackupArgs) -> Result<()> {
     let _ = std::io::stderr().flush();
     report.finish();
     Ok(())
+}
+
+/// A `hornd` process, killed when dropped.
+struct Hornd(std::process::Child);
+
+impl Drop for Hornd {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `hornd ARGS` and returns it with the first line it prints that holds
+/// `marker` (it serves then).
+fn hornd(bin: &Path, args: &[String], marker: &str) -> Result<(Hornd, String)> {
+    let mut child = Command::new(bin.join("hornd"))
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .context("cannot start hornd")?;
+    let mut out = std::io::BufReader::new(child.stdout.take().expect("piped"));
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if std::io::BufRead::read_line(&mut out, &mut line)? == 0 {
+            let _ = child.kill();
+            bail!("hornd {} stopped before serving", args.join(" "));
+        }
+        if line.contains(marker) {
+            return Ok((Hornd(child), line.trim().to_string()));
+        }
+    }
+}
+
+/// Seconds `hornctl backup restore --engine` takes to restore backup `full` of
+/// `bench` (bucket `horn`) into a fresh volume of two `hornd replica` processes.
+fn restore_through_engine(garage: &Garage, work: &Path, size: u64) -> Result<f64> {
+    let bin = horn_cluster::binaries().map_err(anyhow::Error::msg)?;
+    let mut replicas = Vec::new();
+    let mut addrs = Vec::new();
+    for i in 0..2 {
+        let dir = work.join(format!("restored-{i}"));
+        let args: Vec<String> = [
+            "replica",
+            "--dir",
+            dir.to_str().unwrap(),
+            "--size",
+            &size.to_string(),
+            "--listen",
+            "127.0.0.1:0",
+            "--control",
+            "127.0.0.1:0",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        // "hornd replica: serving DIR on DATA, control on CONTROL"
+        let (p, line) = hornd(&bin, &args, "control on ")?;
+        let (data, control) = line
+            .split_once(" on ")
+            .and_then(|(_, rest)| rest.split_once(", control on "))
+            .with_context(|| format!("hornd replica said {line:?}"))?;
+        addrs.push(format!("{data},{control}"));
+        replicas.push(p);
+    }
+    let mut args: Vec<String> = ["engine", "--control", "127.0.0.1:0"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    for a in &addrs {
+        args.push("--replica".into());
+        args.push(a.clone());
+    }
+    let (_engine, line) = hornd(&bin, &args, "control on ")?;
+    let control = line
+        .rsplit_once("control on ")
+        .map(|(_, a)| a.trim().to_string())
+        .unwrap_or_default();
+    let s = garage.settings();
+    let out = Command::new(bin.join("hornctl"))
+        .args([
+            "backup",
+            "restore",
+            "bench",
+            "full",
+            "--json",
+            "--engine",
+            &control,
+            "--target",
+            "s3://horn",
+        ])
+        .args(["--s3-endpoint", &s.endpoint, "--s3-region", &s.region])
+        .env("AWS_ACCESS_KEY_ID", &s.access_key)
+        .env("AWS_SECRET_ACCESS_KEY", &s.secret_key)
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "hornctl backup restore --engine failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    if r["bad"].as_array().is_some_and(|b| !b.is_empty()) {
+        bail!("the restore through the engine found bad blocks: {}", r["bad"]);
+    }
+    r["seconds"]
+        .as_f64()
+        .context("the restore's report has no seconds")
 }
 
 /// Fails unless the two files hold the same bytes.

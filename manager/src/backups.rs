@@ -11,11 +11,13 @@ use horn_backup::format::{Compression, DEFAULT_BLOCK_SIZE};
 use horn_backup::restore::{restore, RestoreOptions, RestoreSink};
 use horn_backup::s3::S3Settings;
 use horn_backup::store::{open_target, ObjectStore};
+use horn_engine::replica_set::IoKind;
 use horn_engine::{Engine, Volume};
 use horn_proto::control::{BackupRequest as WireBackup, BackupTarget};
 use horn_proto::engine_control::RestoreRequest;
 use horn_proto::wire::MAX_IO_LEN;
 use horn_replica::image::SnapshotImage;
+use horn_replica::IoBuf;
 
 /// The S3 settings a wire target carries (empty fields: the process's environment).
 pub fn s3_settings(t: &BackupTarget) -> S3Settings {
@@ -86,17 +88,43 @@ impl horn_replica::control::BackupRunner for ReplicaBackups {
 }
 
 /// A volume's queue that moves the replicas' bytes as they are, as a restore's
-/// destination.
-struct VolumeSink(Volume);
+/// destination. Its writes are pipelined: up to [`WRITES_IN_FLIGHT`] at once (each a
+/// copy of the block, so at most that many blocks held), every one reaped before a
+/// read or a flush; a failed write fails the next call.
+struct VolumeSink {
+    volume: Volume,
+    next_tag: u64,
+}
+
+/// Writes a restore keeps in flight on its queue.
+const WRITES_IN_FLIGHT: usize = 8;
+
+impl VolumeSink {
+    /// Waits until at most `left` writes are in flight; the first failed one is an error.
+    fn settle(&mut self, left: usize) -> Result<(), String> {
+        let mut done = Vec::new();
+        while self.volume.in_flight() > left {
+            self.volume
+                .reap(self.volume.in_flight() - left, &mut done)
+                .map_err(|e| e.to_string())?;
+            for c in done.drain(..) {
+                c.result
+                    .map_err(|e| format!("a write of the restore failed: {e}"))?;
+            }
+        }
+        Ok(())
+    }
+}
 
 impl RestoreSink for VolumeSink {
     fn size(&self) -> u64 {
-        self.0.size()
+        self.volume.size()
     }
 
     fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), String> {
+        self.settle(0)?;
         for (i, piece) in buf.chunks_mut(MAX_IO_LEN as usize).enumerate() {
-            self.0
+            self.volume
                 .read_at(offset + (i * MAX_IO_LEN as usize) as u64, piece)
                 .map_err(|e| e.to_string())?;
         }
@@ -105,22 +133,30 @@ impl RestoreSink for VolumeSink {
 
     fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<(), String> {
         for (i, piece) in data.chunks(MAX_IO_LEN as usize).enumerate() {
-            self.0
-                .write_at(offset + (i * MAX_IO_LEN as usize) as u64, piece)
-                .map_err(|e| e.to_string())?;
+            self.settle(WRITES_IN_FLIGHT - 1)?;
+            self.next_tag += 1;
+            self.volume.submit(
+                IoKind::Write,
+                offset + (i * MAX_IO_LEN as usize) as u64,
+                0,
+                Some(IoBuf::from_slice(piece)),
+                self.next_tag,
+            );
         }
         Ok(())
     }
 
     fn flush(&mut self) -> Result<(), String> {
-        self.0.flush().map_err(|e| e.to_string())
+        self.settle(0)?;
+        self.volume.flush().map_err(|e| e.to_string())
     }
 
     /// Nothing, on a volume never written (every layer of the chain uses no space):
     /// a first restore then fetches without reading the volume first. Otherwise
     /// unknown, and every block is compared (a restore resumed).
     fn written(&mut self) -> Option<Vec<(u64, u64)>> {
-        let info = self.0.chain_op(horn_engine::ChainOp::Info).ok()?;
+        self.settle(0).ok()?;
+        let info = self.volume.chain_op(horn_engine::ChainOp::Info).ok()?;
         info.layers.iter().all(|l| l.used_bytes == 0).then(Vec::new)
     }
 }
@@ -146,7 +182,10 @@ impl horn_engine::control::RestoreRunner for EngineRestores {
                 .map_err(|e| format!("the backup the volume holds: {e}"))?;
             Some(horn_backup::restore::differing_blocks(&old, &m))
         };
-        let mut sink = VolumeSink(Volume::open_raw(engine).map_err(|e| format!("cannot open a queue: {e}"))?);
+        let mut sink = VolumeSink {
+            volume: Volume::open_raw(engine).map_err(|e| format!("cannot open a queue: {e}"))?,
+            next_tag: 0,
+        };
         let opts = RestoreOptions {
             only,
             strict: req.strict,
@@ -159,7 +198,12 @@ impl horn_engine::control::RestoreRunner for EngineRestores {
         };
         tracing::info!(backup = %m.name, volume = %m.volume, target = %store.url(), "restore starts");
         let report = restore(store.as_ref(), &m, &mut sink, &opts, progress);
-        let closed = sink.0.close();
+        // A restore that failed still lets its writes in flight end before the queue goes.
+        let settled = sink.settle(0);
+        let closed = sink.volume.close();
+        if report.is_ok() {
+            settled?;
+        }
         let report = report.map_err(|e| e.to_string())?;
         closed.map_err(|e| format!("closing the restore's queue: {e}"))?;
         tracing::info!(

@@ -132,11 +132,9 @@ pub fn run_backup_target(addr: ManagerAddr, cmd: BackupTargetCmd) -> Result<()> 
                     .await
                     .map_err(refused(&addr))?
                     .into_inner();
-                if addr.json {
-                    println!("{}", target_json(&t));
-                } else {
-                    println!("backup target {} is {}", t.name, t.url);
-                }
+                show(addr.json, target_json(&t), || {
+                    format!("backup target {} is {}", t.name, t.url)
+                });
             }
             BackupTargetCmd::List => {
                 let list = c
@@ -175,11 +173,9 @@ pub fn run_backup_target(addr: ManagerAddr, cmd: BackupTargetCmd) -> Result<()> 
                     .await
                     .map_err(refused(&addr))?
                     .into_inner();
-                if addr.json {
-                    println!("{}", target_json(&t));
-                } else {
-                    println!("backup target {} removed (its backups stay in {})", t.name, t.url);
-                }
+                show(addr.json, target_json(&t), || {
+                    format!("backup target {} removed (its backups stay in {})", t.name, t.url)
+                });
             }
         }
         Ok(())
@@ -220,18 +216,16 @@ pub fn run_job(addr: ManagerAddr, cmd: JobCmd) -> Result<()> {
                     .await
                     .map_err(refused(&addr))?
                     .into_inner();
-                if addr.json {
-                    println!("{}", job_json(&j));
-                } else {
-                    println!(
+                show(addr.json, job_json(&j), || {
+                    format!(
                         "job {} ({}, \"{}\", retain {}) runs next at {}",
                         j.name,
                         j.task,
                         j.cron,
                         j.retain,
                         utc_time(j.next_unix)
-                    );
-                }
+                    )
+                });
             }
             JobCmd::List => {
                 let list = c
@@ -384,15 +378,22 @@ pub fn run_job(addr: ManagerAddr, cmd: JobCmd) -> Result<()> {
                     .await
                     .map_err(refused(&addr))?
                     .into_inner();
-                if addr.json {
-                    println!("{}", job_json(&j));
-                } else {
-                    println!("job {} deleted (what it made stays)", j.name);
-                }
+                show(addr.json, job_json(&j), || {
+                    format!("job {} deleted (what it made stays)", j.name)
+                });
             }
         }
         Ok(())
     })
+}
+
+/// Prints `value` as JSON, or `text` for people.
+fn show(json: bool, value: serde_json::Value, text: impl FnOnce() -> String) {
+    if json {
+        println!("{value}");
+    } else {
+        println!("{}", text());
+    }
 }
 
 fn dash(s: &str) -> String {

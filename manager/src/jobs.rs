@@ -5,7 +5,7 @@
 //! month (1-31), month (1-12), day of week (0-7, 0 and 7 Sunday). A field is `*`, a
 //! number, a range `a-b`, a list `a,b-c`, any of them stepped (`*/15`, `0-30/10`).
 //! As in cron, when both day fields are restricted a day matches either. The
-//! manager's job loop (to come, issue 19) asks [`Schedule::next_after`] when each
+//! manager's job loop (`api/recurring.rs`) asks [`Schedule::next_after`] when each
 //! job is due, and [`to_retire`] what to delete after it ran.
 
 use std::collections::BTreeSet;

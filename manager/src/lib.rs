@@ -6,9 +6,11 @@
 //! output: byte sizes and times for people, JSON for scripts. The control plane lands
 //! here piece by piece: the [`store`] that keeps the manager's specs (compare-and-swap,
 //! revisions, leases, watches; an embedded database file by default) and the
-//! [`scheduler`] that places replicas (pure rules, property-tested) are in; the
-//! manager's objects, its API, the node agent and the reconciler follow. Replication,
-//! rebuild and reconciliation of data stay in the engine.
+//! [`scheduler`] that places replicas (pure rules, property-tested), the manager's
+//! objects ([`model`]), its API with its loops ([`api`]: the reconciler, recurring
+//! jobs, restores from backups), the node agent ([`agent`]) and the command lines
+//! ([`ctl`], [`backupctl`], [`jobctl`]). Replication, rebuild and reconciliation of
+//! data stay in the engine.
 //!
 //! It must never hold data-path logic: it calls `horn-replica` and `horn-engine` and
 //! turns their typed errors into messages at the edge.
