@@ -1547,7 +1547,7 @@ impl<S: Store + 'static> Manager for Service<S> {
                     }
                     Some(_) => {}
                 }
-                m.update_restore(&name, |spec| {
+                m.change_volume(&name, |spec| {
                     if let Some(r) = spec.restore.as_mut() {
                         r.activate = true;
                     }
@@ -1570,7 +1570,7 @@ impl<S: Store + 'static> Manager for Service<S> {
         self.0
             .blocking(move |m| {
                 let groups: BTreeSet<String> = r.groups.into_iter().collect();
-                m.update_restore(&r.name, |spec| spec.groups = groups.clone())
+                m.change_volume(&r.name, |spec| spec.groups = groups.clone())
                     .map_err(to_status)?;
                 m.volume_reply(&r.name)
             })

@@ -126,22 +126,26 @@ impl<S: Store + 'static> ManagerService<S> {
             .map_err(|e| e.to_string())?
             .spec;
         let store = target.open()?;
-        let backup = match &r.backup {
-            Some(b) => b.clone(),
+        let (backup, since) = match &r.backup {
+            Some(b) => (b.clone(), None),
             None => {
                 let mut all =
                     horn_backup::list_backups(store.as_ref(), &r.volume).map_err(|e| e.to_string())?;
                 all.sort_by_key(|m| (m.created_unix, m.name.clone()));
-                all.last()
+                let newest = all
+                    .last()
                     .map(|m| m.name.clone())
-                    .ok_or_else(|| format!("volume {} has no backup in target {}", r.volume, r.target))?
+                    .ok_or_else(|| format!("volume {} has no backup in target {}", r.volume, r.target))?;
+                // The volume holds the backup applied last and nothing else (no
+                // frontend): only the blocks that differ from it are compared. Once
+                // that backup is gone (a job's retention deleted it), every block is.
+                let since = r.applied.clone().filter(|a| all.iter().any(|m| &m.name == a));
+                (newest, since)
             }
         };
         if r.applied.as_deref() != Some(backup.as_str()) {
             let (control, _) = self.engine_of(name).map_err(|s| s.message().to_string())?;
-            // The volume holds the backup applied last and nothing else (no frontend):
-            // only the blocks that differ from it are compared.
-            let since = r.applied.clone().unwrap_or_default();
+            let since = since.unwrap_or_default();
             let req = horn_proto::engine_control::RestoreRequest {
                 target: Some(target.wire()),
                 volume: r.volume.clone(),
@@ -174,7 +178,7 @@ impl<S: Store + 'static> ManagerService<S> {
             }
             tracing::info!(volume = %name, backup = %backup, restored = report.restored, already_there = report.already_there, seconds = report.seconds, "backup restored");
         }
-        self.update_restore(name, |spec| {
+        self.change_volume(name, |spec| {
             let Some(r) = spec.restore.as_mut() else { return };
             r.applied = Some(backup.clone());
             r.error = None;
@@ -189,7 +193,7 @@ impl<S: Store + 'static> ManagerService<S> {
     }
 
     fn note_restore_error(&self, name: &str, error: &str) {
-        let _ = self.update_restore(name, |spec| {
+        let _ = self.change_volume(name, |spec| {
             if let Some(r) = spec.restore.as_mut() {
                 r.error = Some(error.to_string());
             }
@@ -197,7 +201,7 @@ impl<S: Store + 'static> ManagerService<S> {
     }
 
     /// Changes volume `name`'s spec with `change`, tried again on a conflict.
-    pub(super) fn update_restore(
+    pub(super) fn change_volume(
         &self,
         name: &str,
         change: impl Fn(&mut VolumeSpec),
@@ -211,7 +215,7 @@ impl<S: Store + 'static> ManagerService<S> {
             }
             match self.specs.update_volume(&spec, v.revision) {
                 Ok(_) => {
-                    if spec.restore.is_none() {
+                    if v.spec.restore.is_some() && spec.restore.is_none() {
                         tracing::info!(volume = %name, "restored from its backup: a normal volume now, detached");
                     }
                     self.changed();
