@@ -94,29 +94,39 @@ pub struct BackupReport {
 /// Where a backup is, for a progress bar: blocks done of blocks to read.
 pub type Progress<'a> = &'a (dyn Fn(u64, u64) + Sync);
 
-/// The parent a backup of `image` can be made incrementally from: the newest backup
-/// of the volume whose snapshot is still in `dir`'s chain below `image` (and of the
-/// same size or smaller), opened. `None`: a full read.
+/// The parent a backup of `image` can be made incrementally from: of the volume's
+/// backups whose snapshot is still in `dir`'s chain below `image` (and of the same
+/// size or smaller), the one whose snapshot is nearest `image` in the chain (the
+/// least to read), opened; backups' clocks do not decide it, as several may be made
+/// within a second. `None`: a full read.
 pub fn find_parent(
     store: &dyn ObjectStore,
     volume: &str,
     dir: &std::path::Path,
     image: &SnapshotImage,
 ) -> Result<Option<(Manifest, SnapshotImage)>, BackupError> {
-    let mut backups = crate::list_backups(store, volume)?;
-    backups.sort_by_key(|m| std::cmp::Reverse(m.created_unix));
-    for m in backups {
+    let mut best: Option<(Manifest, SnapshotImage)> = None;
+    for m in crate::list_backups(store, volume)? {
         if m.size > image.size() {
             continue;
         }
         let Ok(older) = SnapshotImage::open(dir, &m.snapshot) else {
             continue;
         };
-        if image.descends_from(&older) {
-            return Ok(Some((m, older)));
+        if !image.descends_from(&older) {
+            continue;
+        }
+        let nearer = match &best {
+            None => true,
+            Some((b, bi)) => {
+                older.descends_from(bi) || (m.snapshot == b.snapshot && m.created_unix > b.created_unix)
+            }
+        };
+        if nearer {
+            best = Some((m, older));
         }
     }
-    Ok(None)
+    Ok(best)
 }
 
 /// Backs up `image` (snapshot `req.snapshot` of a replica) to `store`, incrementally

@@ -385,3 +385,33 @@ fn a_manifest_of_a_newer_format_is_refused_by_every_reader_and_changes_nothing()
     assert_eq!(before, store.list("blocks/").unwrap_or_default());
     r.close().unwrap();
 }
+
+#[test]
+fn an_incremental_backup_starts_from_the_nearest_snapshot_whatever_the_names_and_clocks() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().join("r");
+    let mut r = history(&d);
+    std::fs::create_dir(dir.path().join("t")).unwrap();
+    let store = dir_target(&dir.path().join("t"));
+    back_up(&store, &d, "a-old", "a", false);
+    back_up(&store, &d, "z-new", "b", false);
+    // Made within one second (as a job run twice by hand): their clocks agree.
+    let old = read_backup(store.as_ref(), "data", "a-old").unwrap();
+    let mut new = read_backup(store.as_ref(), "data", "z-new").unwrap();
+    new.created_unix = old.created_unix;
+    store
+        .put(
+            &horn_backup::format::Manifest::key("data", "z-new"),
+            &new.to_bytes(),
+        )
+        .unwrap();
+    r.snapshot("c", &BTreeMap::new()).unwrap();
+    r.flush().unwrap();
+    // From z-new (snapshot b): only the megabyte written since b is read (4 blocks).
+    let inc = back_up(&store, &d, "next", "c", false);
+    assert_eq!(inc.parent.as_deref(), Some("z-new"), "{inc:?}");
+    assert_eq!(inc.blocks_read, u64::from(MIB as u32 / BLOCK), "{inc:?}");
+    let (got, _) = restored(store.as_ref(), "next", &RestoreOptions::default());
+    assert!(got == image_bytes(&d, "c"));
+    r.close().unwrap();
+}
