@@ -100,10 +100,12 @@ impl Garage {
             secret_key: hex(32),
             bucket: bucket.to_string(),
         };
+        // The node's id is on disk before its RPC port listens: each step is tried
+        // until the server answers it.
         let deadline = Instant::now() + Duration::from_secs(30);
-        let node = loop {
-            match g.cli(&["node", "id", "-q"]) {
-                Ok(out) => break out.trim().split('@').next().unwrap_or_default().to_string(),
+        let until_up = |args: &[&str]| loop {
+            match g.cli(args) {
+                Ok(out) => return Ok(out),
                 Err(e) if Instant::now() > deadline => {
                     return Err(format!(
                         "Garage did not start: {e} (see {})",
@@ -113,7 +115,13 @@ impl Garage {
                 Err(_) => std::thread::sleep(Duration::from_millis(100)),
             }
         };
-        g.cli(&["layout", "assign", "-z", "dc1", "-c", "1G", &node])?;
+        let node = until_up(&["node", "id", "-q"])?
+            .trim()
+            .split('@')
+            .next()
+            .unwrap_or_default()
+            .to_string();
+        until_up(&["layout", "assign", "-z", "dc1", "-c", "1G", &node])?;
         g.cli(&["layout", "apply", "--version", "1"])?;
         g.create_bucket(bucket)?;
         let (k, s) = (g.access_key.clone(), g.secret_key.clone());
