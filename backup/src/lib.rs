@@ -80,6 +80,14 @@ pub fn list_backups(store: &dyn ObjectStore, volume: &str) -> Result<Vec<Manifes
     Ok(out)
 }
 
+/// The backups of `volume` in a target, oldest first (by time, then name): the
+/// newest is the last.
+pub fn backups_by_age(store: &dyn ObjectStore, volume: &str) -> Result<Vec<Manifest>, BackupError> {
+    let mut all = list_backups(store, volume)?;
+    all.sort_by(|a, b| (a.created_unix, &a.name).cmp(&(b.created_unix, &b.name)));
+    Ok(all)
+}
+
 /// Backup `name` of `volume`, read and checked.
 pub fn read_backup(store: &dyn ObjectStore, volume: &str, name: &str) -> Result<Manifest, BackupError> {
     format::check_name("volume", volume)?;

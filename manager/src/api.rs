@@ -1020,6 +1020,27 @@ impl<S: Store + 'static> ManagerService<S> {
         })
     }
 
+    /// Changes volume `name`'s spec with `change`, tried again on a conflict; the spec
+    /// as it stands after.
+    fn change_volume(&self, name: &str, change: impl Fn(&mut VolumeSpec)) -> Result<VolumeSpec, SpecError> {
+        loop {
+            let v = self.specs.volume(name)?;
+            let mut spec = v.spec.clone();
+            change(&mut spec);
+            if spec == v.spec {
+                return Ok(spec);
+            }
+            match self.specs.update_volume(&spec, v.revision) {
+                Ok(_) => {
+                    self.changed();
+                    return Ok(spec);
+                }
+                Err(SpecError::Store(StoreError::Conflict { .. })) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
     /// Job `name` as listed: its spec, when it fires next, and its last run.
     fn job_reply(&self, name: &str) -> Result<pb::Job, Status> {
         let j = self.specs.job(name).map_err(to_status)?.spec;
@@ -1201,18 +1222,6 @@ async fn long_engine_client(
     )
     .await
     .map_err(|e| format!("the engine at {control}: {e:#}"))
-}
-
-/// Follows a backup's or restore's progress stream to its report (JSON).
-async fn report_of(
-    mut stream: tonic::Streaming<horn_proto::control::BackupProgress>,
-) -> Result<String, String> {
-    while let Some(msg) = stream.message().await.map_err(|s| s.message().to_string())? {
-        if !msg.report_json.is_empty() {
-            return Ok(msg.report_json);
-        }
-    }
-    Err("the stream ended without a report (the engine or its replica stopped?)".into())
 }
 
 /// A target as listed: without its secret.
@@ -1499,11 +1508,11 @@ impl<S: Store + 'static> Manager for Service<S> {
             .await?
             .into_inner();
         let name = if r.name.is_empty() {
-            let time: String = crate::format::utc_time(unix_now())
-                .chars()
-                .filter(|c| c.is_ascii_alphanumeric())
-                .collect();
-            format!("{}-{time}", r.volume.chars().take(45).collect::<String>())
+            format!(
+                "{}-{}",
+                r.volume.chars().take(45).collect::<String>(),
+                crate::format::utc_stamp(unix_now())
+            )
         } else {
             r.name
         };

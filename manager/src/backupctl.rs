@@ -415,8 +415,7 @@ pub fn run_backup(target: TargetArgs, engine: EngineArgs, json: bool, cmd: Backu
                     }
                 }
                 Some(v) => {
-                    let mut all = horn_backup::list_backups(store.as_ref(), &v)?;
-                    all.sort_by_key(|m| m.created_unix);
+                    let all = horn_backup::backups_by_age(store.as_ref(), &v)?;
                     if json {
                         let rows: Vec<_> = all.iter().map(summary_json).collect();
                         println!("{}", serde_json::to_string_pretty(&rows)?);
@@ -596,8 +595,7 @@ fn follow_once(
     json: bool,
 ) -> Result<Option<String>> {
     let store = target.open()?;
-    let mut backups = horn_backup::list_backups(store.as_ref(), volume)?;
-    backups.sort_by_key(|m| (m.created_unix, m.name.clone()));
+    let backups = horn_backup::backups_by_age(store.as_ref(), volume)?;
     let Some(newest) = backups.last().map(|m| m.name.clone()) else {
         return Ok(None);
     };

@@ -45,6 +45,16 @@ pub fn human_bytes(n: u64) -> String {
 
 /// Prints seconds since the Unix epoch as an RFC 3339 UTC time.
 pub fn utc_time(secs: u64) -> String {
+    civil(secs, "-", ":")
+}
+
+/// [`utc_time`] without separators, `20261205T100211Z`: for names (of snapshots,
+/// backups), which take no `:`.
+pub fn utc_stamp(secs: u64) -> String {
+    civil(secs, "", "")
+}
+
+fn civil(secs: u64, date_sep: &str, time_sep: &str) -> String {
     let days = (secs / 86_400) as i64;
     let rem = secs % 86_400;
     // Civil-from-days (Howard Hinnant's algorithm).
@@ -58,7 +68,7 @@ pub fn utc_time(secs: u64) -> String {
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
     format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        "{year:04}{date_sep}{month:02}{date_sep}{day:02}T{:02}{time_sep}{:02}{time_sep}{:02}Z",
         rem / 3600,
         rem % 3600 / 60,
         rem % 60

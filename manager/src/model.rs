@@ -206,15 +206,7 @@ impl BackupTargetSpec {
 
     /// Opens the target here, in the manager.
     pub fn open(&self) -> Result<std::sync::Arc<dyn horn_backup::store::ObjectStore>, String> {
-        let s3 = horn_backup::s3::S3Settings {
-            endpoint: self.endpoint.clone(),
-            region: self.region.clone(),
-            access_key: self.access_key.clone(),
-            secret_key: self.secret_key.clone(),
-        };
-        horn_backup::store::open_target(&self.url, &s3)
-            .map(std::sync::Arc::from)
-            .map_err(|e| format!("backup target {}: {e}", self.name))
+        crate::backups::open(Some(&self.wire())).map_err(|e| format!("backup target {}: {e}", self.name))
     }
 }
 

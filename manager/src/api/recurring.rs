@@ -225,9 +225,9 @@ impl<S: Store + 'static> ManagerService<S> {
                     .await
                     .map_err(|s| format!("backup {name} to {}: {}", t.name, s.message()))?
                     .into_inner();
-                super::report_of(stream)
+                crate::backupctl::follow(stream, &indicatif::ProgressBar::hidden())
                     .await
-                    .map_err(|e| format!("backup {name} to {}: {e}", t.name))?;
+                    .map_err(|e| format!("backup {name} to {}: {e:#}", t.name))?;
             }
             Ok::<_, String>(())
         });
@@ -319,11 +319,7 @@ impl<S: Store + 'static> ManagerService<S> {
 /// The name of what run `number` of job `job` makes at `at`:
 /// `JOB-YYYYMMDDTHHMMSSZ-N`, the job's name cut to fit 63 characters.
 fn made_name(job: &str, at: u64, number: u64) -> String {
-    let time: String = crate::format::utc_time(at)
-        .chars()
-        .filter(|c| c.is_ascii_alphanumeric())
-        .collect();
-    let tail = format!("-{time}-{number}");
+    let tail = format!("-{}-{number}", crate::format::utc_stamp(at));
     let keep = 63usize.saturating_sub(tail.len()).min(job.len());
     format!("{}{tail}", &job[..keep])
 }

@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 use tonic::Status;
 
 use super::{to_status, ManagerService};
-use crate::model::{RestoreSpec, SpecError, VolumeSpec};
-use crate::store::{Store, StoreError};
+use crate::model::RestoreSpec;
+use crate::store::Store;
 
 /// How often the restorer looks at the volumes being restored.
 const TICK: Duration = Duration::from_secs(1);
@@ -129,9 +129,8 @@ impl<S: Store + 'static> ManagerService<S> {
         let (backup, since) = match &r.backup {
             Some(b) => (b.clone(), None),
             None => {
-                let mut all =
-                    horn_backup::list_backups(store.as_ref(), &r.volume).map_err(|e| e.to_string())?;
-                all.sort_by_key(|m| (m.created_unix, m.name.clone()));
+                let all =
+                    horn_backup::backups_by_age(store.as_ref(), &r.volume).map_err(|e| e.to_string())?;
                 let newest = all
                     .last()
                     .map(|m| m.name.clone())
@@ -162,7 +161,9 @@ impl<S: Store + 'static> ManagerService<S> {
                     .await
                     .map_err(|s| s.message().to_string())?
                     .into_inner();
-                super::report_of(stream).await
+                crate::backupctl::follow(stream, &indicatif::ProgressBar::hidden())
+                    .await
+                    .map_err(|e| format!("{e:#}"))
             })?;
             let report: horn_backup::restore::RestoreReport =
                 serde_json::from_str(&report).map_err(|e| format!("the engine's restore report: {e}"))?;
@@ -178,17 +179,21 @@ impl<S: Store + 'static> ManagerService<S> {
             }
             tracing::info!(volume = %name, backup = %backup, restored = report.restored, already_there = report.already_there, seconds = report.seconds, "backup restored");
         }
-        self.change_volume(name, |spec| {
-            let Some(r) = spec.restore.as_mut() else { return };
-            r.applied = Some(backup.clone());
-            r.error = None;
-            if !r.standby || r.activate {
-                spec.restore = None;
-                spec.attached_to = None;
-                spec.maintenance = false;
-            }
-        })
-        .map_err(|e| e.to_string())?;
+        let now = self
+            .change_volume(name, |spec| {
+                let Some(r) = spec.restore.as_mut() else { return };
+                r.applied = Some(backup.clone());
+                r.error = None;
+                if !r.standby || r.activate {
+                    spec.restore = None;
+                    spec.attached_to = None;
+                    spec.maintenance = false;
+                }
+            })
+            .map_err(|e| e.to_string())?;
+        if now.restore.is_none() {
+            tracing::info!(volume = %name, backup = %backup, "restored from its backup: a normal volume now, detached");
+        }
         Ok(())
     }
 
@@ -198,33 +203,6 @@ impl<S: Store + 'static> ManagerService<S> {
                 r.error = Some(error.to_string());
             }
         });
-    }
-
-    /// Changes volume `name`'s spec with `change`, tried again on a conflict.
-    pub(super) fn change_volume(
-        &self,
-        name: &str,
-        change: impl Fn(&mut VolumeSpec),
-    ) -> Result<(), SpecError> {
-        loop {
-            let v = self.specs.volume(name)?;
-            let mut spec = v.spec.clone();
-            change(&mut spec);
-            if spec == v.spec {
-                return Ok(());
-            }
-            match self.specs.update_volume(&spec, v.revision) {
-                Ok(_) => {
-                    if v.spec.restore.is_some() && spec.restore.is_none() {
-                        tracing::info!(volume = %name, "restored from its backup: a normal volume now, detached");
-                    }
-                    self.changed();
-                    return Ok(());
-                }
-                Err(SpecError::Store(StoreError::Conflict { .. })) => continue,
-                Err(e) => return Err(e),
-            }
-        }
     }
 }
 
@@ -250,8 +228,7 @@ pub(super) fn resolve(
     let store = t.open().map_err(Status::failed_precondition)?;
     let manifest = match &r.backup {
         Some(b) => horn_backup::read_backup(store.as_ref(), &r.volume, b),
-        None => horn_backup::list_backups(store.as_ref(), &r.volume).and_then(|mut all| {
-            all.sort_by_key(|m| (m.created_unix, m.name.clone()));
+        None => horn_backup::backups_by_age(store.as_ref(), &r.volume).and_then(|mut all| {
             all.pop().ok_or_else(|| {
                 horn_backup::BackupError::Invalid(format!(
                     "volume {} has no backup in target {}",
