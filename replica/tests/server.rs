@@ -139,6 +139,44 @@ fn a_fua_write_and_discard_work_and_large_ios_cross_many_segments() {
 }
 
 #[test]
+fn large_writes_in_flight_together_each_land_with_their_own_bytes() {
+    // The server keeps large writes' buffers for the next ones: rounds of writes of
+    // mixed sizes, each sent before any reply is read, must each land whole.
+    let srv = Served::start(1);
+    let mut c = srv.client();
+    let sizes: [usize; 4] = [64 << 10, 1 << 20, 2 << 20, 96 << 10];
+    let mut expect = vec![0u8; SIZE as usize];
+    let mut id = 0;
+    for round in 0..3u8 {
+        let mut at = (round as usize) * (128 << 10);
+        let mut sent = 0;
+        while at + (2 << 20) <= SIZE as usize {
+            let len = sizes[(id as usize) % sizes.len()];
+            let data: Vec<u8> = (0..len)
+                .map(|i| (i / 4096) as u8 ^ id as u8 ^ round.wrapping_mul(37))
+                .collect();
+            expect[at..at + len].copy_from_slice(&data);
+            c.send(Header::request(Op::Write, id, at as u64, len as u32, 1), &data);
+            id += 1;
+            sent += 1;
+            at += len;
+        }
+        for _ in 0..sent {
+            let (h, p) = c.recv();
+            assert_eq!(h.status, Status::Ok, "{}", String::from_utf8_lossy(&p));
+        }
+    }
+    for (i, want) in expect.chunks(1 << 20).enumerate() {
+        let (h, got) = c.read(10_000 + i as u64, (i << 20) as u64, 1 << 20, 1);
+        assert_eq!(h.status, Status::Ok);
+        assert!(
+            got == want,
+            "the MiB at {i} MiB differs from what was written last"
+        );
+    }
+}
+
+#[test]
 fn an_older_generation_is_refused_and_writes_nothing() {
     let srv = Served::start(5);
     let mut c = srv.client();

@@ -110,8 +110,89 @@ impl Drop for IoBuf {
     }
 }
 
+/// Buffers kept for I/Os that overwrite them wholly before anyone reads them (a
+/// write's data received from a socket), so that large I/Os do not each fault in and
+/// zero a fresh allocation. Bounded in bytes. Small buffers are not kept: the
+/// allocator serves them from memory already mapped.
+pub struct SpareBufs {
+    spare: Vec<IoBuf>,
+    held: usize,
+    max_bytes: usize,
+}
+
+impl SpareBufs {
+    /// The smallest buffer kept.
+    pub const MIN_LEN: usize = 64 << 10;
+
+    /// Keeps at most `max_bytes`.
+    pub fn new(max_bytes: usize) -> SpareBufs {
+        SpareBufs {
+            spare: Vec::new(),
+            held: 0,
+            max_bytes,
+        }
+    }
+
+    /// A buffer of `len` bytes: a kept one, which still holds an earlier I/O's bytes
+    /// (so only for an I/O that overwrites all of it), or a fresh zeroed one.
+    pub fn take(&mut self, len: usize) -> IoBuf {
+        match self.spare.iter().rposition(|b| b.len == len) {
+            Some(i) => {
+                self.held -= len;
+                self.spare.swap_remove(i)
+            }
+            None => IoBuf::zeroed(len),
+        }
+    }
+
+    /// Keeps `buf` for a later [`SpareBufs::take`] if it is large enough, was
+    /// allocated here, and fits the bound; frees it otherwise.
+    pub fn keep(&mut self, buf: IoBuf) {
+        if buf.owned && buf.len >= Self::MIN_LEN && self.held + buf.len <= self.max_bytes {
+            self.held += buf.len;
+            self.spare.push(buf);
+        }
+    }
+
+    /// Bytes kept now.
+    pub fn held(&self) -> usize {
+        self.held
+    }
+}
+
 impl std::fmt::Debug for IoBuf {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "IoBuf({} bytes)", self.len)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spare_buffers_come_back_by_length_within_the_bound() {
+        let mut spare = SpareBufs::new(3 * SpareBufs::MIN_LEN);
+        let mut a = spare.take(SpareBufs::MIN_LEN);
+        a.as_mut_slice().fill(7);
+        let at = a.as_mut_ptr();
+        spare.keep(a);
+        assert_eq!(spare.held(), SpareBufs::MIN_LEN);
+        // Another length gets a fresh, zeroed buffer; the same length the kept one.
+        let fresh = spare.take(2 * SpareBufs::MIN_LEN);
+        assert!(fresh.as_slice().iter().all(|&b| b == 0));
+        let mut again = spare.take(SpareBufs::MIN_LEN);
+        assert_eq!(again.as_mut_ptr(), at);
+        assert_eq!(spare.held(), 0);
+        // Small, borrowed, or over the bound: freed, not kept.
+        spare.keep(IoBuf::zeroed(4096));
+        let mut outside = [0u8; SpareBufs::MIN_LEN];
+        // SAFETY: `outside` outlives the view, which nothing else touches.
+        spare.keep(unsafe { IoBuf::borrowed(outside.as_mut_ptr(), outside.len()) });
+        assert_eq!(spare.held(), 0);
+        spare.keep(again);
+        spare.keep(fresh);
+        spare.keep(IoBuf::zeroed(SpareBufs::MIN_LEN));
+        assert_eq!(spare.held(), 3 * SpareBufs::MIN_LEN);
     }
 }

@@ -11,7 +11,8 @@
 //! - [`Waiter`] (wait.rs): the wait that polls briefly before it sleeps, for loops
 //!   whose latency is a client's;
 //! - [`IoBuf`] (buf.rs): the heap buffer, aligned for O_DIRECT, that an I/O owns while
-//!   the kernel reads or writes it.
+//!   the kernel reads or writes it, and [`SpareBufs`], large ones kept for the next
+//!   I/O that overwrites them wholly.
 //!
 //! It sits below every other crate of the workspace and knows nothing of replicas,
 //! engines or protocols: it must never interpret an entry it pushes. The model is
@@ -28,6 +29,6 @@ pub mod buf;
 pub mod ring;
 pub mod wait;
 
-pub use buf::IoBuf;
+pub use buf::{IoBuf, SpareBufs};
 pub use ring::{push_or_submit, widen_io_workers, Cqe, Ring, Route, IO_WORKERS};
 pub use wait::Waiter;
