@@ -8,7 +8,6 @@
 //! Horn is refused with both versions named, never half read.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::Read;
 
 use serde::{Deserialize, Serialize};
 use sha2::Digest;
@@ -180,65 +179,97 @@ pub fn encode_block(data: &[u8], compression: Compression) -> Vec<u8> {
         Compression::Lz4 => Some(lz4_flex::block::compress(data)),
         Compression::Zstd => zstd::bulk::compress(data, 3).ok(),
     };
-    let (codec, body) = match packed {
-        Some(p) if p.len() < data.len() => (compression, p),
-        _ => (Compression::None, data.to_vec()),
+    let (codec, body) = match &packed {
+        Some(p) if p.len() < data.len() => (compression, p.as_slice()),
+        _ => (Compression::None, data),
     };
     let mut out = Vec::with_capacity(HEADER + body.len());
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&[codec.code(), 0, 0, 0]);
     out.extend_from_slice(&len.to_le_bytes());
-    out.extend_from_slice(&body);
+    out.extend_from_slice(body);
     out
 }
 
 /// The content of block `id` from its object `obj`, at most `max_len` bytes (the
 /// manifest's block size): checked against its name.
 pub fn decode_block(obj: &[u8], id: &BlockId, max_len: u32) -> Result<Vec<u8>, FormatError> {
-    let corrupt = |why: String| FormatError::Corrupt {
+    let mut out = vec![0u8; block_len_of(obj, id, max_len)? as usize];
+    decode_block_into(obj, id, &mut out)?;
+    Ok(out)
+}
+
+/// The content length block object `obj` declares in its header, checked to be at
+/// most `max_len` (the manifest's block size).
+pub fn block_len_of(obj: &[u8], id: &BlockId, max_len: u32) -> Result<u32, FormatError> {
+    let (_, len) = block_header(obj, id)?;
+    if len > max_len {
+        return Err(corrupt(
+            id,
+            format!("it says it holds {len} bytes, more than the {max_len}-byte block size"),
+        ));
+    }
+    Ok(len)
+}
+
+fn corrupt(id: &BlockId, why: String) -> FormatError {
+    FormatError::Corrupt {
         block: id.to_hex(),
         why,
-    };
+    }
+}
+
+/// The codec and content length in block object `obj`'s header.
+fn block_header(obj: &[u8], id: &BlockId) -> Result<(Compression, u32), FormatError> {
     if obj.len() < HEADER || &obj[..4] != MAGIC {
-        return Err(corrupt("it does not start with a block header".into()));
+        return Err(corrupt(id, "it does not start with a block header".into()));
     }
     let codec = Compression::from_code(obj[4])
-        .ok_or_else(|| corrupt(format!("its compression code {} is unknown", obj[4])))?;
+        .ok_or_else(|| corrupt(id, format!("its compression code {} is unknown", obj[4])))?;
     if obj[5..8] != [0, 0, 0] {
-        return Err(corrupt("its reserved header bytes are not zero".into()));
+        return Err(corrupt(id, "its reserved header bytes are not zero".into()));
     }
-    let len = u32::from_le_bytes(obj[8..12].try_into().expect("four bytes"));
-    if len > max_len {
+    Ok((
+        codec,
+        u32::from_le_bytes(obj[8..12].try_into().expect("four bytes")),
+    ))
+}
+
+/// Decodes block `id` from its object `obj` into `out`, which must be exactly as
+/// long as the content its header declares: a restore decodes straight into the
+/// buffer it writes from. Checked against its name.
+pub fn decode_block_into(obj: &[u8], id: &BlockId, out: &mut [u8]) -> Result<(), FormatError> {
+    let corrupt = |why: String| corrupt(id, why);
+    let (codec, len) = block_header(obj, id)?;
+    if len as usize != out.len() {
         return Err(corrupt(format!(
-            "it says it holds {len} bytes, more than the {max_len}-byte block size"
+            "it says it holds {len} bytes where {} belong",
+            out.len()
         )));
     }
     let body = &obj[HEADER..];
-    let data = match codec {
-        Compression::None => body.to_vec(),
-        Compression::Lz4 => lz4_flex::block::decompress(body, len as usize)
-            .map_err(|e| corrupt(format!("it does not decompress (lz4): {e}")))?,
-        Compression::Zstd => {
-            // Bounded: never more than the header's length, whatever the frame says.
-            let mut out = Vec::with_capacity(len as usize);
-            zstd::stream::read::Decoder::new(body)
-                .map_err(|e| corrupt(format!("it does not decompress (zstd): {e}")))?
-                .take(u64::from(len) + 1)
-                .read_to_end(&mut out)
-                .map_err(|e| corrupt(format!("it does not decompress (zstd): {e}")))?;
-            out
+    // Each codec writes at most `out.len()` bytes, whatever its input says.
+    let got = match codec {
+        Compression::None => {
+            if body.len() == out.len() {
+                out.copy_from_slice(body);
+            }
+            body.len()
         }
+        Compression::Lz4 => lz4_flex::block::decompress_into(body, out)
+            .map_err(|e| corrupt(format!("it does not decompress (lz4): {e}")))?,
+        Compression::Zstd => zstd::bulk::decompress_to_buffer(body, out)
+            .map_err(|e| corrupt(format!("it does not decompress (zstd): {e}")))?,
     };
-    if data.len() != len as usize {
+    if got != out.len() {
         return Err(corrupt(format!(
-            "it holds {} bytes, and its header says {len}",
-            data.len()
+            "it holds {got} bytes, and its header says {len}"
         )));
     }
-    if BlockId::of(&data) != *id {
+    if BlockId::of(out) != *id {
         return Err(corrupt("its content does not match its name (SHA-256)".into()));
     }
-    Ok(data)
+    Ok(())
 }
 
 /// Checks a volume's or a backup's name: 1-63 of `A-Z a-z 0-9 . _ -`, not starting

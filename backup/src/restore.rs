@@ -20,7 +20,9 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
-use crate::format::{decode_block, BlockId, Manifest};
+use horn_uring::IoBuf;
+
+use crate::format::{decode_block_into, BlockId, Manifest};
 use crate::store::ObjectStore;
 use crate::BackupError;
 
@@ -32,6 +34,15 @@ pub trait RestoreSink {
     fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), String>;
     /// Writes `data` at `offset`.
     fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<(), String>;
+    /// Writes the block in `data` at `offset`, taking the buffer (a sink that
+    /// queues its writes keeps it until the write is done, and copies nothing), and
+    /// puts buffers whose writes are done into `spare`, for the restore to fetch
+    /// into again.
+    fn write_block(&mut self, offset: u64, data: IoBuf, spare: &mut Vec<IoBuf>) -> Result<(), String> {
+        let r = self.write_at(offset, data.as_slice());
+        spare.push(data);
+        r
+    }
     /// Makes what was written durable.
     fn flush(&mut self) -> Result<(), String>;
     /// The ranges that may hold data, sorted (`None`: unknown, so every block is
@@ -209,32 +220,46 @@ fn bad(m: &Manifest, index: u64, id: &BlockId, reason: String) -> BadBlock {
     }
 }
 
-/// Fetches block `index` of `m` and checks it.
-fn fetch(
+/// Fetches block `index` of `m`, checks it, and decodes it into `out` (as long as
+/// the block). Returns the bytes fetched.
+fn fetch_into(
     store: &dyn ObjectStore,
     m: &Manifest,
     index: u64,
     id: &BlockId,
-) -> Result<(Vec<u8>, u64), BadBlock> {
+    out: &mut [u8],
+) -> Result<u64, BadBlock> {
     let obj = match store.get(&id.key()) {
         Ok(Some(o)) => o,
         Ok(None) => return Err(bad(m, index, id, "the block is not in the target".into())),
         Err(e) => return Err(bad(m, index, id, e.to_string())),
     };
-    let n = obj.len() as u64;
-    match decode_block(&obj, id, m.block_size) {
-        Ok(data) if data.len() as u32 == m.block_len(index) => Ok((data, n)),
-        Ok(data) => Err(bad(
-            m,
-            index,
-            id,
-            format!(
-                "the block holds {} bytes where {} belong",
-                data.len(),
-                m.block_len(index)
-            ),
-        )),
-        Err(e) => Err(bad(m, index, id, e.to_string())),
+    decode_block_into(&obj, id, out).map_err(|e| bad(m, index, id, e.to_string()))?;
+    Ok(obj.len() as u64)
+}
+
+/// Buffers a restore fetches into, used again once the sink has written them: no
+/// fresh (zeroed, faulted-in) block-sized buffer per block. Holds at most as many as
+/// the restore has in hand at once (fetchers, its queue, and the sink's writes).
+struct BufferPool {
+    len: usize,
+    free: Mutex<Vec<IoBuf>>,
+}
+
+impl BufferPool {
+    /// A buffer of `len` bytes: a spare one if `len` is the pool's.
+    fn take(&self, len: usize) -> IoBuf {
+        if len == self.len {
+            if let Some(b) = self.free.lock().unwrap().pop() {
+                return b;
+            }
+        }
+        IoBuf::zeroed(len)
+    }
+
+    fn give_back(&self, spare: &mut Vec<IoBuf>) {
+        let mut free = self.free.lock().unwrap();
+        free.extend(spare.drain(..).filter(|b| b.len() == self.len));
     }
 }
 
@@ -340,19 +365,25 @@ pub fn restore(
     let next = AtomicUsize::new(0);
     let stop = AtomicBool::new(false);
     let fetched = Arc::new(Mutex::new(0u64));
-    let (tx, rx) = sync_channel::<Result<(u64, Vec<u8>), BadBlock>>(opts.parallel.max(1));
+    let (tx, rx) = sync_channel::<Result<(u64, IoBuf), BadBlock>>(opts.parallel.max(1));
+    let pool = BufferPool {
+        len: m.block_size as usize,
+        free: Mutex::new(Vec::new()),
+    };
+    let mut spare = Vec::new();
     let mut first_sink_error = None;
     let done_before = report.already_there + report.zeroed;
     std::thread::scope(|s| {
         for _ in 0..opts.parallel.max(1) {
             let tx = tx.clone();
-            let (wanted, next, stop, fetched) = (&wanted, &next, &stop, fetched.clone());
+            let (wanted, next, stop, fetched, pool) = (&wanted, &next, &stop, fetched.clone(), &pool);
             s.spawn(move || {
                 while !stop.load(Ordering::Relaxed) {
                     let Some(&(index, id)) = wanted.get(next.fetch_add(1, Ordering::Relaxed)) else {
                         return;
                     };
-                    let r = fetch(store, m, index, &id).map(|(data, n)| {
+                    let mut data = pool.take(m.block_len(index) as usize);
+                    let r = fetch_into(store, m, index, &id, data.as_mut_slice()).map(|n| {
                         *fetched.lock().unwrap() += n;
                         (index, data)
                     });
@@ -367,7 +398,9 @@ pub fn restore(
         for r in rx.iter() {
             match r {
                 Ok((index, data)) => {
-                    if let Err(e) = sink.write_at(index * bs, &data) {
+                    let written = sink.write_block(index * bs, data, &mut spare);
+                    pool.give_back(&mut spare);
+                    if let Err(e) = written {
                         first_sink_error.get_or_insert(e);
                         stop.store(true, Ordering::Relaxed);
                         break;
@@ -458,11 +491,13 @@ pub fn verify(
     std::thread::scope(|s| {
         for _ in 0..parallel.max(1) {
             s.spawn(|| {
+                let mut buf = Vec::new();
                 while let Some(&(mi, index, id)) = work.get(next.fetch_add(1, Ordering::Relaxed)) {
-                    let r = fetch(store, &ms[mi], index, &id);
+                    buf.resize(ms[mi].block_len(index) as usize, 0);
+                    let r = fetch_into(store, &ms[mi], index, &id, &mut buf);
                     let mut rep = report.lock().unwrap();
                     match r {
-                        Ok((_, n)) => rep.fetched_bytes += n,
+                        Ok(n) => rep.fetched_bytes += n,
                         Err(b) => rep.bad.push((ms[mi].name.clone(), b)),
                     }
                     drop(rep);

@@ -256,7 +256,8 @@ mod client {
                         out.body
                             .collect()
                             .await
-                            .map(|b| Some(b.to_vec()))
+                            // Moved out where it came in one piece; copied once otherwise.
+                            .map(|b| Some(Vec::from(b.into_bytes())))
                             .map_err(|e| StoreError::Service {
                                 target: self.url(),
                                 op: "read",

@@ -88,12 +88,15 @@ impl horn_replica::control::BackupRunner for ReplicaBackups {
 }
 
 /// A volume's queue that moves the replicas' bytes as they are, as a restore's
-/// destination. Its writes are pipelined: up to [`WRITES_IN_FLIGHT`] at once (each a
-/// copy of the block, so at most that many blocks held), every one reaped before a
-/// read or a flush; a failed write fails the next call.
+/// destination. Its writes are pipelined: up to [`WRITES_IN_FLIGHT`] at once (each
+/// holding its block's buffer, so at most that many blocks held), every one reaped
+/// before a read or a flush; a failed write fails the next call. A fetched block's
+/// buffer goes to the engine as it is, and comes back for the next fetch.
 struct VolumeSink {
     volume: Volume,
     next_tag: u64,
+    /// Buffers of finished writes, not yet handed back.
+    done: Vec<IoBuf>,
 }
 
 /// Writes a restore keeps in flight on its queue.
@@ -108,6 +111,7 @@ impl VolumeSink {
                 .reap(self.volume.in_flight() - left, &mut done)
                 .map_err(|e| e.to_string())?;
             for c in done.drain(..) {
+                self.done.extend(c.buf);
                 c.result
                     .map_err(|e| format!("a write of the restore failed: {e}"))?;
             }
@@ -143,6 +147,20 @@ impl RestoreSink for VolumeSink {
                 self.next_tag,
             );
         }
+        Ok(())
+    }
+
+    fn write_block(&mut self, offset: u64, data: IoBuf, spare: &mut Vec<IoBuf>) -> Result<(), String> {
+        if data.len() > MAX_IO_LEN as usize {
+            self.write_at(offset, data.as_slice())?;
+            spare.push(data);
+        } else {
+            self.settle(WRITES_IN_FLIGHT - 1)?;
+            self.next_tag += 1;
+            self.volume
+                .submit(IoKind::Write, offset, 0, Some(data), self.next_tag);
+        }
+        spare.append(&mut self.done);
         Ok(())
     }
 
@@ -185,6 +203,7 @@ impl horn_engine::control::RestoreRunner for EngineRestores {
         let mut sink = VolumeSink {
             volume: Volume::open_raw(engine).map_err(|e| format!("cannot open a queue: {e}"))?,
             next_tag: 0,
+            done: Vec::new(),
         };
         let opts = RestoreOptions {
             only,
