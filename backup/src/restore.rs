@@ -14,7 +14,7 @@
 //!   backup of the same volume (a DR volume) receives only what differs.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::mpsc::sync_channel;
+use std::sync::mpsc::{sync_channel, TryRecvError};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -42,6 +42,14 @@ pub trait RestoreSink {
         let r = self.write_at(offset, data.as_slice());
         spare.push(data);
         r
+    }
+    /// Called while the restore waits for fetched blocks: a sink with writes in
+    /// flight waits until one of them is done (moving the others along meanwhile),
+    /// puts the buffers of those done into `spare`, and says true. False: nothing
+    /// was in flight (the default).
+    fn progress(&mut self, spare: &mut Vec<IoBuf>) -> Result<bool, String> {
+        let _ = spare;
+        Ok(false)
     }
     /// Makes what was written durable.
     fn flush(&mut self) -> Result<(), String>;
@@ -395,7 +403,31 @@ pub fn restore(
         }
         drop(tx);
         let mut done = done_before;
-        for r in rx.iter() {
+        loop {
+            // While no block is in hand, the sink moves its writes along (an engine's
+            // queue sends only while its thread drives it).
+            let r = match rx.try_recv() {
+                Ok(r) => r,
+                Err(TryRecvError::Disconnected) => break,
+                Err(TryRecvError::Empty) => {
+                    match sink.progress(&mut spare) {
+                        Ok(true) => {
+                            pool.give_back(&mut spare);
+                            continue;
+                        }
+                        Ok(false) => {}
+                        Err(e) => {
+                            first_sink_error.get_or_insert(e);
+                            stop.store(true, Ordering::Relaxed);
+                            break;
+                        }
+                    }
+                    match rx.recv() {
+                        Ok(r) => r,
+                        Err(_) => break,
+                    }
+                }
+            };
             match r {
                 Ok((index, data)) => {
                     let written = sink.write_block(index * bs, data, &mut spare);

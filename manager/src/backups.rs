@@ -164,6 +164,16 @@ impl RestoreSink for VolumeSink {
         Ok(())
     }
 
+    fn progress(&mut self, spare: &mut Vec<IoBuf>) -> Result<bool, String> {
+        let in_flight = self.volume.in_flight();
+        if in_flight == 0 {
+            return Ok(false);
+        }
+        self.settle(in_flight - 1)?;
+        spare.append(&mut self.done);
+        Ok(true)
+    }
+
     fn flush(&mut self) -> Result<(), String> {
         self.settle(0)?;
         self.volume.flush().map_err(|e| e.to_string())
