@@ -489,3 +489,105 @@ fn the_data_wire_over_tls_carries_no_plaintext_and_takes_only_tls_peers() {
         assert!(holds(&copied), "the rebuilt replica does not hold the data");
     }
 }
+
+#[test]
+fn a_tls_replica_killed_mid_write_stream_costs_no_acknowledged_write() {
+    // Two replicas behind the TLS data wire; one is SIGKILLed a third of the way
+    // through a stream of writes. Every write the initiator saw acknowledged must
+    // read back, through the engine and from the survivor's own files.
+    use rand::{rngs::SmallRng, Rng, SeedableRng};
+    let seed = std::env::var("HORN_TEST_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rand::random::<u64>);
+    eprintln!("seed {seed} (HORN_TEST_SEED={seed} reruns it)");
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::generate("c1").unwrap();
+    let creds = dir.path().join("tls");
+    ca.issue(&Role::Node("n1".into()), &[], Validity::Days(1))
+        .unwrap()
+        .save(&creds, "node")
+        .unwrap();
+    let c = creds.to_str().unwrap();
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, "cd".repeat(32)).unwrap();
+    let s = secret.to_str().unwrap();
+    let mut replicas = Vec::new();
+    let mut args = Vec::new();
+    for i in 0..2 {
+        let rdir = dir.path().join(format!("r{i}"));
+        let (replica, line) = hornd(&[
+            "replica",
+            "--dir",
+            rdir.to_str().unwrap(),
+            "--size",
+            "16M",
+            "--listen",
+            "127.0.0.1:0",
+            "--control",
+            "127.0.0.1:0",
+            "--credentials",
+            c,
+            "--secret-file",
+            s,
+            "--data-tls",
+        ]);
+        let (data, control) = replica_addresses(&line);
+        args.extend(["--replica".to_string(), format!("{data},{control}")]);
+        replicas.push(Some(replica));
+    }
+    args.extend(
+        [
+            "--credentials",
+            c,
+            "--node",
+            "n1",
+            "--secret-file",
+            s,
+            "--data-tls",
+        ]
+        .iter()
+        .map(|a| a.to_string()),
+    );
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (engine, portal, _) = iscsi_engine(&args);
+    let mut i = common::iscsi::Initiator::login(&portal, "iqn.2026-11.io.horn:tls", None).unwrap();
+
+    // 16 MiB of 512-byte LBAs, written 4 KiB at a time, each block filled with its
+    // write's number.
+    const WRITES: u32 = 600;
+    let mut rng = SmallRng::seed_from_u64(seed);
+    let mut acked = std::collections::BTreeMap::new();
+    for n in 1..=WRITES {
+        if n == WRITES / 3 {
+            let victim = replicas[1].take().unwrap();
+            // SAFETY: kill takes no pointers; the pid is the victim's.
+            unsafe { libc::kill(victim.0.id() as i32, libc::SIGKILL) };
+            drop(victim);
+        }
+        let lba = rng.gen_range(0..(16u32 << 20) / 4096) * 8;
+        let fill = (n as u16).to_le_bytes().repeat(2048);
+        let r = i.write10(lba, &fill);
+        assert_eq!(r.status, 0, "write {n} at LBA {lba} failed after the kill");
+        acked.insert(lba, fill);
+    }
+    for (&lba, want) in &acked {
+        assert!(
+            i.read10(lba, 8).data == *want,
+            "LBA {lba} does not read back what was acknowledged"
+        );
+    }
+    drop(i);
+    drop(engine);
+    // The survivor's own files hold every acknowledged write.
+    let mut survivor = replicas[0].take().unwrap();
+    // SAFETY: as above.
+    unsafe { libc::kill(survivor.0.id() as i32, libc::SIGTERM) };
+    survivor.0.wait().unwrap();
+    let mut r = horn_replica::Replica::open(dir.path().join("r0")).unwrap();
+    let mut got = vec![0u8; 4096];
+    for (&lba, want) in &acked {
+        r.read_at(u64::from(lba) * 512, &mut got).unwrap();
+        assert!(got == *want, "the survivor's files lack the write at LBA {lba}");
+    }
+}
