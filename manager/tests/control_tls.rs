@@ -320,19 +320,48 @@ fn iscsi_engine(args: &[&str]) -> (Running, String, String) {
     );
 }
 
-#[test]
-fn the_data_wire_over_tls_carries_no_plaintext_and_takes_only_tls_peers() {
-    let dir = tempfile::tempdir().unwrap();
-    let ca = Ca::generate("c1").unwrap();
-    let creds = dir.path().join("tls");
-    ca.issue(&Role::Node("n1".into()), &[], Validity::Days(1))
+/// Node `n1`'s credentials from a fresh CA, and a volume secret, under `dir`.
+fn node_credentials(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let creds = dir.join("tls");
+    Ca::generate("c1")
+        .unwrap()
+        .issue(&Role::Node("n1".into()), &[], Validity::Days(1))
         .unwrap()
         .save(&creds, "node")
         .unwrap();
-    let c = creds.to_str().unwrap();
-    let secret = dir.path().join("secret");
+    let secret = dir.join("secret");
     std::fs::write(&secret, "ab".repeat(32)).unwrap();
-    let s = secret.to_str().unwrap();
+    (creds, secret)
+}
+
+/// A 16 MiB `hornd replica` in `dir` on the TLS data wire, with its data and
+/// control addresses.
+fn tls_replica(dir: &std::path::Path, creds: &str, secret: &str) -> (Running, String, String) {
+    let (replica, line) = hornd(&[
+        "replica",
+        "--dir",
+        dir.to_str().unwrap(),
+        "--size",
+        "16M",
+        "--listen",
+        "127.0.0.1:0",
+        "--control",
+        "127.0.0.1:0",
+        "--credentials",
+        creds,
+        "--secret-file",
+        secret,
+        "--data-tls",
+    ]);
+    let (data, control) = replica_addresses(&line);
+    (replica, data, control)
+}
+
+#[test]
+fn the_data_wire_over_tls_carries_no_plaintext_and_takes_only_tls_peers() {
+    let dir = tempfile::tempdir().unwrap();
+    let (creds, secret) = node_credentials(dir.path());
+    let (c, s) = (creds.to_str().unwrap(), secret.to_str().unwrap());
     let pattern: Vec<u8> = b"HORN-DATA-TLS-PLAINTEXT-"
         .iter()
         .copied()
@@ -430,23 +459,7 @@ fn the_data_wire_over_tls_carries_no_plaintext_and_takes_only_tls_peers() {
         // A snapshot of it rebuilt onto a second TLS replica: the layer streams between
         // the replicas run over TLS too, and the new replica holds the data.
         let r2 = dir.path().join("r2");
-        let (_r2, line) = hornd(&[
-            "replica",
-            "--dir",
-            r2.to_str().unwrap(),
-            "--size",
-            "16M",
-            "--listen",
-            "127.0.0.1:0",
-            "--control",
-            "127.0.0.1:0",
-            "--credentials",
-            c,
-            "--secret-file",
-            s,
-            "--data-tls",
-        ]);
-        let (d2, c2) = replica_addresses(&line);
+        let (_r2, d2, c2) = tls_replica(&r2, c, s);
         let node = Some(
             horn_pki::Credentials::load(&creds, "node")
                 .unwrap()
@@ -502,37 +515,12 @@ fn a_tls_replica_killed_mid_write_stream_costs_no_acknowledged_write() {
         .unwrap_or_else(rand::random::<u64>);
     eprintln!("seed {seed} (HORN_TEST_SEED={seed} reruns it)");
     let dir = tempfile::tempdir().unwrap();
-    let ca = Ca::generate("c1").unwrap();
-    let creds = dir.path().join("tls");
-    ca.issue(&Role::Node("n1".into()), &[], Validity::Days(1))
-        .unwrap()
-        .save(&creds, "node")
-        .unwrap();
-    let c = creds.to_str().unwrap();
-    let secret = dir.path().join("secret");
-    std::fs::write(&secret, "cd".repeat(32)).unwrap();
-    let s = secret.to_str().unwrap();
+    let (creds, secret) = node_credentials(dir.path());
+    let (c, s) = (creds.to_str().unwrap(), secret.to_str().unwrap());
     let mut replicas = Vec::new();
     let mut args = Vec::new();
     for i in 0..2 {
-        let rdir = dir.path().join(format!("r{i}"));
-        let (replica, line) = hornd(&[
-            "replica",
-            "--dir",
-            rdir.to_str().unwrap(),
-            "--size",
-            "16M",
-            "--listen",
-            "127.0.0.1:0",
-            "--control",
-            "127.0.0.1:0",
-            "--credentials",
-            c,
-            "--secret-file",
-            s,
-            "--data-tls",
-        ]);
-        let (data, control) = replica_addresses(&line);
+        let (replica, data, control) = tls_replica(&dir.path().join(format!("r{i}")), c, s);
         args.extend(["--replica".to_string(), format!("{data},{control}")]);
         replicas.push(Some(replica));
     }
