@@ -222,7 +222,7 @@ pub struct DataServer {
     accept_retry: Box<types::Timespec>,
     /// Connections refused since the last warning (warned once per burst).
     refused: u64,
-    /// Large writes' buffers, kept for the next ones.
+    /// Large writes' buffers, kept for the next ones while any client is connected.
     spare: SpareBufs,
 }
 
@@ -820,6 +820,10 @@ impl DataServer {
             self.conns[id as usize] = None;
             self.free_conns.push(id);
             self.live -= 1;
+            // No client left (its engine went): nothing keeps spare buffers for it.
+            if self.live == 0 {
+                self.spare.release();
+            }
         }
         Ok(())
     }

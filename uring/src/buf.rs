@@ -154,6 +154,12 @@ impl SpareBufs {
         }
     }
 
+    /// Frees every buffer kept (the I/O they served is over).
+    pub fn release(&mut self) {
+        self.spare.clear();
+        self.held = 0;
+    }
+
     /// Bytes kept now.
     pub fn held(&self) -> usize {
         self.held
@@ -194,5 +200,8 @@ mod tests {
         spare.keep(fresh);
         spare.keep(IoBuf::zeroed(SpareBufs::MIN_LEN));
         assert_eq!(spare.held(), 3 * SpareBufs::MIN_LEN);
+        spare.release();
+        assert_eq!(spare.held(), 0);
+        assert!(spare.take(SpareBufs::MIN_LEN).as_slice().iter().all(|&b| b == 0));
     }
 }
