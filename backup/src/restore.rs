@@ -20,7 +20,7 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
-use horn_uring::IoBuf;
+use horn_uring::{IoBuf, SpareBufs};
 
 use crate::format::{decode_block_into, BlockId, Manifest};
 use crate::store::ObjectStore;
@@ -247,27 +247,20 @@ fn fetch_into(
 }
 
 /// Buffers a restore fetches into, used again once the sink has written them: no
-/// fresh (zeroed, faulted-in) block-sized buffer per block. Holds at most as many as
-/// the restore has in hand at once (fetchers, its queue, and the sink's writes).
-struct BufferPool {
-    len: usize,
-    free: Mutex<Vec<IoBuf>>,
-}
+/// fresh (zeroed, faulted-in) block-sized buffer per block. Unbounded here: it holds
+/// at most what the restore has in hand at once (fetchers, its queue, and the
+/// sink's writes).
+struct BufferPool(Mutex<SpareBufs>);
 
 impl BufferPool {
-    /// A buffer of `len` bytes: a spare one if `len` is the pool's.
+    /// A buffer of `len` bytes, a spare one where there is one; the fetch fills it.
     fn take(&self, len: usize) -> IoBuf {
-        if len == self.len {
-            if let Some(b) = self.free.lock().unwrap().pop() {
-                return b;
-            }
-        }
-        IoBuf::zeroed(len)
+        self.0.lock().unwrap().take(len)
     }
 
     fn give_back(&self, spare: &mut Vec<IoBuf>) {
-        let mut free = self.free.lock().unwrap();
-        free.extend(spare.drain(..).filter(|b| b.len() == self.len));
+        let mut pool = self.0.lock().unwrap();
+        spare.drain(..).for_each(|b| pool.keep(b));
     }
 }
 
@@ -374,10 +367,7 @@ pub fn restore(
     let stop = AtomicBool::new(false);
     let fetched = Arc::new(Mutex::new(0u64));
     let (tx, rx) = sync_channel::<Result<(u64, IoBuf), BadBlock>>(opts.parallel.max(1));
-    let pool = BufferPool {
-        len: m.block_size as usize,
-        free: Mutex::new(Vec::new()),
-    };
+    let pool = BufferPool(Mutex::new(SpareBufs::new(usize::MAX)));
     let mut spare = Vec::new();
     let mut first_sink_error = None;
     let done_before = report.already_there + report.zeroed;
