@@ -194,8 +194,16 @@ impl BlockIndex {
         if e & MIXED == 0 && e == value as u32 {
             return;
         }
-        let e = if width_of(value) > self.width {
-            self.widen(width_of(value));
+        // The packed map must hold the new value and, where a uniform chunk turns
+        // mixed, the value its other blocks keep: a uniform entry was never checked
+        // against the width when it was set whole.
+        let need = if e & MIXED == 0 {
+            width_of(value).max(width_of(e as u16))
+        } else {
+            width_of(value)
+        };
+        let e = if need > self.width {
+            self.widen(need);
             self.entry(chunk) // the chunk's map moved
         } else {
             e
@@ -332,6 +340,19 @@ mod tests {
         }
         let per_block = idx.heap_bytes() as f64 / idx.blocks() as f64;
         assert!(per_block <= 2.0, "{per_block}");
+    }
+
+    #[test]
+    fn a_whole_chunk_set_high_keeps_its_value_when_a_lower_value_splits_it() {
+        // Found by the property below: whole chunks never widen the packed maps, so a
+        // chunk set whole to 1024 and then split by a 0 must widen for the 1024.
+        let mut idx = BlockIndex::new(2000 * 4096);
+        idx.set_range(768, 512, 1024);
+        idx.set_range(421, 348, 0);
+        assert_eq!(idx.get(768), 0);
+        for b in 769..1280 {
+            assert_eq!(idx.get(b), 1024, "block {b}");
+        }
     }
 
     proptest! {
