@@ -320,14 +320,18 @@ fn iscsi_engine(args: &[&str]) -> (Running, String, String) {
     );
 }
 
-/// Node `n1`'s credentials from a fresh CA, and a volume secret, under `dir`.
+/// Node `n1`'s credentials from a fresh CA, and a volume secret, under `dir`; an
+/// admin's credentials from the same CA go in `dir/admin`, for `hornctl`.
 fn node_credentials(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
     let creds = dir.join("tls");
-    Ca::generate("c1")
-        .unwrap()
-        .issue(&Role::Node("n1".into()), &[], Validity::Days(1))
+    let ca = Ca::generate("c1").unwrap();
+    ca.issue(&Role::Node("n1".into()), &[], Validity::Days(1))
         .unwrap()
         .save(&creds, "node")
+        .unwrap();
+    ca.issue(&Role::Admin, &[], Validity::Days(1))
+        .unwrap()
+        .save(&dir.join("admin"), "admin")
         .unwrap();
     let secret = dir.join("secret");
     std::fs::write(&secret, "ab".repeat(32)).unwrap();
@@ -507,7 +511,9 @@ fn the_data_wire_over_tls_carries_no_plaintext_and_takes_only_tls_peers() {
 fn a_tls_replica_killed_mid_write_stream_costs_no_acknowledged_write() {
     // Two replicas behind the TLS data wire; one is SIGKILLed a third of the way
     // through a stream of writes. Every write the initiator saw acknowledged must
-    // read back, through the engine and from the survivor's own files.
+    // read back, through the engine and from the survivor's own files. The victim,
+    // started again on its directory, is rebuilt over TLS, and the replicas then
+    // agree block by block (`hornctl engine verify`) and both hold every write.
     use rand::{rngs::SmallRng, Rng, SeedableRng};
     let seed = std::env::var("HORN_TEST_SEED")
         .ok()
@@ -538,7 +544,7 @@ fn a_tls_replica_killed_mid_write_stream_costs_no_acknowledged_write() {
         .map(|a| a.to_string()),
     );
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let (engine, portal, _) = iscsi_engine(&args);
+    let (engine, portal, control) = iscsi_engine(&args);
     let mut i = common::iscsi::Initiator::login(&portal, "iqn.2026-11.io.horn:tls", None).unwrap();
 
     // 16 MiB of 512-byte LBAs, written 4 KiB at a time, each block filled with its
@@ -559,23 +565,54 @@ fn a_tls_replica_killed_mid_write_stream_costs_no_acknowledged_write() {
         assert_eq!(r.status, 0, "write {n} at LBA {lba} failed after the kill");
         acked.insert(lba, fill);
     }
-    for (&lba, want) in &acked {
-        assert!(
-            i.read10(lba, 8).data == *want,
-            "LBA {lba} does not read back what was acknowledged"
+    let read_back = |i: &mut common::iscsi::Initiator, when: &str| {
+        for (&lba, want) in &acked {
+            assert!(
+                i.read10(lba, 8).data == *want,
+                "LBA {lba} does not read back what was acknowledged ({when})"
+            );
+        }
+    };
+    read_back(&mut i, "after the kill");
+
+    // The victim comes back on its own directory and is rebuilt over TLS.
+    let hornctl = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_hornctl"))
+            .arg("engine")
+            .args(args)
+            .args(["--engine", &control, "--credentials"])
+            .arg(dir.path().join("admin"))
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
         );
-    }
+        assert!(out.status.success(), "hornctl engine {args:?}: {text}");
+        text
+    };
+    let (back, data, rcontrol) = tls_replica(&dir.path().join("r1"), c, s);
+    replicas[1] = Some(back);
+    let text = hornctl(&["add-replica", &format!("{data},{rcontrol}")]);
+    assert!(text.contains(&format!("rebuilt {data} from ")), "{text}");
+    let text = hornctl(&["verify"]);
+    assert!(text.contains("on 2 replicas: identical"), "{text}");
+    read_back(&mut i, "after the rebuild");
     drop(i);
     drop(engine);
-    // The survivor's own files hold every acknowledged write.
-    let mut survivor = replicas[0].take().unwrap();
-    // SAFETY: as above.
-    unsafe { libc::kill(survivor.0.id() as i32, libc::SIGTERM) };
-    survivor.0.wait().unwrap();
-    let mut r = horn_replica::Replica::open(dir.path().join("r0")).unwrap();
-    let mut got = vec![0u8; 4096];
-    for (&lba, want) in &acked {
-        r.read_at(u64::from(lba) * 512, &mut got).unwrap();
-        assert!(got == *want, "the survivor's files lack the write at LBA {lba}");
+
+    // Each replica's own files hold every acknowledged write.
+    for (n, replica) in replicas.iter_mut().enumerate() {
+        let mut running = replica.take().unwrap();
+        // SAFETY: kill takes no pointers; the pid is our child's.
+        unsafe { libc::kill(running.0.id() as i32, libc::SIGTERM) };
+        running.0.wait().unwrap();
+        let mut r = horn_replica::Replica::open(dir.path().join(format!("r{n}"))).unwrap();
+        let mut got = vec![0u8; 4096];
+        for (&lba, want) in &acked {
+            r.read_at(u64::from(lba) * 512, &mut got).unwrap();
+            assert!(got == *want, "replica r{n}'s files lack the write at LBA {lba}");
+        }
     }
 }
