@@ -113,21 +113,7 @@ fn replica_and_engine_control_take_only_current_certificates_of_the_right_role()
     n1.save(&creds, "node").unwrap();
     let c = creds.to_str().unwrap();
 
-    let (_replica, line) = hornd(&[
-        "replica",
-        "--dir",
-        dir.path().join("r").to_str().unwrap(),
-        "--size",
-        "16M",
-        "--listen",
-        "127.0.0.1:0",
-        "--control",
-        "127.0.0.1:0",
-        "--credentials",
-        c,
-    ]);
-    // "hornd replica: serving DIR on DATA, control on CONTROL"
-    let (data, control) = replica_addresses(&line);
+    let (_replica, data, control) = replica(&dir.path().join("r"), &["--credentials", c]);
     // The engine drives the replica with its node's certificate, and serves its own
     // control service so.
     let (_engine, line) = hornd(&[
@@ -338,10 +324,10 @@ fn node_credentials(dir: &std::path::Path) -> (std::path::PathBuf, std::path::Pa
     (creds, secret)
 }
 
-/// A 16 MiB `hornd replica` in `dir` on the TLS data wire, with its data and
-/// control addresses.
-fn tls_replica(dir: &std::path::Path, creds: &str, secret: &str) -> (Running, String, String) {
-    let (replica, line) = hornd(&[
+/// A 16 MiB `hornd replica` in `dir` on loopback ports, with `extra` options, and its
+/// data and control addresses.
+fn replica(dir: &std::path::Path, extra: &[&str]) -> (Running, String, String) {
+    let mut args = vec![
         "replica",
         "--dir",
         dir.to_str().unwrap(),
@@ -351,14 +337,19 @@ fn tls_replica(dir: &std::path::Path, creds: &str, secret: &str) -> (Running, St
         "127.0.0.1:0",
         "--control",
         "127.0.0.1:0",
-        "--credentials",
-        creds,
-        "--secret-file",
-        secret,
-        "--data-tls",
-    ]);
+    ];
+    args.extend_from_slice(extra);
+    let (replica, line) = hornd(&args);
     let (data, control) = replica_addresses(&line);
     (replica, data, control)
+}
+
+/// A replica (as [`replica`]) on the TLS data wire.
+fn tls_replica(dir: &std::path::Path, creds: &str, secret: &str) -> (Running, String, String) {
+    replica(
+        dir,
+        &["--credentials", creds, "--secret-file", secret, "--data-tls"],
+    )
 }
 
 #[test]
@@ -376,26 +367,11 @@ fn the_data_wire_over_tls_carries_no_plaintext_and_takes_only_tls_peers() {
 
     for tls in [false, true] {
         let rdir = dir.path().join(format!("r-{tls}"));
-        let mut args = vec![
-            "replica",
-            "--dir",
-            rdir.to_str().unwrap(),
-            "--size",
-            "16M",
-            "--listen",
-            "127.0.0.1:0",
-            "--control",
-            "127.0.0.1:0",
-            "--credentials",
-            c,
-            "--secret-file",
-            s,
-        ];
-        if tls {
-            args.push("--data-tls");
-        }
-        let (_replica, line) = hornd(&args);
-        let (data, control) = replica_addresses(&line);
+        let (_replica, data, control) = if tls {
+            tls_replica(&rdir, c, s)
+        } else {
+            replica(&rdir, &["--credentials", c, "--secret-file", s])
+        };
         if tls {
             // A plain client gets no answer from the TLS port.
             let plain = horn_proto::client::BlockingClient::connect(&data, std::time::Duration::from_secs(5))
@@ -554,10 +530,8 @@ fn a_tls_replica_killed_mid_write_stream_costs_no_acknowledged_write() {
     let mut acked = std::collections::BTreeMap::new();
     for n in 1..=WRITES {
         if n == WRITES / 3 {
-            let victim = replicas[1].take().unwrap();
-            // SAFETY: kill takes no pointers; the pid is the victim's.
-            unsafe { libc::kill(victim.0.id() as i32, libc::SIGKILL) };
-            drop(victim);
+            // Dropping a `Running` SIGKILLs it (and reaps it).
+            drop(replicas[1].take());
         }
         let lba = rng.gen_range(0..(16u32 << 20) / 4096) * 8;
         let fill = (n as u16).to_le_bytes().repeat(2048);
